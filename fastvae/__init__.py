@@ -1,0 +1,57 @@
+"""fastvae: variational autoencoders with hand-derived gradients on NumPy,
+Numba and CuPy backends, one Adam, one portable HDF5 checkpoint format.
+
+Public API::
+
+    fastvae.VAE            the model (forward, hand-derived backward)
+    fastvae.Trainer        the training loop, run folders, resume
+    fastvae.train(...)     train in one call
+    fastvae.load(path)     a VAE from a checkpoint, on any backend
+    fastvae.evaluate(...)  -ELBO, reconstruction and KL over a split
+    fastvae.backends       the backend registry (available(), get())
+    fastvae.datasets       loaders and the built-in sprites
+    ModelConfig, TrainConfig, DataConfig, Adam, ParamLayout, errors
+"""
+
+__version__ = "0.1.0"
+
+from . import backends, datasets  # noqa: E402
+from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from .errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
+                     DataError, FastVAEError)
+from .evaluate import evaluate  # noqa: E402
+from .layout import ParamLayout  # noqa: E402
+from .model import VAE  # noqa: E402
+from .optim import Adam  # noqa: E402
+from .train import Trainer, TrainingDivergedError, train  # noqa: E402
+
+
+def load(path, backend=None) -> VAE:
+    """Load a checkpoint into a :class:`VAE` on ``backend`` (default: the
+    backend that wrote it, or ``numpy`` when that one cannot run here).
+
+    The returned model carries ``model.checkpoint``: ``{"train", "data",
+    "history", "epoch", "step", "meta"}`` from the file. Raises
+    CheckpointError for a missing, foreign, damaged or other-version file.
+    """
+    from .checkpoint import read_checkpoint
+    data = read_checkpoint(path)
+    mc = ModelConfig.from_dict(data["config"]["model"])
+    if backend is None:
+        written = data["meta"].get("backend", "numpy")
+        ok = {b["name"]: b["available"] for b in backends.available()}
+        backend = written if ok.get(written) else "numpy"
+    model = VAE(mc, backend)
+    model.layout.check_table(data["layout"])
+    model.set_flat_params(data["params"])
+    model.checkpoint = {"train": data["config"].get("train"), "data": data["config"].get("data"),
+                        "history": data["history"], "epoch": data["state"].get("epoch"),
+                        "step": data["state"].get("step"), "meta": data["meta"],
+                        "adam_t": None if data["adam"] is None else data["adam"]["t"]}
+    return model
+
+
+__all__ = ["VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
+           "ParamLayout", "ModelConfig", "TrainConfig", "DataConfig", "FastVAEError",
+           "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
+           "TrainingDivergedError", "__version__"]

@@ -1,0 +1,67 @@
+"""Backend registry.
+
+``available()`` lists every known backend with whether it can run here and,
+if not, why; ``get(name, dtype)`` returns a ready backend or raises
+:class:`~fastvae.errors.BackendUnavailableError` naming the missing package or
+device. Backends register a loader and a probe, so importing fastvae never
+imports Numba or CuPy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+from ..errors import BackendUnavailableError
+from .base import Backend, BackendRNG
+
+_REGISTRY: Dict[str, Tuple[Callable[[], type], Callable[[], str]]] = {}
+
+
+def register(name: str, loader: Callable[[], type], probe: Callable[[], str]) -> None:
+    """Register backend ``name``: ``loader()`` returns its class, ``probe()``
+    returns ``""`` when it can run here or the reason it cannot."""
+    _REGISTRY[name] = (loader, probe)
+
+
+def names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def available() -> List[dict]:
+    """``[{"name", "available", "reason"}]`` for every registered backend."""
+    out = []
+    for name, (_, probe) in _REGISTRY.items():
+        try:
+            reason = probe()
+        except Exception as exc:  # a probe must never break listing
+            reason = f"{type(exc).__name__}: {exc}"
+        out.append({"name": name, "available": not reason, "reason": reason})
+    return out
+
+
+def get(name: str = "numpy", dtype: str = "float32") -> Backend:
+    """A backend instance computing in ``dtype``.
+
+    Raises BackendUnavailableError for an unknown name or one that cannot run
+    here (the message says what to install or which device is missing).
+    """
+    if isinstance(name, Backend):
+        return name
+    if name not in _REGISTRY:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    loader, probe = _REGISTRY[name]
+    reason = probe()
+    if reason:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
+    return loader()(dtype)
+
+
+def _numpy_loader():
+    from .numpy_backend import NumpyBackend
+    return NumpyBackend
+
+
+register("numpy", _numpy_loader, lambda: "")
+
+__all__ = ["Backend", "BackendRNG", "available", "get", "names", "register"]

@@ -1,0 +1,158 @@
+"""The backend interface: the small set of primitives the VAE is written in.
+
+A backend owns the array module (``xp``), memory, random numbers and the fused
+elementwise kernels. ``fastvae.model`` calls only these methods, so a new
+backend (Numba, CuPy) adds kernels and nothing else.
+
+Conventions (llm.c style): outputs come first in the argument list; gradients
+are prefixed ``d``; every method writes into preallocated arrays and allocates
+nothing in the hot path except the backend's own cached scratch buffers.
+Shapes: ``B`` batch, ``D`` pixels, ``H`` hidden width, ``L`` latent size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class BackendRNG:
+    """A seeded random stream living on the backend's device.
+
+    ``state()`` returns JSON-serialisable data that ``set_state`` restores
+    exactly, so a checkpoint can resume the same stream.
+    """
+
+    def normal_(self, out):  # pragma: no cover - interface
+        """Fill ``out`` with N(0, 1) samples in its dtype."""
+        raise NotImplementedError
+
+    def uniform_(self, out):  # pragma: no cover
+        """Fill ``out`` with U[0, 1) samples in its dtype."""
+        raise NotImplementedError
+
+    def permutation(self, n):  # pragma: no cover
+        """A random permutation of ``range(n)`` as a device int64 array."""
+        raise NotImplementedError
+
+    def state(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def set_state(self, state):  # pragma: no cover
+        raise NotImplementedError
+
+
+class Backend:
+    """Base class; see the module docstring for the conventions."""
+
+    name = "base"
+    xp = np
+    device = "cpu"
+
+    def __init__(self, dtype="float32"):
+        self.dtype = np.dtype(dtype)
+        self._scratch = {}
+
+    # ---- memory -------------------------------------------------------------
+    def empty(self, shape, dtype=None):
+        return self.xp.empty(shape, dtype=dtype or self.dtype)
+
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=dtype or self.dtype)
+
+    def asarray(self, host, dtype=None):
+        """Copy a host (NumPy) array to the device, in ``dtype`` (default: the backend's)."""
+        return self.xp.asarray(np.asarray(host), dtype=dtype or self.dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        """A NumPy copy of device array ``a`` (or a view when already on the host)."""
+        return np.asarray(a)
+
+    def to_float(self, scalar) -> float:
+        """A host Python float from a device scalar or 0-d array (synchronises)."""
+        return float(scalar)
+
+    def copy_(self, dst, src):
+        """``dst[...] = src`` where ``src`` may be a host array."""
+        dst[...] = self.xp.asarray(src)
+
+    def scratch(self, key, shape, dtype=None):
+        """A cached work buffer (contents undefined), reused across calls."""
+        dtype = np.dtype(dtype or self.dtype)
+        k = (key, tuple(shape), dtype.str)
+        buf = self._scratch.get(k)
+        if buf is None:
+            buf = self._scratch[k] = self.xp.empty(shape, dtype=dtype)
+        return buf
+
+    def synchronize(self):
+        """Wait for queued device work (no-op on the CPU)."""
+
+    def new_rng(self, seed) -> BackendRNG:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # ---- data movement ------------------------------------------------------
+    def gather_rows(self, out, X, idx):  # pragma: no cover
+        """``out[i] = X[idx[i]]``; ``out (b, D)``, ``X (N, D)``, ``idx (b,)``."""
+        raise NotImplementedError
+
+    def bernoulli_(self, out, probs, rng):  # pragma: no cover
+        """``out = (u < probs)`` as 0/1 in ``out``'s dtype, ``u ~ U[0,1)`` from ``rng``."""
+        raise NotImplementedError
+
+    # ---- dense algebra ------------------------------------------------------
+    def gemm(self, out, a, b, trans_a=False, trans_b=False):  # pragma: no cover
+        """``out = op(a) @ op(b)`` where ``op`` transposes when asked."""
+        raise NotImplementedError
+
+    def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):  # pragma: no cover
+        """Forward: ``pre += bias`` (in place, kept for backward) then
+        ``out = act(pre)``. With ``act == "identity"`` only the bias is added
+        and ``out`` may be ``None``."""
+        raise NotImplementedError
+
+    def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):  # pragma: no cover
+        """In place: ``d *= act'(pre)`` where ``d`` holds dLoss/d(out) on entry
+        and dLoss/d(pre) on exit; ``out = act(pre)`` is given for activations
+        whose derivative is cheaper from it."""
+        raise NotImplementedError
+
+    def col_sum(self, out, a):  # pragma: no cover
+        """Bias gradient: ``out[j] = sum_i a[i, j]``."""
+        raise NotImplementedError
+
+    # ---- VAE-specific fused kernels ----------------------------------------
+    def reparam_kl(self, z, kl, std, mu, logvar, eps):  # pragma: no cover
+        """``std = exp(logvar/2)``, ``z = mu + std * eps`` (Kingma & Welling 2014,
+        Sec. 2.4) and per-image ``kl = -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))``
+        (ibid., Appendix B). ``z, std, mu, logvar, eps: (B, L)``, ``kl: (B,)``."""
+        raise NotImplementedError
+
+    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):  # pragma: no cover
+        """``dmu = dz + kl_scale * mu``;
+        ``dlogvar = dz * eps * std / 2 + kl_scale * (std^2 - 1) / 2`` where
+        ``kl_scale = beta / B`` is dLoss/dKL_i."""
+        raise NotImplementedError
+
+    def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):  # pragma: no cover
+        """Per-image negative log-likelihood and its gradient, fused.
+
+        ``nll (B,)``: summed over pixels (``None`` to skip); ``dlogits (B, D)``:
+        ``grad_scale * d nll_i / d logits`` (``None`` to skip).
+        bernoulli: nll = softplus(l) - x l, grad = sigmoid(l) - x;
+        gaussian:  nll = (l - x)^2 / (2 sigma^2) + log sigma + log(2 pi)/2,
+        grad = (l - x) / sigma^2; mse: nll = (l - x)^2, grad = 2 (l - x).
+        """
+        raise NotImplementedError
+
+    def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
+                    bc2_sqrt, weight_decay, decay_factor):  # pragma: no cover
+        """One Adam step over whole flat buffers (Kingma & Ba 2015, Alg. 1, in
+        the form of ``torch.optim.Adam``): ``g = grads + weight_decay*params``
+        (L2), ``params *= decay_factor`` (AdamW), ``m = b1 m + (1-b1) g``,
+        ``v = b2 v + (1-b2) g^2``,
+        ``params -= step_size * m / (sqrt(v)/bc2_sqrt + eps)``."""
+        raise NotImplementedError
+
+    def sum(self, a):
+        """Sum of all elements as a device scalar (no host synchronisation)."""
+        return a.sum()

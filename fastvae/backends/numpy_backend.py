@@ -1,0 +1,219 @@
+"""NumPy backend: the reference implementation of every primitive.
+
+float32 or float64, preallocated buffers and ``out=`` everywhere in the hot
+path; temporaries come from the backend's scratch cache. Random numbers come
+from ``numpy.random.Generator(PCG64)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import Backend, BackendRNG
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class NumpyRNG(BackendRNG):
+    """PCG64 stream; state is the bit generator's JSON-able dict."""
+
+    def __init__(self, seed):
+        self.gen = np.random.Generator(np.random.PCG64(seed))
+
+    def normal_(self, out):
+        self.gen.standard_normal(out=out, dtype=out.dtype)
+        return out
+
+    def uniform_(self, out):
+        self.gen.random(out=out, dtype=out.dtype)
+        return out
+
+    def permutation(self, n):
+        return self.gen.permutation(n)
+
+    def state(self):
+        return self.gen.bit_generator.state
+
+    def set_state(self, state):
+        self.gen.bit_generator.state = state
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = np
+    device = "cpu"
+
+    def new_rng(self, seed):
+        return NumpyRNG(seed)
+
+    # ---- data movement ------------------------------------------------------
+    def gather_rows(self, out, X, idx):
+        np.take(X, idx, axis=0, out=out)
+        return out
+
+    def bernoulli_(self, out, probs, rng):
+        u = self.scratch("bern_u", out.shape)
+        rng.uniform_(u)
+        np.less(u, probs, out=out)  # bool -> float cast on store
+        return out
+
+    # ---- dense algebra ------------------------------------------------------
+    def gemm(self, out, a, b, trans_a=False, trans_b=False):
+        np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        return out
+
+    def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
+        np.add(pre, bias, out=pre)
+        if act == "identity":
+            if out is not None and out is not pre:
+                out[...] = pre
+            return out
+        if act == "relu":
+            np.maximum(pre, 0, out=out)
+        elif act == "tanh":
+            np.tanh(pre, out=out)
+        elif act == "sigmoid":
+            # sigmoid(x) = (1 + tanh(x/2)) / 2: stable for any x
+            np.multiply(pre, 0.5, out=out)
+            np.tanh(out, out=out)
+            out *= 0.5
+            out += 0.5
+        elif act == "leaky_relu":
+            np.multiply(pre, slope, out=out)
+            if slope <= 1:
+                np.maximum(pre, out, out=out)
+            else:
+                np.minimum(pre, out, out=out)
+        elif act == "elu":
+            t = self.scratch("elu", pre.shape)
+            np.minimum(pre, 0, out=out)
+            np.expm1(out, out=out)
+            out *= alpha
+            np.maximum(pre, 0, out=t)
+            out += t
+        elif act == "softplus":
+            np.logaddexp(pre, 0, out=out)
+        else:
+            raise ValueError(f"unknown activation {act!r}")
+        return out
+
+    def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
+        if act == "identity":
+            return d
+        t = self.scratch("act_bwd", d.shape)
+        if act == "relu":
+            np.greater(pre, 0, out=t)
+        elif act == "tanh":
+            np.multiply(out, out, out=t)
+            np.subtract(1, t, out=t)
+        elif act == "sigmoid":
+            np.subtract(1, out, out=t)
+            t *= out
+        elif act == "leaky_relu":
+            np.greater(pre, 0, out=t)          # 1 where pre > 0 else 0
+            t *= (1.0 - slope)
+            t += slope
+        elif act == "elu":
+            np.add(out, alpha, out=t)           # alpha*exp(pre) where pre <= 0
+            np.copyto(t, 1, where=pre > 0)
+        elif act == "softplus":
+            np.multiply(pre, 0.5, out=t)
+            np.tanh(t, out=t)
+            t *= 0.5
+            t += 0.5
+        else:
+            raise ValueError(f"unknown activation {act!r}")
+        d *= t
+        return d
+
+    def col_sum(self, out, a):
+        np.sum(a, axis=0, out=out)
+        return out
+
+    # ---- VAE-specific -------------------------------------------------------
+    def reparam_kl(self, z, kl, std, mu, logvar, eps):
+        np.multiply(logvar, 0.5, out=std)
+        np.exp(std, out=std)
+        np.multiply(std, eps, out=z)
+        z += mu
+        if kl is not None:
+            t = self.scratch("kl_t", mu.shape)
+            t2 = self.scratch("kl_t2", mu.shape)
+            np.multiply(mu, mu, out=t)
+            np.multiply(std, std, out=t2)
+            t += t2
+            t -= logvar
+            t -= 1.0
+            np.sum(t, axis=1, out=kl)
+            kl *= 0.5
+        return z
+
+    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
+        np.multiply(mu, kl_scale, out=dmu)
+        dmu += dz
+        np.multiply(std, std, out=dlogvar)
+        dlogvar -= 1.0
+        dlogvar *= kl_scale
+        t = self.scratch("rp_t", dz.shape)
+        np.multiply(dz, eps, out=t)
+        t *= std
+        dlogvar += t
+        dlogvar *= 0.5
+        return dmu, dlogvar
+
+    def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
+        if kind == "bernoulli":
+            if nll is not None:
+                t = self.scratch("lik_t", logits.shape)
+                t2 = self.scratch("lik_t2", logits.shape)
+                np.logaddexp(logits, 0, out=t)      # softplus(l)
+                np.multiply(logits, x, out=t2)
+                t -= t2
+                np.sum(t, axis=1, out=nll)
+            if dlogits is not None:
+                np.multiply(logits, 0.5, out=dlogits)
+                np.tanh(dlogits, out=dlogits)
+                dlogits *= 0.5
+                dlogits += 0.5                      # sigmoid(l)
+                dlogits -= x
+                dlogits *= grad_scale
+        elif kind in ("gaussian", "mse"):
+            diff = dlogits if dlogits is not None else self.scratch("lik_diff", logits.shape)
+            np.subtract(logits, x, out=diff)
+            if nll is not None:
+                t = self.scratch("lik_t", logits.shape)
+                np.multiply(diff, diff, out=t)
+                np.sum(t, axis=1, out=nll)
+                if kind == "gaussian":
+                    nll *= 0.5 / (sigma * sigma)
+                    nll += logits.shape[1] * (math.log(sigma) + _HALF_LOG_2PI)
+            if dlogits is not None:
+                dlogits *= grad_scale * ((1.0 / (sigma * sigma)) if kind == "gaussian" else 2.0)
+        else:
+            raise ValueError(f"unknown likelihood {kind!r}")
+
+    def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
+                    bc2_sqrt, weight_decay, decay_factor):
+        g = grads
+        t = self.scratch("adam_t", params.shape)
+        if weight_decay:
+            g = self.scratch("adam_g", params.shape)
+            np.multiply(params, weight_decay, out=g)
+            g += grads
+        if decay_factor != 1.0:
+            params *= decay_factor
+        m *= beta1
+        np.multiply(g, 1.0 - beta1, out=t)
+        m += t
+        v *= beta2
+        np.multiply(g, g, out=t)
+        t *= 1.0 - beta2
+        v += t
+        np.sqrt(v, out=t)
+        t /= bc2_sqrt
+        t += eps
+        np.divide(m, t, out=t)
+        t *= step_size
+        params -= t

@@ -1,0 +1,216 @@
+"""The ``fastvae`` command: train, eval, info, backends.
+
+Errors a user can cause print one line ``fastvae: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+
+from .errors import FastVAEError
+
+# per-dataset defaults for options left unset
+_DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
+_MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
+_TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
+               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed")
+_DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download")
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="fastvae", description="Train and explore VAEs with hand-derived gradients.")
+    p.add_argument("--version", action="version", version=f"fastvae {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a VAE (default: the built-in sprites)")
+    d = t.add_argument_group("data")
+    d.add_argument("--dataset", help="sprites (default), mnist, fashion-mnist, kmnist, olivetti, "
+                   "or a path: a folder of images or an .npy/.npz/.h5 file")
+    d.add_argument("--data-dir", help="folder holding the dataset files (idx files, olivetti_faces.npz)")
+    d.add_argument("--no-download", action="store_true", default=None, help="never download missing files")
+    d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
+    d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
+    d.add_argument("--n-sprites", type=int, help="number of procedural sprites (default 12000)")
+    m = t.add_argument_group("model")
+    m.add_argument("--hidden", type=int, nargs="*", help="encoder hidden widths (default: 400)")
+    m.add_argument("--decoder-hidden", type=int, nargs="*", help="decoder hidden widths (default: mirror)")
+    m.add_argument("--latent", type=int, help="latent_dim (default 20; 10 for sprites, 50 for olivetti)")
+    m.add_argument("--activation", help="relu (default), tanh, leaky_relu, elu, softplus, sigmoid")
+    m.add_argument("--likelihood", help="bernoulli (default), gaussian, mse")
+    m.add_argument("--sigma", type=float, help="gaussian likelihood standard deviation (default 0.1)")
+    m.add_argument("--dtype", help="float32 (default) or float64")
+    m.add_argument("--init", help="pytorch (default) or xavier")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
+    o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
+    o.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    o.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    o.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
+    o.add_argument("--adamw", action="store_true", default=None, help="decoupled weight decay (AdamW)")
+    o.add_argument("--lr-schedule", help="constant (default), step, cosine")
+    o.add_argument("--beta", type=float, help="beta_max, the KL weight (default 1)")
+    o.add_argument("--beta-schedule", help="constant (default), linear, sigmoid, cyclical")
+    o.add_argument("--beta-delay", type=float, help="epochs at beta 0 before the ramp")
+    o.add_argument("--beta-warmup", type=float, help="epochs of the ramp to beta_max")
+    o.add_argument("--beta-cycles", type=int, help="cycles of the cyclical schedule (default 4)")
+    o.add_argument("--binarize", action="store_true", default=None, help="dynamic binarization")
+    o.add_argument("--seed", type=int, help="random seed (default 0)")
+    r = t.add_argument_group("run")
+    r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
+    r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="-ELBO, reconstruction and KL of a checkpoint on a split")
+    e.add_argument("checkpoint")
+    e.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    e.add_argument("--data-dir")
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--batch-size", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0, help="seed of the z samples")
+    e.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    i = sub.add_parser("info", help="what a checkpoint holds")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("backends", help="list compute backends and whether they can run here")
+    return p
+
+
+def _version():
+    from . import __version__
+    return __version__
+
+
+def _cmd_train(a):
+    from . import datasets
+    from .config import DataConfig, ModelConfig, TrainConfig
+    from .errors import ConfigError
+    from .train import Trainer
+
+    progress = not a.no_progress
+    if a.resume:
+        given = [n for n in _MODEL_ARGS + _TRAIN_ARGS + _DATA_ARGS if getattr(a, n) is not None]
+        if given:
+            raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
+                              " when resuming; only --epochs, --out, --data-dir and --backend apply")
+        trainer = Trainer.from_checkpoint(a.resume, out=a.out, epochs=a.epochs, backend=a.backend,
+                                          data_dir=a.data_dir, progress=progress)
+        if trainer.epoch >= trainer.train_config.epochs:
+            print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
+    else:
+        name = a.dataset or "sprites"
+        dcfg = DataConfig(dataset=name, data_dir=a.data_dir, download=not a.no_download,
+                          image_size=a.image_size, color=a.color or "grayscale",
+                          n_sprites=a.n_sprites or DataConfig().n_sprites)
+        data = datasets.load(dcfg)
+        pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+        mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
+                           latent_dim=a.latent or _DEFAULT_LATENT.get(name, 20),
+                           **pick(hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
+                                  likelihood=a.likelihood, sigma=a.sigma, dtype=a.dtype, init=a.init))
+        tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                                  decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
+                                  beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
+                                  beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
+                                  seed=a.seed, backend=a.backend))
+        out = a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
+                                    f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
+        print(f"training {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
+              + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
+    trainer.fit()
+    print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, "
+          "samples.png, loss.png)")
+    print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "
+          f"{trainer.epoch + 10} --out {trainer.out}")
+    return 0
+
+
+def _cmd_eval(a):
+    from . import datasets, load
+    from .config import DataConfig
+    from .evaluate import evaluate
+    from .train import check_data_for_model
+
+    model = load(a.checkpoint, backend=a.backend)
+    dc = DataConfig.from_dict(model.checkpoint["data"])
+    changes = {}
+    if a.dataset:
+        changes["dataset"] = a.dataset
+    if a.data_dir:
+        changes["data_dir"] = a.data_dir
+    dc = dc.replace(**changes)
+    data = datasets.load(dc)
+    x, _ = data.split(a.split)
+    check_data_for_model(x, model.config, a.split)
+    res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
+    res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name,
+               units="nats per image")
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"{data.name} {a.split} ({res['n']} images): -ELBO {res['neg_elbo']:.3f}, "
+              f"recon {res['recon']:.3f}, KL {res['kl']:.3f} nats per image")
+    return 0
+
+
+def _cmd_info(a):
+    from .checkpoint import read_checkpoint
+    d = read_checkpoint(a.checkpoint)
+    mc = d["config"]["model"]
+    info = {
+        "checkpoint": a.checkpoint, **d["meta"],
+        "architecture": f"{mc['input_dim']}-{'-'.join(map(str, mc['hidden']))}-{mc['latent_dim']}",
+        "model": mc, "train": d["config"]["train"], "data": d["config"]["data"],
+        "num_params": int(d["params"].shape[0]), "epoch": d["state"]["epoch"], "step": d["state"]["step"],
+        "adam_t": None if d["adam"] is None else d["adam"]["t"],
+        "tensors": d["layout"], "last_metrics": d["history"][-1] if d["history"] else None,
+    }
+    if a.json:
+        print(json.dumps(info, default=str))
+        return 0
+    print(f"{a.checkpoint}: {info['format']} v{info['format_version']} written by fastvae "
+          f"{info['fastvae_version']} ({info['backend']}, {info['dtype']}) on {info['created']}")
+    print(f"model: {info['architecture']} {mc['activation']}, {mc['likelihood']} likelihood, "
+          f"{info['num_params']} parameters")
+    print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
+          f"dataset {info['data']['dataset']}")
+    for t in d["layout"]:
+        print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
+    if info["last_metrics"]:
+        lm = info["last_metrics"]
+        s = f"last epoch: train -ELBO {lm['train_neg_elbo']:.3f}"
+        if lm.get("test_neg_elbo") is not None:
+            s += f", test -ELBO {lm['test_neg_elbo']:.3f}"
+        print(s + " nats per image")
+    return 0
+
+
+def _cmd_backends(a):
+    from . import backends
+    for b in backends.available():
+        print(f"{b['name']:<8} {'available' if b['available'] else 'unavailable: ' + b['reason']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.cmd is None:
+        p.print_help()
+        return 0
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends}[a.cmd]
+    try:
+        return cmd(a)
+    except FastVAEError as exc:
+        print(f"fastvae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastvae: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,240 @@
+"""Validated configuration dataclasses.
+
+``ModelConfig`` fixes the architecture (and so the parameter layout),
+``TrainConfig`` the optimisation, ``DataConfig`` where the images come from.
+All three round-trip through plain JSON (``to_dict`` / ``from_dict``) so that a
+checkpoint holds them as text, never as pickled objects.
+
+Every field is checked in ``__post_init__``; a bad value raises
+:class:`fastvae.errors.ConfigError` naming the field and the accepted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid")
+LIKELIHOODS = ("bernoulli", "gaussian", "mse")
+DTYPES = ("float32", "float64")
+INITS = ("pytorch", "xavier")
+BETA_SCHEDULES = ("constant", "linear", "sigmoid", "cyclical")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _finite_nonneg(name, value, positive=False):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(f"{name} must be a finite {kind} number, got {value!r}")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+class _JSONMixin:
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig(_JSONMixin):
+    """Architecture of an MLP VAE.
+
+    input_dim: pixels per image D (e.g. 784 for 28x28).
+    hidden: encoder hidden widths, e.g. ``[400]``; ``[]`` gives linear heads.
+    latent_dim: size L of ``z``.
+    decoder_hidden: decoder hidden widths; ``None`` mirrors ``hidden``.
+    activation: hidden-layer nonlinearity, one of ``ACTIVATIONS``.
+    likelihood: ``bernoulli`` (decoder outputs logits, binary cross-entropy;
+        continuous targets in [0, 1] allowed), ``gaussian`` (decoder outputs the
+        mean, fixed ``sigma``, a true log-density in nats) or ``mse`` (sum of
+        squared errors per image, the seeds' variant; not a normalised density).
+    sigma: standard deviation of the Gaussian likelihood (pixel units).
+    dtype: ``float32`` (default) or ``float64``.
+    init: ``pytorch`` (``nn.Linear`` default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        for weights and biases) or ``xavier`` (Glorot & Bengio 2010, uniform,
+        zero biases).
+    leaky_slope, elu_alpha: parameters of those activations.
+    image_shape: ``(H, W)`` or ``(H, W, C)`` used only to draw pictures.
+    """
+
+    input_dim: int = 784
+    hidden: List[int] = field(default_factory=lambda: [400])
+    latent_dim: int = 20
+    decoder_hidden: Optional[List[int]] = None
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    sigma: float = 0.1
+    dtype: str = "float32"
+    init: str = "pytorch"
+    leaky_slope: float = 0.01
+    elu_alpha: float = 1.0
+    image_shape: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        _positive_int("input_dim", self.input_dim)
+        _positive_int("latent_dim", self.latent_dim)
+        self.hidden = list(self.hidden)
+        for h in self.hidden:
+            _positive_int("each hidden width", h)
+        if self.decoder_hidden is not None:
+            self.decoder_hidden = list(self.decoder_hidden)
+            for h in self.decoder_hidden:
+                _positive_int("each decoder_hidden width", h)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("likelihood", self.likelihood, LIKELIHOODS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("init", self.init, INITS)
+        _finite_nonneg("sigma", self.sigma, positive=True)
+        _finite_nonneg("leaky_slope", self.leaky_slope)
+        _finite_nonneg("elu_alpha", self.elu_alpha, positive=True)
+        if self.image_shape is not None:
+            self.image_shape = tuple(int(s) for s in self.image_shape)
+            if math.prod(self.image_shape) != self.input_dim:
+                raise ConfigError(
+                    f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels "
+                    f"but input_dim is {self.input_dim}")
+
+    @property
+    def decoder_widths(self) -> List[int]:
+        """Decoder hidden widths (mirror of the encoder unless given)."""
+        return list(reversed(self.hidden)) if self.decoder_hidden is None else list(self.decoder_hidden)
+
+
+@dataclass
+class TrainConfig(_JSONMixin):
+    """Optimisation settings.
+
+    epochs: number of passes over the training split (a total, also on resume).
+    batch_size: images per step; the last partial batch is kept (as PyTorch's
+        ``DataLoader`` does by default).
+    lr, betas, adam_eps, weight_decay: Adam (Kingma & Ba 2015, Algorithm 1);
+        ``decoupled_weight_decay=True`` gives AdamW (Loshchilov & Hutter 2019).
+    lr_schedule: ``constant``, ``step`` (multiply by ``lr_gamma`` every
+        ``lr_step_epochs``) or ``cosine`` (to ``lr_min`` at the last step).
+    beta_schedule: KL weight schedule, see :mod:`fastvae.schedules`;
+        ``beta_max`` the final/peak weight; ``beta_delay`` and ``beta_warmup``
+        in epochs (fractions allowed); ``beta_cycles`` and ``beta_ratio`` for the
+        cyclical schedule (Fu et al. 2019).
+    binarize: dynamic binarization (resample x ~ Bernoulli(pixel) every step).
+    seed: seeds initialisation, shuffling, ``eps`` and binarization.
+    backend: compute backend name (see :func:`fastvae.backends.available`).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False
+    lr_schedule: str = "constant"
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.5
+    lr_min: float = 0.0
+    beta_schedule: str = "constant"
+    beta_max: float = 1.0
+    beta_delay: float = 0.0
+    beta_warmup: float = 0.0
+    beta_cycles: int = 4
+    beta_ratio: float = 0.5
+    binarize: bool = False
+    seed: int = 0
+    backend: str = "numpy"
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ConfigError(f"epochs must be a non-negative integer, got {self.epochs!r}")
+        _positive_int("batch_size", self.batch_size)
+        _finite_nonneg("lr (learning rate)", self.lr, positive=True)
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {self.betas!r}")
+        _finite_nonneg("adam_eps", self.adam_eps, positive=True)
+        _finite_nonneg("weight_decay", self.weight_decay)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _positive_int("lr_step_epochs", self.lr_step_epochs)
+        _finite_nonneg("lr_gamma", self.lr_gamma, positive=True)
+        _finite_nonneg("lr_min", self.lr_min)
+        _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _finite_nonneg("beta_max", self.beta_max)
+        _finite_nonneg("beta_delay", self.beta_delay)
+        _finite_nonneg("beta_warmup", self.beta_warmup)
+        _positive_int("beta_cycles", self.beta_cycles)
+        _finite_nonneg("beta_ratio", self.beta_ratio, positive=True)
+        if self.beta_ratio > 1:
+            raise ConfigError(f"beta_ratio must be in (0, 1], got {self.beta_ratio!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ConfigError(f"backend must be a backend name, got {self.backend!r}")
+
+
+@dataclass
+class DataConfig(_JSONMixin):
+    """Where the images come from.
+
+    dataset: a built-in name (``sprites``, ``mnist``, ``fashion-mnist``,
+        ``kmnist``, ``olivetti``) or a path to a folder of images or an
+        ``.npy`` / ``.npz`` / ``.h5`` file.
+    data_dir: folder of the idx or Olivetti files (built-in real datasets).
+    download: fetch missing idx files from the standard mirrors (md5-checked).
+    image_size: ``(H, W)`` to resize folder images to; ``None`` keeps their size.
+    color: ``grayscale`` or ``rgb`` for image folders.
+    n_sprites: number of procedural sprites (train + test).
+    data_seed: seed of the procedural sprites and of random splits.
+    test_fraction: share held out as the test split where a dataset has none.
+    """
+
+    dataset: str = "sprites"
+    data_dir: Optional[str] = None
+    download: bool = True
+    image_size: Optional[Tuple[int, int]] = None
+    color: str = "grayscale"
+    n_sprites: int = 12000
+    data_seed: int = 0
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError("dataset must be a built-in name or a path")
+        if self.image_size is not None:
+            self.image_size = tuple(int(s) for s in self.image_size)
+            if len(self.image_size) != 2 or min(self.image_size) <= 0:
+                raise ConfigError(f"image_size must be two positive integers (H, W), got {self.image_size!r}")
+        _choice("color", self.color, ("grayscale", "rgb"))
+        _positive_int("n_sprites", self.n_sprites)
+        _finite_nonneg("test_fraction", self.test_fraction)
+        if self.test_fraction >= 1:
+            raise ConfigError(f"test_fraction must be below 1, got {self.test_fraction!r}")

@@ -1,0 +1,502 @@
+"""Datasets: idx files (MNIST family), Olivetti faces, image folders, arrays,
+and the built-in procedural ``sprites``.
+
+Every loader returns a :class:`Dataset` of host arrays: images flattened to
+``(N, D)`` float32 in [0, 1] (uint8 sources divided by 255), integer labels
+``(N,)`` where known, and the image shape for pictures. Errors a user can
+cause raise :class:`fastvae.errors.DataError` with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import DataError
+
+__all__ = ["Dataset", "load", "load_idx", "make_sprites", "load_image_folder",
+           "load_array_file", "load_olivetti", "load_mnist_family", "BUILTIN",
+           "default_data_dir"]
+
+
+@dataclass
+class Dataset:
+    """Images and labels of a train split and (when there is one) a test split.
+
+    x_train: (N, D) float32 in [0, 1]; y_train: (N,) int64 or None;
+    x_test, y_test: likewise or None; image_shape: (H, W) or (H, W, C);
+    factors_*: (N, K) float64 generative factors (sprites only) and
+    factor_names; label_names: names of the label values when known.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: Optional[np.ndarray]
+    x_test: Optional[np.ndarray]
+    y_test: Optional[np.ndarray]
+    image_shape: Tuple[int, ...]
+    label_names: Optional[List[str]] = None
+    factors_train: Optional[np.ndarray] = None
+    factors_test: Optional[np.ndarray] = None
+    factor_names: Optional[List[str]] = None
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def split(self, name: str):
+        """``(x, y)`` of ``"train"`` or ``"test"``; DataError when absent."""
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            if self.x_test is None:
+                raise DataError(f"dataset {self.name!r} has no test split; use --split train")
+            return self.x_test, self.y_test
+        raise DataError(f"unknown split {name!r}; use train or test")
+
+
+# --------------------------------------------------------------------------- idx
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"file {path} does not exist; check the path or --data-dir") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read {path}: corrupt or truncated ({exc}); download it again") from None
+
+
+def load_idx(path) -> np.ndarray:
+    """Read an idx file (LeCun's MNIST format), plain or ``.gz``.
+
+    The header is validated: magic ``0x0000TTNN`` (TT the element type, NN the
+    number of dimensions), big-endian uint32 sizes, and a payload of exactly
+    the announced size (counts come from the header, never assumed).
+    Returns an array of the announced shape. Raises DataError otherwise.
+    """
+    path = os.fspath(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path} is too short to be an idx file; download it again")
+    zero, code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path} has a wrong idx magic number {raw[:4].hex()}; "
+                        "it is not an idx file (expected 00000803 for images, 00000801 for labels)")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} has a truncated idx header; download it again")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    want = math.prod(dims) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != want:
+        raise DataError(f"{path}: header announces {dims} ({want} bytes) but the file holds "
+                        f"{len(body)} bytes; the file is truncated or corrupt, download it again")
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return arr.astype(arr.dtype.newbyteorder("="), copy=True)
+
+
+def write_idx(path, arr) -> None:
+    """Write ``arr`` (uint8) as an idx file, gzip-compressed if ``path`` ends in .gz."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    data = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
+
+
+# ------------------------------------------------------------- MNIST family
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+BUILTIN: Dict[str, dict] = {
+    "mnist": {
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        "md5": ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
+        "labels": [str(i) for i in range(10)],
+    },
+    "fashion-mnist": {
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        "md5": ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"],
+        "labels": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                   "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    },
+    "kmnist": {
+        "mirrors": ["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"],
+        "md5": ["bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
+                "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134"],
+        "labels": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    },
+}
+
+
+def default_data_dir(name: str) -> str:
+    """``$FASTVAE_DATA/<name>`` or ``~/.cache/fastvae/<name>``."""
+    root = os.environ.get("FASTVAE_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "fastvae")
+    return os.path.join(root, name)
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_file(fname: str, md5: str, mirrors: List[str], folder: str, timeout: float = 30.0) -> str:
+    """Fetch ``fname`` from the first mirror that serves it with the right md5.
+
+    The file is written to a temporary name and renamed once verified.
+    Raises DataError listing what each mirror answered when none succeeds.
+    """
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, fname)
+    errors = []
+    for base in mirrors:
+        url = base + fname
+        tmp = dest + ".part"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as out:
+                while True:
+                    chunk = r.read(1 << 20)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            continue
+        got = _md5(tmp)
+        if got != md5:
+            os.unlink(tmp)
+            errors.append(f"{url}: md5 {got} != expected {md5}")
+            continue
+        os.replace(tmp, dest)
+        return dest
+    raise DataError(f"could not download {fname} ({'; '.join(errors)})")
+
+
+def _find_idx(folder: str, stem: str) -> Optional[str]:
+    for cand in (stem + ".gz", stem):
+        p = os.path.join(folder, cand)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool = True,
+                      mirrors: Optional[List[str]] = None) -> Dataset:
+    """MNIST, Fashion-MNIST or KMNIST from idx files in ``data_dir``.
+
+    Files: ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+    ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``; missing
+    ones are downloaded (md5-verified) when ``download`` is True. Image counts
+    come from the headers. Raises DataError when files are missing and cannot
+    be fetched (the message says where to put them) or disagree.
+    """
+    spec = BUILTIN[name]
+    folder = os.fspath(data_dir) if data_dir else default_data_dir(name)
+    paths = []
+    for stem, md5 in zip(_IDX_FILES, spec["md5"]):
+        p = _find_idx(folder, stem)
+        if p is None:
+            if not download:
+                raise DataError(f"{stem}[.gz] not found in {folder}; put the {name} idx files "
+                                "there or allow downloading")
+            try:
+                p = download_file(stem + ".gz", md5, mirrors or spec["mirrors"], folder)
+            except DataError as exc:
+                raise DataError(f"{name} file {stem}.gz is not in {folder} and {exc}; "
+                                f"when offline, copy the four idx files ({', '.join(_IDX_FILES)}, "
+                                f"plain or .gz) into {folder} or pass --data-dir") from None
+        paths.append(p)
+    xtr, ytr, xte, yte = (load_idx(p) for p in paths)
+    for x, y, split, px, py in ((xtr, ytr, "train", paths[0], paths[1]), (xte, yte, "test", paths[2], paths[3])):
+        if x.ndim != 3:
+            raise DataError(f"{px} should hold images (3 dimensions), it has shape {x.shape}")
+        if y.ndim != 1:
+            raise DataError(f"{py} should hold labels (1 dimension), it has shape {y.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{name} {split}: {len(x)} images in {os.path.basename(px)} but "
+                            f"{len(y)} labels in {os.path.basename(py)}; use matching files")
+        if len(x) == 0:
+            raise DataError(f"{px} holds no images")
+    shape = tuple(xtr.shape[1:])
+    return Dataset(name, _to_unit(xtr), ytr.astype(np.int64), _to_unit(xte), yte.astype(np.int64),
+                   shape, label_names=spec["labels"])
+
+
+def _to_unit(x) -> np.ndarray:
+    """(N, ...) uint8 or float -> (N, D) float32 in [0, 1]."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    if x.dtype == np.uint8:
+        out = x.reshape(n, -1).astype(np.float32)
+        out *= np.float32(1.0 / 255.0)
+        return out
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"images must be numbers, got dtype {x.dtype}")
+    out = x.reshape(n, -1).astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise DataError("images contain NaN or infinite values; clean the data first")
+    return out
+
+
+def _random_split(x, y, fraction, seed, factors=None):
+    n = len(x)
+    n_test = int(round(n * fraction))
+    if n_test == 0 or n_test >= n:
+        return x, y, None, None, factors, None
+    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    pick = (lambda a, i: None if a is None else a[i])
+    return x[tr], pick(y, tr), x[te], pick(y, te), pick(factors, tr), pick(factors, te)
+
+
+# ------------------------------------------------------------------ Olivetti
+def load_olivetti(data_dir: Optional[str] = None, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Olivetti / ORL faces: ``olivetti_faces.npz`` with ``images`` (400, 64, 64)
+    uint8 and ``subject`` (400,) in ``data_dir``; a seeded random test split."""
+    folder = os.fspath(data_dir) if data_dir else default_data_dir("olivetti")
+    path = folder if folder.endswith(".npz") else os.path.join(folder, "olivetti_faces.npz")
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found; put olivetti_faces.npz (arrays 'images' (400, 64, 64) "
+                        "and 'subject') there or pass --data-dir")
+    ds = load_array_file(path, test_fraction=test_fraction, seed=seed)
+    ds.name = "olivetti"
+    return ds
+
+
+# -------------------------------------------------------------------- arrays
+_X_KEYS = ("images", "x", "X", "data", "x_train")
+_Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
+
+
+def _image_shape_of(x) -> Tuple[int, ...]:
+    if x.ndim >= 3:
+        return tuple(int(s) for s in x.shape[1:])
+    d = int(x.shape[1])
+    s = int(round(math.sqrt(d)))
+    return (s, s) if s * s == d else (1, d)
+
+
+def load_array_file(path, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Images from ``.npy``, ``.npz`` or ``.h5``/``.hdf5``.
+
+    Arrays: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, D)``; uint8 (0..255) or
+    float in [0, 1]. In ``.npz``/``.h5`` the images are under one of
+    ``images, x, X, data, x_train`` and optional labels under ``labels, y,
+    subject, targets, y_train``. Never unpickles. Raises DataError.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist; pass an existing .npy, .npz or .h5 file")
+    ext = os.path.splitext(path)[1].lower()
+    x = y = None
+    try:
+        if ext == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                xk = next((k for k in _X_KEYS if k in keys), keys[0] if keys else None)
+                if xk is None:
+                    raise DataError(f"{path} holds no arrays")
+                x = z[xk]
+                yk = next((k for k in _Y_KEYS if k in keys), None)
+                y = z[yk] if yk else None
+        elif ext in (".h5", ".hdf5"):
+            import h5py
+            with h5py.File(path, "r") as f:
+                xk = next((k for k in _X_KEYS if k in f), None)
+                if xk is None:
+                    raise DataError(f"{path} has no dataset named one of {_X_KEYS}")
+                x = f[xk][()]
+                yk = next((k for k in _Y_KEYS if k in f), None)
+                y = f[yk][()] if yk else None
+        else:
+            raise DataError(f"unsupported file type {ext!r} for {path}; use .npy, .npz, .h5 or an image folder")
+    except DataError:
+        raise
+    except Exception as exc:  # numpy/h5py raise many types on corrupt files
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}; check the file") from None
+    x = np.asarray(x)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise DataError(f"{path}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
+    if y is not None:
+        y = np.asarray(y).reshape(-1)
+        if len(y) != len(x):
+            raise DataError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
+        y = y.astype(np.int64) if y.dtype.kind in "iub" else None
+    shape = _image_shape_of(x)
+    xf = _to_unit(x)
+    if xf.min() < 0 or xf.max() > 1:
+        raise DataError(f"{path}: float images must lie in [0, 1] (found {xf.min():g}..{xf.max():g}); "
+                        "rescale them or store uint8")
+    xtr, ytr, xte, yte, _, _ = _random_split(xf, y, test_fraction, seed)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return Dataset(name, xtr, ytr, xte, yte, shape)
+
+
+# ------------------------------------------------------------- image folders
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color: str = "grayscale",
+                      test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """Every image under ``path`` (PNG, JPEG, ... via Pillow), sorted by path.
+
+    Sub-folders become integer labels (sorted names). ``image_size=(H, W)``
+    resizes after a centre crop to that aspect ratio; without it every image
+    must have the same size. ``color``: ``grayscale`` (D = H*W) or ``rgb``
+    (D = H*W*3). Raises DataError for an empty folder, unreadable images or
+    mixed sizes without ``image_size``.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a folder; pass a folder of images")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        for n in sorted(names):
+            if n.lower().endswith(IMAGE_EXTS):
+                files.append(os.path.join(root, n))
+    if not files:
+        raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}); add images or fix the path")
+    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    use_labels = classes != ["."]
+    mode = "L" if color == "grayscale" else "RGB"
+    imgs, labels, sizes = [], [], set()
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if image_size is not None:
+                    H, W = image_size
+                    im = ImageOps.fit(im, (W, H), method=Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"cannot read image {f} ({exc}); remove or replace it") from None
+        sizes.add(arr.shape)
+        if len(sizes) > 1:
+            raise DataError(f"images in {path} have different sizes ({sorted(sizes)[:3]}); "
+                            "pass --image-size H W to resize them")
+        imgs.append(arr)
+        labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)))
+    x = np.stack(imgs)
+    y = np.asarray(labels, dtype=np.int64) if use_labels else None
+    xtr, ytr, xte, yte, _, _ = _random_split(_to_unit(x), y, test_fraction, seed)
+    return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
+                   label_names=classes if use_labels else None)
+
+
+# ------------------------------------------------------------------- sprites
+SPRITE_FACTORS = ["shape", "scale", "orientation", "pos_x", "pos_y"]
+SPRITE_SHAPES = ["square", "ellipse", "heart"]
+
+
+def render_sprites(shape, scale, orientation, pos_x, pos_y, size: int = 64) -> np.ndarray:
+    """Binary ``(N, size, size)`` uint8 images of dSprites-like shapes
+    (Matthey et al. 2017): ``shape`` in {0 square, 1 ellipse, 2 heart},
+    ``scale`` in [0.5, 1], ``orientation`` in radians, ``pos_x``/``pos_y`` in [0, 1]."""
+    n = len(shape)
+    out = np.zeros((n, size, size), dtype=np.uint8)
+    c = (np.arange(size, dtype=np.float32) + 0.5)
+    r0 = size * 0.16                      # half-size of a scale-1 shape, pixels
+    margin = size * 0.17
+    f32 = lambda a: np.asarray(a, dtype=np.float32)[:, None, None]
+    for k in range(3):
+        ids = np.flatnonzero(np.asarray(shape) == k)
+        for s in range(0, len(ids), 1024):
+            e = ids[s:s + 1024]
+            cx = margin + f32(pos_x[e]) * (size - 2 * margin)
+            cy = margin + f32(pos_y[e]) * (size - 2 * margin)
+            th = f32(orientation[e])
+            rad = f32(scale[e]) * r0
+            cos, sin = np.cos(th) / rad, np.sin(th) / rad
+            dx, dy = c[None, None, :] - cx, c[None, :, None] - cy
+            u = cos * dx + sin * dy
+            v = cos * dy - sin * dx
+            if k == 0:
+                m = np.maximum(np.abs(u), np.abs(v)) <= 0.8
+            elif k == 1:
+                m = u * u + 4.0 * v * v <= 1.0
+            else:                          # heart curve, point down, centred
+                hu, hv = u * 1.1, v * -1.1 + 0.15
+                r = hu * hu + hv * hv - 1
+                m = r * r * r <= hu * hu * hv * hv * hv
+            out[e] = m
+    return out
+
+
+def make_sprites(n: int = 12000, seed: int = 0, size: int = 64, test_fraction: float = 0.1) -> Dataset:
+    """The built-in procedural dataset: ``n`` random dSprites-like images.
+
+    Factors drawn uniformly from the dSprites grid: shape (3), scale (6 values
+    in [0.5, 1]), orientation (40 values in [0, 2 pi)), x and y position (32
+    values each in [0, 1]). Seeded and reproducible; labels are the shape
+    index, all five factor values are in ``factors_*``. Zero downloads.
+    """
+    if n < 2:
+        raise DataError(f"n_sprites must be at least 2, got {n}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    shape = rng.integers(0, 3, n)
+    scale = np.linspace(0.5, 1.0, 6)[rng.integers(0, 6, n)]
+    orient = np.linspace(0, 2 * np.pi, 40, endpoint=False)[rng.integers(0, 40, n)]
+    px = np.linspace(0, 1, 32)[rng.integers(0, 32, n)]
+    py = np.linspace(0, 1, 32)[rng.integers(0, 32, n)]
+    imgs = render_sprites(shape, scale, orient, px, py, size)
+    factors = np.stack([shape, scale, orient, px, py], axis=1).astype(np.float64)
+    n_test = int(round(n * test_fraction))
+    n_tr = n - n_test
+    x = imgs.reshape(n, -1).astype(np.float32)
+    y = shape.astype(np.int64)
+    te = slice(n_tr, n) if n_test else slice(0, 0)
+    return Dataset("sprites", x[:n_tr], y[:n_tr], x[te] if n_test else None, y[te] if n_test else None,
+                   (size, size), label_names=SPRITE_SHAPES,
+                   factors_train=factors[:n_tr], factors_test=factors[te] if n_test else None,
+                   factor_names=SPRITE_FACTORS)
+
+
+# -------------------------------------------------------------------- entry
+def load(cfg) -> Dataset:
+    """Load the dataset a :class:`DataConfig` (or a name/path string) describes."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(dataset=cfg)
+    name = cfg.dataset
+    if name == "sprites":
+        return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)
+    if name in BUILTIN:
+        return load_mnist_family(name, cfg.data_dir, cfg.download)
+    if name == "olivetti":
+        return load_olivetti(cfg.data_dir, cfg.test_fraction, cfg.data_seed)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed)
+    if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):
+        return load_array_file(path, cfg.test_fraction, cfg.data_seed)
+    if not os.path.exists(path):
+        raise DataError(f"unknown dataset {name!r}: not a built-in name (sprites, mnist, fashion-mnist, "
+                        "kmnist, olivetti) and no such file or folder")
+    raise DataError(f"cannot load {name!r}: use a folder of images or an .npy/.npz/.h5 file")

@@ -1,0 +1,37 @@
+"""Exception types raised by fastvae.
+
+Every error that a user can cause (a bad argument, a missing or corrupt file, a
+backend that cannot run here) is raised as a subclass of :class:`FastVAEError`
+with a one-line message that names the problem and the fix. The command line
+prints that line and exits with status 2, never a traceback.
+"""
+
+__all__ = [
+    "FastVAEError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "BackendUnavailableError",
+]
+
+
+class FastVAEError(Exception):
+    """Base class of every error fastvae raises on purpose."""
+
+
+class ConfigError(FastVAEError, ValueError):
+    """An invalid model, training or data setting (also a ``ValueError``)."""
+
+
+class DataError(FastVAEError):
+    """A dataset that is missing, unreadable, corrupt or inconsistent."""
+
+
+class CheckpointError(FastVAEError):
+    """A checkpoint that is missing, not a fastvae file, of another format
+    version, truncated, or incompatible with the model it is loaded into."""
+
+
+class BackendUnavailableError(FastVAEError, RuntimeError):
+    """A compute backend that is unknown or cannot run on this machine
+    (missing package, no device); the message names what is missing."""

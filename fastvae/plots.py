@@ -1,0 +1,96 @@
+"""Pictures of a run: reconstructions, prior samples, loss curves.
+
+Each function returns a matplotlib ``Figure`` (object-oriented API, no global
+pyplot state, Agg canvas) and writes a PNG when ``path`` is given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def _figure(figsize):
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize, dpi=100)
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, bbox_inches="tight")
+    return fig
+
+
+def tile(images, image_shape: Sequence[int], ncol: int, pad: int = 1) -> np.ndarray:
+    """Tile ``images (N, D)`` into one ``(rows*(H+pad), ncol*(W+pad)[, C])`` array in [0, 1]."""
+    images = np.clip(np.asarray(images, dtype=np.float64), 0, 1)
+    H, W = image_shape[:2]
+    C = image_shape[2] if len(image_shape) == 3 else None
+    n = images.shape[0]
+    rows = max(1, math.ceil(n / ncol))
+    shape = (rows * (H + pad) - pad, ncol * (W + pad) - pad) + ((C,) if C else ())
+    grid = np.ones(shape)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        img = images[i].reshape(image_shape)
+        grid[r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = img
+    return grid
+
+
+def _show(ax, grid):
+    ax.imshow(grid, cmap=None if grid.ndim == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+
+
+def plot_reconstructions(model, X, image_shape, n: int = 16, path: Optional[str] = None):
+    """First ``n`` images of ``X (N, D)`` (top row of each pair) above their
+    reconstructions decoded from ``mu`` (bottom row)."""
+    X = np.asarray(X)[:n]
+    R = model.reconstruct(X)
+    ncol = min(n, 8)
+    pairs = []
+    for s in range(0, len(X), ncol):
+        pairs += [X[s:s + ncol], R[s:s + ncol]]
+    rows = np.concatenate([np.pad(p, ((0, ncol - len(p)), (0, 0)), constant_values=1) for p in pairs])
+    fig = _figure((ncol * 0.9, len(pairs) * 0.9 + 0.4))
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, tile(rows, image_shape, ncol))
+    ax.set_title("inputs (odd rows) and reconstructions from mu (even rows)", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_samples(model, image_shape, n: int = 64, seed: int = 0, path: Optional[str] = None):
+    """``n`` images decoded from z ~ N(0, I) (pixel means)."""
+    S = model.sample(n, seed)
+    ncol = int(math.ceil(math.sqrt(n)))
+    fig = _figure((ncol * 0.8, math.ceil(n / ncol) * 0.8 + 0.4))
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, tile(S, image_shape, ncol))
+    ax.set_title("samples from the prior", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_loss(history, path: Optional[str] = None):
+    """-ELBO (train and test), reconstruction and KL in nats per image, and beta,
+    against epochs; log y-axis for the losses."""
+    fig = _figure((7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    ep = [h["epoch"] for h in history]
+    for key, label in (("train_neg_elbo", "train -ELBO"), ("test_neg_elbo", "test -ELBO"),
+                       ("train_recon", "train recon"), ("train_kl", "train KL")):
+        ys = [h.get(key) for h in history]
+        if any(y is not None for y in ys):
+            ax.plot(ep, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [h.get("beta", np.nan) for h in history], color="gray", ls="--", label="beta")
+    ax2.set_ylabel("beta (KL weight)")
+    lines = ax.get_legend_handles_labels()
+    l2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + l2[0], lines[1] + l2[1], fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,27 @@
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "fastvae" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="fastvae",
+    version=version,
+    description="Variational autoencoders with hand-derived gradients on NumPy, Numba and CuPy backends",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["fastvae", "fastvae.backends", "fastvae.kernels"],
+    package_dir={"fastvae.kernels": "kernels"},
+    package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
+    install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0"],
+    extras_require={
+        "numba": ["numba>=0.57", "threadpoolctl>=3.1"],
+        "cuda12": ["cupy-cuda12x>=13"],
+        "cuda13": ["cupy-cuda13x>=13"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
+)
