@@ -251,7 +251,7 @@ def _to_unit(x) -> np.ndarray:
     n = x.shape[0]
     if x.dtype == np.uint8:
         out = x.reshape(n, -1).astype(np.float32)
-        out *= np.float32(1.0 / 255.0)
+        out /= np.float32(255.0)          # exactly rounded, as torchvision's ToTensor
         return out
     if x.dtype.kind not in "fiub":
         raise DataError(f"images must be numbers, got dtype {x.dtype}")

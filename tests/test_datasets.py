@@ -1,0 +1,183 @@
+import gzip
+import hashlib
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastvae import DataConfig, DataError, datasets
+from fastvae.datasets import load_idx, write_idx
+
+from conftest import MNIST_DIR, OLIVETTI_DIR, needs_mnist, needs_olivetti
+
+
+def write_mnist_like(folder, n_train=50, n_test=20, gz=True, seed=0):
+    r = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    arrays = {"train-images-idx3-ubyte": r.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": r.integers(0, 10, n_train, dtype=np.uint8),
+              "t10k-images-idx3-ubyte": r.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": r.integers(0, 10, n_test, dtype=np.uint8)}
+    for k, a in arrays.items():
+        write_idx(os.path.join(folder, k + ext), a)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip_and_counts_from_header(tmp_path, gz):
+    arrays = write_mnist_like(tmp_path, n_train=37, n_test=13, gz=gz)
+    ds = datasets.load_mnist_family("mnist", tmp_path, download=False)
+    assert ds.x_train.shape == (37, 784) and ds.x_test.shape == (13, 784)
+    assert ds.x_train.dtype == np.float32
+    np.testing.assert_array_equal(ds.x_train, arrays["train-images-idx3-ubyte"].reshape(37, -1) / np.float32(255))
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert ds.image_shape == (28, 28)
+
+
+def test_idx_wrong_magic_and_truncation(tmp_path):
+    p = tmp_path / "bad-idx3-ubyte"
+    p.write_bytes(b"\x12\x34\x08\x03" + b"\0" * 20)
+    with pytest.raises(DataError, match="wrong idx magic"):
+        load_idx(p)
+    good = tmp_path / "good-idx3-ubyte"
+    write_idx(good, np.zeros((4, 3, 3), np.uint8))
+    raw = good.read_bytes()
+    cut = tmp_path / "cut-idx3-ubyte"
+    cut.write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_idx(cut)
+    gzp = tmp_path / "x-idx3-ubyte.gz"
+    gzp.write_bytes(gzip.compress(raw)[:-30])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_idx(gzp)
+
+
+def test_image_and_label_counts_must_agree(tmp_path):
+    write_mnist_like(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(49, np.uint8))
+    with pytest.raises(DataError, match="50 images .* but 49 labels"):
+        datasets.load_mnist_family("mnist", tmp_path, download=False)
+
+
+def test_download_verifies_md5_and_reports_offline(tmp_path, monkeypatch):
+    src = tmp_path / "mirror"
+    arrays = write_mnist_like(src)
+    md5s = [hashlib.md5((src / (k + ".gz")).read_bytes()).hexdigest() for k in arrays]
+    monkeypatch.setitem(datasets.BUILTIN, "mnist", dict(datasets.BUILTIN["mnist"], md5=md5s))
+    dest = tmp_path / "dest"
+    ds = datasets.load_mnist_family("mnist", dest, download=True, mirrors=[src.as_uri() + "/"])
+    assert ds.x_train.shape == (50, 784)
+    assert sorted(os.listdir(dest)) == sorted(k + ".gz" for k in arrays)
+    bad = md5s.copy()
+    bad[0] = "0" * 32
+    monkeypatch.setitem(datasets.BUILTIN, "mnist", dict(datasets.BUILTIN["mnist"], md5=bad))
+    with pytest.raises(DataError, match="md5"):
+        datasets.load_mnist_family("mnist", tmp_path / "dest2", mirrors=[src.as_uri() + "/"])
+    assert not (tmp_path / "dest2" / "train-images-idx3-ubyte.gz").exists()
+    with pytest.raises(DataError, match=r"when offline, copy the four idx files.*into"):
+        datasets.load_mnist_family("mnist", tmp_path / "dest3", mirrors=["http://127.0.0.1:9/"])
+    with pytest.raises(DataError, match="not found in"):
+        datasets.load_mnist_family("mnist", tmp_path / "dest4", download=False)
+
+
+def _save_png(path, arr, mode="L"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+def test_image_folder_labels_resize_rgb(tmp_path):
+    r = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        for i in range(5):
+            _save_png(str(tmp_path / cls / f"{i}.png"), r.integers(0, 256, (12, 10), dtype=np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = datasets.load_image_folder(tmp_path, test_fraction=0.2)
+    assert ds.image_shape == (12, 10) and ds.x_train.shape == (8, 120) and ds.x_test.shape == (2, 120)
+    assert ds.label_names == ["cats", "dogs"]
+    assert sorted(np.concatenate([ds.y_train, ds.y_test]).tolist()) == [0] * 5 + [1] * 5
+    ds = datasets.load_image_folder(tmp_path, image_size=(8, 8), color="rgb", test_fraction=0)
+    assert ds.x_train.shape == (10, 8 * 8 * 3) and ds.image_shape == (8, 8, 3) and ds.x_test is None
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="holds no images"):
+        datasets.load_image_folder(tmp_path)
+    _save_png(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    _save_png(str(tmp_path / "b.png"), np.zeros((9, 8), np.uint8))
+    with pytest.raises(DataError, match="different sizes.*--image-size"):
+        datasets.load_image_folder(tmp_path)
+    assert datasets.load_image_folder(tmp_path, image_size=(8, 8), test_fraction=0).x_train.shape == (2, 64)
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        datasets.load_image_folder(tmp_path, image_size=(8, 8))
+
+
+def test_array_files(tmp_path):
+    r = np.random.default_rng(1)
+    x = r.integers(0, 256, (20, 6, 6), dtype=np.uint8)
+    y = np.arange(20) % 3
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "a.npz", images=x, labels=y)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["x"] = x.astype(np.float32) / 255
+        f["y"] = y
+    for name in ("a.npy", "a.npz", "a.h5"):
+        ds = datasets.load(DataConfig(dataset=str(tmp_path / name), test_fraction=0.25))
+        assert ds.x_train.shape == (15, 36) and ds.x_test.shape == (5, 36) and ds.image_shape == (6, 6)
+        allx = np.concatenate([ds.x_train, ds.x_test])
+        np.testing.assert_allclose(np.sort(allx.sum(1)), np.sort(x.reshape(20, -1).sum(1) / 255), rtol=1e-5)
+        if name != "a.npy":
+            assert ds.y_train is not None
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="cannot read"):
+        datasets.load(str(tmp_path / "obj.npy"))
+    np.save(tmp_path / "big.npy", np.full((4, 4), 2.0))
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        datasets.load(str(tmp_path / "big.npy"))
+    np.save(tmp_path / "nan.npy", np.full((4, 4), np.nan))
+    with pytest.raises(DataError, match="NaN"):
+        datasets.load(str(tmp_path / "nan.npy"))
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(DataError, match="unknown dataset 'mnits'"):
+        datasets.load("mnits")
+
+
+def test_sprites_reproducible_with_factors():
+    a = datasets.make_sprites(300, seed=5)
+    b = datasets.make_sprites(300, seed=5)
+    c = datasets.make_sprites(300, seed=6)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert a.x_train.shape == (270, 4096) and a.x_test.shape == (30, 4096)
+    assert set(np.unique(a.x_train)) == {0.0, 1.0}
+    assert a.factors_train.shape == (270, 5) and a.factor_names[0] == "shape"
+    np.testing.assert_array_equal(a.y_train, a.factors_train[:, 0])
+    # bigger scale -> more lit pixels, for each shape
+    area = a.x_train.sum(1)
+    for s in range(3):
+        sel = a.y_train == s
+        small = area[sel & (a.factors_train[:, 1] == 0.5)]
+        large = area[sel & (a.factors_train[:, 1] == 1.0)]
+        assert small.size and large.size and small.mean() < large.mean()
+        assert small.min() > 0
+
+
+@needs_mnist
+def test_real_mnist_files():
+    ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
+    assert ds.x_train.shape == (24000, 784) and ds.x_test.shape == (10000, 784)
+    assert ds.x_train.min() == 0 and ds.x_train.max() == 1
+    assert set(np.unique(ds.y_test)) == set(range(10))
+
+
+@needs_olivetti
+def test_real_olivetti_file():
+    ds = datasets.load(DataConfig(dataset="olivetti", data_dir=OLIVETTI_DIR))
+    assert ds.x_train.shape == (360, 4096) and ds.x_test.shape == (40, 4096)
+    assert ds.image_shape == (64, 64)
+    assert set(np.unique(np.concatenate([ds.y_train, ds.y_test]))) == set(range(40))

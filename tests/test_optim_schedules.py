@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import pytest
+
+from fastvae import Adam, ConfigError, TrainConfig, backends
+from fastvae.schedules import beta_at, lr_at
+
+
+def test_adam_matches_algorithm_1_by_hand():
+    """Kingma & Ba 2015, Algorithm 1, written out in float64 for 3 steps."""
+    be = backends.get("numpy", "float64")
+    p = np.array([0.5, -1.0, 2.0])
+    g = np.zeros(3)
+    opt = Adam(be, p, g, lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+    ref, m, v = p.copy(), np.zeros(3), np.zeros(3)
+    for t in range(1, 4):
+        grad = np.array([0.3, -0.2, 1.5]) * t
+        g[:] = grad
+        opt.step()
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad ** 2
+        mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+        ref = ref - 0.1 * mhat / (np.sqrt(vhat) + 1e-8)
+        np.testing.assert_allclose(p, ref, rtol=1e-14, atol=0)
+    st = opt.state_dict()
+    assert st["t"] == 3
+    opt2 = Adam(be, p.copy(), g, lr=0.1)
+    opt2.load_state_dict(st)
+    np.testing.assert_array_equal(opt2.m, opt.m)
+    np.testing.assert_array_equal(opt2.v, opt.v)
+
+
+def test_adam_rejects_bad_settings():
+    be = backends.get("numpy")
+    p = be.zeros((3,))
+    with pytest.raises(ConfigError, match="lr"):
+        Adam(be, p, p, lr=-1)
+    with pytest.raises(ConfigError, match="betas"):
+        Adam(be, p, p, betas=(1.0, 0.9))
+
+
+def cfg(**kw):
+    return TrainConfig(**kw)
+
+
+def test_beta_schedules():
+    c = cfg(beta_schedule="constant", beta_max=4)
+    assert beta_at(c, 0, 10) == 4 and beta_at(c, 9.9, 10) == 4
+    c = cfg(beta_schedule="linear", beta_max=2, beta_delay=1, beta_warmup=4)
+    assert beta_at(c, 0.5, 10) == 0
+    assert beta_at(c, 1.0, 10) == 0
+    assert beta_at(c, 3.0, 10) == pytest.approx(1.0)
+    assert beta_at(c, 5.0, 10) == 2 and beta_at(c, 8, 10) == 2
+    c = cfg(beta_schedule="sigmoid", beta_max=1, beta_warmup=2)
+    assert beta_at(c, 1.0, 10) == pytest.approx(0.5)
+    assert beta_at(c, 0.0, 10) < 0.003 and beta_at(c, 2.0, 10) > 0.997
+    assert beta_at(c, 0.5, 10) < beta_at(c, 1.5, 10)
+    c = cfg(beta_schedule="cyclical", beta_max=1, beta_cycles=2, beta_ratio=0.5)
+    # 10 epochs, 2 cycles of 5 epochs: ramp over 2.5 epochs then flat
+    assert beta_at(c, 0, 10) == 0
+    assert beta_at(c, 1.25, 10) == pytest.approx(0.5)
+    assert beta_at(c, 3, 10) == 1
+    assert beta_at(c, 5, 10) == 0
+    assert beta_at(c, 6.25, 10) == pytest.approx(0.5)
+
+
+def test_lr_schedules():
+    assert lr_at(cfg(lr=0.01), 1234, 100, 10) == 0.01
+    c = cfg(lr=0.01, lr_schedule="step", lr_step_epochs=2, lr_gamma=0.5)
+    assert lr_at(c, 199, 100, 10) == 0.01 and lr_at(c, 200, 100, 10) == 0.005
+    assert lr_at(c, 450, 100, 10) == 0.0025
+    c = cfg(lr=0.01, lr_schedule="cosine", lr_min=0.001)
+    assert lr_at(c, 0, 100, 10) == pytest.approx(0.01)
+    assert lr_at(c, 999, 100, 10) == pytest.approx(0.001)
+    assert lr_at(c, 999 / 2, 100, 10) == pytest.approx(0.0055)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=-1e-3), "lr"), (dict(batch_size=0), "batch_size"), (dict(epochs=-1), "epochs"),
+    (dict(beta_schedule="warm"), "beta_schedule"), (dict(lr_schedule="exp"), "lr_schedule"),
+    (dict(beta_max=float("nan")), "beta_max"), (dict(betas=(0.9, 1.0)), "betas")])
+def test_train_config_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kw)
