@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+import fastvae
+from fastvae import BackendUnavailableError, ConfigError, ModelConfig, backends, datasets
+
+
+def test_public_api_names():
+    for name in ("VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
+                 "ModelConfig", "TrainConfig", "DataConfig", "FastVAEError"):
+        assert hasattr(fastvae, name), name
+    import fastvae.kernels  # installed from kernels/ via package_dir
+    assert fastvae.kernels.__file__
+
+
+def test_train_in_one_call_and_load(tmp_path):
+    data = datasets.make_sprites(200, seed=1, size=16)
+    t = fastvae.train(data, out=str(tmp_path), hidden=[16], latent_dim=3, epochs=2, batch_size=32)
+    assert [h["epoch"] for h in t.history] == [1, 2]
+    assert t.history[1]["train_neg_elbo"] < t.history[0]["train_neg_elbo"]
+    m = fastvae.load(tmp_path / "checkpoint.h5")
+    mu, logvar = m.encode(data.x_test)
+    assert mu.shape == logvar.shape == (20, 3)
+    rec = m.reconstruct(data.x_test[:4])
+    assert rec.shape == (4, 256) and rec.min() >= 0 and rec.max() <= 1
+    ev = fastvae.evaluate(m, data.x_test)
+    assert ev["n"] == 20 and ev["neg_elbo"] == pytest.approx(t.history[-1]["test_neg_elbo"], rel=1e-6)
+    with pytest.raises(ConfigError, match="unknown option"):
+        fastvae.train(data, hidden_units=[3])
+
+
+def test_registry_reports_reasons():
+    rows = {b["name"]: b for b in backends.available()}
+    assert rows["numpy"]["available"] and rows["numpy"]["reason"] == ""
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'tpu'; choose one of: numpy"):
+        backends.get("tpu")
+    backends.register("fake", lambda: None, lambda: "needs the 'fake' package: pip install fake")
+    try:
+        assert not {b["name"]: b for b in backends.available()}["fake"]["available"]
+        with pytest.raises(BackendUnavailableError, match="pip install fake"):
+            fastvae.VAE(ModelConfig(), "fake")
+    finally:
+        backends._REGISTRY.pop("fake")
+
+
+def test_init_is_seeded_and_pytorch_like():
+    cfg = ModelConfig(input_dim=784, hidden=[400], latent_dim=20)
+    a, b, c = fastvae.VAE(cfg, seed=0), fastvae.VAE(cfg, seed=0), fastvae.VAE(cfg, seed=1)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert not np.array_equal(a.params, c.params)
+    W = a.p["encoder.0.W"]
+    k = 1 / np.sqrt(784)
+    assert W.shape == (400, 784) and np.abs(W).max() <= k and np.abs(W).max() > 0.99 * k
+    assert abs(W.std() - k / np.sqrt(3)) < 0.01 * k          # U(-k, k) has std k/sqrt(3)
+    x = fastvae.VAE(ModelConfig(input_dim=784, hidden=[400], latent_dim=20, init="xavier"))
+    a_ = np.sqrt(6 / (784 + 400))
+    assert np.abs(x.p["encoder.0.W"]).max() <= a_ and not x.p["encoder.0.b"].any()
