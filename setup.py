@@ -16,9 +16,10 @@ setup(
     packages=["fastvae", "fastvae.backends", "fastvae.kernels"],
     package_dir={"fastvae.kernels": "kernels"},
     package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
-    install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0"],
+    install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
+                      "threadpoolctl>=3.1"],
     extras_require={
-        "numba": ["numba>=0.57", "threadpoolctl>=3.1"],
+        "numba": ["numba>=0.57"],
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=13"],
         "test": ["pytest>=7", "hypothesis>=6"],

@@ -17,7 +17,7 @@ from .errors import FastVAEError
 _DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 _MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 _TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
-               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed")
+               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every")
 _DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download")
 
 
@@ -59,6 +59,8 @@ def _parser():
     o.add_argument("--beta-cycles", type=int, help="cycles of the cyclical schedule (default 4)")
     o.add_argument("--binarize", action="store_true", default=None, help="dynamic binarization")
     o.add_argument("--seed", type=int, help="random seed (default 0)")
+    o.add_argument("--threads", type=int, help="BLAS/Numba threads (default: all cores, measured fastest)")
+    o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
@@ -79,6 +81,17 @@ def _parser():
     i.add_argument("--json", action="store_true")
 
     sub.add_parser("backends", help="list compute backends and whether they can run here")
+
+    b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
+    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(
+        ["784-400-20/b128", "784-1000-2/b32", "784-1000-50/b4096", "4096-1000-50/b128"]))
+    b.add_argument("--backends", nargs="*", help="default: every available backend")
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
+    b.add_argument("--threads", type=int, help="BLAS/Numba threads (default: the libraries' default)")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    b.add_argument("--out", help="folder for <name>.jsonl and <name>.md")
+    b.add_argument("--name", default="cpu")
     return p
 
 
@@ -98,7 +111,10 @@ def _cmd_train(a):
         given = [n for n in _MODEL_ARGS + _TRAIN_ARGS + _DATA_ARGS if getattr(a, n) is not None]
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
-                              " when resuming; only --epochs, --out, --data-dir and --backend apply")
+                              " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
+        if a.threads is not None:
+            from .threads import set_threads
+            set_threads(a.threads)
         trainer = Trainer.from_checkpoint(a.resume, out=a.out, epochs=a.epochs, backend=a.backend,
                                           data_dir=a.data_dir, progress=progress)
         if trainer.epoch >= trainer.train_config.epochs:
@@ -118,7 +134,7 @@ def _cmd_train(a):
                                   decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
-                                  seed=a.seed, backend=a.backend))
+                                  seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every))
         out = a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
                                     f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
@@ -192,6 +208,22 @@ def _cmd_info(a):
     return 0
 
 
+def _cmd_bench(a):
+    from . import benchmark
+    from .errors import ConfigError
+    from .threads import set_threads
+    set_threads(a.threads)
+    bad = [w for w in (a.workloads or []) if w not in benchmark.WORKLOADS]
+    if bad:
+        raise ConfigError(f"unknown workload(s) {bad}; choose from {list(benchmark.WORKLOADS)}")
+    rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch)
+    print(benchmark.markdown(rows))
+    if a.out:
+        benchmark.save(rows, a.out, a.name)
+        print(f"wrote {os.path.join(a.out, a.name)}.jsonl and .md")
+    return 0
+
+
 def _cmd_backends(a):
     from . import backends
     for b in backends.available():
@@ -205,7 +237,8 @@ def main(argv=None) -> int:
     if a.cmd is None:
         p.print_help()
         return 0
-    cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends}[a.cmd]
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends,
+           "bench": _cmd_bench}[a.cmd]
     try:
         return cmd(a)
     except FastVAEError as exc:

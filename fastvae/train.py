@@ -78,6 +78,9 @@ class Trainer:
         if train_config.batch_size > n:
             raise ConfigError(f"batch_size {train_config.batch_size} is larger than the {n} training "
                               "images; use a smaller --batch-size")
+        if train_config.threads is not None:
+            from .threads import set_threads
+            set_threads(train_config.threads)
         self.model = VAE(model_config, train_config.backend, seed=train_config.seed)
         self.backend = self.model.backend
         tc = train_config
@@ -208,6 +211,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 perm = self.rng.permutation(N)
                 acc_recon = acc_kl = acc_loss = 0.0
+                counted = 0
                 shown = 0
                 for b in range(spe):
                     idx = perm[b * B:(b + 1) * B]
@@ -218,28 +222,30 @@ class Trainer:
                     self.rng.normal_(ws.eps)
                     beta = beta_at(tc, self.step / spe, total)
                     lr = lr_at(tc, self.step, spe, total)
-                    recon, kl = model.loss_and_grad(ws.x, ws.eps, beta)
+                    need = b % tc.loss_every == 0 or b == spe - 1
+                    recon, kl = model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need)
                     opt.step(lr)
                     self.step += 1
-                    acc_recon = acc_recon + recon
-                    acc_kl = acc_kl + kl
-                    acc_loss = acc_loss + (recon + beta * kl)
+                    if need:
+                        acc_recon = acc_recon + recon
+                        acc_kl = acc_kl + kl
+                        acc_loss = acc_loss + (recon + beta * kl)
+                        counted += idx.shape[0]
                     if bar is not None and (b % 20 == 19 or b == spe - 1):
-                        seen = min((b + 1) * B, N)
-                        bar.set_postfix(epoch=self.epoch + 1, neg_elbo=f"{be.to_float(acc_recon + acc_kl) / seen:.2f}",
+                        bar.set_postfix(epoch=self.epoch + 1, neg_elbo=f"{be.to_float(acc_recon + acc_kl) / counted:.2f}",
                                         beta=f"{beta:.3g}", refresh=False)
                         bar.update(b + 1 - shown)
                         shown = b + 1
                 be.synchronize()
                 seconds = time.perf_counter() - t0
-                recon_m, kl_m = be.to_float(acc_recon) / N, be.to_float(acc_kl) / N
+                recon_m, kl_m = be.to_float(acc_recon) / counted, be.to_float(acc_kl) / counted
                 if not (math.isfinite(recon_m) and math.isfinite(kl_m)):
                     raise TrainingDivergedError(
                         f"the loss became non-finite in epoch {self.epoch + 1} (recon {recon_m}, kl {kl_m}); "
                         "the last good checkpoint is kept; lower --lr or use --beta-schedule linear")
                 self.epoch += 1
                 row = {"epoch": self.epoch, "step": self.step,
-                       "train_loss": be.to_float(acc_loss) / N, "train_neg_elbo": recon_m + kl_m,
+                       "train_loss": be.to_float(acc_loss) / counted, "train_neg_elbo": recon_m + kl_m,
                        "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
                        "test_neg_elbo": None, "test_recon": None, "test_kl": None,
                        "images_per_s": N / seconds, "seconds": seconds}

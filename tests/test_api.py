@@ -56,3 +56,28 @@ def test_init_is_seeded_and_pytorch_like():
     x = fastvae.VAE(ModelConfig(input_dim=784, hidden=[400], latent_dim=20, init="xavier"))
     a_ = np.sqrt(6 / (784 + 400))
     assert np.abs(x.p["encoder.0.W"]).max() <= a_ and not x.p["encoder.0.b"].any()
+
+
+def test_loss_every_keeps_gradients_and_estimates_the_loss():
+    data = datasets.make_sprites(256, seed=1, size=16)
+    kw = dict(hidden=[16], latent_dim=3, epochs=2, batch_size=16, seed=3)
+    a = fastvae.train(data, **kw)
+    b = fastvae.train(data, loss_every=4, **kw)
+    # skipping the loss reductions never changes the parameters
+    np.testing.assert_array_equal(a.model.params, b.model.params)
+    # the epoch means over every 4th step estimate the full means
+    for ha, hb in zip(a.history, b.history):
+        assert hb["train_neg_elbo"] != ha["train_neg_elbo"]
+        assert abs(hb["train_neg_elbo"] - ha["train_neg_elbo"]) < 0.1 * ha["train_neg_elbo"]
+        assert hb["test_neg_elbo"] == ha["test_neg_elbo"]
+
+
+def test_threads_setting():
+    from fastvae.threads import current, set_threads
+    before = current()["blas"][0]["threads"]
+    try:
+        assert set_threads(1)["blas"][0]["threads"] == 1
+    finally:
+        set_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        set_threads(0)

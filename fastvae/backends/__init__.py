@@ -64,4 +64,19 @@ def _numpy_loader():
 
 register("numpy", _numpy_loader, lambda: "")
 
+
+def _numba_probe():
+    import importlib.util
+    if importlib.util.find_spec("numba") is None:
+        return "the numba package is not installed; pip install 'fastvae[numba]'"
+    return ""
+
+
+def _numba_loader():
+    from .numba_backend import NumbaBackend
+    return NumbaBackend
+
+
+register("numba", _numba_loader, _numba_probe)
+
 __all__ = ["Backend", "BackendRNG", "available", "get", "names", "register"]

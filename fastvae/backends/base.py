@@ -61,7 +61,7 @@ class Backend:
 
     def asarray(self, host, dtype=None):
         """Copy a host (NumPy) array to the device, in ``dtype`` (default: the backend's)."""
-        return self.xp.asarray(np.asarray(host), dtype=dtype or self.dtype)
+        return self.xp.array(np.asarray(host), dtype=dtype or self.dtype, copy=True)
 
     def to_host(self, a) -> np.ndarray:
         """A NumPy copy of device array ``a`` (or a view when already on the host)."""

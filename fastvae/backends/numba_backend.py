@@ -1,0 +1,117 @@
+"""Numba backend: BLAS for the GEMMs (through NumPy), fused Numba kernels
+(``fastvae.kernels.numba_cpu``) for everything around them.
+
+Shares the NumPy backend's memory model and random stream (PCG64), so a NumPy
+run and a Numba run of one config draw the same shuffles and the same ``eps``
+and follow the same trajectory within float32 rounding; checkpoints move
+between the two freely.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..kernels import numba_cpu as K
+from .numpy_backend import NumpyBackend
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    def __init__(self, dtype="float32"):
+        super().__init__(dtype)
+        self._s = self.dtype.type   # scalars in the array dtype keep float32 loops in float32
+
+    def gather_rows(self, out, X, idx):
+        K.gather_rows(out, X, idx)
+        return out
+
+    def bernoulli_(self, out, probs, rng):
+        u = self.scratch("bern_u", out.shape)
+        rng.uniform_(u)
+        K.bernoulli_(out, probs, u)
+        return out
+
+    def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
+        K.bias_act(pre if out is None else out, pre, bias, K.ACT_CODES[act], self._s(slope), self._s(alpha))
+        return out
+
+    def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
+        K.act_backward(d, pre, out, K.ACT_CODES[act], self._s(slope), self._s(alpha))
+        return d
+
+    def col_sum(self, out, a):
+        K.col_sum(out, a)
+        return out
+
+    def reparam_kl(self, z, kl, std, mu, logvar, eps):
+        head = self._head_of(mu, logvar)
+        K.reparam_kl(z, self.scratch("kl_dummy", (z.shape[0],)) if kl is None else kl, std, head, eps,
+                     kl is not None)
+        return z
+
+    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
+        K.reparam_kl_backward(self._head_of(dmu, None), dz, self._head_of(mu, None), std, eps,
+                              self._s(kl_scale))
+        return dmu, dlogvar
+
+    @staticmethod
+    def _head_of(mu, logvar):
+        """The (B, 2L) [mu | logvar] buffer that the model's views come from."""
+        base = mu.base if mu.base is not None else mu
+        if base.ndim != 2 or base.shape[1] != 2 * mu.shape[1] or not base.flags.c_contiguous:
+            raise ValueError("the numba backend expects mu and logvar as the two halves of one (B, 2L) buffer")
+        return base
+
+    def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
+        B = logits.shape[0]
+        need_grad, need_nll = dlogits is not None, nll is not None
+        d = logits if dlogits is None else dlogits          # typed placeholder when unused
+        n = self.scratch("nll_dummy", (B,)) if nll is None else nll
+        if kind == "bernoulli":
+            e = self.scratch("lik_e", logits.shape)
+            K.neg_abs(e, logits)
+            np.exp(e, out=e)
+            lp = e
+            if need_nll:
+                lp = self.scratch("lik_lp", logits.shape)
+                np.log1p(e, out=lp)
+            K.bernoulli_finish(d, n, logits, x, e, lp, self._s(grad_scale), need_grad, need_nll)
+        elif kind in ("gaussian", "mse"):
+            if kind == "gaussian":
+                inv_var, half = 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)
+                const = logits.shape[1] * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+            else:
+                inv_var, half, const = 2.0, 1.0, 0.0
+            K.gaussian(d, n, logits, x, self._s(inv_var), half, const, self._s(grad_scale), need_grad, need_nll)
+        else:
+            raise ValueError(f"unknown likelihood {kind!r}")
+
+    def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
+                    bc2_sqrt, weight_decay, decay_factor):
+        s = self._s
+        K.adam_update(params, grads, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
+                      s(eps * bc2_sqrt), s(step_size * bc2_sqrt), s(weight_decay), s(decay_factor))
+
+    @classmethod
+    def warmup(cls, dtype="float32") -> float:
+        """Compile (or load from the on-disk cache) every kernel for ``dtype``;
+        returns the seconds it took."""
+        from ..config import ACTIVATIONS, LIKELIHOODS, ModelConfig
+        from ..model import VAE
+        t0 = time.perf_counter()
+        r = np.random.default_rng(0)
+        for act in ACTIVATIONS:
+            for lik in LIKELIHOODS:
+                if act != "relu" and lik != "bernoulli":
+                    continue
+                m = VAE(ModelConfig(input_dim=6, hidden=[4], latent_dim=2, activation=act, likelihood=lik,
+                                    dtype=dtype), cls(dtype))
+                x = r.random((3, 6)).astype(dtype)
+                eps = r.standard_normal((3, 2)).astype(dtype)
+                m.loss_and_grad(x, eps, 1.0)
+                m.forward(x, eps)
+        return time.perf_counter() - t0

@@ -1,0 +1,279 @@
+"""The benchmark harness behind ``fastvae bench`` and ``bench/step_time.py``.
+
+For each workload and each backend that can run here, and for PyTorch when it
+is installed (same architecture, Adam, batch; eager, its default ``foreach``
+Adam and ``fused=True``, the faster one is the peer), all in one process:
+
+* warm-up seconds: the first training step (Numba compile or cache load,
+  CuPy kernel compilation, allocations) -- reported, never mixed into speed;
+* ms per step: median over chunks of steps (each chunk timed as a whole and
+  synchronised at its end), a step being ``eps`` draw + forward + backward +
+  Adam on a resident batch;
+* images/s, achieved GFLOP/s (exact GEMM FLOPs of the step);
+* the floor: the same step's GEMMs alone (the exact calls, replayed) timed in
+  the same run, and FLOPs / measured peak GEMM rate (a 2048^3 GEMM).
+
+Output: JSON lines (one per measurement, with machine, library versions,
+thread settings, date) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import backends as _backends
+from .config import ModelConfig
+from .model import VAE
+from .optim import Adam
+
+WORKLOADS: Dict[str, dict] = {
+    "784-400-20/b128": dict(input_dim=784, hidden=[400], latent_dim=20, batch_size=128,
+                            note="the PyTorch VAE example"),
+    "784-1000-2/b32": dict(input_dim=784, hidden=[1000], latent_dim=2, batch_size=32,
+                           note="the seed's MNIST setting"),
+    "784-1000-50/b4096": dict(input_dim=784, hidden=[1000], latent_dim=50, batch_size=4096,
+                              note="large batch"),
+    "4096-1000-50/b128": dict(input_dim=4096, hidden=[1000], latent_dim=50, batch_size=128,
+                              note="64x64 faces"),
+}
+
+
+def _time_chunks(step, sync, seconds: float, min_steps: int = 10, max_steps: int = 2000):
+    """Median ms per step over chunks of ~25 ms (at least 5 chunks)."""
+    t = time.perf_counter()
+    step()
+    sync()
+    one = max(time.perf_counter() - t, 1e-6)
+    k = max(1, int(0.025 / one))
+    per = []
+    total_steps = 0
+    start = time.perf_counter()
+    while (total_steps < min_steps or len(per) < 5 or time.perf_counter() - start < seconds) \
+            and total_steps < max_steps:
+        t = time.perf_counter()
+        for _ in range(k):
+            step()
+        sync()
+        per.append((time.perf_counter() - t) / k * 1e3)
+        total_steps += k
+    return statistics.median(per), total_steps
+
+
+def peak_gemm_gflops(dtype="float32", n=2048) -> float:
+    """Measured GEMM rate (GFLOP/s) of an n x n x n NumPy/BLAS matmul."""
+    a = np.random.default_rng(0).random((n, n)).astype(dtype)
+    c = np.empty_like(a)
+    np.matmul(a, a, out=c)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.matmul(a, a, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+class _GemmRecorder:
+    def __init__(self, be):
+        self.be, self.calls, self._orig = be, [], be.gemm
+
+    def __enter__(self):
+        def rec(out, a, b, trans_a=False, trans_b=False):
+            self.calls.append((out, a, b, trans_a, trans_b))
+            return self._orig(out, a, b, trans_a, trans_b)
+        self.be.gemm = rec
+        return self
+
+    def __exit__(self, *exc):
+        del self.be.gemm           # back to the class method
+
+
+def _flops(calls):
+    tot = 0
+    for out, a, b, ta, tb in calls:
+        k = a.shape[0] if ta else a.shape[1]
+        tot += 2 * out.shape[0] * out.shape[1] * k
+    return tot
+
+
+def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
+    """Measure one fastvae backend on one workload (see module docstring)."""
+    be = _backends.get(name, dtype)
+    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
+    B = wl["batch_size"]
+    t0 = time.perf_counter()
+    model = VAE(cfg, be, seed=0)
+    opt = Adam.for_model(model)
+    rng = be.new_rng([0, 1])
+    x = be.asarray(np.random.default_rng(1).random((B, cfg.input_dim)))
+    ws = model.workspace(B)
+
+    def step():
+        rng.normal_(ws.eps)
+        model.loss_and_grad(x, ws.eps, 1.0)
+        opt.step()
+
+    with _GemmRecorder(be) as rec:
+        step()
+        be.synchronize()
+    warmup = time.perf_counter() - t0
+    calls = rec.calls
+    ms, n = _time_chunks(step, be.synchronize, seconds)
+
+    def gemms():
+        for c in calls:
+            be.gemm(*c)
+
+    gemm_ms, _ = _time_chunks(gemms, be.synchronize, min(seconds, 2.0))
+    return {"backend": name, "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
+            "step_gflop": _flops(calls) / 1e9, "gemm_only_ms": gemm_ms, "gemm_calls": len(calls),
+            "device": be.device}
+
+
+def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu") -> List[dict]:
+    """PyTorch eager twin with Adam(foreach) and Adam(fused=True)."""
+    import torch
+    from . import torch_ref
+    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
+    B = wl["batch_size"]
+    sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
+    rows = []
+    for variant in ("foreach", "fused"):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        tm = torch_ref.build(cfg, device=device)
+        dt = next(tm.parameters()).dtype
+        x = torch.rand(B, cfg.input_dim, dtype=dt, device=device)
+        try:
+            opt = torch.optim.Adam(tm.parameters(), lr=1e-3, **({"fused": True} if variant == "fused"
+                                                                 else {"foreach": True}))
+        except (RuntimeError, TypeError) as exc:
+            rows.append({"backend": f"torch-{variant}", "error": str(exc)})
+            continue
+
+        def step():
+            eps = torch.randn(B, cfg.latent_dim, dtype=dt, device=device)
+            rec, kl = tm.losses(x, eps)
+            loss = (rec + kl).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()
+        sync()
+        warmup = time.perf_counter() - t0
+        ms, n = _time_chunks(step, sync, seconds)
+        rows.append({"backend": f"torch-{variant}", "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
+                     "device": device, "torch_threads": torch.get_num_threads()})
+    return rows
+
+
+def environment() -> dict:
+    from . import __version__
+    from .threads import current
+    env = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+           "processor": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "numpy": np.__version__, "fastvae": __version__, "threads": current(),
+           "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+    for mod in ("numba", "torch", "cupy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]] = None,
+        dtype="float32", seconds=3.0, torch_peer=True, log=print) -> List[dict]:
+    """Measure everything asked for; returns the JSON rows (one per measurement)."""
+    workloads = workloads or list(WORKLOADS)
+    avail = [b["name"] for b in _backends.available() if b["available"]]
+    names = [n for n in (backend_names or avail) if n in avail]
+    env = environment()
+    peak = peak_gemm_gflops(dtype)
+    rows = []
+    for wname in workloads:
+        wl = WORKLOADS[wname]
+        B = wl["batch_size"]
+        group = []
+        for n in names:
+            r = bench_backend(n, wl, dtype, seconds)
+            group.append(r)
+            log(f"{wname:18s} {n:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
+        if torch_peer:
+            try:
+                tr = bench_torch(wl, dtype, seconds)
+            except ImportError:
+                tr = []
+            for r in tr:
+                if "error" not in r:
+                    log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step")
+            group += tr
+        ok_torch = [r for r in group if r["backend"].startswith("torch") and "error" not in r]
+        peer = min(ok_torch, key=lambda r: r["ms_per_step"]) if ok_torch else None
+        flop = next((r["step_gflop"] for r in group if "step_gflop" in r), None)
+        for r in group:
+            if "error" in r:
+                rows.append({"bench": "step_time", "workload": wname, **r, "env": env})
+                continue
+            r.update(bench="step_time", workload=wname, dtype=dtype, batch_size=B,
+                     images_per_s=B / r["ms_per_step"] * 1e3, peak_gemm_gflops=peak)
+            if flop:
+                r["step_gflop"] = flop
+                r["gflops_per_s"] = flop / r["ms_per_step"] * 1e3
+                r["flops_floor_ms"] = flop / peak * 1e3
+            if "gemm_only_ms" in r:
+                r["x_gemm_only"] = r["ms_per_step"] / r["gemm_only_ms"]
+            if peer:
+                r["torch_peer"] = peer["backend"]
+                r["speedup_vs_torch"] = peer["ms_per_step"] / r["ms_per_step"]
+            r["env"] = env
+            rows.append(r)
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    """A Markdown table of the rows (speed-ups against the faster PyTorch variant)."""
+    head = ("| workload | backend | ms/step | images/s | vs PyTorch | GEMMs alone ms | x GEMMs alone | "
+            "GFLOP/s | FLOP floor ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
+    lines = []
+    for r in rows:
+        if "error" in r:
+            continue
+        lines.append(f"| {r['workload']} | {r['backend']} | {f(r['ms_per_step'], 3)} | {f(r['images_per_s'], 0)} | "
+                     f"{f(r.get('speedup_vs_torch'))}x | {f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
+                     f"{f(r.get('gflops_per_s'), 0)} | {f(r.get('flops_floor_ms'), 3)} | {f(r['warmup_s'])} |")
+    env = rows[0]["env"] if rows else {}
+    blas = ", ".join(f"{b['library']} {b['threads']} threads ({b['architecture']})" for b in env.get("threads", {}).get("blas", []))
+    foot = (f"\n{env.get('processor')}, {env.get('cpus')} CPUs; {blas}; numpy {env.get('numpy')}, "
+            f"numba {env.get('numba')}, torch {env.get('torch')}; {env.get('date')}. "
+            f"Peak GEMM (2048^3) {rows[0]['peak_gemm_gflops']:.0f} GFLOP/s.\n" if rows else "")
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def save(rows: List[dict], folder: str, name: str = "cpu") -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name + ".jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=str) + "\n")
+    with open(os.path.join(folder, name + ".md"), "w") as f:
+        f.write(markdown(rows))

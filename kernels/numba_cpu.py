@@ -1,0 +1,232 @@
+"""Numba CPU kernels for the ``numba`` backend: each fuses what NumPy does in
+several passes into one loop. Compute only, no model logic; the formulas and
+their sources are documented on :class:`fastvae.backends.base.Backend`.
+
+All kernels are serial (``parallel=False``): they run between BLAS calls that
+already use every core, and Numba threads next to BLAS threads oversubscribe
+the CPU. ``fastmath`` is limited to reassociation/contraction (so sums
+vectorise) and never assumes finite values: NaN and inf still propagate, which
+the trainer's divergence check relies on. ``cache=True`` keeps compiled code
+on disk between runs.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+_FM = {"reassoc", "contract", "nsz"}
+_jit = njit(cache=True, fastmath=_FM, error_model="numpy", nogil=True)
+
+# activation codes (keep in step with ACT_CODES below)
+IDENTITY, RELU, TANH, SIGMOID, LEAKY_RELU, ELU, SOFTPLUS = range(7)
+ACT_CODES = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID,
+             "leaky_relu": LEAKY_RELU, "elu": ELU, "softplus": SOFTPLUS}
+
+
+@_jit
+def _sigmoid(v):
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
+@_jit
+def bias_act(out, pre, bias, act, slope, alpha):
+    """pre += bias (kept); out = act(pre). (B, H), (B, H), (H,)."""
+    B, H = pre.shape
+    for i in range(B):
+        p = pre[i]
+        if act == IDENTITY:
+            for j in range(H):
+                p[j] += bias[j]
+            continue
+        o = out[i]
+        if act == RELU:
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = v if v > 0 else 0.0
+        elif act == TANH:
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = math.tanh(v)
+        elif act == SIGMOID:
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = 0.5 + 0.5 * math.tanh(0.5 * v)
+        elif act == LEAKY_RELU:
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = v if v > 0 else slope * v
+        elif act == ELU:
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = v if v > 0 else alpha * math.expm1(v)
+        else:  # SOFTPLUS
+            for j in range(H):
+                v = p[j] + bias[j]
+                p[j] = v
+                o[j] = max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+
+
+@_jit
+def act_backward(d, pre, out, act, slope, alpha):
+    """d *= act'(pre), in place; ``out = act(pre)``."""
+    B, H = d.shape
+    if act == IDENTITY:
+        return
+    for i in range(B):
+        di, p, o = d[i], pre[i], out[i]
+        if act == RELU:
+            for j in range(H):
+                di[j] = di[j] if p[j] > 0 else 0.0
+        elif act == TANH:
+            for j in range(H):
+                di[j] *= 1.0 - o[j] * o[j]
+        elif act == SIGMOID:
+            for j in range(H):
+                di[j] *= o[j] * (1.0 - o[j])
+        elif act == LEAKY_RELU:
+            for j in range(H):
+                di[j] = di[j] if p[j] > 0 else slope * di[j]
+        elif act == ELU:
+            for j in range(H):
+                di[j] = di[j] if p[j] > 0 else di[j] * (o[j] + alpha)
+        else:  # SOFTPLUS
+            for j in range(H):
+                di[j] *= 0.5 + 0.5 * math.tanh(0.5 * p[j])
+
+
+@_jit
+def col_sum(out, a):
+    """out[j] = sum_i a[i, j], accumulated row by row (contiguous reads)."""
+    B, H = a.shape
+    for j in range(H):
+        out[j] = 0.0
+    for i in range(B):
+        r = a[i]
+        for j in range(H):
+            out[j] += r[j]
+
+
+@_jit
+def reparam_kl(z, kl, std, head, eps, need_kl):
+    """head = [mu | logvar] (B, 2L): std = exp(logvar/2), z = mu + std*eps,
+    kl_i = 1/2 sum_j (mu^2 + std^2 - logvar - 1)."""
+    B, L = z.shape
+    for i in range(B):
+        acc = 0.0
+        for j in range(L):
+            mu = head[i, j]
+            lv = head[i, L + j]
+            s = math.exp(0.5 * lv)
+            std[i, j] = s
+            z[i, j] = mu + s * eps[i, j]
+            acc += mu * mu + s * s - lv - 1.0
+        if need_kl:
+            kl[i] = 0.5 * acc
+
+
+@_jit
+def reparam_kl_backward(dhead, dz, head, std, eps, kl_scale):
+    """dhead = [dmu | dlogvar]: dmu = dz + c mu; dlogvar = (dz eps std + c (std^2 - 1)) / 2."""
+    B, L = dz.shape
+    for i in range(B):
+        for j in range(L):
+            s = std[i, j]
+            dhead[i, j] = dz[i, j] + kl_scale * head[i, j]
+            dhead[i, L + j] = 0.5 * (dz[i, j] * eps[i, j] * s + kl_scale * (s * s - 1.0))
+
+
+@_jit
+def neg_abs(out, a):
+    """out = -|a| (the argument of exp in the stable Bernoulli terms)."""
+    B, D = a.shape
+    for i in range(B):
+        for j in range(D):
+            out[i, j] = -abs(a[i, j])
+
+
+@_jit
+def bernoulli_finish(dlogits, nll, logits, x, e, lp, grad_scale, need_grad, need_nll):
+    """Bernoulli NLL on logits and its gradient from e = exp(-|l|) and
+    lp = log1p(e) (computed by NumPy's SIMD ufuncs, which Numba cannot
+    vectorise without SVML): nll_i = sum_j max(l, 0) + lp - x l;
+    dlogits = grad_scale * (sigmoid(l) - x), sigmoid(l) = (l >= 0 ? 1 : e) / (1 + e)."""
+    B, D = logits.shape
+    for i in range(B):
+        li, xi, ei = logits[i], x[i], e[i]
+        if need_grad:
+            di = dlogits[i]
+            for j in range(D):
+                num = 1.0 if li[j] >= 0 else ei[j]
+                di[j] = (num / (1.0 + ei[j]) - xi[j]) * grad_scale
+        if need_nll:
+            pi = lp[i]
+            acc = 0.0
+            for j in range(D):
+                l = li[j]
+                acc += max(l, 0.0) + pi[j] - xi[j] * l
+            nll[i] = acc
+
+
+@_jit
+def gaussian(dlogits, nll, logits, x, inv_var, half, const, grad_scale, need_grad, need_nll):
+    """r = l - x; nll_i = half * sum_j r^2 + const; dlogits = grad_scale * inv_var * r
+    (gaussian: inv_var = 1/sigma^2, half = 1/(2 sigma^2), const = D log(sigma sqrt(2 pi));
+    mse: inv_var = 2, half = 1, const = 0)."""
+    B, D = logits.shape
+    g = inv_var * grad_scale
+    for i in range(B):
+        acc = 0.0
+        for j in range(D):
+            r = logits[i, j] - x[i, j]
+            acc += r * r
+            if need_grad:
+                dlogits[i, j] = r * g
+        if need_nll:
+            nll[i] = acc * half + const
+
+
+@_jit
+def adam_update(params, grads, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, e, a,
+                weight_decay, decay_factor):
+    """The whole Adam step over the flat buffers in one pass:
+    g = grad + wd p; p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+    p -= a m / (sqrt(v) + e), with a = lr/(1-b1^t) * sqrt(1-b2^t) and
+    e = eps * sqrt(1-b2^t) (torch.optim.Adam's form, rearranged on the host).
+    Scalars arrive in the buffers' dtype so float32 loops stay float32 (SIMD)."""
+    n = params.shape[0]
+    for k in range(n):
+        p = params[k]
+        g = grads[k] + weight_decay * p
+        mk = beta1 * m[k] + one_minus_beta1 * g
+        vk = beta2 * v[k] + one_minus_beta2 * (g * g)
+        m[k] = mk
+        v[k] = vk
+        params[k] = p * decay_factor - a * mk / (math.sqrt(vk) + e)
+
+
+@_jit
+def gather_rows(out, X, idx):
+    B, D = out.shape
+    for i in range(B):
+        src = X[idx[i]]
+        dst = out[i]
+        for j in range(D):
+            dst[j] = src[j]
+
+
+@_jit
+def bernoulli_(out, probs, u):
+    """out = 1 where u < probs else 0 (may alias probs)."""
+    B, D = out.shape
+    for i in range(B):
+        for j in range(D):
+            out[i, j] = 1.0 if u[i, j] < probs[i, j] else 0.0
