@@ -85,17 +85,18 @@ def test_col_sum_reparam_kl(name, dtype):
 
 @pytest.mark.parametrize("name", OTHER_OR_SKIP)
 @pytest.mark.parametrize("kind", LIKELIHOODS)
-def test_likelihood(name, dtype, kind):
+@pytest.mark.parametrize("B,D", [(21, 50), (300, 784)])   # the second spans several row blocks
+def test_likelihood(name, dtype, kind, B, D):
     ref, be = pair(name, dtype)
     r = np.random.default_rng(2)
-    logits = (r.normal(size=(21, 50)) * 4).astype(dtype)
+    logits = (r.normal(size=(B, D)) * 4).astype(dtype)
     logits[0, :3] = [40, -40, 0]
-    x = r.random((21, 50)).astype(dtype)
+    x = r.random((B, D)).astype(dtype)
     res = {}
     for k, bk in (("ref", ref), ("be", be)):
-        d, n, d2, n2 = poison(((21, 50), dtype), ((21,), dtype), ((21, 50), dtype), ((21,), dtype))
-        bk.likelihood(d, n, logits, x, kind, 0.3, 1 / 21)
-        bk.likelihood(d2, None, logits, x, kind, 0.3, 1 / 21)     # grad only
+        d, n, d2, n2 = poison(((B, D), dtype), ((B,), dtype), ((B, D), dtype), ((B,), dtype))
+        bk.likelihood(d, n, logits, x, kind, 0.3, 1 / B)
+        bk.likelihood(d2, None, logits, x, kind, 0.3, 1 / B)     # grad only
         bk.likelihood(None, n2, logits, x, kind, 0.3, 1.0)        # loss only
         res[k] = dict(grad=d, nll=n, grad_only=d2, nll_only=n2)
     for key in res["ref"]:

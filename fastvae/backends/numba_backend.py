@@ -72,14 +72,19 @@ class NumbaBackend(NumpyBackend):
         d = logits if dlogits is None else dlogits          # typed placeholder when unused
         n = self.scratch("nll_dummy", (B,)) if nll is None else nll
         if kind == "bernoulli":
-            e = self.scratch("lik_e", logits.shape)
-            K.neg_abs(e, logits)
-            np.exp(e, out=e)
-            lp = e
-            if need_nll:
-                lp = self.scratch("lik_lp", logits.shape)
-                np.log1p(e, out=lp)
-            K.bernoulli_finish(d, n, logits, x, e, lp, self._s(grad_scale), need_grad, need_nll)
+            # row blocks of ~256 KiB keep the exp/log1p temporaries in L2 at large batch sizes
+            rows = max(1, min(B, (1 << 16) // max(logits.shape[1], 1)))
+            for s in range(0, B, rows):
+                sl = slice(s, min(B, s + rows))
+                lb = logits[sl]
+                e = self.scratch("lik_e", lb.shape)
+                K.neg_abs(e, lb)
+                np.exp(e, out=e)
+                lp = e
+                if need_nll:
+                    lp = self.scratch("lik_lp", lb.shape)
+                    np.log1p(e, out=lp)
+                K.bernoulli_finish(d[sl], n[sl], lb, x[sl], e, lp, self._s(grad_scale), need_grad, need_nll)
         elif kind in ("gaussian", "mse"):
             if kind == "gaussian":
                 inv_var, half = 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)

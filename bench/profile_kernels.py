@@ -1,0 +1,96 @@
+"""Where a training step's time goes, per backend primitive (ms per step).
+
+    python bench/profile_kernels.py [--backends numpy numba] [--steps 200]
+
+Wraps every backend primitive with a timer (synchronising after each call, so
+GPU numbers include the sync), runs training steps on each standard workload
+and writes bench/results/<device>_profile.md and .jsonl. "other" is the rest
+of the step: Python overhead and the noise draw.
+"""
+
+import argparse
+import collections
+import json
+import os
+import time
+
+import numpy as np
+
+from fastvae import Adam, ModelConfig, VAE, backends
+from fastvae.benchmark import WORKLOADS, environment
+
+PRIMS = ["gemm", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward", "likelihood",
+         "adam_update"]
+
+
+def profile(name, wl, steps):
+    be = backends.get(name)
+    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"])
+    B = wl["batch_size"]
+    model = VAE(cfg, be)
+    opt = Adam.for_model(model)
+    rng = be.new_rng([0, 1])
+    x = be.asarray(np.random.default_rng(1).random((B, cfg.input_dim)))
+    ws = model.workspace(B)
+
+    def step():
+        rng.normal_(ws.eps)
+        model.loss_and_grad(x, ws.eps, 1.0)
+        opt.step()
+
+    for _ in range(5):
+        step()
+    acc = collections.defaultdict(float)
+    for p in PRIMS:
+        f = getattr(be, p)
+
+        def timed(*a, _f=f, _p=p, **k):
+            t = time.perf_counter()
+            r = _f(*a, **k)
+            be.synchronize()
+            acc[_p] += time.perf_counter() - t
+            return r
+        setattr(be, p, timed)
+    steps = max(3, min(steps, int(2.0 / max(wl["batch_size"] * wl["input_dim"] * 2e-9, 1e-4))))
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    be.synchronize()
+    total = (time.perf_counter() - t) / steps * 1e3
+    row = {p: acc[p] / steps * 1e3 for p in PRIMS}
+    row["other"] = total - sum(row.values())
+    row["total"] = total
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", nargs="*")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="cpu_profile")
+    a = ap.parse_args()
+    names = a.backends or [b["name"] for b in backends.available() if b["available"]]
+    rows = []
+    for wname, wl in WORKLOADS.items():
+        for n in names:
+            r = profile(n, wl, a.steps)
+            rows.append({"workload": wname, "backend": n, "ms": r})
+            print(wname, n, f"{r['total']:.3f} ms/step:",
+                  ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.items(), key=lambda kv: -kv[1]) if k != "total"))
+    os.makedirs(a.out, exist_ok=True)
+    env = environment()
+    with open(os.path.join(a.out, a.name + ".jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "env": env}, default=str) + "\n")
+    cols = PRIMS + ["other", "total"]
+    with open(os.path.join(a.out, a.name + ".md"), "w") as f:
+        f.write("| workload | backend | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 2) + "\n")
+        for r in rows:
+            f.write(f"| {r['workload']} | {r['backend']} | " + " | ".join(f"{r['ms'][c]:.3f}" for c in cols) + " |\n")
+        f.write(f"\nms per training step, per primitive (timed individually, sync after each call); "
+                f"{env['processor']}, {env['cpus']} CPUs, {env['date']}.\n")
+
+
+if __name__ == "__main__":
+    main()
