@@ -67,6 +67,22 @@ def _time_chunks(step, sync, seconds: float, min_steps: int = 10, max_steps: int
     return statistics.median(per), total_steps
 
 
+def _gpu_peak(dtype="float32", tf32=False, n=8192) -> float:
+    """Measured cuBLAS GEMM rate (GFLOP/s) of an n^3 CuPy matmul."""
+    import cupy
+    a = cupy.random.random((n, n)).astype(dtype)
+    c = cupy.empty_like(a)
+    cupy.matmul(a, a, out=c)
+    cupy.cuda.get_current_stream().synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        cupy.matmul(a, a, out=c)
+        cupy.cuda.get_current_stream().synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
 def peak_gemm_gflops(dtype="float32", n=2048) -> float:
     """Measured GEMM rate (GFLOP/s) of an n x n x n NumPy/BLAS matmul."""
     a = np.random.default_rng(0).random((n, n)).astype(dtype)
@@ -137,34 +153,52 @@ def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
             "device": be.device}
 
 
-def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu") -> List[dict]:
-    """PyTorch eager twin with Adam(foreach) and Adam(fused=True)."""
+def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False) -> List[dict]:
+    """PyTorch twin: eager with Adam(foreach) and Adam(fused=True); on a GPU
+    also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with fused Adam."""
     import torch
     from . import torch_ref
     cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
     B = wl["batch_size"]
     sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     rows = []
-    for variant in ("foreach", "fused"):
+    variants = ("foreach", "fused") if device == "cpu" else ("foreach", "fused", "compile")
+    for variant in variants:
         torch.manual_seed(0)
         t0 = time.perf_counter()
         tm = torch_ref.build(cfg, device=device)
         dt = next(tm.parameters()).dtype
         x = torch.rand(B, cfg.input_dim, dtype=dt, device=device)
         try:
-            opt = torch.optim.Adam(tm.parameters(), lr=1e-3, **({"fused": True} if variant == "fused"
-                                                                 else {"foreach": True}))
+            opt = torch.optim.Adam(tm.parameters(), lr=1e-3, **({"foreach": True} if variant == "foreach"
+                                                                 else {"fused": True}))
         except (RuntimeError, TypeError) as exc:
             rows.append({"backend": f"torch-{variant}", "error": str(exc)})
             continue
 
-        def step():
+        def eager_step():
             eps = torch.randn(B, cfg.latent_dim, dtype=dt, device=device)
             rec, kl = tm.losses(x, eps)
             loss = (rec + kl).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+        step = eager_step
+        if variant == "compile":
+            fwd_bwd = torch.compile(lambda xb, e: (lambda r: (r[0] + r[1]).mean())(tm.losses(xb, e)),
+                                    mode="reduce-overhead")
+
+            def step():
+                eps = torch.randn(B, cfg.latent_dim, dtype=dt, device=device)
+                loss = fwd_bwd(x, eps)
+                opt.zero_grad(set_to_none=False)
+                loss.backward()
+                opt.step()
+            for _ in range(3):      # compile and record the graphs: part of warm-up
+                step()
 
         step()
         sync()
@@ -202,13 +236,19 @@ def _cpu_name():
 
 
 def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]] = None,
-        dtype="float32", seconds=3.0, torch_peer=True, log=print) -> List[dict]:
-    """Measure everything asked for; returns the JSON rows (one per measurement)."""
+        dtype="float32", seconds=3.0, torch_peer=True, log=print, torch_device="cpu",
+        tf32=False) -> List[dict]:
+    """Measure everything asked for; returns the JSON rows (one per measurement).
+    ``torch_device="cuda"`` compares against PyTorch on the GPU; ``tf32``
+    enables TF32 GEMMs on both sides (GPU only)."""
+    if tf32 and "cupy" in (backend_names or []):
+        from .backends.cupy_backend import enable_tf32
+        enable_tf32(True)
     workloads = workloads or list(WORKLOADS)
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
     env = environment()
-    peak = peak_gemm_gflops(dtype)
+    peak = peak_gemm_gflops(dtype) if torch_device == "cpu" else _gpu_peak(dtype, tf32)
     rows = []
     for wname in workloads:
         wl = WORKLOADS[wname]
@@ -220,7 +260,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
             log(f"{wname:18s} {n:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
         if torch_peer:
             try:
-                tr = bench_torch(wl, dtype, seconds)
+                tr = bench_torch(wl, dtype, seconds, device=torch_device, tf32=tf32)
             except ImportError:
                 tr = []
             for r in tr:
@@ -266,7 +306,8 @@ def markdown(rows: List[dict]) -> str:
     blas = ", ".join(f"{b['library']} {b['threads']} threads ({b['architecture']})" for b in env.get("threads", {}).get("blas", []))
     foot = (f"\n{env.get('processor')}, {env.get('cpus')} CPUs; {blas}; numpy {env.get('numpy')}, "
             f"numba {env.get('numba')}, torch {env.get('torch')}; {env.get('date')}. "
-            f"Peak GEMM (2048^3) {rows[0]['peak_gemm_gflops']:.0f} GFLOP/s.\n" if rows else "")
+            f"Peak GEMM (measured) {rows[0]['peak_gemm_gflops']:.0f} GFLOP/s; "
+            f"devices: {sorted({r.get('device', '') for r in rows if 'error' not in r})}.\n" if rows else "")
     return head + "\n".join(lines) + "\n" + foot
 
 

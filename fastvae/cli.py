@@ -17,7 +17,7 @@ from .errors import FastVAEError
 _DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 _MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 _TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
-               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every")
+               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32")
 _DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download")
 
 
@@ -61,6 +61,7 @@ def _parser():
     o.add_argument("--seed", type=int, help="random seed (default 0)")
     o.add_argument("--threads", type=int, help="BLAS/Numba threads (default: all cores, measured fastest)")
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
+    o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
@@ -90,6 +91,10 @@ def _parser():
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
     b.add_argument("--threads", type=int, help="BLAS/Numba threads (default: the libraries' default)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+    b.add_argument("--gpu", action="store_true",
+                   help="GPU mode: the cupy backend against PyTorch on the same GPU (eager fused Adam, "
+                        "torch.compile reduce-overhead)")
+    b.add_argument("--tf32", action="store_true", help="TF32 GEMMs for cupy (and torch) in GPU mode")
     b.add_argument("--out", help="folder for <name>.jsonl and <name>.md")
     b.add_argument("--name", default="cpu")
     return p
@@ -134,7 +139,8 @@ def _cmd_train(a):
                                   decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
-                                  seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every))
+                                  seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
+                                  tf32=a.tf32))
         out = a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
                                     f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
@@ -216,7 +222,11 @@ def _cmd_bench(a):
     bad = [w for w in (a.workloads or []) if w not in benchmark.WORKLOADS]
     if bad:
         raise ConfigError(f"unknown workload(s) {bad}; choose from {list(benchmark.WORKLOADS)}")
-    rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch)
+    if a.gpu:
+        rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
+                             torch_device="cuda", tf32=a.tf32)
+    else:
+        rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch)
     print(benchmark.markdown(rows))
     if a.out:
         benchmark.save(rows, a.out, a.name)

@@ -83,6 +83,9 @@ class Trainer:
             set_threads(train_config.threads)
         self.model = VAE(model_config, train_config.backend, seed=train_config.seed)
         self.backend = self.model.backend
+        if train_config.tf32:
+            from .backends.cupy_backend import enable_tf32
+            enable_tf32(True)
         tc = train_config
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay)

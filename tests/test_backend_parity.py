@@ -16,9 +16,23 @@ from fastvae.config import ACTIVATIONS, LIKELIHOODS
 
 from conftest import MNIST_DIR, needs_mnist
 
-OTHER = [b["name"] for b in backends.available() if b["available"] and b["name"] != "numpy"]
-OTHER_OR_SKIP = OTHER or [pytest.param("numba", marks=pytest.mark.skip(reason="no backend besides numpy here"))]
+_AVAIL = {b["name"]: b for b in backends.available()}
+
+
+def _param(name):
+    marks = [pytest.mark.gpu] if name == "cupy" else []
+    if not _AVAIL[name]["available"]:
+        marks.append(pytest.mark.skip(reason=f"{name}: {_AVAIL[name]['reason']}"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+OTHER_OR_SKIP = [_param(n) for n in _AVAIL if n != "numpy"]
+CPU_ONLY = [_param(n) for n in _AVAIL if n not in ("numpy", "cupy")]
+# CPU kernels may only reorder float32 sums (1e-5); the GPU's fused multiply-adds and
+# block reductions get the issue's 1e-4 in float32 and 1e-10 in float64.
 RTOL = {"float32": 1e-5, "float64": 1e-12}
+RTOL_GPU = {"float32": 1e-4, "float64": 1e-10}
+_CURRENT = {"name": "numpy"}
 
 
 def close(got, ref, dtype, what=""):
@@ -26,15 +40,29 @@ def close(got, ref, dtype, what=""):
     assert np.all(np.isfinite(got)), f"{what}: unwritten (poisoned) or non-finite entries"
     scale = max(np.abs(ref).max(), 1e-30)
     err = np.abs(got - ref).max() / scale
-    assert err <= RTOL[dtype], f"{what}: max error {err:.2e} of max |ref| > {RTOL[dtype]:.0e}"
+    tol = (RTOL_GPU if _CURRENT["name"] == "cupy" else RTOL)[dtype]
+    assert err <= tol, f"{what}: max error {err:.2e} of max |ref| > {tol:.0e}"
 
 
 def pair(name, dtype):
+    _CURRENT["name"] = name
     return backends.get("numpy", dtype), backends.get(name, dtype)
 
 
-def poison(*shapes_dtype):
-    return [np.full(s, np.nan, dtype=d) for s, d in shapes_dtype]
+class Dev:
+    """Moves test inputs to a backend's device and results back."""
+
+    def __init__(self, bk):
+        self.bk = bk
+
+    def __call__(self, a):
+        return self.bk.asarray(a, dtype=np.asarray(a).dtype)
+
+    def poison(self, *shapes_dtype):
+        return [self.bk.asarray(np.full(s, np.nan, dtype=d), dtype=d) for s, d in shapes_dtype]
+
+    def host(self, d):
+        return {k: self.bk.to_host(v) for k, v in d.items()}
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -52,14 +80,15 @@ def test_bias_act_and_backward(name, dtype, act):
     d0 = r.normal(size=(33, 17)).astype(dtype)
     outs = {}
     for k, bk in (("ref", ref), ("be", be)):
-        pre = be.asarray(pre0)
-        out, = poison(((33, 17), dtype))
-        bk.bias_act(out, pre, b, act, 0.05, 0.8)
-        d = d0.copy()
+        dv = Dev(bk)
+        pre = dv(pre0)
+        out, = dv.poison(((33, 17), dtype))
+        bk.bias_act(out, pre, dv(b), act, 0.05, 0.8)
+        d = dv(d0)
         bk.act_backward(d, pre, out, act, 0.05, 0.8)
-        outs[k] = (pre, out, d)
-    for i, w in enumerate(("pre", "out", "grad")):
-        close(outs["be"][i], outs["ref"][i], dtype, f"{act} {w}")
+        outs[k] = dv.host(dict(pre=pre, out=out, grad=d))
+    for w in ("pre", "out", "grad"):
+        close(outs["be"][w], outs["ref"][w], dtype, f"{act} {w}")
 
 
 @pytest.mark.parametrize("name", OTHER_OR_SKIP)
@@ -73,12 +102,14 @@ def test_col_sum_reparam_kl(name, dtype):
     dz = r.normal(size=(B, L)).astype(dtype)
     res = {}
     for k, bk in (("ref", ref), ("be", be)):
-        cs, z, kl, std, dhead = poison(((300,), dtype), ((B, L), dtype), ((B,), dtype), ((B, L), dtype),
-                                       ((B, 2 * L), dtype))
-        bk.col_sum(cs, a)
-        bk.reparam_kl(z, kl, std, head[:, :L], head[:, L:], eps)
-        bk.reparam_kl_backward(dhead[:, :L], dhead[:, L:], dz, head[:, :L], std, eps, 0.3)
-        res[k] = dict(col_sum=cs, z=z, kl=kl, std=std, dhead=dhead)
+        dv = Dev(bk)
+        cs, z, kl, std, dhead = dv.poison(((300,), dtype), ((B, L), dtype), ((B,), dtype), ((B, L), dtype),
+                                          ((B, 2 * L), dtype))
+        h, e = dv(head), dv(eps)
+        bk.col_sum(cs, dv(a))
+        bk.reparam_kl(z, kl, std, h[:, :L], h[:, L:], e)
+        bk.reparam_kl_backward(dhead[:, :L], dhead[:, L:], dv(dz), h[:, :L], std, e, 0.3)
+        res[k] = dv.host(dict(col_sum=cs, z=z, kl=kl, std=std, dhead=dhead))
     for key in res["ref"]:
         close(res["be"][key], res["ref"][key], dtype, key)
 
@@ -94,11 +125,13 @@ def test_likelihood(name, dtype, kind, B, D):
     x = r.random((B, D)).astype(dtype)
     res = {}
     for k, bk in (("ref", ref), ("be", be)):
-        d, n, d2, n2 = poison(((B, D), dtype), ((B,), dtype), ((B, D), dtype), ((B,), dtype))
-        bk.likelihood(d, n, logits, x, kind, 0.3, 1 / B)
-        bk.likelihood(d2, None, logits, x, kind, 0.3, 1 / B)     # grad only
-        bk.likelihood(None, n2, logits, x, kind, 0.3, 1.0)        # loss only
-        res[k] = dict(grad=d, nll=n, grad_only=d2, nll_only=n2)
+        dv = Dev(bk)
+        d, n, d2, n2 = dv.poison(((B, D), dtype), ((B,), dtype), ((B, D), dtype), ((B,), dtype))
+        lg, xx = dv(logits), dv(x)
+        bk.likelihood(d, n, lg, xx, kind, 0.3, 1 / B)
+        bk.likelihood(d2, None, lg, xx, kind, 0.3, 1 / B)     # grad only
+        bk.likelihood(None, n2, lg, xx, kind, 0.3, 1.0)       # loss only
+        res[k] = dv.host(dict(grad=d, nll=n, grad_only=d2, nll_only=n2))
     for key in res["ref"]:
         close(res["be"][key], res["ref"][key], dtype, f"{kind} {key}")
 
@@ -115,15 +148,17 @@ def test_adam_update(name, dtype, wd, decay):
     m0, v0 = r.normal(size=n).astype(dtype) * 0.1, r.random(n).astype(dtype) * 0.01
     res = {}
     for k, bk in (("ref", ref), ("be", be)):
-        p, m, v = p0.copy(), m0.copy(), v0.copy()
-        bk.adam_update(p, g, m, v, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3 / 0.1,
+        dv = Dev(bk)
+        p, m, v = dv(p0), dv(m0), dv(v0)
+        bk.adam_update(p, dv(g), m, v, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3 / 0.1,
                        bc2_sqrt=np.sqrt(0.001), weight_decay=wd, decay_factor=decay)
-        res[k] = dict(p=p - p0, m=m, v=v)        # compare the update, not the (large) params
+        res[k] = dv.host(dict(p=p, m=m, v=v))
+        res[k]["p"] = res[k]["p"] - p0            # compare the update, not the params
     for key in res["ref"]:
         close(res["be"][key], res["ref"][key], dtype, key)
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", CPU_ONLY)
 def test_gather_and_bernoulli_same_stream(name):
     ref, be = pair(name, "float32")
     r = np.random.default_rng(4)
@@ -131,7 +166,7 @@ def test_gather_and_bernoulli_same_stream(name):
     idx = r.permutation(50)[:13]
     outs = {}
     for k, bk in (("ref", ref), ("be", be)):
-        o, = poison(((13, 9), np.float32))
+        o = np.full((13, 9), np.nan, np.float32)
         bk.gather_rows(o, X, idx)
         rng = bk.new_rng([5, 1])
         bk.bernoulli_(o, o.copy(), rng)
@@ -147,11 +182,12 @@ def test_full_training_step(name, dtype, lik):
     r = np.random.default_rng(6)
     x = r.random((24, 64)).astype(dtype)
     eps = r.normal(size=(24, 4)).astype(dtype)
+    _CURRENT["name"] = name
     b.grads[:] = np.nan
     ra, ka = a.loss_and_grad(x, eps, 0.8)
     rb, kb = b.loss_and_grad(b.backend.asarray(x), b.backend.asarray(eps), 0.8)
-    close(rb, ra, dtype, "recon")
-    close(kb, ka, dtype, "kl")
+    close(float(rb), ra, dtype, "recon")
+    close(float(kb), ka, dtype, "kl")
     for e in a.layout:
         close(b.backend.to_host(b.layout.view(b.grads, e.name)), a.layout.view(a.grads, e.name), dtype, e.name)
 
@@ -177,13 +213,17 @@ def test_checkpoints_move_between_backends(name, tmp_path):
                                    progress=False)
     assert back.epoch == 3 and fastvae.load(tmp_path / "b" / "checkpoint.h5").checkpoint["meta"]["backend"] == name
     back.fit(pictures=False)
-    # same shuffles and eps on both CPU backends: the trajectories agree within float32 rounding
     ls, lb = [h["train_neg_elbo"] for h in straight.history], [h["train_neg_elbo"] for h in back.history]
-    np.testing.assert_allclose(lb, ls, rtol=1e-4)
+    if name == "cupy":
+        # the GPU draws its own (Philox) stream: same model quality, not the same trajectory
+        np.testing.assert_allclose(lb, ls, rtol=0.05)
+    else:
+        # same shuffles and eps on both CPU backends: the trajectories agree within float32 rounding
+        np.testing.assert_allclose(lb, ls, rtol=1e-4)
 
 
 @needs_mnist
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", CPU_ONLY)
 def test_two_epochs_of_real_mnist_track_numpy(name):
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20)

@@ -83,3 +83,9 @@ def test_lr_schedules():
 def test_train_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kw)
+
+
+def test_tf32_only_for_the_gpu_backend():
+    with pytest.raises(ConfigError, match="tf32 applies to the cupy backend only"):
+        TrainConfig(tf32=True, backend="numpy")
+    assert TrainConfig(tf32=True, backend="cupy").tf32

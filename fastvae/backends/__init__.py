@@ -79,4 +79,17 @@ def _numba_loader():
 
 register("numba", _numba_loader, _numba_probe)
 
+
+def _cupy_probe():
+    from .cupy_backend import probe
+    return probe()
+
+
+def _cupy_loader():
+    from .cupy_backend import CupyBackend
+    return CupyBackend
+
+
+register("cupy", _cupy_loader, _cupy_probe)
+
 __all__ = ["Backend", "BackendRNG", "available", "get", "names", "register"]

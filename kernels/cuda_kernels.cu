@@ -1,0 +1,239 @@
+// fastvae CUDA kernels for the cupy backend (loaded with cupy.RawModule).
+// Compute only, no model logic; they mirror kernels/numba_cpu.py one for one.
+// Every kernel is a template over T = float or double; the backend asks NVRTC
+// for the instantiations it needs through RawModule(name_expressions=...).
+// The formulas and their sources are documented on fastvae.backends.base.Backend.
+//
+// Compile check without a GPU:  nvcc -ptx -DFASTVAE_INSTANTIATE kernels/cuda_kernels.cu
+
+#define FV_IDENTITY 0
+#define FV_RELU 1
+#define FV_TANH 2
+#define FV_SIGMOID 3
+#define FV_LEAKY_RELU 4
+#define FV_ELU 5
+#define FV_SOFTPLUS 6
+
+#define FV_GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+template <typename T>
+__device__ __forceinline__ T fv_act(T v, int act, T slope, T alpha) {
+    switch (act) {
+        case FV_RELU: return v > T(0) ? v : T(0);
+        case FV_TANH: return tanh(v);
+        case FV_SIGMOID: return T(0.5) + T(0.5) * tanh(T(0.5) * v);
+        case FV_LEAKY_RELU: return v > T(0) ? v : slope * v;
+        case FV_ELU: return v > T(0) ? v : alpha * expm1(v);
+        case FV_SOFTPLUS: return fmax(v, T(0)) + log1p(exp(-fabs(v)));
+        default: return v;
+    }
+}
+
+// pre += bias (kept for backward); out = act(pre).   pre, out: (B, H); bias: (H,)
+template <typename T>
+__global__ void bias_act(T* pre, const T* bias, T* out, long long n, int H, int act, T slope, T alpha) {
+    FV_GRID_STRIDE(i, n) {
+        T v = pre[i] + bias[i % H];
+        pre[i] = v;
+        if (act != FV_IDENTITY) out[i] = fv_act(v, act, slope, alpha);
+    }
+}
+
+// d *= act'(pre), in place; out = act(pre)
+template <typename T>
+__global__ void act_backward(T* d, const T* pre, const T* out, long long n, int act, T slope, T alpha) {
+    FV_GRID_STRIDE(i, n) {
+        T p = pre[i], g;
+        switch (act) {
+            case FV_RELU: g = p > T(0) ? T(1) : T(0); break;
+            case FV_TANH: g = T(1) - out[i] * out[i]; break;
+            case FV_SIGMOID: g = out[i] * (T(1) - out[i]); break;
+            case FV_LEAKY_RELU: g = p > T(0) ? T(1) : slope; break;
+            case FV_ELU: g = p > T(0) ? T(1) : out[i] + alpha; break;
+            case FV_SOFTPLUS: g = T(0.5) + T(0.5) * tanh(T(0.5) * p); break;
+            default: g = T(1);
+        }
+        d[i] *= g;
+    }
+}
+
+// head = [mu | logvar] (B, 2L): std = exp(logvar/2), z = mu + std*eps,
+// kl_i = 1/2 sum_j (mu^2 + std^2 - logvar - 1). One thread per image.
+template <typename T>
+__global__ void reparam_kl(T* z, T* kl, T* std_, const T* head, const T* eps, int B, int L, int need_kl) {
+    FV_GRID_STRIDE(i, B) {
+        T acc = T(0);
+        for (int j = 0; j < L; ++j) {
+            T mu = head[i * 2 * L + j], lv = head[i * 2 * L + L + j];
+            T s = exp(T(0.5) * lv);
+            std_[i * L + j] = s;
+            z[i * L + j] = mu + s * eps[i * L + j];
+            acc += mu * mu + s * s - lv - T(1);
+        }
+        if (need_kl) kl[i] = T(0.5) * acc;
+    }
+}
+
+// dhead = [dmu | dlogvar]: dmu = dz + c mu; dlogvar = (dz eps std + c (std^2 - 1)) / 2
+template <typename T>
+__global__ void reparam_kl_backward(T* dhead, const T* dz, const T* head, const T* std_, const T* eps,
+                                    int B, int L, T kl_scale) {
+    FV_GRID_STRIDE(k, (long long)B * L) {
+        long long i = k / L, j = k % L;
+        T s = std_[k];
+        dhead[i * 2 * L + j] = dz[k] + kl_scale * head[i * 2 * L + j];
+        dhead[i * 2 * L + L + j] = T(0.5) * (dz[k] * eps[k] * s + kl_scale * (s * s - T(1)));
+    }
+}
+
+// Likelihood and its gradient, one block per image, block-wide sum for nll.
+// kind 0 bernoulli on logits: nll = sum softplus(l) - x l, grad = sigmoid(l) - x
+// kind 1 gaussian / 2 mse:    r = l - x, nll = half * sum r^2 + cnst, grad = inv_var * r
+// dlogits = grad_scale * grad. blockDim.x must be a power of two <= 1024.
+template <typename T>
+__global__ void likelihood(T* dlogits, T* nll, const T* logits, const T* x, int B, int D, int kind,
+                           T inv_var, T half, T cnst, T grad_scale, int need_grad, int need_nll) {
+    extern __shared__ unsigned char fv_smem[];
+    T* red = reinterpret_cast<T*>(fv_smem);
+    int i = blockIdx.x;
+    if (i >= B) return;
+    const T* l = logits + (long long)i * D;
+    const T* xi = x + (long long)i * D;
+    T acc = T(0);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        T v = l[j], t = xi[j];
+        if (kind == 0) {
+            T e = exp(-fabs(v));
+            if (need_nll) acc += fmax(v, T(0)) + log1p(e) - t * v;
+            if (need_grad) {
+                T s = (v >= T(0) ? T(1) : e) / (T(1) + e);
+                dlogits[(long long)i * D + j] = (s - t) * grad_scale;
+            }
+        } else {
+            T r = v - t;
+            acc += r * r;
+            if (need_grad) dlogits[(long long)i * D + j] = r * (inv_var * grad_scale);
+        }
+    }
+    if (!need_nll) return;
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) nll[i] = (kind == 0) ? red[0] : red[0] * half + cnst;
+}
+
+// The whole Adam step over the flat buffers (torch.optim.Adam's form, with
+// a = lr/(1-b1^t) * sqrt(1-b2^t) and e = eps * sqrt(1-b2^t) folded on the host).
+template <typename T>
+__global__ void adam_update(T* p, const T* g, T* m, T* v, long long n, T b1, T omb1, T b2, T omb2,
+                            T e, T a, T wd, T decay) {
+    FV_GRID_STRIDE(k, n) {
+        T pk = p[k];
+        T gk = g[k] + wd * pk;
+        T mk = b1 * m[k] + omb1 * gk;
+        T vk = b2 * v[k] + omb2 * (gk * gk);
+        m[k] = mk;
+        v[k] = vk;
+        p[k] = pk * decay - a * mk / (sqrt(vk) + e);
+    }
+}
+
+// ---- Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") ----
+// Counter-based: output block b is philox(key, (b_lo + ctr_lo, b_hi + ctr_hi, stream, 0)),
+// so the whole RNG state is (key, counter) and every block is independent of launch shape.
+struct fv_u4 { unsigned int x, y, z, w; };
+
+__host__ __device__ __forceinline__ unsigned int fv_mulhi(unsigned int a, unsigned int b) {
+#ifdef __CUDA_ARCH__
+    return __umulhi(a, b);
+#else
+    return (unsigned int)(((unsigned long long)a * b) >> 32);
+#endif
+}
+
+// also compiled for the host, so a CPU-only test can check it against the Random123 vectors
+__host__ __device__ __forceinline__ fv_u4 fv_philox(unsigned long long block, unsigned int stream,
+                                                    unsigned int k0, unsigned int k1) {
+    unsigned int c0 = (unsigned int)block, c1 = (unsigned int)(block >> 32), c2 = stream, c3 = 0u;
+    #pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        unsigned int hi0 = fv_mulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        unsigned int hi1 = fv_mulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        unsigned int n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    fv_u4 out = {c0, c1, c2, c3};
+    return out;
+}
+
+__device__ __forceinline__ double fv_u01(unsigned int u) { return ((double)u + 0.5) * 2.3283064365386963e-10; }
+
+// out[n] ~ N(0, 1): Box-Muller on pairs of 32-bit uniforms in (0, 1), four per Philox block.
+template <typename T>
+__global__ void philox_normal(T* out, long long n, unsigned long long counter, unsigned int stream,
+                              unsigned int k0, unsigned int k1) {
+    FV_GRID_STRIDE(b, (n + 3) / 4) {
+        fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
+        double rad0 = sqrt(-2.0 * log(fv_u01(r.x))), th0 = 6.283185307179586 * fv_u01(r.y);
+        double rad1 = sqrt(-2.0 * log(fv_u01(r.z))), th1 = 6.283185307179586 * fv_u01(r.w);
+        double v[4] = {rad0 * cos(th0), rad0 * sin(th0), rad1 * cos(th1), rad1 * sin(th1)};
+        for (int q = 0; q < 4; ++q) if (4 * b + q < n) out[4 * b + q] = (T)v[q];
+    }
+}
+
+// out[n] ~ U(0, 1) (32-bit resolution)
+template <typename T>
+__global__ void philox_uniform(T* out, long long n, unsigned long long counter, unsigned int stream,
+                               unsigned int k0, unsigned int k1) {
+    FV_GRID_STRIDE(b, (n + 3) / 4) {
+        fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
+        unsigned int v[4] = {r.x, r.y, r.z, r.w};
+        for (int q = 0; q < 4; ++q) if (4 * b + q < n) out[4 * b + q] = (T)fv_u01(v[q]);
+    }
+}
+
+// out = (u < probs) with u from Philox; out may alias probs (dynamic binarization)
+template <typename T>
+__global__ void philox_bernoulli(T* out, const T* probs, long long n, unsigned long long counter,
+                                 unsigned int stream, unsigned int k0, unsigned int k1) {
+    FV_GRID_STRIDE(b, (n + 3) / 4) {
+        fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
+        unsigned int v[4] = {r.x, r.y, r.z, r.w};
+        for (int q = 0; q < 4; ++q) {
+            long long k = 4 * b + q;
+            if (k < n) out[k] = fv_u01(v[q]) < (double)probs[k] ? T(1) : T(0);
+        }
+    }
+}
+
+// raw 32-bit words (sort keys for permutations)
+__global__ void philox_bits(unsigned int* out, long long n, unsigned long long counter, unsigned int stream,
+                            unsigned int k0, unsigned int k1) {
+    FV_GRID_STRIDE(b, (n + 3) / 4) {
+        fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
+        unsigned int v[4] = {r.x, r.y, r.z, r.w};
+        for (int q = 0; q < 4; ++q) if (4 * b + q < n) out[4 * b + q] = v[q];
+    }
+}
+
+#ifdef FASTVAE_INSTANTIATE
+// explicit instantiations so that `nvcc -ptx` type-checks every template
+#define FV_INST(T) \
+    template __global__ void bias_act<T>(T*, const T*, T*, long long, int, int, T, T); \
+    template __global__ void act_backward<T>(T*, const T*, const T*, long long, int, T, T); \
+    template __global__ void reparam_kl<T>(T*, T*, T*, const T*, const T*, int, int, int); \
+    template __global__ void reparam_kl_backward<T>(T*, const T*, const T*, const T*, const T*, int, int, T); \
+    template __global__ void likelihood<T>(T*, T*, const T*, const T*, int, int, int, T, T, T, T, int, int); \
+    template __global__ void adam_update<T>(T*, const T*, T*, T*, long long, T, T, T, T, T, T, T, T); \
+    template __global__ void philox_normal<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
+    template __global__ void philox_uniform<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
+    template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int);
+FV_INST(float)
+FV_INST(double)
+#endif
