@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from .errors import FastVAEError
 
 # per-dataset defaults for options left unset
@@ -76,12 +78,41 @@ def _parser():
     e.add_argument("--seed", type=int, default=0, help="seed of the z samples")
     e.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--iwae-k", type=int, nargs="?", const=5000, default=None, metavar="K",
+                   help="add the importance-weighted -log p(x) with K samples (default 5000 when given)")
+    e.add_argument("--iwae-images", type=int, metavar="N", help="IWAE on the first N images only")
 
     i = sub.add_parser("info", help="what a checkpoint holds")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
 
     sub.add_parser("backends", help="list compute backends and whether they can run here")
+
+    pl = sub.add_parser("plot", help="write every latent-space picture of a run into RUN/figures/")
+    pl.add_argument("run", help="run folder (or its checkpoint.h5)")
+    pl.add_argument("--dataset", help="default: the dataset the run was trained on")
+    pl.add_argument("--data-dir")
+    pl.add_argument("--split", default="test", choices=["train", "test"])
+    pl.add_argument("--grid", type=int, default=15, help="latent grid size (default 15)")
+    pl.add_argument("--dims", type=int, nargs=2, default=None, metavar=("I", "J"),
+                    help="latent dims of the grid (default: the PCA plane when L > 2)")
+    pl.add_argument("--spacing", default="quantile", choices=["quantile", "even"])
+    pl.add_argument("--n", type=int, default=8, help="images in best/worst and reconstructions")
+    pl.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
+    pl.add_argument("--out", help="default: RUN/figures")
+
+    ip = sub.add_parser("interpolate", help="morph one image into another through the latent space")
+    ip.add_argument("checkpoint")
+    ip.add_argument("a", help="image file or index into the dataset split")
+    ip.add_argument("b", help="image file or index into the dataset split")
+    ip.add_argument("--steps", type=int, default=24)
+    ip.add_argument("--mode", default="spherical", choices=["linear", "spherical"])
+    ip.add_argument("--gif", help="write an animated GIF here")
+    ip.add_argument("--png", help="write the strip (linear and spherical) here")
+    ip.add_argument("--dataset")
+    ip.add_argument("--data-dir")
+    ip.add_argument("--split", default="test", choices=["train", "test"])
+    ip.add_argument("--backend")
 
     b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
     b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(
@@ -172,13 +203,31 @@ def _cmd_eval(a):
     x, _ = data.split(a.split)
     check_data_for_model(x, model.config, a.split)
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
+    from . import explore
+    kl = explore.kl_per_dim(model, x)
+    au, _ = explore.active_units(model, x)
+    res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
+    if a.iwae_k is not None:
+        xi = x[:a.iwae_images] if a.iwae_images else x
+        iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed)
+        res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))
+    split_factors = data.factors_test if a.split == "test" else data.factors_train
+    if split_factors is not None:
+        mu, _ = model.encode(x)
+        res["mig"] = explore.mig(mu, split_factors)["mig"]
     res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name,
                units="nats per image")
     if a.json:
         print(json.dumps(res))
     else:
         print(f"{data.name} {a.split} ({res['n']} images): -ELBO {res['neg_elbo']:.3f}, "
-              f"recon {res['recon']:.3f}, KL {res['kl']:.3f} nats per image")
+              f"recon {res['recon']:.3f}, KL {res['kl']:.3f} nats per image; "
+              f"{res['active_units']} active units")
+        if "iwae_neg_log_likelihood" in res:
+            print(f"IWAE -log p(x), k={res['iwae_k']}, {res['iwae_n']} images: "
+                  f"{res['iwae_neg_log_likelihood']:.3f} nats per image")
+        if "mig" in res:
+            print(f"MIG (Chen et al. 2018): {res['mig']:.3f}")
     return 0
 
 
@@ -234,6 +283,108 @@ def _cmd_bench(a):
     return 0
 
 
+def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):
+    from . import datasets, load
+    from .config import DataConfig
+    model = load(ckpt, backend=backend)
+    dc = DataConfig.from_dict(model.checkpoint["data"])
+    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}
+    return model, datasets.load(dc.replace(**changes))
+
+
+def _image_shape(model, data):
+    from .datasets import _image_shape_of
+    return model.config.image_shape or data.image_shape or _image_shape_of(data.x_train)
+
+
+def _cmd_plot(a):
+    from . import explore
+    from .train import check_data_for_model
+    ckpt = a.run if a.run.endswith(".h5") else os.path.join(a.run, "checkpoint.h5")
+    model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
+    x, y = data.split(a.split) if a.split == "train" or data.x_test is not None else data.split("train")
+    check_data_for_model(x, model.config, a.split)
+    shape = _image_shape(model, data)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
+    os.makedirs(out, exist_ok=True)
+    f = lambda name: os.path.join(out, name)
+    written = []
+
+    def save(name, fn, *args, **kw):
+        fn(*args, path=f(name), **kw)
+        written.append(name)
+
+    save("reconstructions.png", explore.plot_reconstructions, model, x, shape, n=2 * a.n)
+    save("samples.png", explore.plot_samples, model, shape)
+    save("latent_map.png", explore.plot_latent_map, model, x, y, data.label_names)
+    L = model.config.latent_dim
+    if L >= 2:
+        dims = tuple(a.dims) if a.dims else (0, 1)
+        pca = None if (a.dims or L == 2) else model.encode(x[:5000])[0]
+        save("latent_grid.png", explore.plot_latent_grid, model, shape, n=a.grid, dims=dims, spacing=a.spacing,
+             pca_codes=pca)
+    save("traversals.png", explore.plot_traversals, model, shape, X=x[:5000], max_dims=min(L, 16))
+    recon, kl = explore.per_image_elbo(model, x)
+    losses = recon + kl
+    best, worst = explore.best_and_worst(losses, a.n)
+    save("best_worst.png", explore.plot_best_worst, model, x, losses, shape, n=a.n)
+    save("loss_histogram.png", explore.plot_loss_histogram, losses,
+         marks={"best": losses[best[0]], "median": float(np.median(losses)), "worst": losses[worst[0]]})
+    kld = explore.kl_per_dim(model, x)
+    _, var = explore.active_units(model, x)
+    save("kl_per_dim.png", explore.plot_kl_per_dim, kld, var)
+    if model.checkpoint["history"]:
+        save("loss_curves.png", explore.plot_loss, model.checkpoint["history"])
+    if len(x) >= 2:
+        save("interpolation.png", explore.plot_interpolation, model, x[0], x[1], shape)
+        frames = explore.interpolation_frames(model, x[0], x[1], 24, "spherical")
+        explore.save_gif(frames, shape, f("interpolation.gif"))
+        written.append("interpolation.gif")
+    print(f"wrote {len(written)} figures to {out}: {', '.join(written)}")
+    return 0
+
+
+def _pick_image(spec, data, split, model, shape):
+    """An image file (resized to the model's image size) or an index into the split."""
+    from .errors import DataError
+    x, _ = data.split(split) if split == "train" or data.x_test is not None else data.split("train")
+    if spec.lstrip("-").isdigit():
+        i = int(spec)
+        if not -len(x) <= i < len(x):
+            raise DataError(f"index {i} is outside the {split} split ({len(x)} images); pick 0..{len(x) - 1}")
+        return x[i]
+    if not os.path.exists(spec):
+        raise DataError(f"{spec} is neither an image file nor an index into the dataset")
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        with Image.open(spec) as im:
+            im = im.convert("RGB" if len(shape) == 3 else "L")
+            im = ImageOps.fit(im, (shape[1], shape[0]), method=Image.Resampling.BILINEAR)
+            arr = np.asarray(im, dtype=np.float64) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {spec} ({exc})") from None
+    return arr.reshape(-1)
+
+
+def _cmd_interpolate(a):
+    from . import explore
+    from .errors import ConfigError
+    if not (a.gif or a.png):
+        raise ConfigError("say where to write the result: --gif OUT.gif and/or --png OUT.png")
+    model, data = _load_for_explore(a.checkpoint, a.dataset, a.data_dir, a.backend)
+    shape = _image_shape(model, data)
+    xa = _pick_image(a.a, data, a.split, model, shape)
+    xb = _pick_image(a.b, data, a.split, model, shape)
+    if a.gif:
+        frames = explore.interpolation_frames(model, xa, xb, a.steps, a.mode)
+        n = explore.save_gif(frames, shape, a.gif)
+        print(f"wrote {a.gif}: {n} frames ({a.steps} steps, {a.mode}, played forth and back)")
+    if a.png:
+        explore.plot_interpolation(model, xa, xb, shape, steps=min(a.steps, 12), path=a.png)
+        print(f"wrote {a.png}")
+    return 0
+
+
 def _cmd_backends(a):
     from . import backends
     for b in backends.available():
@@ -248,7 +399,7 @@ def main(argv=None) -> int:
         p.print_help()
         return 0
     cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends,
-           "bench": _cmd_bench}[a.cmd]
+           "bench": _cmd_bench, "plot": _cmd_plot, "interpolate": _cmd_interpolate}[a.cmd]
     try:
         return cmd(a)
     except FastVAEError as exc:

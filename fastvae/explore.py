@@ -1,0 +1,400 @@
+"""Explore what a VAE learned: numbers and pictures of its latent space.
+
+Every function takes a :class:`fastvae.VAE` (any backend) and host arrays,
+returns NumPy arrays or a matplotlib ``Figure`` (and writes a file when given
+``path``). Images are ``(N, D)`` in [0, 1]; codes ``(N, L)``.
+
+Numbers:
+  * :func:`iwae` -- importance-weighted estimate of -log p(x) (Burda, Grosse &
+    Salakhutdinov 2016, eq. 8), batched, with a stable log-sum-exp; it lies at
+    or below -ELBO and equals the single-sample ELBO at k = 1.
+  * :func:`kl_per_dim`, :func:`active_units` (Burda et al. 2016, Sec. 5.2:
+    Cov_x(E_q[z_j]) > 0.01).
+  * :func:`mig` -- Mutual Information Gap (Chen et al. 2018, eq. 6) against
+    known discrete factors (the sprites).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+from .plots import _figure, _save, _show, tile, plot_loss, plot_reconstructions, plot_samples  # noqa: F401
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+# ------------------------------------------------------------------ numbers
+def per_image_elbo(model, X, batch_size=1000, seed=0):
+    """Per-image ``(recon, kl)`` (nats) with one z sample (see fastvae.evaluate)."""
+    from .evaluate import per_image_losses
+    return per_image_losses(model, X, batch_size, seed)
+
+
+def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192) -> np.ndarray:
+    """Per-image importance-weighted estimate of -log p(x) in nats, ``(N,)``.
+
+    -log p(x) ~= log k - logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)],
+    z_i ~ q(z|x), i = 1..k (Burda et al. 2016, eq. 8). Decodes at most
+    ``batch_rows`` rows at a time (many images x few samples, or one image's
+    samples in chunks); a running max keeps the log-sum-exp stable (float64).
+    """
+    X = np.asarray(X)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
+    be, c = model.backend, model.config
+    L = c.latent_dim
+    mu, logvar = model.encode(X)
+    std = np.exp(0.5 * logvar)
+    rng = np.random.Generator(np.random.PCG64([seed, 3]))
+    out = np.empty(len(X))
+    per_block = max(1, batch_rows // k)
+    for i0 in range(0, len(X), per_block):
+        xb = X[i0:i0 + per_block]
+        nb = len(xb)
+        t = max(1, min(k, batch_rows // nb))
+        m = np.full(nb, -np.inf)
+        acc = np.zeros(nb)
+        done = 0
+        reps = {}
+        while done < k:
+            tt = min(t, k - done)
+            if tt not in reps:
+                reps[tt] = be.asarray(np.repeat(xb, tt, axis=0))
+            eps = rng.standard_normal((nb, tt, L))
+            z = mu[i0:i0 + nb, None, :] + std[i0:i0 + nb, None, :] * eps
+            ws = model.workspace(nb * tt)
+            model.decode_into(ws, be.asarray(z.reshape(nb * tt, L)))
+            be.likelihood(None, ws.nll, ws.logits, reps[tt], c.likelihood, c.sigma, 1.0)
+            log_px_z = -be.to_host(ws.nll).astype(np.float64).reshape(nb, tt)
+            log_pz = -0.5 * (z * z).sum(2)
+            log_qz = -0.5 * (eps * eps + logvar[i0:i0 + nb, None, :]).sum(2)
+            w = log_px_z + log_pz - log_qz          # the 2 pi terms cancel
+            new_m = np.maximum(m, w.max(1))
+            acc = acc * np.exp(m - new_m) + np.exp(w - new_m[:, None]).sum(1)
+            m = new_m
+            done += tt
+        out[i0:i0 + nb] = math.log(k) - (m + np.log(acc))
+    return out
+
+
+def kl_per_dim(model, X) -> np.ndarray:
+    """Mean over images of each latent dimension's KL to N(0, 1), ``(L,)`` nats
+    (Kingma & Welling 2014, App. B, not summed over j)."""
+    mu, lv = model.encode(X)
+    return (0.5 * (mu * mu + np.exp(lv) - lv - 1.0)).mean(0)
+
+
+def active_units(model, X, threshold: float = 0.01):
+    """``(count, variances)``: dimensions whose Var_x(mu_j) exceeds ``threshold``
+    (Burda et al. 2016, Sec. 5.2)."""
+    mu, _ = model.encode(X)
+    var = mu.var(0)
+    return int((var > threshold).sum()), var
+
+
+def _mutual_info(a: np.ndarray, b: np.ndarray) -> float:
+    """I(a; b) in nats of two discrete label arrays (plug-in estimate)."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
+
+
+def _entropy(a: np.ndarray) -> float:
+    _, counts = np.unique(a, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> dict:
+    """Mutual Information Gap (Chen et al. 2018, eq. 6).
+
+    codes: ``(N, L)`` latent means; factors: ``(N, K)`` discrete ground-truth
+    factor values. Each code dimension is discretised into ``bins`` equal-width
+    bins (as in Locatello et al. 2019); for each factor v_k the gap between the
+    two largest I(z_j; v_k), divided by H(v_k), is averaged over factors with
+    more than one value. Returns ``{"mig", "per_factor"}`` (each in [0, 1]).
+    """
+    codes, factors = np.asarray(codes), np.asarray(factors)
+    if codes.shape[0] != factors.shape[0]:
+        raise ConfigError("codes and factors must have the same number of rows")
+    disc = np.empty(codes.shape, dtype=np.int64)
+    for j in range(codes.shape[1]):
+        edges = np.histogram_bin_edges(codes[:, j], bins=bins)
+        disc[:, j] = np.digitize(codes[:, j], edges[1:-1])
+    gaps = []
+    for k in range(factors.shape[1]):
+        h = _entropy(factors[:, k])
+        if h <= 0:
+            gaps.append(float("nan"))
+            continue
+        mi = sorted((_mutual_info(disc[:, j], factors[:, k]) for j in range(codes.shape[1])), reverse=True)
+        top2 = mi[1] if len(mi) > 1 else 0.0
+        gaps.append((mi[0] - top2) / h)
+    valid = [g for g in gaps if not math.isnan(g)]
+    return {"mig": float(np.mean(valid)) if valid else float("nan"), "per_factor": gaps}
+
+
+def best_and_worst(losses: np.ndarray, n: int):
+    """Indices of the ``n`` lowest-loss (best) and ``n`` highest-loss (worst)
+    images, each sorted from most extreme inwards: ``best[0]`` has the lowest
+    loss, ``worst[0]`` the highest."""
+    order = np.argsort(losses, kind="stable")
+    n = min(n, len(order))
+    return order[:n], order[::-1][:n]
+
+
+# ---------------------------------------------------------- latent arithmetic
+def pca_plane(codes: np.ndarray):
+    """``(mean (L,), axes (2, L), explained variance ratio (2,))`` of the first
+    two principal components of ``codes``."""
+    codes = np.asarray(codes, dtype=np.float64)
+    mean = codes.mean(0)
+    _, s, vt = np.linalg.svd(codes - mean, full_matrices=False)
+    var = s ** 2
+    axes = vt[:2] if vt.shape[0] >= 2 else np.vstack([vt, np.zeros_like(vt)])
+    ratio = var[:2] / var.sum() if var.sum() > 0 else np.zeros(2)
+    return mean, axes, np.pad(ratio, (0, 2 - len(ratio)))
+
+
+def lerp(a, b, t):
+    return (1 - t) * a + t * b
+
+
+def slerp(a, b, t):
+    """Spherical interpolation (Shoemake 1985; White 2016 for VAE latents);
+    falls back to lerp when a and b are (anti)parallel."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return lerp(a, b, t)
+    cos = np.clip(np.dot(a / na, b / nb), -1.0, 1.0)
+    om = math.acos(cos)
+    if abs(math.sin(om)) < 1e-8:
+        return lerp(a, b, t)
+    return (math.sin((1 - t) * om) * a + math.sin(t * om) * b) / math.sin(om)
+
+
+def interpolate_codes(za, zb, steps: int, mode: str = "linear") -> np.ndarray:
+    """``(steps, L)`` codes from za to zb inclusive, ``linear`` or ``spherical``."""
+    if steps < 2:
+        raise ConfigError(f"steps must be at least 2, got {steps}")
+    f = {"linear": lerp, "spherical": slerp, "slerp": slerp}.get(mode)
+    if f is None:
+        raise ConfigError(f"unknown interpolation {mode!r}; use linear or spherical")
+    return np.stack([f(np.asarray(za, float), np.asarray(zb, float), t) for t in np.linspace(0, 1, steps)])
+
+
+def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndarray:
+    """``n`` values along one latent axis: ``even`` in [-span, span], or
+    ``quantile``: N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4)."""
+    if spacing == "even":
+        return np.linspace(-span, span, n)
+    if spacing == "quantile":
+        nd = statistics.NormalDist()
+        return np.array([nd.inv_cdf((i + 0.5) / n) for i in range(n)])
+    raise ConfigError(f"unknown grid spacing {spacing!r}; use even or quantile")
+
+
+def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", center=None, plane=None):
+    """``(n*n, L)`` codes on a grid over latent dims ``dims`` (or over a PCA
+    ``plane = (mean, axes)``), other coordinates at ``center`` (default 0)."""
+    L = model.config.latent_dim
+    vals = grid_values(n, spacing)
+    base = np.zeros(L) if center is None else np.asarray(center, dtype=np.float64)
+    Z = np.empty((n * n, L))
+    for r, vy in enumerate(vals[::-1]):
+        for c, vx in enumerate(vals):
+            if plane is not None:
+                mean, axes = plane
+                Z[r * n + c] = base + mean * (center is None) + vx * axes[0] + vy * axes[1]
+            else:
+                z = base.copy()
+                z[dims[0]] += vx
+                if L > 1:
+                    z[dims[1]] += vy
+                Z[r * n + c] = z
+    return Z
+
+
+# ------------------------------------------------------------------ pictures
+def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_points=5000):
+    """Test images' ``mu`` as a scatter coloured by label: the latent plane
+    itself when L = 2, else the first two principal components (named on the axes)."""
+    X = np.asarray(X)[:max_points]
+    mu, _ = model.encode(X)
+    fig = _figure((6, 5))
+    ax = fig.add_subplot(1, 1, 1)
+    if mu.shape[1] == 2:
+        P, xl, yl = mu, "z[0]", "z[1]"
+    elif mu.shape[1] == 1:
+        P, xl, yl = np.hstack([mu, np.zeros_like(mu)]), "z[0]", "(constant)"
+    else:
+        mean, axes, ratio = pca_plane(mu)
+        P = (mu - mean) @ axes.T
+        xl, yl = (f"PC1 of mu ({ratio[0]:.0%} of variance)", f"PC2 of mu ({ratio[1]:.0%} of variance)")
+    c = None if labels is None else np.asarray(labels)[:len(X)]
+    sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=3, cmap="tab10" if c is not None and c.max() < 10 else "viridis",
+                    alpha=0.7, linewidths=0)
+    if c is not None:
+        cb = fig.colorbar(sc, ax=ax)
+        if label_names is not None and len(label_names) <= 20:
+            cb.set_ticks(range(len(label_names)))
+            cb.set_ticklabels(label_names)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title("latent means of the images" + ("" if mu.shape[1] <= 2 else f" (L = {mu.shape[1]}, PCA)"))
+    return _save(fig, path)
+
+
+def plot_latent_grid(model, image_shape, n=15, dims=(0, 1), spacing="quantile", center=None, pca_codes=None,
+                     path=None):
+    """Decode an ``n x n`` grid over latent dims ``dims`` (or the PCA plane of
+    ``pca_codes``), spaced ``even`` or by Gaussian ``quantile``, centred on
+    ``center`` (an image's code) or 0."""
+    plane = None
+    if pca_codes is not None:
+        mean, axes, _ = pca_plane(pca_codes)
+        std = np.sqrt(((np.asarray(pca_codes) - mean) @ axes.T).var(0)) + 1e-12
+        plane = (mean, axes * std[:, None])
+    Z = latent_grid_codes(model, n, dims, spacing, center, plane)
+    imgs = model.decode(Z)
+    fig = _figure((n * 0.6 + 0.5, n * 0.6 + 0.5))
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, tile(imgs, image_shape, n))
+    what = "PCA plane of the codes" if plane is not None else f"z[{dims[0]}] (right), z[{dims[1]}] (up)"
+    ax.set_title(f"latent grid over {what}, {spacing} spacing", fontsize=8)
+    return _save(fig, path)
+
+
+def traversal_codes(model, center, n_values=9, span=3.0, order=None):
+    """``(L * n_values, L)``: for each latent dim (in ``order``) the center code
+    with that coordinate swept over [-span, span]."""
+    L = model.config.latent_dim
+    order = list(range(L)) if order is None else list(order)
+    vals = np.linspace(-span, span, n_values)
+    Z = np.repeat(np.asarray(center, float)[None], len(order) * n_values, axis=0)
+    for r, j in enumerate(order):
+        Z[r * n_values:(r + 1) * n_values, j] = vals
+    return Z
+
+
+def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.0, max_dims=None, path=None):
+    """One row per latent dimension, sorted by its KL over ``X`` (largest first),
+    decoding -span..span with the other coordinates fixed at ``center`` (default:
+    the mean code of X, or 0) -- the beta-VAE picture (Higgins et al. 2017)."""
+    L = model.config.latent_dim
+    if X is not None:
+        kl = kl_per_dim(model, X)
+        order = list(np.argsort(-kl))
+        if center is None:
+            center = model.encode(np.asarray(X)[:1])[0][0]
+    else:
+        kl, order = None, list(range(L))
+    if center is None:
+        center = np.zeros(L)
+    if max_dims:
+        order = order[:max_dims]
+    Z = traversal_codes(model, center, n_values, span, order)
+    imgs = model.decode(Z)
+    fig = _figure((n_values * 0.7 + 1.2, len(order) * 0.7 + 0.5))
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, tile(imgs, image_shape, n_values))
+    H = image_shape[0] + 1
+    for r, j in enumerate(order):
+        lab = f"z[{j}]" + ("" if kl is None else f" KL {kl[j]:.2f}")
+        ax.text(-2, r * H + H / 2, lab, ha="right", va="center", fontsize=6)
+    ax.set_title(f"traversals from {-span:g} to {span:g}, rows sorted by KL", fontsize=8)
+    return _save(fig, path)
+
+
+def interpolation_frames(model, xa, xb, steps=24, mode="linear") -> np.ndarray:
+    """``(steps, D)`` decoded images morphing from image xa to xb through their codes (mu)."""
+    mu, _ = model.encode(np.stack([np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)]))
+    return model.decode(interpolate_codes(mu[0], mu[1], steps, mode))
+
+
+def plot_interpolation(model, xa, xb, image_shape, steps=10, path=None):
+    """A strip: the two inputs at the ends, linear (top) and spherical (bottom)
+    interpolations between their codes."""
+    rows = []
+    for mode in ("linear", "spherical"):
+        rows.append(np.vstack([np.asarray(xa).reshape(1, -1), interpolation_frames(model, xa, xb, steps, mode),
+                               np.asarray(xb).reshape(1, -1)]))
+    fig = _figure(((steps + 2) * 0.7, 2 * 0.7 + 0.5))
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, tile(np.vstack(rows), image_shape, steps + 2))
+    ax.set_title("interpolation: linear (top), spherical (bottom); inputs at the ends", fontsize=8)
+    return _save(fig, path)
+
+
+def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) -> int:
+    """Write ``frames (T, D)`` as an animated GIF (Pillow), upscaled ``scale``x,
+    played forth and back when ``bounce``; returns the number of frames written."""
+    from PIL import Image
+    frames = np.clip(np.asarray(frames, dtype=np.float64), 0, 1)
+    seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
+    imgs = []
+    for f in seq:
+        a = (f.reshape(image_shape) * 255 + 0.5).astype(np.uint8)
+        im = Image.fromarray(a, mode="RGB" if a.ndim == 3 else "L")
+        imgs.append(im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST))
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0, optimize=False)
+    return len(imgs)
+
+
+def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel="-ELBO (nats per image)"):
+    """Histogram of per-image losses; ``marks = {label: loss}`` drawn as vertical lines."""
+    losses = np.asarray(losses)
+    fig = _figure((6, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(losses, bins=60, color="tab:blue", alpha=0.8)
+    for i, (lab, v) in enumerate((marks or {}).items()):
+        ax.axvline(v, color=f"C{(i % 9) + 1}", ls="--", label=f"{lab}: {v:.1f}")
+    if marks:
+        ax.legend(fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.set_title(f"per-image loss over {len(losses)} images (mean {losses.mean():.2f})")
+    return _save(fig, path)
+
+
+def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
+    """The ``n`` best (lowest loss) and ``n`` worst (highest loss) images of X,
+    truly sorted, each above its reconstruction, with the loss on top."""
+    X = np.asarray(X)
+    best, worst = best_and_worst(losses, n)
+    fig = _figure((n * 0.9 + 0.4, 5.2))
+    for k, (idx, name) in enumerate(((best, "best (lowest -ELBO)"), (worst, "worst (highest -ELBO)"))):
+        R = model.reconstruct(X[idx])
+        ax = fig.add_subplot(2, 1, k + 1)
+        _show(ax, tile(np.vstack([X[idx], R]), image_shape, len(idx)))
+        W = image_shape[1] + 1
+        for c, i in enumerate(idx):
+            ax.text(c * W + W / 2, -1, f"{losses[i]:.0f}", ha="center", va="bottom", fontsize=6)
+        ax.set_title(f"{name}: inputs above reconstructions", fontsize=8, pad=10)
+    return _save(fig, path)
+
+
+def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None):
+    """Bar chart of KL per latent dimension (nats); active units (Var_x(mu_j) >
+    threshold) in colour, inactive in grey."""
+    kl = np.asarray(kl)
+    active = np.ones(len(kl), bool) if variances is None else np.asarray(variances) > threshold
+    fig = _figure((max(4, 0.25 * len(kl) + 1), 3))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(kl)), kl, color=np.where(active, "tab:orange", "lightgray"))
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"KL per dimension; {int(active.sum())} active units (Var(mu) > {threshold:g}) in colour",
+                 fontsize=8)
+    return _save(fig, path)

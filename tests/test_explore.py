@@ -1,0 +1,170 @@
+"""Latent-space exploration: numbers with known answers and every picture."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fastvae
+from fastvae import ConfigError, datasets, explore
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = datasets.make_sprites(600, seed=4, size=16, test_fraction=0.2)
+    t = fastvae.train(data, hidden=[48], latent_dim=4, epochs=12, batch_size=32, seed=1)
+    return t.model, data
+
+
+def png_size(path):
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_iwae_bounds_the_elbo(trained):
+    model, data = trained
+    X = data.x_test[:40]
+    recon, kl = explore.per_image_elbo(model, X)
+    iw = explore.iwae(model, X, k=300, seed=0)
+    assert iw.shape == (40,) and np.all(np.isfinite(iw))
+    # the single-sample -ELBO is noisy per image; its mean over the images is not
+    assert iw.mean() < (recon + kl).mean() - 1.0
+    # more samples tighten the bound (non-increasing in expectation)
+    assert explore.iwae(model, X, k=1000, seed=1).mean() <= explore.iwae(model, X, k=30, seed=1).mean() + 0.5
+
+
+def test_iwae_at_k1_is_the_single_sample_elbo(trained):
+    """k = 1 is an unbiased estimate of -ELBO: over many draws the means agree
+    within 4 standard errors of the paired difference."""
+    model, data = trained
+    X = np.repeat(data.x_test[:30], 40, axis=0)              # 1200 draws
+    iw = explore.iwae(model, X, k=1, seed=2)
+    recon, kl = explore.per_image_elbo(model, X, seed=3)
+    diff = iw - (recon + kl)
+    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    assert abs(diff.mean()) < 4 * se + 1e-9, (diff.mean(), se)
+
+
+def test_iwae_chunking_does_not_change_the_estimate(trained):
+    model, data = trained
+    X = data.x_test[:6]
+    a = explore.iwae(model, X, k=64, seed=5, batch_rows=8192)     # all images in one decode
+    b = explore.iwae(model, X, k=64, seed=5, batch_rows=64)       # one image per decode
+    np.testing.assert_allclose(a, b, rtol=1e-5)                   # same draws, float32 decoder
+    with pytest.raises(ConfigError):
+        explore.iwae(model, X, k=0)
+
+
+def test_best_and_worst_are_truly_sorted():
+    losses = np.array([5.0, 1.0, 9.0, 3.0, 7.0, 2.0])
+    best, worst = explore.best_and_worst(losses, 3)
+    assert best.tolist() == [1, 5, 3]        # 1.0, 2.0, 3.0
+    assert worst.tolist() == [2, 4, 0]       # 9.0, 7.0, 5.0
+
+
+def test_active_units_and_kl_per_dim(trained):
+    model, data = trained
+    kl = explore.kl_per_dim(model, data.x_test)
+    n, var = explore.active_units(model, data.x_test)
+    mu, lv = model.encode(data.x_test)
+    np.testing.assert_allclose(kl.sum(), (0.5 * (mu ** 2 + np.exp(lv) - lv - 1)).sum(1).mean(), rtol=1e-10)
+    np.testing.assert_allclose(var, mu.var(0))
+    assert n == int((mu.var(0) > 0.01).sum()) and 1 <= n <= 4
+
+
+def test_mig_known_answers():
+    r = np.random.default_rng(0)
+    f = np.stack([r.integers(0, 4, 4000), r.integers(0, 5, 4000)], axis=1).astype(float)
+    # each factor captured by exactly one dimension, the rest noise: MIG close to 1
+    perfect = np.stack([f[:, 0], f[:, 1], r.normal(size=4000)], axis=1)
+    # both factors mixed into both dimensions equally: gap 0
+    mixed = np.stack([f[:, 0] * 5 + f[:, 1], f[:, 0] * 5 + f[:, 1]], axis=1)
+    assert explore.mig(perfect, f)["mig"] > 0.9
+    assert explore.mig(mixed, f)["mig"] < 0.01
+    noise = explore.mig(r.normal(size=(4000, 3)), f)["mig"]
+    assert noise < 0.05
+
+
+def test_interpolation_codes():
+    za, zb = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    lin = explore.interpolate_codes(za, zb, 5, "linear")
+    sph = explore.interpolate_codes(za, zb, 5, "spherical")
+    np.testing.assert_allclose(lin[[0, -1]], [za, zb])
+    np.testing.assert_allclose(sph[[0, -1]], [za, zb], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(sph, axis=1), 1.0)        # stays on the circle
+    np.testing.assert_allclose(sph[2], [np.sqrt(0.5)] * 2)
+    assert np.linalg.norm(lin[2]) < 0.75
+
+
+def test_grid_values():
+    q = explore.grid_values(5, "quantile")
+    np.testing.assert_allclose(q, -q[::-1])
+    assert q[2] == 0 and abs(q[-1] - 1.2815515655) < 1e-8                 # Phi^-1(0.9)
+    np.testing.assert_allclose(explore.grid_values(3, "even"), [-3, 0, 3])
+
+
+def test_every_figure_writes_a_file_of_the_expected_size(trained, tmp_path):
+    model, data = trained
+    X, shape = data.x_test, (16, 16)
+    recon, kl = explore.per_image_elbo(model, X)
+    calls = {
+        "latent_map": lambda p: explore.plot_latent_map(model, X, data.y_test, data.label_names, path=p),
+        "grid": lambda p: explore.plot_latent_grid(model, shape, n=7, path=p),
+        "grid_pca": lambda p: explore.plot_latent_grid(model, shape, n=7, pca_codes=model.encode(X)[0], path=p),
+        "traversals": lambda p: explore.plot_traversals(model, shape, X=X, n_values=7, path=p),
+        "interp": lambda p: explore.plot_interpolation(model, X[0], X[1], shape, steps=6, path=p),
+        "hist": lambda p: explore.plot_loss_histogram(recon + kl, {"x": 100.0}, path=p),
+        "best_worst": lambda p: explore.plot_best_worst(model, X, recon + kl, shape, n=5, path=p),
+        "kl": lambda p: explore.plot_kl_per_dim(explore.kl_per_dim(model, X), path=p),
+    }
+    for name, fn in calls.items():
+        p = tmp_path / f"{name}.png"
+        fig = fn(str(p))
+        w, h = png_size(p)
+        fw, fh = fig.get_size_inches() * fig.dpi
+        # bbox_inches="tight" trims empty margins and grows to fit outside labels
+        assert 0.4 * fw <= w <= 1.3 * fw and 0.4 * fh <= h <= 1.3 * fh, (name, (w, h), (fw, fh))
+
+
+def test_gif_has_the_expected_frames(trained, tmp_path):
+    model, data = trained
+    frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=10)
+    assert frames.shape == (10, 256)
+    p = tmp_path / "m.gif"
+    assert explore.save_gif(frames, (16, 16), p, scale=3) == 18          # 10 forth + 8 back
+    with Image.open(p) as im:
+        assert im.n_frames == 18 and im.size == (48, 48)
+    explore.save_gif(frames, (16, 16), p, bounce=False)
+    with Image.open(p) as im:
+        assert im.n_frames == 10
+
+
+def test_plot_and_interpolate_commands(tmp_path):
+    run = tmp_path / "run"
+    py = [sys.executable, "-m", "fastvae"]
+    subprocess.run(py + ["train", "--n-sprites", "300", "--hidden", "16", "--latent", "3", "--epochs", "2",
+                         "--batch-size", "32", "--out", str(run), "--no-progress"], check=True, cwd=tmp_path)
+    subprocess.run(py + ["plot", str(run), "--grid", "5", "--n", "4"], check=True, cwd=tmp_path)
+    figs = sorted(os.listdir(run / "figures"))
+    for f in ("reconstructions.png", "samples.png", "latent_map.png", "latent_grid.png", "traversals.png",
+              "best_worst.png", "loss_histogram.png", "kl_per_dim.png", "loss_curves.png", "interpolation.png",
+              "interpolation.gif"):
+        assert f in figs and (run / "figures" / f).stat().st_size > 1000, f
+    Image.fromarray((np.random.default_rng(0).random((20, 30)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    subprocess.run(py + ["interpolate", str(run / "checkpoint.h5"), str(tmp_path / "a.png"), "3", "--steps", "6",
+                         "--gif", str(tmp_path / "m.gif")], check=True, cwd=tmp_path)
+    with Image.open(tmp_path / "m.gif") as im:
+        assert im.n_frames == 10
+    p = subprocess.run(py + ["interpolate", str(run / "checkpoint.h5"), "0", "999", "--gif", "x.gif"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 2 and "outside the test split" in p.stderr
+    out = subprocess.run(py + ["eval", str(run / "checkpoint.h5"), "--json", "--iwae-k", "20"],
+                         check=True, cwd=tmp_path, capture_output=True, text=True).stdout
+    res = json.loads(out)
+    assert res["iwae_neg_log_likelihood"] <= res["neg_elbo"] + 5      # 2-epoch model, k = 20
+    assert len(res["kl_per_dim"]) == 3 and 0 <= res["active_units"] <= 3
+    assert 0 <= res["mig"] <= 1
