@@ -23,7 +23,7 @@ from .evaluate import evaluate  # noqa: E402
 from .layout import ParamLayout  # noqa: E402
 from .model import VAE  # noqa: E402
 from .optim import Adam  # noqa: E402
-from .train import Trainer, TrainingDivergedError, train  # noqa: E402
+from .train import Trainer, TrainingDivergedError, TrainingInterrupted, train  # noqa: E402
 
 
 def load(path, backend=None) -> VAE:
@@ -54,4 +54,4 @@ def load(path, backend=None) -> VAE:
 __all__ = ["VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
            "ParamLayout", "ModelConfig", "TrainConfig", "DataConfig", "FastVAEError",
            "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
-           "TrainingDivergedError", "__version__"]
+           "TrainingDivergedError", "TrainingInterrupted", "__version__"]

@@ -10,6 +10,7 @@ Layout of a file (format ``fastvae-checkpoint``, version 1)::
     /config               JSON text: {"model": {...}, "train": {...}, "data": {...}}
     /state                JSON text: {"epoch", "step", "rng": {...}}
     /history              JSON text: list of per-epoch metric rows
+    /arrays/epoch_perm    (N,) int64, only when saved inside an epoch (Ctrl-C)
 
 Only numbers and JSON text are stored: nothing is ever unpickled. Files are
 written from host copies and load into any backend. Saving is atomic: the
@@ -39,7 +40,7 @@ def _h5py():
 
 
 def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, config: dict,
-                    state: dict, history: list, backend: str, dtype: str) -> None:
+                    state: dict, history: list, backend: str, dtype: str, arrays: Optional[dict] = None) -> None:
     """Write a checkpoint atomically.
 
     params: host (P,) array; adam_state: ``{"m", "v", "t"}`` or None;
@@ -76,6 +77,10 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
             f.create_dataset("config", data=json.dumps(config))
             f.create_dataset("state", data=json.dumps(state))
             f.create_dataset("history", data=json.dumps(history))
+            if arrays:
+                g = f.create_group("arrays")
+                for k, v in arrays.items():
+                    g.create_dataset(k, data=np.asarray(v))
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -147,6 +152,7 @@ def read_checkpoint(path) -> dict:
                 "state": _text(f, "state"),
                 "history": _text(f, "history"),
                 "meta": meta,
+                "arrays": {k: np.asarray(v[()]) for k, v in f["arrays"].items()} if "arrays" in f else {},
             }
             if "adam" in f:
                 g = f["adam"]

@@ -19,7 +19,8 @@ from .errors import FastVAEError
 _DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 _MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 _TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
-               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32")
+               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
+               "clip_grad_norm")
 _DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download")
 
 
@@ -64,10 +65,12 @@ def _parser():
     o.add_argument("--threads", type=int, help="BLAS/Numba threads (default: all cores, measured fastest)")
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
+    o.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this value")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--force", action="store_true", help="write into an --out folder that is not a fastvae run")
 
     e = sub.add_parser("eval", help="-ELBO, reconstruction and KL of a checkpoint on a split")
     e.add_argument("checkpoint")
@@ -136,11 +139,29 @@ def _version():
     return __version__
 
 
+RUN_FILES = {"checkpoint.h5", "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
+             "figures", ".metrics.csv.tmp"}
+EXIT_INTERRUPTED = 130
+
+
+def _check_out_folder(out, force):
+    """Refuse to write into a folder holding anything but a fastvae run."""
+    from .errors import ConfigError
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; choose a folder name")
+    other = sorted(f for f in os.listdir(out) if f not in RUN_FILES and not f.startswith(".tmp-"))
+    if other and not force:
+        raise ConfigError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
+                          f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force")
+
+
 def _cmd_train(a):
     from . import datasets
     from .config import DataConfig, ModelConfig, TrainConfig
     from .errors import ConfigError
-    from .train import Trainer
+    from .train import Trainer, TrainingInterrupted
 
     progress = not a.no_progress
     if a.resume:
@@ -148,6 +169,8 @@ def _cmd_train(a):
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
                               " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
+        if a.out:
+            _check_out_folder(a.out, a.force)
         if a.threads is not None:
             from .threads import set_threads
             set_threads(a.threads)
@@ -171,13 +194,21 @@ def _cmd_train(a):
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
                                   seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
-                                  tf32=a.tf32))
+                                  tf32=a.tf32, clip_grad_norm=a.clip_grad_norm))
         out = a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
                                     f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        _check_out_folder(out, a.force)
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         print(f"training {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
               + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
-    trainer.fit()
+    trainer.verbose = True
+    try:
+        trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"fastvae: {exc}", file=sys.stderr)
+        print(f"resume with: fastvae train --resume {exc.path} --epochs {exc.total} --out {trainer.out}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, "
           "samples.png, loss.png)")
     print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "

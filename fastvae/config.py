@@ -156,6 +156,8 @@ class TrainConfig(_JSONMixin):
         reductions on the other steps (the gradient is the same).
     threads: BLAS/Numba threads (None: the libraries' defaults, measured
         fastest on a 2-core machine).
+    clip_grad_norm: rescale the whole gradient to this global L2 norm when it
+        is larger (Pascanu et al. 2013); None (default) never clips.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
     """
@@ -183,6 +185,7 @@ class TrainConfig(_JSONMixin):
     loss_every: int = 1
     threads: Optional[int] = None
     tf32: bool = False
+    clip_grad_norm: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -209,6 +212,8 @@ class TrainConfig(_JSONMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         _positive_int("loss_every", self.loss_every)
+        if self.clip_grad_norm is not None:
+            _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
         if self.tf32 and self.backend != "cupy":
             raise ConfigError("tf32 applies to the cupy backend only; drop --tf32 or use --backend cupy")
         if self.threads is not None:

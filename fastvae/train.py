@@ -27,18 +27,31 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import datasets as _datasets
 from .config import DataConfig, ModelConfig, TrainConfig
-from .errors import ConfigError, DataError, FastVAEError
+from .errors import CheckpointError, ConfigError, DataError, FastVAEError
 from .evaluate import evaluate
 from .model import VAE
 from .optim import Adam
 from .schedules import beta_at, lr_at
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
-                 "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds"]
+                 "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
 
 
 class TrainingDivergedError(FastVAEError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(FastVAEError):
+    """Ctrl-C stopped training after a finished step; a checkpoint was saved.
+
+    Attributes: ``path`` (the checkpoint), ``epoch`` (epochs completed),
+    ``batch`` (steps done in the current epoch), ``total`` (epochs asked for).
+    """
+
+    def __init__(self, path, epoch, batch, steps_per_epoch, total):
+        self.path, self.epoch, self.batch, self.total = path, epoch, batch, total
+        where = f"epoch {epoch + 1}, step {batch}/{steps_per_epoch}" if batch else f"the end of epoch {epoch}"
+        super().__init__(f"interrupted at {where}; checkpoint saved to {path}")
 
 
 def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset") -> None:
@@ -95,7 +108,9 @@ class Trainer:
         self.history = []
         self.out = out
         self.progress = progress
+        self.verbose = False          # print one line per epoch when there is no progress bar
         self._x_train_dev = None
+        self._partial = None          # position inside an unfinished epoch
 
     # ---- checkpoints ---------------------------------------------------------
     @property
@@ -114,9 +129,22 @@ class Trainer:
         ckpt.save_checkpoint(
             path, params=self.model.get_flat_params(), adam_state=self.optimizer.state_dict(),
             layout_table=self.model.layout.to_table(), config=self.config_dict(),
-            state={"epoch": self.epoch, "step": self.step, "rng": self.rng.state()},
-            history=self.history, backend=self.backend.name, dtype=self.model_config.dtype)
+            state=self._state_dict(), history=self.history, backend=self.backend.name,
+            dtype=self.model_config.dtype, arrays=self._partial_arrays())
         return path
+
+    def _state_dict(self) -> dict:
+        st = {"epoch": self.epoch, "step": self.step, "rng": self.rng.state()}
+        if self._partial is not None and self._partial["batch"] > 0:
+            p, be = self._partial, self.backend
+            st["partial"] = {"batch": p["batch"], "recon": be.to_float(p["recon"]), "kl": be.to_float(p["kl"]),
+                             "loss": be.to_float(p["loss"]), "counted": p["counted"], "seconds": p["seconds"]}
+        return st
+
+    def _partial_arrays(self) -> dict:
+        if self._partial is not None and self._partial["batch"] > 0:
+            return {"epoch_perm": self.backend.to_host(self._partial["perm"]).astype(np.int64)}
+        return {}
 
     @classmethod
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
@@ -152,6 +180,12 @@ class Trainer:
         st = data["state"]
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
         self.history = list(data["history"])
+        if "partial" in st:
+            perm = data["arrays"].get("epoch_perm")
+            if perm is None or perm.shape != (self.data.x_train.shape[0],):
+                raise CheckpointError(f"{path} stopped inside an epoch but its batch order does not match "
+                                      f"the {self.data.x_train.shape[0]} training images; resume with the same data")
+            self._partial = dict(st["partial"], perm=self.backend.asarray(perm, dtype=np.int64))
         try:
             self.rng.set_state(st["rng"])
         except (KeyError, TypeError, ValueError):
@@ -190,9 +224,45 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.data.x_train.shape[0] / self.train_config.batch_size)
 
+    def _rss_mb(self):
+        """Resident memory of this process in MiB (Linux /proc; None elsewhere)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _install_sigint(self):
+        """Ctrl-C sets a flag; the loop finishes the current step, saves, stops."""
+        import signal
+        import threading
+        if self.out is None or threading.current_thread() is not threading.main_thread():
+            return None
+        self._stop_requested = False
+
+        def handler(signum, frame):
+            if self._stop_requested:          # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self._stop_requested = True
+        return signal.signal(signal.SIGINT, handler)
+
+    def _check_finite(self, value, what):
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"the {what} became {value} at step {self.step} (epoch {self.epoch + 1}); training stopped and "
+                f"the last good checkpoint{' in ' + self.out if self.out else ''} is kept; lower --lr, "
+                "add --clip-grad-norm 100, or warm beta up with --beta-schedule linear --beta-warmup 5")
+
     def fit(self, epochs: Optional[int] = None, pictures: bool = True) -> list:
         """Train until ``epochs`` (total, default ``train_config.epochs``) and
-        return the metric history (one dict per epoch, nats per image)."""
+        return the metric history (one dict per epoch, nats per image).
+
+        Raises TrainingDivergedError when the loss or gradient norm becomes
+        non-finite (checked at every progress interval and epoch end; nothing
+        is saved then), and TrainingInterrupted after Ctrl-C once the current
+        step is finished and a checkpoint written (run folders only).
+        """
+        import signal
         tc = self.train_config
         total = tc.epochs if epochs is None else int(epochs)
         if self.out is not None:
@@ -207,16 +277,22 @@ class Trainer:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=(total - self.epoch) * spe, unit="step", dynamic_ncols=True,
+            done_before = self._partial["batch"] if self._partial else 0
+            bar = tqdm(total=(total - self.epoch) * spe - done_before, unit="step", dynamic_ncols=True,
                        disable=None, leave=True)
+        previous_handler = self._install_sigint()
+        xp = be.xp
         try:
             while self.epoch < total:
+                if self._partial is None:
+                    self._partial = {"perm": self.rng.permutation(N), "batch": 0, "recon": 0.0, "kl": 0.0,
+                                     "loss": 0.0, "counted": 0, "seconds": 0.0}
+                part = self._partial
+                perm = part["perm"]
                 t0 = time.perf_counter()
-                perm = self.rng.permutation(N)
-                acc_recon = acc_kl = acc_loss = 0.0
-                counted = 0
-                shown = 0
-                for b in range(spe):
+                shown = part["batch"]
+                beta = lr = None
+                for b in range(part["batch"], spe):
                     idx = perm[b * B:(b + 1) * B]
                     ws = model.workspace(idx.shape[0])
                     be.gather_rows(ws.x, X, idx)
@@ -227,31 +303,42 @@ class Trainer:
                     lr = lr_at(tc, self.step, spe, total)
                     need = b % tc.loss_every == 0 or b == spe - 1
                     recon, kl = model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need)
+                    if tc.clip_grad_norm is not None:
+                        norm = xp.sqrt(be.sumsq(model.grads))
+                        be.scale_(model.grads, xp.minimum(1.0, tc.clip_grad_norm / (norm + 1e-6)))
                     opt.step(lr)
                     self.step += 1
+                    part["batch"] = b + 1
                     if need:
-                        acc_recon = acc_recon + recon
-                        acc_kl = acc_kl + kl
-                        acc_loss = acc_loss + (recon + beta * kl)
-                        counted += idx.shape[0]
-                    if bar is not None and (b % 20 == 19 or b == spe - 1):
-                        bar.set_postfix(epoch=self.epoch + 1, neg_elbo=f"{be.to_float(acc_recon + acc_kl) / counted:.2f}",
-                                        beta=f"{beta:.3g}", refresh=False)
-                        bar.update(b + 1 - shown)
-                        shown = b + 1
+                        part["recon"] = part["recon"] + recon
+                        part["kl"] = part["kl"] + kl
+                        part["loss"] = part["loss"] + (recon + beta * kl)
+                        part["counted"] += idx.shape[0]
+                    if b % 20 == 19 or b == spe - 1:
+                        running = be.to_float(part["recon"] + part["kl"]) / max(part["counted"], 1)
+                        self._check_finite(running, "loss")
+                        if bar is not None:
+                            bar.set_postfix(epoch=self.epoch + 1, neg_elbo=f"{running:.2f}", beta=f"{beta:.3g}",
+                                            refresh=False)
+                            bar.update(b + 1 - shown)
+                            shown = b + 1
+                    if getattr(self, "_stop_requested", False) and b < spe - 1:
+                        part["seconds"] += time.perf_counter() - t0
+                        path = self.save()
+                        raise TrainingInterrupted(path, self.epoch, part["batch"], spe, total)
                 be.synchronize()
-                seconds = time.perf_counter() - t0
-                recon_m, kl_m = be.to_float(acc_recon) / counted, be.to_float(acc_kl) / counted
-                if not (math.isfinite(recon_m) and math.isfinite(kl_m)):
-                    raise TrainingDivergedError(
-                        f"the loss became non-finite in epoch {self.epoch + 1} (recon {recon_m}, kl {kl_m}); "
-                        "the last good checkpoint is kept; lower --lr or use --beta-schedule linear")
+                seconds = part["seconds"] + time.perf_counter() - t0
+                counted = part["counted"]
+                recon_m, kl_m = be.to_float(part["recon"]) / counted, be.to_float(part["kl"]) / counted
+                self._check_finite(recon_m + kl_m, "loss")
                 self.epoch += 1
                 row = {"epoch": self.epoch, "step": self.step,
-                       "train_loss": be.to_float(acc_loss) / counted, "train_neg_elbo": recon_m + kl_m,
+                       "train_loss": be.to_float(part["loss"]) / counted, "train_neg_elbo": recon_m + kl_m,
                        "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
                        "test_neg_elbo": None, "test_recon": None, "test_kl": None,
-                       "images_per_s": N / seconds, "seconds": seconds}
+                       "images_per_s": N / seconds if seconds > 0 else None, "seconds": seconds,
+                       "rss_mb": self._rss_mb()}
+                self._partial = None
                 if self.data.x_test is not None:
                     ev = evaluate(model, self.data.x_test, seed=tc.seed)
                     row.update(test_neg_elbo=ev["neg_elbo"], test_recon=ev["recon"], test_kl=ev["kl"])
@@ -259,14 +346,22 @@ class Trainer:
                 if self.out is not None:
                     self.save()
                     self._write_run_files()
-                if bar is not None:
+                if bar is not None or self.verbose:
                     msg = f"epoch {self.epoch}/{total}: train -ELBO {row['train_neg_elbo']:.2f}"
                     if row["test_neg_elbo"] is not None:
                         msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
-                    bar.write(msg + f" nats/image, {row['images_per_s']:.0f} images/s")
+                    msg += f" nats/image, beta {beta:.3g}, {row['images_per_s']:.0f} images/s"
+                    if bar is not None:
+                        bar.write(msg)
+                    else:
+                        print(msg, flush=True)
+                if getattr(self, "_stop_requested", False) and self.epoch < total:
+                    raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total)
         finally:
             if bar is not None:
                 bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         if pictures:
             self.write_pictures()
         return self.history

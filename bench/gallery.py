@@ -1,0 +1,83 @@
+"""The README gallery: what the models learn, made by fastvae's own commands.
+
+    python bench/gallery.py [--runs /tmp/fastvae-gallery] [--backend numba]
+
+Trains (unless the run folder already holds a checkpoint) and draws:
+  * MNIST, 784-400-2: the 2-D latent map and a 20x20 latent grid;
+  * sprites, 4096-400-10, beta 1 and beta 4: traversals (rows sorted by KL) and MIG;
+  * Olivetti faces, 4096-400-50: a spherical morph between two test faces (GIF).
+Writes small PNG/GIF files to bench/results/gallery/ and prints each command.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
+OUT = os.path.join(HERE, "results", "gallery")
+
+
+def fv(*args, capture=False):
+    cmd = ["fastvae", *map(str, args)]
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    r = subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], check=True,
+                       capture_output=capture, text=True)
+    return r.stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="/tmp/fastvae-gallery")
+    ap.add_argument("--backend", default="numba")
+    a = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    R = lambda n: os.path.join(a.runs, n)
+    runs = {
+        "mnist2d": ["--dataset", "mnist", "--data-dir", os.path.join(DATA, "mnist"), "--hidden", "400",
+                    "--latent", "2", "--epochs", "20"],
+        "sprites_b1": ["--latent", "10", "--epochs", "30", "--beta", "1"],
+        "sprites_b4": ["--latent", "10", "--epochs", "30", "--beta", "4"],
+        "olivetti": ["--dataset", "olivetti", "--data-dir", os.path.join(DATA, "olivetti"), "--hidden", "400",
+                     "--latent", "50", "--epochs", "400", "--batch-size", "64"],
+    }
+    for name, args in runs.items():
+        if not os.path.exists(os.path.join(R(name), "checkpoint.h5")):
+            fv("train", *args, "--backend", a.backend, "--out", R(name), "--no-progress")
+    fig = lambda run, f: os.path.join(R(run), "figures", f)
+    fv("plot", R("mnist2d"), "--grid", "20")
+    shutil.copy(fig("mnist2d", "latent_map.png"), os.path.join(OUT, "mnist_latent_map.png"))
+    shutil.copy(fig("mnist2d", "latent_grid.png"), os.path.join(OUT, "mnist_latent_grid.png"))
+    scores = {}
+    for b in ("b1", "b4"):
+        fv("plot", R(f"sprites_{b}"))
+        shutil.copy(fig(f"sprites_{b}", "traversals.png"), os.path.join(OUT, f"sprites_traversals_{b}.png"))
+        res = json.loads(fv("eval", os.path.join(R(f"sprites_{b}"), "checkpoint.h5"), "--json", capture=True))
+        scores[b] = {k: res[k] for k in ("neg_elbo", "recon", "kl", "active_units", "mig")}
+    fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16",
+       "--gif", os.path.join(OUT, "olivetti_morph.gif"), "--png", os.path.join(OUT, "olivetti_morph.png"))
+    with open(os.path.join(OUT, "sprites_scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    print(json.dumps(scores, indent=2))
+    _shrink(OUT)
+
+
+def _shrink(folder, max_side=640):
+    """Keep the committed pictures small: downscale PNGs wider than max_side."""
+    from PIL import Image
+    for f in os.listdir(folder):
+        if f.endswith(".png"):
+            p = os.path.join(folder, f)
+            with Image.open(p) as im:
+                if max(im.size) > max_side:
+                    k = max_side / max(im.size)
+                    im = im.convert("RGB").resize((int(im.width * k), int(im.height * k)), Image.Resampling.LANCZOS)
+                    im.save(p, optimize=True)
+
+
+if __name__ == "__main__":
+    main()
