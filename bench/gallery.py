@@ -58,7 +58,7 @@ def main():
         shutil.copy(fig(f"sprites_{b}", "traversals.png"), os.path.join(OUT, f"sprites_traversals_{b}.png"))
         res = json.loads(fv("eval", os.path.join(R(f"sprites_{b}"), "checkpoint.h5"), "--json", capture=True))
         scores[b] = {k: res[k] for k in ("neg_elbo", "recon", "kl", "active_units", "mig")}
-    fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16",
+    fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16", "--scale", "2",
        "--gif", os.path.join(OUT, "olivetti_morph.gif"), "--png", os.path.join(OUT, "olivetti_morph.png"))
     with open(os.path.join(OUT, "sprites_scores.json"), "w") as f:
         json.dump(scores, f, indent=2)
@@ -66,7 +66,7 @@ def main():
     _shrink(OUT)
 
 
-def _shrink(folder, max_side=640):
+def _shrink(folder, max_side=480):
     """Keep the committed pictures small: downscale PNGs wider than max_side."""
     from PIL import Image
     for f in os.listdir(folder):

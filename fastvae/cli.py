@@ -111,6 +111,7 @@ def _parser():
     ip.add_argument("--steps", type=int, default=24)
     ip.add_argument("--mode", default="spherical", choices=["linear", "spherical"])
     ip.add_argument("--gif", help="write an animated GIF here")
+    ip.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
     ip.add_argument("--png", help="write the strip (linear and spherical) here")
     ip.add_argument("--dataset")
     ip.add_argument("--data-dir")
@@ -408,7 +409,9 @@ def _cmd_interpolate(a):
     xb = _pick_image(a.b, data, a.split, model, shape)
     if a.gif:
         frames = explore.interpolation_frames(model, xa, xb, a.steps, a.mode)
-        n = explore.save_gif(frames, shape, a.gif)
+        if a.scale < 1:
+            raise ConfigError(f"--scale must be a positive integer, got {a.scale}")
+        n = explore.save_gif(frames, shape, a.gif, scale=a.scale)
         print(f"wrote {a.gif}: {n} frames ({a.steps} steps, {a.mode}, played forth and back)")
     if a.png:
         explore.plot_interpolation(model, xa, xb, shape, steps=min(a.steps, 12), path=a.png)
