@@ -21,7 +21,7 @@ _MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood",
 _TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
                "clip_grad_norm")
-_DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download")
+_DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files")
 
 
 def _parser():
@@ -38,6 +38,8 @@ def _parser():
     d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
     d.add_argument("--n-sprites", type=int, help="number of procedural sprites (default 12000)")
+    d.add_argument("--skip-other-files", action="store_true", default=None,
+                   help="ignore files that are not images in an image folder")
     m = t.add_argument_group("model")
     m.add_argument("--hidden", type=int, nargs="*", help="encoder hidden widths (default: 400)")
     m.add_argument("--decoder-hidden", type=int, nargs="*", help="decoder hidden widths (default: mirror)")
@@ -183,7 +185,8 @@ def _cmd_train(a):
         name = a.dataset or "sprites"
         dcfg = DataConfig(dataset=name, data_dir=a.data_dir, download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",
-                          n_sprites=a.n_sprites or DataConfig().n_sprites)
+                          n_sprites=a.n_sprites or DataConfig().n_sprites,
+                          skip_other_files=bool(a.skip_other_files))
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,

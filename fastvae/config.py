@@ -236,6 +236,7 @@ class DataConfig(_JSONMixin):
     n_sprites: number of procedural sprites (train + test).
     data_seed: seed of the procedural sprites and of random splits.
     test_fraction: share held out as the test split where a dataset has none.
+    skip_other_files: ignore non-image files in an image folder (else an error).
     """
 
     dataset: str = "sprites"
@@ -246,6 +247,7 @@ class DataConfig(_JSONMixin):
     n_sprites: int = 12000
     data_seed: int = 0
     test_fraction: float = 0.1
+    skip_other_files: bool = False
 
     def __post_init__(self):
         if not isinstance(self.dataset, str) or not self.dataset:

@@ -348,10 +348,7 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
         y = y.astype(np.int64) if y.dtype.kind in "iub" else None
     shape = _image_shape_of(x)
-    xf = _to_unit(x)
-    if xf.min() < 0 or xf.max() > 1:
-        raise DataError(f"{path}: float images must lie in [0, 1] (found {xf.min():g}..{xf.max():g}); "
-                        "rescale them or store uint8")
+    xf = _to_unit(x)        # uint8 -> [0, 1]; floats kept (the bernoulli likelihood checks [0, 1])
     xtr, ytr, xte, yte, _, _ = _random_split(xf, y, test_fraction, seed)
     name = os.path.splitext(os.path.basename(path))[0]
     return Dataset(name, xtr, ytr, xte, yte, shape)
@@ -362,26 +359,31 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", "
 
 
 def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color: str = "grayscale",
-                      test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+                      test_fraction: float = 0.1, seed: int = 0, skip_other_files: bool = False) -> Dataset:
     """Every image under ``path`` (PNG, JPEG, ... via Pillow), sorted by path.
 
     Sub-folders become integer labels (sorted names). ``image_size=(H, W)``
     resizes after a centre crop to that aspect ratio; without it every image
     must have the same size. ``color``: ``grayscale`` (D = H*W) or ``rgb``
-    (D = H*W*3). Raises DataError for an empty folder, unreadable images or
-    mixed sizes without ``image_size``.
+    (D = H*W*3). Raises DataError for an empty folder, files that are not
+    images (unless ``skip_other_files``; hidden files are always skipped),
+    unreadable images, or mixed sizes without ``image_size``.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a folder; pass a folder of images")
-    files = []
+    files, others = [], []
     for root, dirs, names in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
-            if n.lower().endswith(IMAGE_EXTS):
-                files.append(os.path.join(root, n))
+            if n.startswith("."):
+                continue                      # .DS_Store and other hidden files
+            (files if n.lower().endswith(IMAGE_EXTS) else others).append(os.path.join(root, n))
+    if others and not skip_other_files:
+        raise DataError(f"{path} holds files that are not images ({', '.join(os.path.relpath(o, path) for o in others[:3])}"
+                        f"{' ...' if len(others) > 3 else ''}); remove them or pass --skip-other-files")
     if not files:
         raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}); add images or fix the path")
     classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
@@ -493,7 +495,8 @@ def load(cfg) -> Dataset:
         return load_olivetti(cfg.data_dir, cfg.test_fraction, cfg.data_seed)
     path = os.path.expanduser(name)
     if os.path.isdir(path):
-        return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed)
+        return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed,
+                                 cfg.skip_other_files)
     if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):
         return load_array_file(path, cfg.test_fraction, cfg.data_seed)
     if not os.path.exists(path):

@@ -136,6 +136,25 @@ class VAE:
     def get_flat_params(self) -> np.ndarray:
         return self.backend.to_host(self.params).copy()
 
+    def load_checkpoint(self, path) -> dict:
+        """Load the parameters of a checkpoint into THIS model.
+
+        Raises CheckpointError when the file is not a valid fastvae checkpoint
+        or was written for another architecture or dtype (the message names
+        both); returns the checkpoint's host data.
+        """
+        from .checkpoint import read_checkpoint
+        from .errors import CheckpointError
+        data = read_checkpoint(path)
+        theirs = data["config"].get("model", {})
+        if theirs.get("dtype") != self.config.dtype:
+            raise CheckpointError(f"{path} holds {theirs.get('dtype')} parameters but this model is "
+                                  f"{self.config.dtype}; build the model with dtype={theirs.get('dtype')!r} "
+                                  "or use fastvae.load")
+        self.layout.check_table(data["layout"])
+        self.set_flat_params(data["params"])
+        return data
+
     def state_dict(self) -> Dict[str, np.ndarray]:
         """``{name: host array}`` for every tensor (copies)."""
         host = self.get_flat_params()

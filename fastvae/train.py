@@ -267,6 +267,12 @@ class Trainer:
         total = tc.epochs if epochs is None else int(epochs)
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
+            for f in os.listdir(self.out):          # debris of saves killed mid-write
+                if f.startswith(".tmp-") and f.endswith(".h5"):
+                    try:
+                        os.unlink(os.path.join(self.out, f))
+                    except OSError:
+                        pass
             self._write_run_files()
         be, model, opt = self.backend, self.model, self.optimizer
         if self._x_train_dev is None:

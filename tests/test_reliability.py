@@ -1,0 +1,277 @@
+"""Bad input gets one clear line, training survives interruption, no data is lost."""
+
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fastvae
+from fastvae import (CheckpointError, ConfigError, DataConfig, ModelConfig, TrainConfig, Trainer,
+                     TrainingDivergedError, TrainingInterrupted, datasets)
+from fastvae.datasets import write_idx
+
+PY = [sys.executable, "-m", "fastvae"]
+TINY = ["--n-sprites", "300", "--hidden", "8", "--latent", "2", "--batch-size", "50", "--no-progress"]
+
+
+def run(args, cwd, **kw):
+    return subprocess.run(PY + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
+
+
+def one_line_error(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae: error:"), p.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def mnist_files(folder, n=40, ntest=10):
+    r = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), r.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), r.integers(0, 10, n, dtype=np.uint8))
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), r.integers(0, 256, (ntest, 28, 28), dtype=np.uint8))
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), r.integers(0, 10, ntest, dtype=np.uint8))
+
+
+def test_bad_data_gets_one_line(tmp_path):
+    mn = ["--dataset", "mnist", "--no-download", "--no-progress", "--data-dir"]
+    d = tmp_path / "trunc"
+    mnist_files(d)
+    raw = (d / "train-images-idx3-ubyte.gz").read_bytes()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(raw[: len(raw) // 2])
+    one_line_error(run(["train", *mn, d], tmp_path), "corrupt or truncated")
+    d = tmp_path / "magic"
+    mnist_files(d)
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x12\x34\x08\x03" + b"\0" * 64))
+    one_line_error(run(["train", *mn, d], tmp_path), "wrong idx magic")
+    d = tmp_path / "counts"
+    mnist_files(d)
+    write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(39, np.uint8))
+    one_line_error(run(["train", *mn, d], tmp_path), "40 images", "39 labels")
+    one_line_error(run(["train", *mn, tmp_path / "nowhere"], tmp_path), "not found in")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 16), np.uint8))
+    one_line_error(run(["train", "--dataset", tmp_path / "empty.npy", "--no-progress"], tmp_path), "expected images")
+    np.save(tmp_path / "nan.npy", np.full((20, 16), np.nan, np.float32))
+    one_line_error(run(["train", "--dataset", tmp_path / "nan.npy", "--no-progress"], tmp_path), "NaN")
+    np.save(tmp_path / "big.npy", np.full((20, 16), 3.0, np.float32))
+    one_line_error(run(["train", "--dataset", tmp_path / "big.npy", "--no-progress"], tmp_path),
+                   "bernoulli likelihood needs [0, 1]", "--likelihood gaussian")
+    assert run(["train", "--dataset", tmp_path / "big.npy", "--likelihood", "gaussian", "--epochs", "1",
+                "--batch-size", "8", "--no-progress", "--out", tmp_path / "g"], tmp_path).returncode == 0
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(folder / "b.png")
+    one_line_error(run(["train", "--dataset", folder, "--no-progress"], tmp_path), "different sizes", "--image-size")
+    (folder / "c.png").write_bytes(b"garbage")
+    one_line_error(run(["train", "--dataset", folder, "--image-size", "8", "8", "--no-progress"], tmp_path),
+                   "cannot read image")
+    (folder / "c.png").unlink()
+    (folder / "notes.txt").write_text("x")
+    one_line_error(run(["train", "--dataset", folder, "--image-size", "8", "8", "--no-progress"], tmp_path),
+                   "not images", "--skip-other-files")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--hidden", "0"], "each hidden width must be a positive integer"),
+    (["--latent", "-3"], "latent_dim must be a positive integer"),
+    (["--likelihood", "poisson"], "unknown likelihood 'poisson'"),
+    (["--beta-schedule", "exp"], "unknown beta_schedule 'exp'"),
+    (["--lr", "-0.1"], "lr (learning rate)"),
+    (["--backend", "gpu"], "unknown backend 'gpu'"),
+    (["--epochs", "-1"], "epochs must be"),
+])
+def test_bad_config_gets_one_line(tmp_path, args, needle):
+    one_line_error(run(["train", *TINY, *args], tmp_path), needle)
+
+
+def test_bad_checkpoints(tmp_path):
+    run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path).check_returncode()
+    ck = tmp_path / "r" / "checkpoint.h5"
+    (tmp_path / "text.h5").write_text("hello")
+    one_line_error(run(["eval", tmp_path / "text.h5"], tmp_path), "not a readable HDF5")
+    raw = ck.read_bytes()
+    (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 3])
+    one_line_error(run(["train", "--resume", tmp_path / "cut.h5", "--epochs", "2"], tmp_path), "cut.h5")
+    import h5py
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(raw)
+    with h5py.File(newer, "a") as f:
+        f.attrs["format_version"] = 99
+    one_line_error(run(["info", newer], tmp_path), "version 99", "upgrade fastvae")
+    # a different architecture or dtype than the model it is loaded into
+    other = fastvae.VAE(ModelConfig(input_dim=4096, hidden=[16], latent_dim=2))
+    with pytest.raises(CheckpointError, match="layout differs"):
+        other.load_checkpoint(ck)
+    f64 = fastvae.VAE(ModelConfig(input_dim=4096, hidden=[8], latent_dim=2, dtype="float64"))
+    with pytest.raises(CheckpointError, match="float32 parameters but this model is float64"):
+        f64.load_checkpoint(ck)
+    same = fastvae.VAE(ModelConfig(input_dim=4096, hidden=[8], latent_dim=2))
+    same.load_checkpoint(ck)
+    np.testing.assert_array_equal(same.get_flat_params(), fastvae.load(ck).get_flat_params())
+    # resuming on data of another size
+    np.save(tmp_path / "small.npy", np.zeros((30, 8, 8), np.uint8))
+    one_line_error(run(["eval", ck, "--dataset", tmp_path / "small.npy"], tmp_path), "64 features", "expects 4096")
+
+
+def test_out_refuses_foreign_folders(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    one_line_error(run(["train", *TINY, "--epochs", "1", "--out", out], tmp_path), "thesis.tex", "--force")
+    assert (out / "thesis.tex").read_text() == "precious"
+    assert run(["train", *TINY, "--epochs", "1", "--out", out, "--force"], tmp_path).returncode == 0
+    # a fastvae run folder may be trained into again
+    assert run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path).returncode == 0
+    assert run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path).returncode == 0
+
+
+def test_sigkill_during_saves_never_corrupts_the_checkpoint(tmp_path):
+    """Kill a training process at random moments while it saves a checkpoint
+    every few milliseconds: the file on disk always loads, and its epoch never
+    goes back (it is the old or the new checkpoint)."""
+    out = tmp_path / "run"
+    args = ["train", "--n-sprites", "120", "--hidden", "4", "--latent", "2", "--batch-size", "100",
+            "--epochs", "1000000", "--out", out, "--no-progress"]
+    rnd = random.Random(0)
+    last_epoch, kills = -1, 0
+    for i in range(12):
+        a = args if i == 0 else ["train", "--resume", out / "checkpoint.h5", "--epochs", "1000000", "--out", out,
+                                 "--no-progress"]
+        p = subprocess.Popen(PY + [str(x) for x in a], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while not (out / "checkpoint.h5").exists() and time.time() - t0 < 60:
+            time.sleep(0.02)
+        time.sleep(rnd.uniform(0.05, 0.6))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+        m = fastvae.load(out / "checkpoint.h5")              # never raises
+        assert np.all(np.isfinite(m.get_flat_params()))
+        epoch = m.checkpoint["epoch"]
+        assert epoch >= last_epoch
+        last_epoch = epoch
+    assert kills == 12 and last_epoch > 12
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen(PY + [str(x) for x in ["train", "--n-sprites", "3000", "--hidden", "64", "--latent", "4",
+                                                 "--batch-size", "16", "--epochs", "50", "--out", out,
+                                                 "--no-progress"]],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "metrics.csv").exists() and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, stderr)
+    assert "interrupted at" in stderr and "resume with: fastvae train --resume" in stderr
+    m = fastvae.load(out / "checkpoint.h5")
+    assert m.checkpoint["step"] > 0 and m.checkpoint["epoch"] < 50
+    r = run(["train", "--resume", out / "checkpoint.h5", "--epochs", str(m.checkpoint["epoch"] + 1), "--out", out,
+             "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert fastvae.load(out / "checkpoint.h5").checkpoint["epoch"] == m.checkpoint["epoch"] + 1
+
+
+def _tiny(out, backend="numpy", epochs=3, **kw):
+    data = datasets.make_sprites(400, seed=6, size=16)
+    mc = ModelConfig(input_dim=256, hidden=[24], latent_dim=3, image_shape=(16, 16))
+    return Trainer(mc, TrainConfig(epochs=epochs, batch_size=16, seed=2, backend=backend, **kw), DataConfig(),
+                   dataset=data, out=str(out) if out else None, progress=False)
+
+
+def _interrupt_after(trainer, n_steps):
+    real = trainer.model.loss_and_grad
+    count = {"n": 0}
+
+    def wrapped(*a, **k):
+        count["n"] += 1
+        if count["n"] == n_steps:
+            trainer._stop_requested = True
+        return real(*a, **k)
+    trainer.model.loss_and_grad = wrapped
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_mid_epoch_interrupt_resumes_bit_for_bit(tmp_path, backend):
+    pytest.importorskip(backend)
+    straight = _tiny(tmp_path / "a", backend, binarize=True)
+    straight.fit(pictures=False)
+    t = _tiny(tmp_path / "b", backend, binarize=True)
+    _interrupt_after(t, 31)                     # 23 steps per epoch: stops inside epoch 2
+    with pytest.raises(TrainingInterrupted) as ei:
+        t.fit(pictures=False)
+    assert ei.value.epoch == 1 and ei.value.batch == 8
+    r = Trainer.from_checkpoint(tmp_path / "b" / "checkpoint.h5", dataset=straight.data, progress=False)
+    assert r.step == 31 and r._partial["batch"] == 8
+    r.fit(pictures=False)
+    np.testing.assert_array_equal(r.model.get_flat_params(), straight.model.get_flat_params())
+    np.testing.assert_array_equal(r.optimizer.v, straight.optimizer.v)
+    assert [h["train_neg_elbo"] for h in r.history] == [h["train_neg_elbo"] for h in straight.history]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_resume_at_epoch_boundaries_is_exact(tmp_path, backend):
+    pytest.importorskip(backend)
+    a = _tiny(tmp_path / "a", backend, epochs=4)
+    a.fit(pictures=False)
+    b = _tiny(tmp_path / "b", backend, epochs=1)
+    b.fit(pictures=False)
+    c = Trainer.from_checkpoint(tmp_path / "b" / "checkpoint.h5", epochs=4, dataset=a.data, progress=False)
+    c.fit(pictures=False)
+    np.testing.assert_array_equal(a.model.get_flat_params(), c.model.get_flat_params())
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    t = _tiny(tmp_path, epochs=1)
+    t.fit(pictures=False)
+    good = fastvae.load(tmp_path / "checkpoint.h5").get_flat_params()
+    t2 = Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=3, dataset=t.data, progress=False)
+    real = t2.model.loss_and_grad
+
+    def poisoned(*a, **k):
+        r = real(*a, **k)
+        t2.model.grads[:] = np.nan
+        return r
+    t2.model.loss_and_grad = poisoned
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint .* is kept; lower --lr"):
+        t2.fit(pictures=False)
+    assert t2.step < t.step + 21                       # caught within one progress interval
+    kept = fastvae.load(tmp_path / "checkpoint.h5")
+    assert kept.checkpoint["epoch"] == 1
+    np.testing.assert_array_equal(kept.get_flat_params(), good)
+
+
+def test_gradient_clipping_bounds_the_global_norm(tmp_path):
+    t = _tiny(None, epochs=1, clip_grad_norm=0.5)
+    norms = []
+    real = t.optimizer.step
+
+    def step(lr=None):
+        norms.append(float(np.sqrt(np.dot(t.model.grads.astype(np.float64), t.model.grads))))
+        return real(lr)
+    t.optimizer.step = step
+    t.fit(pictures=False)
+    assert max(norms) <= 0.5 * (1 + 1e-5) and max(norms) > 0.49      # clipped, and clipping was active
+    u = _tiny(None, epochs=1)
+    unclipped = []
+    real_u = u.optimizer.step
+    u.optimizer.step = lambda lr=None: (unclipped.append(float(np.linalg.norm(u.model.grads))), real_u(lr))[1]
+    u.fit(pictures=False)
+    assert max(unclipped) > 0.5
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        TrainConfig(clip_grad_norm=0)
