@@ -12,7 +12,12 @@ Layout of a file (format ``fastvae-checkpoint``, version 1)::
     /history              JSON text: list of per-epoch metric rows
     /arrays/epoch_perm    (N,) int64, only when saved inside an epoch (Ctrl-C)
 
-Only numbers and JSON text are stored: nothing is ever unpickled. Files are
+Only numbers and JSON text are stored: nothing is ever unpickled. The first
+512 bytes are an HDF5 user block (ignored by HDF5) holding the line
+``fastvae-checkpoint <version> sha256 <hex digest of every later byte>``;
+it is checked before HDF5 parses anything, so a corrupted or truncated file
+is refused with a clear error instead of loading wrong numbers or crashing
+the HDF5 library. Files are
 written from host copies and load into any backend. Saving is atomic: the
 file is written to a temporary name in the same folder, flushed and fsynced,
 then renamed over the target, so a crash leaves the previous file intact.
@@ -21,6 +26,7 @@ then renamed over the target, so a crash leaves the previous file intact.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +38,34 @@ from .errors import CheckpointError
 
 FORMAT_NAME = "fastvae-checkpoint"
 FORMAT_VERSION = 1
+
+
+HEADER_SIZE = 512      # an HDF5 "user block": bytes HDF5 itself ignores
+
+
+def _file_digest(fh) -> str:
+    """SHA-256 of everything after the header."""
+    h = hashlib.sha256()
+    fh.seek(HEADER_SIZE)
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _header(version: int, digest: str) -> bytes:
+    line = f"{FORMAT_NAME} {version} sha256 {digest}\n".encode("ascii")
+    return line + b"\0" * (HEADER_SIZE - len(line))
+
+
+def _parse_header(raw: bytes):
+    """``(version, digest)`` or None when the bytes are not a fastvae header."""
+    try:
+        words = raw.split(b"\n", 1)[0].decode("ascii").split()
+        if len(words) == 4 and words[0] == FORMAT_NAME and words[2] == "sha256":
+            return int(words[1]), words[3]
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return None
 
 
 def _h5py():
@@ -60,29 +94,34 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
         raise CheckpointError(f"cannot save checkpoint in {folder}: {exc.strerror}; choose a writable folder") from None
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=HEADER_SIZE) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["fastvae_version"] = __version__
             f.attrs["backend"] = backend
             f.attrs["dtype"] = dtype
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            f.create_dataset("params", data=np.asarray(params))
+            params = np.asarray(params)
+            texts = [json.dumps(layout_table), json.dumps(config), json.dumps(state), json.dumps(history)]
+            arrays = {k: np.asarray(v) for k, v in (arrays or {}).items()}
+            f.create_dataset("params", data=params)
             if adam_state is not None:
                 g = f.create_group("adam")
                 g.create_dataset("m", data=np.asarray(adam_state["m"]))
                 g.create_dataset("v", data=np.asarray(adam_state["v"]))
                 g.attrs["t"] = int(adam_state["t"])
-            f.create_dataset("layout", data=json.dumps(layout_table))
-            f.create_dataset("config", data=json.dumps(config))
-            f.create_dataset("state", data=json.dumps(state))
-            f.create_dataset("history", data=json.dumps(history))
+            for name, text in zip(("layout", "config", "state", "history"), texts):
+                f.create_dataset(name, data=text)
             if arrays:
                 g = f.create_group("arrays")
                 for k, v in arrays.items():
-                    g.create_dataset(k, data=np.asarray(v))
+                    g.create_dataset(k, data=v)
             f.flush()
         with open(tmp, "rb+") as fh:
+            digest = _file_digest(fh)
+            fh.seek(0)
+            fh.write(_header(FORMAT_VERSION, digest))
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         try:
@@ -101,67 +140,103 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
         raise
 
 
-def _text(f, key):
+def _raw_text(f, key) -> str:
     raw = f[key][()]
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8")
-    return json.loads(raw)
+    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
 
 
 def read_checkpoint(path) -> dict:
     """Read and validate a checkpoint into host data.
 
     Returns ``{"params", "adam" (dict or None), "layout", "config", "state",
-    "history", "meta"}``. Raises CheckpointError for a missing file, a file
-    that is not HDF5 or not a fastvae checkpoint, another format version, or
-    missing/truncated contents.
+    "history", "arrays", "meta"}``. Raises CheckpointError for a missing file,
+    a file that is not HDF5 or not a fastvae checkpoint, another format
+    version, missing or truncated contents, or contents that do not match
+    their SHA-256 (corruption).
     """
     h5py = _h5py()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a checkpoint.h5 written by fastvae")
+    # Verify the bytes before HDF5 parses them: the HDF5 library can crash
+    # (not raise) on corrupted files, so corruption must be caught first.
+    try:
+        with open(path, "rb") as fh:
+            head = _parse_header(fh.read(HEADER_SIZE))
+            if head is None:
+                fh.seek(0)
+                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+                raise CheckpointError(
+                    f"{path} is not a fastvae checkpoint ({'an HDF5 file without the fastvae header' if is_hdf5 else 'not an HDF5 file, or truncated'}); "
+                    "pass a checkpoint.h5 written by fastvae")
+            ver, digest = head
+            if ver != FORMAT_VERSION:
+                hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
+                        else "re-save it with the fastvae version that wrote it")
+                raise CheckpointError(
+                    f"{path} has checkpoint format version {ver}, this fastvae reads version "
+                    f"{FORMAT_VERSION}; {hint}")
+            if _file_digest(fh) != digest:
+                raise CheckpointError(f"{path} is corrupt or truncated: its bytes do not match the SHA-256 "
+                                      "written with it; use an intact copy (a failed save always leaves the "
+                                      "previous checkpoint)")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     try:
         f = h5py.File(path, "r")
-    except OSError:
+    except Exception:
         raise CheckpointError(
             f"{path} is not a readable HDF5 file (truncated or not a checkpoint); "
             "pass a checkpoint.h5 written by fastvae") from None
-    with f:
-        fmt = f.attrs.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode()
-        if fmt != FORMAT_NAME:
-            raise CheckpointError(
-                f"{path} is not a fastvae checkpoint (format attribute {fmt!r}); "
-                "pass a checkpoint.h5 written by fastvae")
-        ver = int(f.attrs.get("format_version", -1))
-        if ver != FORMAT_VERSION:
-            hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
-                    else "re-save it with the fastvae version that wrote it")
-            raise CheckpointError(
-                f"{path} has checkpoint format version {ver}, this fastvae reads version "
-                f"{FORMAT_VERSION}; {hint}")
-        try:
-            meta = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            meta = {k: (v.item() if hasattr(v, "item") else v) for k, v in meta.items()}
-            out = {
-                "params": np.asarray(f["params"][()]),
-                "adam": None,
-                "layout": _text(f, "layout"),
-                "config": _text(f, "config"),
-                "state": _text(f, "state"),
-                "history": _text(f, "history"),
-                "meta": meta,
-                "arrays": {k: np.asarray(v[()]) for k, v in f["arrays"].items()} if "arrays" in f else {},
-            }
-            if "adam" in f:
-                g = f["adam"]
-                out["adam"] = {"m": np.asarray(g["m"][()]), "v": np.asarray(g["v"][()]),
-                               "t": int(g.attrs["t"])}
-        except (KeyError, OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}); "
-                "use an intact checkpoint (the previous one is kept on a failed save)") from None
+    damaged = (f"{path} is damaged or incomplete; use an intact checkpoint "
+               "(a failed save always leaves the previous one)")
+    try:
+        with f:
+            try:
+                fmt = f.attrs.get("format")
+                if isinstance(fmt, bytes):
+                    fmt = fmt.decode()
+                ver = f.attrs.get("format_version", -1)
+            except Exception:
+                raise CheckpointError(damaged) from None
+            if fmt != FORMAT_NAME:
+                raise CheckpointError(
+                    f"{path} is not a fastvae checkpoint (format attribute {fmt!r}); "
+                    "pass a checkpoint.h5 written by fastvae")
+            try:
+                ver = int(ver)
+            except (TypeError, ValueError):
+                raise CheckpointError(damaged) from None
+            if ver != FORMAT_VERSION:
+                hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
+                        else "re-save it with the fastvae version that wrote it")
+                raise CheckpointError(
+                    f"{path} has checkpoint format version {ver}, this fastvae reads version "
+                    f"{FORMAT_VERSION}; {hint}")
+            try:
+                meta = {}
+                for k, v in f.attrs.items():
+                    v = v.decode() if isinstance(v, bytes) else v
+                    meta[k] = v.item() if hasattr(v, "item") else v
+                texts = [_raw_text(f, k) for k in ("layout", "config", "state", "history")]
+                params = np.asarray(f["params"][()])
+                adam = None
+                if "adam" in f:
+                    g = f["adam"]
+                    adam = {"m": np.asarray(g["m"][()]), "v": np.asarray(g["v"][()]), "t": int(g.attrs["t"])}
+                arrays = {k: np.asarray(v[()]) for k, v in f["arrays"].items()} if "arrays" in f else {}
+            except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError, ... on damage
+                raise CheckpointError(f"{damaged} ({type(exc).__name__})") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{damaged} ({type(exc).__name__})") from None
+    try:
+        layout, config, state, history = (json.loads(t) for t in texts)
+    except ValueError:
+        raise CheckpointError(damaged) from None
+    out = {"params": params, "adam": adam, "layout": layout, "config": config, "state": state,
+           "history": history, "arrays": arrays, "meta": meta}
     P = out["params"].shape
     if len(P) != 1 or (out["adam"] is not None and
                        (out["adam"]["m"].shape != P or out["adam"]["v"].shape != P)):

@@ -61,8 +61,11 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
 
 
 def _bump_version(path, version):
-    with h5py.File(path, "a") as f:
-        f.attrs["format_version"] = version
+    """Rewrite the header as a file of another format version would have it."""
+    with open(path, "rb+") as fh:
+        v, digest = ckpt._parse_header(fh.read(ckpt.HEADER_SIZE))
+        fh.seek(0)
+        fh.write(ckpt._header(version, digest))
 
 
 def test_refuses_other_format_versions(tiny_data, tmp_path):
@@ -87,8 +90,11 @@ def test_refuses_foreign_truncated_and_missing_files(tmp_path):
         fastvae.load(other)
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    with pytest.raises(CheckpointError, match="not a readable HDF5"):
+    with pytest.raises(CheckpointError, match="an HDF5 file without the fastvae header"):
         fastvae.load(junk)
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CheckpointError, match="not an HDF5 file, or truncated"):
+        fastvae.load(tmp_path / "text.h5")
 
 
 def test_truncated_checkpoint_is_refused(tiny_data, tmp_path):
@@ -97,8 +103,12 @@ def test_truncated_checkpoint_is_refused(tiny_data, tmp_path):
     raw = (tmp_path / "checkpoint.h5").read_bytes()
     cut = tmp_path / "cut.h5"
     cut.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         fastvae.load(cut)
+    flipped = tmp_path / "flipped.h5"
+    flipped.write_bytes(raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:])
+    with pytest.raises(CheckpointError, match="do not match the SHA-256"):
+        fastvae.load(flipped)
 
 
 def test_layout_mismatch_is_refused(tiny_data, tmp_path):
