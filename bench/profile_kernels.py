@@ -14,30 +14,15 @@ import json
 import os
 import time
 
-import numpy as np
-
-from fastvae import Adam, ModelConfig, VAE, backends
-from fastvae.benchmark import WORKLOADS, environment
+from fastvae import backends
+from fastvae.benchmark import WORKLOADS, environment, training_step
 
 PRIMS = ["gemm", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward", "likelihood",
          "adam_update"]
 
 
 def profile(name, wl, steps):
-    be = backends.get(name)
-    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"])
-    B = wl["batch_size"]
-    model = VAE(cfg, be)
-    opt = Adam.for_model(model)
-    rng = be.new_rng([0, 1])
-    x = be.asarray(np.random.default_rng(1).random((B, cfg.input_dim)))
-    ws = model.workspace(B)
-
-    def step():
-        rng.normal_(ws.eps)
-        model.loss_and_grad(x, ws.eps, 1.0)
-        opt.step()
-
+    be, model, step = training_step(name, wl)
     for _ in range(5):
         step()
     acc = collections.defaultdict(float)

@@ -119,12 +119,12 @@ def _flops(calls):
     return tot
 
 
-def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
-    """Measure one fastvae backend on one workload (see module docstring)."""
+def training_step(name: str, wl: dict, dtype="float32"):
+    """``(backend, model, step)`` where ``step()`` is one training step of
+    workload ``wl`` (eps draw, forward, backward, Adam) on a resident batch."""
     be = _backends.get(name, dtype)
     cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
     B = wl["batch_size"]
-    t0 = time.perf_counter()
     model = VAE(cfg, be, seed=0)
     opt = Adam.for_model(model)
     rng = be.new_rng([0, 1])
@@ -135,7 +135,13 @@ def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
         rng.normal_(ws.eps)
         model.loss_and_grad(x, ws.eps, 1.0)
         opt.step()
+    return be, model, step
 
+
+def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
+    """Measure one fastvae backend on one workload (see module docstring)."""
+    t0 = time.perf_counter()
+    be, model, step = training_step(name, wl, dtype)
     with _GemmRecorder(be) as rec:
         step()
         be.synchronize()

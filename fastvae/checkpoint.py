@@ -57,6 +57,14 @@ def _header(version: int, digest: str) -> bytes:
     return line + b"\0" * (HEADER_SIZE - len(line))
 
 
+def _check_version(path, ver: int) -> None:
+    if ver != FORMAT_VERSION:
+        hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
+                else "re-save it with the fastvae version that wrote it")
+        raise CheckpointError(f"{path} has checkpoint format version {ver}, this fastvae reads version "
+                              f"{FORMAT_VERSION}; {hint}")
+
+
 def _parse_header(raw: bytes):
     """``(version, digest)`` or None when the bytes are not a fastvae header."""
     try:
@@ -166,16 +174,11 @@ def read_checkpoint(path) -> dict:
             if head is None:
                 fh.seek(0)
                 is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-                raise CheckpointError(
-                    f"{path} is not a fastvae checkpoint ({'an HDF5 file without the fastvae header' if is_hdf5 else 'not an HDF5 file, or truncated'}); "
-                    "pass a checkpoint.h5 written by fastvae")
+                what = "an HDF5 file without the fastvae header" if is_hdf5 else "not an HDF5 file, or truncated"
+                raise CheckpointError(f"{path} is not a fastvae checkpoint ({what}); "
+                                      "pass a checkpoint.h5 written by fastvae")
             ver, digest = head
-            if ver != FORMAT_VERSION:
-                hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
-                        else "re-save it with the fastvae version that wrote it")
-                raise CheckpointError(
-                    f"{path} has checkpoint format version {ver}, this fastvae reads version "
-                    f"{FORMAT_VERSION}; {hint}")
+            _check_version(path, ver)
             if _file_digest(fh) != digest:
                 raise CheckpointError(f"{path} is corrupt or truncated: its bytes do not match the SHA-256 "
                                       "written with it; use an intact copy (a failed save always leaves the "
@@ -207,12 +210,7 @@ def read_checkpoint(path) -> dict:
                 ver = int(ver)
             except (TypeError, ValueError):
                 raise CheckpointError(damaged) from None
-            if ver != FORMAT_VERSION:
-                hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
-                        else "re-save it with the fastvae version that wrote it")
-                raise CheckpointError(
-                    f"{path} has checkpoint format version {ver}, this fastvae reads version "
-                    f"{FORMAT_VERSION}; {hint}")
+            _check_version(path, ver)
             try:
                 meta = {}
                 for k, v in f.attrs.items():
