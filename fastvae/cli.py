@@ -327,6 +327,11 @@ def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):
     return model, datasets.load(dc.replace(**changes))
 
 
+def _split_images(data, split):
+    """``(x, y)`` of ``split``; the train split when the dataset has no test split."""
+    return data.split(split if split == "train" or data.x_test is not None else "train")
+
+
 def _image_shape(model, data):
     from .datasets import _image_shape_of
     return model.config.image_shape or data.image_shape or _image_shape_of(data.x_train)
@@ -337,7 +342,7 @@ def _cmd_plot(a):
     from .train import check_data_for_model
     ckpt = a.run if a.run.endswith(".h5") else os.path.join(a.run, "checkpoint.h5")
     model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
-    x, y = data.split(a.split) if a.split == "train" or data.x_test is not None else data.split("train")
+    x, y = _split_images(data, a.split)
     check_data_for_model(x, model.config, a.split)
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
@@ -379,10 +384,10 @@ def _cmd_plot(a):
     return 0
 
 
-def _pick_image(spec, data, split, model, shape):
+def _pick_image(spec, data, split, shape):
     """An image file (resized to the model's image size) or an index into the split."""
     from .errors import DataError
-    x, _ = data.split(split) if split == "train" or data.x_test is not None else data.split("train")
+    x, _ = _split_images(data, split)
     if spec.lstrip("-").isdigit():
         i = int(spec)
         if not -len(x) <= i < len(x):
@@ -408,8 +413,8 @@ def _cmd_interpolate(a):
         raise ConfigError("say where to write the result: --gif OUT.gif and/or --png OUT.png")
     model, data = _load_for_explore(a.checkpoint, a.dataset, a.data_dir, a.backend)
     shape = _image_shape(model, data)
-    xa = _pick_image(a.a, data, a.split, model, shape)
-    xb = _pick_image(a.b, data, a.split, model, shape)
+    xa = _pick_image(a.a, data, a.split, shape)
+    xb = _pick_image(a.b, data, a.split, shape)
     if a.gif:
         frames = explore.interpolation_frames(model, xa, xb, a.steps, a.mode)
         if a.scale < 1:

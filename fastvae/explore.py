@@ -210,20 +210,18 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
     ``plane = (mean, axes)``), other coordinates at ``center`` (default 0)."""
     L = model.config.latent_dim
     vals = grid_values(n, spacing)
-    base = np.zeros(L) if center is None else np.asarray(center, dtype=np.float64)
-    Z = np.empty((n * n, L))
-    for r, vy in enumerate(vals[::-1]):
-        for c, vx in enumerate(vals):
-            if plane is not None:
-                mean, axes = plane
-                Z[r * n + c] = base + mean * (center is None) + vx * axes[0] + vy * axes[1]
-            else:
-                z = base.copy()
-                z[dims[0]] += vx
-                if L > 1:
-                    z[dims[1]] += vy
-                Z[r * n + c] = z
-    return Z
+    if plane is not None:
+        mean, axes = plane
+        origin = mean if center is None else np.asarray(center, dtype=np.float64)
+        u, v = axes[0], axes[1]
+    else:
+        origin = np.zeros(L) if center is None else np.asarray(center, dtype=np.float64)
+        u, v = np.zeros(L), np.zeros(L)
+        u[dims[0]] = 1.0
+        if L > 1:
+            v[dims[1]] = 1.0
+    # rows from top (largest second coordinate) to bottom
+    return np.array([origin + vx * u + vy * v for vy in vals[::-1] for vx in vals])
 
 
 # ------------------------------------------------------------------ pictures

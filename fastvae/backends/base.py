@@ -153,6 +153,17 @@ class Backend:
         ``params -= step_size * m / (sqrt(v)/bc2_sqrt + eps)``."""
         raise NotImplementedError
 
+    @staticmethod
+    def fused_head(half):
+        """The ``(B, 2L)`` buffer whose left or right half is ``half`` (the
+        model keeps ``mu | logvar`` and ``dmu | dlogvar`` side by side so that
+        fused kernels read both from one array). Raises ValueError otherwise."""
+        base = half.base if half.base is not None else half
+        if base.ndim != 2 or base.shape[1] != 2 * half.shape[1] or not base.flags.c_contiguous:
+            raise ValueError("fused kernels expect mu and logvar (and their gradients) as the two halves "
+                             "of one C-contiguous (B, 2L) buffer")
+        return base
+
     def sum(self, a):
         """Sum of all elements as a device scalar (no host synchronisation)."""
         return a.sum()

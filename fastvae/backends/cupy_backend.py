@@ -222,24 +222,17 @@ class CupyBackend(Backend):
         self.xp.sum(a, axis=0, out=out)
         return out
 
-    @staticmethod
-    def _head_of(mu):
-        base = mu.base if mu.base is not None else mu
-        if base.ndim != 2 or base.shape[1] != 2 * mu.shape[1] or not base.flags.c_contiguous:
-            raise ValueError("the cupy backend expects mu and logvar as the two halves of one (B, 2L) buffer")
-        return base
-
     def reparam_kl(self, z, kl, std, mu, logvar, eps):
         B, L = z.shape
         self._fn("reparam_kl")(_blocks(B), (_THREADS,),
-                               (z, std if kl is None else kl, std, self._head_of(mu), eps,
+                               (z, std if kl is None else kl, std, self.fused_head(mu), eps,
                                 np.int32(B), np.int32(L), np.int32(kl is not None)))
         return z
 
     def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
         B, L = dz.shape
         self._fn("reparam_kl_backward")(_blocks(B * L), (_THREADS,),
-                                        (self._head_of(dmu), dz, self._head_of(mu), std, eps,
+                                        (self.fused_head(dmu), dz, self.fused_head(mu), std, eps,
                                          np.int32(B), np.int32(L), self._s(kl_scale)))
         return dmu, dlogvar
 

@@ -48,23 +48,15 @@ class NumbaBackend(NumpyBackend):
         return out
 
     def reparam_kl(self, z, kl, std, mu, logvar, eps):
-        head = self._head_of(mu, logvar)
+        head = self.fused_head(mu)
         K.reparam_kl(z, self.scratch("kl_dummy", (z.shape[0],)) if kl is None else kl, std, head, eps,
                      kl is not None)
         return z
 
     def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
-        K.reparam_kl_backward(self._head_of(dmu, None), dz, self._head_of(mu, None), std, eps,
+        K.reparam_kl_backward(self.fused_head(dmu), dz, self.fused_head(mu), std, eps,
                               self._s(kl_scale))
         return dmu, dlogvar
-
-    @staticmethod
-    def _head_of(mu, logvar):
-        """The (B, 2L) [mu | logvar] buffer that the model's views come from."""
-        base = mu.base if mu.base is not None else mu
-        if base.ndim != 2 or base.shape[1] != 2 * mu.shape[1] or not base.flags.c_contiguous:
-            raise ValueError("the numba backend expects mu and logvar as the two halves of one (B, 2L) buffer")
-        return base
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         B = logits.shape[0]
