@@ -18,32 +18,25 @@ __version__ = "0.1.0"
 from . import backends, datasets  # noqa: E402
 from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from .errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
-                     DataError, FastVAEError)
+                     DataError, FastVAEError, TrainingDivergedError, TrainingInterrupted)
 from .evaluate import evaluate  # noqa: E402
 from .layout import ParamLayout  # noqa: E402
 from .model import VAE  # noqa: E402
 from .optim import Adam  # noqa: E402
-from .train import Trainer, TrainingDivergedError, TrainingInterrupted, train  # noqa: E402
+from .train import Trainer, train  # noqa: E402
 
 
 def load(path, backend=None) -> VAE:
     """Load a checkpoint into a :class:`VAE` on ``backend`` (default: the
-    backend that wrote it, or ``numpy`` when that one cannot run here).
+    backend that wrote it, or ``numpy`` when that one cannot run here; see
+    :mod:`fastvae.restore`).
 
     The returned model carries ``model.checkpoint``: ``{"train", "data",
-    "history", "epoch", "step", "meta"}`` from the file. Raises
+    "history", "epoch", "step", "meta", "adam_t"}`` from the file. Raises
     CheckpointError for a missing, foreign, damaged or other-version file.
     """
-    from .checkpoint import read_checkpoint
-    data = read_checkpoint(path)
-    mc = ModelConfig.from_dict(data["config"]["model"])
-    if backend is None:
-        written = data["meta"].get("backend", "numpy")
-        ok = {b["name"]: b["available"] for b in backends.available()}
-        backend = written if ok.get(written) else "numpy"
-    model = VAE(mc, backend)
-    model.layout.check_table(data["layout"])
-    model.set_flat_params(data["params"])
+    from .restore import load_model
+    model, data = load_model(path, backend)
     model.checkpoint = {"train": data["config"].get("train"), "data": data["config"].get("data"),
                         "history": data["history"], "epoch": data["state"].get("epoch"),
                         "step": data["state"].get("step"), "meta": data["meta"],

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from .errors import ConfigError
+from .ops import ACTIVATION_CODES, ACTIVATIONS, LIKELIHOODS
 
-ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus", "sigmoid")
-LIKELIHOODS = ("bernoulli", "gaussian", "mse")
 DTYPES = ("float32", "float64")
 INITS = ("pytorch", "xavier")
 BETA_SCHEDULES = ("constant", "linear", "sigmoid", "cyclical")
@@ -87,6 +86,17 @@ class ModelConfig(_JSONMixin):
         zero biases).
     leaky_slope, elu_alpha: parameters of those activations.
     image_shape: ``(H, W)`` or ``(H, W, C)`` used only to draw pictures.
+    layers: the architecture as data, a list of layer specs (JSON objects)
+        walked in order from image to likelihood; ``None`` (default) derives
+        today's MLP from ``hidden``, ``latent_dim``, ``decoder_hidden``,
+        ``activation``, ``likelihood`` and ``sigma`` (see
+        :func:`mlp_layer_specs`). Spec types, all with a unique ``name``:
+        ``{"type": "dense", "units": N, "activation": A}`` (optionally
+        ``"parts": [names]``: one GEMM stored as several named tensors, as the
+        ``mu | logvar`` head is), ``{"type": "gaussian", "latent_dim": L}``
+        (the reparameterized sampler and its KL) and ``{"type": "likelihood",
+        "kind": K, "sigma": S}``. Checked here for types and values; shapes
+        are checked when the layers are built (``fastvae.layers.build``).
     """
 
     input_dim: int = 784
@@ -101,6 +111,7 @@ class ModelConfig(_JSONMixin):
     leaky_slope: float = 0.01
     elu_alpha: float = 1.0
     image_shape: Optional[Tuple[int, ...]] = None
+    layers: Optional[List[dict]] = None
 
     def __post_init__(self):
         _positive_int("input_dim", self.input_dim)
@@ -125,11 +136,89 @@ class ModelConfig(_JSONMixin):
                 raise ConfigError(
                     f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels "
                     f"but input_dim is {self.input_dim}")
+        self.layers = mlp_layer_specs(self) if self.layers is None else _check_layer_specs(self, self.layers)
 
     @property
     def decoder_widths(self) -> List[int]:
         """Decoder hidden widths (mirror of the encoder unless given)."""
         return list(reversed(self.hidden)) if self.decoder_hidden is None else list(self.decoder_hidden)
+
+    def replace(self, **changes):
+        """A copy with ``changes``; changing an MLP-form field re-derives ``layers``."""
+        if set(changes) & set(_MLP_FIELDS) and "layers" not in changes:
+            changes["layers"] = None
+        return dataclasses.replace(self, **changes)
+
+
+_MLP_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma")
+_SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
+              "gaussian": {"type", "name", "latent_dim"},
+              "likelihood": {"type", "name", "kind", "sigma"}}
+
+
+def mlp_layer_specs(cfg: "ModelConfig") -> List[dict]:
+    """The layer specs of the MLP VAE that ``hidden``/``latent_dim`` describe:
+    dense ``encoder.i`` layers, the fused ``encoder.head`` (2L units stored as
+    ``encoder.mu`` and ``encoder.logvar``), the Gaussian sampler, dense
+    ``decoder.i`` layers, ``decoder.out`` (input_dim logits) and the likelihood."""
+    specs = [{"type": "dense", "name": f"encoder.{i}", "units": h, "activation": cfg.activation}
+             for i, h in enumerate(cfg.hidden)]
+    specs.append({"type": "dense", "name": "encoder.head", "units": 2 * cfg.latent_dim,
+                  "activation": "identity", "parts": ["mu", "logvar"]})
+    specs.append({"type": "gaussian", "name": "sampler", "latent_dim": cfg.latent_dim})
+    specs += [{"type": "dense", "name": f"decoder.{i}", "units": h, "activation": cfg.activation}
+              for i, h in enumerate(cfg.decoder_widths)]
+    specs.append({"type": "dense", "name": "decoder.out", "units": cfg.input_dim, "activation": "identity"})
+    specs.append({"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma})
+    return specs
+
+
+def _check_layer_specs(cfg: "ModelConfig", specs) -> List[dict]:
+    """Validate layer specs (types, keys, values, one sampler, the likelihood
+    last and agreeing with the config); returns plain-JSON copies."""
+    if not isinstance(specs, (list, tuple)) or not specs:
+        raise ConfigError("layers must be a non-empty list of layer specs (JSON objects)")
+    if len(specs) > 1000:
+        raise ConfigError(f"layers lists {len(specs)} layers; at most 1000 are supported")
+    out, names = [], set()
+    for i, spec in enumerate(specs):
+        where = f"layer {i}"
+        if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
+            raise ConfigError(f"{where} must be an object with type one of {', '.join(_SPEC_KEYS)}, got {spec!r:.80}")
+        kind = spec["type"]
+        extra = set(spec) - _SPEC_KEYS[kind]
+        name = spec.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
+            raise ConfigError(f"{where} ({kind}) needs a name of 1-64 letters, digits, '.', '_' or '-'")
+        where = f"layer {i} ({name!r})"
+        if extra:
+            raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; a {kind} layer takes {sorted(_SPEC_KEYS[kind])}")
+        if name in names:
+            raise ConfigError(f"{where}: layer names must be unique")
+        names.add(name)
+        spec = dict(spec)
+        if kind == "dense":
+            _positive_int(f"{where} units", spec.get("units"))
+            _choice(f"{where} activation", spec.get("activation"), tuple(ACTIVATION_CODES))
+            if "parts" in spec:
+                parts = spec["parts"]
+                if (not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p.isidentifier()
+                                                                        for p in parts)
+                        or len(set(parts)) != len(parts) or spec["units"] % len(parts)):
+                    raise ConfigError(f"{where} parts must be distinct identifiers that split units evenly")
+                spec["parts"] = list(parts)
+        elif kind == "gaussian":
+            if spec.get("latent_dim") != cfg.latent_dim:
+                raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "
+                                  f"latent_dim {cfg.latent_dim}")
+        elif spec.get("kind") != cfg.likelihood or spec.get("sigma") != cfg.sigma:
+            raise ConfigError(f"{where} (kind {spec.get('kind')!r}, sigma {spec.get('sigma')!r}) differs from the "
+                              f"config's likelihood {cfg.likelihood!r}, sigma {cfg.sigma!r}")
+        out.append(spec)
+    kinds = [s["type"] for s in out]
+    if kinds.count("gaussian") != 1 or kinds.count("likelihood") != 1 or kinds[-1] != "likelihood":
+        raise ConfigError("layers need exactly one gaussian sampler and end with the one likelihood layer")
+    return out
 
 
 @dataclass

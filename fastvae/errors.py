@@ -12,6 +12,8 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "BackendUnavailableError",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
 ]
 
 
@@ -35,3 +37,20 @@ class CheckpointError(FastVAEError):
 class BackendUnavailableError(FastVAEError, RuntimeError):
     """A compute backend that is unknown or cannot run on this machine
     (missing package, no device); the message names what is missing."""
+
+
+class TrainingDivergedError(FastVAEError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(FastVAEError):
+    """Ctrl-C stopped training after a finished step; a checkpoint was saved.
+
+    Attributes: ``path`` (the checkpoint), ``epoch`` (epochs completed),
+    ``batch`` (steps done in the current epoch), ``total`` (epochs asked for).
+    """
+
+    def __init__(self, path, epoch, batch, steps_per_epoch, total):
+        self.path, self.epoch, self.batch, self.total = path, epoch, batch, total
+        where = f"epoch {epoch + 1}, step {batch}/{steps_per_epoch}" if batch else f"the end of epoch {epoch}"
+        super().__init__(f"interrupted at {where}; checkpoint saved to {path}")

@@ -6,10 +6,11 @@ model in a single pass and lets the checkpoint store one array.
 
 Weights use PyTorch's ``nn.Linear`` convention, ``W: (out, in)`` and
 ``y = x @ W.T + b``, so weights compare with a torch twin without transposes.
-The ``mu`` and ``logvar`` heads are stored back to back (both weights, then
-both biases), so that together they form one ``(2L, H)`` weight and one
-``(2L,)`` bias: the encoder computes both heads with a single GEMM while each
-head keeps its own name.
+The layout is built by walking the model's layers (``fastvae.layers``), each
+adding its tensors in order; a layer whose tensors are stored back to back
+(the ``mu | logvar`` head: both weights, then both biases) takes one
+contiguous view across them with :meth:`ParamLayout.span`, so its two halves
+are one GEMM while each keeps its own name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Dict, List, Tuple
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .layers import build
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,6 @@ class Entry:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """One dense layer: weight/bias names, fan-in, fan-out, activation after it."""
-    name: str
-    fan_in: int
-    fan_out: int
-    activation: str  # "identity" for heads / output
 
 
 class ParamLayout:
@@ -57,33 +50,14 @@ class ParamLayout:
         self.size = off
 
     # --- construction --------------------------------------------------------
-    @staticmethod
-    def linear_specs(cfg: ModelConfig) -> Tuple[List[LinearSpec], LinearSpec, List[LinearSpec]]:
-        """(encoder hidden layers, fused head, decoder layers incl. output)."""
-        enc, fan_in = [], cfg.input_dim
-        for i, h in enumerate(cfg.hidden):
-            enc.append(LinearSpec(f"encoder.{i}", fan_in, h, cfg.activation))
-            fan_in = h
-        head = LinearSpec("encoder.head", fan_in, 2 * cfg.latent_dim, "identity")
-        dec, fan_in = [], cfg.latent_dim
-        for i, h in enumerate(cfg.decoder_widths):
-            dec.append(LinearSpec(f"decoder.{i}", fan_in, h, cfg.activation))
-            fan_in = h
-        dec.append(LinearSpec("decoder.out", fan_in, cfg.input_dim, "identity"))
-        return enc, head, dec
+    @classmethod
+    def for_layers(cls, layers) -> "ParamLayout":
+        """The layout of ``layers`` (``fastvae.layers.Layer`` list), walked in order."""
+        return cls([entry for layer in layers for entry in layer.param_entries()])
 
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> "ParamLayout":
-        enc, head, dec = cls.linear_specs(cfg)
-        entries = []
-        for s in enc:
-            entries += [(s.name + ".W", (s.fan_out, s.fan_in)), (s.name + ".b", (s.fan_out,))]
-        L, H = cfg.latent_dim, head.fan_in
-        entries += [("encoder.mu.W", (L, H)), ("encoder.logvar.W", (L, H)),
-                    ("encoder.mu.b", (L,)), ("encoder.logvar.b", (L,))]
-        for s in dec:
-            entries += [(s.name + ".W", (s.fan_out, s.fan_in)), (s.name + ".b", (s.fan_out,))]
-        return cls(entries)
+        return cls.for_layers(build(cfg))
 
     # --- access --------------------------------------------------------------
     def __getitem__(self, name: str) -> Entry:
@@ -104,14 +78,18 @@ class ParamLayout:
         return flat[e.offset:e.offset + e.size].reshape(e.shape)
 
     def views(self, flat) -> Dict[str, object]:
-        """``{name: view}`` for every tensor, plus the fused head
-        ``encoder.head.W (2L, H)`` and ``encoder.head.b (2L,)``."""
-        out = {e.name: self.view(flat, e.name) for e in self.entries}
-        mw, mb = self._by_name["encoder.mu.W"], self._by_name["encoder.mu.b"]
-        L, H = mw.shape
-        out["encoder.head.W"] = flat[mw.offset:mw.offset + 2 * L * H].reshape(2 * L, H)
-        out["encoder.head.b"] = flat[mb.offset:mb.offset + 2 * L]
-        return out
+        """``{name: view}`` for every tensor."""
+        return {e.name: self.view(flat, e.name) for e in self.entries}
+
+    def span(self, flat, first: str, shape):
+        """View of ``shape`` starting where tensor ``first`` starts: one
+        contiguous view across tensors stored back to back. Raises ValueError
+        when it would run past the buffer."""
+        e = self._by_name[first]
+        n = math.prod(shape)
+        if e.offset + n > self.size:
+            raise ValueError(f"a {tuple(shape)} view from {first!r} runs past the {self.size}-element buffer")
+        return flat[e.offset:e.offset + n].reshape(shape)
 
     # --- serialisation -------------------------------------------------------
     def to_table(self) -> List[dict]:

@@ -1,6 +1,7 @@
-"""The MLP VAE: forward and hand-derived backward, written once for every backend.
+"""The VAE: a stack of layers walked forward, then backward in reverse.
 
-Model (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"):
+Model (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"), as the
+default MLP stack of :func:`fastvae.config.mlp_layer_specs`:
 
     encoder:  h = act(... act(x W1^T + b1) ...)
               [mu | logvar] = h Wh^T + bh                  (two heads, one GEMM)
@@ -10,66 +11,69 @@ Model (Kingma & Welling 2014, "Auto-Encoding Variational Bayes"):
                   kl_i = -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))  (App. B)
     loss = mean_i (recon_i + beta * kl_i);  -ELBO = mean_i (recon_i + kl_i)
 
-All parameters live in ``self.params`` (one flat buffer, see
-:class:`fastvae.layout.ParamLayout`); ``loss_and_grad`` writes every gradient
-into ``self.grads`` of the same layout. Shapes: ``x (B, D)`` with pixel values
-in [0, 1], ``eps (B, L)``; all arrays in the model's dtype on the backend's
-device. Work buffers are allocated once per batch size and reused.
+Every layer (``fastvae.layers``) is a forward/backward pair; this module only
+walks them. All parameters live in ``self.params`` (one flat buffer, see
+:class:`fastvae.layout.ParamLayout`, built by walking the layers);
+``loss_and_grad`` writes every gradient into ``self.grads`` of the same
+layout. Shapes: ``x (B, D)`` with pixel values in [0, 1], ``eps (B, L)``; all
+arrays in the model's dtype on the backend's device. Work buffers are
+allocated once per batch size and reused.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
 from . import backends as _backends
+from . import layers as _layers
 from .config import ModelConfig
 from .errors import ConfigError
-from .layout import LinearSpec, ParamLayout
+from .layout import ParamLayout
 
 
-class _Workspace:
-    """Activations and gradient buffers for one batch size."""
+class Workspace:
+    """Buffers for one batch size ``B``: every layer's :class:`~fastvae.layers.State`
+    (``states[i]`` for ``layers[i]``), the batch ``x (B, D)`` and the noise
+    ``eps (B, L)`` the trainer fills, and named views of the results of the
+    last pass: ``head (B, 2L)``, ``mu``, ``logvar``, ``std``, ``z (B, L)``,
+    ``kl (B,)``, ``logits (B, D)`` and ``nll (B,)`` (nats)."""
 
-    def __init__(self, be, B, enc, head, dec, L):
+    def __init__(self, be, B, model):
         self.B = B
-        self.enc_pre = [be.empty((B, s.fan_out)) for s in enc]
-        self.enc_out = [be.empty((B, s.fan_out)) for s in enc]
-        self.enc_d = [be.empty((B, s.fan_out)) for s in enc]
-        self.head = be.empty((B, 2 * L))
-        self.mu, self.logvar = self.head[:, :L], self.head[:, L:]
-        self.std = be.empty((B, L))
-        self.z = be.empty((B, L))
+        layers, k = model.layers, model.sampler_at
+        self.states = [layer.workspace(be, B, need_dx=i > 0) for i, layer in enumerate(layers)]
+        L = model.config.latent_dim
+        self.x = be.empty((B, model.config.input_dim))
         self.eps = be.empty((B, L))
-        self.kl = be.empty((B,))
-        self.dhead = be.empty((B, 2 * L))
-        self.dmu, self.dlogvar = self.dhead[:, :L], self.dhead[:, L:]
-        self.dz = be.empty((B, L))
-        self.dec_pre = [be.empty((B, s.fan_out)) for s in dec]   # last one: logits
-        self.dec_out = [be.empty((B, s.fan_out)) for s in dec[:-1]]
-        self.dec_d = [be.empty((B, s.fan_out)) for s in dec]     # last one: dlogits
-        self.nll = be.empty((B,))
-        self.x = be.empty((B, dec[-1].fan_out))
+        self.head = self.states[k - 1].y if k > 0 else None
+        sampler = self.states[k]
+        self.z, self.std, self.kl = sampler.y, sampler.std, sampler.kl
+        self.logits = self.states[-2].y
+        self.nll = self.states[-1].y
 
     @property
-    def logits(self):
-        return self.dec_pre[-1]
+    def mu(self):
+        return self.head[:, :self.z.shape[1]]
+
+    @property
+    def logvar(self):
+        return self.head[:, self.z.shape[1]:]
 
 
 class VAE:
-    """An MLP variational autoencoder on a compute backend.
+    """A variational autoencoder on a compute backend.
 
     Parameters
     ----------
-    config : ModelConfig
+    config : ModelConfig (its ``layers`` specs are the architecture)
     backend : str or Backend, default ``"numpy"`` (see :func:`fastvae.backends.available`).
     seed : int, initialisation seed (host-side NumPy PCG64, so every backend
         starts from identical weights).
 
-    Raises ConfigError for a bad config, BackendUnavailableError for a backend
-    that cannot run here.
+    Raises ConfigError for a bad config or a layer stack whose sizes do not
+    chain, BackendUnavailableError for a backend that cannot run here.
     """
 
     def __init__(self, config: ModelConfig, backend="numpy", seed: int = 0):
@@ -80,14 +84,19 @@ class VAE:
         if self.backend.dtype != np.dtype(config.dtype):
             raise ConfigError(
                 f"backend computes in {self.backend.dtype} but the model config says {config.dtype}")
-        self.layout = ParamLayout.for_config(config)
-        self.enc, self.head, self.dec = ParamLayout.linear_specs(config)
+        self.layers = _layers.build(config)
+        self.sampler_at = _layers.sampler_index(self.layers)
+        self.encoder = self.layers[:self.sampler_at]
+        self.decoder = self.layers[self.sampler_at + 1:-1]
+        self.layout = ParamLayout.for_layers(self.layers)
         be = self.backend
         self.params = be.zeros((self.layout.size,))
         self.grads = be.zeros((self.layout.size,))
         self.p = self.layout.views(self.params)
         self.g = self.layout.views(self.grads)
-        self._ws: Dict[int, _Workspace] = {}
+        for layer in self.layers:
+            layer.bind(self.layout, self.params, self.grads)
+        self._ws: Dict[int, Workspace] = {}
         self.init_params(seed)
 
     # ---- parameters ----------------------------------------------------------
@@ -96,34 +105,13 @@ class VAE:
         return self.layout.size
 
     def init_params(self, seed: int = 0) -> None:
-        """(Re)initialise every weight and bias on the host, then copy to the device.
-
-        ``pytorch``: W, b ~ U(-k, k) with k = 1/sqrt(fan_in) (the ``nn.Linear``
-        default, kaiming_uniform with a = sqrt(5)); ``xavier``: W ~ U(-a, a),
-        a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010, eq. 16), b = 0.
-        The two heads are initialised as separate layers.
-        """
+        """(Re)initialise every tensor on the host, layer by layer in order
+        (``config.init``, see :meth:`fastvae.layers.Dense.init_params`), then
+        copy to the device."""
         rng = np.random.Generator(np.random.PCG64(seed))
         host = np.zeros(self.layout.size, dtype=np.float64)
-
-        def fill(name, fan_in, fan_out):
-            e = self.layout[name + ".W"]
-            eb = self.layout[name + ".b"]
-            if self.config.init == "xavier":
-                a = math.sqrt(6.0 / (fan_in + fan_out))
-                host[e.offset:e.offset + e.size] = rng.uniform(-a, a, e.size)
-            else:
-                k = 1.0 / math.sqrt(fan_in)
-                host[e.offset:e.offset + e.size] = rng.uniform(-k, k, e.size)
-                host[eb.offset:eb.offset + eb.size] = rng.uniform(-k, k, eb.size)
-
-        for s in self.enc:
-            fill(s.name, s.fan_in, s.fan_out)
-        L = self.config.latent_dim
-        fill("encoder.mu", self.head.fan_in, L)
-        fill("encoder.logvar", self.head.fan_in, L)
-        for s in self.dec:
-            fill(s.name, s.fan_in, s.fan_out)
+        for layer in self.layers:
+            layer.init_params(host, self.layout, rng, self.config.init)
         self.set_flat_params(host)
 
     def set_flat_params(self, host) -> None:
@@ -137,22 +125,15 @@ class VAE:
         return self.backend.to_host(self.params).copy()
 
     def load_checkpoint(self, path) -> dict:
-        """Load the parameters of a checkpoint into THIS model.
-
-        Raises CheckpointError when the file is not a valid fastvae checkpoint
-        or was written for another architecture or dtype (the message names
-        both); returns the checkpoint's host data.
-        """
+        """Load the parameters of a checkpoint into THIS model (see
+        :func:`fastvae.restore.load_params`). Raises CheckpointError when the
+        file is not a valid fastvae checkpoint or was written for another
+        architecture or dtype (the message names both); returns the
+        checkpoint's host data."""
         from .checkpoint import read_checkpoint
-        from .errors import CheckpointError
+        from .restore import load_params
         data = read_checkpoint(path)
-        theirs = data["config"].get("model", {})
-        if theirs.get("dtype") != self.config.dtype:
-            raise CheckpointError(f"{path} holds {theirs.get('dtype')} parameters but this model is "
-                                  f"{self.config.dtype}; build the model with dtype={theirs.get('dtype')!r} "
-                                  "or use fastvae.load")
-        self.layout.check_table(data["layout"])
-        self.set_flat_params(data["params"])
+        load_params(self, data, path)
         return data
 
     def state_dict(self) -> Dict[str, np.ndarray]:
@@ -161,58 +142,49 @@ class VAE:
         return {e.name: self.layout.view(host, e.name).copy() for e in self.layout}
 
     # ---- workspace -----------------------------------------------------------
-    def workspace(self, B: int) -> _Workspace:
+    def workspace(self, B: int) -> Workspace:
         ws = self._ws.get(B)
         if ws is None:
             if len(self._ws) > 4:       # bounded: train batch, last batch, eval batch
                 self._ws.clear()
-            ws = self._ws[B] = _Workspace(self.backend, B, self.enc, self.head, self.dec,
-                                          self.config.latent_dim)
+            ws = self._ws[B] = Workspace(self.backend, B, self)
         return ws
 
-    # ---- forward -------------------------------------------------------------
-    def _dense(self, out_pre, out_act, x, spec: LinearSpec, W, b):
-        be, c = self.backend, self.config
-        be.gemm(out_pre, x, W, trans_b=True)
-        be.bias_act(out_act, out_pre, b, spec.activation, c.leaky_slope, c.elu_alpha)
+    # ---- the walks -----------------------------------------------------------
+    def _walk(self, ws, start, stop, a, step):
+        be = self.backend
+        for i in range(start, stop):
+            a = self.layers[i].forward(be, ws.states[i], a, step)
+        return a
 
-    def encode_into(self, ws: _Workspace, x) -> None:
-        """Fill ``ws.mu`` and ``ws.logvar`` from ``x (B, D)``."""
-        a = x
-        for i, s in enumerate(self.enc):
-            self._dense(ws.enc_pre[i], ws.enc_out[i], a, s, self.p[s.name + ".W"], self.p[s.name + ".b"])
-            a = ws.enc_out[i]
-        self._dense(ws.head, None, a, self.head, self.p["encoder.head.W"], self.p["encoder.head.b"])
+    def encode_into(self, ws: Workspace, x) -> None:
+        """Fill ``ws.head`` (so ``ws.mu`` and ``ws.logvar``) from ``x (B, D)``."""
+        self._walk(ws, 0, self.sampler_at, x, None)
 
-    def decode_into(self, ws: _Workspace, z) -> None:
-        """Fill ``ws.logits`` (decoder output before the likelihood's link) from ``z (B, L)``."""
-        a = z
-        last = len(self.dec) - 1
-        for i, s in enumerate(self.dec):
-            out = None if i == last else ws.dec_out[i]
-            self._dense(ws.dec_pre[i], out, a, s, self.p[s.name + ".W"], self.p[s.name + ".b"])
-            a = out
+    def decode_into(self, ws: Workspace, z):
+        """Fill ``ws.logits`` (decoder output before the likelihood's link)
+        from ``z (B, L)``; returns it."""
+        return self._walk(ws, self.sampler_at + 1, len(self.layers) - 1, z, None)
 
-    def forward(self, x, eps, need_nll: bool = True) -> _Workspace:
+    def nll_into(self, ws: Workspace, x):
+        """Per-image ``ws.nll (B,)`` (nats) of targets ``x (B, D)`` under ``ws.logits``."""
+        n = len(self.layers) - 1
+        return self._walk(ws, n, n + 1, ws.logits, _layers.Step(x, None))
+
+    def forward(self, x, eps, need_nll: bool = True) -> Workspace:
         """Full forward pass for ``x (B, D)`` and noise ``eps (B, L)``.
 
         Returns the workspace holding ``mu, logvar, std, z, logits`` and the
         per-image ``nll (B,)`` (nats, summed over pixels) and ``kl (B,)`` (nats,
         summed over latent dims).
         """
-        B = x.shape[0]
-        ws = self.workspace(B)
-        self.encode_into(ws, x)
-        self.backend.reparam_kl(ws.z, ws.kl, ws.std, ws.mu, ws.logvar, eps)
-        self.decode_into(ws, ws.z)
-        if need_nll:
-            c = self.config
-            self.backend.likelihood(None, ws.nll, ws.logits, x, c.likelihood, c.sigma, 1.0)
+        ws = self.workspace(x.shape[0])
+        stop = len(self.layers) if need_nll else len(self.layers) - 1
+        self._walk(ws, 0, stop, x, _layers.Step(x, eps))
         return ws
 
-    # ---- forward + backward --------------------------------------------------
     def loss_and_grad(self, x, eps, beta: float = 1.0, need_loss: bool = True):
-        """Forward and hand-derived backward of ``mean_i(recon_i + beta * kl_i)``.
+        """Forward walk then reversed backward walk of ``mean_i(recon_i + beta * kl_i)``.
 
         x: (B, D) device array in the model dtype, values in [0, 1] for bernoulli.
         eps: (B, L) device array of N(0, 1) noise (fixed noise makes the step
@@ -221,44 +193,14 @@ class VAE:
         ``(recon_sum, kl_sum)`` as device scalars (nats, summed over the
         batch; ``None`` when ``need_loss`` is False).
         """
-        be, c = self.backend, self.config
+        be = self.backend
         B = x.shape[0]
         ws = self.workspace(B)
-        inv_b = 1.0 / B
-        # forward
-        self.encode_into(ws, x)
-        be.reparam_kl(ws.z, ws.kl if need_loss else None, ws.std, ws.mu, ws.logvar, eps)
-        self.decode_into(ws, ws.z)
-        be.likelihood(ws.dec_d[-1], ws.nll if need_loss else None, ws.logits, x,
-                      c.likelihood, c.sigma, inv_b)
-        # decoder backward: d holds dLoss/d(pre-activation) of layer i
-        for i in range(len(self.dec) - 1, -1, -1):
-            s = self.dec[i]
-            d = ws.dec_d[i]
-            inp = ws.z if i == 0 else ws.dec_out[i - 1]
-            be.gemm(self.g[s.name + ".W"], d, inp, trans_a=True)
-            be.col_sum(self.g[s.name + ".b"], d)
-            dinp = ws.dz if i == 0 else ws.dec_d[i - 1]
-            be.gemm(dinp, d, self.p[s.name + ".W"])
-            if i > 0:
-                be.act_backward(dinp, ws.dec_pre[i - 1], ws.dec_out[i - 1],
-                                self.dec[i - 1].activation, c.leaky_slope, c.elu_alpha)
-        # sampler + KL backward
-        be.reparam_kl_backward(ws.dmu, ws.dlogvar, ws.dz, ws.mu, ws.std, eps, beta * inv_b)
-        # head + encoder backward
-        specs = self.enc + [self.head]
-        grads_d = ws.enc_d + [ws.dhead]
-        for i in range(len(specs) - 1, -1, -1):
-            s = specs[i]
-            d = grads_d[i]
-            inp = x if i == 0 else ws.enc_out[i - 1]
-            be.gemm(self.g[s.name + ".W"], d, inp, trans_a=True)
-            be.col_sum(self.g[s.name + ".b"], d)
-            if i > 0:
-                dinp = ws.enc_d[i - 1]
-                be.gemm(dinp, d, self.p[s.name + ".W"])
-                be.act_backward(dinp, ws.enc_pre[i - 1], ws.enc_out[i - 1],
-                                specs[i - 1].activation, c.leaky_slope, c.elu_alpha)
+        step = _layers.Step(x, eps, beta=beta, grad_scale=1.0 / B, train=True, need_loss=need_loss)
+        self._walk(ws, 0, len(self.layers), x, step)
+        d = None
+        for i in range(len(self.layers) - 1, -1, -1):
+            d = self.layers[i].backward(be, ws.states[i], d, step)
         if not need_loss:
             return None, None
         return be.sum(ws.nll), be.sum(ws.kl)
@@ -319,6 +261,6 @@ class VAE:
 
     def __repr__(self):
         c = self.config
-        return (f"VAE({c.input_dim}-{'-'.join(map(str, c.hidden))}-{c.latent_dim}, "
-                f"{c.activation}, {c.likelihood}, {c.dtype}, backend={self.backend.name}, "
+        sizes = "-".join(str(layer.out_features) for layer in self.layers[:-1])
+        return (f"VAE({c.input_dim}-{sizes}, {c.likelihood}, {c.dtype}, backend={self.backend.name}, "
                 f"params={self.num_params})")

@@ -27,7 +27,8 @@ import numpy as np
 from . import checkpoint as ckpt
 from . import datasets as _datasets
 from .config import DataConfig, ModelConfig, TrainConfig
-from .errors import CheckpointError, ConfigError, DataError, FastVAEError
+from .errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,  # noqa: F401
+                     TrainingInterrupted)
 from .evaluate import evaluate
 from .model import VAE
 from .optim import Adam
@@ -35,23 +36,6 @@ from .schedules import beta_at, lr_at
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
-
-
-class TrainingDivergedError(FastVAEError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(FastVAEError):
-    """Ctrl-C stopped training after a finished step; a checkpoint was saved.
-
-    Attributes: ``path`` (the checkpoint), ``epoch`` (epochs completed),
-    ``batch`` (steps done in the current epoch), ``total`` (epochs asked for).
-    """
-
-    def __init__(self, path, epoch, batch, steps_per_epoch, total):
-        self.path, self.epoch, self.batch, self.total = path, epoch, batch, total
-        where = f"epoch {epoch + 1}, step {batch}/{steps_per_epoch}" if batch else f"the end of epoch {epoch}"
-        super().__init__(f"interrupted at {where}; checkpoint saved to {path}")
 
 
 def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset") -> None:

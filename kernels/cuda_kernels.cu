@@ -4,15 +4,15 @@
 // for the instantiations it needs through RawModule(name_expressions=...).
 // The formulas and their sources are documented on fastvae.backends.base.Backend.
 //
-// Compile check without a GPU:  nvcc -ptx -DFASTVAE_INSTANTIATE kernels/cuda_kernels.cu
+// The activation and likelihood codes (FV_RELU, FV_BERNOULLI, ...) come from the
+// one table in fastvae/ops.py as compiler defines (fastvae.ops.cuda_defines()).
+//
+// Compile check without a GPU:
+//   nvcc -ptx -DFASTVAE_INSTANTIATE $(python -m fastvae.ops) kernels/cuda_kernels.cu
 
-#define FV_IDENTITY 0
-#define FV_RELU 1
-#define FV_TANH 2
-#define FV_SIGMOID 3
-#define FV_LEAKY_RELU 4
-#define FV_ELU 5
-#define FV_SOFTPLUS 6
+#if !defined(FV_IDENTITY) || !defined(FV_SOFTPLUS) || !defined(FV_BERNOULLI) || !defined(FV_MSE)
+#error "compile with the op-code defines of fastvae.ops.cuda_defines() (python -m fastvae.ops)"
+#endif
 
 #define FV_GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
@@ -89,8 +89,8 @@ __global__ void reparam_kl_backward(T* dhead, const T* dz, const T* head, const 
 }
 
 // Likelihood and its gradient, one block per image, block-wide sum for nll.
-// kind 0 bernoulli on logits: nll = sum softplus(l) - x l, grad = sigmoid(l) - x
-// kind 1 gaussian / 2 mse:    r = l - x, nll = half * sum r^2 + cnst, grad = inv_var * r
+// FV_BERNOULLI on logits:     nll = sum softplus(l) - x l, grad = sigmoid(l) - x
+// FV_GAUSSIAN / FV_MSE:       r = l - x, nll = half * sum r^2 + cnst, grad = inv_var * r
 // dlogits = grad_scale * grad. blockDim.x must be a power of two <= 1024.
 template <typename T>
 __global__ void likelihood(T* dlogits, T* nll, const T* logits, const T* x, int B, int D, int kind,
@@ -104,7 +104,7 @@ __global__ void likelihood(T* dlogits, T* nll, const T* logits, const T* x, int 
     T acc = T(0);
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         T v = l[j], t = xi[j];
-        if (kind == 0) {
+        if (kind == FV_BERNOULLI) {
             T e = exp(-fabs(v));
             if (need_nll) acc += fmax(v, T(0)) + log1p(e) - t * v;
             if (need_grad) {
@@ -124,7 +124,7 @@ __global__ void likelihood(T* dlogits, T* nll, const T* logits, const T* x, int 
         if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
         __syncthreads();
     }
-    if (threadIdx.x == 0) nll[i] = (kind == 0) ? red[0] : red[0] * half + cnst;
+    if (threadIdx.x == 0) nll[i] = (kind == FV_BERNOULLI) ? red[0] : red[0] * half + cnst;
 }
 
 // The whole Adam step over the flat buffers (torch.optim.Adam's form, with

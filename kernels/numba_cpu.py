@@ -12,16 +12,16 @@ on disk between runs.
 
 import math
 
-import numpy as np
 from numba import njit
+
+from ..ops import ACTIVATION_CODES
 
 _FM = {"reassoc", "contract", "nsz"}
 _jit = njit(cache=True, fastmath=_FM, error_model="numpy", nogil=True)
 
-# activation codes (keep in step with ACT_CODES below)
-IDENTITY, RELU, TANH, SIGMOID, LEAKY_RELU, ELU, SOFTPLUS = range(7)
-ACT_CODES = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID,
-             "leaky_relu": LEAKY_RELU, "elu": ELU, "softplus": SOFTPLUS}
+# activation codes from the one table in fastvae.ops (frozen into the kernels at compile time)
+IDENTITY, RELU, TANH, SIGMOID = (ACTIVATION_CODES[k] for k in ("identity", "relu", "tanh", "sigmoid"))
+LEAKY_RELU, ELU, SOFTPLUS = (ACTIVATION_CODES[k] for k in ("leaky_relu", "elu", "softplus"))
 
 
 @_jit

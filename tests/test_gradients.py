@@ -79,15 +79,16 @@ def test_reparam_kl_values_and_gradients(be, rng):
 
     def run():
         z, kl, std = np.empty((B, L)), np.empty(B), np.empty((B, L))
-        be.reparam_kl(z, kl, std, mu, logvar, eps)
+        be.reparam_kl(z, kl, std, np.concatenate([mu, logvar], axis=1), eps)
         return z, kl, std
 
     z, kl, std = run()
     np.testing.assert_allclose(z, mu + np.exp(0.5 * logvar) * eps, rtol=1e-14)
     np.testing.assert_allclose(kl, -0.5 * (1 + logvar - mu ** 2 - np.exp(logvar)).sum(1), rtol=1e-13)
     f = lambda: float((wz * run()[0]).sum() + ckl * run()[1].sum())
-    dmu, dlv = np.empty((B, L)), np.empty((B, L))
-    be.reparam_kl_backward(dmu, dlv, wz, mu, std, eps, ckl)
+    dhead = np.empty((B, 2 * L))
+    be.reparam_kl_backward(dhead, wz, np.concatenate([mu, logvar], axis=1), std, eps, ckl)
+    dmu, dlv = dhead[:, :L], dhead[:, L:]
     assert_grad(dmu, numgrad(f, mu), f())
     assert_grad(dlv, numgrad(f, logvar), f())
 
@@ -102,7 +103,7 @@ def test_sampler_uses_variance_consistently_with_kl(be):
     logvar = np.tile([[-1.2, 0.9]], (n, 1))
     eps = rng.normal(size=(n, L))
     z, kl, std = np.empty((n, L)), np.empty(n), np.empty((n, L))
-    be.reparam_kl(z, kl, std, mu, logvar, eps)
+    be.reparam_kl(z, kl, std, np.concatenate([mu, logvar], axis=1), eps)
     var = np.exp(logvar[0])
     np.testing.assert_allclose(z.var(0), var, rtol=0.02)
     log_q = -0.5 * (((z - mu) ** 2) / var + logvar + np.log(2 * np.pi)).sum(1)

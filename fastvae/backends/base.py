@@ -121,14 +121,17 @@ class Backend:
         raise NotImplementedError
 
     # ---- VAE-specific fused kernels ----------------------------------------
-    def reparam_kl(self, z, kl, std, mu, logvar, eps):  # pragma: no cover
-        """``std = exp(logvar/2)``, ``z = mu + std * eps`` (Kingma & Welling 2014,
+    def reparam_kl(self, z, kl, std, head, eps):  # pragma: no cover
+        """With ``head = [mu | logvar]`` one C-contiguous ``(B, 2L)`` buffer:
+        ``std = exp(logvar/2)``, ``z = mu + std * eps`` (Kingma & Welling 2014,
         Sec. 2.4) and per-image ``kl = -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))``
-        (ibid., Appendix B). ``z, std, mu, logvar, eps: (B, L)``, ``kl: (B,)``."""
+        (ibid., Appendix B). ``z, std, eps: (B, L)``; ``kl: (B,)`` or ``None``
+        to skip it."""
         raise NotImplementedError
 
-    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):  # pragma: no cover
-        """``dmu = dz + kl_scale * mu``;
+    def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):  # pragma: no cover
+        """Into ``dhead = [dmu | dlogvar]`` (one C-contiguous ``(B, 2L)``
+        buffer, like ``head``): ``dmu = dz + kl_scale * mu``;
         ``dlogvar = dz * eps * std / 2 + kl_scale * (std^2 - 1) / 2`` where
         ``kl_scale = beta / B`` is dLoss/dKL_i."""
         raise NotImplementedError
@@ -152,17 +155,6 @@ class Backend:
         ``v = b2 v + (1-b2) g^2``,
         ``params -= step_size * m / (sqrt(v)/bc2_sqrt + eps)``."""
         raise NotImplementedError
-
-    @staticmethod
-    def fused_head(half):
-        """The ``(B, 2L)`` buffer whose left or right half is ``half`` (the
-        model keeps ``mu | logvar`` and ``dmu | dlogvar`` side by side so that
-        fused kernels read both from one array). Raises ValueError otherwise."""
-        base = half.base if half.base is not None else half
-        if base.ndim != 2 or base.shape[1] != 2 * half.shape[1] or not base.flags.c_contiguous:
-            raise ValueError("fused kernels expect mu and logvar (and their gradients) as the two halves "
-                             "of one C-contiguous (B, 2L) buffer")
-        return base
 
     def sum(self, a):
         """Sum of all elements as a device scalar (no host synchronisation)."""

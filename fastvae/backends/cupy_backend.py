@@ -22,15 +22,15 @@ import os
 import numpy as np
 
 from ..errors import BackendUnavailableError
+from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES, cuda_defines
 from .base import Backend, BackendRNG
-
-
 
 def _source_path() -> str:
     from .. import kernels
     return os.path.join(os.path.dirname(kernels.__file__), "cuda_kernels.cu")
 
-_ACT = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4, "elu": 5, "softplus": 6}
+#: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
+COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
               "philox_normal", "philox_uniform", "philox_bernoulli")
 _THREADS = 256
@@ -81,7 +81,7 @@ def _module(dtype):
         with open(_source_path()) as f:
             code = f.read()
         names = [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
-        mod = cupy.RawModule(code=code, options=("-std=c++14",), name_expressions=names)
+        mod = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=names)
         mod._fv_ctype = ctype
         _MODULES[key] = mod
     return mod
@@ -207,7 +207,7 @@ class CupyBackend(Backend):
         n = pre.size
         self._fn("bias_act")(_blocks(n), (_THREADS,),
                              (pre, bias, pre if out is None else out, np.int64(n), np.int32(pre.shape[1]),
-                              np.int32(_ACT[act]), self._s(slope), self._s(alpha)))
+                              np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
         return out
 
     def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
@@ -215,38 +215,36 @@ class CupyBackend(Backend):
             return d
         n = d.size
         self._fn("act_backward")(_blocks(n), (_THREADS,),
-                                 (d, pre, out, np.int64(n), np.int32(_ACT[act]), self._s(slope), self._s(alpha)))
+                                 (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
         return d
 
     def col_sum(self, out, a):
         self.xp.sum(a, axis=0, out=out)
         return out
 
-    def reparam_kl(self, z, kl, std, mu, logvar, eps):
+    def reparam_kl(self, z, kl, std, head, eps):
         B, L = z.shape
         self._fn("reparam_kl")(_blocks(B), (_THREADS,),
-                               (z, std if kl is None else kl, std, self.fused_head(mu), eps,
+                               (z, std if kl is None else kl, std, head, eps,
                                 np.int32(B), np.int32(L), np.int32(kl is not None)))
         return z
 
-    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
+    def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
         B, L = dz.shape
         self._fn("reparam_kl_backward")(_blocks(B * L), (_THREADS,),
-                                        (self.fused_head(dmu), dz, self.fused_head(mu), std, eps,
-                                         np.int32(B), np.int32(L), self._s(kl_scale)))
-        return dmu, dlogvar
+                                        (dhead, dz, head, std, eps, np.int32(B), np.int32(L), self._s(kl_scale)))
+        return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         B, D = logits.shape
-        if kind == "bernoulli":
-            k, inv_var, half, cnst = 0, 1.0, 1.0, 0.0
-        elif kind == "gaussian":
-            k, inv_var, half = 1, 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)
-            cnst = D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
-        elif kind == "mse":
-            k, inv_var, half, cnst = 2, 2.0, 1.0, 0.0
-        else:
+        if kind not in LIKELIHOOD_CODES:
             raise ValueError(f"unknown likelihood {kind!r}")
+        k = LIKELIHOOD_CODES[kind]
+        if kind == "gaussian":
+            inv_var, half = 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)
+            cnst = D * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        else:       # mse; bernoulli ignores the three
+            inv_var, half, cnst = 2.0, 1.0, 0.0
         threads = 256 if D >= 256 else max(32, 1 << (max(D, 1) - 1).bit_length())
         self._fn("likelihood")((B,), (threads,),
                                (logits if dlogits is None else dlogits, logits if nll is None else nll,

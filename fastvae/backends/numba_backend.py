@@ -10,11 +10,11 @@ between the two freely.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
 from ..kernels import numba_cpu as K
+from ..ops import ACTIVATION_CODES
 from .numpy_backend import NumpyBackend
 
 
@@ -36,27 +36,25 @@ class NumbaBackend(NumpyBackend):
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
-        K.bias_act(pre if out is None else out, pre, bias, K.ACT_CODES[act], self._s(slope), self._s(alpha))
+        K.bias_act(pre if out is None else out, pre, bias, ACTIVATION_CODES[act], self._s(slope), self._s(alpha))
         return out
 
     def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
-        K.act_backward(d, pre, out, K.ACT_CODES[act], self._s(slope), self._s(alpha))
+        K.act_backward(d, pre, out, ACTIVATION_CODES[act], self._s(slope), self._s(alpha))
         return d
 
     def col_sum(self, out, a):
         K.col_sum(out, a)
         return out
 
-    def reparam_kl(self, z, kl, std, mu, logvar, eps):
-        head = self.fused_head(mu)
+    def reparam_kl(self, z, kl, std, head, eps):
         K.reparam_kl(z, self.scratch("kl_dummy", (z.shape[0],)) if kl is None else kl, std, head, eps,
                      kl is not None)
         return z
 
-    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
-        K.reparam_kl_backward(self.fused_head(dmu), dz, self.fused_head(mu), std, eps,
-                              self._s(kl_scale))
-        return dmu, dlogvar
+    def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
+        K.reparam_kl_backward(dhead, dz, head, std, eps, self._s(kl_scale))
+        return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         B = logits.shape[0]
@@ -92,23 +90,3 @@ class NumbaBackend(NumpyBackend):
         s = self._s
         K.adam_update(params, grads, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
                       s(eps * bc2_sqrt), s(step_size * bc2_sqrt), s(weight_decay), s(decay_factor))
-
-    @classmethod
-    def warmup(cls, dtype="float32") -> float:
-        """Compile (or load from the on-disk cache) every kernel for ``dtype``;
-        returns the seconds it took."""
-        from ..config import ACTIVATIONS, LIKELIHOODS, ModelConfig
-        from ..model import VAE
-        t0 = time.perf_counter()
-        r = np.random.default_rng(0)
-        for act in ACTIVATIONS:
-            for lik in LIKELIHOODS:
-                if act != "relu" and lik != "bernoulli":
-                    continue
-                m = VAE(ModelConfig(input_dim=6, hidden=[4], latent_dim=2, activation=act, likelihood=lik,
-                                    dtype=dtype), cls(dtype))
-                x = r.random((3, 6)).astype(dtype)
-                eps = r.standard_normal((3, 2)).astype(dtype)
-                m.loss_and_grad(x, eps, 1.0)
-                m.forward(x, eps)
-        return time.perf_counter() - t0

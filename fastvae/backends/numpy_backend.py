@@ -145,7 +145,9 @@ class NumpyBackend(Backend):
         return out
 
     # ---- VAE-specific -------------------------------------------------------
-    def reparam_kl(self, z, kl, std, mu, logvar, eps):
+    def reparam_kl(self, z, kl, std, head, eps):
+        L = z.shape[1]
+        mu, logvar = head[:, :L], head[:, L:]
         np.multiply(logvar, 0.5, out=std)
         np.exp(std, out=std)
         np.multiply(std, eps, out=z)
@@ -162,7 +164,9 @@ class NumpyBackend(Backend):
             kl *= 0.5
         return z
 
-    def reparam_kl_backward(self, dmu, dlogvar, dz, mu, std, eps, kl_scale):
+    def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
+        L = dz.shape[1]
+        mu, dmu, dlogvar = head[:, :L], dhead[:, :L], dhead[:, L:]
         np.multiply(mu, kl_scale, out=dmu)
         dmu += dz
         np.multiply(std, std, out=dlogvar)
@@ -173,7 +177,7 @@ class NumpyBackend(Backend):
         t *= std
         dlogvar += t
         dlogvar *= 0.5
-        return dmu, dlogvar
+        return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         if kind == "bernoulli":

@@ -1,0 +1,66 @@
+"""The one way a checkpoint becomes a model: shared by :func:`fastvae.load`,
+:meth:`fastvae.VAE.load_checkpoint` and ``fastvae train --resume``
+(:meth:`fastvae.Trainer.from_checkpoint`).
+
+Backend policy (one for every entry point): a backend the caller names is
+used or refused with the reason; otherwise the backend that wrote the file
+is used when it can run here, else ``numpy`` (with a one-line notice on
+stderr), so a model trained on a GPU opens and resumes on a laptop.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from . import backends
+from .errors import CheckpointError
+
+
+def choose_backend(requested: Optional[str], written: Optional[str]) -> str:
+    """The backend to restore on: ``requested`` when given (unavailability is
+    raised later by ``backends.get`` with the reason), else ``written`` when it
+    runs here, else ``numpy``."""
+    if requested:
+        return requested
+    ok = {b["name"]: (b["available"], b["reason"]) for b in backends.available()}
+    if written in ok and ok[written][0]:
+        return written
+    if written and written != "numpy":
+        why = ok[written][1] if written in ok else "unknown here"
+        print(f"fastvae: note: the checkpoint was written on backend {written!r}, which cannot run here "
+              f"({why}); using numpy", file=sys.stderr)
+    return "numpy"
+
+
+def load_params(model, data: dict, path) -> None:
+    """Copy a checkpoint's parameters (``read_checkpoint`` output) into
+    ``model``. Raises CheckpointError when the file's dtype or parameter
+    layout differs from the model's (naming both and the fix)."""
+    theirs = data["config"].get("model", {}) if isinstance(data["config"], dict) else {}
+    dtype = theirs.get("dtype") if isinstance(theirs, dict) else None
+    if dtype != model.config.dtype:
+        raise CheckpointError(f"{path} holds {dtype} parameters but this model is {model.config.dtype}; "
+                              f"build the model with dtype={dtype!r} or use fastvae.load")
+    model.layout.check_table(data["layout"])
+    model.set_flat_params(data["params"])
+
+
+def load_model(path, backend: Optional[str] = None):
+    """``(model, data)``: a :class:`fastvae.VAE` built from the checkpoint's own
+    config on the backend chosen by :func:`choose_backend`, its parameters
+    loaded, and the checkpoint's host data. Raises CheckpointError for a bad
+    file, BackendUnavailableError for a named backend that cannot run."""
+    from .checkpoint import read_checkpoint
+    from .config import ModelConfig
+    from .errors import ConfigError
+    from .model import VAE
+    data = read_checkpoint(path)
+    try:
+        mc = ModelConfig.from_dict(data["config"]["model"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} holds an invalid model config ({exc}); use a checkpoint written "
+                              "by fastvae") from None
+    model = VAE(mc, choose_backend(backend, data["meta"].get("backend")))
+    load_params(model, data, path)
+    return model, data
