@@ -398,7 +398,7 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
                     H, W = image_size
                     im = ImageOps.fit(im, (W, H), method=Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # Pillow: SyntaxError on a broken PNG
             raise DataError(f"cannot read image {f} ({exc}); remove or replace it") from None
         sizes.add(arr.shape)
         if len(sizes) > 1:

@@ -7,6 +7,7 @@ known-answer vectors and the NumPy reference stream. With CuPy and a device
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets, philox
+from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets, ops, philox
+from fastvae.ops import cuda_defines
 
 from conftest import MNIST_DIR, needs_mnist
 
@@ -50,10 +52,24 @@ def test_host_normals_are_standard_normal():
     np.testing.assert_array_equal(a, b[:10])                       # prefix-stable
 
 
+def test_op_codes_come_from_the_one_table():
+    """No hand-kept copy of the codes: the CUDA source only reads the defines
+    that fastvae.ops generates, and the Numba kernels' constants are the table's."""
+    numba_cpu = pytest.importorskip("fastvae.kernels.numba_cpu", reason="numba is not installed")
+    with open(kernel_source()) as f:
+        src = f.read()
+    assert re.search(r"#define\s+FV_(RELU|IDENTITY|BERNOULLI)", src) is None
+    for name in list(ops.ACTIVATION_CODES) + list(ops.LIKELIHOOD_CODES):
+        assert f"-DFV_{name.upper()}=" in " ".join(ops.cuda_defines())
+    for name, code in ops.ACTIVATION_CODES.items():
+        assert getattr(numba_cpu, name.upper()) == code
+
+
 @needs_nvcc
 def test_every_kernel_compiles_to_ptx(tmp_path):
     out = tmp_path / "k.ptx"
-    subprocess.run(["nvcc", "-ptx", "-DFASTVAE_INSTANTIATE", "-o", str(out), kernel_source()], check=True)
+    subprocess.run(["nvcc", "-ptx", "-DFASTVAE_INSTANTIATE", *cuda_defines(), "-o", str(out), kernel_source()],
+                   check=True)
     ptx = out.read_text()
     for name in ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
                  "philox_normal", "philox_uniform", "philox_bernoulli", "philox_bits"):
@@ -75,7 +91,7 @@ int main() {
 }
 ''')
     exe = tmp_path / "h"
-    subprocess.run(["nvcc", "-o", str(exe), str(harness)], check=True)
+    subprocess.run(["nvcc", *cuda_defines(), "-o", str(exe), str(harness)], check=True)
     got = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split()
     for i, b in enumerate((0, 5, 0x100000003)):
         ref = philox.philox4x32_10([[b & 0xFFFFFFFF, b >> 32, 2, 0]], (0x12345678, 0x9ABCDEF0))[0]
@@ -104,7 +120,7 @@ def test_kernels_compile_with_nvrtc_as_the_backend_names_them(ctype):
     for n in names:
         nvrtc.addNameExpression(prog, n)
     try:
-        nvrtc.compileProgram(prog, ["-std=c++14", "-arch=compute_80"])
+        nvrtc.compileProgram(prog, [*cb.COMPILE_OPTIONS, "-arch=compute_80"])
     except Exception:
         pytest.fail(nvrtc.getProgramLog(prog))
     lowered = [nvrtc.getLoweredName(prog, n) for n in names]
