@@ -12,7 +12,9 @@ lr / (1 - beta1^t)`` and ``bc2_sqrt = sqrt(1 - beta2^t)``, and the update is
     param -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 
 The state (``m``, ``v`` on the device, step count ``t`` on the host) is saved
-in checkpoints, so training resumes exactly.
+in checkpoints, so training resumes exactly. Hooks (``Adam.hooks``) run on the
+gradient buffer before the Adam kernel, in order: gradient clipping
+(:class:`ClipGradNorm`) and, for data-parallel training, the all-reduce.
 """
 
 from __future__ import annotations
@@ -24,15 +26,33 @@ import numpy as np
 from .errors import CheckpointError, ConfigError
 
 
+class ClipGradNorm:
+    """Optimizer hook: rescale the whole flat gradient to global L2 norm
+    ``max_norm`` when it is larger (Pascanu et al. 2013, "On the difficulty of
+    training recurrent neural networks", Alg. 2): ``g *= min(1, max_norm /
+    (||g|| + 1e-6))``, computed on the device without a host sync."""
+
+    def __init__(self, max_norm: float):
+        if not (max_norm > 0 and math.isfinite(max_norm)):
+            raise ConfigError(f"clip_grad_norm must be a positive finite number, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+
+    def __call__(self, opt) -> None:
+        be, xp = opt.backend, opt.backend.xp
+        norm = xp.sqrt(be.sumsq(opt.grads))
+        be.scale_(opt.grads, xp.minimum(1.0, self.max_norm / (norm + 1e-6)))
+
+
 class Adam:
     """Adam on flat buffers ``params`` and ``grads`` (same shape, same backend).
 
     lr: learning rate (> 0); betas: (beta1, beta2) in [0, 1); eps: > 0 added to
-    the denominator; weight_decay >= 0; decoupled: AdamW when True, L2 when False.
+    the denominator; weight_decay >= 0; decoupled: AdamW when True, L2 when False;
+    hooks: callables ``hook(adam)`` run in order on ``grads`` before each update.
     """
 
     def __init__(self, backend, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, decoupled=False):
+                 weight_decay=0.0, decoupled=False, hooks=()):
         if not (lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"Adam lr must be a positive finite number, got {lr!r}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -48,13 +68,16 @@ class Adam:
         self.m = backend.zeros(params.shape)
         self.v = backend.zeros(params.shape)
         self.t = 0
+        self.hooks = list(hooks)
 
     @classmethod
     def for_model(cls, model, **kw):
         return cls(model.backend, model.params, model.grads, **kw)
 
     def step(self, lr: float = None) -> None:
-        """Apply one update with the gradients currently in ``grads``."""
+        """Run the hooks, then apply one update with the gradients in ``grads``."""
+        for hook in self.hooks:
+            hook(self)
         lr = self.lr if lr is None else float(lr)
         self.t += 1
         b1, b2 = self.betas

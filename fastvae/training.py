@@ -1,0 +1,211 @@
+"""The parts a :class:`fastvae.Trainer` is assembled from (in the style of
+Chainer's trainer extensions): where batches come from, what is reported,
+how a finished epoch is evaluated, and how the run is saved.
+
+- :class:`EpochPosition`: where training stands inside an epoch (the batch
+  order and the running sums), the part a mid-epoch checkpoint records.
+- :class:`BatchSource`: shuffled batches gathered on the device, optional
+  dynamic binarization and the sampler's ``eps``, all from one seeded stream.
+- :class:`Reporter`: the progress bar, the divergence check, the per-epoch
+  metric row and the run folder's ``config.json`` / ``metrics.csv``.
+- :class:`Evaluator`: -ELBO of the test split after each epoch.
+- :class:`Checkpointer`: atomic checkpoints of the whole training state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .errors import TrainingDivergedError
+from .evaluate import evaluate
+
+METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
+                 "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
+
+
+@dataclass
+class EpochPosition:
+    """An unfinished epoch: ``perm (N,)`` device batch order, ``batch`` steps
+    done, device sums ``recon``/``kl``/``loss`` (nats, over ``counted``
+    images whose loss was computed) and ``seconds`` spent so far."""
+    perm: object
+    batch: int = 0
+    recon: object = 0.0
+    kl: object = 0.0
+    loss: object = 0.0
+    counted: int = 0
+    seconds: float = 0.0
+
+    def to_state(self, be) -> dict:
+        """JSON-able scalars (host floats) for the checkpoint's state."""
+        return {"batch": self.batch, "recon": be.to_float(self.recon), "kl": be.to_float(self.kl),
+                "loss": be.to_float(self.loss), "counted": self.counted, "seconds": self.seconds}
+
+
+class BatchSource:
+    """Batches of the training images on the backend's device.
+
+    x_train: host ``(N, D)``; batch_size: images per step (the last partial
+    batch is kept, as PyTorch's DataLoader does); rng: the backend stream
+    that draws the epoch's permutation, the binarization uniforms and ``eps``
+    (in that order per step, so a resumed run draws what a straight one does).
+    """
+
+    def __init__(self, backend, x_train, batch_size: int, rng, binarize: bool):
+        self.backend, self.x_host, self.batch_size = backend, x_train, batch_size
+        self.rng, self.binarize = rng, binarize
+        self._x = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.x_host.shape[0] / self.batch_size)
+
+    def new_epoch(self) -> EpochPosition:
+        return EpochPosition(perm=self.rng.permutation(self.x_host.shape[0]))
+
+    def fill(self, model, pos: EpochPosition, b: int):
+        """Batch ``b`` of the epoch into ``model.workspace(n)``: ``ws.x`` (binarized
+        when asked) and ``ws.eps`` ~ N(0, 1). Returns the workspace."""
+        be = self.backend
+        if self._x is None:
+            self._x = be.asarray(self.x_host)
+        B = self.batch_size
+        idx = pos.perm[b * B:(b + 1) * B]
+        ws = model.workspace(idx.shape[0])
+        be.gather_rows(ws.x, self._x, idx)
+        if self.binarize:
+            be.bernoulli_(ws.x, ws.x, self.rng)
+        self.rng.normal_(ws.eps)
+        return ws
+
+
+class Reporter:
+    """Progress, divergence checks, metric rows and the run folder's text files.
+
+    out: run folder or None; progress: a tqdm bar; verbose: one printed line
+    per epoch when there is no bar.
+    """
+
+    def __init__(self, out: Optional[str], progress: bool, verbose: bool = False):
+        self.out, self.progress, self.verbose = out, progress, verbose
+        self.bar = None
+
+    def open(self, steps: int) -> None:
+        if self.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=steps, unit="step", dynamic_ncols=True, disable=None, leave=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @staticmethod
+    def check_finite(value: float, what: str, step: int, epoch: int, out: Optional[str]) -> None:
+        """Raise TrainingDivergedError (with the fixes) unless ``value`` is finite."""
+        if not math.isfinite(value):
+            raise TrainingDivergedError(
+                f"the {what} became {value} at step {step} (epoch {epoch + 1}); training stopped and "
+                f"the last good checkpoint{' in ' + out if out else ''} is kept; lower --lr, "
+                "add --clip-grad-norm 100, or warm beta up with --beta-schedule linear --beta-warmup 5")
+
+    def progress_to(self, done: int, shown: int, epoch: int, running: float, beta: float) -> int:
+        """Advance the bar to ``done`` steps of this epoch; returns the new mark."""
+        if self.bar is None:
+            return shown
+        self.bar.set_postfix(epoch=epoch + 1, neg_elbo=f"{running:.2f}", beta=f"{beta:.3g}", refresh=False)
+        self.bar.update(done - shown)
+        return done
+
+    def epoch_line(self, row: dict, total: int) -> None:
+        if self.bar is None and not self.verbose:
+            return
+        msg = f"epoch {row['epoch']}/{total}: train -ELBO {row['train_neg_elbo']:.2f}"
+        if row["test_neg_elbo"] is not None:
+            msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
+        msg += f" nats/image, beta {row['beta']:.3g}, {row['images_per_s']:.0f} images/s"
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def write_run_files(self, config: dict, history: list) -> None:
+        """``config.json`` and ``metrics.csv`` (replaced atomically) in the run folder."""
+        if self.out is None:
+            return
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tmp = os.path.join(self.out, ".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+        os.replace(tmp, os.path.join(self.out, "metrics.csv"))
+
+    @staticmethod
+    def rss_mb():
+        """Resident memory of this process in MiB (Linux /proc; None elsewhere)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+class Evaluator:
+    """``{"test_neg_elbo", "test_recon", "test_kl"}`` (nats per image) of the
+    test split after an epoch, on its own seeded stream (never shifts
+    training); all None when there is no test split."""
+
+    def __init__(self, x_test, seed: int):
+        self.x_test, self.seed = x_test, seed
+
+    def __call__(self, model) -> dict:
+        if self.x_test is None:
+            return {"test_neg_elbo": None, "test_recon": None, "test_kl": None}
+        ev = evaluate(model, self.x_test, seed=self.seed)
+        return {"test_neg_elbo": ev["neg_elbo"], "test_recon": ev["recon"], "test_kl": ev["kl"]}
+
+
+class Checkpointer:
+    """Saves the whole training state to ``<out>/checkpoint.h5`` atomically
+    (see :mod:`fastvae.checkpoint`), including a mid-epoch position."""
+
+    def __init__(self, out: Optional[str]):
+        self.out = out
+
+    @property
+    def path(self) -> Optional[str]:
+        return None if self.out is None else os.path.join(self.out, "checkpoint.h5")
+
+    def clean_debris(self) -> None:
+        """Remove temporary files of saves that were killed mid-write."""
+        for f in os.listdir(self.out):
+            if f.startswith(".tmp-") and f.endswith(".h5"):
+                try:
+                    os.unlink(os.path.join(self.out, f))
+                except OSError:
+                    pass
+
+    @staticmethod
+    def save(trainer, path: str) -> str:
+        be, pos = trainer.backend, trainer.position
+        state = {"epoch": trainer.epoch, "step": trainer.step, "rng": trainer.rng.state()}
+        arrays = {}
+        if pos is not None and pos.batch > 0:
+            state["partial"] = pos.to_state(be)
+            arrays["epoch_perm"] = be.to_host(pos.perm).astype(np.int64)
+        ckpt.save_checkpoint(
+            path, params=trainer.model.get_flat_params(), adam_state=trainer.optimizer.state_dict(),
+            layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
+            history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
+        return path
