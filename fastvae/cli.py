@@ -5,7 +5,6 @@ Errors a user can cause print one line ``fastvae: error: ...`` and exit 2.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -14,133 +13,7 @@ import sys
 import numpy as np
 
 from .errors import FastVAEError
-
-# per-dataset defaults for options left unset
-_DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
-_MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
-_TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
-               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
-               "clip_grad_norm")
-_DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files")
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog="fastvae", description="Train and explore VAEs with hand-derived gradients.")
-    p.add_argument("--version", action="version", version=f"fastvae {_version()}")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-
-    t = sub.add_parser("train", help="train a VAE (default: the built-in sprites)")
-    d = t.add_argument_group("data")
-    d.add_argument("--dataset", help="sprites (default), mnist, fashion-mnist, kmnist, olivetti, "
-                   "or a path: a folder of images or an .npy/.npz/.h5 file")
-    d.add_argument("--data-dir", help="folder holding the dataset files (idx files, olivetti_faces.npz)")
-    d.add_argument("--no-download", action="store_true", default=None, help="never download missing files")
-    d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
-    d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
-    d.add_argument("--n-sprites", type=int, help="number of procedural sprites (default 12000)")
-    d.add_argument("--skip-other-files", action="store_true", default=None,
-                   help="ignore files that are not images in an image folder")
-    m = t.add_argument_group("model")
-    m.add_argument("--hidden", type=int, nargs="*", help="encoder hidden widths (default: 400)")
-    m.add_argument("--decoder-hidden", type=int, nargs="*", help="decoder hidden widths (default: mirror)")
-    m.add_argument("--latent", type=int, help="latent_dim (default 20; 10 for sprites, 50 for olivetti)")
-    m.add_argument("--activation", help="relu (default), tanh, leaky_relu, elu, softplus, sigmoid")
-    m.add_argument("--likelihood", help="bernoulli (default), gaussian, mse")
-    m.add_argument("--sigma", type=float, help="gaussian likelihood standard deviation (default 0.1)")
-    m.add_argument("--dtype", help="float32 (default) or float64")
-    m.add_argument("--init", help="pytorch (default) or xavier")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
-    o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
-    o.add_argument("--batch-size", type=int, help="images per step (default 128)")
-    o.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    o.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
-    o.add_argument("--adamw", action="store_true", default=None, help="decoupled weight decay (AdamW)")
-    o.add_argument("--lr-schedule", help="constant (default), step, cosine")
-    o.add_argument("--beta", type=float, help="beta_max, the KL weight (default 1)")
-    o.add_argument("--beta-schedule", help="constant (default), linear, sigmoid, cyclical")
-    o.add_argument("--beta-delay", type=float, help="epochs at beta 0 before the ramp")
-    o.add_argument("--beta-warmup", type=float, help="epochs of the ramp to beta_max")
-    o.add_argument("--beta-cycles", type=int, help="cycles of the cyclical schedule (default 4)")
-    o.add_argument("--binarize", action="store_true", default=None, help="dynamic binarization")
-    o.add_argument("--seed", type=int, help="random seed (default 0)")
-    o.add_argument("--threads", type=int, help="BLAS/Numba threads (default: all cores, measured fastest)")
-    o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
-    o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
-    o.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this value")
-    r = t.add_argument_group("run")
-    r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
-    r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--force", action="store_true", help="write into an --out folder that is not a fastvae run")
-
-    e = sub.add_parser("eval", help="-ELBO, reconstruction and KL of a checkpoint on a split")
-    e.add_argument("checkpoint")
-    e.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
-    e.add_argument("--data-dir")
-    e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--batch-size", type=int, default=1000)
-    e.add_argument("--seed", type=int, default=0, help="seed of the z samples")
-    e.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--iwae-k", type=int, nargs="?", const=5000, default=None, metavar="K",
-                   help="add the importance-weighted -log p(x) with K samples (default 5000 when given)")
-    e.add_argument("--iwae-images", type=int, metavar="N", help="IWAE on the first N images only")
-
-    i = sub.add_parser("info", help="what a checkpoint holds")
-    i.add_argument("checkpoint")
-    i.add_argument("--json", action="store_true")
-
-    sub.add_parser("backends", help="list compute backends and whether they can run here")
-
-    pl = sub.add_parser("plot", help="write every latent-space picture of a run into RUN/figures/")
-    pl.add_argument("run", help="run folder (or its checkpoint.h5)")
-    pl.add_argument("--dataset", help="default: the dataset the run was trained on")
-    pl.add_argument("--data-dir")
-    pl.add_argument("--split", default="test", choices=["train", "test"])
-    pl.add_argument("--grid", type=int, default=15, help="latent grid size (default 15)")
-    pl.add_argument("--dims", type=int, nargs=2, default=None, metavar=("I", "J"),
-                    help="latent dims of the grid (default: the PCA plane when L > 2)")
-    pl.add_argument("--spacing", default="quantile", choices=["quantile", "even"])
-    pl.add_argument("--n", type=int, default=8, help="images in best/worst and reconstructions")
-    pl.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
-    pl.add_argument("--out", help="default: RUN/figures")
-
-    ip = sub.add_parser("interpolate", help="morph one image into another through the latent space")
-    ip.add_argument("checkpoint")
-    ip.add_argument("a", help="image file or index into the dataset split")
-    ip.add_argument("b", help="image file or index into the dataset split")
-    ip.add_argument("--steps", type=int, default=24)
-    ip.add_argument("--mode", default="spherical", choices=["linear", "spherical"])
-    ip.add_argument("--gif", help="write an animated GIF here")
-    ip.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
-    ip.add_argument("--png", help="write the strip (linear and spherical) here")
-    ip.add_argument("--dataset")
-    ip.add_argument("--data-dir")
-    ip.add_argument("--split", default="test", choices=["train", "test"])
-    ip.add_argument("--backend")
-
-    b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
-    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(
-        ["784-400-20/b128", "784-1000-2/b32", "784-1000-50/b4096", "4096-1000-50/b128"]))
-    b.add_argument("--backends", nargs="*", help="default: every available backend")
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
-    b.add_argument("--threads", type=int, help="BLAS/Numba threads (default: the libraries' default)")
-    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
-    b.add_argument("--gpu", action="store_true",
-                   help="GPU mode: the cupy backend against PyTorch on the same GPU (eager fused Adam, "
-                        "torch.compile reduce-overhead)")
-    b.add_argument("--tf32", action="store_true", help="TF32 GEMMs for cupy (and torch) in GPU mode")
-    b.add_argument("--out", help="folder for <name>.jsonl and <name>.md")
-    b.add_argument("--name", default="cpu")
-    return p
-
-
-def _version():
-    from . import __version__
-    return __version__
-
+from .cli_args import DATA_ARGS, DEFAULT_LATENT, MODEL_ARGS, TRAIN_ARGS, parser
 
 RUN_FILES = {"checkpoint.h5", "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
              "figures", ".metrics.csv.tmp"}
@@ -168,7 +41,7 @@ def _cmd_train(a):
 
     progress = not a.no_progress
     if a.resume:
-        given = [n for n in _MODEL_ARGS + _TRAIN_ARGS + _DATA_ARGS if getattr(a, n) is not None]
+        given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
                               " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
@@ -190,7 +63,7 @@ def _cmd_train(a):
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
-                           latent_dim=a.latent or _DEFAULT_LATENT.get(name, 20),
+                           latent_dim=a.latent or DEFAULT_LATENT.get(name, 20),
                            **pick(hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
                                   likelihood=a.likelihood, sigma=a.sigma, dtype=a.dtype, init=a.init))
         tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
@@ -267,12 +140,21 @@ def _cmd_eval(a):
 
 
 def _cmd_info(a):
+    from . import layers
     from .checkpoint import read_checkpoint
+    from .config import ModelConfig
+    from .errors import CheckpointError, ConfigError
     d = read_checkpoint(a.checkpoint)
-    mc = d["config"]["model"]
+    try:
+        mcfg = ModelConfig.from_dict(d["config"]["model"])
+        arch = layers.describe(layers.build(mcfg))
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{a.checkpoint} holds an invalid model config ({exc}); use a checkpoint "
+                              "written by fastvae") from None
+    mc = mcfg.to_dict()
     info = {
         "checkpoint": a.checkpoint, **d["meta"],
-        "architecture": f"{mc['input_dim']}-{'-'.join(map(str, mc['hidden']))}-{mc['latent_dim']}",
+        "architecture": arch,
         "model": mc, "train": d["config"]["train"], "data": d["config"]["data"],
         "num_params": int(d["params"].shape[0]), "epoch": d["state"]["epoch"], "step": d["state"]["step"],
         "adam_t": None if d["adam"] is None else d["adam"]["t"],
@@ -283,7 +165,7 @@ def _cmd_info(a):
         return 0
     print(f"{a.checkpoint}: {info['format']} v{info['format_version']} written by fastvae "
           f"{info['fastvae_version']} ({info['backend']}, {info['dtype']}) on {info['created']}")
-    print(f"model: {info['architecture']} {mc['activation']}, {mc['likelihood']} likelihood, "
+    print(f"model: {info['architecture']}, {mc['likelihood']} likelihood, "
           f"{info['num_params']} parameters")
     print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
           f"dataset {info['data']['dataset']}")
@@ -435,7 +317,7 @@ def _cmd_backends(a):
 
 
 def main(argv=None) -> int:
-    p = _parser()
+    p = parser()
     a = p.parse_args(argv)
     if a.cmd is None:
         p.print_help()

@@ -235,9 +235,23 @@ def build(cfg) -> List[Layer]:
     return layers
 
 
+def describe(layers: List[Layer]) -> str:
+    """The stack in one line, e.g. ``784-400(relu)-40-z20-400(relu)-784``:
+    the input size, then each layer's output size (the sampler as ``zL``)."""
+    parts = [str(layers[0].in_features)]
+    for layer in layers[:-1]:
+        if isinstance(layer, GaussianSampler):
+            parts.append(f"z{layer.out_features}")
+        elif getattr(layer, "activation", "identity") != "identity":
+            parts.append(f"{layer.out_features}({layer.activation})")
+        else:
+            parts.append(str(layer.out_features))
+    return "-".join(parts)
+
+
 def sampler_index(layers: List[Layer]) -> int:
     """Position of the one :class:`GaussianSampler` (encoder before, decoder after)."""
     return next(i for i, layer in enumerate(layers) if isinstance(layer, GaussianSampler))
 
 
-__all__ = ["Step", "State", "Layer", "Dense", "GaussianSampler", "Likelihood", "build", "sampler_index"]
+__all__ = ["Step", "State", "Layer", "Dense", "GaussianSampler", "Likelihood", "build", "describe", "sampler_index"]

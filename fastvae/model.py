@@ -261,6 +261,5 @@ class VAE:
 
     def __repr__(self):
         c = self.config
-        sizes = "-".join(str(layer.out_features) for layer in self.layers[:-1])
-        return (f"VAE({c.input_dim}-{sizes}, {c.likelihood}, {c.dtype}, backend={self.backend.name}, "
+        return (f"VAE({_layers.describe(self.layers)}, {c.likelihood}, {c.dtype}, backend={self.backend.name}, "
                 f"params={self.num_params})")

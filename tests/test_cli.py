@@ -46,7 +46,7 @@ def test_train_resume_eval_info(tmp_path):
     assert res["neg_elbo"] == pytest.approx(float(rows[-1]["test_neg_elbo"]), rel=1e-6)
 
     p = fv("info", run / "checkpoint.h5", cwd=tmp_path)
-    assert "4096-32-4" in p.stdout and "epoch 3" in p.stdout and "encoder.mu.W" in p.stdout
+    assert "4096-32(relu)-8-z4-32(relu)-4096" in p.stdout and "epoch 3" in p.stdout and "encoder.mu.W" in p.stdout
     info = json.loads(fv("info", run / "checkpoint.h5", "--json", cwd=tmp_path).stdout)
     assert info["format"] == "fastvae-checkpoint" and info["epoch"] == 3
 
