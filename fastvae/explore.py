@@ -69,7 +69,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192) -> np.n
             z = mu[i0:i0 + nb, None, :] + std[i0:i0 + nb, None, :] * eps
             ws = model.workspace(nb * tt)
             model.decode_into(ws, be.asarray(z.reshape(nb * tt, L)))
-            be.likelihood(None, ws.nll, ws.logits, reps[tt], c.likelihood, c.sigma, 1.0)
+            model.nll_into(ws, reps[tt])
             log_px_z = -be.to_host(ws.nll).astype(np.float64).reshape(nb, tt)
             log_pz = -0.5 * (z * z).sum(2)
             log_qz = -0.5 * (eps * eps + logvar[i0:i0 + nb, None, :]).sum(2)

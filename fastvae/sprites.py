@@ -6,9 +6,14 @@ no download and disentanglement scores (MIG) have known factors.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .datasets import Dataset
 
 SPRITE_FACTORS = ["shape", "scale", "orientation", "pos_x", "pos_y"]
 SPRITE_SHAPES = ["square", "ellipse", "heart"]

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -7,6 +8,12 @@ import pytest
 import fastvae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = [sys.executable, "-m", "fastvae"]
+
+# The suite tests THIS working tree: an installed copy elsewhere would hide every edit.
+if os.path.dirname(os.path.abspath(fastvae.__file__)) != os.path.join(ROOT, "fastvae"):
+    pytest.exit(f"the tests import fastvae from {os.path.dirname(fastvae.__file__)}, not from this checkout "
+                f"({ROOT}); install it editable: pip install -e '.[numba,test]'", returncode=4)
 SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
 OLIVETTI_DIR = os.path.join(SHARED_DATA, "olivetti")
@@ -32,3 +39,40 @@ needs_olivetti = pytest.mark.skipif(
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# ---------------------------------------------------------------- shared helpers
+def fv(*args, cwd, check=True, timeout=600, **kw):
+    """Run ``python -m fastvae ARGS`` in ``cwd``; the CompletedProcess (text
+    output captured). With ``check``, a non-zero exit fails with both streams."""
+    p = subprocess.run(PY + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def write_mnist_like(folder, n_train=50, n_test=20, gz=True, seed=0):
+    """The four MNIST idx files of random uint8 images and labels in ``folder``;
+    returns ``{file stem: array}``."""
+    from fastvae.datasets import write_idx
+    r = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    arrays = {"train-images-idx3-ubyte": r.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": r.integers(0, 10, n_train, dtype=np.uint8),
+              "t10k-images-idx3-ubyte": r.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": r.integers(0, 10, n_test, dtype=np.uint8)}
+    for k, a in arrays.items():
+        write_idx(os.path.join(folder, k + ext), a)
+    return arrays
+
+
+def tiny_trainer(out=None, backend="numpy", *, data=None, n=400, data_seed=6, hidden=(24,), latent=3,
+                 epochs=3, batch_size=16, seed=2, data_config=None, **train_kw):
+    """A Trainer of a small MLP on 16x16 sprites (``n`` images, or ``data``)."""
+    from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
+    data = data if data is not None else datasets.make_sprites(n, seed=data_seed, size=16)
+    mc = ModelConfig(input_dim=256, hidden=list(hidden), latent_dim=latent, image_shape=(16, 16))
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, backend=backend, **train_kw)
+    return Trainer(mc, tc, data_config or DataConfig(), dataset=data, out=str(out) if out else None,
+                   progress=False)

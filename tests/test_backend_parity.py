@@ -14,7 +14,7 @@ import fastvae
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
 from fastvae.config import ACTIVATIONS, LIKELIHOODS
 
-from conftest import MNIST_DIR, needs_mnist
+from conftest import MNIST_DIR, needs_mnist, tiny_trainer
 
 _AVAIL = {b["name"]: b for b in backends.available()}
 
@@ -195,11 +195,9 @@ def test_full_training_step(name, dtype, lik):
 @pytest.mark.parametrize("name", OTHER_OR_SKIP)
 def test_checkpoints_move_between_backends(name, tmp_path):
     data = datasets.make_sprites(320, seed=2, size=16, test_fraction=0.1)
-    mc = ModelConfig(input_dim=256, hidden=[24], latent_dim=3, image_shape=(16, 16))
 
     def trainer(backend, out, epochs):
-        return Trainer(mc, TrainConfig(epochs=epochs, batch_size=32, seed=4, backend=backend),
-                       DataConfig(), dataset=data, out=str(out), progress=False)
+        return tiny_trainer(out, backend, data=data, epochs=epochs, batch_size=32, seed=4)
 
     straight = trainer("numpy", tmp_path / "a", 4)
     straight.fit(pictures=False)

@@ -2,21 +2,14 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import fastvae
+
+from conftest import fv
+
 TINY = ["--n-sprites", "400", "--hidden", "32", "--latent", "4", "--batch-size", "64", "--no-progress"]
-
-
-def fv(*args, cwd, check=True):
-    p = subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
-    return p
 
 
 def test_train_resume_eval_info(tmp_path):
@@ -73,4 +66,10 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 
 def test_backends_listing(tmp_path):
     p = fv("backends", cwd=tmp_path)
-    assert p.stdout.startswith("numpy") and "available" in p.stdout
+    lines = p.stdout.strip().splitlines()
+    want = fastvae.backends.available()
+    assert [ln.split()[0] for ln in lines] == [b["name"] for b in want]
+    for ln, b in zip(lines, want):
+        status = ln.split(None, 1)[1]
+        assert status == ("available" if b["available"] else "unavailable: " + b["reason"]), ln
+    assert lines[0].split(None, 1)[1] == "available"                  # numpy always runs

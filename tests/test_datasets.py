@@ -10,20 +10,7 @@ from PIL import Image
 from fastvae import DataConfig, DataError, datasets
 from fastvae.datasets import load_idx, write_idx
 
-from conftest import MNIST_DIR, OLIVETTI_DIR, needs_mnist, needs_olivetti
-
-
-def write_mnist_like(folder, n_train=50, n_test=20, gz=True, seed=0):
-    r = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    ext = ".gz" if gz else ""
-    arrays = {"train-images-idx3-ubyte": r.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-              "train-labels-idx1-ubyte": r.integers(0, 10, n_train, dtype=np.uint8),
-              "t10k-images-idx3-ubyte": r.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-              "t10k-labels-idx1-ubyte": r.integers(0, 10, n_test, dtype=np.uint8)}
-    for k, a in arrays.items():
-        write_idx(os.path.join(folder, k + ext), a)
-    return arrays
+from conftest import MNIST_DIR, OLIVETTI_DIR, needs_mnist, needs_olivetti, write_mnist_like
 
 
 @pytest.mark.parametrize("gz", [True, False])

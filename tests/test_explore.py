@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,8 @@ from PIL import Image
 
 import fastvae
 from fastvae import ConfigError, datasets, explore
+
+from conftest import fv
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +146,22 @@ def test_gif_has_the_expected_frames(trained, tmp_path):
 
 def test_plot_and_interpolate_commands(tmp_path):
     run = tmp_path / "run"
-    py = [sys.executable, "-m", "fastvae"]
-    subprocess.run(py + ["train", "--n-sprites", "300", "--hidden", "16", "--latent", "3", "--epochs", "2",
-                         "--batch-size", "32", "--out", str(run), "--no-progress"], check=True, cwd=tmp_path)
-    subprocess.run(py + ["plot", str(run), "--grid", "5", "--n", "4"], check=True, cwd=tmp_path)
+    fv("train", "--n-sprites", "300", "--hidden", "16", "--latent", "3", "--epochs", "2",
+       "--batch-size", "32", "--out", run, "--no-progress", cwd=tmp_path)
+    fv("plot", run, "--grid", "5", "--n", "4", cwd=tmp_path)
     figs = sorted(os.listdir(run / "figures"))
     for f in ("reconstructions.png", "samples.png", "latent_map.png", "latent_grid.png", "traversals.png",
               "best_worst.png", "loss_histogram.png", "kl_per_dim.png", "loss_curves.png", "interpolation.png",
               "interpolation.gif"):
         assert f in figs and (run / "figures" / f).stat().st_size > 1000, f
     Image.fromarray((np.random.default_rng(0).random((20, 30)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
-    subprocess.run(py + ["interpolate", str(run / "checkpoint.h5"), str(tmp_path / "a.png"), "3", "--steps", "6",
-                         "--gif", str(tmp_path / "m.gif")], check=True, cwd=tmp_path)
+    fv("interpolate", run / "checkpoint.h5", tmp_path / "a.png", "3", "--steps", "6",
+       "--gif", tmp_path / "m.gif", cwd=tmp_path)
     with Image.open(tmp_path / "m.gif") as im:
         assert im.n_frames == 10
-    p = subprocess.run(py + ["interpolate", str(run / "checkpoint.h5"), "0", "999", "--gif", "x.gif"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    p = fv("interpolate", run / "checkpoint.h5", "0", "999", "--gif", "x.gif", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "outside the test split" in p.stderr
-    out = subprocess.run(py + ["eval", str(run / "checkpoint.h5"), "--json", "--iwae-k", "20"],
-                         check=True, cwd=tmp_path, capture_output=True, text=True).stdout
+    out = fv("eval", run / "checkpoint.h5", "--json", "--iwae-k", "20", cwd=tmp_path).stdout
     res = json.loads(out)
     assert res["iwae_neg_log_likelihood"] <= res["neg_elbo"] + 5      # 2-epoch model, k = 20
     assert len(res["kl_per_dim"]) == 3 and 0 <= res["active_units"] <= 3

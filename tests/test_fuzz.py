@@ -13,7 +13,7 @@ from PIL import Image
 
 import fastvae
 from fastvae import CheckpointError, DataError, ModelConfig, TrainConfig, Trainer, DataConfig, datasets
-from fastvae.datasets import load_idx, write_idx
+from fastvae.datasets import load_idx
 
 from conftest import MNIST_DIR
 

@@ -170,7 +170,10 @@ def test_full_loss_gradient_through_sampler(act, lik):
 def test_full_gradient_other_depths(hidden, dec):
     cfg = ModelConfig(input_dim=9, hidden=hidden, decoder_hidden=dec, latent_dim=2, dtype="float64")
     m = _full_check(cfg, beta=2.5, B=3)
-    assert sum(e.size for e in m.layout) == m.num_params
+    enc = [9] + hidden + [4]                             # the head: 2 x latent_dim outputs
+    dec = [2] + (list(reversed(hidden)) if dec is None else dec) + [9]
+    expected = sum(a * b + b for sizes in (enc, dec) for a, b in zip(sizes, sizes[1:]))
+    assert m.num_params == expected
 
 
 def test_every_gradient_entry_is_written():

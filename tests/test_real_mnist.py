@@ -1,33 +1,27 @@
 """Short real-data runs on ../shared/data/mnist (24,000 train, 10,000 test),
-skipped with a reason when the files are absent."""
+skipped with a reason when the files are absent. The CLI test needs no
+PyTorch; the quality comparison skips alone when torch is missing."""
 
 import json
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
 import fastvae
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
 
-from conftest import MNIST_DIR, needs_mnist
+from conftest import MNIST_DIR, fv, needs_mnist
 
 pytestmark = needs_mnist
 
 
 def test_cli_exact_forms_on_real_mnist(tmp_path):
     run = tmp_path / "RUN"
-    base = [sys.executable, "-m", "fastvae"]
-    subprocess.run(base + ["train", "--dataset", "mnist", "--data-dir", MNIST_DIR, "--backend", "numpy",
-                           "--hidden", "400", "--latent", "20", "--epochs", "1", "--batch-size", "128",
-                           "--lr", "1e-3", "--seed", "0", "--out", str(run), "--no-progress"],
-                   check=True, cwd=tmp_path, timeout=600)
-    subprocess.run(base + ["train", "--resume", str(run / "checkpoint.h5"), "--epochs", "2", "--out", str(run),
-                           "--no-progress"], check=True, cwd=tmp_path, timeout=600)
-    out = subprocess.run(base + ["eval", str(run / "checkpoint.h5"), "--dataset", "mnist", "--data-dir", MNIST_DIR,
-                                 "--split", "test", "--json"],
-                         check=True, cwd=tmp_path, capture_output=True, text=True, timeout=600).stdout
+    fv("train", "--dataset", "mnist", "--data-dir", MNIST_DIR, "--backend", "numpy", "--hidden", "400",
+       "--latent", "20", "--epochs", "1", "--batch-size", "128", "--lr", "1e-3", "--seed", "0", "--out", run,
+       "--no-progress", cwd=tmp_path)
+    fv("train", "--resume", run / "checkpoint.h5", "--epochs", "2", "--out", run, "--no-progress", cwd=tmp_path)
+    out = fv("eval", run / "checkpoint.h5", "--dataset", "mnist", "--data-dir", MNIST_DIR, "--split", "test",
+             "--json", cwd=tmp_path).stdout
     res = json.loads(out)
     assert res["n"] == 10000
     # untrained: ~552 nats; 2 epochs x 188 steps measured ~134; 10 epochs ~110
@@ -35,12 +29,10 @@ def test_cli_exact_forms_on_real_mnist(tmp_path):
     assert fastvae.load(run / "checkpoint.h5").checkpoint["epoch"] == 2
 
 
-torch = pytest.importorskip("torch")
-
-
 def test_quality_matches_pytorch_within_one_nat():
     """784-400-20 ReLU, Bernoulli on continuous pixels, batch 128, Adam 1e-3,
     10 epochs, beta 1, same initial weights: test -ELBO within 1 nat of torch."""
+    pytest.importorskip("torch")
     from fastvae import torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28))

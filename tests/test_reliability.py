@@ -1,11 +1,9 @@
 """Bad input gets one clear line, training survives interruption, no data is lost."""
 
 import gzip
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,16 +11,16 @@ import pytest
 from PIL import Image
 
 import fastvae
-from fastvae import (CheckpointError, ConfigError, DataConfig, ModelConfig, TrainConfig, Trainer,
-                     TrainingDivergedError, TrainingInterrupted, datasets)
+from fastvae import (CheckpointError, ConfigError, ModelConfig, TrainConfig, Trainer, TrainingDivergedError,
+                     TrainingInterrupted)
 from fastvae.datasets import write_idx
 
-PY = [sys.executable, "-m", "fastvae"]
+from conftest import PY, fv, tiny_trainer, write_mnist_like
 TINY = ["--n-sprites", "300", "--hidden", "8", "--latent", "2", "--batch-size", "50", "--no-progress"]
 
 
 def run(args, cwd, **kw):
-    return subprocess.run(PY + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
+    return fv(*args, cwd=cwd, check=False, **kw)
 
 
 def one_line_error(p, *needles):
@@ -35,12 +33,7 @@ def one_line_error(p, *needles):
 
 
 def mnist_files(folder, n=40, ntest=10):
-    r = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), r.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), r.integers(0, 10, n, dtype=np.uint8))
-    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), r.integers(0, 256, (ntest, 28, 28), dtype=np.uint8))
-    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), r.integers(0, 10, ntest, dtype=np.uint8))
+    write_mnist_like(folder, n_train=n, n_test=ntest)
 
 
 def test_bad_data_gets_one_line(tmp_path):
@@ -186,11 +179,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
     assert fastvae.load(out / "checkpoint.h5").checkpoint["epoch"] == m.checkpoint["epoch"] + 1
 
 
-def _tiny(out, backend="numpy", epochs=3, **kw):
-    data = datasets.make_sprites(400, seed=6, size=16)
-    mc = ModelConfig(input_dim=256, hidden=[24], latent_dim=3, image_shape=(16, 16))
-    return Trainer(mc, TrainConfig(epochs=epochs, batch_size=16, seed=2, backend=backend, **kw), DataConfig(),
-                   dataset=data, out=str(out) if out else None, progress=False)
+_tiny = tiny_trainer
 
 
 def _interrupt_after(trainer, n_steps):
