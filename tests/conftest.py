@@ -11,8 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = [sys.executable, "-m", "fastvae"]
 
 # The suite tests THIS working tree: an installed copy elsewhere would hide every edit.
-if os.path.dirname(os.path.abspath(fastvae.__file__)) != os.path.join(ROOT, "fastvae"):
-    pytest.exit(f"the tests import fastvae from {os.path.dirname(fastvae.__file__)}, not from this checkout "
+_IMPORTED = os.path.dirname(os.path.abspath(fastvae.__file__)) if fastvae.__file__ else str(list(fastvae.__path__))
+if _IMPORTED != os.path.join(ROOT, "fastvae"):
+    pytest.exit(f"the tests import fastvae from {_IMPORTED}, not from this checkout "
                 f"({ROOT}); install it editable: pip install -e '.[numba,test]'", returncode=4)
 SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
@@ -25,7 +26,7 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    return f"fastvae {fastvae.__version__} from {os.path.dirname(fastvae.__file__)}"
+    return f"fastvae {fastvae.__version__} from {_IMPORTED}"
 
 
 needs_mnist = pytest.mark.skipif(
