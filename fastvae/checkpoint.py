@@ -240,3 +240,16 @@ def read_checkpoint(path) -> dict:
                        (out["adam"]["m"].shape != P or out["adam"]["v"].shape != P)):
         raise CheckpointError(f"{path} holds inconsistent array shapes; use an intact checkpoint")
     return out
+
+
+def load_params(model, data: dict, path) -> None:
+    """Copy a checkpoint's parameters (``read_checkpoint`` output) into
+    ``model``. Raises CheckpointError when the file's dtype or parameter
+    layout differs from the model's (naming both and the fix)."""
+    theirs = data["config"].get("model", {}) if isinstance(data["config"], dict) else {}
+    dtype = theirs.get("dtype") if isinstance(theirs, dict) else None
+    if dtype != model.config.dtype:
+        raise CheckpointError(f"{path} holds {dtype} parameters but this model is {model.config.dtype}; "
+                              f"build the model with dtype={dtype!r} or use fastvae.load")
+    model.layout.check_table(data["layout"])
+    model.set_flat_params(data["params"])

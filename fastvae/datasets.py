@@ -9,117 +9,24 @@ cause raise :class:`fastvae.errors.DataError` with the fix in the message.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import os
-import struct
 import urllib.error
 import urllib.request
-import zlib
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .config import DataConfig
+from .data import Dataset
 from .errors import DataError
+from .idx import load_idx, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
 
 __all__ = ["Dataset", "load", "load_idx", "make_sprites", "load_image_folder",
            "load_array_file", "load_olivetti", "load_mnist_family", "BUILTIN",
            "default_data_dir"]
-
-
-@dataclass
-class Dataset:
-    """Images and labels of a train split and (when there is one) a test split.
-
-    x_train: (N, D) float32 in [0, 1]; y_train: (N,) int64 or None;
-    x_test, y_test: likewise or None; image_shape: (H, W) or (H, W, C);
-    factors_*: (N, K) float64 generative factors (sprites only) and
-    factor_names; label_names: names of the label values when known.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: Optional[np.ndarray]
-    x_test: Optional[np.ndarray]
-    y_test: Optional[np.ndarray]
-    image_shape: Tuple[int, ...]
-    label_names: Optional[List[str]] = None
-    factors_train: Optional[np.ndarray] = None
-    factors_test: Optional[np.ndarray] = None
-    factor_names: Optional[List[str]] = None
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.x_train.shape[1])
-
-    def split(self, name: str):
-        """``(x, y)`` of ``"train"`` or ``"test"``; DataError when absent."""
-        if name == "train":
-            return self.x_train, self.y_train
-        if name == "test":
-            if self.x_test is None:
-                raise DataError(f"dataset {self.name!r} has no test split; use --split train")
-            return self.x_test, self.y_test
-        raise DataError(f"unknown split {name!r}; use train or test")
-
-
-# --------------------------------------------------------------------------- idx
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"file {path} does not exist; check the path or --data-dir") from None
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot read {path}: corrupt or truncated ({exc}); download it again") from None
-
-
-def load_idx(path) -> np.ndarray:
-    """Read an idx file (LeCun's MNIST format), plain or ``.gz``.
-
-    The header is validated: magic ``0x0000TTNN`` (TT the element type, NN the
-    number of dimensions), big-endian uint32 sizes, and a payload of exactly
-    the announced size (counts come from the header, never assumed).
-    Returns an array of the announced shape. Raises DataError otherwise.
-    """
-    path = os.fspath(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DataError(f"{path} is too short to be an idx file; download it again")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path} has a wrong idx magic number {raw[:4].hex()}; "
-                        "it is not an idx file (expected 00000803 for images, 00000801 for labels)")
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path} has a truncated idx header; download it again")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    want = math.prod(dims) * dtype.itemsize
-    body = raw[4 + 4 * ndim:]
-    if len(body) != want:
-        raise DataError(f"{path}: header announces {dims} ({want} bytes) but the file holds "
-                        f"{len(body)} bytes; the file is truncated or corrupt, download it again")
-    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
-    return arr.astype(arr.dtype.newbyteorder("="), copy=True)
-
-
-def write_idx(path, arr) -> None:
-    """Write ``arr`` (uint8) as an idx file, gzip-compressed if ``path`` ends in .gz."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    data = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
-    opener = gzip.open if os.fspath(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(data)
 
 
 # ------------------------------------------------------------- MNIST family

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -126,12 +126,11 @@ class VAE:
 
     def load_checkpoint(self, path) -> dict:
         """Load the parameters of a checkpoint into THIS model (see
-        :func:`fastvae.restore.load_params`). Raises CheckpointError when the
+        :func:`fastvae.checkpoint.load_params`). Raises CheckpointError when the
         file is not a valid fastvae checkpoint or was written for another
         architecture or dtype (the message names both); returns the
         checkpoint's host data."""
-        from .checkpoint import read_checkpoint
-        from .restore import load_params
+        from .checkpoint import load_params, read_checkpoint
         data = read_checkpoint(path)
         load_params(self, data, path)
         return data

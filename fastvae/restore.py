@@ -14,7 +14,10 @@ import sys
 from typing import Optional
 
 from . import backends
-from .errors import CheckpointError
+from .checkpoint import load_params, read_checkpoint
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import VAE
 
 
 def choose_backend(requested: Optional[str], written: Optional[str]) -> str:
@@ -33,28 +36,11 @@ def choose_backend(requested: Optional[str], written: Optional[str]) -> str:
     return "numpy"
 
 
-def load_params(model, data: dict, path) -> None:
-    """Copy a checkpoint's parameters (``read_checkpoint`` output) into
-    ``model``. Raises CheckpointError when the file's dtype or parameter
-    layout differs from the model's (naming both and the fix)."""
-    theirs = data["config"].get("model", {}) if isinstance(data["config"], dict) else {}
-    dtype = theirs.get("dtype") if isinstance(theirs, dict) else None
-    if dtype != model.config.dtype:
-        raise CheckpointError(f"{path} holds {dtype} parameters but this model is {model.config.dtype}; "
-                              f"build the model with dtype={dtype!r} or use fastvae.load")
-    model.layout.check_table(data["layout"])
-    model.set_flat_params(data["params"])
-
-
 def load_model(path, backend: Optional[str] = None):
     """``(model, data)``: a :class:`fastvae.VAE` built from the checkpoint's own
     config on the backend chosen by :func:`choose_backend`, its parameters
-    loaded, and the checkpoint's host data. Raises CheckpointError for a bad
+    loaded (:func:`fastvae.checkpoint.load_params`), and the checkpoint's host data. Raises CheckpointError for a bad
     file, BackendUnavailableError for a named backend that cannot run."""
-    from .checkpoint import read_checkpoint
-    from .config import ModelConfig
-    from .errors import ConfigError
-    from .model import VAE
     data = read_checkpoint(path)
     try:
         mc = ModelConfig.from_dict(data["config"]["model"])

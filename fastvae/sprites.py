@@ -6,14 +6,10 @@ no download and disentanglement scores (MIG) have known factors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from .data import Dataset
 from .errors import DataError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .datasets import Dataset
 
 SPRITE_FACTORS = ["shape", "scale", "orientation", "pos_x", "pos_y"]
 SPRITE_SHAPES = ["square", "ellipse", "heart"]
@@ -61,7 +57,6 @@ def make_sprites(n: int = 12000, seed: int = 0, size: int = 64, test_fraction: f
     values each in [0, 1]). Seeded and reproducible; labels are the shape
     index, all five factor values are in ``factors_*``. Zero downloads.
     """
-    from .datasets import Dataset
     if n < 2:
         raise DataError(f"n_sprites must be at least 2, got {n}")
     rng = np.random.Generator(np.random.PCG64(seed))

@@ -30,7 +30,7 @@ from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
 from .optim import Adam, ClipGradNorm
-from .restore import choose_backend, load_params
+from .restore import choose_backend
 from .schedules import beta_at, lr_at
 from .training import METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter  # noqa: F401
 
@@ -170,7 +170,7 @@ class Trainer:
         self = cls(mc, tc, dc, dataset=dataset,
                    out=out if out is not None else os.path.dirname(os.path.abspath(path)),
                    progress=progress)
-        load_params(self.model, data, path)
+        ckpt.load_params(self.model, data, path)
         if data["adam"] is not None:
             self.optimizer.load_state_dict(data["adam"])
         st = data["state"]

@@ -1,0 +1,77 @@
+"""The code's shape, as the project's standards ask: no module over 400
+lines, no import cycle inside the package (function-level imports count),
+and every layer type a forward/backward pair."""
+
+import ast
+import os
+
+import pytest
+
+from fastvae import layers
+
+from conftest import ROOT
+
+PKG = os.path.join(ROOT, "fastvae")
+
+
+def _modules():
+    for base in (PKG, os.path.join(ROOT, "kernels")):
+        for folder, _, files in os.walk(base):
+            for f in files:
+                if f.endswith(".py"):
+                    yield os.path.join(folder, f)
+
+
+@pytest.mark.parametrize("path", sorted(_modules()), ids=lambda p: os.path.relpath(p, ROOT))
+def test_no_module_over_400_lines(path):
+    with open(path) as f:
+        n = sum(1 for _ in f)
+    assert n <= 400, f"{os.path.relpath(path, ROOT)} has {n} lines; split it"
+
+
+def _import_graph():
+    graph = {}
+    for path in _modules():
+        if not path.startswith(PKG + os.sep):
+            continue
+        rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+        pkg = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
+        name = ".".join(rel if rel[-1] != "__init__" else rel[:-1])
+        deps = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = pkg[:len(pkg) - (node.level - 1)] + ([node.module] if node.module else [])
+                deps.add(".".join(target))
+                deps.update(".".join(target + [a.name]) for a in node.names)
+        graph[name] = deps
+    return {m: {d for d in ds if d in graph and d != m} for m, ds in graph.items()}
+
+
+def test_no_import_cycle():
+    graph = _import_graph()
+    assert "fastvae.layers" in graph and "fastvae.model" in graph["fastvae.restore"]
+    # the package __init__ re-exports everything; cycles through it are by design
+    graph = {m: ds - {"fastvae"} for m, ds in graph.items() if m != "fastvae"}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph[m]:
+            if state.get(d) == "open":
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == [], " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_layer_is_a_forward_backward_pair():
+    kinds = [c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, layers.Layer)
+             and c is not layers.Layer]
+    assert {c.__name__ for c in kinds} >= {"Dense", "GaussianSampler", "Likelihood"}
+    for c in kinds:
+        assert "forward" in vars(c) and "backward" in vars(c), c.__name__
