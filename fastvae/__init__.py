@@ -13,7 +13,7 @@ Public API::
     ModelConfig, TrainConfig, DataConfig, Adam, ParamLayout, errors
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import backends, datasets  # noqa: E402
 from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402

@@ -1,13 +1,15 @@
 """The HDF5 checkpoint format (one format for every backend).
 
-Layout of a file (format ``fastvae-checkpoint``, version 1)::
+Layout of a file (format ``fastvae-checkpoint``, version 2; version 1, the
+first release's, is the same without ``layers`` in the model config, and is
+read as the MLP its ``hidden``/``latent_dim`` describe)::
 
     /                     attrs: format, format_version, fastvae_version,
                                  backend, dtype, created (ISO 8601 UTC)
     /params               (P,) flat parameter buffer in the model dtype
     /adam/m, /adam/v      (P,) Adam moments;  /adam attrs: t (int)
     /layout               JSON text: [{"name", "shape", "offset"}, ...]
-    /config               JSON text: {"model": {...}, "train": {...}, "data": {...}}
+    /config               JSON text: {"model": {..., "layers": [specs]}, "train": {...}, "data": {...}}
     /state                JSON text: {"epoch", "step", "rng": {...}}
     /history              JSON text: list of per-epoch metric rows
     /arrays/epoch_perm    (N,) int64, only when saved inside an epoch (Ctrl-C)
@@ -37,7 +39,8 @@ import numpy as np
 from .errors import CheckpointError
 
 FORMAT_NAME = "fastvae-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # written
+READABLE_VERSIONS = (1, 2)         # read
 
 
 HEADER_SIZE = 512      # an HDF5 "user block": bytes HDF5 itself ignores
@@ -58,11 +61,11 @@ def _header(version: int, digest: str) -> bytes:
 
 
 def _check_version(path, ver: int) -> None:
-    if ver != FORMAT_VERSION:
+    if ver not in READABLE_VERSIONS:
         hint = ("upgrade fastvae to read it" if ver > FORMAT_VERSION
                 else "re-save it with the fastvae version that wrote it")
-        raise CheckpointError(f"{path} has checkpoint format version {ver}, this fastvae reads version "
-                              f"{FORMAT_VERSION}; {hint}")
+        raise CheckpointError(f"{path} has checkpoint format version {ver}, this fastvae reads versions "
+                              f"{READABLE_VERSIONS[0]}-{READABLE_VERSIONS[-1]}; {hint}")
 
 
 def _parse_header(raw: bytes):

@@ -6,6 +6,11 @@ are written here once; ``fastvae.kernels.numba_cpu`` reads its constants from
 these dicts and the CUDA source receives them as preprocessor defines
 (:func:`cuda_defines`, passed to NVRTC by the cupy backend and to ``nvcc`` by
 CI), so the three can never disagree.
+
+Changing a code: also touch ``kernels/numba_cpu.py``. Numba freezes globals
+into compiled code and keys its on-disk cache on that file's timestamp only,
+so cached kernels would keep the old code (the backend parity tests, which
+select kernels by name through this table, would catch it).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_round_trip_keeps_everything(tiny_data, tmp_path):
     assert d["state"]["epoch"] == 2
     assert d["layout"] == t.model.layout.to_table()
     assert d["config"]["model"]["hidden"] == [32]
-    assert d["meta"]["format"] == "fastvae-checkpoint" and d["meta"]["format_version"] == 1
+    assert d["meta"]["format"] == "fastvae-checkpoint" and d["meta"]["format_version"] == 2
     assert d["meta"]["backend"] == "numpy" and d["meta"]["dtype"] == "float32"
     assert d["meta"]["fastvae_version"] == fastvae.__version__
     assert [h["epoch"] for h in d["history"]] == [1, 2]
@@ -72,8 +72,8 @@ def test_refuses_other_format_versions(tiny_data, tmp_path):
     t = make_trainer(tiny_data, tmp_path, epochs=1)
     t.fit(pictures=False)
     p = tmp_path / "checkpoint.h5"
-    _bump_version(p, 2)
-    with pytest.raises(CheckpointError, match="version 2.*reads version 1; upgrade fastvae"):
+    _bump_version(p, 3)
+    with pytest.raises(CheckpointError, match="version 3.*reads versions 1-2; upgrade fastvae"):
         fastvae.load(p)
     _bump_version(p, 0)
     with pytest.raises(CheckpointError, match="version 0"):

@@ -45,6 +45,7 @@ def test_numba_follows_the_recorded_float64_trajectory():
 def test_format1_checkpoint_loads():
     model = fastvae.load(FORMAT1, backend="numpy")
     assert model.config.hidden == [24, 12] and model.config.latent_dim == 3
+    assert model.checkpoint["meta"]["format_version"] == 1          # written by the first release
     assert model.checkpoint["epoch"] == 1 and model.checkpoint["adam_t"] == 6
     mu, logvar = model.encode(mf.dataset().x_test)
     assert mu.shape == (32, 3) and np.isfinite(mu).all() and np.isfinite(logvar).all()

@@ -13,28 +13,8 @@ import pytest
 from fastvae import ModelConfig, VAE, backends
 from fastvae.config import ACTIVATIONS, LIKELIHOODS
 
-H = 1e-6
-
-
-def numgrad(f, x):
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + H
-        fp = f()
-        x[i] = old - H
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * H)
-    return g
-
-
-def assert_grad(ana, num, fval):
-    tol = 1e-7 * (1 + abs(fval)) + 1e-6 * np.abs(num).max()
-    err = np.abs(ana - num).max()
-    assert err <= tol, f"max |analytic - numeric| = {err:.3e} > {tol:.3e}"
+from conftest import assert_grad, numgrad
+from conftest import full_gradient_check as _full_check
 
 
 @pytest.fixture
@@ -137,26 +117,6 @@ def test_likelihood_values_and_gradient(be, rng, kind):
     dl2 = np.empty((B, D))
     be.likelihood(dl2, None, logits, x, kind, sigma, 0.25)        # grad_scale, no loss
     np.testing.assert_allclose(dl2, 0.25 * dl, rtol=1e-14)
-
-
-def _full_check(cfg, beta=0.7, B=4, seed=0):
-    model = VAE(cfg, "numpy", seed=seed)
-    r = np.random.default_rng(seed + 1)
-    x = r.random((B, cfg.input_dim))
-    eps = r.normal(size=(B, cfg.latent_dim))
-    p0 = model.get_flat_params()
-
-    def loss():
-        ws = model.forward(x, eps)
-        return float((ws.nll.sum() + beta * ws.kl.sum()) / B)
-
-    recon, kl = model.loss_and_grad(x, eps, beta)
-    ana = model.grads.copy()
-    assert np.isclose((recon + beta * kl) / B, loss(), rtol=1e-13)
-    num = numgrad(loss, model.params)     # perturbs the live flat buffer
-    np.testing.assert_array_equal(model.get_flat_params(), p0)
-    assert_grad(ana, num, loss())
-    return model
 
 
 @pytest.mark.parametrize("act,lik", list(itertools.product(ACTIVATIONS, LIKELIHOODS)))

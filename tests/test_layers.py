@@ -12,8 +12,7 @@ from fastvae.config import ACTIVATIONS, mlp_layer_specs
 from fastvae.layout import ParamLayout
 from fastvae.restore import choose_backend
 
-from test_gradients import assert_grad, numgrad
-from conftest import tiny_trainer
+from conftest import assert_grad, full_gradient_check, numgrad, tiny_trainer
 
 BE = backends.get("numpy", "float64")
 
@@ -115,9 +114,8 @@ def test_custom_stack_gradient_and_checkpoint(tmp_path):
     """A stack no --hidden form describes (an activation per layer, no split
     head): the full gradient through the sampler, and a save/load round trip
     that rebuilds it from the specs stored in the checkpoint."""
-    from test_gradients import _full_check
     cfg = ModelConfig(input_dim=10, latent_dim=2, dtype="float64", layers=custom_specs())
-    model = _full_check(cfg, beta=1.3, B=3)
+    model = full_gradient_check(cfg, beta=1.3, B=3)
     assert repr(model).startswith("VAE(10-7(tanh)-5(elu)-4-z2-6(softplus)-10,")
     p = tmp_path / "c.h5"
     ckpt.save_checkpoint(p, params=model.get_flat_params(), adam_state=None,
