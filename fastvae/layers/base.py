@@ -1,0 +1,55 @@
+"""The layer interface: :class:`Step` (what a pass needs besides
+activations), :class:`State` (per-batch buffers) and :class:`Layer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+
+@dataclass
+class Step:
+    """What one pass over a batch needs besides activations.
+
+    x: ``(B, D)`` target images (the likelihood's data); eps: ``(B, L)``
+    N(0, 1) noise for the sampler; beta: KL weight; grad_scale: dLoss/d(per-
+    image term) = 1/B; train: compute gradients; need_loss: compute the
+    per-image ``nll`` and ``kl`` (skipped on steps whose loss is not reported).
+    """
+    x: object
+    eps: object
+    beta: float = 1.0
+    grad_scale: float = 1.0
+    train: bool = False
+    need_loss: bool = True
+
+
+class State:
+    """Per-batch-size buffers of one layer (attributes set by the layer)."""
+
+
+class Layer:
+    """Base class. ``in_features``/``out_features``: per-image sizes."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    def param_entries(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """``(name, shape)`` of every tensor this layer adds to the flat buffer, in order."""
+        return []
+
+    def bind(self, layout, params, grads) -> None:
+        """Take this layer's views into the flat ``params`` and ``grads``."""
+
+    def init_params(self, host, layout, rng, scheme) -> None:
+        """Fill this layer's tensors inside the host vector ``host`` (float64)."""
+
+    def workspace(self, be, B: int, need_dx: bool) -> State:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, be, st: State, x, step: Step):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def backward(self, be, st: State, dy, step: Step):  # pragma: no cover - interface
+        raise NotImplementedError
