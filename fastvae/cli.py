@@ -60,11 +60,14 @@ def _cmd_train(a):
                           image_size=a.image_size, color=a.color or "grayscale",
                           n_sprites=a.n_sprites or DataConfig().n_sprites,
                           skip_other_files=bool(a.skip_other_files))
+        if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
+            raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
+                              "(or describe one in ModelConfig.layers)")
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
                            latent_dim=a.latent or DEFAULT_LATENT.get(name, 20),
-                           **pick(hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
+                           **pick(arch=a.arch, hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
                                   likelihood=a.likelihood, sigma=a.sigma, dtype=a.dtype, init=a.init))
         tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                                   decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,

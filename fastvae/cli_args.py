@@ -9,7 +9,7 @@ import argparse
 
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
-MODEL_ARGS = ("hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
+MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
                "clip_grad_norm")
@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-other-files", action="store_true", default=None,
                    help="ignore files that are not images in an image folder")
     m = t.add_argument_group("model")
+    m.add_argument("--arch", choices=["mlp", "conv"],
+                   help="mlp (default) or conv: the seed's ConvNet on 28x28 images, Burgess et al. 2018 on 64x64")
     m.add_argument("--hidden", type=int, nargs="*", help="encoder hidden widths (default: 400)")
     m.add_argument("--decoder-hidden", type=int, nargs="*", help="decoder hidden widths (default: mirror)")
     m.add_argument("--latent", type=int, help="latent_dim (default 20; 10 for sprites, 50 for olivetti)")

@@ -88,14 +88,22 @@ class ModelConfig(_JSONMixin):
         zero biases).
     leaky_slope, elu_alpha: parameters of those activations.
     image_shape: ``(H, W)`` or ``(H, W, C)`` used only to draw pictures.
+    arch: ``mlp`` (default) or ``conv``: which stack ``layers=None`` derives.
+        ``conv`` needs ``image_shape``: on 28x28 it is the Hasktorch seed's
+        ConvNet, on 64x64 the net of Burgess et al. 2018 (see
+        :func:`conv_layer_specs`).
     layers: the architecture as data, a list of layer specs (JSON objects)
         walked in order from image to likelihood; ``None`` (default) derives
-        today's MLP from ``hidden``, ``latent_dim``, ``decoder_hidden``,
+        the ``arch`` stack from ``hidden``, ``latent_dim``, ``decoder_hidden``,
         ``activation``, ``likelihood`` and ``sigma`` (see
         :func:`mlp_layer_specs`). Spec types, all with a unique ``name``:
         ``{"type": "dense", "units": N, "activation": A}`` (optionally
         ``"parts": [names]``: one GEMM stored as several named tensors, as the
-        ``mu | logvar`` head is), ``{"type": "gaussian", "latent_dim": L}``
+        ``mu | logvar`` head is), ``{"type": "conv2d", "channels": F,
+        "kernel": k, "stride": s, "padding": p, "activation": A}``,
+        ``{"type": "conv_transpose2d", ..., "output_padding": op}`` (same keys
+        plus output_padding), ``{"type": "reshape", "shape": [C, H, W]}``,
+        ``{"type": "gaussian", "latent_dim": L}``
         (the reparameterized sampler and its KL) and ``{"type": "likelihood",
         "kind": K, "sigma": S}``. Checked here for types and values; shapes
         are checked when the layers are built (``fastvae.layers.build``).
@@ -113,6 +121,7 @@ class ModelConfig(_JSONMixin):
     leaky_slope: float = 0.01
     elu_alpha: float = 1.0
     image_shape: Optional[Tuple[int, ...]] = None
+    arch: str = "mlp"
     layers: Optional[List[dict]] = None
 
     def __post_init__(self):
@@ -138,7 +147,11 @@ class ModelConfig(_JSONMixin):
                 raise ConfigError(
                     f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels "
                     f"but input_dim is {self.input_dim}")
-        self.layers = mlp_layer_specs(self) if self.layers is None else _check_layer_specs(self, self.layers)
+        _choice("arch", self.arch, ARCHS)
+        if self.layers is None:
+            self.layers = mlp_layer_specs(self) if self.arch == "mlp" else conv_layer_specs(self)
+        else:
+            self.layers = _check_layer_specs(self, self.layers)
 
     @property
     def decoder_widths(self) -> List[int]:
@@ -152,8 +165,13 @@ class ModelConfig(_JSONMixin):
         return dataclasses.replace(self, **changes)
 
 
-_MLP_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma")
+ARCHS = ("mlp", "conv")
+_MLP_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma",
+               "arch", "image_shape")
+_CONV_KEYS = {"type", "name", "channels", "kernel", "stride", "padding", "activation"}
 _SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
+              "conv2d": _CONV_KEYS, "conv_transpose2d": _CONV_KEYS | {"output_padding"},
+              "reshape": {"type", "name", "shape"},
               "gaussian": {"type", "name", "latent_dim"},
               "likelihood": {"type", "name", "kind", "sigma"}}
 
@@ -173,6 +191,55 @@ def mlp_layer_specs(cfg: "ModelConfig") -> List[dict]:
     specs.append({"type": "dense", "name": "decoder.out", "units": cfg.input_dim, "activation": "identity"})
     specs.append({"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma})
     return specs
+
+
+def _conv(name, channels, kernel, stride, padding, act, transpose=False, output_padding=0):
+    spec = {"type": "conv_transpose2d" if transpose else "conv2d", "name": name, "channels": channels,
+            "kernel": kernel, "stride": stride, "padding": padding, "activation": act}
+    if transpose:
+        spec["output_padding"] = output_padding
+    return spec
+
+
+def conv_layer_specs(cfg: "ModelConfig") -> List[dict]:
+    """The convolutional stacks of ``arch="conv"`` (``cfg.activation`` between layers).
+
+    28x28 (the Hasktorch seed's net): conv(C->32, 4, s2) -> conv(32->64, 4, s2) ->
+    conv(64->128, 3, s2), flatten 2*2*128 -> mu, logvar; decoder L -> dense 1024,
+    reshape 1024x1x1 -> deconv(1024->256, 4, s2) -> deconv(256->128, 6, s2) ->
+    deconv(128->C, 6, s2) logits (sizes 1 -> 4 -> 12 -> 28).
+    64x64 (Burgess et al. 2018, "Understanding disentangling in beta-VAE",
+    appendix A.1): four conv(32, 4, s2, p1), dense 256, dense 256 -> mu, logvar;
+    decoder dense 256, dense 256, dense 512, reshape 32x4x4, three
+    deconv(32, 4, s2, p1) and deconv(C, 4, s2, p1) logits.
+    Raises ConfigError for any other image size.
+    """
+    if cfg.image_shape is None:
+        raise ConfigError("arch 'conv' needs image_shape (H, W) or (H, W, C); the data sets it when training")
+    H, W = cfg.image_shape[:2]
+    C = cfg.image_shape[2] if len(cfg.image_shape) == 3 else 1
+    a, L = cfg.activation, cfg.latent_dim
+    head = {"type": "dense", "name": "encoder.head", "units": 2 * L, "activation": "identity",
+            "parts": ["mu", "logvar"]}
+    dense = lambda name, units, act=a: {"type": "dense", "name": name, "units": units, "activation": act}
+    if (H, W) == (28, 28):
+        enc = [_conv("encoder.conv0", 32, 4, 2, 0, a), _conv("encoder.conv1", 64, 4, 2, 0, a),
+               _conv("encoder.conv2", 128, 3, 2, 0, a)]
+        dec = [dense("decoder.0", 1024), {"type": "reshape", "name": "decoder.reshape", "shape": [1024, 1, 1]},
+               _conv("decoder.deconv0", 256, 4, 2, 0, a, True), _conv("decoder.deconv1", 128, 6, 2, 0, a, True),
+               _conv("decoder.out", C, 6, 2, 0, "identity", True)]
+    elif (H, W) == (64, 64):
+        enc = [_conv(f"encoder.conv{i}", 32, 4, 2, 1, a) for i in range(4)]
+        enc += [dense("encoder.0", 256), dense("encoder.1", 256)]
+        dec = [dense("decoder.0", 256), dense("decoder.1", 256), dense("decoder.2", 512),
+               {"type": "reshape", "name": "decoder.reshape", "shape": [32, 4, 4]}]
+        dec += [_conv(f"decoder.deconv{i}", 32, 4, 2, 1, a, True) for i in range(3)]
+        dec.append(_conv("decoder.out", C, 4, 2, 1, "identity", True))
+    else:
+        raise ConfigError(f"arch 'conv' is defined for 28x28 and 64x64 images, got {H}x{W}; resize the "
+                          "images (--image-size 64 64) or describe your own stack in ModelConfig.layers")
+    return enc + [head, {"type": "gaussian", "name": "sampler", "latent_dim": L}] + dec + [
+        {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 
 
 def _check_layer_specs(cfg: "ModelConfig", specs) -> List[dict]:
@@ -209,6 +276,20 @@ def _check_layer_specs(cfg: "ModelConfig", specs) -> List[dict]:
                         or len(set(parts)) != len(parts) or spec["units"] % len(parts)):
                     raise ConfigError(f"{where} parts must be distinct identifiers that split units evenly")
                 spec["parts"] = list(parts)
+        elif kind in ("conv2d", "conv_transpose2d"):
+            for key in ("channels", "kernel", "stride"):
+                _positive_int(f"{where} {key}", spec.get(key))
+            for key in ("padding", "output_padding") if kind == "conv_transpose2d" else ("padding",):
+                v = spec.get(key)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ConfigError(f"{where} {key} must be a non-negative integer, got {v!r}")
+            _choice(f"{where} activation", spec.get("activation"), tuple(ACTIVATION_CODES))
+        elif kind == "reshape":
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or len(shape) != 3:
+                raise ConfigError(f"{where} shape must be [C, H, W], got {shape!r}")
+            for v in shape:
+                _positive_int(f"{where} each shape size", v)
         elif kind == "gaussian":
             if spec.get("latent_dim") != cfg.latent_dim:
                 raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "

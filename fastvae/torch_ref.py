@@ -21,38 +21,55 @@ def _torch():
 
 
 def build(cfg, device="cpu"):
-    """A ``torch.nn.Module`` twin of a VAE with config ``cfg`` (weights random)."""
+    """A ``torch.nn.Module`` twin of the VAE that ``cfg.layers`` describes
+    (weights random): ``nn.Linear``, ``nn.Conv2d`` and ``nn.ConvTranspose2d``
+    in NCHW, with the permutes that reproduce the engine's channels-last rows
+    at every flatten and reshape."""
     torch = _torch()
     nn = torch.nn
+    from . import layers as L
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    stack = L.build(cfg)
+    acts = {"identity": lambda h: h, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+            "leaky_relu": lambda h: nn.functional.leaky_relu(h, cfg.leaky_slope),
+            "elu": lambda h: nn.functional.elu(h, cfg.elu_alpha), "softplus": nn.functional.softplus}
 
-    def act():
-        return {"relu": nn.ReLU(), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(),
-                "leaky_relu": nn.LeakyReLU(cfg.leaky_slope), "elu": nn.ELU(cfg.elu_alpha),
-                "softplus": nn.Softplus()}[cfg.activation]
+    def module(layer):
+        if isinstance(layer, L.Dense):
+            return nn.Linear(layer.in_features, layer.out_features)
+        if isinstance(layer, L.Conv2d):
+            return nn.Conv2d(layer.in_hwc[2], layer.channels, layer.k, layer.s, layer.p)
+        if isinstance(layer, L.ConvTranspose2d):
+            return nn.ConvTranspose2d(layer.in_hwc[2], layer.channels, layer.k, layer.s, layer.p, layer.op)
+        return None
+
+    def nchw(h, hwc):
+        return h.reshape(h.shape[0], *hwc).permute(0, 3, 1, 2) if h.dim() == 2 else h
+
+    def rows(h):
+        return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1) if h.dim() == 4 else h
 
     class TorchVAE(nn.Module):
         def __init__(self):
             super().__init__()
-            layers, d = [], cfg.input_dim
-            for h in cfg.hidden:
-                layers += [nn.Linear(d, h), act()]
-                d = h
-            self.encoder = nn.Sequential(*layers)
-            self.mu = nn.Linear(d, cfg.latent_dim)
-            self.logvar = nn.Linear(d, cfg.latent_dim)
-            layers, d = [], cfg.latent_dim
-            for h in cfg.decoder_widths:
-                layers += [nn.Linear(d, h), act()]
-                d = h
-            layers.append(nn.Linear(d, cfg.input_dim))
-            self.decoder = nn.Sequential(*layers)
+            self.stack = stack
+            self.mods = nn.ModuleDict({layer.name.replace(".", "_"): m for layer in stack
+                                       if (m := module(layer)) is not None})
 
         def forward(self, x, eps):
-            h = self.encoder(x)
-            mu, logvar = self.mu(h), self.logvar(h)
-            z = mu + torch.exp(0.5 * logvar) * eps
-            return self.decoder(z), mu, logvar
+            h, mu, logvar = x, None, None
+            for layer in self.stack:
+                if isinstance(layer, L.Dense):
+                    h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](rows(h)))
+                elif isinstance(layer, (L.Conv2d, L.ConvTranspose2d)):
+                    h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](nchw(h, layer.in_hwc)))
+                elif isinstance(layer, L.Reshape):
+                    h = nchw(rows(h), layer.out_hwc)
+                elif isinstance(layer, L.GaussianSampler):
+                    n = layer.out_features
+                    mu, logvar = h[:, :n], h[:, n:]
+                    h = mu + torch.exp(0.5 * logvar) * eps
+            return rows(h), mu, logvar
 
         def losses(self, x, eps):
             """Per-image ``(recon, kl)`` in nats, the engine's convention."""
@@ -70,15 +87,22 @@ def build(cfg, device="cpu"):
     return TorchVAE().to(device=device, dtype=dtype)
 
 
-def linear_modules(tm):
-    """``[(fastvae layer name, nn.Linear)]`` in the engine's layout order."""
-    torch = _torch()
-    lin = lambda seq: [m for m in seq if isinstance(m, torch.nn.Linear)]
-    out = [(f"encoder.{i}", m) for i, m in enumerate(lin(tm.encoder))]
-    out += [("encoder.mu", tm.mu), ("encoder.logvar", tm.logvar)]
-    dec = lin(tm.decoder)
-    out += [(f"decoder.{i}", m) for i, m in enumerate(dec[:-1])]
-    out.append(("decoder.out", dec[-1]))
+def named_tensors(tm):
+    """``[(engine tensor name, torch parameter, row slice)]``: a Dense layer
+    stored in parts (the ``mu | logvar`` head) is one torch Linear whose rows
+    split into the engine's named tensors."""
+    from . import layers as L
+    out = []
+    for layer in tm.stack:
+        m = tm.mods[layer.name.replace(".", "_")] if layer.name.replace(".", "_") in tm.mods else None
+        if m is None:
+            continue
+        if isinstance(layer, L.Dense):
+            r = layer.out_features // len(layer.tensors)
+            for i, t in enumerate(layer.tensors):
+                out += [(t + ".W", m.weight, slice(i * r, (i + 1) * r)), (t + ".b", m.bias, slice(i * r, (i + 1) * r))]
+        else:
+            out += [(layer.name + ".W", m.weight, slice(None)), (layer.name + ".b", m.bias, slice(None))]
     return out
 
 
@@ -87,26 +111,17 @@ def copy_from(tm, model) -> None:
     torch = _torch()
     sd = model.state_dict()
     with torch.no_grad():
-        for name, m in linear_modules(tm):
-            m.weight.copy_(torch.from_numpy(sd[name + ".W"]))
-            m.bias.copy_(torch.from_numpy(sd[name + ".b"]))
+        for name, p, rows in named_tensors(tm):
+            p[rows].copy_(torch.from_numpy(sd[name]))
 
 
 def grads_by_name(tm) -> dict:
     """``{engine tensor name: host gradient}`` from the twin's ``.grad``."""
-    out = {}
-    for name, m in linear_modules(tm):
-        out[name + ".W"] = m.weight.grad.detach().cpu().numpy()
-        out[name + ".b"] = m.bias.grad.detach().cpu().numpy()
-    return out
+    return {name: p.grad[rows].detach().cpu().numpy() for name, p, rows in named_tensors(tm)}
 
 
 def params_by_name(tm) -> dict:
-    out = {}
-    for name, m in linear_modules(tm):
-        out[name + ".W"] = m.weight.detach().cpu().numpy()
-        out[name + ".b"] = m.bias.detach().cpu().numpy()
-    return out
+    return {name: p[rows].detach().cpu().numpy() for name, p, rows in named_tensors(tm)}
 
 
 def train_reference(cfg, x_train, x_test, epochs=10, batch_size=128, lr=1e-3, seed=0, init_from=None,

@@ -156,6 +156,55 @@ class Backend:
         ``params -= step_size * m / (sqrt(v)/bc2_sqrt + eps)``."""
         raise NotImplementedError
 
+    # ---- convolution (im2col / col2im), channels-last ------------------------
+    # Images are (B, H*W*C) rows in channels-last (NHWC) order; a patch row
+    # holds (C, kH, kW) in PyTorch's weight order, so ``cols @ W.reshape(F, -1).T``
+    # is a convolution with a torch-layout weight (Dumoulin & Visin 2016, "A
+    # guide to convolution arithmetic", Sec. 2 and 4: Ho = (H + 2p - k) // s + 1).
+    # Written with array slicing only, so every array module runs them.
+
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
+        """Patches of ``x (B, H*W*C)`` into ``cols (B*Ho*Wo, C*k*k)``: row
+        ``(b, oh, ow)`` holds ``x[b, oh*s - p + i, ow*s - p + j, c]`` at column
+        ``(c, i, j)``, zero where that falls in the padding."""
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B, s, p = x.shape[0], stride, padding
+        src = x.reshape(B, H, W, C)
+        if p:
+            pad = self._zero_border(("im2col_pad", p), (B, H + 2 * p, W + 2 * p, C))
+            pad[:, p:p + H, p:p + W, :] = src
+            src = pad
+        c6 = cols.reshape(B, Ho, Wo, C, k, k)
+        for i in range(k):
+            for j in range(k):
+                c6[:, :, :, :, i, j] = src[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        return cols
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
+        """The adjoint of :meth:`im2col`: ``x (B, H*W*C)`` = the sum of every
+        patch entry of ``cols (B*Ho*Wo, C*k*k)`` at the pixel it was read
+        from (entries in the padding are dropped)."""
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B, s, p = x.shape[0], stride, padding
+        acc = self.scratch("col2im_acc", (B, H + 2 * p, W + 2 * p, C))
+        acc[...] = 0
+        c6 = cols.reshape(B, Ho, Wo, C, k, k)
+        for i in range(k):
+            for j in range(k):
+                acc[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :] += c6[:, :, :, :, i, j]
+        x.reshape(B, H, W, C)[...] = acc[:, p:p + H, p:p + W, :]
+        return x
+
+    def _zero_border(self, key, shape):
+        """A cached buffer whose border stays zero: callers write the interior only."""
+        k = ("zero_border", key, tuple(shape))
+        buf = self._scratch.get(k)
+        if buf is None:
+            buf = self._scratch[k] = self.xp.zeros(shape, dtype=self.dtype)
+        return buf
+
     def sum(self, a):
         """Sum of all elements as a device scalar (no host synchronisation)."""
         return a.sum()

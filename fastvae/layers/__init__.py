@@ -21,30 +21,51 @@ from typing import List
 
 from ..errors import ConfigError
 from .base import Layer, State, Step
+from .conv import Conv2d, ConvTranspose2d, Reshape
 from .dense import Dense
 from .vae import GaussianSampler, Likelihood
 
 
+def _image_hwc(cfg):
+    """The input image as (H, W, C) when the config knows its shape, else None."""
+    if cfg.image_shape is None:
+        return None
+    return tuple(cfg.image_shape) + (1,) if len(cfg.image_shape) == 2 else tuple(cfg.image_shape)
+
+
 def build(cfg) -> List[Layer]:
     """The layers of ``cfg.layers`` (a validated :class:`~fastvae.config.ModelConfig`),
-    sizes chained from ``cfg.input_dim``. Raises ConfigError naming the layer
-    when a stack does not chain (sampler head width, output size)."""
+    sizes chained from ``cfg.input_dim`` (and ``cfg.image_shape`` for
+    convolutions). Raises ConfigError naming the layer when a stack does not
+    chain (sampler head width, image shape, output size)."""
     layers: List[Layer] = []
-    n = cfg.input_dim
+    n, hwc = cfg.input_dim, _image_hwc(cfg)
+    slope, alpha = cfg.leaky_slope, cfg.elu_alpha
     for spec in cfg.layers:
-        kind = spec["type"]
+        kind, name = spec["type"], spec["name"]
+        if kind in ("conv2d", "conv_transpose2d") and hwc is None:
+            raise ConfigError(f"layer {name!r} ({kind}) needs an image: give image_shape, or put a reshape "
+                              f"layer before it")
         if kind == "dense":
-            layer = Dense(spec["name"], n, spec["units"], spec["activation"], spec.get("parts"),
-                          cfg.leaky_slope, cfg.elu_alpha)
+            layer = Dense(name, n, spec["units"], spec["activation"], spec.get("parts"), slope, alpha)
+        elif kind == "conv2d":
+            layer = Conv2d(name, hwc, spec["channels"], spec["kernel"], spec["stride"], spec["padding"],
+                           spec["activation"], slope, alpha)
+        elif kind == "conv_transpose2d":
+            layer = ConvTranspose2d(name, hwc, spec["channels"], spec["kernel"], spec["stride"], spec["padding"],
+                                    spec["output_padding"], spec["activation"], slope, alpha)
+        elif kind == "reshape":
+            C, H, W = spec["shape"]
+            layer = Reshape(name, n, (H, W, C))
         elif kind == "gaussian":
-            layer = GaussianSampler(spec["name"], n, spec["latent_dim"])
+            layer = GaussianSampler(name, n, spec["latent_dim"])
         else:
             if n != cfg.input_dim:
-                raise ConfigError(f"layer {spec['name']!r} scores images of {cfg.input_dim} pixels but the "
+                raise ConfigError(f"layer {name!r} scores images of {cfg.input_dim} pixels but the "
                                   f"decoder before it outputs {n}; end the decoder with {cfg.input_dim} units")
-            layer = Likelihood(spec["name"], n, spec["kind"], spec["sigma"])
+            layer = Likelihood(name, n, spec["kind"], spec["sigma"])
         layers.append(layer)
-        n = layer.out_features
+        n, hwc = layer.out_features, getattr(layer, "out_hwc", None)
     return layers
 
 
@@ -55,6 +76,14 @@ def describe(layers: List[Layer]) -> str:
     for layer in layers[:-1]:
         if isinstance(layer, GaussianSampler):
             parts.append(f"z{layer.out_features}")
+        elif isinstance(layer, Reshape):
+            H, W, C = layer.out_hwc
+            parts.append(f"[{C}x{H}x{W}]")
+            continue
+        elif hasattr(layer, "out_hwc"):
+            H, W, C = layer.out_hwc
+            act = "" if layer.activation == "identity" else f"({layer.activation})"
+            parts.append(f"{C}x{H}x{W}{act}")
         elif getattr(layer, "activation", "identity") != "identity":
             parts.append(f"{layer.out_features}({layer.activation})")
         else:
@@ -67,4 +96,5 @@ def sampler_index(layers: List[Layer]) -> int:
     return next(i for i, layer in enumerate(layers) if isinstance(layer, GaussianSampler))
 
 
-__all__ = ["Step", "State", "Layer", "Dense", "GaussianSampler", "Likelihood", "build", "describe", "sampler_index"]
+__all__ = ["Step", "State", "Layer", "Dense", "GaussianSampler", "Likelihood", "Conv2d", "ConvTranspose2d", "Reshape",
+           "build", "describe", "sampler_index"]

@@ -1,0 +1,184 @@
+"""The convolutional layers: im2col/col2im, Conv2d and ConvTranspose2d
+gradients (float64 central differences), the full conv loss through the
+sampler, PyTorch's F.conv2d / F.conv_transpose2d on identical weights, the
+seed's ConvNet and the Burgess net, and conv models end to end."""
+
+import numpy as np
+import pytest
+
+import fastvae
+from fastvae import ConfigError, ModelConfig, VAE, backends, layers
+from fastvae.layout import ParamLayout
+
+from conftest import assert_grad, fv, full_gradient_check, numgrad
+
+BE = backends.get("numpy", "float64")
+# (in (H, W, C), channels, kernel, stride, padding, output_padding): odd shapes on purpose
+GEOMS = [((5, 7, 2), 3, 3, 1, 0, 0), ((6, 5, 3), 2, 2, 3, 0, 2),      # stride larger than the kernel
+         ((4, 4, 1), 2, 3, 2, 1, 1), ((3, 6, 2), 4, 4, 2, 2, 0)]
+
+
+def test_col2im_is_the_adjoint_of_im2col(rng):
+    for (hwc, _, k, s, p, _) in GEOMS:
+        Ho, Wo = layers.conv.conv_out(hwc[0], k, s, p), layers.conv.conv_out(hwc[1], k, s, p)
+        for B in (1, 3):
+            x = rng.normal(size=(B, int(np.prod(hwc))))
+            c = rng.normal(size=(B * Ho * Wo, hwc[2] * k * k))
+            cols = BE.im2col(np.empty_like(c), x, hwc, k, s, p, (Ho, Wo))
+            back = BE.col2im(np.empty_like(x), c, hwc, k, s, p, (Ho, Wo))
+            np.testing.assert_allclose((cols * c).sum(), (x * back).sum(), rtol=1e-12)
+
+
+def test_im2col_against_the_definition(rng):
+    hwc, k, s, p = (5, 4, 2), 3, 2, 1
+    H, W, C = hwc
+    Ho, Wo = layers.conv.conv_out(H, k, s, p), layers.conv.conv_out(W, k, s, p)
+    x = rng.normal(size=(2, H * W * C))
+    cols = BE.im2col(np.full((2 * Ho * Wo, C * k * k), np.nan), x, hwc, k, s, p, (Ho, Wo))
+    img = x.reshape(2, H, W, C)
+    for b, oh, ow, c, i, j in np.ndindex(2, Ho, Wo, C, k, k):
+        r, q = oh * s - p + i, ow * s - p + j
+        want = img[b, r, q, c] if 0 <= r < H and 0 <= q < W else 0.0
+        assert cols[(b * Ho + oh) * Wo + ow, (c * k + i) * k + j] == want
+
+
+def _check(layer, r, B=2):
+    lay = ParamLayout.for_layers([layer])
+    params, grads = r.normal(size=lay.size) * 0.3, np.full(lay.size, np.nan)
+    layer.bind(lay, params, grads)
+    st = layer.workspace(BE, B, need_dx=True)
+    x = r.normal(size=(B, layer.in_features))
+    w = r.normal(size=(B, layer.out_features))
+    step = layers.Step(None, None)
+
+    def f():
+        return float((w * layer.forward(BE, st, x.copy(), step)).sum())
+
+    fval = f()
+    dx = layer.backward(BE, st, w.copy(), step).copy()
+    assert not np.isnan(grads).any()
+    assert_grad(dx, numgrad(f, x), fval)
+    assert_grad(grads.copy(), numgrad(f, params), fval)
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("act", ["identity", "tanh"])
+def test_conv2d_pair(geom, act, rng):
+    hwc, F, k, s, p, _ = geom
+    _check(layers.Conv2d("c", hwc, F, k, s, p, act), rng)
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("act", ["identity", "softplus"])
+def test_conv_transpose2d_pair(geom, act, rng):
+    hwc, F, k, s, p, op = geom
+    if layers.conv.conv_transpose_out(hwc[0], k, s, p, op) < 1:
+        pytest.skip("no output")
+    _check(layers.ConvTranspose2d("t", hwc, F, k, s, p, op, act), rng, B=1)
+
+
+def small_conv_specs(C=2, L=2):
+    """7x6xC images: conv(3, k3, s2, p1) -> 4x3x3, flatten, head; dense 12 ->
+    reshape 3x2x2 -> deconv(C, k3, s3, p1, op2) -> 7x6xC... see the sizes in the test."""
+    return [{"type": "conv2d", "name": "e.c", "channels": 3, "kernel": 3, "stride": 2, "padding": 1,
+             "activation": "elu"},
+            {"type": "dense", "name": "e.head", "units": 2 * L, "activation": "identity", "parts": ["mu", "lv"]},
+            {"type": "gaussian", "name": "q", "latent_dim": L},
+            {"type": "dense", "name": "d.0", "units": 12, "activation": "tanh"},
+            {"type": "reshape", "name": "d.r", "shape": [3, 2, 2]},
+            {"type": "conv_transpose2d", "name": "d.t", "channels": C, "kernel": 4, "stride": 3, "padding": 1,
+             "output_padding": 2, "activation": "identity"},
+            {"type": "likelihood", "name": "p", "kind": "bernoulli", "sigma": 0.1}]
+
+
+def small_cfg(dtype="float64", C=2):
+    # deconv: (2 - 1) * 3 - 2 + 4 + 2 = 7 rows and columns
+    return ModelConfig(input_dim=7 * 7 * C, image_shape=(7, 7, C), latent_dim=2, dtype=dtype,
+                       layers=small_conv_specs(C))
+
+
+def test_full_conv_loss_gradient_through_sampler():
+    m = full_gradient_check(small_cfg(), beta=0.8, B=3)
+    assert repr(m).startswith("VAE(98-3x4x4(elu)-4-z2-12(tanh)-[3x2x2]-2x7x7,")
+
+
+def test_shapes_that_do_not_chain_name_the_layer():
+    specs = small_conv_specs()
+    specs[5] = dict(specs[5], output_padding=0)
+    with pytest.raises(ConfigError, match="'p' scores images of 98 pixels but the decoder before it outputs 50"):
+        VAE(ModelConfig(input_dim=98, image_shape=(7, 7, 2), latent_dim=2, layers=specs))
+    specs = small_conv_specs()
+    specs[4] = dict(specs[4], shape=[3, 2, 3])
+    with pytest.raises(ConfigError, match="'d.r' reshapes 12 values into 3x2x3 = 18"):
+        VAE(ModelConfig(input_dim=98, image_shape=(7, 7, 2), latent_dim=2, layers=specs))
+    with pytest.raises(ConfigError, match="conv2d.*needs an image"):
+        VAE(ModelConfig(input_dim=98, latent_dim=2, layers=small_conv_specs()))
+    with pytest.raises(ConfigError, match="defined for 28x28 and 64x64"):
+        ModelConfig(input_dim=100, image_shape=(10, 10), arch="conv")
+
+
+def _torch_compare(cfg, B, seed=0):
+    torch = pytest.importorskip("torch")
+    from fastvae import torch_ref
+    m = VAE(cfg, "numpy", seed=seed)
+    r = np.random.default_rng(seed + 1)
+    x, eps = r.random((B, cfg.input_dim)), r.normal(size=(B, cfg.latent_dim))
+    recon, kl = m.loss_and_grad(x, eps, 1.0)
+    tm = torch_ref.build(cfg)
+    torch_ref.copy_from(tm, m)
+    rec_t, kl_t = tm.losses(torch.from_numpy(x), torch.from_numpy(eps))
+    (rec_t + kl_t).mean().backward()
+    np.testing.assert_allclose(float(recon), float(rec_t.detach().sum()), rtol=1e-10)
+    np.testing.assert_allclose(float(kl), float(kl_t.detach().sum()), rtol=1e-10)
+    tg, ours = torch_ref.grads_by_name(tm), m.state_dict()
+    g = {e.name: m.layout.view(m.grads, e.name) for e in m.layout}
+    assert set(tg) == set(ours)
+    for name in tg:
+        scale = np.abs(tg[name]).max()
+        assert np.abs(g[name] - tg[name]).max() <= 1e-10 * scale, name
+
+
+def test_small_conv_net_matches_pytorch():
+    _torch_compare(small_cfg(C=3), B=3)
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (64, 64, 3)])
+def test_seed_and_burgess_nets_match_pytorch(shape):
+    n = int(np.prod(shape))
+    _torch_compare(ModelConfig(input_dim=n, image_shape=shape, arch="conv", latent_dim=5, dtype="float64"), B=2)
+
+
+def test_pytorch_default_init_bounds():
+    m = VAE(ModelConfig(input_dim=784, image_shape=(28, 28), arch="conv", latent_dim=4), seed=0)
+    sd = m.state_dict()
+    # Conv2d: fan_in = C k k; ConvTranspose2d: torch takes fan_in from weight dim 1 = C_out k k
+    for name, fan_in in (("encoder.conv1.W", 32 * 16), ("decoder.deconv0.W", 256 * 16), ("decoder.deconv1.b", 128 * 36)):
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(sd[name]).max() <= bound and np.abs(sd[name]).max() > 0.95 * bound, name
+
+
+@pytest.mark.parametrize("backend", ["numba"])
+def test_conv_step_parity(backend):
+    pytest.importorskip(backend)
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        cfg = small_cfg(dtype)
+        a, b = VAE(cfg, "numpy", seed=3), VAE(cfg, backend, seed=3)
+        r = np.random.default_rng(0)
+        x, eps = r.random((4, cfg.input_dim)).astype(dtype), r.normal(size=(4, 2)).astype(dtype)
+        b.grads[:] = np.nan
+        la, lb = a.loss_and_grad(x, eps, 1.0), b.loss_and_grad(x, eps, 1.0)
+        np.testing.assert_allclose([float(v) for v in lb], [float(v) for v in la], rtol=tol)
+        np.testing.assert_allclose(b.grads, a.grads, rtol=tol, atol=tol * np.abs(a.grads).max())
+
+
+def test_conv_cli_trains_resumes_and_explores(tmp_path):
+    run = tmp_path / "RUN"
+    fv("train", "--arch", "conv", "--n-sprites", "120", "--latent", "3", "--epochs", "1", "--batch-size", "40",
+       "--out", run, "--no-progress", cwd=tmp_path)
+    fv("train", "--resume", run / "checkpoint.h5", "--epochs", "2", "--out", run, "--no-progress", cwd=tmp_path)
+    m = fastvae.load(run / "checkpoint.h5")
+    assert m.config.arch == "conv" and m.checkpoint["epoch"] == 2
+    assert "32x32x32(relu)" in fv("info", run / "checkpoint.h5", cwd=tmp_path).stdout
+    p = fv("train", "--arch", "conv", "--hidden", "8", "--n-sprites", "50", "--out", tmp_path / "x",
+           cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "--arch conv has its own stack" in p.stderr
