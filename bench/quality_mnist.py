@@ -1,10 +1,13 @@
 """Quality on real MNIST: fastvae vs a PyTorch twin at the same settings.
 
-784-400-20 ReLU, Bernoulli likelihood on continuous pixels, batch 128,
-Adam lr 1e-3, 10 epochs, beta 1, identical initial weights, the 24,000-image
-training file and the 10,000-image test set in ../shared/data/mnist.
+784-400-20 ReLU (``--arch conv``: the seed's ConvNet, latent 20), Bernoulli
+likelihood on continuous pixels, batch 128, Adam lr 1e-3, 10 epochs, beta 1,
+identical initial weights, the 24,000-image training file and the
+10,000-image test set in ../shared/data/mnist.
 
-    python bench/quality_mnist.py [--backend numpy] [--epochs 10] [--out bench/results/quality_mnist.json]
+    python bench/quality_mnist.py [--arch mlp|conv] [--backend numpy] [--epochs 10] [--out FILE]
+
+(default FILE: bench/results/quality_mnist.json, or conv_mnist.json for conv)
 
 Prints and writes one JSON object: test -ELBO (nats per image) of both, their
 difference, and the training seconds of each (same machine, same run).
@@ -32,15 +35,17 @@ def main():
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "quality_mnist.json"))
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    ap.add_argument("--out")
     a = ap.parse_args()
+    a.out = a.out or os.path.join(HERE, "results", "conv_mnist.json" if a.arch == "conv" else "quality_mnist.json")
     if not os.path.exists(a.data_dir):
         print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
         return 0
     import torch
     from fastvae import torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
-    mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28))
+    mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28), arch=a.arch)
     tc = TrainConfig(epochs=a.epochs, batch_size=128, lr=1e-3, seed=a.seed, backend=a.backend)
     t = Trainer(mc, tc, DataConfig(dataset="mnist", data_dir=a.data_dir), dataset=ds, progress=False)
     init = fastvae.VAE(mc, seed=a.seed)
@@ -52,11 +57,13 @@ def main():
         "bench": "quality_mnist", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "numpy": np.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "fastvae": fastvae.__version__, "backend": a.backend, "epochs": a.epochs,
+        "fastvae": fastvae.__version__, "backend": a.backend, "arch": a.arch, "epochs": a.epochs,
         "train_images": int(ds.x_train.shape[0]), "test_images": int(ds.x_test.shape[0]),
         "fastvae_test_neg_elbo": ours["test_neg_elbo"], "torch_test_neg_elbo": ref["test_neg_elbo"],
         "difference_nats": ours["test_neg_elbo"] - ref["test_neg_elbo"],
         "fastvae_train_seconds": sum(h["seconds"] for h in t.history), "torch_train_seconds": ref["seconds"],
+        "fastvae_epoch_seconds": [h["seconds"] for h in t.history],
+        "speedup_vs_torch": ref["seconds"] / sum(h["seconds"] for h in t.history),
         "units": "nats per image; seconds",
     }
     print(json.dumps(res, indent=2))

@@ -143,6 +143,53 @@ __global__ void adam_update(T* p, const T* g, T* m, T* v, long long n, T b1, T o
     }
 }
 
+// ---- convolution: im2col / col2im on channels-last images (B, H, W, C) ----
+// cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c], 0 in the padding.
+// One thread per column entry. Mirrors Backend.im2col.
+template <typename T>
+__global__ void im2col(T* cols, const T* x, int B, int H, int W, int C, int k, int s, int p, int Ho, int Wo) {
+    FV_GRID_STRIDE(t, (long long)B * Ho * Wo * C * k * k) {
+        long long r = t;
+        int j = (int)(r % k); r /= k;
+        int i = (int)(r % k); r /= k;
+        int c = (int)(r % C); r /= C;
+        int ow = (int)(r % Wo); r /= Wo;
+        int oh = (int)(r % Ho);
+        long long b = r / Ho;
+        int h = oh * s - p + i, w = ow * s - p + j;
+        cols[t] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((b * H + h) * W + w) * C + c] : T(0);
+    }
+}
+
+// The adjoint: x[b, h, w, c] = sum of the column entries read from that pixel.
+// One thread per pixel gathers them (no atomics, deterministic), in the same
+// (i, j) order as Backend.col2im, so the sums round alike.
+template <typename T>
+__global__ void col2im(T* x, const T* cols, int B, int H, int W, int C, int k, int s, int p, int Ho, int Wo) {
+    FV_GRID_STRIDE(t, (long long)B * H * W * C) {
+        long long r = t;
+        int c = (int)(r % C); r /= C;
+        int w = (int)(r % W); r /= W;
+        int h = (int)(r % H);
+        long long b = r / H;
+        T acc = T(0);
+        for (int i = 0; i < k; ++i) {
+            int hh = h + p - i;
+            if (hh < 0 || hh % s) continue;
+            int oh = hh / s;
+            if (oh >= Ho) continue;
+            for (int j = 0; j < k; ++j) {
+                int ww = w + p - j;
+                if (ww < 0 || ww % s) continue;
+                int ow = ww / s;
+                if (ow >= Wo) continue;
+                acc += cols[(((b * Ho + oh) * Wo + ow) * C + c) * k * k + i * k + j];
+            }
+        }
+        x[t] = acc;
+    }
+}
+
 // ---- Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") ----
 // Counter-based: output block b is philox(key, (b_lo + ctr_lo, b_hi + ctr_hi, stream, 0)),
 // so the whole RNG state is (key, counter) and every block is independent of launch shape.
@@ -231,6 +278,8 @@ __global__ void philox_bits(unsigned int* out, long long n, unsigned long long c
     template __global__ void reparam_kl_backward<T>(T*, const T*, const T*, const T*, const T*, int, int, T); \
     template __global__ void likelihood<T>(T*, T*, const T*, const T*, int, int, int, T, T, T, T, int, int); \
     template __global__ void adam_update<T>(T*, const T*, T*, T*, long long, T, T, T, T, T, T, T, T); \
+    template __global__ void im2col<T>(T*, const T*, int, int, int, int, int, int, int, int, int); \
+    template __global__ void col2im<T>(T*, const T*, int, int, int, int, int, int, int, int, int); \
     template __global__ void philox_normal<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
     template __global__ void philox_uniform<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
     template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int);

@@ -230,3 +230,47 @@ def bernoulli_(out, probs, u):
     for i in range(B):
         for j in range(D):
             out[i, j] = 1.0 if u[i, j] < probs[i, j] else 0.0
+
+
+@_jit
+def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
+    """cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c] on
+    channels-last x (B, H*W*C), 0 in the padding; each row written in order."""
+    for b in range(B):
+        xb = x[b]
+        for oh in range(Ho):
+            for ow in range(Wo):
+                row = cols[(b * Ho + oh) * Wo + ow]
+                q = 0
+                for c in range(C):
+                    for i in range(k):
+                        h = oh * s - p + i
+                        for j in range(k):
+                            w = ow * s - p + j
+                            row[q] = xb[(h * W + w) * C + c] if 0 <= h < H and 0 <= w < W else 0.0
+                            q += 1
+
+
+@_jit
+def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
+    """The adjoint of im2col: x (B, H*W*C) = sum of each column entry at the
+    pixel it was read from (padding entries dropped); x is zeroed first."""
+    kk = k * k
+    for b in range(B):
+        xb = x[b]
+        for q in range(H * W * C):
+            xb[q] = 0.0
+        for oh in range(Ho):
+            for ow in range(Wo):
+                row = cols[(b * Ho + oh) * Wo + ow]
+                for i in range(k):
+                    h = oh * s - p + i
+                    if h < 0 or h >= H:
+                        continue
+                    for j in range(k):
+                        w = ow * s - p + j
+                        if w < 0 or w >= W:
+                            continue
+                        base = (h * W + w) * C
+                        for c in range(C):
+                            xb[base + c] += row[c * kk + i * k + j]

@@ -72,9 +72,10 @@ def test_every_kernel_compiles_to_ptx(tmp_path):
                    check=True)
     ptx = out.read_text()
     for name in ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
+                 "im2col", "col2im",
                  "philox_normal", "philox_uniform", "philox_bernoulli", "philox_bits"):
         assert name in ptx, name
-    assert ptx.count(".entry") == 19
+    assert ptx.count(".entry") == 23
 
 
 @needs_nvcc

@@ -32,6 +32,7 @@ def _source_path() -> str:
 #: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
 COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
+              "im2col", "col2im",
               "philox_normal", "philox_uniform", "philox_bernoulli")
 _THREADS = 256
 _MODULES = {}
@@ -261,3 +262,20 @@ class CupyBackend(Backend):
                                 (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2),
                                  s(1.0 - beta2), s(eps * bc2_sqrt), s(step_size * bc2_sqrt),
                                  s(weight_decay), s(decay_factor)))
+
+    # ---- convolution ------------------------------------------------------------
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B = x.shape[0]
+        self._fn("im2col")(_blocks(cols.size), (_THREADS,),
+                           (cols, x, *(np.int32(v) for v in (B, H, W, C, k, stride, padding, Ho, Wo))))
+        return cols
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B = x.shape[0]
+        self._fn("col2im")(_blocks(x.size), (_THREADS,),
+                           (x, cols, *(np.int32(v) for v in (B, H, W, C, k, stride, padding, Ho, Wo))))
+        return x

@@ -90,3 +90,11 @@ class NumbaBackend(NumpyBackend):
         s = self._s
         K.adam_update(params, grads, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
                       s(eps * bc2_sqrt), s(step_size * bc2_sqrt), s(weight_decay), s(decay_factor))
+
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
+        K.im2col(cols, x, x.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        return cols
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
+        K.col2im(x, cols, x.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        return x
