@@ -17,8 +17,8 @@ import time
 from fastvae import backends
 from fastvae.benchmark import WORKLOADS, environment, training_step
 
-PRIMS = ["gemm", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward", "likelihood",
-         "adam_update"]
+PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward",
+         "likelihood", "adam_update"]
 
 
 def profile(name, wl, steps):

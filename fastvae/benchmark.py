@@ -43,6 +43,8 @@ WORKLOADS: Dict[str, dict] = {
                               note="large batch"),
     "4096-1000-50/b128": dict(input_dim=4096, hidden=[1000], latent_dim=50, batch_size=128,
                               note="64x64 faces"),
+    "conv28-20/b128": dict(input_dim=784, hidden=[], latent_dim=20, batch_size=128, arch="conv",
+                           image_shape=(28, 28), note="the seed's ConvNet on MNIST"),
 }
 
 
@@ -119,11 +121,17 @@ def _flops(calls):
     return tot
 
 
+def workload_config(wl: dict, dtype="float32") -> ModelConfig:
+    """The model config of a workload (an MLP, or ``arch`` with ``image_shape``)."""
+    return ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype,
+                       arch=wl.get("arch", "mlp"), image_shape=wl.get("image_shape"))
+
+
 def training_step(name: str, wl: dict, dtype="float32"):
     """``(backend, model, step)`` where ``step()`` is one training step of
     workload ``wl`` (eps draw, forward, backward, Adam) on a resident batch."""
     be = _backends.get(name, dtype)
-    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
+    cfg = workload_config(wl, dtype)
     B = wl["batch_size"]
     model = VAE(cfg, be, seed=0)
     opt = Adam.for_model(model)
@@ -164,7 +172,7 @@ def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False
     also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with fused Adam."""
     import torch
     from . import torch_ref
-    cfg = ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype)
+    cfg = workload_config(wl, dtype)
     B = wl["batch_size"]
     sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
     if device != "cpu":
