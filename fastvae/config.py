@@ -16,33 +16,15 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from .architectures import ARCHS, DERIVING_FIELDS, check_layer_specs, conv_layer_specs, mlp_layer_specs
+from .checks import _choice, _finite_nonneg, _positive_int
 from .errors import ConfigError
-from .ops import ACTIVATION_CODES, ACTIVATIONS, LIKELIHOODS
+from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
 
 DTYPES = ("float32", "float64")
 INITS = ("pytorch", "xavier")
 BETA_SCHEDULES = ("constant", "linear", "sigmoid", "cyclical")
 LR_SCHEDULES = ("constant", "step", "cosine")
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _finite_nonneg(name, value, positive=False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ConfigError(f"{name} must be a finite {kind} number, got {value!r}")
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 class _JSONMixin:
@@ -151,7 +133,7 @@ class ModelConfig(_JSONMixin):
         if self.layers is None:
             self.layers = mlp_layer_specs(self) if self.arch == "mlp" else conv_layer_specs(self)
         else:
-            self.layers = _check_layer_specs(self, self.layers)
+            self.layers = check_layer_specs(self, self.layers)
 
     @property
     def decoder_widths(self) -> List[int]:
@@ -160,148 +142,9 @@ class ModelConfig(_JSONMixin):
 
     def replace(self, **changes):
         """A copy with ``changes``; changing an MLP-form field re-derives ``layers``."""
-        if set(changes) & set(_MLP_FIELDS) and "layers" not in changes:
+        if set(changes) & set(DERIVING_FIELDS) and "layers" not in changes:
             changes["layers"] = None
         return dataclasses.replace(self, **changes)
-
-
-ARCHS = ("mlp", "conv")
-_MLP_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma",
-               "arch", "image_shape")
-_CONV_KEYS = {"type", "name", "channels", "kernel", "stride", "padding", "activation"}
-_SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
-              "conv2d": _CONV_KEYS, "conv_transpose2d": _CONV_KEYS | {"output_padding"},
-              "reshape": {"type", "name", "shape"},
-              "gaussian": {"type", "name", "latent_dim"},
-              "likelihood": {"type", "name", "kind", "sigma"}}
-
-
-def mlp_layer_specs(cfg: "ModelConfig") -> List[dict]:
-    """The layer specs of the MLP VAE that ``hidden``/``latent_dim`` describe:
-    dense ``encoder.i`` layers, the fused ``encoder.head`` (2L units stored as
-    ``encoder.mu`` and ``encoder.logvar``), the Gaussian sampler, dense
-    ``decoder.i`` layers, ``decoder.out`` (input_dim logits) and the likelihood."""
-    specs = [{"type": "dense", "name": f"encoder.{i}", "units": h, "activation": cfg.activation}
-             for i, h in enumerate(cfg.hidden)]
-    specs.append({"type": "dense", "name": "encoder.head", "units": 2 * cfg.latent_dim,
-                  "activation": "identity", "parts": ["mu", "logvar"]})
-    specs.append({"type": "gaussian", "name": "sampler", "latent_dim": cfg.latent_dim})
-    specs += [{"type": "dense", "name": f"decoder.{i}", "units": h, "activation": cfg.activation}
-              for i, h in enumerate(cfg.decoder_widths)]
-    specs.append({"type": "dense", "name": "decoder.out", "units": cfg.input_dim, "activation": "identity"})
-    specs.append({"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma})
-    return specs
-
-
-def _conv(name, channels, kernel, stride, padding, act, transpose=False, output_padding=0):
-    spec = {"type": "conv_transpose2d" if transpose else "conv2d", "name": name, "channels": channels,
-            "kernel": kernel, "stride": stride, "padding": padding, "activation": act}
-    if transpose:
-        spec["output_padding"] = output_padding
-    return spec
-
-
-def conv_layer_specs(cfg: "ModelConfig") -> List[dict]:
-    """The convolutional stacks of ``arch="conv"`` (``cfg.activation`` between layers).
-
-    28x28 (the Hasktorch seed's net): conv(C->32, 4, s2) -> conv(32->64, 4, s2) ->
-    conv(64->128, 3, s2), flatten 2*2*128 -> mu, logvar; decoder L -> dense 1024,
-    reshape 1024x1x1 -> deconv(1024->256, 4, s2) -> deconv(256->128, 6, s2) ->
-    deconv(128->C, 6, s2) logits (sizes 1 -> 4 -> 12 -> 28).
-    64x64 (Burgess et al. 2018, "Understanding disentangling in beta-VAE",
-    appendix A.1): four conv(32, 4, s2, p1), dense 256, dense 256 -> mu, logvar;
-    decoder dense 256, dense 256, dense 512, reshape 32x4x4, three
-    deconv(32, 4, s2, p1) and deconv(C, 4, s2, p1) logits.
-    Raises ConfigError for any other image size.
-    """
-    if cfg.image_shape is None:
-        raise ConfigError("arch 'conv' needs image_shape (H, W) or (H, W, C); the data sets it when training")
-    H, W = cfg.image_shape[:2]
-    C = cfg.image_shape[2] if len(cfg.image_shape) == 3 else 1
-    a, L = cfg.activation, cfg.latent_dim
-    head = {"type": "dense", "name": "encoder.head", "units": 2 * L, "activation": "identity",
-            "parts": ["mu", "logvar"]}
-    dense = lambda name, units, act=a: {"type": "dense", "name": name, "units": units, "activation": act}
-    if (H, W) == (28, 28):
-        enc = [_conv("encoder.conv0", 32, 4, 2, 0, a), _conv("encoder.conv1", 64, 4, 2, 0, a),
-               _conv("encoder.conv2", 128, 3, 2, 0, a)]
-        dec = [dense("decoder.0", 1024), {"type": "reshape", "name": "decoder.reshape", "shape": [1024, 1, 1]},
-               _conv("decoder.deconv0", 256, 4, 2, 0, a, True), _conv("decoder.deconv1", 128, 6, 2, 0, a, True),
-               _conv("decoder.out", C, 6, 2, 0, "identity", True)]
-    elif (H, W) == (64, 64):
-        enc = [_conv(f"encoder.conv{i}", 32, 4, 2, 1, a) for i in range(4)]
-        enc += [dense("encoder.0", 256), dense("encoder.1", 256)]
-        dec = [dense("decoder.0", 256), dense("decoder.1", 256), dense("decoder.2", 512),
-               {"type": "reshape", "name": "decoder.reshape", "shape": [32, 4, 4]}]
-        dec += [_conv(f"decoder.deconv{i}", 32, 4, 2, 1, a, True) for i in range(3)]
-        dec.append(_conv("decoder.out", C, 4, 2, 1, "identity", True))
-    else:
-        raise ConfigError(f"arch 'conv' is defined for 28x28 and 64x64 images, got {H}x{W}; resize the "
-                          "images (--image-size 64 64) or describe your own stack in ModelConfig.layers")
-    return enc + [head, {"type": "gaussian", "name": "sampler", "latent_dim": L}] + dec + [
-        {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
-
-
-def _check_layer_specs(cfg: "ModelConfig", specs) -> List[dict]:
-    """Validate layer specs (types, keys, values, one sampler, the likelihood
-    last and agreeing with the config); returns plain-JSON copies."""
-    if not isinstance(specs, (list, tuple)) or not specs:
-        raise ConfigError("layers must be a non-empty list of layer specs (JSON objects)")
-    if len(specs) > 1000:
-        raise ConfigError(f"layers lists {len(specs)} layers; at most 1000 are supported")
-    out, names = [], set()
-    for i, spec in enumerate(specs):
-        where = f"layer {i}"
-        if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
-            raise ConfigError(f"{where} must be an object with type one of {', '.join(_SPEC_KEYS)}, got {spec!r:.80}")
-        kind = spec["type"]
-        extra = set(spec) - _SPEC_KEYS[kind]
-        name = spec.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
-            raise ConfigError(f"{where} ({kind}) needs a name of 1-64 letters, digits, '.', '_' or '-'")
-        where = f"layer {i} ({name!r})"
-        if extra:
-            raise ConfigError(f"{where} has unknown key(s) {sorted(extra)}; a {kind} layer takes {sorted(_SPEC_KEYS[kind])}")
-        if name in names:
-            raise ConfigError(f"{where}: layer names must be unique")
-        names.add(name)
-        spec = dict(spec)
-        if kind == "dense":
-            _positive_int(f"{where} units", spec.get("units"))
-            _choice(f"{where} activation", spec.get("activation"), tuple(ACTIVATION_CODES))
-            if "parts" in spec:
-                parts = spec["parts"]
-                if (not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p.isidentifier()
-                                                                        for p in parts)
-                        or len(set(parts)) != len(parts) or spec["units"] % len(parts)):
-                    raise ConfigError(f"{where} parts must be distinct identifiers that split units evenly")
-                spec["parts"] = list(parts)
-        elif kind in ("conv2d", "conv_transpose2d"):
-            for key in ("channels", "kernel", "stride"):
-                _positive_int(f"{where} {key}", spec.get(key))
-            for key in ("padding", "output_padding") if kind == "conv_transpose2d" else ("padding",):
-                v = spec.get(key)
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    raise ConfigError(f"{where} {key} must be a non-negative integer, got {v!r}")
-            _choice(f"{where} activation", spec.get("activation"), tuple(ACTIVATION_CODES))
-        elif kind == "reshape":
-            shape = spec.get("shape")
-            if not isinstance(shape, list) or len(shape) != 3:
-                raise ConfigError(f"{where} shape must be [C, H, W], got {shape!r}")
-            for v in shape:
-                _positive_int(f"{where} each shape size", v)
-        elif kind == "gaussian":
-            if spec.get("latent_dim") != cfg.latent_dim:
-                raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "
-                                  f"latent_dim {cfg.latent_dim}")
-        elif spec.get("kind") != cfg.likelihood or spec.get("sigma") != cfg.sigma:
-            raise ConfigError(f"{where} (kind {spec.get('kind')!r}, sigma {spec.get('sigma')!r}) differs from the "
-                              f"config's likelihood {cfg.likelihood!r}, sigma {cfg.sigma!r}")
-        out.append(spec)
-    kinds = [s["type"] for s in out]
-    if kinds.count("gaussian") != 1 or kinds.count("likelihood") != 1 or kinds[-1] != "likelihood":
-        raise ConfigError("layers need exactly one gaussian sampler and end with the one likelihood layer")
-    return out
 
 
 @dataclass

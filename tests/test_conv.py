@@ -3,6 +3,8 @@ gradients (float64 central differences), the full conv loss through the
 sampler, PyTorch's F.conv2d / F.conv_transpose2d on identical weights, the
 seed's ConvNet and the Burgess net, and conv models end to end."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -185,6 +187,11 @@ def test_conv_cli_trains_resumes_and_explores(tmp_path):
     m = fastvae.load(run / "checkpoint.h5")
     assert m.config.arch == "conv" and m.checkpoint["epoch"] == 2
     assert "32x32x32(relu)" in fv("info", run / "checkpoint.h5", cwd=tmp_path).stdout
+    # exploration runs unchanged on a conv model
+    fv("plot", run, "--grid", "4", "--n", "4", cwd=tmp_path)
+    assert (run / "figures" / "traversals.png").stat().st_size > 1000
+    res = json.loads(fv("eval", run / "checkpoint.h5", "--json", "--iwae-k", "10", cwd=tmp_path).stdout)
+    assert len(res["kl_per_dim"]) == 3 and "mig" in res and res["iwae_neg_log_likelihood"] <= res["neg_elbo"] + 5
     p = fv("train", "--arch", "conv", "--hidden", "8", "--n-sprites", "50", "--out", tmp_path / "x",
            cwd=tmp_path, check=False)
     assert p.returncode == 2 and "--arch conv has its own stack" in p.stderr

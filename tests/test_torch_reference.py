@@ -67,16 +67,28 @@ def test_mnist_shaped_float32_matches_torch_to_float32_rounding():
         assert _rel(m.layout.view(m.grads, e.name), tg[e.name]) < 1e-4, e.name
 
 
-@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.01, False), (0.05, True)])
-def test_ten_adam_steps_track_torch(wd, decoupled):
-    cfg = ModelConfig(input_dim=20, hidden=[10], latent_dim=3, dtype="float64")
+_CONV = [{"type": "conv2d", "name": "e.c", "channels": 3, "kernel": 3, "stride": 2, "padding": 1, "activation": "relu"},
+         {"type": "dense", "name": "e.head", "units": 6, "activation": "identity", "parts": ["mu", "lv"]},
+         {"type": "gaussian", "name": "q", "latent_dim": 3},
+         {"type": "dense", "name": "d.0", "units": 8, "activation": "relu"},
+         {"type": "reshape", "name": "d.r", "shape": [2, 2, 2]},
+         {"type": "conv_transpose2d", "name": "d.t", "channels": 1, "kernel": 3, "stride": 2, "padding": 0,
+          "output_padding": 0, "activation": "identity"},
+         {"type": "likelihood", "name": "p", "kind": "bernoulli", "sigma": 0.1}]
+
+
+@pytest.mark.parametrize("wd,decoupled,arch", [(0.0, False, "mlp"), (0.01, False, "mlp"), (0.05, True, "mlp"),
+                                               (0.01, False, "conv")])
+def test_ten_adam_steps_track_torch(wd, decoupled, arch):
+    cfg = (ModelConfig(input_dim=20, hidden=[10], latent_dim=3, dtype="float64") if arch == "mlp" else
+           ModelConfig(input_dim=25, image_shape=(5, 5), latent_dim=3, dtype="float64", layers=_CONV))
     m, tm, _, _ = _setup(cfg)
     opt = Adam.for_model(m, lr=3e-3, betas=(0.85, 0.99), eps=1e-8, weight_decay=wd, decoupled=decoupled)
     topt = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
         tm.parameters(), lr=3e-3, betas=(0.85, 0.99), eps=1e-8, weight_decay=wd)
     r = np.random.default_rng(5)
     for step in range(10):
-        x = r.random((6, 20))
+        x = r.random((6, cfg.input_dim))
         eps = r.normal(size=(6, 3))
         m.loss_and_grad(x, eps, 1.0)
         opt.step()
