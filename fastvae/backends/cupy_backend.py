@@ -264,18 +264,13 @@ class CupyBackend(Backend):
                                  s(weight_decay), s(decay_factor)))
 
     # ---- convolution ------------------------------------------------------------
+    def _conv_launch(self, name, out, src, n, in_hwc, k, stride, padding, out_hw, batch):
+        geom = (batch, *in_hwc, k, stride, padding, *out_hw)
+        self._fn(name)(_blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
+        return out
+
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
-        H, W, C = in_hwc
-        Ho, Wo = out_hw
-        B = x.shape[0]
-        self._fn("im2col")(_blocks(cols.size), (_THREADS,),
-                           (cols, x, *(np.int32(v) for v in (B, H, W, C, k, stride, padding, Ho, Wo))))
-        return cols
+        return self._conv_launch("im2col", cols, x, cols.size, in_hwc, k, stride, padding, out_hw, x.shape[0])
 
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
-        H, W, C = in_hwc
-        Ho, Wo = out_hw
-        B = x.shape[0]
-        self._fn("col2im")(_blocks(x.size), (_THREADS,),
-                           (x, cols, *(np.int32(v) for v in (B, H, W, C, k, stride, padding, Ho, Wo))))
-        return x
+        return self._conv_launch("col2im", x, cols, x.size, in_hwc, k, stride, padding, out_hw, x.shape[0])
