@@ -46,10 +46,17 @@ class Layer:
         """Fill this layer's tensors inside the host vector ``host`` (float64)."""
 
     def workspace(self, be, B: int, need_dx: bool) -> State:  # pragma: no cover - interface
+        """Buffers for a batch of ``B`` on backend ``be`` (model dtype): at least
+        ``y (B, out_features)`` and, when ``need_dx``, ``dx (B, in_features)``."""
         raise NotImplementedError
 
     def forward(self, be, st: State, x, step: Step):  # pragma: no cover - interface
+        """``x (B, in_features)`` -> ``y (B, out_features)`` (returned; kept in ``st``
+        with whatever ``backward`` needs)."""
         raise NotImplementedError
 
     def backward(self, be, st: State, dy, step: Step):  # pragma: no cover - interface
+        """``dy (B, out_features)`` = dLoss/dy (may be overwritten) -> dLoss/dx
+        ``(B, in_features)`` or None when ``need_dx`` was False; writes the
+        layer's parameter gradients into the flat gradient buffer."""
         raise NotImplementedError
