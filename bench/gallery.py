@@ -1,9 +1,10 @@
 """The README gallery: what the models learn, made by fastvae's own commands.
 
-    python bench/gallery.py [--runs /tmp/fastvae-gallery] [--backend numba]
+    python bench/gallery.py [--runs /tmp/fastvae-gallery] [--backend numba] [--only mnist2d conv_mnist2d ...]
 
 Trains (unless the run folder already holds a checkpoint) and draws:
   * MNIST, 784-400-2: the 2-D latent map and a 20x20 latent grid;
+  * MNIST, the seed's ConvNet with latent 2 (--arch conv): the latent map and grid;
   * sprites, 4096-400-10, beta 1 and beta 4: traversals (rows sorted by KL) and MIG;
   * Olivetti faces, 4096-400-50: a spherical morph between two test faces (GIF).
 Writes small PNG/GIF files to bench/results/gallery/ and prints each command.
@@ -34,35 +35,43 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="/tmp/fastvae-gallery")
     ap.add_argument("--backend", default="numba")
+    ap.add_argument("--only", nargs="*", help="make only these runs' pictures (default: all)")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     R = lambda n: os.path.join(a.runs, n)
     runs = {
         "mnist2d": ["--dataset", "mnist", "--data-dir", os.path.join(DATA, "mnist"), "--hidden", "400",
                     "--latent", "2", "--epochs", "20"],
+        "conv_mnist2d": ["--dataset", "mnist", "--data-dir", os.path.join(DATA, "mnist"), "--arch", "conv",
+                         "--latent", "2", "--epochs", "10"],
         "sprites_b1": ["--latent", "10", "--epochs", "30", "--beta", "1"],
         "sprites_b4": ["--latent", "10", "--epochs", "30", "--beta", "4"],
         "olivetti": ["--dataset", "olivetti", "--data-dir", os.path.join(DATA, "olivetti"), "--hidden", "400",
                      "--latent", "50", "--epochs", "400", "--batch-size", "64"],
     }
+    want = lambda name: not a.only or name in a.only
     for name, args in runs.items():
-        if not os.path.exists(os.path.join(R(name), "checkpoint.h5")):
+        if want(name) and not os.path.exists(os.path.join(R(name), "checkpoint.h5")):
             fv("train", *args, "--backend", a.backend, "--out", R(name), "--no-progress")
     fig = lambda run, f: os.path.join(R(run), "figures", f)
-    fv("plot", R("mnist2d"), "--grid", "20")
-    shutil.copy(fig("mnist2d", "latent_map.png"), os.path.join(OUT, "mnist_latent_map.png"))
-    shutil.copy(fig("mnist2d", "latent_grid.png"), os.path.join(OUT, "mnist_latent_grid.png"))
+    for run, prefix in (("mnist2d", "mnist"), ("conv_mnist2d", "conv_mnist")):
+        if want(run):
+            fv("plot", R(run), "--grid", "20")
+            shutil.copy(fig(run, "latent_map.png"), os.path.join(OUT, f"{prefix}_latent_map.png"))
+            shutil.copy(fig(run, "latent_grid.png"), os.path.join(OUT, f"{prefix}_latent_grid.png"))
     scores = {}
-    for b in ("b1", "b4"):
+    for b in ("b1", "b4") if want("sprites_b1") and want("sprites_b4") else ():
         fv("plot", R(f"sprites_{b}"))
         shutil.copy(fig(f"sprites_{b}", "traversals.png"), os.path.join(OUT, f"sprites_traversals_{b}.png"))
         res = json.loads(fv("eval", os.path.join(R(f"sprites_{b}"), "checkpoint.h5"), "--json", capture=True))
         scores[b] = {k: res[k] for k in ("neg_elbo", "recon", "kl", "active_units", "mig")}
-    fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16", "--scale", "2",
-       "--gif", os.path.join(OUT, "olivetti_morph.gif"), "--png", os.path.join(OUT, "olivetti_morph.png"))
-    with open(os.path.join(OUT, "sprites_scores.json"), "w") as f:
-        json.dump(scores, f, indent=2)
-    print(json.dumps(scores, indent=2))
+    if want("olivetti"):
+        fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16", "--scale", "2",
+           "--gif", os.path.join(OUT, "olivetti_morph.gif"), "--png", os.path.join(OUT, "olivetti_morph.png"))
+    if scores:
+        with open(os.path.join(OUT, "sprites_scores.json"), "w") as f:
+            json.dump(scores, f, indent=2)
+        print(json.dumps(scores, indent=2))
     _shrink(OUT)
 
 
