@@ -86,8 +86,6 @@ class VAE:
                 f"backend computes in {self.backend.dtype} but the model config says {config.dtype}")
         self.layers = _layers.build(config)
         self.sampler_at = _layers.sampler_index(self.layers)
-        self.encoder = self.layers[:self.sampler_at]
-        self.decoder = self.layers[self.sampler_at + 1:-1]
         self.layout = ParamLayout.for_layers(self.layers)
         be = self.backend
         self.params = be.zeros((self.layout.size,))

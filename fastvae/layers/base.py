@@ -3,6 +3,7 @@ activations), :class:`State` (per-batch buffers) and :class:`Layer`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -60,3 +61,17 @@ class Layer:
         ``(B, in_features)`` or None when ``need_dx`` was False; writes the
         layer's parameter gradients into the flat gradient buffer."""
         raise NotImplementedError
+
+
+def uniform_init(w, b, rng, scheme, fan_in, fan_out):
+    """Fill host views ``w`` then ``b`` from ``rng``: ``pytorch`` is torch's
+    default for Linear/Conv layers, W, b ~ U(-k, k) with k = 1/sqrt(fan_in)
+    (kaiming_uniform with a = sqrt(5)); ``xavier`` is W ~ U(-a, a),
+    a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010, eq. 16), b left 0."""
+    if scheme == "xavier":
+        a = math.sqrt(6.0 / (fan_in + fan_out))
+        w[...] = rng.uniform(-a, a, w.size).reshape(w.shape)
+    else:
+        k = 1.0 / math.sqrt(fan_in)
+        w[...] = rng.uniform(-k, k, w.size).reshape(w.shape)
+        b[...] = rng.uniform(-k, k, b.size)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ..errors import ConfigError
-from .base import Layer, State
+from .base import Layer, State, uniform_init
 
 
 def conv_out(n: int, k: int, s: int, p: int) -> int:
@@ -32,17 +32,6 @@ def conv_out(n: int, k: int, s: int, p: int) -> int:
 def conv_transpose_out(n: int, k: int, s: int, p: int, op: int) -> int:
     """Output size of a transposed convolution along one axis ((n - 1) s - 2p + k + op)."""
     return (n - 1) * s - 2 * p + k + op
-
-
-def _uniform_init(w, b, rng, scheme, fan_in, fan_out):
-    """PyTorch's default (U(+-1/sqrt(fan_in)) for weight and bias) or Xavier-uniform (bias 0)."""
-    if scheme == "xavier":
-        a = math.sqrt(6.0 / (fan_in + fan_out))
-        w[...] = rng.uniform(-a, a, w.size).reshape(w.shape)
-    else:
-        k = 1.0 / math.sqrt(fan_in)
-        w[...] = rng.uniform(-k, k, w.size).reshape(w.shape)
-        b[...] = rng.uniform(-k, k, b.size)
 
 
 class _ConvBase(Layer):
@@ -100,7 +89,7 @@ class Conv2d(_ConvBase):
         """torch ``nn.Conv2d`` default: fan_in = C k k (Xavier: fan_out = F k k)."""
         w, b = layout.view(host, self.name + ".W"), layout.view(host, self.name + ".b")
         kk = self.k * self.k
-        _uniform_init(w, b, rng, scheme, self.in_hwc[2] * kk, self.channels * kk)
+        uniform_init(w, b, rng, scheme, self.in_hwc[2] * kk, self.channels * kk)
 
     def workspace(self, be, B, need_dx):
         st = self._out_workspace(be, B, need_dx)
@@ -156,7 +145,7 @@ class ConvTranspose2d(_ConvBase):
         dimension 1, i.e. C_out k k (Xavier: fan_out = C_in k k)."""
         w, b = layout.view(host, self.name + ".W"), layout.view(host, self.name + ".b")
         kk = self.k * self.k
-        _uniform_init(w, b, rng, scheme, self.channels * kk, self.in_hwc[2] * kk)
+        uniform_init(w, b, rng, scheme, self.channels * kk, self.in_hwc[2] * kk)
 
     def workspace(self, be, B, need_dx):
         st = self._out_workspace(be, B, need_dx)

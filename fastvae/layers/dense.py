@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from .base import Layer, State
+from .base import Layer, State, uniform_init
 
 
 class Dense(Layer):
@@ -40,16 +38,9 @@ class Dense(Layer):
         default, kaiming_uniform with a = sqrt(5)); ``xavier``: W ~ U(-a, a),
         a = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010, eq. 16), b = 0.
         Each part is initialised as a layer of its own (W, then b)."""
-        fan_in = self.in_features
         for t in self.tensors:
             w, b = layout.view(host, t + ".W"), layout.view(host, t + ".b")
-            if scheme == "xavier":
-                a = math.sqrt(6.0 / (fan_in + w.shape[0]))
-                w[...] = rng.uniform(-a, a, w.size).reshape(w.shape)
-            else:
-                k = 1.0 / math.sqrt(fan_in)
-                w[...] = rng.uniform(-k, k, w.size).reshape(w.shape)
-                b[...] = rng.uniform(-k, k, b.size)
+            uniform_init(w, b, rng, scheme, self.in_features, w.shape[0])
 
     def workspace(self, be, B, need_dx):
         st = State()
