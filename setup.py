@@ -17,7 +17,7 @@ setup(
     package_dir={"fastvae.kernels": "kernels"},
     package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
     install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
-                      "threadpoolctl>=3.1"],
+                      "threadpoolctl>=3.1", "psutil>=5.8"],
     extras_require={
         "numba": ["numba>=0.57"],
         "cuda12": ["cupy-cuda12x>=13"],

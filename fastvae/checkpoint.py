@@ -36,7 +36,9 @@ from typing import Optional
 
 import numpy as np
 
+from . import checkpoint_schema as schema
 from .errors import CheckpointError
+from .safe_files import h5_dataset, h5_only, open_regular, parse_json
 
 FORMAT_NAME = "fastvae-checkpoint"
 FORMAT_VERSION = 2                 # written
@@ -151,97 +153,133 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
         raise
 
 
-def _raw_text(f, key) -> str:
-    raw = f[key][()]
-    return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+MAX_TEXT = 64 * 2 ** 20          # bytes of one JSON text (a history of a million epochs fits)
+_TEXTS = ("layout", "config", "state", "history")
+_FIX = "pass a checkpoint.h5 written by fastvae"
+
+
+def _text(f, key, where, size) -> str:
+    d = h5_dataset(f, key, where, CheckpointError, size)
+    if d.shape != () or d.dtype.kind not in "OSU":
+        raise CheckpointError(f"{where}: {key!r} is not a JSON text; {_FIX}")
+    raw = d[()]
+    if len(raw) > MAX_TEXT:
+        raise CheckpointError(f"{where}: {key!r} is {len(raw):,} bytes, more than fastvae ever writes; {_FIX}")
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{where}: {key!r} is not UTF-8 text; {_FIX}") from None
+
+
+def _vector(f, key, where, size, n, kinds):
+    """Dataset ``key`` as a host (n,) array after checking dtype and shape before reading."""
+    d = h5_dataset(f, key, where, CheckpointError, size)
+    if d.dtype.kind not in kinds or d.dtype.itemsize not in (4, 8) or d.shape != (n,):
+        raise CheckpointError(f"{where}: {key!r} holds {d.dtype} {d.shape}, expected a vector of {n} "
+                              f"{'floats' if kinds == 'f' else 'integers'}; {_FIX}")
+    return np.asarray(d[()])
+
+
+def _verify_bytes(fh, path) -> None:
+    """The header and SHA-256 of an open file (before HDF5 parses anything:
+    the HDF5 library can crash, not raise, on corrupted files)."""
+    head = _parse_header(fh.read(HEADER_SIZE))
+    if head is None:
+        fh.seek(0)
+        is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        what = "an HDF5 file without the fastvae header" if is_hdf5 else "not an HDF5 file, or truncated"
+        raise CheckpointError(f"{path} is not a fastvae checkpoint ({what}); {_FIX}")
+    ver, digest = head
+    _check_version(path, ver)
+    if _file_digest(fh) != digest:
+        raise CheckpointError(f"{path} is corrupt or truncated: its bytes do not match the SHA-256 "
+                              "written with it; use an intact copy (a failed save always leaves the "
+                              "previous checkpoint)")
+
+
+def _read_h5(f, path, size) -> dict:
+    """Every part of an open checkpoint, each checked before it is read."""
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    if fmt != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a fastvae checkpoint (format attribute {str(fmt)[:40]!r}); {_FIX}")
+    try:
+        ver = int(f.attrs.get("format_version", -1))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path} has an unreadable format_version; {_FIX}") from None
+    _check_version(path, ver)
+    h5_only(f, ("params", "adam", "arrays") + _TEXTS, path, CheckpointError)
+    meta = {}
+    for k, v in f.attrs.items():
+        v = v.decode() if isinstance(v, bytes) else v
+        v = v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
+        if not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > 200):
+            raise CheckpointError(f"{path}: attribute {k[:40]!r} is not a short text or number; {_FIX}")
+        meta[k] = v
+    texts = {k: parse_json(_text(f, k, path, size), f"{path}: {k!r}", CheckpointError) for k in _TEXTS}
+    n = schema.check_layout(texts["layout"], path)
+    want = "f"
+    out = dict(texts, meta=meta, params=_vector(f, "params", path, size, n, want), adam=None, arrays={})
+    if "adam" in f:
+        g = f.get("adam", getlink=True)
+        if not isinstance(g, _h5py().HardLink) or not isinstance(f["adam"], _h5py().Group):
+            raise CheckpointError(f"{path}: 'adam' is not a group; {_FIX}")
+        h5_only(f["adam"], ("m", "v"), f"{path}: 'adam'", CheckpointError)
+        t = f["adam"].attrs.get("t")
+        if not isinstance(t, (int, np.integer)) or t < 0:
+            raise CheckpointError(f"{path}: the Adam step count is not a non-negative integer; {_FIX}")
+        out["adam"] = {"m": _vector(f["adam"], "m", f"{path}: 'adam'", size, n, want),
+                       "v": _vector(f["adam"], "v", f"{path}: 'adam'", size, n, want), "t": int(t)}
+    if "arrays" in f:
+        if not isinstance(f.get("arrays", getlink=True), _h5py().HardLink) or \
+                not isinstance(f["arrays"], _h5py().Group):
+            raise CheckpointError(f"{path}: 'arrays' is not a group; {_FIX}")
+        h5_only(f["arrays"], ("epoch_perm",), f"{path}: 'arrays'", CheckpointError)
+        if "epoch_perm" in f["arrays"]:
+            d = h5_dataset(f["arrays"], "epoch_perm", f"{path}: 'arrays'", CheckpointError, size)
+            out["arrays"]["epoch_perm"] = _vector(f["arrays"], "epoch_perm", f"{path}: 'arrays'", size,
+                                                  d.shape[0] if d.ndim == 1 else -1, "iu")
+    return out
 
 
 def read_checkpoint(path) -> dict:
     """Read and validate a checkpoint into host data.
 
     Returns ``{"params", "adam" (dict or None), "layout", "config", "state",
-    "history", "arrays", "meta"}``. Raises CheckpointError for a missing file,
-    a file that is not HDF5 or not a fastvae checkpoint, another format
-    version, missing or truncated contents, or contents that do not match
-    their SHA-256 (corruption).
+    "history", "arrays", "meta", "configs"}`` (``configs``: the model, train
+    and data config objects). A checkpoint is untrusted input: the SHA-256
+    header is checked before HDF5 parses the file, the same open file is then
+    parsed (nothing is re-opened by name), only the members, dtypes and ranks
+    this format defines are accepted, nothing is read from outside the file
+    (no external links, external storage, virtual datasets or filters), every
+    declared size is checked against the layout and the file size before it
+    is read, and the JSON texts pass :mod:`fastvae.checkpoint_schema`.
+    Raises CheckpointError (one line: the problem and the fix) for a missing
+    or special file, another format version, corruption, or any of the above.
     """
     h5py = _h5py()
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a checkpoint.h5 written by fastvae")
-    # Verify the bytes before HDF5 parses them: the HDF5 library can crash
-    # (not raise) on corrupted files, so corruption must be caught first.
-    try:
-        with open(path, "rb") as fh:
-            head = _parse_header(fh.read(HEADER_SIZE))
-            if head is None:
-                fh.seek(0)
-                is_hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-                what = "an HDF5 file without the fastvae header" if is_hdf5 else "not an HDF5 file, or truncated"
-                raise CheckpointError(f"{path} is not a fastvae checkpoint ({what}); "
-                                      "pass a checkpoint.h5 written by fastvae")
-            ver, digest = head
-            _check_version(path, ver)
-            if _file_digest(fh) != digest:
-                raise CheckpointError(f"{path} is corrupt or truncated: its bytes do not match the SHA-256 "
-                                      "written with it; use an intact copy (a failed save always leaves the "
-                                      "previous checkpoint)")
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        f = h5py.File(path, "r")
-    except Exception:
-        raise CheckpointError(
-            f"{path} is not a readable HDF5 file (truncated or not a checkpoint); "
-            "pass a checkpoint.h5 written by fastvae") from None
-    damaged = (f"{path} is damaged or incomplete; use an intact checkpoint "
-               "(a failed save always leaves the previous one)")
-    try:
-        with f:
-            try:
-                fmt = f.attrs.get("format")
-                if isinstance(fmt, bytes):
-                    fmt = fmt.decode()
-                ver = f.attrs.get("format_version", -1)
-            except Exception:
-                raise CheckpointError(damaged) from None
-            if fmt != FORMAT_NAME:
-                raise CheckpointError(
-                    f"{path} is not a fastvae checkpoint (format attribute {fmt!r}); "
-                    "pass a checkpoint.h5 written by fastvae")
-            try:
-                ver = int(ver)
-            except (TypeError, ValueError):
-                raise CheckpointError(damaged) from None
-            _check_version(path, ver)
-            try:
-                meta = {}
-                for k, v in f.attrs.items():
-                    v = v.decode() if isinstance(v, bytes) else v
-                    meta[k] = v.item() if hasattr(v, "item") else v
-                texts = [_raw_text(f, k) for k in ("layout", "config", "state", "history")]
-                params = np.asarray(f["params"][()])
-                adam = None
-                if "adam" in f:
-                    g = f["adam"]
-                    adam = {"m": np.asarray(g["m"][()]), "v": np.asarray(g["v"][()]), "t": int(g.attrs["t"])}
-                arrays = {k: np.asarray(v[()]) for k, v in f["arrays"].items()} if "arrays" in f else {}
-            except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError, ... on damage
-                raise CheckpointError(f"{damaged} ({type(exc).__name__})") from None
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{damaged} ({type(exc).__name__})") from None
-    try:
-        layout, config, state, history = (json.loads(t) for t in texts)
-    except ValueError:
-        raise CheckpointError(damaged) from None
-    out = {"params": params, "adam": adam, "layout": layout, "config": config, "state": state,
-           "history": history, "arrays": arrays, "meta": meta}
-    P = out["params"].shape
-    if len(P) != 1 or (out["adam"] is not None and
-                       (out["adam"]["m"].shape != P or out["adam"]["v"].shape != P)):
-        raise CheckpointError(f"{path} holds inconsistent array shapes; use an intact checkpoint")
+    with open_regular(path, "checkpoint", _FIX, CheckpointError) as fh:
+        try:
+            _verify_bytes(fh, path)
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(0)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            f = h5py.File(fh, "r")
+        except Exception:
+            raise CheckpointError(f"{path} is not a readable HDF5 file (truncated or not a checkpoint); "
+                                  f"{_FIX}") from None
+        try:
+            with f:
+                out = _read_h5(f, path, size)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError, ... on damage
+            raise CheckpointError(f"{path} is damaged or incomplete ({type(exc).__name__}); use an intact "
+                                  "checkpoint (a failed save always leaves the previous one)") from None
+    schema.check_all(out, path)
     return out
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import backends as _backends
 from . import layers as _layers
+from . import memory as _memory
 from .config import ModelConfig
 from .errors import ConfigError
 from .layout import ParamLayout
@@ -88,8 +89,15 @@ class VAE:
         self.sampler_at = _layers.sampler_index(self.layers)
         self.layout = ParamLayout.for_layers(self.layers)
         be = self.backend
-        self.params = be.zeros((self.layout.size,))
-        self.grads = be.zeros((self.layout.size,))
+        P = self.layout.size
+        _memory.preflight(_memory.estimate(self.layers, P, be.dtype.itemsize, host=be.device == "cpu"), be,
+                          f"a model of {P:,} parameters", _memory.SMALLER_MODEL)
+        try:
+            self.params = be.zeros((P,))
+            self.grads = be.zeros((P,))
+        except MemoryError:
+            raise ConfigError(f"out of memory allocating a model of {P:,} parameters; "
+                              f"{_memory.SMALLER_MODEL}") from None
         self.p = self.layout.views(self.params)
         self.g = self.layout.views(self.grads)
         for layer in self.layers:

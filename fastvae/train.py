@@ -26,6 +26,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
+from . import memory
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
@@ -82,6 +83,11 @@ class Trainer:
             set_threads(tc.threads)
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
+        P, size = self.model.num_params, self.backend.dtype.itemsize
+        extra = (memory.estimate(self.model.layers, P, size, batch=max(tc.batch_size, 1000), train=True, host=False)
+                 - memory.estimate(self.model.layers, P, size, host=False))
+        memory.preflight(extra, self.backend, f"training this model (Adam state and batch {tc.batch_size} buffers)",
+                         memory.SMALLER_MODEL)
         if tc.tf32:
             from .backends.cupy_backend import enable_tf32
             enable_tf32(True)

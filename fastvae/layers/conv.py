@@ -91,6 +91,11 @@ class Conv2d(_ConvBase):
         kk = self.k * self.k
         uniform_init(w, b, rng, scheme, self.in_hwc[2] * kk, self.channels * kk)
 
+    @property
+    def cols_per_image(self) -> int:
+        """Elements of the im2col buffer per image: ``Ho Wo x Cin k k``."""
+        return self.out_hwc[0] * self.out_hwc[1] * self.in_hwc[2] * self.k * self.k
+
     def workspace(self, be, B, need_dx):
         st = self._out_workspace(be, B, need_dx)
         Ho, Wo, _ = self.out_hwc
@@ -146,6 +151,11 @@ class ConvTranspose2d(_ConvBase):
         w, b = layout.view(host, self.name + ".W"), layout.view(host, self.name + ".b")
         kk = self.k * self.k
         uniform_init(w, b, rng, scheme, self.channels * kk, self.in_hwc[2] * kk)
+
+    @property
+    def cols_per_image(self) -> int:
+        """Elements of the column buffer per image: ``H W x Cout k k``."""
+        return self.in_hwc[0] * self.in_hwc[1] * self.channels * self.k * self.k
 
     def workspace(self, be, B, need_dx):
         st = self._out_workspace(be, B, need_dx)

@@ -1,0 +1,163 @@
+"""Reading files a user hands over (checkpoints, datasets) as untrusted input.
+
+Three rules, shared by :mod:`fastvae.checkpoint` and the dataset loaders:
+
+* only regular files are opened, and opening never blocks (a FIFO, a device
+  or a folder gets a one-line error instead of a hang);
+* nothing is read from outside the file's own bytes: HDF5 external links,
+  soft links, external raw storage and virtual datasets are refused
+  (each can make HDF5 read another file, ``/etc/passwd`` say, as data);
+* declared sizes are compared with the bytes present *before* anything is
+  allocated, so a small file cannot announce gigabytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Optional
+
+import numpy as np
+
+MAX_COMPRESSION = 256      # a real image file compresses far less; all-zero fillers compress ~1000x
+MAX_JSON_DEPTH = 16
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path, what: str, fix: str, error=OSError):
+    """Open ``path`` for binary reading when it is a regular file.
+
+    what: the file's role in messages ("checkpoint", "data file"); fix: the
+    advice appended to every message. Opens with ``O_NONBLOCK`` and checks
+    the opened descriptor (no race between the check and the open), so a
+    FIFO or device never blocks. Returns a binary file object; raises
+    ``error`` (a fastvae error class) for a missing, special or unreadable file.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder, not a file; {fix}") from None
+    except OSError as exc:
+        raise error(f"cannot open {what} {path}: {exc.strerror}; {fix}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{what} {path} is {_kind(mode)}, not a regular file; {fix}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def require_regular(path, what: str, fix: str, error=OSError) -> int:
+    """The size in bytes of regular file ``path`` (see :func:`open_regular`)."""
+    with open_regular(path, what, fix, error) as fh:
+        return os.fstat(fh.fileno()).st_size
+
+
+# ------------------------------------------------------------------ HDF5
+def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: bool = False):
+    """The HDF5 dataset ``name`` of open file ``f``, after checking that
+    reading it touches nothing outside the file and allocates no more than
+    the file can hold.
+
+    Refused (``error`` raised, naming ``where``): a missing name, a soft or
+    external link, a group, a virtual dataset, external raw storage, and a
+    declared size that the stored bytes cannot back: uncompressed data larger
+    than the file, or (``compressed_ok``) chunks never written or a
+    compression ratio above ``MAX_COMPRESSION``. Checkpoints are written
+    uncompressed, so for them any filter is refused.
+    """
+    import h5py
+    link = f.get(name, getlink=True)
+    if link is None:
+        raise error(f"{where} has no dataset {name!r}")
+    if not isinstance(link, h5py.HardLink):
+        raise error(f"{where}: {name!r} is a {type(link).__name__}, which would read another object or file; "
+                    "fastvae reads only data stored in the file itself")
+    d = f[name]
+    if not isinstance(d, h5py.Dataset):
+        raise error(f"{where}: {name!r} is a group, not a dataset")
+    plist = d.id.get_create_plist()
+    if d.is_virtual or plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise error(f"{where}: {name!r} is a virtual dataset mapping other files; store the data in the file")
+    if plist.get_external_count() > 0:
+        raise error(f"{where}: {name!r} keeps its bytes in an external file; store the data in the file")
+    declared = int(np.prod(d.shape, dtype=np.float64) * d.dtype.itemsize) if d.shape is not None else 0
+    stored = int(d.id.get_storage_size())
+    if d.dtype.kind == "O":
+        return d                                    # variable-length strings: their bytes live in the file's heap
+    if plist.get_nfilters() > 0 and not compressed_ok:
+        raise error(f"{where}: {name!r} uses an HDF5 filter fastvae never writes; use a file written by fastvae")
+    if declared > file_size and plist.get_nfilters() == 0:
+        raise error(f"{where}: {name!r} declares {d.shape} ({declared:,} bytes), more than the whole file "
+                    f"({file_size:,} bytes); the file is crafted or damaged")
+    if declared and stored * MAX_COMPRESSION < declared:
+        raise error(f"{where}: {name!r} declares {d.shape} ({declared:,} bytes) but stores {stored:,} bytes "
+                    "(unwritten chunks or implausible compression); the file is crafted or damaged")
+    return d
+
+
+def h5_only(group, allowed, where: str, error) -> None:
+    """Refuse members of an HDF5 group that are not in ``allowed``."""
+    extra = sorted(set(group.keys()) - set(allowed))
+    if extra:
+        raise error(f"{where} holds unexpected members {extra[:4]}; use a file written by fastvae")
+
+
+# ------------------------------------------------------------------ JSON
+def _depth(obj, limit: int, level: int = 0) -> int:
+    if level > limit:
+        return level
+    if isinstance(obj, dict):
+        return max([_depth(v, limit, level + 1) for v in obj.values()] + [level + 1])
+    if isinstance(obj, list):
+        return max([_depth(v, limit, level + 1) for v in obj] + [level + 1])
+    return level
+
+
+def parse_json(text: str, where: str, error, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` that refuses non-standard numbers (NaN, Infinity), nesting
+    deeper than ``max_depth`` and anything that is not JSON, raising ``error``."""
+    def bad_constant(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    try:
+        obj = json.loads(text, parse_constant=bad_constant)
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{where} is not valid JSON ({str(exc)[:80]})") from None
+    if _depth(obj, max_depth) > max_depth:
+        raise error(f"{where} nests deeper than {max_depth} levels")
+    return obj
+
+
+def check_type(value, types, where: str, error, minimum: Optional[float] = None):
+    """Raise ``error`` unless ``value`` is one of ``types`` (bool is never an
+    int) and at least ``minimum``; returns ``value``."""
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
+    if ok and minimum is not None and isinstance(value, (int, float)) and not value >= minimum:
+        ok = False
+    if not ok:
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        rng = f" >= {minimum}" if minimum is not None else ""
+        raise error(f"{where} must be {names}{rng}, got {shown}")
+    return value
+
+
+def _as_tuple(t):
+    return t if isinstance(t, tuple) else (t,)
