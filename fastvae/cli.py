@@ -110,7 +110,7 @@ def _cmd_eval(a):
     if a.data_dir:
         changes["data_dir"] = a.data_dir
     dc = dc.replace(**changes)
-    data = datasets.load(dc)
+    data = datasets.load(dc, splits=(a.split,))
     x, _ = data.split(a.split)
     check_data_for_model(x, model.config, a.split)
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)

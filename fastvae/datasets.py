@@ -21,7 +21,8 @@ import numpy as np
 from .config import DataConfig
 from .data import Dataset
 from .errors import DataError
-from .idx import load_idx, write_idx  # noqa: F401  (re-exported)
+from .arrayfiles import read_arrays
+from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
 
 __all__ = ["Dataset", "load", "load_idx", "make_sprites", "load_image_folder",
@@ -77,19 +78,17 @@ def download_file(fname: str, md5: str, mirrors: List[str], folder: str, timeout
     The file is written to a temporary name and renamed once verified.
     Raises DataError listing what each mirror answered when none succeeds.
     """
-    os.makedirs(folder, exist_ok=True)
     dest = os.path.join(folder, fname)
     errors = []
     for base in mirrors:
         url = base + fname
         tmp = dest + ".part"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as out:
-                while True:
-                    chunk = r.read(1 << 20)
-                    if not chunk:
-                        break
-                    out.write(chunk)
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                os.makedirs(folder, exist_ok=True)       # only once a mirror answers: no empty folders
+                with open(tmp, "wb") as out:
+                    for chunk in iter(lambda: r.read(1 << 20), b""):
+                        out.write(chunk)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
             continue
@@ -112,19 +111,24 @@ def _find_idx(folder: str, stem: str) -> Optional[str]:
 
 
 def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool = True,
-                      mirrors: Optional[List[str]] = None) -> Dataset:
+                      mirrors: Optional[List[str]] = None, splits=("train", "test")) -> Dataset:
     """MNIST, Fashion-MNIST or KMNIST from idx files in ``data_dir``.
 
     Files: ``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
-    ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``; missing
-    ones are downloaded (md5-verified) when ``download`` is True. Image counts
-    come from the headers. Raises DataError when files are missing and cannot
-    be fetched (the message says where to put them) or disagree.
+    ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``; only the
+    files of ``splits`` are needed (a split not asked for is returned empty,
+    so ``eval --split test`` needs no training files). Missing ones are
+    downloaded (md5-verified) when ``download`` is True. Counts come from the
+    headers, compared between images and labels before anything is
+    decompressed. Raises DataError when files are missing and cannot be
+    fetched (the message says where to put them) or disagree.
     """
     spec = BUILTIN[name]
     folder = os.fspath(data_dir) if data_dir else default_data_dir(name)
-    paths = []
-    for stem, md5 in zip(_IDX_FILES, spec["md5"]):
+    paths = {}
+    for i, (stem, md5) in enumerate(zip(_IDX_FILES, spec["md5"])):
+        if ("train", "test")[i // 2] not in splits:
+            continue
         p = _find_idx(folder, stem)
         if p is None:
             if not download:
@@ -136,21 +140,29 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool 
                 raise DataError(f"{name} file {stem}.gz is not in {folder} and {exc}; "
                                 f"when offline, copy the four idx files ({', '.join(_IDX_FILES)}, "
                                 f"plain or .gz) into {folder} or pass --data-dir") from None
-        paths.append(p)
-    xtr, ytr, xte, yte = (load_idx(p) for p in paths)
-    for x, y, split, px, py in ((xtr, ytr, "train", paths[0], paths[1]), (xte, yte, "test", paths[2], paths[3])):
-        if x.ndim != 3:
-            raise DataError(f"{px} should hold images (3 dimensions), it has shape {x.shape}")
-        if y.ndim != 1:
-            raise DataError(f"{py} should hold labels (1 dimension), it has shape {y.shape}")
-        if len(x) != len(y):
-            raise DataError(f"{name} {split}: {len(x)} images in {os.path.basename(px)} but "
-                            f"{len(y)} labels in {os.path.basename(py)}; use matching files")
-        if len(x) == 0:
-            raise DataError(f"{px} holds no images")
-    shape = tuple(xtr.shape[1:])
-    return Dataset(name, _to_unit(xtr), ytr.astype(np.int64), _to_unit(xte), yte.astype(np.int64),
-                   shape, label_names=spec["labels"])
+        paths[i] = p
+    for split, i in (("train", 0), ("test", 2)):
+        if i not in paths:
+            continue
+        (_, dx), (_, dy) = read_idx_header(paths[i]), read_idx_header(paths[i + 1])
+        if len(dx) != 3:
+            raise DataError(f"{paths[i]} should hold images (3 dimensions), its header says {dx}")
+        if len(dy) != 1:
+            raise DataError(f"{paths[i + 1]} should hold labels (1 dimension), its header says {dy}")
+        if dx[0] != dy[0]:
+            raise DataError(f"{name} {split}: {dx[0]} images in {os.path.basename(paths[i])} but "
+                            f"{dy[0]} labels in {os.path.basename(paths[i + 1])}; use matching files")
+        if dx[0] == 0:
+            raise DataError(f"{paths[i]} holds no images")
+    arrays = {i: load_idx(p) for i, p in paths.items()}
+    shape = tuple(arrays[0 if 0 in arrays else 2].shape[1:])
+    empty = np.zeros((0, int(np.prod(shape))), np.float32), np.zeros(0, np.int64)
+    xtr, ytr = (_to_unit(arrays[0]), arrays[1].astype(np.int64)) if 0 in arrays else empty
+    xte, yte = (_to_unit(arrays[2]), arrays[3].astype(np.int64)) if 2 in arrays else (None, None)
+    if 0 in arrays and 2 in arrays and arrays[0].shape[1:] != arrays[2].shape[1:]:
+        raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images "
+                        f"{arrays[2].shape[1:]}; use matching files")
+    return Dataset(name, xtr, ytr, xte, yte, shape, label_names=spec["labels"])
 
 
 def _to_unit(x) -> np.ndarray:
@@ -195,8 +207,6 @@ def load_olivetti(data_dir: Optional[str] = None, test_fraction: float = 0.1, se
 
 
 # -------------------------------------------------------------------- arrays
-_X_KEYS = ("images", "x", "X", "data", "x_train")
-_Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
 
 
 def _image_shape_of(x) -> Tuple[int, ...]:
@@ -213,40 +223,11 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
     Arrays: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, D)``; uint8 (0..255) or
     float in [0, 1]. In ``.npz``/``.h5`` the images are under one of
     ``images, x, X, data, x_train`` and optional labels under ``labels, y,
-    subject, targets, y_train``. Never unpickles. Raises DataError.
+    subject, targets, y_train``. Read as untrusted input (:mod:`fastvae.arrayfiles`:
+    declared sizes checked before allocating). Never unpickles. Raises DataError.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist; pass an existing .npy, .npz or .h5 file")
-    ext = os.path.splitext(path)[1].lower()
-    x = y = None
-    try:
-        if ext == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif ext == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                xk = next((k for k in _X_KEYS if k in keys), keys[0] if keys else None)
-                if xk is None:
-                    raise DataError(f"{path} holds no arrays")
-                x = z[xk]
-                yk = next((k for k in _Y_KEYS if k in keys), None)
-                y = z[yk] if yk else None
-        elif ext in (".h5", ".hdf5"):
-            import h5py
-            with h5py.File(path, "r") as f:
-                xk = next((k for k in _X_KEYS if k in f), None)
-                if xk is None:
-                    raise DataError(f"{path} has no dataset named one of {_X_KEYS}")
-                x = f[xk][()]
-                yk = next((k for k in _Y_KEYS if k in f), None)
-                y = f[yk][()] if yk else None
-        else:
-            raise DataError(f"unsupported file type {ext!r} for {path}; use .npy, .npz, .h5 or an image folder")
-    except DataError:
-        raise
-    except Exception as exc:  # numpy/h5py raise many types on corrupt files
-        raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}; check the file") from None
+    x, y = read_arrays(path)
     x = np.asarray(x)
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{path}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
@@ -322,15 +303,18 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
 
 
 # -------------------------------------------------------------------- entry
-def load(cfg) -> Dataset:
-    """Load the dataset a :class:`DataConfig` (or a name/path string) describes."""
+def load(cfg, splits=("train", "test")) -> Dataset:
+    """Load the dataset a :class:`DataConfig` (or a name/path string) describes.
+
+    splits: the splits needed; datasets stored as separate files (the MNIST
+    family) read only those, the others are always read whole."""
     if isinstance(cfg, str):
         cfg = DataConfig(dataset=cfg)
     name = cfg.dataset
     if name == "sprites":
         return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)
     if name in BUILTIN:
-        return load_mnist_family(name, cfg.data_dir, cfg.download)
+        return load_mnist_family(name, cfg.data_dir, cfg.download, splits=splits)
     if name == "olivetti":
         return load_olivetti(cfg.data_dir, cfg.test_fraction, cfg.data_seed)
     path = os.path.expanduser(name)

@@ -103,6 +103,11 @@ def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: b
         return d                                    # variable-length strings: their bytes live in the file's heap
     if plist.get_nfilters() > 0 and not compressed_ok:
         raise error(f"{where}: {name!r} uses an HDF5 filter fastvae never writes; use a file written by fastvae")
+    if plist.get_layout() == h5py.h5d.CHUNKED and declared:
+        chunks = int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)], dtype=np.float64))
+        if d.id.get_num_chunks() < chunks or (plist.get_nfilters() == 0 and stored < declared):
+            raise error(f"{where}: {name!r} declares {d.shape} but {chunks - d.id.get_num_chunks()} of its "
+                        f"{chunks} chunks were never written (they would read as zeros); write the whole dataset")
     if declared > file_size and plist.get_nfilters() == 0:
         raise error(f"{where}: {name!r} declares {d.shape} ({declared:,} bytes), more than the whole file "
                     f"({file_size:,} bytes); the file is crafted or damaged")

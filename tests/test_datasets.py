@@ -122,7 +122,7 @@ def test_array_files(tmp_path):
         if name != "a.npy":
             assert ds.y_train is not None
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="holds object values; images must be numbers"):
         datasets.load(str(tmp_path / "obj.npy"))
     np.save(tmp_path / "big.npy", np.full((4, 4), 2.0))       # fine for a gaussian model
     assert datasets.load(str(tmp_path / "big.npy")).x_train.max() == 2.0

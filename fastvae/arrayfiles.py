@@ -1,0 +1,135 @@
+"""Images from ``.npy``, ``.npz`` and HDF5 files, read as untrusted input.
+
+Every declared shape is compared with the bytes present before an array is
+allocated (rules in :mod:`fastvae.safe_files`): ``.npy`` headers against the
+file size, ``.npz`` members against their stored (compressed) size, HDF5
+datasets against their allocated storage (unwritten chunks and implausible
+compression refused, no external storage, links or virtual datasets).
+Memory stays within a small multiple of the data's real size. Never unpickles.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from .errors import DataError
+from .safe_files import MAX_COMPRESSION, h5_dataset, open_regular
+
+X_KEYS = ("images", "x", "X", "data", "x_train")
+Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
+_FIX = "pass an existing .npy, .npz or .h5 file of images"
+
+
+def _npy_header(fp, where: str):
+    """``(shape, fortran_order, dtype)`` from an ``.npy`` stream's header (numpy's parser)."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read(fp)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise DataError(f"{where} is not a valid .npy array ({str(exc)[:80]}); {_FIX}") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{where} holds {dtype} values; images must be numbers (uint8 or float)")
+    return shape, fortran, dtype
+
+
+def _read_npy(fp, where: str, available: int, ratio: int):
+    """Read an ``.npy`` stream once the size its header declares fits in
+    ``ratio`` times the ``available`` bytes (the file's size, or a zip
+    member's stored size); filled in place, so memory is what the stream
+    really yields."""
+    shape, fortran, dtype = _npy_header(fp, where)
+    need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if need > available * ratio:
+        raise DataError(f"{where} declares shape {shape} ({need:,} bytes) but the file stores only "
+                        f"{available:,} bytes; the file is truncated, corrupt or crafted")
+    arr = np.empty(int(np.prod(shape)), dtype)
+    raw = memoryview(arr.view(np.uint8).reshape(-1))
+    got = 0
+    while got < need:
+        n = fp.readinto(raw[got:got + (1 << 22)])
+        if not n:
+            raise DataError(f"{where} ends after {got:,} of its {need:,} bytes; the file is truncated")
+        got += n
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+def _npz(fh, path):
+    try:
+        z = zipfile.ZipFile(fh)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a valid .npz (zip) file ({exc}); {_FIX}") from None
+    with z:
+        names = {os.path.splitext(i.filename)[0]: i for i in z.infolist() if i.filename.endswith(".npy")}
+        xk = next((k for k in X_KEYS if k in names), next(iter(names), None))
+        if xk is None:
+            raise DataError(f"{path} holds no arrays")
+        yk = next((k for k in Y_KEYS if k in names), None)
+        out = []
+        for k in (xk, yk):
+            if k is None:
+                out.append(None)
+                continue
+            info = names[k]
+            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
+            try:
+                with z.open(info) as fp:
+                    out.append(_read_npy(fp, f"{path}[{k}]", info.compress_size, ratio))
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                raise DataError(f"{path}[{k}] cannot be read ({str(exc)[:80]}); the file is corrupt") from None
+        return out
+
+
+def _h5(fh, path, size):
+    import h5py
+    try:
+        f = h5py.File(fh, "r")
+    except Exception:
+        raise DataError(f"{path} is not a readable HDF5 file; {_FIX}") from None
+    with f:
+        xk = next((k for k in X_KEYS if k in f), None)
+        if xk is None:
+            raise DataError(f"{path} has no dataset named one of {X_KEYS}")
+        yk = next((k for k in Y_KEYS if k in f), None)
+        out = []
+        for k in (xk, yk):
+            if k is None:
+                out.append(None)
+                continue
+            d = h5_dataset(f, k, path, DataError, size, compressed_ok=True)
+            if d.dtype.kind not in "biuf":
+                raise DataError(f"{path}: {k!r} holds {d.dtype} values; images and labels must be numbers")
+            out.append(d[()])
+        return out
+
+
+def read_arrays(path):
+    """``(x, y)`` host arrays (``y`` None when the file has no labels) of an
+    ``.npy``, ``.npz`` or ``.h5``/``.hdf5`` file. Images under one of
+    ``X_KEYS`` (else the first array of an .npz), labels under ``Y_KEYS``.
+    Raises DataError for a missing or special file, a declared size the
+    file cannot back, non-numeric data or any read error."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npy", ".npz", ".h5", ".hdf5"):
+        raise DataError(f"unsupported file type {ext!r} for {path}; use .npy, .npz, .h5 or an image folder")
+    with open_regular(path, "data file", _FIX, DataError) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            if ext == ".npy":
+                return _read_npy(fh, path, size, 1), None
+            if ext == ".npz":
+                return tuple(_npz(fh, path))
+            return tuple(_h5(fh, path, size))
+        except DataError:
+            raise
+        except MemoryError:
+            raise DataError(f"{path} does not fit in memory; use a smaller file") from None
+        except Exception as exc:  # numpy/h5py raise many types on corrupt files
+            raise DataError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:120]}; check the file") from None

@@ -1,0 +1,179 @@
+"""Data files are untrusted input (issue 12, part 2): declared sizes are
+compared with the bytes present before anything is allocated, memory stays
+within a small multiple of the real data, and every refusal is one line."""
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+from fastvae import DataError, datasets
+from fastvae.idx import load_idx
+
+from conftest import PY, fv, write_mnist_like
+
+
+def peak_rss_mb(code: str):
+    """Run ``code`` in a fresh interpreter; (stdout, its peak RSS in MB)."""
+    code += "\nimport resource; print('RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    return out, float(out.split("RSS_MB")[1])
+
+
+def _catching(call):
+    return f"from fastvae import datasets, DataError\ntry:\n    {call}\nexcept DataError as e:\n    print('ERR', e)\n"
+
+
+def test_gzip_idx_declaring_more_than_it_can_hold(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(p, "wb") as f:           # 1e6 images announced, 10 present
+        f.write(struct.pack(">HBBIII", 0, 8, 3, 1_000_000, 28, 28) + bytes(7840))
+    out, rss = peak_rss_mb(_catching(f"datasets.load_idx({str(p)!r})"))
+    assert "ERR" in out and "cannot hold that much" in out and rss < 300
+
+
+def test_gzip_idx_is_decompressed_no_further_than_the_header_promises(tmp_path):
+    p = tmp_path / "bomb.gz"               # header says 10 bytes, stream carries 200 MB of zeros
+    with gzip.open(p, "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 10) + bytes(200 * 2 ** 20))
+    out, rss = peak_rss_mb(_catching(f"datasets.load_idx({str(p)!r})"))
+    assert "ERR" in out and "more than" in out and rss < 300
+
+
+def test_counts_are_compared_before_decompression(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path, n_train=30, n_test=10)
+    from fastvae.idx import write_idx
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
+    calls = []
+    monkeypatch.setattr(datasets, "load_idx", lambda p: calls.append(p))
+    with pytest.raises(DataError, match="30 images .* but 29 labels"):
+        datasets.load_mnist_family("mnist", tmp_path, download=False)
+    assert calls == []
+
+
+def test_idx_messages_stay_short(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(struct.pack(">HBB", 0, 8, 255) + b"\xff" * 1020)
+    with pytest.raises(DataError) as e:
+        load_idx(p)
+    assert len(str(e.value)) < 300
+    p.write_bytes(struct.pack(">HBBIIII", 0, 8, 4, *(2 ** 32 - 1,) * 4))
+    with pytest.raises(DataError, match="file holds") as e:
+        load_idx(p)
+    assert len(str(e.value)) < 300
+
+
+def test_sparse_hdf5_declaring_a_million_images(tmp_path):
+    """A ~2 KB .h5 declaring 1e6 x 784 images (chunks never written) is refused
+    without materialising them (it used to reach 7 GB and train on zeros)."""
+    p = tmp_path / "sparse.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("images", shape=(1_000_000, 784), dtype="f4", chunks=(1000, 784), compression="gzip")
+    assert os.path.getsize(p) < 10_000
+    out, rss = peak_rss_mb(_catching(f"datasets.load({str(p)!r})"))
+    assert "ERR" in out and "never written" in out and rss < 300
+
+
+def test_hdf5_with_some_chunks_missing_or_extreme_compression(tmp_path):
+    p = tmp_path / "half.h5"
+    with h5py.File(p, "w") as f:
+        d = f.create_dataset("images", shape=(100, 64), dtype="f4", chunks=(10, 64))
+        d[:50] = 0.5
+    with pytest.raises(DataError, match="never written"):
+        datasets.load(str(p))
+    p = tmp_path / "zeros.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("images", data=np.zeros((4000, 784), np.float32), chunks=(4000, 784), compression="gzip",
+                         compression_opts=9)
+    with pytest.raises(DataError, match="implausible compression"):
+        datasets.load(str(p))
+
+
+def test_hdf5_data_may_not_read_other_files(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(bytes(range(256)) * 4)
+    p = tmp_path / "ext.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("images", shape=(4, 256), dtype="u1", external=[(str(secret), 0, 1024)])
+    with pytest.raises(DataError, match="external file"):
+        datasets.load(str(p))
+    p = tmp_path / "link.h5"
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        f["x"] = np.zeros((4, 4))
+    with h5py.File(p, "w") as f:
+        f["images"] = h5py.ExternalLink(str(tmp_path / "o.h5"), "/x")
+    with pytest.raises(DataError, match="ExternalLink"):
+        datasets.load(str(p))
+
+
+def test_npy_header_declaring_a_huge_array(tmp_path):
+    p = tmp_path / "big.npy"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10 ** 6, 784)}
+    with open(p, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(4096))
+    out, rss = peak_rss_mb(_catching(f"datasets.load({str(p)!r})"))
+    assert "ERR" in out and "stores only" in out and rss < 300
+
+
+def test_npz_member_compressed_beyond_plausibility(tmp_path):
+    p = tmp_path / "bomb.npz"
+    np.savez_compressed(p, images=np.zeros((20000, 784), np.uint8))     # 15.7 MB of zeros -> ~15 KB
+    assert os.path.getsize(p) * 256 < 20000 * 784
+    with pytest.raises(DataError, match="stores only"):
+        datasets.load(str(p))
+    ok = tmp_path / "ok.npz"
+    x = np.random.default_rng(0).integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    np.savez_compressed(ok, images=x, labels=np.arange(30))
+    ds = datasets.load_array_file(ok, test_fraction=0)
+    np.testing.assert_array_equal(ds.x_train, x.reshape(30, -1) / np.float32(255))
+    f = tmp_path / "f.npy"
+    np.save(f, np.asfortranarray(x.reshape(30, 64).astype(np.float32) / 255))
+    np.testing.assert_array_equal(datasets.load_array_file(f, test_fraction=0).x_train, x.reshape(30, 64) / np.float32(255))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev", "dir"])
+def test_special_files_as_data_never_block(tmp_path, kind):
+    if kind == "fifo":
+        p = tmp_path / "d.npy"
+        os.mkfifo(p)
+        os.mkfifo(tmp_path / "train-images-idx3-ubyte")
+    elif kind == "dev":
+        p = tmp_path / "d.npy"
+        p.symlink_to("/dev/zero")
+        (tmp_path / "train-images-idx3-ubyte").symlink_to("/dev/zero")
+    else:
+        p = tmp_path / "d.npy"
+        p.mkdir()
+    r = subprocess.run(PY + ["train", "--dataset", str(p), "--out", str(tmp_path / "r")], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if kind != "dir":
+        with pytest.raises(DataError, match="FIFO|device"):
+            load_idx(tmp_path / "train-images-idx3-ubyte")
+
+
+def test_eval_on_test_split_needs_no_training_files(tmp_path):
+    write_mnist_like(tmp_path / "d", n_train=40, n_test=20)
+    fv("train", "--dataset", "mnist", "--data-dir", tmp_path / "d", "--hidden", "8", "--latent", "2", "--epochs", "1",
+       "--batch-size", "20", "--out", tmp_path / "run", "--no-progress", cwd=tmp_path)
+    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        os.unlink(tmp_path / "d" / f)
+    r = fv("eval", tmp_path / "run" / "checkpoint.h5", "--split", "test", "--json", cwd=tmp_path)
+    assert '"n": 20' in r.stdout
+
+
+def test_failed_lookup_creates_no_folders(tmp_path, monkeypatch):
+    missing = tmp_path / "a" / "b" / "mnist"
+    monkeypatch.setenv("FASTVAE_DATA", str(tmp_path / "cache"))
+    with pytest.raises(DataError):
+        datasets.load_mnist_family("mnist", missing, download=True, mirrors=["http://127.0.0.1:9/"])
+    with pytest.raises(DataError):
+        datasets.load_mnist_family("mnist", None, download=True, mirrors=["http://127.0.0.1:9/"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
