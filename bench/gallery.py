@@ -6,7 +6,8 @@ Trains (unless the run folder already holds a checkpoint) and draws:
   * MNIST, 784-400-2: the 2-D latent map and a 20x20 latent grid;
   * MNIST, the seed's ConvNet with latent 2 (--arch conv): the latent map and grid;
   * sprites, 4096-400-10, beta 1 and beta 4: traversals (rows sorted by KL) and MIG;
-  * Olivetti faces, 4096-400-50: a spherical morph between two test faces (GIF).
+  * Olivetti faces, 4096-400-50: a spherical morph between two test faces (GIF);
+  * the sprites and Olivetti runs again on the Burgess et al. 2018 ConvNet (--arch conv; names conv_*).
 Writes small PNG/GIF files to bench/results/gallery/ and prints each command.
 """
 
@@ -49,6 +50,13 @@ def main():
         "olivetti": ["--dataset", "olivetti", "--data-dir", os.path.join(DATA, "olivetti"), "--hidden", "400",
                      "--latent", "50", "--epochs", "400", "--batch-size", "64"],
     }
+    # the same sprites and faces runs on the Burgess et al. 2018 ConvNet (--arch conv on 64x64 inputs)
+    for name in ("sprites_b1", "sprites_b4", "olivetti"):
+        args = [x for x in runs[name]]
+        if "--hidden" in args:
+            i = args.index("--hidden")
+            del args[i:i + 2]
+        runs["conv_" + name] = args + ["--arch", "conv"]
     want = lambda name: not a.only or name in a.only
     for name, args in runs.items():
         if want(name) and not os.path.exists(os.path.join(R(name), "checkpoint.h5")):
@@ -59,19 +67,22 @@ def main():
             fv("plot", R(run), "--grid", "20")
             shutil.copy(fig(run, "latent_map.png"), os.path.join(OUT, f"{prefix}_latent_map.png"))
             shutil.copy(fig(run, "latent_grid.png"), os.path.join(OUT, f"{prefix}_latent_grid.png"))
-    scores = {}
-    for b in ("b1", "b4") if want("sprites_b1") and want("sprites_b4") else ():
-        fv("plot", R(f"sprites_{b}"))
-        shutil.copy(fig(f"sprites_{b}", "traversals.png"), os.path.join(OUT, f"sprites_traversals_{b}.png"))
-        res = json.loads(fv("eval", os.path.join(R(f"sprites_{b}"), "checkpoint.h5"), "--json", capture=True))
-        scores[b] = {k: res[k] for k in ("neg_elbo", "recon", "kl", "active_units", "mig")}
-    if want("olivetti"):
-        fv("interpolate", os.path.join(R("olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16", "--scale", "2",
-           "--gif", os.path.join(OUT, "olivetti_morph.gif"), "--png", os.path.join(OUT, "olivetti_morph.png"))
-    if scores:
-        with open(os.path.join(OUT, "sprites_scores.json"), "w") as f:
-            json.dump(scores, f, indent=2)
-        print(json.dumps(scores, indent=2))
+    for p in ("", "conv_"):
+        scores = {}
+        for b in ("b1", "b4") if want(f"{p}sprites_b1") and want(f"{p}sprites_b4") else ():
+            run = f"{p}sprites_{b}"
+            fv("plot", R(run))
+            shutil.copy(fig(run, "traversals.png"), os.path.join(OUT, f"{p}sprites_traversals_{b}.png"))
+            res = json.loads(fv("eval", os.path.join(R(run), "checkpoint.h5"), "--json", capture=True))
+            scores[b] = {k: res[k] for k in ("neg_elbo", "recon", "kl", "active_units", "mig")}
+        if scores:
+            with open(os.path.join(OUT, f"{p}sprites_scores.json"), "w") as f:
+                json.dump(scores, f, indent=2)
+            print(json.dumps(scores, indent=2))
+        if want(f"{p}olivetti"):
+            fv("interpolate", os.path.join(R(f"{p}olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16",
+               "--scale", "2", "--gif", os.path.join(OUT, f"{p}olivetti_morph.gif"),
+               "--png", os.path.join(OUT, f"{p}olivetti_morph.png"))
     _shrink(OUT)
 
 
