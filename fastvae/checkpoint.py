@@ -31,15 +31,16 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 
 from . import checkpoint_schema as schema
 from .errors import CheckpointError
+from .runfolder import atomic_write
 from .safe_files import h5_dataset, h5_only, open_regular, parse_json
 
+_TEXTS = ("layout", "config", "state", "history")
 FORMAT_NAME = "fastvae-checkpoint"
 FORMAT_VERSION = 2                 # written
 READABLE_VERSIONS = (1, 2)         # read
@@ -93,7 +94,9 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
     params: host (P,) array; adam_state: ``{"m", "v", "t"}`` or None;
     layout_table: ``ParamLayout.to_table()``; config: ``{"model", "train", "data"}``
     dicts; state: ``{"epoch", "step", "rng"}``; history: list of dicts.
-    Raises CheckpointError when the folder is not writable.
+    Raises CheckpointError when the folder is not writable or a write fails
+    (disk full): the previous file is then intact and no temporary is left
+    (:func:`fastvae.runfolder.atomic_write`).
     """
     from . import __version__
     h5py = _h5py()
@@ -101,12 +104,8 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CheckpointError(f"cannot save checkpoint: folder {folder} does not exist; create it first")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
-    except OSError as exc:
-        raise CheckpointError(f"cannot save checkpoint in {folder}: {exc.strerror}; choose a writable folder") from None
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with h5py.File(tmp, "w", userblock_size=HEADER_SIZE) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
@@ -114,47 +113,27 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
             f.attrs["backend"] = backend
             f.attrs["dtype"] = dtype
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            params = np.asarray(params)
             texts = [json.dumps(layout_table), json.dumps(config), json.dumps(state), json.dumps(history)]
-            arrays = {k: np.asarray(v) for k, v in (arrays or {}).items()}
-            f.create_dataset("params", data=params)
+            f.create_dataset("params", data=np.asarray(params))
             if adam_state is not None:
                 g = f.create_group("adam")
                 g.create_dataset("m", data=np.asarray(adam_state["m"]))
                 g.create_dataset("v", data=np.asarray(adam_state["v"]))
                 g.attrs["t"] = int(adam_state["t"])
-            for name, text in zip(("layout", "config", "state", "history"), texts):
+            for name, text in zip(_TEXTS, texts):
                 f.create_dataset(name, data=text)
             if arrays:
                 g = f.create_group("arrays")
                 for k, v in arrays.items():
-                    g.create_dataset(k, data=v)
-            f.flush()
+                    g.create_dataset(k, data=np.asarray(v))
         with open(tmp, "rb+") as fh:
             digest = _file_digest(fh)
             fh.seek(0)
             fh.write(_header(FORMAT_VERSION, digest))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, write, CheckpointError)
 
 
 MAX_TEXT = 64 * 2 ** 20          # bytes of one JSON text (a history of a million epochs fits)
-_TEXTS = ("layout", "config", "state", "history")
 _FIX = "pass a checkpoint.h5 written by fastvae"
 
 

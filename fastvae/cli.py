@@ -15,48 +15,64 @@ import numpy as np
 from .errors import FastVAEError
 from .cli_args import DATA_ARGS, DEFAULT_LATENT, MODEL_ARGS, TRAIN_ARGS, parser
 
-RUN_FILES = {"checkpoint.h5", "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
-             "figures", ".metrics.csv.tmp"}
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130     # 128 + SIGINT
+EXIT_TERMINATED = 143      # 128 + SIGTERM
 
 
-def _check_out_folder(out, force):
-    """Refuse to write into a folder holding anything but a fastvae run."""
+def checkpoint_arg(path) -> str:
+    """A checkpoint argument: a ``checkpoint.h5`` or the run folder holding one."""
+    path = os.path.expanduser(os.fspath(path))
+    return os.path.join(path, "checkpoint.h5") if os.path.isdir(path) else path
+
+
+def _positive(name, value):
     from .errors import ConfigError
-    if not os.path.exists(out):
-        return
-    if not os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a file; choose a folder name")
-    other = sorted(f for f in os.listdir(out) if f not in RUN_FILES and not f.startswith(".tmp-"))
-    if other and not force:
-        raise ConfigError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
-                          f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force")
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
 
 
 def _cmd_train(a):
-    from . import datasets
-    from .config import DataConfig, ModelConfig, TrainConfig
+    from . import runfolder
     from .errors import ConfigError
-    from .train import Trainer, TrainingInterrupted
 
     progress = not a.no_progress
+    _positive("--epochs", a.epochs)
+    if a.hidden is not None and not a.hidden:
+        raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
     if a.resume:
+        a.resume = checkpoint_arg(a.resume)
         given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
                               " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
-        if a.out:
-            _check_out_folder(a.out, a.force)
+        out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=True, force=a.force)
+    else:
+        name = a.dataset or "sprites"
+        out = runfolder.check_out(a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
+                                  f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"), force=a.force)
+    with runfolder.locked(out):              # before any data loads: a second trainer fails at once
+        return _train_locked(a, out, progress)
+
+
+def _train_locked(a, out, progress):
+    from . import datasets
+    from .config import DataConfig, ModelConfig, TrainConfig
+    from .errors import ConfigError
+    from .train import Trainer, TrainingInterrupted
+    if a.resume:
         if a.threads is not None:
             from .threads import set_threads
             set_threads(a.threads)
-        trainer = Trainer.from_checkpoint(a.resume, out=a.out, epochs=a.epochs, backend=a.backend,
-                                          data_dir=a.data_dir, progress=progress)
+        trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
+                                          data_dir=_abs(a.data_dir), progress=progress)
         if trainer.epoch >= trainer.train_config.epochs:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:
         name = a.dataset or "sprites"
-        dcfg = DataConfig(dataset=name, data_dir=a.data_dir, download=not a.no_download,
+        if name not in datasets.BUILTIN and name not in ("sprites", "olivetti") and os.path.exists(
+                os.path.expanduser(name)):
+            name = _abs(name)                   # a file or folder: stored absolute, found from anywhere
+        dcfg = DataConfig(dataset=name, data_dir=_abs(a.data_dir), download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",
                           n_sprites=a.n_sprites or DataConfig().n_sprites,
                           skip_other_files=bool(a.skip_other_files))
@@ -66,7 +82,8 @@ def _cmd_train(a):
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
-                           latent_dim=a.latent or DEFAULT_LATENT.get(name, 20),
+                           latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
+                                                                                               20),
                            **pick(arch=a.arch, hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
                                   likelihood=a.likelihood, sigma=a.sigma, dtype=a.dtype, init=a.init))
         tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
@@ -75,9 +92,6 @@ def _cmd_train(a):
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
                                   seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
                                   tf32=a.tf32, clip_grad_norm=a.clip_grad_norm))
-        out = a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
-                                    f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        _check_out_folder(out, a.force)
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         print(f"training {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
               + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
@@ -85,15 +99,20 @@ def _cmd_train(a):
     try:
         trainer.fit()
     except TrainingInterrupted as exc:
+        import signal
         print(f"fastvae: {exc}", file=sys.stderr)
         print(f"resume with: fastvae train --resume {exc.path} --epochs {exc.total} --out {trainer.out}",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
     print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, "
           "samples.png, loss.png)")
     print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "
           f"{trainer.epoch + 10} --out {trainer.out}")
     return 0
+
+
+def _abs(path):
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _cmd_eval(a):
@@ -102,13 +121,14 @@ def _cmd_eval(a):
     from .evaluate import evaluate
     from .train import check_data_for_model
 
+    a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
     dc = DataConfig.from_dict(model.checkpoint["data"])
     changes = {}
     if a.dataset:
         changes["dataset"] = a.dataset
     if a.data_dir:
-        changes["data_dir"] = a.data_dir
+        changes["data_dir"] = _abs(a.data_dir)
     dc = dc.replace(**changes)
     data = datasets.load(dc, splits=(a.split,))
     x, _ = data.split(a.split)
@@ -129,7 +149,7 @@ def _cmd_eval(a):
     res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name,
                units="nats per image")
     if a.json:
-        print(json.dumps(res))
+        print(json.dumps(_finite(res), allow_nan=False))
     else:
         print(f"{data.name} {a.split} ({res['n']} images): -ELBO {res['neg_elbo']:.3f}, "
               f"recon {res['recon']:.3f}, KL {res['kl']:.3f} nats per image; "
@@ -147,6 +167,7 @@ def _cmd_info(a):
     from .checkpoint import read_checkpoint
     from .config import ModelConfig
     from .errors import CheckpointError, ConfigError
+    a.checkpoint = checkpoint_arg(a.checkpoint)
     d = read_checkpoint(a.checkpoint)
     try:
         mcfg = ModelConfig.from_dict(d["config"]["model"])
@@ -206,9 +227,9 @@ def _cmd_bench(a):
 def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):
     from . import datasets, load
     from .config import DataConfig
-    model = load(ckpt, backend=backend)
+    model = load(checkpoint_arg(ckpt), backend=backend)
     dc = DataConfig.from_dict(model.checkpoint["data"])
-    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}
+    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", _abs(data_dir))) if v}
     return model, datasets.load(dc.replace(**changes))
 
 
@@ -225,7 +246,7 @@ def _image_shape(model, data):
 def _cmd_plot(a):
     from . import explore
     from .train import check_data_for_model
-    ckpt = a.run if a.run.endswith(".h5") else os.path.join(a.run, "checkpoint.h5")
+    ckpt = checkpoint_arg(a.run)
     model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
     x, y = _split_images(data, a.split)
     check_data_for_model(x, model.config, a.split)
@@ -319,7 +340,35 @@ def _cmd_backends(a):
     return 0
 
 
+def _finite(obj):
+    """``obj`` with NaN and infinities replaced by None (standard JSON has neither)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside training (where it is handled like Ctrl-C)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+MAX_MESSAGE = 400
+
+
+def _one_line(msg: str) -> str:
+    msg = " ".join(str(msg).split())
+    return msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE - 60] + " ... " + msg[-55:]
+
+
 def main(argv=None) -> int:
+    import signal
     p = parser()
     a = p.parse_args(argv)
     if a.cmd is None:
@@ -327,11 +376,24 @@ def main(argv=None) -> int:
         return 0
     cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends,
            "bench": _cmd_bench, "plot": _cmd_plot, "interpolate": _cmd_interpolate}[a.cmd]
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return cmd(a)
     except FastVAEError as exc:
-        print(f"fastvae: error: {exc}", file=sys.stderr)
+        print(f"fastvae: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("fastvae: error: out of memory; use a smaller model, --batch-size or dataset", file=sys.stderr)
+        return 2
+    except OSError as exc:          # an OS error no check foresaw: still one line, never a traceback
+        print(f"fastvae: error: {_one_line(f'{exc.strerror or exc} ({exc.filename or type(exc).__name__})')}; "
+              "check the paths, permissions and free disk space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastvae: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except _Terminated:
+        print("fastvae: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)

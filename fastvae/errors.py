@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "BackendUnavailableError",
+    "RunFolderError",
     "TrainingDivergedError",
     "TrainingInterrupted",
 ]
@@ -39,18 +40,27 @@ class BackendUnavailableError(FastVAEError, RuntimeError):
     (missing package, no device); the message names what is missing."""
 
 
+class RunFolderError(FastVAEError):
+    """A run folder that cannot be used: a file in the way, not writable,
+    holding another run or foreign files, locked by another trainer, or a
+    write that failed (disk full); the previous files are always intact."""
+
+
 class TrainingDivergedError(FastVAEError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(FastVAEError):
-    """Ctrl-C stopped training after a finished step; a checkpoint was saved.
+    """Ctrl-C or SIGTERM stopped training after a finished step; a checkpoint
+    was saved.
 
     Attributes: ``path`` (the checkpoint), ``epoch`` (epochs completed),
-    ``batch`` (steps done in the current epoch), ``total`` (epochs asked for).
+    ``batch`` (steps done in the current epoch), ``total`` (epochs asked for),
+    ``signum`` (the signal, e.g. ``signal.SIGTERM``; None when unknown).
     """
 
-    def __init__(self, path, epoch, batch, steps_per_epoch, total):
+    def __init__(self, path, epoch, batch, steps_per_epoch, total, signum=None):
         self.path, self.epoch, self.batch, self.total = path, epoch, batch, total
+        self.signum = signum
         where = f"epoch {epoch + 1}, step {batch}/{steps_per_epoch}" if batch else f"the end of epoch {epoch}"
         super().__init__(f"interrupted at {where}; checkpoint saved to {path}")

@@ -346,7 +346,9 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
         a = (f.reshape(image_shape) * 255 + 0.5).astype(np.uint8)
         im = Image.fromarray(a, mode="RGB" if a.ndim == 3 else "L")
         imgs.append(im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST))
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0, optimize=False)
+    from .runfolder import atomic_write
+    atomic_write(path, lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:],
+                                                duration=duration_ms, loop=0, optimize=False))
     return len(imgs)
 
 

@@ -6,6 +6,8 @@ pyplot state, Agg canvas) and writes a PNG when ``path`` is given.
 
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Optional, Sequence
 
@@ -19,7 +21,9 @@ def _figure(figsize):
 
 def _save(fig, path):
     if path is not None:
-        fig.savefig(path, bbox_inches="tight")
+        from .runfolder import atomic_write
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", format=fmt))
     return fig
 
 

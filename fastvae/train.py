@@ -26,7 +26,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
-from . import memory
+from . import memory, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
@@ -105,6 +105,7 @@ class Trainer:
         self.history = []
         self.position: Optional[EpochPosition] = None     # inside an unfinished epoch
         self.stop_requested = False
+        self.stop_signal = None
 
     # ---- parts kept reachable under their old names ----------------------------
     @property
@@ -216,18 +217,29 @@ class Trainer:
         return self.batches.steps_per_epoch
 
     def _install_sigint(self):
-        """Ctrl-C sets ``stop_requested``; the loop finishes the step, saves, stops."""
+        """Ctrl-C and SIGTERM set ``stop_requested``: the loop finishes the
+        step, saves, stops (TrainingInterrupted carries the signal). A second
+        signal stops at once (KeyboardInterrupt), except during a save, which
+        always completes. Returns the previous handlers."""
         import signal
         import threading
         if self.out is None or threading.current_thread() is not threading.main_thread():
             return None
         self.stop_requested = False
+        self.stop_signal = None
 
         def handler(signum, frame):
-            if self.stop_requested:           # a second Ctrl-C: stop at once
-                raise KeyboardInterrupt
+            if self.stop_requested and not self.checkpointer.saving:
+                raise KeyboardInterrupt                   # a second signal: stop at once
             self.stop_requested = True
-        return signal.signal(signal.SIGINT, handler)
+            self.stop_signal = self.stop_signal or signum
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_signals(previous) -> None:
+        import signal
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)
 
     def train_step(self, ws, beta: float, lr: float, need_loss: bool):
         """One optimisation step on the batch in ``ws``: forward and backward
@@ -262,7 +274,7 @@ class Trainer:
                 shown = rep.progress_to(b + 1, shown, self.epoch, running, beta)
             if self.stop_requested and b < spe - 1:
                 pos.seconds += time.perf_counter() - t0
-                raise TrainingInterrupted(self.save(), self.epoch, pos.batch, spe, total)
+                raise TrainingInterrupted(self.save(), self.epoch, pos.batch, spe, total, self.stop_signal)
         self.backend.synchronize()
         pos.seconds += time.perf_counter() - t0
         return beta, lr
@@ -292,13 +304,19 @@ class Trainer:
 
         Raises TrainingDivergedError when the loss becomes non-finite
         (checked at every progress interval and epoch end; nothing is saved
-        then), and TrainingInterrupted after Ctrl-C once the current step is
-        finished and a checkpoint written (run folders only).
+        then), TrainingInterrupted after Ctrl-C or SIGTERM once the current
+        step is finished and a checkpoint written (run folders only), and
+        RunFolderError when another process trains in the same run folder
+        (an ``fcntl`` lock, :mod:`fastvae.runfolder`, held while fitting).
         """
-        import signal
+        if self.out is None:
+            return self._fit(epochs, pictures)
+        with runfolder.locked(self.out):
+            return self._fit(epochs, pictures)
+
+    def _fit(self, epochs, pictures):
         total = self.train_config.epochs if epochs is None else int(epochs)
         if self.out is not None:
-            os.makedirs(self.out, exist_ok=True)
             self.checkpointer.clean_debris()
             self.reporter.write_run_files(self.config_dict(), self.history)
         spe = self.steps_per_epoch()
@@ -311,11 +329,10 @@ class Trainer:
                 row = self._finish_epoch(*self._run_epoch(total, spe))
                 self.reporter.epoch_line(row, total)
                 if self.stop_requested and self.epoch < total:
-                    raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total)
+                    raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total, self.stop_signal)
         finally:
             self.reporter.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            self._restore_signals(previous_handler)
         if pictures:
             self.write_pictures()
         return self.history

@@ -15,6 +15,7 @@ how a finished epoch is evaluated, and how the run is saved.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .errors import TrainingDivergedError
 from .evaluate import evaluate
+from .runfolder import atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
@@ -138,18 +140,17 @@ class Reporter:
             print(msg, flush=True)
 
     def write_run_files(self, config: dict, history: list) -> None:
-        """``config.json`` and ``metrics.csv`` (replaced atomically) in the run folder."""
+        """``config.json`` and ``metrics.csv`` (each replaced atomically,
+        :func:`fastvae.runfolder.atomic_write`) in the run folder."""
         if self.out is None:
             return
-        with open(os.path.join(self.out, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tmp = os.path.join(self.out, ".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for row in history:
-                w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
-        os.replace(tmp, os.path.join(self.out, "metrics.csv"))
+        atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(config, indent=2))
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+        atomic_write_text(os.path.join(self.out, "metrics.csv"), buf.getvalue())
 
     @staticmethod
     def rss_mb():
@@ -189,15 +190,19 @@ class Checkpointer:
 
     def clean_debris(self) -> None:
         """Remove temporary files of saves that were killed mid-write."""
-        for f in os.listdir(self.out):
-            if f.startswith(".tmp-") and f.endswith(".h5"):
-                try:
-                    os.unlink(os.path.join(self.out, f))
-                except OSError:
-                    pass
+        clean_debris(self.out)
+
+    saving = False       # True while a save runs: a signal then never interrupts it
+
+    def save(self, trainer, path: str) -> str:
+        self.saving = True
+        try:
+            return self._save(trainer, path)
+        finally:
+            self.saving = False
 
     @staticmethod
-    def save(trainer, path: str) -> str:
+    def _save(trainer, path: str) -> str:
         be, pos = trainer.backend, trainer.position
         state = {"epoch": trainer.epoch, "step": trainer.step, "rng": trainer.rng.state()}
         arrays = {}

@@ -123,9 +123,13 @@ def test_out_refuses_foreign_folders(tmp_path):
     one_line_error(run(["train", *TINY, "--epochs", "1", "--out", out], tmp_path), "thesis.tex", "--force")
     assert (out / "thesis.tex").read_text() == "precious"
     assert run(["train", *TINY, "--epochs", "1", "--out", out, "--force"], tmp_path).returncode == 0
-    # a fastvae run folder may be trained into again
+    # a folder holding a run is never replaced silently: --resume it or --force
     assert run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path).returncode == 0
-    assert run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path).returncode == 0
+    before = (tmp_path / "r" / "checkpoint.h5").read_bytes()
+    one_line_error(run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r"], tmp_path),
+                   "already holds a run", "--resume", "--force")
+    assert (tmp_path / "r" / "checkpoint.h5").read_bytes() == before
+    assert run(["train", *TINY, "--epochs", "1", "--out", tmp_path / "r", "--force"], tmp_path).returncode == 0
 
 
 def test_sigkill_during_saves_never_corrupts_the_checkpoint(tmp_path):

@@ -1,0 +1,202 @@
+"""The run folder: checked before any data loads, locked by one trainer,
+never silently overwritten, and written only by atomic replacement.
+
+* :func:`check_out` refuses a folder that cannot be created or written, a
+  name under a file, a folder of foreign files, and a folder that already
+  holds a run (unless resuming it, or ``--force``).
+* :func:`locked` holds an exclusive ``fcntl.flock`` on ``<out>/.lock`` for as
+  long as a trainer writes there; the OS frees it when the process dies, so a
+  crash never leaves a stale lock. A second trainer fails at once, naming the
+  process that holds it (recorded in the lock file).
+* :func:`atomic_write` writes every run file (checkpoint, config, metrics,
+  pictures) to a unique temporary name in the same folder, fsyncs it and
+  renames it over the target: ENOSPC or any OS error leaves the previous file
+  intact and no temporary file behind, and the result has the usual
+  permissions (``0666 & ~umask``), like any other file the user creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from typing import Callable, Dict
+
+from .errors import RunFolderError
+
+RUN_FILES = {"checkpoint.h5", "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
+             "figures", ".lock"}
+LOCK_NAME = ".lock"
+TMP_PREFIX = ".tmp-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
+    """Validate ``out`` before anything is loaded; returns its absolute path.
+
+    Raises RunFolderError when ``out`` (or a folder on the way) is a file,
+    when it cannot be created or written, when it holds files that are not
+    from a fastvae run (unless ``force``), and when it holds a run and this
+    is a fresh start (``resume`` False) without ``force``.
+    """
+    out = os.path.abspath(os.path.expanduser(os.fspath(out)))
+    probe = out
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise RunFolderError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {out}: cannot write in {probe} (permission denied); choose a writable folder")
+    if probe != out:
+        return out                                      # will be created
+    names = os.listdir(out)
+    other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX))
+    if other and not force:
+        raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
+                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force")
+    if "checkpoint.h5" in names and not resume and not force:
+        raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
+                             f"{os.path.join(out, 'checkpoint.h5')}, choose another --out, or pass --force to "
+                             "replace it")
+    return out
+
+
+class _Lock:
+    def __init__(self, out: str, fd: int, created: bool):
+        self.out, self.fd, self.created, self.depth = out, fd, created, 1
+
+
+_HELD: Dict[str, _Lock] = {}
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode("utf-8", "replace") or "{}")
+        return (f"pid {int(info['pid'])} on {str(info.get('host'))[:64]}, started "
+                f"{str(info.get('started'))[:32]}: {str(info.get('command'))[:120]}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def acquire(out: str) -> None:
+    """Take (or re-enter) the run lock of ``out``, creating the folder.
+    Raises RunFolderError naming the holder when another process has it."""
+    import fcntl
+    out = os.path.abspath(out)
+    if out in _HELD:
+        _HELD[out].depth += 1
+        return
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, LOCK_NAME), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                     0o666 & ~_umask())
+    except OSError as exc:
+        raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        who = _holder(fd)
+        os.close(fd)
+        raise RunFolderError(f"run folder {out} is in use by {who}; wait for it to finish, stop it, or choose "
+                             "another --out") from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError:
+        pass                                     # the lock holds; only the holder's description is lost
+    _HELD[out] = _Lock(out, fd, created)
+
+
+def release(out: str) -> None:
+    """Leave the run lock (the lock file stays; the folder is removed again
+    when this process created it and nothing else was written there)."""
+    out = os.path.abspath(out)
+    lk = _HELD.get(out)
+    if lk is None:
+        return
+    lk.depth -= 1
+    if lk.depth:
+        return
+    del _HELD[out]
+    if lk.created and os.listdir(out) == [LOCK_NAME]:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(out, LOCK_NAME))
+            os.rmdir(out)
+    os.close(lk.fd)
+
+
+@contextlib.contextmanager
+def locked(out: str):
+    """``with locked(out):`` hold the run lock of ``out`` (re-entrant)."""
+    acquire(out)
+    try:
+        yield
+    finally:
+        release(out)
+
+
+def atomic_write(path: str, write: Callable[[str], None], error=RunFolderError) -> str:
+    """Write ``path`` by calling ``write(tmp)`` on a unique temporary name in
+    the same folder, fsync, then rename over ``path``. Any OSError (ENOSPC,
+    EACCES, ...) removes the temporary file, keeps the previous ``path`` and
+    raises ``error`` with one line; other exceptions (including Ctrl-C)
+    clean up and propagate."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        with contextlib.suppress(OSError):
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as exc:
+        raise error(f"cannot write {path}: {exc.strerror or exc}; free disk space or fix the folder's "
+                    "permissions (the previous file is intact)") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str, text: str) -> str:
+    """:func:`atomic_write` of a UTF-8 text file."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def clean_debris(out: str) -> None:
+    """Remove temporary files of writes that were killed mid-way (only ever
+    called while holding the folder's lock, so no live write is touched)."""
+    for f in os.listdir(out):
+        if f.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, f))
