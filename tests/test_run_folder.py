@@ -1,0 +1,165 @@
+"""The run folder and signals (issue 12, parts 4 and 5): checked before data
+loads, one trainer at a time, never replaced silently, every write atomic,
+SIGTERM handled like Ctrl-C."""
+
+import errno
+import glob
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+import fastvae
+from fastvae import runfolder
+from fastvae.errors import FastVAEError, RunFolderError
+
+from conftest import PY, fv, tiny_trainer
+
+TRAIN = ["train", "--n-sprites", "3000", "--hidden", "64", "--latent", "4", "--batch-size", "16", "--epochs", "50",
+         "--no-progress"]
+
+
+def _start(out, cwd, extra=()):
+    return subprocess.Popen(PY + [str(x) for x in TRAIN + ["--out", out, *extra]], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, timeout=60):
+    t0 = time.time()
+    while not path.exists() and time.time() - t0 < timeout:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared"
+
+
+def _one_line(r):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae: error:"), r.stderr
+    return lines[0]
+
+
+def test_out_is_checked_before_any_data_loads(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    # a dataset that would fail to load: the --out error must come first
+    line = _one_line(fv("train", "--dataset", "mnist", "--data-dir", tmp_path / "nowhere", "--no-download",
+                        "--out", tmp_path / "afile" / "run", cwd=tmp_path, check=False))
+    assert "is a file, not a folder" in line
+    line = _one_line(fv("train", "--out", tmp_path / "afile", cwd=tmp_path, check=False))
+    assert "is a file" in line
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(tmp_path):
+    r = fv("train", "--dataset", "mnist", "--data-dir", tmp_path / "nowhere", "--no-download",
+           "--out", tmp_path / "run", cwd=tmp_path, check=False)
+    assert "not found" in _one_line(r)
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_trainer_on_the_same_folder_fails_at_once_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out, tmp_path)
+    try:
+        _wait_for(out / "metrics.csv")
+        t0 = time.time()
+        r = fv("train", "--resume", out, "--epochs", "60", "--no-progress", cwd=tmp_path, check=False)
+        line = _one_line(r)
+        assert time.time() - t0 < 30
+        assert f"pid {p.pid}" in line and "in use" in line
+        with pytest.raises(RunFolderError, match=f"pid {p.pid}"):
+            tiny_trainer(out).fit()
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=120)
+    # the lock dies with its process: the folder can be resumed now
+    m = fastvae.load(out / "checkpoint.h5")
+    fv("train", "--resume", out, "--epochs", m.checkpoint["epoch"] + 1, "--no-progress", cwd=tmp_path)
+
+
+def test_sigterm_saves_prints_resume_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    p = _start(out, tmp_path)
+    _wait_for(out / "metrics.csv")
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, (p.returncode, stderr)
+    assert "Traceback" not in stderr and "resume with: fastvae train --resume" in stderr
+    m = fastvae.load(out / "checkpoint.h5")
+    assert m.checkpoint["step"] > 0
+
+
+def test_signal_storm_never_damages_the_checkpoint(tmp_path):
+    """SIGTERM then SIGINT/SIGTERM again within milliseconds (likely during the
+    save): no traceback, a loadable checkpoint, no temporary files."""
+    for i, second in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGTERM)):
+        out = tmp_path / f"run{i}"
+        p = _start(out, tmp_path)
+        _wait_for(out / "metrics.csv")
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.002 * i)
+        p.send_signal(second)
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode in (130, 143), (p.returncode, stderr)
+        assert "Traceback" not in stderr
+        fastvae.load(out / "checkpoint.h5")
+        assert glob.glob(str(out / ".tmp-*")) == []
+
+
+def test_sigterm_outside_training_is_one_line(tmp_path):
+    fifo_free = tmp_path / "d"
+    fifo_free.mkdir()
+    p = subprocess.Popen(PY + ["bench", "--seconds", "30", "--backends", "numpy", "--no-torch"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 143 and "Traceback" not in stderr and "terminated" in stderr, stderr
+
+
+@pytest.mark.parametrize("target", ["checkpoint.h5", "config.json", "metrics.csv", "samples.png"])
+def test_disk_full_while_writing_any_run_file(tmp_path, monkeypatch, target):
+    out = tmp_path / "run"
+    t = tiny_trainer(out, epochs=1)
+    t.fit()
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
+    real = os.replace
+
+    def full(src, dst, *a, **k):
+        if os.path.basename(dst) == target:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(runfolder.os, "replace", full)
+    with pytest.raises(FastVAEError, match="No space left on device.*previous file is intact"):
+        t.fit(epochs=2)
+    monkeypatch.undo()
+    assert (out / target).read_bytes() == before[target]
+    assert glob.glob(str(out / ".tmp-*")) == []
+    fastvae.load(out / "checkpoint.h5")
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        tiny_trainer(out, epochs=1).fit()
+        for f in ("checkpoint.h5", "config.json", "metrics.csv", "samples.png"):
+            assert stat.S_IMODE(os.stat(out / f).st_mode) == 0o644, f
+    finally:
+        os.umask(old)
+
+
+def test_temporary_names_are_unique_per_write(tmp_path, monkeypatch):
+    seen = []
+    real = runfolder.tempfile.mkstemp
+
+    def spy(*a, **k):
+        fd, name = real(*a, **k)
+        seen.append(name)
+        return fd, name
+    monkeypatch.setattr(runfolder.tempfile, "mkstemp", spy)
+    tiny_trainer(tmp_path / "run", epochs=2).fit()
+    assert len(seen) == len(set(seen)) > 4
