@@ -18,12 +18,25 @@ __version__ = "0.2.0"
 from . import backends, datasets  # noqa: E402
 from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from .errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
-                     DataError, FastVAEError, TrainingDivergedError, TrainingInterrupted)
+                     DataError, FastVAEError, RunFolderError, TrainingDivergedError, TrainingInterrupted)
 from .evaluate import evaluate  # noqa: E402
 from .layout import ParamLayout  # noqa: E402
 from .model import VAE  # noqa: E402
 from .optim import Adam  # noqa: E402
 from .train import Trainer, train  # noqa: E402
+
+
+_SUBMODULES = ("explore", "metrics", "plots", "checkpoint", "runfolder", "memory", "benchmark", "layers",
+               "restore", "torch_ref", "arrayfiles", "safe_files")
+
+
+def __getattr__(name):
+    """``fastvae.explore`` and the other submodules, imported on first use
+    (PEP 562) so that ``import fastvae`` stays light."""
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fastvae' has no attribute {name!r}")
 
 
 def load(path, backend=None) -> VAE:
@@ -47,4 +60,4 @@ def load(path, backend=None) -> VAE:
 __all__ = ["VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
            "ParamLayout", "ModelConfig", "TrainConfig", "DataConfig", "FastVAEError",
            "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
-           "TrainingDivergedError", "TrainingInterrupted", "__version__"]
+           "TrainingDivergedError", "TrainingInterrupted", "RunFolderError", "__version__"]

@@ -13,22 +13,11 @@ import sys
 import numpy as np
 
 from .errors import FastVAEError
-from .cli_args import DATA_ARGS, DEFAULT_LATENT, MODEL_ARGS, TRAIN_ARGS, parser
+from .cli_args import (DATA_ARGS, DEFAULT_LATENT, MODEL_ARGS, TRAIN_ARGS, _abs, _finite, _one_line,
+                       _positive, checkpoint_arg, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
 EXIT_TERMINATED = 143      # 128 + SIGTERM
-
-
-def checkpoint_arg(path) -> str:
-    """A checkpoint argument: a ``checkpoint.h5`` or the run folder holding one."""
-    path = os.path.expanduser(os.fspath(path))
-    return os.path.join(path, "checkpoint.h5") if os.path.isdir(path) else path
-
-
-def _positive(name, value):
-    from .errors import ConfigError
-    if value is not None and value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value}")
 
 
 def _cmd_train(a):
@@ -111,10 +100,6 @@ def _train_locked(a, out, progress):
     return 0
 
 
-def _abs(path):
-    return None if path is None else os.path.abspath(os.path.expanduser(path))
-
-
 def _cmd_eval(a):
     from . import datasets, load
     from .config import DataConfig
@@ -140,7 +125,7 @@ def _cmd_eval(a):
     res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
     if a.iwae_k is not None:
         xi = x[:a.iwae_images] if a.iwae_images else x
-        iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed)
+        iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
         res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))
     split_factors = data.factors_test if a.split == "test" else data.factors_train
     if split_factors is not None:
@@ -212,6 +197,13 @@ def _cmd_bench(a):
     bad = [w for w in (a.workloads or []) if w not in benchmark.WORKLOADS]
     if bad:
         raise ConfigError(f"unknown workload(s) {bad}; choose from {list(benchmark.WORKLOADS)}")
+    from . import backends
+    from .errors import BackendUnavailableError
+    ok = {b["name"]: b for b in backends.available()}
+    for name in (a.backends or (["cupy"] if a.gpu else [])):
+        if name not in ok or not ok[name]["available"]:
+            why = ok[name]["reason"] if name in ok else f"unknown; choose from {sorted(ok)}"
+            raise BackendUnavailableError(f"cannot benchmark backend {name!r}: {why}")
     if a.gpu:
         rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
                              torch_device="cuda", tf32=a.tf32)
@@ -269,7 +261,8 @@ def _cmd_plot(a):
         pca = None if (a.dims or L == 2) else model.encode(x[:5000])[0]
         save("latent_grid.png", explore.plot_latent_grid, model, shape, n=a.grid, dims=dims, spacing=a.spacing,
              pca_codes=pca)
-    save("traversals.png", explore.plot_traversals, model, shape, X=x[:5000], max_dims=min(L, 16))
+    _positive("--max-dims", a.max_dims)
+    save("traversals.png", explore.plot_traversals, model, shape, X=x[:5000], max_dims=min(L, a.max_dims))
     recon, kl = explore.per_image_elbo(model, x)
     losses = recon + kl
     best, worst = explore.best_and_worst(losses, a.n)
@@ -340,31 +333,12 @@ def _cmd_backends(a):
     return 0
 
 
-def _finite(obj):
-    """``obj`` with NaN and infinities replaced by None (standard JSON has neither)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 class _Terminated(BaseException):
     """SIGTERM outside training (where it is handled like Ctrl-C)."""
 
 
 def _on_sigterm(signum, frame):
     raise _Terminated
-
-
-MAX_MESSAGE = 400
-
-
-def _one_line(msg: str) -> str:
-    msg = " ".join(str(msg).split())
-    return msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE - 60] + " ... " + msg[-55:]
 
 
 def main(argv=None) -> int:

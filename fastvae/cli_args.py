@@ -1,4 +1,5 @@
-"""The ``fastvae`` command line: argument definitions (argparse) only.
+"""The ``fastvae`` command line: argument definitions (argparse) and the
+small helpers the commands share (argument values, one-line messages, JSON).
 
 The commands themselves live in :mod:`fastvae.cli`.
 """
@@ -6,9 +7,12 @@ The commands themselves live in :mod:`fastvae.cli`.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
+CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
 MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
@@ -26,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     d = t.add_argument_group("data")
     d.add_argument("--dataset", help="sprites (default), mnist, fashion-mnist, kmnist, olivetti, "
                    "or a path: a folder of images or an .npy/.npz/.h5 file")
-    d.add_argument("--data-dir", help="folder holding the dataset files (idx files, olivetti_faces.npz)")
+    d.add_argument("--data-dir", help="folder holding the dataset files (idx files, olivetti_faces.npz); "
+                   "default $FASTVAE_DATA/<name>, else ~/.cache/fastvae/<name> (downloads go there)")
     d.add_argument("--no-download", action="store_true", default=None, help="never download missing files")
     d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
@@ -67,10 +72,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--force", action="store_true", help="write into an --out folder that is not a fastvae run")
+    r.add_argument("--force", action="store_true",
+                   help="write into an --out folder holding other files, or replace the run it holds")
 
     e = sub.add_parser("eval", help="-ELBO, reconstruction and KL of a checkpoint on a split")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help=CKPT_HELP)
     e.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     e.add_argument("--data-dir")
     e.add_argument("--split", default="test", choices=["train", "test"])
@@ -81,9 +87,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae-k", type=int, nargs="?", const=5000, default=None, metavar="K",
                    help="add the importance-weighted -log p(x) with K samples (default 5000 when given)")
     e.add_argument("--iwae-images", type=int, metavar="N", help="IWAE on the first N images only")
+    e.add_argument("--no-progress", action="store_true", help="no IWAE progress bar")
 
     i = sub.add_parser("info", help="what a checkpoint holds")
-    i.add_argument("checkpoint")
+    i.add_argument("checkpoint", help=CKPT_HELP)
     i.add_argument("--json", action="store_true")
 
     sub.add_parser("backends", help="list compute backends and whether they can run here")
@@ -98,13 +105,16 @@ def parser() -> argparse.ArgumentParser:
                     help="latent dims of the grid (default: the PCA plane when L > 2)")
     pl.add_argument("--spacing", default="quantile", choices=["quantile", "even"])
     pl.add_argument("--n", type=int, default=8, help="images in best/worst and reconstructions")
+    pl.add_argument("--max-dims", type=int, default=16,
+                    help="latent dims in the traversals figure, highest KL first (default 16)")
     pl.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
     pl.add_argument("--out", help="default: RUN/figures")
 
     ip = sub.add_parser("interpolate", help="morph one image into another through the latent space")
-    ip.add_argument("checkpoint")
-    ip.add_argument("a", help="image file or index into the dataset split")
-    ip.add_argument("b", help="image file or index into the dataset split")
+    ip.add_argument("checkpoint", help=CKPT_HELP)
+    ip.add_argument("a", help="image file, or index into the dataset split (negative counts from the end: -1 "
+                              "is the last image)")
+    ip.add_argument("b", help="image file or index into the dataset split (as a)")
     ip.add_argument("--steps", type=int, default=24)
     ip.add_argument("--mode", default="spherical", choices=["linear", "spherical"])
     ip.add_argument("--gif", help="write an animated GIF here")
@@ -135,3 +145,39 @@ def parser() -> argparse.ArgumentParser:
 def _version():
     from . import __version__
     return __version__
+
+
+# ---------------------------------------------------------- shared helpers
+def checkpoint_arg(path) -> str:
+    """A checkpoint argument: a ``checkpoint.h5`` or the run folder holding one."""
+    path = os.path.expanduser(os.fspath(path))
+    return os.path.join(path, "checkpoint.h5") if os.path.isdir(path) else path
+
+
+def _positive(name, value):
+    from .errors import ConfigError
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+def _abs(path):
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def _finite(obj):
+    """``obj`` with NaN and infinities replaced by None (standard JSON has neither)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+MAX_MESSAGE = 400
+
+
+def _one_line(msg: str) -> str:
+    msg = " ".join(str(msg).split())
+    return msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE - 60] + " ... " + msg[-55:]

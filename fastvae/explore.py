@@ -23,125 +23,17 @@ from typing import Optional
 import numpy as np
 
 from .errors import ConfigError
+from .metrics import active_units, iwae, kl_per_dim, mig  # noqa: F401  (re-exported)
 from .plots import _figure, _save, _show, tile, plot_loss, plot_reconstructions, plot_samples  # noqa: F401
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-# ------------------------------------------------------------------ numbers
+# ------------------------------------------------------------------ numbers (the scores: fastvae.metrics)
 def per_image_elbo(model, X, batch_size=1000, seed=0):
     """Per-image ``(recon, kl)`` (nats) with one z sample (see fastvae.evaluate)."""
     from .evaluate import per_image_losses
     return per_image_losses(model, X, batch_size, seed)
-
-
-def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192) -> np.ndarray:
-    """Per-image importance-weighted estimate of -log p(x) in nats, ``(N,)``.
-
-    -log p(x) ~= log k - logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)],
-    z_i ~ q(z|x), i = 1..k (Burda et al. 2016, eq. 8). Decodes at most
-    ``batch_rows`` rows at a time (many images x few samples, or one image's
-    samples in chunks); a running max keeps the log-sum-exp stable (float64).
-    """
-    X = np.asarray(X)
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
-    be, c = model.backend, model.config
-    L = c.latent_dim
-    mu, logvar = model.encode(X)
-    std = np.exp(0.5 * logvar)
-    rng = np.random.Generator(np.random.PCG64([seed, 3]))
-    out = np.empty(len(X))
-    per_block = max(1, batch_rows // k)
-    for i0 in range(0, len(X), per_block):
-        xb = X[i0:i0 + per_block]
-        nb = len(xb)
-        t = max(1, min(k, batch_rows // nb))
-        m = np.full(nb, -np.inf)
-        acc = np.zeros(nb)
-        done = 0
-        reps = {}
-        while done < k:
-            tt = min(t, k - done)
-            if tt not in reps:
-                reps[tt] = be.asarray(np.repeat(xb, tt, axis=0))
-            eps = rng.standard_normal((nb, tt, L))
-            z = mu[i0:i0 + nb, None, :] + std[i0:i0 + nb, None, :] * eps
-            ws = model.workspace(nb * tt)
-            model.decode_into(ws, be.asarray(z.reshape(nb * tt, L)))
-            model.nll_into(ws, reps[tt])
-            log_px_z = -be.to_host(ws.nll).astype(np.float64).reshape(nb, tt)
-            log_pz = -0.5 * (z * z).sum(2)
-            log_qz = -0.5 * (eps * eps + logvar[i0:i0 + nb, None, :]).sum(2)
-            w = log_px_z + log_pz - log_qz          # the 2 pi terms cancel
-            new_m = np.maximum(m, w.max(1))
-            acc = acc * np.exp(m - new_m) + np.exp(w - new_m[:, None]).sum(1)
-            m = new_m
-            done += tt
-        out[i0:i0 + nb] = math.log(k) - (m + np.log(acc))
-    return out
-
-
-def kl_per_dim(model, X) -> np.ndarray:
-    """Mean over images of each latent dimension's KL to N(0, 1), ``(L,)`` nats
-    (Kingma & Welling 2014, App. B, not summed over j), in float64."""
-    mu, lv = (a.astype(np.float64) for a in model.encode(X))
-    return (0.5 * (mu * mu + np.exp(lv) - lv - 1.0)).mean(0)
-
-
-def active_units(model, X, threshold: float = 0.01):
-    """``(count, variances)``: dimensions whose Var_x(mu_j) exceeds ``threshold``
-    (Burda et al. 2016, Sec. 5.2)."""
-    mu, _ = model.encode(X)
-    var = mu.astype(np.float64).var(0)
-    return int((var > threshold).sum()), var
-
-
-def _mutual_info(a: np.ndarray, b: np.ndarray) -> float:
-    """I(a; b) in nats of two discrete label arrays (plug-in estimate)."""
-    _, ia = np.unique(a, return_inverse=True)
-    _, ib = np.unique(b, return_inverse=True)
-    joint = np.zeros((ia.max() + 1, ib.max() + 1))
-    np.add.at(joint, (ia, ib), 1)
-    joint /= joint.sum()
-    pa, pb = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    return float((joint[nz] * np.log(joint[nz] / (pa @ pb)[nz])).sum())
-
-
-def _entropy(a: np.ndarray) -> float:
-    _, counts = np.unique(a, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> dict:
-    """Mutual Information Gap (Chen et al. 2018, eq. 6).
-
-    codes: ``(N, L)`` latent means; factors: ``(N, K)`` discrete ground-truth
-    factor values. Each code dimension is discretised into ``bins`` equal-width
-    bins (as in Locatello et al. 2019); for each factor v_k the gap between the
-    two largest I(z_j; v_k), divided by H(v_k), is averaged over factors with
-    more than one value. Returns ``{"mig", "per_factor"}`` (each in [0, 1]).
-    """
-    codes, factors = np.asarray(codes), np.asarray(factors)
-    if codes.shape[0] != factors.shape[0]:
-        raise ConfigError("codes and factors must have the same number of rows")
-    disc = np.empty(codes.shape, dtype=np.int64)
-    for j in range(codes.shape[1]):
-        edges = np.histogram_bin_edges(codes[:, j], bins=bins)
-        disc[:, j] = np.digitize(codes[:, j], edges[1:-1])
-    gaps = []
-    for k in range(factors.shape[1]):
-        h = _entropy(factors[:, k])
-        if h <= 0:
-            gaps.append(float("nan"))
-            continue
-        mi = sorted((_mutual_info(disc[:, j], factors[:, k]) for j in range(codes.shape[1])), reverse=True)
-        top2 = mi[1] if len(mi) > 1 else 0.0
-        gaps.append((mi[0] - top2) / h)
-    valid = [g for g in gaps if not math.isnan(g)]
-    return {"mig": float(np.mean(valid)) if valid else float("nan"), "per_factor": gaps}
 
 
 def best_and_worst(losses: np.ndarray, n: int):
@@ -289,7 +181,8 @@ def traversal_codes(model, center, n_values=9, span=3.0, order=None):
 def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.0, max_dims=None, path=None):
     """One row per latent dimension, sorted by its KL over ``X`` (largest first),
     decoding -span..span with the other coordinates fixed at ``center`` (default:
-    the mean code of X, or 0) -- the beta-VAE picture (Higgins et al. 2017)."""
+    the mean code of X, or 0) -- the beta-VAE picture (Higgins et al. 2017).
+    ``max_dims`` keeps that many rows (the title then says how many of L)."""
     L = model.config.latent_dim
     if X is not None:
         kl = kl_per_dim(model, X)
@@ -311,7 +204,8 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
     for r, j in enumerate(order):
         lab = f"z[{j}]" + ("" if kl is None else f" KL {kl[j]:.2f}")
         ax.text(-2, r * H + H / 2, lab, ha="right", va="center", fontsize=6)
-    ax.set_title(f"traversals from {-span:g} to {span:g}, rows sorted by KL", fontsize=8)
+    shown = "" if len(order) == L else f"; the {len(order)} of {L} dims with the highest KL"
+    ax.set_title(f"traversals from {-span:g} to {span:g}, rows sorted by KL{shown}", fontsize=8)
     return _save(fig, path)
 
 

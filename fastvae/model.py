@@ -242,7 +242,7 @@ class VAE:
         return np.clip(logits, 0.0, 1.0)
 
     def decode(self, Z, batch_size: int = 1024):
-        """Pixel means ``(N, D)`` (host, float64 in [0, 1]) for host codes ``Z (N, L)``."""
+        """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host codes ``Z (N, L)``."""
         Z = np.asarray(Z)
         if Z.ndim != 2 or Z.shape[1] != self.config.latent_dim:
             raise ConfigError(f"expected codes of shape (N, {self.config.latent_dim}), got {Z.shape}")
@@ -251,8 +251,8 @@ class VAE:
             zb = self.backend.asarray(Z[i:i + batch_size])
             ws = self.workspace(zb.shape[0])
             self.decode_into(ws, zb)
-            outs.append(self.mean_image(self.backend.to_host(ws.logits)))
-        return np.concatenate(outs) if outs else np.zeros((0, self.config.input_dim))
+            outs.append(self.mean_image(self.backend.to_host(ws.logits)).astype(self.config.dtype, copy=False))
+        return np.concatenate(outs) if outs else np.zeros((0, self.config.input_dim), self.config.dtype)
 
     def reconstruct(self, X, batch_size: int = 1024):
         """Reconstructions decoded from ``mu`` (no sampling): host ``(N, D)``."""
@@ -260,7 +260,7 @@ class VAE:
         return self.decode(mu, batch_size)
 
     def sample(self, n: int, seed: int = 0):
-        """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means)."""
+        """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means, model dtype)."""
         rng = np.random.Generator(np.random.PCG64(seed))
         return self.decode(rng.standard_normal((n, self.config.latent_dim)))
 
