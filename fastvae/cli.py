@@ -295,8 +295,9 @@ def _pick_image(spec, data, split, shape):
     if not os.path.exists(spec):
         raise DataError(f"{spec} is neither an image file nor an index into the dataset")
     from PIL import Image, ImageOps, UnidentifiedImageError
+    from .safe_files import open_regular
     try:
-        with Image.open(spec) as im:
+        with open_regular(spec, "image", "pass an image file or an index", DataError) as fh, Image.open(fh) as im:
             im = im.convert("RGB" if len(shape) == 3 else "L")
             im = ImageOps.fit(im, (shape[1], shape[0]), method=Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.float64) / 255.0

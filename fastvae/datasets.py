@@ -22,6 +22,7 @@ from .config import DataConfig
 from .data import Dataset
 from .errors import DataError
 from .arrayfiles import read_arrays
+from .safe_files import open_regular
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
 
@@ -281,7 +282,8 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     imgs, labels, sizes = [], [], set()
     for f in files:
         try:
-            with Image.open(f) as im:
+            with open_regular(f, "image", "remove it or pass a folder of image files", DataError) as fh, \
+                    Image.open(fh) as im:
                 im = im.convert(mode)
                 if image_size is not None:
                     H, W = image_size

@@ -7,7 +7,6 @@ import os
 import struct
 import subprocess
 import sys
-import zipfile
 
 import h5py
 import numpy as np
@@ -177,3 +176,11 @@ def test_failed_lookup_creates_no_folders(tmp_path, monkeypatch):
     with pytest.raises(DataError):
         datasets.load_mnist_family("mnist", None, download=True, mirrors=["http://127.0.0.1:9/"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_fifo_inside_an_image_folder_never_blocks(tmp_path):
+    from PIL import Image
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    with pytest.raises(DataError, match="FIFO"):
+        datasets.load_image_folder(tmp_path)

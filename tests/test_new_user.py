@@ -1,0 +1,146 @@
+"""Odd values, messages, and what a new user tripped on (issue 12, parts 3,
+6 and 7): each a one-line error or the behaviour a user expects."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastvae
+from fastvae import ConfigError
+from fastvae.cli_args import _finite, _one_line
+
+from conftest import ROOT, fv, tiny_trainer, write_mnist_like
+
+TINY = ["--n-sprites", "200", "--hidden", "8", "--latent", "2", "--batch-size", "50", "--no-progress"]
+
+
+def one_line(r, *needles):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished tiny MNIST-like run trained with a RELATIVE --data-dir."""
+    base = tmp_path_factory.mktemp("u")
+    write_mnist_like(base / "data", n_train=60, n_test=20)
+    fv("train", "--dataset", "mnist", "--data-dir", "data", "--hidden", "8", "--latent", "3", "--epochs", "1",
+       "--batch-size", "20", "--out", "run", "--no-progress", cwd=base)
+    return base / "run"
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--latent", "0"], ["latent_dim must be a positive integer"]),
+    (["--epochs", "0"], ["--epochs must be a positive integer"]),
+    (["--hidden"], ["--hidden needs at least one width"]),
+])
+def test_odd_values_are_errors(tmp_path, args, needles):
+    r = fv("train", *TINY, *args, "--out", tmp_path / "r", cwd=tmp_path, check=False)
+    one_line(r, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_memory_preflight_refuses_a_model_that_cannot_fit(tmp_path):
+    r = fv("train", "--hidden", "100000", "--latent", "50000", "--epochs", "1", "--out", tmp_path / "r",
+           cwd=tmp_path, check=False, timeout=120)
+    one_line(r, "needs about", "GiB", "free", "smaller")
+    assert not (tmp_path / "r").exists()
+
+
+def test_memory_preflight_counts_the_batch(monkeypatch):
+    """A model that fits but whose batch buffers do not: refused by the trainer."""
+    from fastvae import memory
+    monkeypatch.setattr(memory, "host_available", lambda: 40 * 2 ** 20)       # pretend 40 MiB free
+    tiny_trainer(batch_size=16)                                               # small: fine
+    with pytest.raises(ConfigError, match="batch 4096 buffers"):
+        tiny_trainer(hidden=(2000,), n=5000, batch_size=4096)
+
+
+def test_relative_data_dir_is_stored_absolute(run_dir, tmp_path):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert os.path.isabs(cfg["data"]["data_dir"])
+    # plot / eval from another directory find the data
+    fv("eval", run_dir / "checkpoint.h5", "--json", cwd=tmp_path)
+    fv("plot", run_dir, "--grid", "3", "--n", "2", cwd=tmp_path)
+
+
+def test_every_command_accepts_the_run_folder(run_dir, tmp_path):
+    assert "parameters" in fv("info", run_dir, cwd=tmp_path).stdout
+    assert json.loads(fv("eval", run_dir, "--json", cwd=tmp_path).stdout)["n"] == 20
+    fv("interpolate", run_dir, "0", "-1", "--png", tmp_path / "i.png", cwd=tmp_path)
+    assert (tmp_path / "i.png").stat().st_size > 1000
+    fv("train", "--resume", run_dir, "--epochs", "2", "--no-progress", cwd=tmp_path)
+
+
+def test_negative_interpolate_indices_count_from_the_end(run_dir, tmp_path):
+    assert "-1 is the last image" in fv("interpolate", "--help", cwd=tmp_path).stdout
+    r = fv("interpolate", run_dir, "0", "-21", "--png", tmp_path / "x.png", cwd=tmp_path, check=False)
+    one_line(r, "index -21 is outside")
+
+
+def test_iwae_shows_progress(run_dir, tmp_path):
+    r = fv("eval", run_dir, "--iwae-k", "50", cwd=tmp_path)
+    assert "IWAE k=50" in r.stderr
+    r = fv("eval", run_dir, "--iwae-k", "50", "--no-progress", cwd=tmp_path)
+    assert "IWAE k=50" not in r.stderr
+
+
+def test_traversals_dims_is_an_option_and_said(run_dir, tmp_path):
+    fv("plot", run_dir, "--max-dims", "2", "--grid", "3", "--n", "2", "--out", tmp_path / "f", cwd=tmp_path)
+    assert (tmp_path / "f" / "traversals.png").exists()
+    one_line(fv("plot", run_dir, "--max-dims", "0", cwd=tmp_path, check=False), "--max-dims")
+
+
+def test_eval_json_never_emits_nan():
+    res = _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": 2})
+    assert res == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 2}
+    json.dumps(res, allow_nan=False)
+
+
+def test_messages_are_bounded():
+    assert len(_one_line("x" * 10_000)) <= 400
+    assert _one_line("a\nb") == "a b"
+
+
+def test_bench_gpu_without_cupy_is_one_line(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cupy  # noqa: F401  (only whether it imports)
+        pytest.skip("CuPy is installed here; the message is for machines without it")
+    except ImportError:
+        pass
+    one_line(fv("bench", "--gpu", "--seconds", "0.1", cwd=tmp_path, check=False), "cupy", "CuPy is not installed")
+
+
+def test_default_data_folder_is_documented(tmp_path):
+    assert "~/.cache/fastvae/<name>" in fv("train", "--help", cwd=tmp_path).stdout
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "~/.cache/fastvae/<name>" in readme
+
+
+def test_explore_is_reachable_after_import_fastvae():
+    code = "import fastvae; print(fastvae.explore.iwae.__name__, fastvae.metrics.mig.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["iwae", "mig"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_decode_and_sample_return_the_model_dtype(dtype):
+    m = fastvae.VAE(fastvae.ModelConfig(input_dim=16, hidden=[8], latent_dim=2, dtype=dtype))
+    assert m.sample(3).dtype == np.dtype(dtype)
+    assert m.decode(np.zeros((2, 2))).dtype == np.dtype(dtype)
+    assert m.reconstruct(np.full((2, 16), 0.5)).dtype == np.dtype(dtype)
+
+
+def test_checkpoint_has_the_same_permissions_as_other_run_files(run_dir):
+    modes = {f: stat.S_IMODE(os.stat(run_dir / f).st_mode) for f in ("checkpoint.h5", "config.json", "metrics.csv")}
+    assert len(set(modes.values())) == 1, modes
