@@ -43,6 +43,12 @@ def rng():
 
 
 # ---------------------------------------------------------------- shared helpers
+# VmHWM (this process image's peak RSS), not getrusage's ru_maxrss, which Linux
+# carries over from the forking parent (a large pytest process) across exec.
+PEAK_RSS = ("import re; print('RSS_MB', int(re.search(r'VmHWM:\\s+(\\d+)', "
+            "open('/proc/self/status').read()).group(1)) / 1024)")
+
+
 def fv(*args, cwd, check=True, timeout=600, **kw):
     """Run ``python -m fastvae ARGS`` in ``cwd``; the CompletedProcess (text
     output captured). With ``check``, a non-zero exit fails with both streams."""

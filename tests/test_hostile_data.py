@@ -15,12 +15,12 @@ import pytest
 from fastvae import DataError, datasets
 from fastvae.idx import load_idx
 
-from conftest import PY, fv, write_mnist_like
+from conftest import PEAK_RSS, PY, fv, write_mnist_like
 
 
 def peak_rss_mb(code: str):
     """Run ``code`` in a fresh interpreter; (stdout, its peak RSS in MB)."""
-    code += "\nimport resource; print('RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code += "\n" + PEAK_RSS
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     return out, float(out.split("RSS_MB")[1])
 
