@@ -60,30 +60,32 @@ def _read_npy(fp, where: str, available: int, ratio: int):
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
+def _keys(names, path, fallback: bool):
+    """``(images key, labels key or None)`` among ``names``; with ``fallback``
+    the first array stands in for unnamed images."""
+    xk = next((k for k in X_KEYS if k in names), next(iter(names), None) if fallback else None)
+    if xk is None:
+        raise DataError(f"{path} holds no arrays" if fallback else f"{path} has no dataset named one of {X_KEYS}")
+    return xk, next((k for k in Y_KEYS if k in names), None)
+
+
 def _npz(fh, path):
     try:
         z = zipfile.ZipFile(fh)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise DataError(f"{path} is not a valid .npz (zip) file ({exc}); {_FIX}") from None
+
+    def read(k):
+        info = names[k]
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
+        try:
+            with z.open(info) as fp:
+                return _read_npy(fp, f"{path}[{k}]", info.compress_size, ratio)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+            raise DataError(f"{path}[{k}] cannot be read ({str(exc)[:80]}); the file is corrupt") from None
     with z:
         names = {os.path.splitext(i.filename)[0]: i for i in z.infolist() if i.filename.endswith(".npy")}
-        xk = next((k for k in X_KEYS if k in names), next(iter(names), None))
-        if xk is None:
-            raise DataError(f"{path} holds no arrays")
-        yk = next((k for k in Y_KEYS if k in names), None)
-        out = []
-        for k in (xk, yk):
-            if k is None:
-                out.append(None)
-                continue
-            info = names[k]
-            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
-            try:
-                with z.open(info) as fp:
-                    out.append(_read_npy(fp, f"{path}[{k}]", info.compress_size, ratio))
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                raise DataError(f"{path}[{k}] cannot be read ({str(exc)[:80]}); the file is corrupt") from None
-        return out
+        return [read(k) if k else None for k in _keys(names, path, True)]
 
 
 def _h5(fh, path, size):
@@ -92,21 +94,14 @@ def _h5(fh, path, size):
         f = h5py.File(fh, "r")
     except Exception:
         raise DataError(f"{path} is not a readable HDF5 file; {_FIX}") from None
+
+    def read(k):
+        d = h5_dataset(f, k, path, DataError, size, compressed_ok=True)
+        if d.dtype.kind not in "biuf":
+            raise DataError(f"{path}: {k!r} holds {d.dtype} values; images and labels must be numbers")
+        return d[()]
     with f:
-        xk = next((k for k in X_KEYS if k in f), None)
-        if xk is None:
-            raise DataError(f"{path} has no dataset named one of {X_KEYS}")
-        yk = next((k for k in Y_KEYS if k in f), None)
-        out = []
-        for k in (xk, yk):
-            if k is None:
-                out.append(None)
-                continue
-            d = h5_dataset(f, k, path, DataError, size, compressed_ok=True)
-            if d.dtype.kind not in "biuf":
-                raise DataError(f"{path}: {k!r} holds {d.dtype} values; images and labels must be numbers")
-            out.append(d[()])
-        return out
+        return [read(k) if k else None for k in _keys(list(f.keys()), path, False)]
 
 
 def read_arrays(path):
