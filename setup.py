@@ -23,6 +23,7 @@ setup(
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=13"],
         "test": ["pytest>=7", "hypothesis>=6"],
+        "mpi": ["mpi4py>=3.1", "mpich>=4"],
     },
     entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
 )

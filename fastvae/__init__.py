@@ -15,6 +15,8 @@ Public API::
 
 __version__ = "0.2.0"
 
+from typing import Optional  # noqa: E402
+
 from . import backends, datasets  # noqa: E402
 from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from .errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
@@ -23,7 +25,7 @@ from .evaluate import evaluate  # noqa: E402
 from .layout import ParamLayout  # noqa: E402
 from .model import VAE  # noqa: E402
 from .optim import Adam  # noqa: E402
-from .train import Trainer, train  # noqa: E402
+from .train import Trainer  # noqa: E402
 
 
 _SUBMODULES = ("explore", "metrics", "plots", "checkpoint", "runfolder", "memory", "benchmark", "layers",
@@ -55,6 +57,36 @@ def load(path, backend=None) -> VAE:
                         "step": data["state"].get("step"), "meta": data["meta"],
                         "adam_t": None if data["adam"] is None else data["adam"]["t"]}
     return model
+
+
+def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, **kwargs) -> Trainer:
+    """Train a VAE in one call and return the finished :class:`Trainer`.
+
+    ``dataset``: a name/path or a loaded :class:`~fastvae.datasets.Dataset`.
+    Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
+    :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
+    epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
+    ``input_dim`` and ``image_shape`` default to the data's.
+    """
+    import dataclasses as dc
+    import numpy as np
+    fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
+    unknown = set(kwargs) - set().union(*fields.values())
+    if unknown:
+        raise ConfigError(f"unknown option(s) {sorted(unknown)} for fastvae.train")
+    pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
+    if isinstance(dataset, datasets.Dataset):
+        data, dcfg = dataset, DataConfig(dataset=dataset.name, **pick(DataConfig))
+    else:
+        dcfg = DataConfig(dataset=dataset, **pick(DataConfig))
+        data = datasets.load(dcfg)
+    mk = pick(ModelConfig)
+    mk.setdefault("input_dim", data.input_dim)
+    mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
+    trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
+                      out=out, progress=progress)
+    trainer.fit(pictures=out is not None)
+    return trainer
 
 
 __all__ = ["VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",

@@ -61,7 +61,11 @@ def check_state(state, path) -> None:
         check_type(state["rng"], dict, "state 'rng'", err)
     if "partial" in state:
         part = check_type(state["partial"], dict, "state 'partial'", err)
-        check_type(part.get("batch"), int, "state 'partial.batch'", err, minimum=0)
+        for key, types in (("batch", int), ("counted", int), ("recon", (int, float)), ("kl", (int, float)),
+                           ("loss", (int, float)), ("seconds", (int, float))):
+            check_type(part.get(key), types, f"state 'partial.{key}'", err, minimum=0 if types is int else None)
+        if set(part) - {"batch", "counted", "recon", "kl", "loss", "seconds"}:
+            _fail(path, f"state 'partial' has unknown keys {sorted(part)[:6]}")
 
 
 def check_history(history, path) -> None:

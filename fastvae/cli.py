@@ -5,6 +5,7 @@ Errors a user can cause print one line ``fastvae: error: ...`` and exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -21,7 +22,7 @@ EXIT_TERMINATED = 143      # 128 + SIGTERM
 
 
 def _cmd_train(a):
-    from . import runfolder
+    from . import distributed, runfolder
     from .errors import ConfigError
 
     progress = not a.no_progress
@@ -34,16 +35,23 @@ def _cmd_train(a):
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
                               " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
-        out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=True, force=a.force)
-    else:
-        name = a.dataset or "sprites"
-        out = runfolder.check_out(a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
-                                  f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"), force=a.force)
-    with runfolder.locked(out):              # before any data loads: a second trainer fails at once
-        return _train_locked(a, out, progress)
+    comm = distributed.world(a.backend)
+    out = None
+    if comm.rank == 0:                       # rank 0 owns the run folder; the others learn its name
+        if a.resume:
+            out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=True,
+                                      force=a.force)
+        else:
+            name = a.dataset or "sprites"
+            out = runfolder.check_out(a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
+                                      f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"), force=a.force)
+    out = comm.bcast(out)
+    # the lock is taken before any data loads: a second trainer fails at once
+    with runfolder.locked(out) if comm.rank == 0 else contextlib.nullcontext():
+        return _train_locked(a, out, progress and comm.rank == 0, comm.rank == 0)
 
 
-def _train_locked(a, out, progress):
+def _train_locked(a, out, progress, talk):
     from . import datasets
     from .config import DataConfig, ModelConfig, TrainConfig
     from .errors import ConfigError
@@ -54,7 +62,7 @@ def _train_locked(a, out, progress):
             set_threads(a.threads)
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
                                           data_dir=_abs(a.data_dir), progress=progress)
-        if trainer.epoch >= trainer.train_config.epochs:
+        if trainer.epoch >= trainer.train_config.epochs and talk:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:
         name = a.dataset or "sprites"
@@ -82,17 +90,22 @@ def _train_locked(a, out, progress):
                                   seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
                                   tf32=a.tf32, clip_grad_norm=a.clip_grad_norm))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
-        print(f"training {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
-              + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
+        ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
+        if talk:
+            print(f"training{ranks} {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
+                  + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
     trainer.verbose = True
     try:
         trainer.fit()
     except TrainingInterrupted as exc:
         import signal
-        print(f"fastvae: {exc}", file=sys.stderr)
-        print(f"resume with: fastvae train --resume {exc.path} --epochs {exc.total} --out {trainer.out}",
-              file=sys.stderr)
+        if talk:
+            print(f"fastvae: {exc}", file=sys.stderr)
+            print(f"resume with: fastvae train --resume {exc.path} --epochs {exc.total} --out {trainer.out}",
+                  file=sys.stderr)
         return EXIT_TERMINATED if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
+    if not talk:
+        return 0
     print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, "
           "samples.png, loss.png)")
     print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "
@@ -355,7 +368,12 @@ def main(argv=None) -> int:
     try:
         return cmd(a)
     except FastVAEError as exc:
-        print(f"fastvae: error: {_one_line(exc)}", file=sys.stderr)
+        from .distributed import current
+        comm = current()
+        who = f" (rank {comm.rank} of {comm.size})" if comm and comm.size > 1 else ""
+        print(f"fastvae: error{who}: {_one_line(exc)}", file=sys.stderr)
+        if comm and comm.size > 1:
+            comm.abort(2)                    # the other ranks would wait forever in the next collective
         return 2
     except MemoryError:
         print("fastvae: error: out of memory; use a smaller model, --batch-size or dataset", file=sys.stderr)

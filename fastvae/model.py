@@ -22,7 +22,7 @@ allocated once per batch size and reused.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -188,12 +188,15 @@ class VAE:
         self._walk(ws, 0, stop, x, _layers.Step(x, eps))
         return ws
 
-    def loss_and_grad(self, x, eps, beta: float = 1.0, need_loss: bool = True):
+    def loss_and_grad(self, x, eps, beta: float = 1.0, need_loss: bool = True, grad_scale: Optional[float] = None):
         """Forward walk then reversed backward walk of ``mean_i(recon_i + beta * kl_i)``.
 
         x: (B, D) device array in the model dtype, values in [0, 1] for bernoulli.
         eps: (B, L) device array of N(0, 1) noise (fixed noise makes the step
             deterministic, which the gradient checks rely on).
+        grad_scale: dLoss/d(per-image term), default ``1 / B``; a data-parallel
+            rank holding a shard passes ``1 / global batch`` (the all-reduce
+            then sums the shards' gradients into the global mean's).
         Writes every gradient into ``self.grads`` and returns
         ``(recon_sum, kl_sum)`` as device scalars (nats, summed over the
         batch; ``None`` when ``need_loss`` is False).
@@ -201,7 +204,8 @@ class VAE:
         be = self.backend
         B = x.shape[0]
         ws = self.workspace(B)
-        step = _layers.Step(x, eps, beta=beta, grad_scale=1.0 / B, train=True, need_loss=need_loss)
+        step = _layers.Step(x, eps, beta=beta, grad_scale=1.0 / B if grad_scale is None else grad_scale,
+                            train=True, need_loss=need_loss)
         self._walk(ws, 0, len(self.layers), x, step)
         d = None
         for i in range(len(self.layers) - 1, -1, -1):

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
-from . import memory, runfolder
+from . import distributed, memory, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
@@ -78,9 +78,11 @@ class Trainer:
         if tc.batch_size > n:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
                               "images; use a smaller --batch-size")
-        if tc.threads is not None:
+        self.world = distributed.world(tc.backend)
+        threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
+        if threads is not None:
             from .threads import set_threads
-            set_threads(tc.threads)
+            set_threads(threads)
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
         P, size = self.model.num_params, self.backend.dtype.itemsize
@@ -91,14 +93,16 @@ class Trainer:
         if tc.tf32:
             from .backends.cupy_backend import enable_tf32
             enable_tf32(True)
-        hooks = [] if tc.clip_grad_norm is None else [ClipGradNorm(tc.clip_grad_norm)]
+        hooks = [distributed.AllReduceGrads(self.world)] if self.world.size > 1 else []
+        hooks += [] if tc.clip_grad_norm is None else [ClipGradNorm(tc.clip_grad_norm)]
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay,
                                         hooks=hooks)
         self.batches = BatchSource(self.backend, self.data.x_train, tc.batch_size,
-                                   self.backend.new_rng([tc.seed, 1]), tc.binarize)
-        self.reporter = Reporter(out, progress)
-        self.evaluator = Evaluator(self.data.x_test, tc.seed)
+                                   self.backend.new_rng([tc.seed, 1]), tc.binarize, self.world.rank, self.world.size)
+        self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
+        self.reporter = Reporter(out if self.writes else None, progress and self.writes)
+        self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
         self.checkpointer = Checkpointer(out)
         self.epoch = 0
         self.step = 0
@@ -127,7 +131,7 @@ class Trainer:
 
     @verbose.setter
     def verbose(self, on: bool) -> None:
-        self.reporter.verbose = on
+        self.reporter.verbose = on and self.writes
 
     # ---- checkpoints ---------------------------------------------------------
     @property
@@ -143,6 +147,8 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is None:
             raise ConfigError("no checkpoint path: give save() a path or the Trainer an out folder")
+        if not self.writes:                        # data-parallel: rank 0 writes (all ranks hold the same state)
+            return path
         return self.checkpointer.save(self, path)
 
     @classmethod
@@ -185,13 +191,17 @@ class Trainer:
         self.history = list(data["history"])
         if "partial" in st:
             perm = data["arrays"].get("epoch_perm")
-            if perm is None or perm.shape != (self.data.x_train.shape[0],):
-                raise CheckpointError(f"{path} stopped inside an epoch but its batch order does not match "
-                                      f"the {self.data.x_train.shape[0]} training images; resume with the same data")
+            N = self.data.x_train.shape[0]
+            if perm is None or perm.shape != (N,) or not np.array_equal(np.sort(perm), np.arange(N)):
+                raise CheckpointError(f"{path} stopped inside an epoch but its batch order is not a permutation "
+                                      f"of the {N} training images; resume with the same data")
             try:
                 self.position = EpochPosition(perm=self.backend.asarray(perm, dtype=np.int64), **st["partial"])
             except TypeError:
                 raise CheckpointError(f"{path} holds an invalid mid-epoch state; use an intact checkpoint") from None
+            if self.world.rank != 0:        # the saved sums are global: count them once
+                p = self.position
+                p.recon, p.kl, p.loss, p.counted = 0.0, 0.0, 0.0, 0
         try:
             self.rng.set_state(st["rng"])
         except (KeyError, TypeError, ValueError):
@@ -242,13 +252,32 @@ class Trainer:
             signal.signal(s, h)
 
     def train_step(self, ws, beta: float, lr: float, need_loss: bool):
-        """One optimisation step on the batch in ``ws``: forward and backward
-        walks, optimizer hooks, Adam. Returns device ``(recon_sum, kl_sum)``
-        or ``(None, None)`` when ``need_loss`` is False."""
-        recon, kl = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss)
+        """One optimisation step on the batch in ``ws`` (this rank's shard; None
+        when it is empty): forward and backward walks, optimizer hooks (the
+        all-reduce first when data-parallel), Adam. Returns device
+        ``(recon_sum, kl_sum)`` of the shard, or ``(None, None)`` when
+        ``need_loss`` is False."""
+        if ws is None:
+            self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
+            recon = kl = 0.0 if need_loss else None
+        else:
+            recon, kl = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
+                                                 grad_scale=1.0 / ws.global_batch)
         self.optimizer.step(lr)
         self.step += 1
         return recon, kl
+
+    def _sums(self, pos, *names):
+        """Host sums over ranks of ``pos``'s device sums ``names`` and ``counted``."""
+        be = self.backend
+        return self.world.sum([be.to_float(getattr(pos, n)) for n in names] + [pos.counted])
+
+    def _stop_agreed(self) -> bool:
+        """``stop_requested`` on every rank once any rank has it (a signal may
+        reach the ranks at different steps; they all stop at the same one)."""
+        if self.world.size > 1:
+            self.stop_requested = self.world.any(self.stop_requested)
+        return self.stop_requested
 
     def _run_epoch(self, total: int, spe: int):
         """Steps from the current position to the end of the epoch; returns the last (beta, lr)."""
@@ -263,37 +292,52 @@ class Trainer:
             need = b % tc.loss_every == 0 or b == spe - 1
             recon, kl = self.train_step(ws, beta, lr, need)
             pos.batch = b + 1
-            if need:
+            if need and ws is not None:
                 pos.recon = pos.recon + recon
                 pos.kl = pos.kl + kl
                 pos.loss = pos.loss + (recon + beta * kl)
                 pos.counted += ws.B
             if b % 20 == 19 or b == spe - 1:
-                running = self.backend.to_float(pos.recon + pos.kl) / max(pos.counted, 1)
+                recon_s, kl_s, counted = self._sums(pos, "recon", "kl")
+                running = (recon_s + kl_s) / max(counted, 1)
                 rep.check_finite(running, "loss", self.step, self.epoch, self.out)
                 shown = rep.progress_to(b + 1, shown, self.epoch, running, beta)
-            if self.stop_requested and b < spe - 1:
+            if self._stop_agreed() and b < spe - 1:
                 pos.seconds += time.perf_counter() - t0
-                raise TrainingInterrupted(self.save(), self.epoch, pos.batch, spe, total, self.stop_signal)
+                raise TrainingInterrupted(self._save_position(), self.epoch, pos.batch, spe, total, self.stop_signal)
         self.backend.synchronize()
         pos.seconds += time.perf_counter() - t0
         return beta, lr
 
+    def _save_position(self) -> str:
+        """Save mid-epoch with the sums of every rank in the position (rank 0 writes)."""
+        pos = self.position
+        if self.world.size == 1:
+            return self.save()
+        local = (pos.recon, pos.kl, pos.loss, pos.counted)
+        recon, kl, loss, counted = self._sums(pos, "recon", "kl", "loss")
+        pos.recon, pos.kl, pos.loss, pos.counted = recon, kl, loss, int(counted)
+        try:
+            return self.save()
+        finally:
+            pos.recon, pos.kl, pos.loss, pos.counted = local
+
     def _finish_epoch(self, beta: float, lr: float) -> dict:
-        be, pos = self.backend, self.position
+        pos = self.position
         N = self.data.x_train.shape[0]
-        recon_m, kl_m = be.to_float(pos.recon) / pos.counted, be.to_float(pos.kl) / pos.counted
+        recon_s, kl_s, loss_s, counted = self._sums(pos, "recon", "kl", "loss")
+        recon_m, kl_m = recon_s / counted, kl_s / counted
         self.reporter.check_finite(recon_m + kl_m, "loss", self.step, self.epoch, self.out)
         self.epoch += 1
         row = {"epoch": self.epoch, "step": self.step,
-               "train_loss": be.to_float(pos.loss) / pos.counted, "train_neg_elbo": recon_m + kl_m,
+               "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,
                "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
                "images_per_s": N / pos.seconds if pos.seconds > 0 else None, "seconds": pos.seconds,
                "rss_mb": Reporter.rss_mb()}
         self.position = None
         row.update(self.evaluator(self.model))
         self.history.append(row)
-        if self.out is not None:
+        if self.out is not None and self.writes:
             self.save()
             self.reporter.write_run_files(self.config_dict(), self.history)
         return row
@@ -309,14 +353,14 @@ class Trainer:
         RunFolderError when another process trains in the same run folder
         (an ``fcntl`` lock, :mod:`fastvae.runfolder`, held while fitting).
         """
-        if self.out is None:
+        if self.out is None or not self.writes:
             return self._fit(epochs, pictures)
         with runfolder.locked(self.out):
             return self._fit(epochs, pictures)
 
     def _fit(self, epochs, pictures):
         total = self.train_config.epochs if epochs is None else int(epochs)
-        if self.out is not None:
+        if self.out is not None and self.writes:
             self.checkpointer.clean_debris()
             self.reporter.write_run_files(self.config_dict(), self.history)
         spe = self.steps_per_epoch()
@@ -328,40 +372,12 @@ class Trainer:
                     self.position = self.batches.new_epoch()
                 row = self._finish_epoch(*self._run_epoch(total, spe))
                 self.reporter.epoch_line(row, total)
-                if self.stop_requested and self.epoch < total:
+                if self._stop_agreed() and self.epoch < total:
                     raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total, self.stop_signal)
         finally:
             self.reporter.close()
             self._restore_signals(previous_handler)
-        if pictures:
+        if pictures and self.writes:
             self.write_pictures()
         return self.history
 
-
-def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, **kwargs) -> Trainer:
-    """Train a VAE in one call and return the finished :class:`Trainer`.
-
-    ``dataset``: a name/path or a loaded :class:`~fastvae.datasets.Dataset`.
-    Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
-    :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
-    epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
-    ``input_dim`` and ``image_shape`` default to the data's.
-    """
-    import dataclasses as dc
-    fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
-    unknown = set(kwargs) - set().union(*fields.values())
-    if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)} for fastvae.train")
-    pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
-    if isinstance(dataset, _datasets.Dataset):
-        data, dcfg = dataset, DataConfig(dataset=dataset.name, **pick(DataConfig))
-    else:
-        dcfg = DataConfig(dataset=dataset, **pick(DataConfig))
-        data = _datasets.load(dcfg)
-    mk = pick(ModelConfig)
-    mk.setdefault("input_dim", data.input_dim)
-    mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
-    trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
-                      out=out, progress=progress)
-    trainer.fit(pictures=out is not None)
-    return trainer

@@ -27,6 +27,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .errors import TrainingDivergedError
 from .evaluate import evaluate
+from .distributed import shard
 from .runfolder import atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
@@ -55,15 +56,20 @@ class EpochPosition:
 class BatchSource:
     """Batches of the training images on the backend's device.
 
-    x_train: host ``(N, D)``; batch_size: images per step (the last partial
-    batch is kept, as PyTorch's DataLoader does); rng: the backend stream
-    that draws the epoch's permutation, the binarization uniforms and ``eps``
-    (in that order per step, so a resumed run draws what a straight one does).
+    x_train: host ``(N, D)``; batch_size: images per step, the GLOBAL batch
+    (the last partial batch is kept, as PyTorch's DataLoader does); rng: the
+    backend stream that draws the epoch's permutation, the binarization
+    uniforms and ``eps`` (in that order per step, so a resumed run draws what
+    a straight one does); rank, world_size: this process's shard of every
+    batch (:func:`fastvae.distributed.shard`). Every rank draws the global
+    batch's random numbers and keeps its rows, so the stream, and the model,
+    do not depend on the world size.
     """
 
-    def __init__(self, backend, x_train, batch_size: int, rng, binarize: bool):
+    def __init__(self, backend, x_train, batch_size: int, rng, binarize: bool, rank: int = 0, world_size: int = 1):
         self.backend, self.x_host, self.batch_size = backend, x_train, batch_size
         self.rng, self.binarize = rng, binarize
+        self.rank, self.world_size = rank, world_size
         self._x = None
 
     @property
@@ -74,18 +80,40 @@ class BatchSource:
         return EpochPosition(perm=self.rng.permutation(self.x_host.shape[0]))
 
     def fill(self, model, pos: EpochPosition, b: int):
-        """Batch ``b`` of the epoch into ``model.workspace(n)``: ``ws.x`` (binarized
-        when asked) and ``ws.eps`` ~ N(0, 1). Returns the workspace."""
+        """Batch ``b`` of the epoch (this rank's rows of it) into
+        ``model.workspace(n)``: ``ws.x`` (binarized when asked) and ``ws.eps``
+        ~ N(0, 1); ``ws.global_batch`` is the global batch's size. Returns the
+        workspace, or None when this rank's shard is empty."""
         be = self.backend
         if self._x is None:
             self._x = be.asarray(self.x_host)
         B = self.batch_size
         idx = pos.perm[b * B:(b + 1) * B]
-        ws = model.workspace(idx.shape[0])
-        be.gather_rows(ws.x, self._x, idx)
+        n = idx.shape[0]
+        if self.world_size == 1:
+            ws = model.workspace(n)
+            be.gather_rows(ws.x, self._x, idx)
+            if self.binarize:
+                be.bernoulli_(ws.x, ws.x, self.rng)
+            self.rng.normal_(ws.eps)
+            ws.global_batch = n
+            return ws
+        lo, hi = shard(n, self.rank, self.world_size)
+        if self.binarize:                 # the global batch's uniforms, then this rank's rows
+            xg = be.scratch("global_x", (n, self.x_host.shape[1]))
+            be.gather_rows(xg, self._x, idx)
+            be.bernoulli_(xg, xg, self.rng)
+        epsg = be.scratch("global_eps", (n, model.config.latent_dim))
+        self.rng.normal_(epsg)
+        if hi == lo:
+            return None
+        ws = model.workspace(hi - lo)
         if self.binarize:
-            be.bernoulli_(ws.x, ws.x, self.rng)
-        self.rng.normal_(ws.eps)
+            ws.x[...] = xg[lo:hi]
+        else:
+            be.gather_rows(ws.x, self._x, idx[lo:hi])
+        ws.eps[...] = epsg[lo:hi]
+        ws.global_batch = n
         return ws
 
 
