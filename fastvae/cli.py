@@ -72,7 +72,7 @@ def _train_locked(a, out, progress, talk):
         dcfg = DataConfig(dataset=name, data_dir=_abs(a.data_dir), download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",
                           n_sprites=a.n_sprites or DataConfig().n_sprites,
-                          skip_other_files=bool(a.skip_other_files))
+                          skip_other_files=bool(a.skip_other_files), memory_budget_mb=a.memory_budget)
         if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
             raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
                               "(or describe one in ModelConfig.layers)")

@@ -17,7 +17,7 @@ MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likel
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
                "clip_grad_norm")
-DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files")
+DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", help="folder holding the dataset files (idx files, olivetti_faces.npz); "
                    "default $FASTVAE_DATA/<name>, else ~/.cache/fastvae/<name> (downloads go there)")
     d.add_argument("--no-download", action="store_true", default=None, help="never download missing files")
+    d.add_argument("--memory-budget", type=float, metavar="MB",
+                   help="stream an .npy/.h5 file larger than this from disk in chunks "
+                        "(default: half the free memory)")
     d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
     d.add_argument("--n-sprites", type=int, help="number of procedural sprites (default 12000)")

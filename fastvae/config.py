@@ -252,6 +252,8 @@ class DataConfig(_JSONMixin):
     data_seed: seed of the procedural sprites and of random splits.
     test_fraction: share held out as the test split where a dataset has none.
     skip_other_files: ignore non-image files in an image folder (else an error).
+    memory_budget_mb: an ``.npy``/HDF5 file larger than this (MiB) is streamed
+        from disk in chunks (:mod:`fastvae.streaming`); None: half the free memory.
     """
 
     dataset: str = "sprites"
@@ -263,8 +265,11 @@ class DataConfig(_JSONMixin):
     data_seed: int = 0
     test_fraction: float = 0.1
     skip_other_files: bool = False
+    memory_budget_mb: Optional[float] = None
 
     def __post_init__(self):
+        if self.memory_budget_mb is not None:
+            _finite_nonneg("memory_budget_mb", self.memory_budget_mb)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("dataset must be a built-in name or a path")
         if self.image_size is not None:

@@ -218,16 +218,26 @@ def _image_shape_of(x) -> Tuple[int, ...]:
     return (s, s) if s * s == d else (1, d)
 
 
-def load_array_file(path, test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: Optional[float] = None) -> Dataset:
     """Images from ``.npy``, ``.npz`` or ``.h5``/``.hdf5``.
 
     Arrays: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, D)``; uint8 (0..255) or
     float in [0, 1]. In ``.npz``/``.h5`` the images are under one of
     ``images, x, X, data, x_train`` and optional labels under ``labels, y,
     subject, targets, y_train``. Read as untrusted input (:mod:`fastvae.arrayfiles`:
-    declared sizes checked before allocating). Never unpickles. Raises DataError.
+    declared sizes checked before allocating). Never unpickles. An ``.npy`` or
+    HDF5 file larger than ``budget_mb`` MiB (default: half the free memory) is
+    streamed (:mod:`fastvae.streaming`: ``x_train`` is then a
+    :class:`~fastvae.streaming.StreamedImages`, labels are not loaded).
+    Raises DataError.
     """
     path = os.fspath(path)
+    if budget_mb is not None or os.path.splitext(path)[1].lower() in (".npy", ".h5", ".hdf5"):
+        from .streaming import open_streamed
+        streamed = open_streamed(path, None if budget_mb is None else int(budget_mb * 2 ** 20), test_fraction)
+        if streamed is not None:
+            xtr, xte = streamed
+            return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)
     x, y = read_arrays(path)
     x = np.asarray(x)
     if x.ndim < 2 or x.shape[0] == 0:
@@ -324,7 +334,7 @@ def load(cfg, splits=("train", "test")) -> Dataset:
         return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed,
                                  cfg.skip_other_files)
     if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):
-        return load_array_file(path, cfg.test_fraction, cfg.data_seed)
+        return load_array_file(path, cfg.test_fraction, cfg.data_seed, cfg.memory_budget_mb)
     if not os.path.exists(path):
         raise DataError(f"unknown dataset {name!r}: not a built-in name (sprites, mnist, fashion-mnist, "
                         "kmnist, olivetti) and no such file or folder")

@@ -33,6 +33,7 @@ from .model import VAE
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend
 from .schedules import beta_at, lr_at
+from .streaming import StreamBatchSource, StreamedImages
 from .training import METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter  # noqa: F401
 
 
@@ -41,7 +42,7 @@ def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset")
     if x.ndim != 2 or x.shape[1] != cfg.input_dim:
         raise DataError(f"{what} images have {x.shape[1] if x.ndim == 2 else x.shape} features but the model "
                         f"expects {cfg.input_dim}; use data of the size the model was built for")
-    if cfg.likelihood == "bernoulli" and x.size and (x.min() < 0 or x.max() > 1):
+    if cfg.likelihood == "bernoulli" and isinstance(x, np.ndarray) and x.size and (x.min() < 0 or x.max() > 1):
         raise DataError(f"{what} values lie in [{x.min():g}, {x.max():g}] but the bernoulli likelihood "
                         "needs [0, 1]; rescale the data or use --likelihood gaussian")
 
@@ -98,7 +99,8 @@ class Trainer:
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay,
                                         hooks=hooks)
-        self.batches = BatchSource(self.backend, self.data.x_train, tc.batch_size,
+        source = StreamBatchSource if isinstance(self.data.x_train, StreamedImages) else BatchSource
+        self.batches = source(self.backend, self.data.x_train, tc.batch_size,
                                    self.backend.new_rng([tc.seed, 1]), tc.binarize, self.world.rank, self.world.size)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
@@ -192,11 +194,11 @@ class Trainer:
         if "partial" in st:
             perm = data["arrays"].get("epoch_perm")
             N = self.data.x_train.shape[0]
-            if perm is None or perm.shape != (N,) or not np.array_equal(np.sort(perm), np.arange(N)):
-                raise CheckpointError(f"{path} stopped inside an epoch but its batch order is not a permutation "
-                                      f"of the {N} training images; resume with the same data")
+            if perm is None or not self.batches.check_perm(perm):
+                raise CheckpointError(f"{path} stopped inside an epoch but its batch order does not fit "
+                                      f"the {N} training images; resume with the same data")
             try:
-                self.position = EpochPosition(perm=self.backend.asarray(perm, dtype=np.int64), **st["partial"])
+                self.position = EpochPosition(perm=self.batches.restore_perm(perm), **st["partial"])
             except TypeError:
                 raise CheckpointError(f"{path} holds an invalid mid-epoch state; use an intact checkpoint") from None
             if self.world.rank != 0:        # the saved sums are global: count them once

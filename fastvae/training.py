@@ -79,6 +79,15 @@ class BatchSource:
     def new_epoch(self) -> EpochPosition:
         return EpochPosition(perm=self.rng.permutation(self.x_host.shape[0]))
 
+    def check_perm(self, perm) -> bool:
+        """Whether a checkpoint's ``epoch_perm`` is a permutation of the training rows."""
+        N = self.x_host.shape[0]
+        return perm.shape == (N,) and np.array_equal(np.sort(perm), np.arange(N))
+
+    def restore_perm(self, perm):
+        """A checkpoint's ``epoch_perm`` on the device, as this source keeps it."""
+        return self.backend.asarray(perm, dtype=np.int64)
+
     def fill(self, model, pos: EpochPosition, b: int):
         """Batch ``b`` of the epoch (this rank's rows of it) into
         ``model.workspace(n)``: ``ws.x`` (binarized when asked) and ``ws.eps``
@@ -236,7 +245,8 @@ class Checkpointer:
         arrays = {}
         if pos is not None and pos.batch > 0:
             state["partial"] = pos.to_state(be)
-            arrays["epoch_perm"] = be.to_host(pos.perm).astype(np.int64)
+            perm = pos.perm if isinstance(pos.perm, np.ndarray) else be.to_host(pos.perm)
+            arrays["epoch_perm"] = np.asarray(perm).astype(np.int64)
         ckpt.save_checkpoint(
             path, params=trainer.model.get_flat_params(), adam_state=trainer.optimizer.state_dict(),
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,

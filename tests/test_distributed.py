@@ -181,3 +181,15 @@ def test_an_error_on_the_ranks_ends_the_job_with_one_line_each(tmp_path):
                    "--out", tmp_path / "r"], tmp_path, check=False, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "not found" in r.stderr
+
+
+@needs_mpi
+def test_streamed_data_trains_the_same_model_on_two_ranks(tmp_path):
+    x = ((np.random.default_rng(5).random((1200, 16, 16)) < 0.3) * 255).astype(np.uint8)
+    np.save(tmp_path / "big.npy", x)
+    args = ["train", "--dataset", tmp_path / "big.npy", "--memory-budget", "0.05", "--hidden", "16", "--latent", "3",
+            "--epochs", "2", "--batch-size", "64", "--seed", "7", "--dtype", "float64", "--binarize", "--no-progress"]
+    mpirun(2, args + ["--out", tmp_path / "two"], tmp_path)
+    single(args + ["--out", tmp_path / "one"], tmp_path)
+    a, b = params(tmp_path / "one"), params(tmp_path / "two")
+    assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(a))

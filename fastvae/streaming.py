@@ -1,0 +1,224 @@
+"""Training on array files larger than memory: rows streamed in chunks.
+
+An ``.npy`` file (memory-mapped) or an HDF5 dataset whose images exceed the
+memory budget (``DataConfig.memory_budget_mb``; by default half the free
+memory) is not loaded: :class:`StreamedImages` stands in for ``x_train`` and
+:class:`StreamBatchSource` reads each step's rows from disk, the next step's
+rows read by a prefetch thread while the current step computes. RSS stays
+flat as the file grows (about two batches plus one chunk's index).
+
+Order: the rows form chunks of ``chunk_rows`` consecutive rows; each epoch
+draws a chunk order and one seed per chunk from the training stream, and
+visits the chunks in that order, each in the order of its own seeded
+permutation (shuffled by chunk and within chunk, never an N-long index).
+Data-parallel ranks read only their rows of each global batch. A test split
+(``test_fraction`` of the rows, at most ``MAX_TEST`` of them) is held out from
+the end of the file and kept in memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from .distributed import shard
+from .errors import DataError
+from .training import EpochPosition
+
+MAX_TEST = 10_000
+
+
+class StreamedImages:
+    """Rows ``[0, n)`` of an on-disk image array as ``(n, D)`` float32 in [0, 1].
+
+    path: ``.npy`` or ``.h5``/``.hdf5`` (images under one of the usual keys,
+    checked as in :mod:`fastvae.arrayfiles`); ``rows(idx)`` reads any rows.
+    """
+
+    def __init__(self, path, n: int, D: int, image_shape, reader, chunk_rows: int):
+        self.path, self.n, self.D, self.image_shape = path, n, D, tuple(image_shape)
+        self._reader, self.chunk_rows = reader, chunk_rows
+        self.shape, self.ndim, self.dtype = (n, D), 2, np.dtype(np.float32)
+
+    def __len__(self):
+        return self.n
+
+    def rows(self, idx) -> np.ndarray:
+        """Host float32 ``(len(idx), D)`` of rows ``idx`` (any order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        raw = np.asarray(self._reader(idx[order])).reshape(len(idx), -1)
+        out = np.empty((len(idx), self.D), np.float32)
+        out[order] = raw / np.float32(255.0) if raw.dtype == np.uint8 else raw
+        if not np.all(np.isfinite(out)):
+            raise DataError(f"{self.path}: rows hold NaN or infinite values; clean the data first")
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.rows(np.arange(*key.indices(self.n)))
+        return self.rows(np.atleast_1d(key))
+
+
+def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
+    """``(StreamedImages train, x_test host array or None)`` when the images in
+    ``path`` are larger than ``budget_bytes`` (None: half the free memory),
+    else None (load it in memory as usual)."""
+    from .memory import host_available
+    from .safe_files import h5_dataset, open_regular
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npy", ".h5", ".hdf5"):
+        return None
+    size = os.path.getsize(path)
+    if budget_bytes is None:
+        free = host_available()
+        budget_bytes = free // 2 if free else None
+    if budget_bytes is None or size <= budget_bytes:
+        return None
+    if ext == ".npy":
+        with open_regular(path, "data file", "pass an .npy of images", DataError) as fh:
+            from .arrayfiles import _npy_header
+            shape, fortran, dtype = _npy_header(fh, path)
+            offset = fh.tell()
+        need = int(np.prod(shape)) * dtype.itemsize
+        if fortran or offset + need > size:
+            raise DataError(f"{path}: declares {shape} but holds fewer bytes (or is Fortran-ordered); "
+                            "write it C-ordered with numpy.save")
+        reader = _NpyRows(path, offset, dtype, shape)
+    else:
+        import h5py
+        f = h5py.File(path, "r")
+        from .arrayfiles import X_KEYS
+        key = next((k for k in X_KEYS if k in f), None)
+        if key is None:
+            raise DataError(f"{path} has no dataset named one of {X_KEYS}")
+        arr = h5_dataset(f, key, path, DataError, size, compressed_ok=True)
+        shape, dtype = arr.shape, arr.dtype
+        reader = lambda idx: arr[idx]               # h5py: increasing, unique indices (rows() sorts them)
+    if len(shape) < 2 or dtype.kind not in "uif":
+        raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
+    N, D = int(shape[0]), int(np.prod(shape[1:]))
+    n_test = min(int(round(N * test_fraction)), MAX_TEST) if N > 1 else 0
+    image_shape = shape[1:] if len(shape) > 2 else ((int(math.isqrt(D)),) * 2 if math.isqrt(D) ** 2 == D else (1, D))
+    row_bytes = D * 4
+    chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
+    train = StreamedImages(path, N - n_test, D, image_shape, reader, chunk_rows)
+    test = StreamedImages(path, N, D, image_shape, reader, chunk_rows).rows(np.arange(N - n_test, N)) \
+        if n_test else None
+    return train, test
+
+
+class _NpyRows:
+    """Rows of a C-ordered ``.npy`` read with ``pread`` (one call per run of
+    consecutive rows). Not a memory map: mapped file pages would count in
+    the process's RSS as the epoch touches them all."""
+
+    def __init__(self, path, offset, dtype, shape):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.offset, self.dtype, self.row_shape = offset, dtype, tuple(shape[1:])
+        self.row_bytes = int(np.prod(self.row_shape)) * dtype.itemsize
+
+    def __call__(self, idx):
+        out = np.empty((len(idx), self.row_bytes), np.uint8)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(idx)]])):
+            want = (hi - lo) * self.row_bytes
+            raw = os.pread(self.fd, want, self.offset + int(idx[lo]) * self.row_bytes)
+            if len(raw) != want:
+                raise DataError(f"the data file ends before row {int(idx[hi - 1])}; it was truncated")
+            out[lo:hi] = np.frombuffer(raw, np.uint8).reshape(hi - lo, self.row_bytes)
+        return out.view(self.dtype).reshape((len(idx),) + self.row_shape)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+
+class StreamBatchSource:
+    """The :class:`~fastvae.training.BatchSource` interface over
+    :class:`StreamedImages`: chunk-shuffled order, rank shards, a prefetch
+    thread. ``pos.perm`` holds the epoch's chunk order then one seed per
+    chunk (``2 n_chunks`` int64), all a mid-epoch checkpoint needs."""
+
+    def __init__(self, backend, x: StreamedImages, batch_size: int, rng, binarize: bool, rank=0, world_size=1):
+        self.backend, self.x_host, self.batch_size = backend, x, batch_size
+        self.rng, self.binarize, self.rank, self.world_size = rng, binarize, rank, world_size
+        self.n_chunks = math.ceil(x.n / x.chunk_rows)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-prefetch")
+        self._next = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.x_host.n / self.batch_size)
+
+    def new_epoch(self) -> EpochPosition:
+        order = self.backend.to_host(self.rng.permutation(self.n_chunks)).astype(np.int64)
+        u = self.backend.scratch("chunk_seeds", (self.n_chunks,))
+        self.rng.uniform_(u)
+        seeds = (self.backend.to_host(u).astype(np.float64) * 2 ** 31).astype(np.int64)
+        self._next = None
+        return EpochPosition(perm=np.concatenate([order, seeds]))
+
+    def restore_perm(self, perm):
+        """A checkpoint's ``epoch_perm`` as this source keeps it (host int64)."""
+        return np.asarray(perm, dtype=np.int64)
+
+    def check_perm(self, perm) -> bool:
+        """Whether a checkpoint's ``epoch_perm`` fits this source."""
+        k = self.n_chunks
+        return perm.shape == (2 * k,) and np.array_equal(np.sort(perm[:k]), np.arange(k))
+
+    def _row_ids(self, perm, lo: int, hi: int) -> np.ndarray:
+        """Row numbers at stream positions ``[lo, hi)`` of the epoch."""
+        k, C, n = self.n_chunks, self.x_host.chunk_rows, self.x_host.n
+        order, seeds = perm[:k], perm[k:]
+        sizes = np.minimum(C, n - order * C)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        out = []
+        for j in range(np.searchsorted(starts, lo, "right") - 1, k):
+            if starts[j] >= hi:
+                break
+            c = int(order[j])
+            within = np.random.Generator(np.random.PCG64([int(seeds[j]), c])).permutation(int(sizes[j]))
+            a, b = max(lo, starts[j]) - starts[j], min(hi, starts[j + 1]) - starts[j]
+            out.append(c * C + within[a:b])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _shard_rows(self, perm, b: int):
+        n = min(self.batch_size, self.x_host.n - b * self.batch_size)
+        lo, hi = shard(n, self.rank, self.world_size)
+        ids = self._row_ids(perm, b * self.batch_size + lo, b * self.batch_size + hi)
+        return n, lo, hi, (self.x_host.rows(ids) if len(ids) else None)
+
+    def fill(self, model, pos: EpochPosition, b: int):
+        """This rank's rows of batch ``b`` into ``model.workspace``; None for an empty shard."""
+        be, perm = self.backend, np.asarray(pos.perm)
+        fut = self._next if self._next is not None and self._next[0] == b else None
+        n, lo, hi, host = fut[1].result() if fut else self._shard_rows(perm, b)
+        self._next = None
+        if b + 1 < self.steps_per_epoch:
+            self._next = (b + 1, self._pool.submit(self._shard_rows, perm, b + 1))
+        if self.binarize:
+            u = be.scratch("stream_u", (n, self.x_host.D))
+            self.rng.uniform_(u)
+        epsg = be.scratch("global_eps", (n, model.config.latent_dim))
+        self.rng.normal_(epsg)
+        if hi == lo:
+            return None
+        if model.config.likelihood == "bernoulli" and (host.min() < 0 or host.max() > 1):
+            raise DataError(f"{self.x_host.path}: values outside [0, 1] but the bernoulli likelihood needs "
+                            "[0, 1]; rescale the data or use --likelihood gaussian")
+        ws = model.workspace(hi - lo)
+        ws.x[...] = be.asarray(host)
+        if self.binarize:
+            ws.x[...] = (u[lo:hi] < ws.x).astype(ws.x.dtype)
+        ws.eps[...] = epsg[lo:hi]
+        ws.global_batch = n
+        return ws
