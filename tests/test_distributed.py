@@ -179,8 +179,8 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path):
 def test_an_error_on_the_ranks_ends_the_job_with_one_line_each(tmp_path):
     r = mpirun(2, ["train", "--dataset", "mnist", "--data-dir", tmp_path / "none", "--no-download",
                    "--out", tmp_path / "r"], tmp_path, check=False, timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "not found" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert "not found" in r.stderr, r.stderr
 
 
 @needs_mpi
