@@ -235,26 +235,44 @@ def bernoulli_(out, probs, u):
 @_jit
 def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
     """cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c] on
-    channels-last x (B, H*W*C), 0 in the padding; each row written in order."""
+    channels-last x (B, H*W*C), 0 in the padding. Pure copies, so the loop
+    order is free: with many channels, reads run along c (contiguous in x)
+    and writes stride k*k; with few, writes run along the row (measured on
+    the seed net's shapes, B = 128: 13.7 -> 7.4 ms for 12x12x128 k6, and
+    0.56 vs 1.84 ms the other way for 28x28x1 k4)."""
+    kk = k * k
     for b in range(B):
         xb = x[b]
         for oh in range(Ho):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
-                q = 0
-                for c in range(C):
+                if C >= 8:
                     for i in range(k):
                         h = oh * s - p + i
                         for j in range(k):
                             w = ow * s - p + j
-                            row[q] = xb[(h * W + w) * C + c] if 0 <= h < H and 0 <= w < W else 0.0
-                            q += 1
+                            inside = 0 <= h < H and 0 <= w < W
+                            base = (h * W + w) * C
+                            for c in range(C):
+                                row[c * kk + i * k + j] = xb[base + c] if inside else 0.0
+                else:
+                    q = 0
+                    for c in range(C):
+                        for i in range(k):
+                            h = oh * s - p + i
+                            for j in range(k):
+                                w = ow * s - p + j
+                                row[q] = xb[(h * W + w) * C + c] if 0 <= h < H and 0 <= w < W else 0.0
+                                q += 1
 
 
 @_jit
 def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
     """The adjoint of im2col: x (B, H*W*C) = sum of each column entry at the
-    pixel it was read from (padding entries dropped); x is zeroed first."""
+    pixel it was read from (padding entries dropped); x is zeroed first. Each
+    (oh, ow) adds at most once to a pixel, in (oh, ow) order whatever the
+    inner loop order, so both orders (chosen by C as in im2col) give the same
+    sums bit for bit."""
     kk = k * k
     for b in range(B):
         xb = x[b]
@@ -263,14 +281,26 @@ def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
         for oh in range(Ho):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
-                for i in range(k):
-                    h = oh * s - p + i
-                    if h < 0 or h >= H:
-                        continue
-                    for j in range(k):
-                        w = ow * s - p + j
-                        if w < 0 or w >= W:
+                if C >= 8:
+                    for i in range(k):
+                        h = oh * s - p + i
+                        if h < 0 or h >= H:
                             continue
-                        base = (h * W + w) * C
-                        for c in range(C):
-                            xb[base + c] += row[c * kk + i * k + j]
+                        for j in range(k):
+                            w = ow * s - p + j
+                            if w < 0 or w >= W:
+                                continue
+                            base = (h * W + w) * C
+                            for c in range(C):
+                                xb[base + c] += row[c * kk + i * k + j]
+                else:
+                    for c in range(C):
+                        for i in range(k):
+                            h = oh * s - p + i
+                            if h < 0 or h >= H:
+                                continue
+                            for j in range(k):
+                                w = ow * s - p + j
+                                if w < 0 or w >= W:
+                                    continue
+                                xb[(h * W + w) * C + c] += row[c * kk + i * k + j]
