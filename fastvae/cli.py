@@ -35,7 +35,13 @@ def _cmd_train(a):
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
                               " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
-    comm = distributed.world(a.backend)
+    backend = a.backend
+    if backend is None and a.resume and distributed.launched_size() > 1:
+        from . import backends                               # the resumed backend decides MPI or NCCL
+        from .checkpoint import read_checkpoint
+        written = read_checkpoint(a.resume)["meta"].get("backend")
+        backend = written if any(b["name"] == written and b["available"] for b in backends.available()) else None
+    comm = distributed.world(backend)
     out = None
     if comm.rank == 0:                       # rank 0 owns the run folder; the others learn its name
         if a.resume:
