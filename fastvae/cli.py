@@ -94,7 +94,8 @@ def _train_locked(a, out, progress, talk):
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
                                   seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
-                                  tf32=a.tf32, clip_grad_norm=a.clip_grad_norm))
+                                  tf32=a.tf32, clip_grad_norm=a.clip_grad_norm, objective=a.objective,
+                                  iwae_k=a.iwae_k))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:

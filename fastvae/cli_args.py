@@ -16,7 +16,7 @@ CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
 MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
-               "clip_grad_norm")
+               "clip_grad_norm", "objective", "iwae_k")
 DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 
 
@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
     o.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this value")
+    o.add_argument("--objective", choices=["elbo", "iwae"],
+                   help="training loss: the ELBO (default) or the importance-weighted bound (Burda et al. 2016)")
+    o.add_argument("--iwae-k", type=int, metavar="K", help="samples per image of --objective iwae (default 5)")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")

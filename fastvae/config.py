@@ -147,6 +147,9 @@ class ModelConfig(_JSONMixin):
         return dataclasses.replace(self, **changes)
 
 
+OBJECTIVES = ("elbo", "iwae")
+
+
 @dataclass
 class TrainConfig(_JSONMixin):
     """Optimisation settings.
@@ -173,6 +176,10 @@ class TrainConfig(_JSONMixin):
         fastest on a 2-core machine).
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
+    objective: ``elbo`` (the beta-weighted ELBO) or ``iwae`` (the K-sample
+        importance-weighted bound of Burda et al. 2016, :mod:`fastvae.objectives`;
+        beta and its schedule do not apply).
+    iwae_k: K, the samples per image of the ``iwae`` objective.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
     """
@@ -201,8 +208,12 @@ class TrainConfig(_JSONMixin):
     threads: Optional[int] = None
     tf32: bool = False
     clip_grad_norm: Optional[float] = None
+    objective: str = "elbo"
+    iwae_k: int = 5
 
     def __post_init__(self):
+        _choice("objective", self.objective, OBJECTIVES)
+        _positive_int("iwae_k", self.iwae_k)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs must be a non-negative integer, got {self.epochs!r}")
         _positive_int("batch_size", self.batch_size)

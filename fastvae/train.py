@@ -30,6 +30,7 @@ from . import distributed, memory, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
+from .objectives import IWAEObjective
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend
 from .schedules import beta_at, lr_at
@@ -102,6 +103,11 @@ class Trainer:
         source = StreamBatchSource if isinstance(self.data.x_train, StreamedImages) else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size,
                                    self.backend.new_rng([tc.seed, 1]), tc.binarize, self.world.rank, self.world.size)
+        self.objective = None
+        if tc.objective == "iwae":
+            if self.world.size > 1:
+                raise ConfigError("--objective iwae runs on one process for now; start it without mpiexec")
+            self.objective = IWAEObjective(self.model, tc.iwae_k)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
@@ -262,6 +268,11 @@ class Trainer:
         if ws is None:
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
+        elif self.objective is not None:            # IWAE: K noise rows per image from the same stream
+            eps = self.backend.scratch("iwae_eps", self.objective.eps_shape(ws.B))
+            self.rng.normal_(eps)
+            recon, kl = self.objective.loss_and_grad(ws.x, eps, grad_scale=1.0 / ws.global_batch,
+                                                     need_loss=need_loss)
         else:
             recon, kl = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
                                                  grad_scale=1.0 / ws.global_batch)

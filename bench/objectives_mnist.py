@@ -1,0 +1,62 @@
+"""The IWAE objective against the plain VAE on the shared MNIST (issue 15).
+
+    python bench/objectives_mnist.py [--epochs 10] [--backend numba] [--runs /tmp/fastvae-objectives]
+
+Trains 784-400-20 with the ELBO and with ``--objective iwae --iwae-k 5``
+(same seed, data, epochs, batch 128, lr 1e-3), then scores both with the
+importance-weighted -log p(x) at k = 1000 on the first 1000 test images
+(``fastvae eval --iwae-k 1000 --iwae-images 1000``). Writes
+``bench/results/objectives_mnist.json`` with both scores, the test -ELBO and
+the seconds per epoch (so the IWAE step's cost relative to the plain step).
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
+
+
+def fv(*args):
+    print("$ fastvae", " ".join(map(str, args)), flush=True)
+    return subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--runs", default="/tmp/fastvae-objectives")
+    a = ap.parse_args()
+    if not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")):
+        sys.exit(f"skipped: no MNIST in {DATA}")
+    out = {}
+    for name, extra in (("elbo", []), ("iwae5", ["--objective", "iwae", "--iwae-k", "5"])):
+        run = os.path.join(a.runs, name)
+        fv("train", "--dataset", "mnist", "--data-dir", DATA, "--hidden", "400", "--latent", "20", "--epochs", a.epochs,
+           "--batch-size", "128", "--lr", "1e-3", "--seed", "0", "--backend", a.backend, "--no-progress", "--force",
+           "--out", run, *extra)
+        res = json.loads(fv("eval", run, "--iwae-k", "1000", "--iwae-images", "1000", "--json", "--no-progress"))
+        with open(os.path.join(run, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        out[name] = {"iwae_k1000_nll_1000_test": res["iwae_neg_log_likelihood"], "test_neg_elbo": res["neg_elbo"],
+                     "active_units": res["active_units"],
+                     "seconds_per_epoch": sum(float(r["seconds"]) for r in rows) / len(rows)}
+        print(name, out[name], flush=True)
+    out["gain_nats"] = out["elbo"]["iwae_k1000_nll_1000_test"] - out["iwae5"]["iwae_k1000_nll_1000_test"]
+    out["iwae5_step_cost_vs_elbo"] = out["iwae5"]["seconds_per_epoch"] / out["elbo"]["seconds_per_epoch"]
+    out["settings"] = {"epochs": a.epochs, "backend": a.backend, "hidden": 400, "latent": 20, "batch_size": 128,
+                       "lr": 1e-3, "seed": 0}
+    path = os.path.join(HERE, "results", "objectives_mnist.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
