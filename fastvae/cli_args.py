@@ -71,8 +71,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
     o.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this value")
-    o.add_argument("--objective", choices=["elbo", "iwae"],
-                   help="training loss: the ELBO (default) or the importance-weighted bound (Burda et al. 2016)")
+    o.add_argument("--objective", choices=["elbo", "iwae", "btcvae"],
+                   help="training loss: the ELBO (default), the importance-weighted bound (Burda et al. 2016) "
+                        "or beta-TCVAE (Chen et al. 2018; --beta weighs the total correlation)")
     o.add_argument("--iwae-k", type=int, metavar="K", help="samples per image of --objective iwae (default 5)")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")

@@ -147,7 +147,7 @@ class ModelConfig(_JSONMixin):
         return dataclasses.replace(self, **changes)
 
 
-OBJECTIVES = ("elbo", "iwae")
+OBJECTIVES = ("elbo", "iwae", "btcvae")
 
 
 @dataclass
@@ -176,9 +176,10 @@ class TrainConfig(_JSONMixin):
         fastest on a 2-core machine).
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
-    objective: ``elbo`` (the beta-weighted ELBO) or ``iwae`` (the K-sample
-        importance-weighted bound of Burda et al. 2016, :mod:`fastvae.objectives`;
-        beta and its schedule do not apply).
+    objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
+        importance-weighted bound of Burda et al. 2016; beta does not apply) or
+        ``btcvae`` (Chen et al. 2018: beta weighs only the total correlation);
+        see :mod:`fastvae.objectives`.
     iwae_k: K, the samples per image of the ``iwae`` objective.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).

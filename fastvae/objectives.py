@@ -91,3 +91,154 @@ class IWAEObjective:
             return None, None
         bound = (top[:, 0] + xp.log(total[:, 0])) - math.log(K)
         return -bound.sum(), 0.0
+
+    def weighted_loss(self, recon, kl, beta):
+        """The objective's sum for the metrics (``-L_K`` summed over images)."""
+        return recon
+
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class BetaTCVAEObjective:
+    """The beta-TCVAE loss (Chen, Li, Grosse & Duvenaud 2018, "Isolating
+    sources of disentanglement in VAEs", eq. 4): per image, with one sample
+    ``z_i = mu_i + std_i eps_i``,
+
+        loss_i = nll_i + MI_i + beta TC_i + DWKL_i
+        MI_i   = log q(z_i|x_i) - log q(z_i)
+        TC_i   = log q(z_i) - sum_d log q(z_id)
+        DWKL_i = sum_d log q(z_id) - log p(z_i)
+
+    with the aggregate-posterior densities estimated by minibatch-weighted
+    sampling (ibid., Sec. 4.1 and Appendix C.1), over the batch's B posteriors
+    and a training set of N images:
+
+        log q(z_i)    ~ logsumexp_j sum_d lq_ijd - log(N B)
+        log q(z_id)   ~ logsumexp_j lq_ijd - log(N B)
+        lq_ijd        = log N(z_id; mu_jd, exp(logvar_jd)).
+
+    Gradient (c = 1/B): the losses' sum is nll + log q(z|x) - log p(z)
+    + (beta - 1)(log q(z) - sum_d log q(z_d)); with A_ij = softmax_j(sum_d
+    lq_ijd) and A_ijd = softmax_j(lq_ijd), the coefficient of lq_ijd is
+    G_ijd = c (beta - 1)(A_ij - A_ijd), and
+
+        dz_id      += sum_j G_ijd (mu_jd - z_id) / var_jd
+        dmu_jd     += sum_i G_ijd (z_id - mu_jd) / var_jd
+        dlogvar_jd += sum_i G_ijd ((z_id - mu_jd)^2 / var_jd - 1) / 2
+
+    plus the direct terms (log q(z_i|x_i): dz = -eps/std, dmu = eps/std,
+    dlogvar = (eps^2 - 1)/2; -log p(z_i): dz = z) and the decoder's dz, then
+    the reparameterization (dmu += dz, dlogvar += dz eps std / 2). All B x B x L
+    terms are array operations on the backend (no Python loop over images).
+    """
+
+    def __init__(self, model, n_train: int):
+        if n_train < 1:
+            raise ConfigError("beta-TCVAE needs the training set size N >= 1")
+        self.model, self.n_train = model, int(n_train)
+
+    def terms(self, mu, logvar, z):
+        """Per-image ``(log q(z|x), log q(z), sum_d log q(z_d), log p(z))`` (B,)
+        and the softmax weights ``A (B, B)``, ``Ad (B, B, L)`` (MWS, see class)."""
+        xp = self.model.backend.xp
+        B = mu.shape[0]
+        var = xp.exp(logvar)
+        diff = z[:, None, :] - mu[None, :, :]                       # (i, j, d)
+        lq = -0.5 * (diff * diff / var[None] + logvar[None] + _LOG_2PI)
+        S = lq.sum(2)
+        logNB = math.log(self.n_train * B)
+        top = S.max(1, keepdims=True)
+        A = xp.exp(S - top)
+        sA = A.sum(1, keepdims=True)
+        A /= sA
+        log_qz = top[:, 0] + xp.log(sA[:, 0]) - logNB
+        topd = lq.max(1, keepdims=True)
+        Ad = xp.exp(lq - topd)
+        sAd = Ad.sum(1, keepdims=True)
+        Ad /= sAd
+        log_qzd = (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1) - z.shape[1] * logNB
+        idx = xp.arange(B)
+        log_qzx = S[idx, idx]
+        log_pz = -0.5 * (z * z + _LOG_2PI).sum(1)
+        return (log_qzx, log_qz, log_qzd, log_pz), (A, Ad, diff, var)
+
+    def loss_and_grad(self, x, eps, beta: float, grad_scale: Optional[float] = None, need_loss: bool = True):
+        """Forward and backward for ``x (B, D)``, ``eps (B, L)``. Writes every
+        gradient into ``model.grads``; returns device sums ``(recon, kl)``
+        (nats; kl = MI + TC + DWKL, the sampled KL) and, in ``last_terms``,
+        the sums of MI, TC and DWKL and of the weighted loss."""
+        m, be = self.model, self.model.backend
+        s, n = m.sampler_at, len(m.layers)
+        B, L = x.shape[0], m.config.latent_dim
+        c = 1.0 / B if grad_scale is None else grad_scale
+        ws = m.workspace(B)
+        step = Step(x, eps, beta=0.0, grad_scale=c, train=True, need_loss=True)
+        head = m._walk(ws, 0, s, x, step)
+        mu, logvar = head[:, :L], head[:, L:]
+        z = m._walk(ws, s, s + 1, head, step)                       # the sampler: z = mu + std eps
+        nll = m._walk(ws, s + 1, n, z, step)
+        (log_qzx, log_qz, log_qzd, log_pz), (A, Ad, diff, var) = self.terms(mu, logvar, z)
+        # backward: decoder (scale c per image) down to dz
+        d = ws.states[n - 1].dx
+        for i in range(n - 2, s, -1):
+            d = m.layers[i].backward(be, ws.states[i], d, step)
+        std = ws.std
+        G = (c * (beta - 1.0)) * (A[:, :, None] - Ad)              # (i, j, d)
+        Gv = G * diff / var[None]
+        dz = d + c * (z - eps / std) - Gv.sum(1)
+        dmu = c * eps / std + Gv.sum(0)
+        dlv = c * 0.5 * (eps * eps - 1.0) + 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
+        dhead = ws.states[s].dx
+        dhead[:, :L] = dmu + dz
+        dhead[:, L:] = dlv + 0.5 * dz * eps * std
+        d = dhead
+        for i in range(s - 1, -1, -1):
+            d = m.layers[i].backward(be, ws.states[i], d, step)
+        mi, tc, dw = log_qzx - log_qz, log_qz - log_qzd, log_qzd - log_pz
+        self.last_terms = {"mi": mi.sum(), "tc": tc.sum(), "dwkl": dw.sum(),
+                           "loss": (nll + mi + beta * tc + dw).sum()}
+        if not need_loss:
+            return None, None
+        return nll.sum(), (mi + tc + dw).sum()
+
+    def weighted_loss(self, recon, kl, beta):
+        """The objective's sum for the metrics: nll + MI + beta TC + DWKL."""
+        return self.last_terms["loss"]
+
+    def evaluate(self, X, batch_size: int = 128, seed: int = 0) -> dict:
+        """Means over images ``X (N, D)`` (host) of MI, TC and dimension-wise
+        KL (nats), each batch of ``batch_size`` estimated by minibatch-weighted
+        sampling as in training (one seeded z per image)."""
+        m, be = self.model, self.model.backend
+        rng = np.random.Generator(np.random.PCG64([seed, 4]))
+        sums = np.zeros(3)
+        for i in range(0, len(X), batch_size):
+            mu, logvar = (be.asarray(a) for a in m.encode(X[i:i + batch_size]))
+            eps = be.asarray(rng.standard_normal(mu.shape))
+            z = mu + be.xp.exp(0.5 * logvar) * eps
+            (qzx, qz, qzd, pz), _ = self.terms(mu, logvar, z)
+            sums += [be.to_float((qzx - qz).sum()), be.to_float((qz - qzd).sum()), be.to_float((qzd - pz).sum())]
+        mi, tc, dw = sums / max(len(X), 1)
+        return {"mi": mi, "tc": tc, "dwkl": dw}
+
+
+def make(train_config, model, n_train: int):
+    """The objective a :class:`~fastvae.config.TrainConfig` names: None for the
+    ELBO (the model's own loss), else an :class:`IWAEObjective` or a
+    :class:`BetaTCVAEObjective`."""
+    if train_config.objective == "iwae":
+        return IWAEObjective(model, train_config.iwae_k)
+    if train_config.objective == "btcvae":
+        return BetaTCVAEObjective(model, n_train)
+    return None
+
+
+def eval_terms(model, X, n_train: int, seed: int = 0) -> dict:
+    """``{"btcvae_mi", "btcvae_tc", "btcvae_dwkl"}`` over ``X`` for a model
+    trained with beta-TCVAE (read from ``model.checkpoint``), else ``{}``."""
+    train = (getattr(model, "checkpoint", None) or {}).get("train") or {}
+    if train.get("objective") != "btcvae":
+        return {}
+    terms = BetaTCVAEObjective(model, n_train).evaluate(X, batch_size=train.get("batch_size", 128), seed=seed)
+    return {f"btcvae_{k}": v for k, v in terms.items()}

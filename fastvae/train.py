@@ -26,11 +26,11 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
-from . import distributed, memory, runfolder
+from . import distributed, memory, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
-from .objectives import IWAEObjective
+from .objectives import BetaTCVAEObjective
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend
 from .schedules import beta_at, lr_at
@@ -103,11 +103,9 @@ class Trainer:
         source = StreamBatchSource if isinstance(self.data.x_train, StreamedImages) else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size,
                                    self.backend.new_rng([tc.seed, 1]), tc.binarize, self.world.rank, self.world.size)
-        self.objective = None
-        if tc.objective == "iwae":
-            if self.world.size > 1:
-                raise ConfigError("--objective iwae runs on one process for now; start it without mpiexec")
-            self.objective = IWAEObjective(self.model, tc.iwae_k)
+        self.objective = objectives.make(tc, self.model, n)
+        if self.objective is not None and self.world.size > 1:
+            raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
@@ -268,6 +266,9 @@ class Trainer:
         if ws is None:
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
+        elif isinstance(self.objective, BetaTCVAEObjective):
+            recon, kl = self.objective.loss_and_grad(ws.x, ws.eps, beta, grad_scale=1.0 / ws.global_batch,
+                                                     need_loss=need_loss)
         elif self.objective is not None:            # IWAE: K noise rows per image from the same stream
             eps = self.backend.scratch("iwae_eps", self.objective.eps_shape(ws.B))
             self.rng.normal_(eps)
@@ -308,7 +309,8 @@ class Trainer:
             if need and ws is not None:
                 pos.recon = pos.recon + recon
                 pos.kl = pos.kl + kl
-                pos.loss = pos.loss + (recon + beta * kl)
+                pos.loss = pos.loss + (self.objective.weighted_loss(recon, kl, beta) if self.objective
+                                       else recon + beta * kl)
                 pos.counted += ws.B
             if b % 20 == 19 or b == spe - 1:
                 recon_s, kl_s, counted = self._sums(pos, "recon", "kl")
