@@ -195,4 +195,7 @@ def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
     import json
     res = json.loads(fv("eval", tmp_path / "a", "--json", cwd=tmp_path).stdout)
     assert {"btcvae_mi", "btcvae_tc", "btcvae_dwkl", "mig"} <= set(res)
-    assert res["btcvae_mi"] > 0          # an informative code: the index-code MI estimate is positive
+    # the three terms add up to the sampled KL, whose mean over the split is the closed-form KL up to
+    # sampling noise (std about sqrt(L / 2) nats per image over 30 test images: ~0.25 nats)
+    sampled = res["btcvae_mi"] + res["btcvae_tc"] + res["btcvae_dwkl"]
+    assert abs(sampled - res["kl"]) < 1.0 + 0.05 * res["kl"], (sampled, res["kl"])
