@@ -14,22 +14,18 @@ Writes small PNG/GIF files to bench/results/gallery/ and prints each command.
 import argparse
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
+
+from common import fv as _fv
+
+
+def fv(*args, capture=False):
+    return _fv(*args, capture=capture)
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 OUT = os.path.join(HERE, "results", "gallery")
-
-
-def fv(*args, capture=False):
-    cmd = ["fastvae", *map(str, args)]
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    r = subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], check=True,
-                       capture_output=capture, text=True)
-    return r.stdout
 
 
 def main():

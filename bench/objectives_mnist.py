@@ -14,17 +14,12 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
+
+from common import fv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
-
-
-def fv(*args):
-    print("$ fastvae", " ".join(map(str, args)), flush=True)
-    return subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def main():

@@ -13,16 +13,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
+
+from common import fv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def fv(*args):
-    print("$ fastvae", " ".join(map(str, args)), flush=True)
-    return subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def main():
