@@ -199,3 +199,26 @@ def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
     # sampling noise (std about sqrt(L / 2) nats per image over 30 test images: ~0.25 nats)
     sampled = res["btcvae_mi"] + res["btcvae_tc"] + res["btcvae_dwkl"]
     assert abs(sampled - res["kl"]) < 1.0 + 0.05 * res["kl"], (sampled, res["kl"])
+
+
+@pytest.mark.parametrize("objective", ["iwae", "btcvae"])
+def test_objectives_agree_across_cpu_backends(objective):
+    """The same step on numba as on numpy (float64, 1e-12 relative: only summation order differs)."""
+    pytest.importorskip("numba")
+    from fastvae.objectives import BetaTCVAEObjective, IWAEObjective
+    cfg = CFGS["mlp-relu-bernoulli"]
+    r = np.random.default_rng(9)
+    x = r.random((6, cfg.input_dim))
+    grads = []
+    for be in ("numpy", "numba"):
+        model = VAE(cfg, be, seed=1)
+        if objective == "iwae":
+            obj = IWAEObjective(model, 4)
+            eps = np.random.default_rng(10).normal(size=obj.eps_shape(6))
+            obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps))
+        else:
+            obj = BetaTCVAEObjective(model, 100)
+            eps = np.random.default_rng(10).normal(size=(6, cfg.latent_dim))
+            obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps), 4.0)
+        grads.append(model.backend.to_host(model.grads).copy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12, atol=1e-12 * np.abs(grads[0]).max())
