@@ -138,30 +138,20 @@ class BetaTCVAEObjective:
             raise ConfigError("beta-TCVAE needs the training set size N >= 1")
         self.model, self.n_train = model, int(n_train)
 
-    def terms(self, mu, logvar, z):
+    def terms(self, mu, logvar, z, coef: float = 0.0, dz=None, dmu=None, dlogvar=None):
         """Per-image ``(log q(z|x), log q(z), sum_d log q(z_d), log p(z))`` (B,)
-        and the softmax weights ``A (B, B)``, ``Ad (B, B, L)`` (MWS, see class)."""
-        xp = self.model.backend.xp
-        B = mu.shape[0]
-        var = xp.exp(logvar)
-        diff = z[:, None, :] - mu[None, :, :]                       # (i, j, d)
-        lq = -0.5 * (diff * diff / var[None] + logvar[None] + _LOG_2PI)
-        S = lq.sum(2)
+        by minibatch-weighted sampling (the backend's ``tc_pairwise``, which
+        also adds ``coef`` times the gradient of ``log q(z) - sum_d log q(z_d)``
+        to ``dz``, ``dmu``, ``dlogvar`` when ``coef`` is non-zero)."""
+        be = self.model.backend
+        B, L = z.shape
         logNB = math.log(self.n_train * B)
-        top = S.max(1, keepdims=True)
-        A = xp.exp(S - top)
-        sA = A.sum(1, keepdims=True)
-        A /= sA
-        log_qz = top[:, 0] + xp.log(sA[:, 0]) - logNB
-        topd = lq.max(1, keepdims=True)
-        Ad = xp.exp(lq - topd)
-        sAd = Ad.sum(1, keepdims=True)
-        Ad /= sAd
-        log_qzd = (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1) - z.shape[1] * logNB
-        idx = xp.arange(B)
-        log_qzx = S[idx, idx]
+        if dz is None:
+            dz = dmu = dlogvar = be.xp.zeros_like(z)
+        lse, lsed = be.tc_pairwise(z, mu, logvar, coef, dz, dmu, dlogvar)
+        log_qzx = -0.5 * ((z - mu) ** 2 / be.xp.exp(logvar) + logvar + _LOG_2PI).sum(1)
         log_pz = -0.5 * (z * z + _LOG_2PI).sum(1)
-        return (log_qzx, log_qz, log_qzd, log_pz), (A, Ad, diff, var)
+        return log_qzx, lse - logNB, lsed - L * logNB, log_pz
 
     def loss_and_grad(self, x, eps, beta: float, grad_scale: Optional[float] = None, need_loss: bool = True):
         """Forward and backward for ``x (B, D)``, ``eps (B, L)``. Writes every
@@ -178,17 +168,15 @@ class BetaTCVAEObjective:
         mu, logvar = head[:, :L], head[:, L:]
         z = m._walk(ws, s, s + 1, head, step)                       # the sampler: z = mu + std eps
         nll = m._walk(ws, s + 1, n, z, step)
-        (log_qzx, log_qz, log_qzd, log_pz), (A, Ad, diff, var) = self.terms(mu, logvar, z)
         # backward: decoder (scale c per image) down to dz
         d = ws.states[n - 1].dx
         for i in range(n - 2, s, -1):
             d = m.layers[i].backward(be, ws.states[i], d, step)
         std = ws.std
-        G = (c * (beta - 1.0)) * (A[:, :, None] - Ad)              # (i, j, d)
-        Gv = G * diff / var[None]
-        dz = d + c * (z - eps / std) - Gv.sum(1)
-        dmu = c * eps / std + Gv.sum(0)
-        dlv = c * 0.5 * (eps * eps - 1.0) + 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
+        dz = d + c * (z - eps / std)                               # + log q(z|x) direct, - log p(z)
+        dmu = c * eps / std
+        dlv = c * 0.5 * (eps * eps - 1.0)
+        log_qzx, log_qz, log_qzd, log_pz = self.terms(mu, logvar, z, c * (beta - 1.0), dz, dmu, dlv)
         dhead = ws.states[s].dx
         dhead[:, :L] = dmu + dz
         dhead[:, L:] = dlv + 0.5 * dz * eps * std
@@ -217,7 +205,7 @@ class BetaTCVAEObjective:
             mu, logvar = (be.asarray(a) for a in m.encode(X[i:i + batch_size]))
             eps = be.asarray(rng.standard_normal(mu.shape))
             z = mu + be.xp.exp(0.5 * logvar) * eps
-            (qzx, qz, qzd, pz), _ = self.terms(mu, logvar, z)
+            qzx, qz, qzd, pz = self.terms(mu, logvar, z)
             sums += [be.to_float((qzx - qz).sum()), be.to_float((qz - qzd).sum()), be.to_float((qzd - pz).sum())]
         mi, tc, dw = sums / max(len(X), 1)
         return {"mi": mi, "tc": tc, "dwkl": dw}

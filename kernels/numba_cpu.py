@@ -12,6 +12,8 @@ on disk between runs.
 
 import math
 
+import numpy as np
+
 from numba import njit
 
 from ..ops import ACTIVATION_CODES
@@ -304,3 +306,59 @@ def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
                                 if w < 0 or w >= W:
                                     continue
                                 xb[(h * W + w) * C + c] += row[c * kk + i * k + j]
+
+
+@_jit
+def tc_pairwise(z, mu, lv, coef, dz, dmu, dlv, lse, lsed):
+    """The beta-TCVAE pairwise terms in one pass per sample i (formulas on
+    Backend.tc_pairwise): lq_ijd, the joint and per-dimension log-sum-exps
+    over j into lse[i], lsed[i], and, when coef != 0, the gradient of
+    coef (log q(z_i) - sum_d log q(z_id)) added to dz, dmu, dlv."""
+    B, L = z.shape
+    half_log_2pi = 0.5 * math.log(2.0 * math.pi)
+    inv = np.exp(-lv)
+    lq = np.empty((B, L), z.dtype)
+    S = np.empty(B, z.dtype)
+    top_d = np.empty(L, z.dtype)
+    sum_d = np.empty(L, z.dtype)
+    for i in range(B):
+        for j in range(B):
+            acc = 0.0
+            for d in range(L):
+                t = z[i, d] - mu[j, d]
+                v = -0.5 * (t * t * inv[j, d] + lv[j, d]) - half_log_2pi
+                lq[j, d] = v
+                acc += v
+            S[j] = acc
+        top = S.max()
+        s = 0.0
+        for j in range(B):
+            s += math.exp(S[j] - top)
+        lse[i] = top + math.log(s)
+        for d in range(L):
+            top_d[d] = lq[0, d]
+        for j in range(1, B):
+            for d in range(L):
+                if lq[j, d] > top_d[d]:
+                    top_d[d] = lq[j, d]
+        for d in range(L):
+            sum_d[d] = 0.0
+        for j in range(B):
+            for d in range(L):
+                e = math.exp(lq[j, d] - top_d[d])
+                lq[j, d] = e                  # kept for the gradient: one exp per (i, j, d)
+                sum_d[d] += e
+        acc = 0.0
+        for d in range(L):
+            acc += top_d[d] + math.log(sum_d[d])
+        lsed[i] = acc
+        if coef != 0.0:
+            for j in range(B):
+                a = math.exp(S[j] - top) / s
+                for d in range(L):
+                    g = coef * (a - lq[j, d] / sum_d[d])
+                    t = z[i, d] - mu[j, d]
+                    gv = g * t * inv[j, d]
+                    dz[i, d] -= gv
+                    dmu[j, d] += gv
+                    dlv[j, d] += 0.5 * g * (t * t * inv[j, d] - 1.0)

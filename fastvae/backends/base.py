@@ -12,6 +12,8 @@ Shapes: ``B`` batch, ``D`` pixels, ``H`` hidden width, ``L`` latent size.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -135,6 +137,40 @@ class Backend:
         ``dlogvar = dz * eps * std / 2 + kl_scale * (std^2 - 1) / 2`` where
         ``kl_scale = beta / B`` is dLoss/dKL_i."""
         raise NotImplementedError
+
+    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+        """The beta-TCVAE pairwise terms (Chen et al. 2018, Sec. 4.1, minibatch-
+        weighted sampling) for one sample ``z_i`` per image and the batch's
+        posteriors ``(mu_j, logvar_j)``, all ``(B, L)``: with ``lq_ijd = log
+        N(z_id; mu_jd, exp(logvar_jd))``, returns ``(lse_i, lsed_i)`` (B,) =
+        ``logsumexp_j sum_d lq_ijd`` and ``sum_d logsumexp_j lq_ijd`` (the
+        caller subtracts log(N B)); and ADDS to ``dz``, ``dmu``, ``dlogvar`` the
+        gradient of ``coef * sum_i (log q(z_i) - sum_d log q(z_id))``:
+        ``G_ijd = coef (A_ij - A_ijd)`` with ``A = softmax_j`` of the joint
+        and per-dimension ``lq``; ``dz_id -= sum_j G v``, ``dmu_jd += sum_i G v``,
+        ``dlogvar_jd += sum_i G (diff^2 / var - 1) / 2``, ``v = diff / var``,
+        ``diff = z_id - mu_jd``. Array expressions here (NumPy, CuPy); Numba
+        overrides with one fused kernel."""
+        xp = self.xp
+        var = xp.exp(logvar)
+        diff = z[:, None, :] - mu[None, :, :]
+        lq = -0.5 * (diff * diff / var[None] + logvar[None] + math.log(2 * math.pi))
+        S = lq.sum(2)
+        top = S.max(1, keepdims=True)
+        A = xp.exp(S - top)
+        sA = A.sum(1, keepdims=True)
+        A /= sA
+        topd = lq.max(1, keepdims=True)
+        Ad = xp.exp(lq - topd)
+        sAd = Ad.sum(1, keepdims=True)
+        Ad /= sAd
+        if coef:
+            G = coef * (A[:, :, None] - Ad)
+            Gv = G * diff / var[None]
+            dz -= Gv.sum(1)
+            dmu += Gv.sum(0)
+            dlogvar += 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
+        return top[:, 0] + xp.log(sA[:, 0]), (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1)
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):  # pragma: no cover
         """Per-image negative log-likelihood and its gradient, fused.

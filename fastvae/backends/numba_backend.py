@@ -56,6 +56,13 @@ class NumbaBackend(NumpyBackend):
         K.reparam_kl_backward(dhead, dz, head, std, eps, self._s(kl_scale))
         return dhead
 
+    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+        B = z.shape[0]
+        lse, lsed = np.empty(B, z.dtype), np.empty(B, z.dtype)
+        K.tc_pairwise(np.ascontiguousarray(z), np.ascontiguousarray(mu), np.ascontiguousarray(logvar),
+                      self._s(coef), dz, dmu, dlogvar, lse, lsed)
+        return lse, lsed
+
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         B = logits.shape[0]
         need_grad, need_nll = dlogits is not None, nll is not None
