@@ -201,6 +201,32 @@ def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
     assert abs(sampled - res["kl"]) < 1.0 + 0.05 * res["kl"], (sampled, res["kl"])
 
 
+def _backend_param(name):
+    from fastvae import backends
+    info = {b["name"]: b for b in backends.available()}[name]
+    marks = [pytest.mark.gpu] if name == "cupy" else []
+    if not info["available"]:
+        marks.append(pytest.mark.skip(reason=f"{name}: {info['reason']}"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("other", [_backend_param("numba"), _backend_param("cupy")])
+def test_tc_pairwise_kernels_match_the_array_expressions(other):
+    """The fused Numba kernel and the three CUDA kernels against the NumPy expressions (float64)."""
+    from fastvae import backends
+    r = np.random.default_rng(11)
+    B, L = 37, 5
+    z, mu, lv = r.normal(size=(B, L)), r.normal(size=(B, L)), 0.3 * r.normal(size=(B, L))
+    ref_be, be = backends.get("numpy", "float64"), backends.get(other, "float64")
+    outs = []
+    for b in (ref_be, be):
+        g = [b.asarray(r2) for r2 in (np.ones((B, L)), np.zeros((B, L)), np.full((B, L), 2.0))]
+        lse, lsed = b.tc_pairwise(b.asarray(z), b.asarray(mu), b.asarray(lv), -0.7, *g)
+        outs.append([b.to_host(a).copy() for a in (lse, lsed, *g)])
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+
+
 @pytest.mark.parametrize("objective", ["iwae", "btcvae"])
 def test_objectives_agree_across_cpu_backends(objective):
     """The same step on numba as on numpy (float64, 1e-12 relative: only summation order differs)."""

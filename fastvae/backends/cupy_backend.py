@@ -33,7 +33,7 @@ def _source_path() -> str:
 COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
               "im2col", "col2im",
-              "philox_normal", "philox_uniform", "philox_bernoulli")
+              "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
 _THREADS = 256
 _MODULES = {}
 
@@ -262,6 +262,21 @@ class CupyBackend(Backend):
                                 (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2),
                                  s(1.0 - beta2), s(eps * bc2_sqrt), s(step_size * bc2_sqrt),
                                  s(weight_decay), s(decay_factor)))
+
+    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+        import cupy
+        B, L = z.shape
+        z, mu, logvar = (cupy.ascontiguousarray(a) for a in (z, mu, logvar))
+        S, top, tot = cupy.empty((B, B), z.dtype), cupy.empty(B, z.dtype), cupy.empty(B, z.dtype)
+        topd, sumd = cupy.empty((B, L), z.dtype), cupy.empty((B, L), z.dtype)
+        lse, lsed = cupy.empty(B, z.dtype), cupy.empty(B, z.dtype)
+        dims = (np.int32(B), np.int32(L))
+        self._fn("tc_rows")(_blocks(B), (_THREADS,), (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
+        if coef:
+            stats = (S, top, tot, topd, sumd, z, mu, logvar, self._s(coef), *dims)
+            self._fn("tc_grad_z")(_blocks(B * L), (_THREADS,), (dz, *stats))
+            self._fn("tc_grad_params")(_blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
+        return lse, lsed
 
     # ---- convolution ------------------------------------------------------------
     def _conv_launch(self, name, out, src, n, in_hwc, k, stride, padding, out_hw, batch):
