@@ -92,6 +92,14 @@ class IWAEObjective:
         bound = (top[:, 0] + xp.log(total[:, 0])) - math.log(K)
         return -bound.sum(), 0.0
 
+    def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
+        """One step's loss and gradient on the batch in workspace ``ws``: draws
+        the ``(B K, L)`` noise from the training stream ``rng`` (after the
+        batch's own draws), then :meth:`loss_and_grad`; ``beta`` is unused."""
+        eps = self.model.backend.scratch("iwae_eps", self.eps_shape(ws.B))
+        rng.normal_(eps)
+        return self.loss_and_grad(ws.x, eps, grad_scale=grad_scale, need_loss=need_loss)
+
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics (``-L_K`` summed over images)."""
         return recon
@@ -189,6 +197,11 @@ class BetaTCVAEObjective:
         if not need_loss:
             return None, None
         return nll.sum(), (mi + tc + dw).sum()
+
+    def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
+        """One step's loss and gradient on the batch in workspace ``ws`` (its
+        ``x`` and ``eps``; ``rng`` is unused): :meth:`loss_and_grad`."""
+        return self.loss_and_grad(ws.x, ws.eps, beta, grad_scale=grad_scale, need_loss=need_loss)
 
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics: nll + MI + beta TC + DWKL."""

@@ -30,7 +30,6 @@ from . import distributed, memory, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .model import VAE
-from .objectives import BetaTCVAEObjective
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend
 from .schedules import beta_at, lr_at
@@ -101,8 +100,8 @@ class Trainer:
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay,
                                         hooks=hooks)
         source = StreamBatchSource if isinstance(self.data.x_train, StreamedImages) else BatchSource
-        self.batches = source(self.backend, self.data.x_train, tc.batch_size,
-                                   self.backend.new_rng([tc.seed, 1]), tc.binarize, self.world.rank, self.world.size)
+        self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
+                              tc.binarize, self.world.rank, self.world.size)
         self.objective = objectives.make(tc, self.model, n)
         if self.objective is not None and self.world.size > 1:
             raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
@@ -266,14 +265,8 @@ class Trainer:
         if ws is None:
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
-        elif isinstance(self.objective, BetaTCVAEObjective):
-            recon, kl = self.objective.loss_and_grad(ws.x, ws.eps, beta, grad_scale=1.0 / ws.global_batch,
-                                                     need_loss=need_loss)
-        elif self.objective is not None:            # IWAE: K noise rows per image from the same stream
-            eps = self.backend.scratch("iwae_eps", self.objective.eps_shape(ws.B))
-            self.rng.normal_(eps)
-            recon, kl = self.objective.loss_and_grad(ws.x, eps, grad_scale=1.0 / ws.global_batch,
-                                                     need_loss=need_loss)
+        elif self.objective is not None:            # IWAE or beta-TCVAE (fastvae.objectives)
+            recon, kl = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
         else:
             recon, kl = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
                                                  grad_scale=1.0 / ws.global_batch)
