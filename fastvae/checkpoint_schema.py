@@ -22,13 +22,18 @@ MAX_TENSORS = 10_000
 MAX_HISTORY = 1_000_000
 
 
+def _error(path):
+    """The exception factory every check of ``path`` raises through (one message form)."""
+    return lambda msg: CheckpointError(f"{path}: {msg}; use a checkpoint written by fastvae")
+
+
 def _fail(path, msg):
-    raise CheckpointError(f"{path}: {msg}; use a checkpoint written by fastvae")
+    raise _error(path)(msg)
 
 
 def check_layout(layout, path) -> int:
     """Validate the layout table; returns the parameter count it describes."""
-    err = lambda m: CheckpointError(f"{path}: {m}; use a checkpoint written by fastvae")
+    err = _error(path)
     check_type(layout, list, "the layout", err)
     if len(layout) > MAX_TENSORS:
         _fail(path, f"the layout lists {len(layout)} tensors")
@@ -51,7 +56,7 @@ def check_layout(layout, path) -> int:
 
 
 def check_state(state, path) -> None:
-    err = lambda m: CheckpointError(f"{path}: {m}; use a checkpoint written by fastvae")
+    err = _error(path)
     check_type(state, dict, "the training state", err)
     for key in ("epoch", "step"):
         if key not in state:
@@ -69,7 +74,7 @@ def check_state(state, path) -> None:
 
 
 def check_history(history, path) -> None:
-    err = lambda m: CheckpointError(f"{path}: {m}; use a checkpoint written by fastvae")
+    err = _error(path)
     check_type(history, list, "the history", err)
     if len(history) > MAX_HISTORY:
         _fail(path, f"the history has {len(history)} rows")
@@ -82,7 +87,7 @@ def check_history(history, path) -> None:
 def check_config(config, path):
     """``(ModelConfig, TrainConfig, DataConfig)`` built from the config JSON."""
     from .config import DataConfig, ModelConfig, TrainConfig
-    err = lambda m: CheckpointError(f"{path}: {m}; use a checkpoint written by fastvae")
+    err = _error(path)
     check_type(config, dict, "the config", err)
     out = []
     for key, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
