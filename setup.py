@@ -20,8 +20,11 @@ setup(
                       "threadpoolctl>=3.1", "psutil>=5.8"],
     extras_require={
         "numba": ["numba>=0.57"],
-        "cuda12": ["cupy-cuda12x>=13"],
-        "cuda13": ["cupy-cuda13x>=13"],
+        # CuPy with the CUDA toolkit wheels (NVRTC, cuBLAS, ...): a driver is all the host needs
+        "cuda12": ["cupy-cuda12x[ctk]>=14"],
+        "cuda13": ["cupy-cuda13x[ctk]>=14"],
+        # CuPy and NVRTC only: builds and compiles the CUDA kernels on a machine with no GPU (CI)
+        "nvrtc": ["cupy-cuda12x>=14", "nvidia-cuda-nvrtc-cu12>=12.2"],
         "test": ["pytest>=7", "hypothesis>=6"],
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
     },

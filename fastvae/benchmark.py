@@ -70,8 +70,11 @@ def _time_chunks(step, sync, seconds: float, min_steps: int = 10, max_steps: int
 
 
 def _gpu_peak(dtype="float32", tf32=False, n=8192) -> float:
-    """Measured cuBLAS GEMM rate (GFLOP/s) of an n^3 CuPy matmul."""
+    """Measured cuBLAS GEMM rate (GFLOP/s) of an n^3 CuPy matmul (TF32 when
+    ``tf32`` and float32, set explicitly: CuPy's GEMM mode is process-wide)."""
     import cupy
+    from .backends.cupy_backend import set_tf32
+    set_tf32(tf32)
     a = cupy.random.random((n, n)).astype(dtype)
     c = cupy.empty_like(a)
     cupy.matmul(a, a, out=c)
@@ -127,10 +130,13 @@ def workload_config(wl: dict, dtype="float32") -> ModelConfig:
                        arch=wl.get("arch", "mlp"), image_shape=wl.get("image_shape"))
 
 
-def training_step(name: str, wl: dict, dtype="float32"):
+def training_step(name: str, wl: dict, dtype="float32", tf32=False):
     """``(backend, model, step)`` where ``step()`` is one training step of
-    workload ``wl`` (eps draw, forward, backward, Adam) on a resident batch."""
+    workload ``wl`` (eps draw, forward, backward, Adam) on a resident batch;
+    ``tf32`` applies to the cupy backend's float32 GEMMs."""
     be = _backends.get(name, dtype)
+    if be.name == "cupy":
+        be.tf32 = bool(tf32)
     cfg = workload_config(wl, dtype)
     B = wl["batch_size"]
     model = VAE(cfg, be, seed=0)
@@ -146,10 +152,10 @@ def training_step(name: str, wl: dict, dtype="float32"):
     return be, model, step
 
 
-def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0) -> dict:
+def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False) -> dict:
     """Measure one fastvae backend on one workload (see module docstring)."""
     t0 = time.perf_counter()
-    be, model, step = training_step(name, wl, dtype)
+    be, model, step = training_step(name, wl, dtype, tf32)
     with _GemmRecorder(be) as rec:
         step()
         be.synchronize()
@@ -255,9 +261,6 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
     """Measure everything asked for; returns the JSON rows (one per measurement).
     ``torch_device="cuda"`` compares against PyTorch on the GPU; ``tf32``
     enables TF32 GEMMs on both sides (GPU only)."""
-    if tf32 and "cupy" in (backend_names or []):
-        from .backends.cupy_backend import enable_tf32
-        enable_tf32(True)
     workloads = workloads or list(WORKLOADS)
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
@@ -269,7 +272,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
         B = wl["batch_size"]
         group = []
         for n in names:
-            r = bench_backend(n, wl, dtype, seconds)
+            r = bench_backend(n, wl, dtype, seconds, tf32)
             group.append(r)
             log(f"{wname:18s} {n:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
         if torch_peer:

@@ -91,9 +91,8 @@ class Trainer:
                  - memory.estimate(self.model.layers, P, size, host=False))
         memory.preflight(extra, self.backend, f"training this model (Adam state and batch {tc.batch_size} buffers)",
                          memory.SMALLER_MODEL)
-        if tc.tf32:
-            from .backends.cupy_backend import enable_tf32
-            enable_tf32(True)
+        if self.backend.name == "cupy":
+            self.backend.tf32 = tc.tf32
         hooks = [distributed.AllReduceGrads(self.world)] if self.world.size > 1 else []
         hooks += [] if tc.clip_grad_norm is None else [ClipGradNorm(tc.clip_grad_norm)]
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,

@@ -31,13 +31,15 @@ __device__ __forceinline__ T fv_act(T v, int act, T slope, T alpha) {
     }
 }
 
-// pre += bias (kept for backward); out = act(pre).   pre, out: (B, H); bias: (H,)
+// pre += bias (kept for backward); out = act(pre), a copy for identity unless out is pre.
+// pre, out: (B, H); bias: (H,)
 template <typename T>
 __global__ void bias_act(T* pre, const T* bias, T* out, long long n, int H, int act, T slope, T alpha) {
     FV_GRID_STRIDE(i, n) {
         T v = pre[i] + bias[i % H];
         pre[i] = v;
         if (act != FV_IDENTITY) out[i] = fv_act(v, act, slope, alpha);
+        else if (out != pre) out[i] = v;
     }
 }
 
@@ -219,7 +221,15 @@ __host__ __device__ __forceinline__ fv_u4 fv_philox(unsigned long long block, un
     return out;
 }
 
+// (u + 1/2) / 2^32 in (0, 1), exact in double; the sampling kernels compute in double.
 __device__ __forceinline__ double fv_u01(unsigned int u) { return ((double)u + 0.5) * 2.3283064365386963e-10; }
+
+// U[0, 1) in T: float keeps the top 24 bits (u >> 8) / 2^24, at most 1 - 2^-24 (rounding
+// fv_u01 to float gave exactly 1.0 for the top 128 of the 2^32 words); double is fv_u01.
+template <typename T> __device__ __forceinline__ T fv_uniform(unsigned int u) { return (T)fv_u01(u); }
+template <> __device__ __forceinline__ float fv_uniform<float>(unsigned int u) {
+    return (float)(u >> 8) * 5.9604644775390625e-8f;
+}
 
 // out[n] ~ N(0, 1): Box-Muller on pairs of 32-bit uniforms in (0, 1), four per Philox block.
 template <typename T>
@@ -234,14 +244,14 @@ __global__ void philox_normal(T* out, long long n, unsigned long long counter, u
     }
 }
 
-// out[n] ~ U(0, 1) (32-bit resolution)
+// out[n] ~ U[0, 1) (fv_uniform: 24-bit resolution in float, 32-bit in double)
 template <typename T>
 __global__ void philox_uniform(T* out, long long n, unsigned long long counter, unsigned int stream,
                                unsigned int k0, unsigned int k1) {
     FV_GRID_STRIDE(b, (n + 3) / 4) {
         fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
         unsigned int v[4] = {r.x, r.y, r.z, r.w};
-        for (int q = 0; q < 4; ++q) if (4 * b + q < n) out[4 * b + q] = (T)fv_u01(v[q]);
+        for (int q = 0; q < 4; ++q) if (4 * b + q < n) out[4 * b + q] = fv_uniform<T>(v[q]);
     }
 }
 

@@ -2,7 +2,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
+# The recorded trajectories of test_fixtures.py are bit for bit under OpenBLAS's
+# Haswell kernels, which the machines that recorded them ran; OpenBLAS picks other
+# kernels on AVX-512 CPUs (SkylakeX, Zen 4) whose GEMM sums round differently
+# (5.6e-17 after two epochs). Pinned before NumPy loads OpenBLAS; subprocesses inherit it.
+os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+
+import numpy as np  # noqa: E402
 import pytest
 
 import fastvae

@@ -1,6 +1,8 @@
 """Every backend against the NumPy reference: each primitive on random inputs
 with poisoned outputs, a full training step, cross-backend checkpoints, and
-(on real MNIST) 2 epochs of training.
+(on real MNIST) 2 epochs of training. ``cupy-emu`` is the cupy backend's own
+code over the CUDA kernels compiled for the CPU (tests/cuda_emu.py): it runs
+without a GPU, with the GPU tolerances.
 
 Tolerances from the arithmetic: float32 kernels may accumulate in float64 or in
 another order than NumPy's pairwise sums, so results agree to a few float32
@@ -15,6 +17,7 @@ from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, dat
 from fastvae.config import ACTIVATIONS, LIKELIHOODS
 
 from conftest import MNIST_DIR, needs_mnist, tiny_trainer
+from cuda_emu import emu_param, make_backend as make
 
 _AVAIL = {b["name"]: b for b in backends.available()}
 
@@ -27,6 +30,7 @@ def _param(name):
 
 
 OTHER_OR_SKIP = [_param(n) for n in _AVAIL if n != "numpy"]
+KERNELS = OTHER_OR_SKIP + [emu_param()]         # every implementation of the primitives
 CPU_ONLY = [_param(n) for n in _AVAIL if n not in ("numpy", "cupy")]
 # CPU kernels may only reorder float32 sums (1e-5); the GPU's fused multiply-adds and
 # block reductions get the issue's 1e-4 in float32 and 1e-10 in float64.
@@ -40,13 +44,13 @@ def close(got, ref, dtype, what=""):
     assert np.all(np.isfinite(got)), f"{what}: unwritten (poisoned) or non-finite entries"
     scale = max(np.abs(ref).max(), 1e-30)
     err = np.abs(got - ref).max() / scale
-    tol = (RTOL_GPU if _CURRENT["name"] == "cupy" else RTOL)[dtype]
+    tol = (RTOL_GPU if _CURRENT["name"].startswith("cupy") else RTOL)[dtype]
     assert err <= tol, f"{what}: max error {err:.2e} of max |ref| > {tol:.0e}"
 
 
 def pair(name, dtype):
     _CURRENT["name"] = name
-    return backends.get("numpy", dtype), backends.get(name, dtype)
+    return backends.get("numpy", dtype), make(name, dtype)
 
 
 class Dev:
@@ -70,7 +74,7 @@ def dtype(request):
     return request.param
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_bias_act_and_backward(name, dtype, act):
     ref, be = pair(name, dtype)
@@ -91,7 +95,7 @@ def test_bias_act_and_backward(name, dtype, act):
         close(outs["be"][w], outs["ref"][w], dtype, f"{act} {w}")
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", KERNELS)
 def test_col_sum_reparam_kl(name, dtype):
     ref, be = pair(name, dtype)
     r = np.random.default_rng(1)
@@ -114,7 +118,7 @@ def test_col_sum_reparam_kl(name, dtype):
         close(res["be"][key], res["ref"][key], dtype, key)
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("kind", LIKELIHOODS)
 @pytest.mark.parametrize("B,D", [(21, 50), (300, 784)])   # the second spans several row blocks
 def test_likelihood(name, dtype, kind, B, D):
@@ -136,7 +140,7 @@ def test_likelihood(name, dtype, kind, B, D):
         close(res["be"][key], res["ref"][key], dtype, f"{kind} {key}")
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("wd,decay", [(0.0, 1.0), (0.01, 1.0), (0.0, 0.999)])
 def test_adam_update(name, dtype, wd, decay):
     ref, be = pair(name, dtype)
@@ -174,11 +178,11 @@ def test_gather_and_bernoulli_same_stream(name):
     np.testing.assert_array_equal(outs["be"], outs["ref"])
 
 
-@pytest.mark.parametrize("name", OTHER_OR_SKIP)
+@pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize("lik", LIKELIHOODS)
 def test_full_training_step(name, dtype, lik):
     cfg = ModelConfig(input_dim=64, hidden=[32, 16], latent_dim=4, likelihood=lik, dtype=dtype, activation="elu")
-    a, b = fastvae.VAE(cfg, "numpy", seed=0), fastvae.VAE(cfg, name, seed=0)
+    a, b = fastvae.VAE(cfg, "numpy", seed=0), fastvae.VAE(cfg, make(name, dtype), seed=0)
     r = np.random.default_rng(6)
     x = r.random((24, 64)).astype(dtype)
     eps = r.normal(size=(24, 4)).astype(dtype)

@@ -19,6 +19,7 @@ from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, dat
 from fastvae.ops import cuda_defines
 
 from conftest import MNIST_DIR, needs_mnist
+from cuda_emu import emu_param, make_backend
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 _cupy = {b["name"]: b for b in backends.available()}["cupy"]
@@ -132,12 +133,14 @@ def test_kernels_compile_with_nvrtc_as_the_backend_names_them(ctype):
     assert all(name in ptx for name in lowered)
 
 
-# ---------------------------------------------------------------- on a GPU
-@pytest.mark.gpu
-@needs_gpu
+# ---------------------------------------------------------------- on a GPU (or the emulator)
+GPU = pytest.param("cupy", marks=[pytest.mark.gpu, needs_gpu], id="cupy")
+
+
+@pytest.mark.parametrize("name", [GPU, emu_param()])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_device_rng_matches_host_reference_and_resumes(dtype):
-    be = backends.get("cupy", dtype)
+def test_device_rng_matches_host_reference_and_resumes(name, dtype):
+    be = make_backend(name, dtype)
     rng = be.new_rng([5, 1])
     a = be.zeros((37, 3))
     rng.normal_(a)

@@ -12,6 +12,7 @@ from fastvae import ConfigError, ModelConfig, TrainConfig, VAE
 from fastvae.objectives import IWAEObjective
 
 from conftest import assert_grad, numgrad, tiny_trainer
+from cuda_emu import emu_param, make_backend
 from test_conv import small_cfg
 
 CFGS = {
@@ -210,14 +211,14 @@ def _backend_param(name):
     return pytest.param(name, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("other", [_backend_param("numba"), _backend_param("cupy")])
+@pytest.mark.parametrize("other", [_backend_param("numba"), _backend_param("cupy"), emu_param()])
 def test_tc_pairwise_kernels_match_the_array_expressions(other):
     """The fused Numba kernel and the three CUDA kernels against the NumPy expressions (float64)."""
     from fastvae import backends
     r = np.random.default_rng(11)
     B, L = 37, 5
     z, mu, lv = r.normal(size=(B, L)), r.normal(size=(B, L)), 0.3 * r.normal(size=(B, L))
-    ref_be, be = backends.get("numpy", "float64"), backends.get(other, "float64")
+    ref_be, be = backends.get("numpy", "float64"), make_backend(other, "float64")
     outs = []
     for b in (ref_be, be):
         g = [b.asarray(r2) for r2 in (np.ones((B, L)), np.zeros((B, L)), np.full((B, L), 2.0))]
@@ -227,17 +228,20 @@ def test_tc_pairwise_kernels_match_the_array_expressions(other):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
 
 
+@pytest.mark.parametrize("other", ["numba", emu_param()])
 @pytest.mark.parametrize("objective", ["iwae", "btcvae"])
-def test_objectives_agree_across_cpu_backends(objective):
-    """The same step on numba as on numpy (float64, 1e-12 relative: only summation order differs)."""
-    pytest.importorskip("numba")
+def test_objectives_agree_across_backends(objective, other):
+    """The same step on numba (or the emulated CUDA kernels) as on numpy
+    (float64, 1e-12 relative: only summation order differs)."""
+    if other == "numba":
+        pytest.importorskip("numba")
     from fastvae.objectives import BetaTCVAEObjective, IWAEObjective
     cfg = CFGS["mlp-relu-bernoulli"]
     r = np.random.default_rng(9)
     x = r.random((6, cfg.input_dim))
     grads = []
-    for be in ("numpy", "numba"):
-        model = VAE(cfg, be, seed=1)
+    for be in ("numpy", other):
+        model = VAE(cfg, make_backend(be, "float64"), seed=1)
         if objective == "iwae":
             obj = IWAEObjective(model, 4)
             eps = np.random.default_rng(10).normal(size=obj.eps_shape(6))

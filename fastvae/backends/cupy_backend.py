@@ -3,10 +3,11 @@
 Parameters, gradients, Adam state, the dataset, shuffling and noise all live
 on the device; the host launches work and reads metrics only when the trainer
 reports them. GEMMs go through cuBLAS (``cupy.matmul``; TF32 opt-in with
-:func:`enable_tf32`); everything else runs in the fused CUDA kernels of
+the backend's ``tf32`` flag, set on every GEMM); everything else runs in the fused CUDA kernels of
 ``fastvae/kernels/cuda_kernels.cu`` (bias + activation, activation gradient,
 reparameterization + KL, likelihood + gradient, ONE Adam kernel over the flat
-buffer), compiled once by NVRTC and cached on disk by CuPy. Bias gradients use
+buffer), compiled by NVRTC once per process (CuPy >= 14 keeps the binary in
+its on-disk kernel cache across processes). Bias gradients use
 CuPy's column-sum reduction.
 
 Random numbers come from a counter-based Philox4x32-10 generator on the
@@ -29,62 +30,110 @@ def _source_path() -> str:
     from .. import kernels
     return os.path.join(os.path.dirname(kernels.__file__), "cuda_kernels.cu")
 
+
 #: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
 COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
               "im2col", "col2im",
               "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _MODULES = {}
+_FIX = "pip install 'fastvae[cuda12]' or 'fastvae[cuda13]' (CuPy with the CUDA toolkit wheels, matching your driver)"
 
 
-def probe() -> str:
-    """'' when CuPy and a CUDA device are usable, else the reason."""
-    import importlib.util
-    if importlib.util.find_spec("cupy") is None:
-        return ("CuPy is not installed; pip install 'fastvae[cuda12]' or 'fastvae[cuda13]' "
-                "(matching your CUDA driver)")
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
+
+
+def ctype_of(dtype) -> str:
+    """The kernels' C type for ``dtype``: ``"float"`` or ``"double"``.
+    Raises ValueError for any other dtype (the kernels exist for these two)."""
+    dt = np.dtype(dtype)
+    if dt not in _CTYPES:
+        raise ValueError(f"the CUDA kernels are built for float32 and float64, not {dt}; "
+                         "use dtype 'float32' or 'float64'")
+    return _CTYPES[dt]
+
+
+def name_expressions(ctype: str) -> list:
+    """Every kernel the backend launches, as NVRTC name expressions for ``ctype``."""
+    return [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
+
+
+def device_reason(runtime) -> str:
+    """'' when ``runtime`` (``cupy.cuda.runtime``) sees a device whose driver
+    runs this CuPy, else the reason. CUDA minor-version compatibility: a driver
+    of the same major version as CuPy's runtime runs it (CuPy compiles kernels
+    to SASS for the device), so only the major versions are compared."""
     try:
-        import cupy
-        n = cupy.cuda.runtime.getDeviceCount()
+        n = runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError, missing libcuda, ...
-        return f"no usable CUDA device ({type(exc).__name__}: {exc})"
+        return f"no usable CUDA device ({_first_line(exc)})"
     if n < 1:
         return "no CUDA device found"
     try:
-        drv, rt = cupy.cuda.runtime.driverGetVersion(), cupy.cuda.runtime.runtimeGetVersion()
+        drv, rt = runtime.driverGetVersion(), runtime.runtimeGetVersion()
     except Exception as exc:
-        return f"cannot query the CUDA driver ({exc})"
-    if drv < rt:
-        return (f"the CUDA driver supports CUDA {drv // 1000}.{drv % 1000 // 10} but CuPy was built for "
-                f"{rt // 1000}.{rt % 1000 // 10}; update the driver or install the matching cupy-cudaXXx")
+        return f"cannot query the CUDA driver ({_first_line(exc)})"
+    if drv // 1000 < rt // 1000:
+        return (f"the CUDA driver supports CUDA {drv // 1000}.{drv % 1000 // 10} but this CuPy needs a CUDA "
+                f"{rt // 1000}.x driver; update the driver, or pip install 'fastvae[cuda{drv // 1000}]'")
     return ""
 
 
-def enable_tf32(on: bool = True) -> None:
-    """Let cuBLAS use TF32 tensor cores for float32 GEMMs (10-bit mantissa
-    inputs, float32 accumulation): faster on Ampere and newer, ~1e-3 relative
-    error per product instead of ~1e-7. Off by default."""
-    import cupy
+def toolkit_reason(cupy) -> str:
+    """'' when CuPy can load NVRTC (the kernel compiler) and cuBLAS (the
+    GEMMs), else which one is missing and how to install it. Without this a
+    host with a driver but no toolkit fails at the first compile or GEMM."""
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:
+        return f"CuPy cannot load NVRTC, the CUDA runtime compiler ({_first_line(exc)}); {_FIX}"
+    try:
+        cupy.cuda.cublas          # importing the module loads libcublas
+    except Exception as exc:
+        return f"CuPy cannot load cuBLAS ({_first_line(exc)}); {_FIX}"
+    return ""
+
+
+def probe() -> str:
+    """'' when CuPy, a CUDA device, NVRTC and cuBLAS are usable, else the reason."""
+    import importlib.util
+    if importlib.util.find_spec("cupy") is None:
+        return f"CuPy is not installed; {_FIX}"
+    try:
+        import cupy
+    except Exception as exc:
+        return f"CuPy fails to import ({_first_line(exc)}); reinstall it: {_FIX}"
+    return device_reason(cupy.cuda.runtime) or toolkit_reason(cupy)
+
+
+def set_tf32(on: bool) -> None:
+    """Set cuBLAS's float32 GEMM mode for this process: TF32 tensor cores
+    (10-bit mantissa inputs, float32 accumulation, ~1e-3 relative error per
+    product instead of ~1e-7; faster on Ampere and newer) or plain float32.
+    CuPy keeps this setting process-wide, so every float32 GEMM of the backend
+    sets it from its own ``tf32`` flag first."""
     from cupy._core import _routines_linalg as lin
     lin.set_compute_type(np.float32, lin.COMPUTE_TYPE_TF32 if on else lin.COMPUTE_TYPE_DEFAULT)
-    del cupy
 
 
 def _module(dtype):
-    """The compiled RawModule for ``dtype`` (compiled once per process; the
-    binary is cached on disk by CuPy across processes)."""
-    import cupy
-    key = np.dtype(dtype).str
-    mod = _MODULES.get(key)
+    """The RawModule for ``dtype``, built once per process. NVRTC compiles it
+    on the first kernel lookup; CuPy >= 14 caches the binary on disk keyed by
+    source, options and name expressions, so later processes load it (CuPy 13
+    did not cache modules built with name expressions: 0.5-0.65 s per process).
+    Building it needs no device; compiling does."""
+    ctype = ctype_of(dtype)
+    mod = _MODULES.get(ctype)
     if mod is None:
-        ctype = "float" if np.dtype(dtype) == np.float32 else "double"
+        import cupy
         with open(_source_path()) as f:
             code = f.read()
-        names = [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
-        mod = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=names)
-        mod._fv_ctype = ctype
-        _MODULES[key] = mod
+        mod = _MODULES[ctype] = cupy.RawModule(code=code, options=COMPILE_OPTIONS,
+                                               name_expressions=name_expressions(ctype))
     return mod
 
 
@@ -107,6 +156,7 @@ class CupyRNG(BackendRNG):
         return c
 
     def _launch(self, name, out, *extra):
+        self.be._check(name, out, *extra)
         n = out.size
         c = self._advance(n)
         self.be._fn(name)(_blocks((n + 3) // 4), (_THREADS,),
@@ -118,24 +168,26 @@ class CupyRNG(BackendRNG):
         return self._launch("philox_normal", out)
 
     def uniform_(self, out):
+        """U[0, 1): float32 from the top 24 bits of a word, float64 from (u + 1/2) 2^-32."""
         return self._launch("philox_uniform", out)
 
     def bernoulli_(self, out, probs):
-        n = out.size
-        c = self._advance(n)
-        self.be._fn("philox_bernoulli")(_blocks((n + 3) // 4), (_THREADS,),
-                                        (out, probs, np.int64(n), np.uint64(c), np.uint32(0),
-                                         np.uint32(self.key[0]), np.uint32(self.key[1])))
-        return out
+        return self._launch("philox_bernoulli", out, probs)
 
     def permutation(self, n):
-        import cupy
-        keys = cupy.empty(int(n), dtype=cupy.uint32)
-        c = self._advance(n)
-        self.be._module.get_function("philox_bits")(
-            _blocks((n + 3) // 4), (_THREADS,),
-            (keys, np.int64(n), np.uint64(c), np.uint32(0), np.uint32(self.key[0]), np.uint32(self.key[1])))
-        return cupy.argsort(keys)
+        """A uniform permutation of ``range(n)``: argsort of 64-bit Philox keys
+        (two words each; a tie, which would favour the lower index, has
+        probability about n^2 / 2^65: 1e-10 for n = 60,000, against 0.4 ties per
+        shuffle with 32-bit keys)."""
+        xp = self.be.xp
+        keys = xp.empty(int(n), dtype=xp.uint64)
+        words = keys.view(xp.uint32)
+        c = self._advance(words.size)
+        self.be._fn("philox_bits")(
+            _blocks((words.size + 3) // 4), (_THREADS,),
+            (words, np.int64(words.size), np.uint64(c), np.uint32(0), np.uint32(self.key[0]),
+             np.uint32(self.key[1])))
+        return xp.argsort(keys)
 
     def state(self):
         return {"kind": "philox4x32-10", "key": list(self.key), "counter": int(self.counter)}
@@ -148,44 +200,68 @@ class CupyRNG(BackendRNG):
 
 
 class CupyBackend(Backend):
+    """The GPU backend. ``dtype``: float32 or float64 (ValueError otherwise);
+    ``tf32``: let float32 GEMMs use TF32 tensor cores (see :func:`set_tf32`).
+    Raises BackendUnavailableError naming what is missing (CuPy, a device, a
+    new enough driver, NVRTC, cuBLAS). Every kernel wrapper refuses arrays
+    that are not C-contiguous device arrays of the backend's dtype."""
+
     name = "cupy"
     device = "cuda"
 
-    def __init__(self, dtype="float32"):
+    def __init__(self, dtype="float32", tf32: bool = False):
         reason = probe()
         if reason:
             raise BackendUnavailableError(f"backend 'cupy' is unavailable: {reason}")
         import cupy
-        super().__init__(dtype)
-        self.xp = cupy
-        self._module = _module(self.dtype)
-        self._fns = {}
-        self._s = self.dtype.type
+        self._setup(cupy, dtype, tf32)
         dev = cupy.cuda.Device()
         self.device = f"cuda:{dev.id} {cupy.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}"
+
+    def _setup(self, xp, dtype, tf32):
+        self._ctype = ctype_of(dtype)
+        super().__init__(dtype)
+        self.xp = xp
+        self.tf32 = bool(tf32)
+        self._fns = {}
+        self._s = self.dtype.type
+
+    def _kernel(self, full_name):
+        return _module(self.dtype).get_function(full_name)
 
     def _fn(self, name):
         f = self._fns.get(name)
         if f is None:
-            full = name if name == "philox_bits" else f"{name}<{self._module._fv_ctype}>"
-            f = self._fns[name] = self._module.get_function(full)
+            f = self._fns[name] = self._kernel(name if name == "philox_bits" else f"{name}<{self._ctype}>")
         return f
+
+    def _check(self, what, *arrays):
+        """The kernels index raw pointers as C-contiguous arrays of the
+        backend's dtype: refuse anything else instead of computing garbage."""
+        for a in arrays:
+            if not isinstance(a, self.xp.ndarray):
+                raise TypeError(f"{what}: expected a {self.xp.__name__} array, got {type(a).__name__}; "
+                                "move it to the device with backend.asarray")
+            if a.dtype != self.dtype:
+                raise TypeError(f"{what}: got a {a.dtype} array but the backend computes in {self.dtype}; "
+                                f"convert it with .astype({str(self.dtype)!r})")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{what}: got a non-contiguous array (a strided view); pass a C-contiguous "
+                                 "copy (xp.ascontiguousarray)")
 
     # ---- memory ----------------------------------------------------------------
     def to_host(self, a):
-        import cupy
-        return cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else np.asarray(a)
+        asnumpy = getattr(self.xp, "asnumpy", np.asarray)
+        return asnumpy(a) if isinstance(a, self.xp.ndarray) else np.asarray(a)
 
     def to_float(self, scalar):
         return float(scalar)
 
     def copy_(self, dst, src):
-        import cupy
-        dst[...] = cupy.asarray(src)
+        dst[...] = self.xp.asarray(src)
 
     def synchronize(self):
-        import cupy
-        cupy.cuda.get_current_stream().synchronize()
+        self.xp.cuda.get_current_stream().synchronize()
 
     def new_rng(self, seed):
         return CupyRNG(self, seed)
@@ -201,22 +277,30 @@ class CupyBackend(Backend):
 
     # ---- dense ---------------------------------------------------------------
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
+        if self.dtype == np.float32:
+            set_tf32(self.tf32)
         self.xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
+        out_ = pre if out is None else out
+        self._check("bias_act", pre, bias, out_)
         n = pre.size
-        self._fn("bias_act")(_blocks(n), (_THREADS,),
-                             (pre, bias, pre if out is None else out, np.int64(n), np.int32(pre.shape[1]),
-                              np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
+        if n:
+            self._fn("bias_act")(_blocks(n), (_THREADS,),
+                                 (pre, bias, out_, np.int64(n), np.int32(pre.shape[1]),
+                                  np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
         return out
 
     def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
         if act == "identity":
             return d
+        self._check("act_backward", d, pre, out)
         n = d.size
-        self._fn("act_backward")(_blocks(n), (_THREADS,),
-                                 (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
+        if n:
+            self._fn("act_backward")(_blocks(n), (_THREADS,),
+                                     (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope),
+                                      self._s(alpha)))
         return d
 
     def col_sum(self, out, a):
@@ -225,21 +309,30 @@ class CupyBackend(Backend):
 
     def reparam_kl(self, z, kl, std, head, eps):
         B, L = z.shape
-        self._fn("reparam_kl")(_blocks(B), (_THREADS,),
-                               (z, std if kl is None else kl, std, head, eps,
-                                np.int32(B), np.int32(L), np.int32(kl is not None)))
+        kl_ = std if kl is None else kl
+        self._check("reparam_kl", z, kl_, std, head, eps)
+        if B:
+            self._fn("reparam_kl")(_blocks(B), (_THREADS,),
+                                   (z, kl_, std, head, eps, np.int32(B), np.int32(L), np.int32(kl is not None)))
         return z
 
     def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
         B, L = dz.shape
-        self._fn("reparam_kl_backward")(_blocks(B * L), (_THREADS,),
-                                        (dhead, dz, head, std, eps, np.int32(B), np.int32(L), self._s(kl_scale)))
+        self._check("reparam_kl_backward", dhead, dz, head, std, eps)
+        if B * L:
+            self._fn("reparam_kl_backward")(_blocks(B * L), (_THREADS,),
+                                            (dhead, dz, head, std, eps, np.int32(B), np.int32(L),
+                                             self._s(kl_scale)))
         return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
         B, D = logits.shape
         if kind not in LIKELIHOOD_CODES:
             raise ValueError(f"unknown likelihood {kind!r}")
+        d_, nll_ = logits if dlogits is None else dlogits, logits if nll is None else nll
+        self._check("likelihood", d_, nll_, logits, x)
+        if B == 0:
+            return
         k = LIKELIHOOD_CODES[kind]
         if kind == "gaussian":
             inv_var, half = 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)
@@ -248,31 +341,36 @@ class CupyBackend(Backend):
             inv_var, half, cnst = 2.0, 1.0, 0.0
         threads = 256 if D >= 256 else max(32, 1 << (max(D, 1) - 1).bit_length())
         self._fn("likelihood")((B,), (threads,),
-                               (logits if dlogits is None else dlogits, logits if nll is None else nll,
-                                logits, x, np.int32(B), np.int32(D), np.int32(k), self._s(inv_var),
+                               (d_, nll_, logits, x, np.int32(B), np.int32(D), np.int32(k), self._s(inv_var),
                                 self._s(half), self._s(cnst), self._s(grad_scale),
                                 np.int32(dlogits is not None), np.int32(nll is not None)),
                                shared_mem=threads * self.dtype.itemsize)
 
     def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
                     bc2_sqrt, weight_decay, decay_factor):
+        self._check("adam_update", params, grads, m, v)
         s = self._s
         n = params.size
-        self._fn("adam_update")(_blocks(n), (_THREADS,),
-                                (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2),
-                                 s(1.0 - beta2), s(eps * bc2_sqrt), s(step_size * bc2_sqrt),
-                                 s(weight_decay), s(decay_factor)))
+        if n:
+            self._fn("adam_update")(_blocks(n), (_THREADS,),
+                                    (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2),
+                                     s(1.0 - beta2), s(eps * bc2_sqrt), s(step_size * bc2_sqrt),
+                                     s(weight_decay), s(decay_factor)))
 
     def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
-        import cupy
+        xp = self.xp
         B, L = z.shape
-        z, mu, logvar = (cupy.ascontiguousarray(a) for a in (z, mu, logvar))
-        S, top, tot = cupy.empty((B, B), z.dtype), cupy.empty(B, z.dtype), cupy.empty(B, z.dtype)
-        topd, sumd = cupy.empty((B, L), z.dtype), cupy.empty((B, L), z.dtype)
-        lse, lsed = cupy.empty(B, z.dtype), cupy.empty(B, z.dtype)
+        z, mu, logvar = (xp.ascontiguousarray(a) for a in (z, mu, logvar))
+        S, top, tot = xp.empty((B, B), z.dtype), xp.empty(B, z.dtype), xp.empty(B, z.dtype)
+        topd, sumd = xp.empty((B, L), z.dtype), xp.empty((B, L), z.dtype)
+        lse, lsed = xp.empty(B, z.dtype), xp.empty(B, z.dtype)
+        if B == 0:
+            return lse, lsed
         dims = (np.int32(B), np.int32(L))
+        self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar)
         self._fn("tc_rows")(_blocks(B), (_THREADS,), (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
         if coef:
+            self._check("tc_pairwise", dz, dmu, dlogvar)
             stats = (S, top, tot, topd, sumd, z, mu, logvar, self._s(coef), *dims)
             self._fn("tc_grad_z")(_blocks(B * L), (_THREADS,), (dz, *stats))
             self._fn("tc_grad_params")(_blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
@@ -280,8 +378,10 @@ class CupyBackend(Backend):
 
     # ---- convolution ------------------------------------------------------------
     def _conv_launch(self, name, out, src, n, in_hwc, k, stride, padding, out_hw, batch):
-        geom = (batch, *in_hwc, k, stride, padding, *out_hw)
-        self._fn(name)(_blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
+        self._check(name, out, src)
+        if n:
+            geom = (batch, *in_hwc, k, stride, padding, *out_hw)
+            self._fn(name)(_blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
         return out
 
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
