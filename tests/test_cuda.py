@@ -165,9 +165,19 @@ def test_device_rng_matches_host_reference_and_resumes(name, dtype):
     assert set(np.unique(h)) == {0.0, 1.0} and abs(h.mean() - 0.3) < 0.01
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_and_cpu_checkpoints_resume_both_ways(tmp_path):
+@pytest.fixture
+def gpu_backend(request, monkeypatch):
+    """``"cupy"`` in the registry: the real backend on a GPU, or for
+    ``cupy-emu`` the emulated one, so Trainer, checkpoints and pictures run
+    the GPU backend's code paths end to end."""
+    if request.param == "cupy-emu":
+        from cuda_emu import EmulatedCupyBackend
+        monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    return request.param
+
+
+@pytest.mark.parametrize("gpu_backend", [GPU, emu_param()], indirect=True)
+def test_gpu_and_cpu_checkpoints_resume_both_ways(tmp_path, gpu_backend):
     data = datasets.make_sprites(400, seed=2, size=16)
     mc = ModelConfig(input_dim=256, hidden=[32], latent_dim=4, image_shape=(16, 16))
     g = Trainer(mc, TrainConfig(epochs=2, batch_size=32, backend="cupy"), DataConfig(), dataset=data,
