@@ -14,13 +14,15 @@ from .errors import ConfigError
 from .ops import ACTIVATION_CODES
 
 ARCHS = ("mlp", "conv")
+POSTERIORS = ("gaussian", "iaf")
 DERIVING_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma",
-               "arch", "image_shape")
+                   "arch", "image_shape", "posterior", "flows", "flow_hidden")
 _CONV_KEYS = {"type", "name", "channels", "kernel", "stride", "padding", "activation"}
 _SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
               "conv2d": _CONV_KEYS, "conv_transpose2d": _CONV_KEYS | {"output_padding"},
               "reshape": {"type", "name", "shape"},
               "gaussian": {"type", "name", "latent_dim"},
+              "iaf": {"type", "name", "hidden", "activation", "reverse"},
               "likelihood": {"type", "name", "kind", "sigma"}}
 
 
@@ -33,11 +35,22 @@ def mlp_layer_specs(cfg) -> List[dict]:
              for i, h in enumerate(cfg.hidden)]
     specs.append({"type": "dense", "name": "encoder.head", "units": 2 * cfg.latent_dim,
                   "activation": "identity", "parts": ["mu", "logvar"]})
-    specs.append({"type": "gaussian", "name": "sampler", "latent_dim": cfg.latent_dim})
+    specs += posterior_specs(cfg)
     specs += [{"type": "dense", "name": f"decoder.{i}", "units": h, "activation": cfg.activation}
               for i, h in enumerate(cfg.decoder_widths)]
     specs.append({"type": "dense", "name": "decoder.out", "units": cfg.input_dim, "activation": "identity"})
     specs.append({"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma})
+    return specs
+
+
+def posterior_specs(cfg) -> List[dict]:
+    """The Gaussian sampler, then ``cfg.flows`` IAF steps ``flow.t`` (MADE
+    hidden width ``cfg.flow_hidden``, ``cfg.activation``, every other step in
+    reversed order) when ``cfg.posterior == "iaf"``."""
+    specs = [{"type": "gaussian", "name": "sampler", "latent_dim": cfg.latent_dim}]
+    if cfg.posterior == "iaf":
+        specs += [{"type": "iaf", "name": f"flow.{t}", "hidden": cfg.flow_hidden, "activation": cfg.activation,
+                   "reverse": t % 2 == 1} for t in range(cfg.flows)]
     return specs
 
 
@@ -86,7 +99,7 @@ def conv_layer_specs(cfg) -> List[dict]:
     else:
         raise ConfigError(f"arch 'conv' is defined for 28x28 and 64x64 images, got {H}x{W}; resize the "
                           "images (--image-size 64 64) or describe your own stack in ModelConfig.layers")
-    return enc + [head, {"type": "gaussian", "name": "sampler", "latent_dim": L}] + dec + [
+    return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 
 
@@ -138,6 +151,11 @@ def check_layer_specs(cfg, specs) -> List[dict]:
                 raise ConfigError(f"{where} shape must be [C, H, W], got {shape!r}")
             for v in shape:
                 _positive_int(f"{where} each shape size", v)
+        elif kind == "iaf":
+            _positive_int(f"{where} hidden", spec.get("hidden"))
+            _choice(f"{where} activation", spec.get("activation"), tuple(ACTIVATION_CODES))
+            if not isinstance(spec.get("reverse"), bool):
+                raise ConfigError(f"{where} reverse must be true or false, got {spec.get('reverse')!r}")
         elif kind == "gaussian":
             if spec.get("latent_dim") != cfg.latent_dim:
                 raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "
@@ -149,4 +167,10 @@ def check_layer_specs(cfg, specs) -> List[dict]:
     kinds = [s["type"] for s in out]
     if kinds.count("gaussian") != 1 or kinds.count("likelihood") != 1 or kinds[-1] != "likelihood":
         raise ConfigError("layers need exactly one gaussian sampler and end with the one likelihood layer")
+    n_iaf, after = kinds.count("iaf"), kinds.index("gaussian") + 1
+    if kinds[after:after + n_iaf] != ["iaf"] * n_iaf:
+        raise ConfigError("iaf layers must directly follow the gaussian sampler (the flow acts on z)")
+    if (cfg.posterior == "iaf") != (n_iaf > 0) or (n_iaf and n_iaf != cfg.flows):
+        raise ConfigError(f"layers hold {n_iaf} iaf step(s) but the config says posterior {cfg.posterior!r}, "
+                          f"flows {cfg.flows}; make them agree")
     return out

@@ -87,8 +87,7 @@ def _train_locked(a, out, progress, talk):
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
                            latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
                                                                                                20),
-                           **pick(arch=a.arch, hidden=a.hidden, decoder_hidden=a.decoder_hidden, activation=a.activation,
-                                  likelihood=a.likelihood, sigma=a.sigma, dtype=a.dtype, init=a.init))
+                           **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
         tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                                   decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
@@ -279,7 +278,7 @@ def _cmd_plot(a):
     L = model.config.latent_dim
     if L >= 2:
         dims = tuple(a.dims) if a.dims else (0, 1)
-        pca = None if (a.dims or L == 2) else model.encode(x[:5000])[0]
+        pca = None if (a.dims or L == 2) else model.codes(x[:5000])
         save("latent_grid.png", explore.plot_latent_grid, model, shape, n=a.grid, dims=dims, spacing=a.spacing,
              pca_codes=pca)
     _positive("--max-dims", a.max_dims)

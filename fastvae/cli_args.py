@@ -13,7 +13,8 @@ import os
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
-MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init")
+MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init",
+              "posterior", "flows", "flow_hidden")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
                "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32",
                "clip_grad_norm", "objective", "iwae_k")
@@ -52,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--sigma", type=float, help="gaussian likelihood standard deviation (default 0.1)")
     m.add_argument("--dtype", help="float32 (default) or float64")
     m.add_argument("--init", help="pytorch (default) or xavier")
+    m.add_argument("--posterior", choices=["gaussian", "iaf"],
+                   help="gaussian (default) or iaf: inverse autoregressive flow steps after the sampler "
+                        "(Kingma et al. 2016); needs --flows")
+    m.add_argument("--flows", type=int, metavar="N", help="number of IAF steps of --posterior iaf")
+    m.add_argument("--flow-hidden", type=int, metavar="H", help="hidden units of each IAF step's MADE (default 200)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
     o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")

@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .architectures import ARCHS, DERIVING_FIELDS, check_layer_specs, conv_layer_specs, mlp_layer_specs
+from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
+                            mlp_layer_specs)
 from .checks import _choice, _finite_nonneg, _positive_int
 from .errors import ConfigError
 from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
@@ -74,6 +75,10 @@ class ModelConfig(_JSONMixin):
         ``conv`` needs ``image_shape``: on 28x28 it is the Hasktorch seed's
         ConvNet, on 64x64 the net of Burgess et al. 2018 (see
         :func:`conv_layer_specs`).
+    posterior: ``gaussian`` (default) or ``iaf``: ``flows`` inverse
+        autoregressive flow steps after the sampler (Kingma et al. 2016), each
+        a MADE with one hidden layer of ``flow_hidden`` units; the KL is then
+        the single-sample estimate (see :mod:`fastvae.layers.flow`).
     layers: the architecture as data, a list of layer specs (JSON objects)
         walked in order from image to likelihood; ``None`` (default) derives
         the ``arch`` stack from ``hidden``, ``latent_dim``, ``decoder_hidden``,
@@ -86,7 +91,9 @@ class ModelConfig(_JSONMixin):
         ``{"type": "conv_transpose2d", ..., "output_padding": op}`` (same keys
         plus output_padding), ``{"type": "reshape", "shape": [C, H, W]}``,
         ``{"type": "gaussian", "latent_dim": L}``
-        (the reparameterized sampler and its KL) and ``{"type": "likelihood",
+        (the reparameterized sampler and its KL), ``{"type": "iaf", "hidden":
+        H, "activation": A, "reverse": bool}`` (a flow step, right after the
+        sampler) and ``{"type": "likelihood",
         "kind": K, "sigma": S}``. Checked here for types and values; shapes
         are checked when the layers are built (``fastvae.layers.build``).
     """
@@ -104,6 +111,9 @@ class ModelConfig(_JSONMixin):
     elu_alpha: float = 1.0
     image_shape: Optional[Tuple[int, ...]] = None
     arch: str = "mlp"
+    posterior: str = "gaussian"
+    flows: int = 0
+    flow_hidden: int = 200
     layers: Optional[List[dict]] = None
 
     def __post_init__(self):
@@ -130,6 +140,13 @@ class ModelConfig(_JSONMixin):
                     f"image_shape {self.image_shape} has {math.prod(self.image_shape)} pixels "
                     f"but input_dim is {self.input_dim}")
         _choice("arch", self.arch, ARCHS)
+        _choice("posterior", self.posterior, POSTERIORS)
+        if isinstance(self.flows, bool) or not isinstance(self.flows, int) or self.flows < 0:
+            raise ConfigError(f"flows must be a non-negative integer, got {self.flows!r}")
+        _positive_int("flow_hidden", self.flow_hidden)
+        if (self.posterior == "iaf") != (self.flows > 0):
+            raise ConfigError(f"posterior {self.posterior!r} with flows {self.flows}: --posterior iaf needs "
+                              "--flows N (N >= 1), and --flows needs --posterior iaf")
         if self.layers is None:
             self.layers = mlp_layer_specs(self) if self.arch == "mlp" else conv_layer_specs(self)
         else:

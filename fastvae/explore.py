@@ -118,10 +118,11 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
 
 # ------------------------------------------------------------------ pictures
 def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_points=5000):
-    """Test images' ``mu`` as a scatter coloured by label: the latent plane
-    itself when L = 2, else the first two principal components (named on the axes)."""
+    """Test images' codes (``mu``; through the flow steps with an IAF
+    posterior, see :meth:`VAE.codes`) as a scatter coloured by label: the latent
+    plane itself when L = 2, else the first two principal components (named on the axes)."""
     X = np.asarray(X)[:max_points]
-    mu, _ = model.encode(X)
+    mu = model.codes(X)
     fig = _figure((6, 5))
     ax = fig.add_subplot(1, 1, 1)
     if mu.shape[1] == 2:
@@ -188,7 +189,7 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
         kl = kl_per_dim(model, X)
         order = list(np.argsort(-kl))
         if center is None:
-            center = model.encode(np.asarray(X)[:1])[0][0]
+            center = model.codes(np.asarray(X)[:1])[0]
     else:
         kl, order = None, list(range(L))
     if center is None:
@@ -210,8 +211,8 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
 
 
 def interpolation_frames(model, xa, xb, steps=24, mode="linear") -> np.ndarray:
-    """``(steps, D)`` decoded images morphing from image xa to xb through their codes (mu)."""
-    mu, _ = model.encode(np.stack([np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)]))
+    """``(steps, D)`` decoded images morphing from image xa to xb through their codes (:meth:`VAE.codes`)."""
+    mu = model.codes(np.stack([np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)]))
     return model.decode(interpolate_codes(mu[0], mu[1], steps, mode))
 
 

@@ -26,7 +26,9 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     """Per-image importance-weighted estimate of -log p(x) in nats, ``(N,)``.
 
     -log p(x) ~= log k - logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)],
-    z_i ~ q(z|x), i = 1..k (Burda et al. 2016, eq. 8). Decodes at most
+    z_i ~ q(z|x), i = 1..k (Burda et al. 2016, eq. 8); with an IAF posterior
+    z_i and log q(z_i|x) come through the flow steps (their log-determinants
+    included). The samples run through the model's own sampler. Decodes at most
     ``batch_rows`` rows at a time (many images x few samples, or one image's
     samples in chunks); a running max keeps the log-sum-exp stable (float64).
     ``progress`` shows a tqdm bar over the N k decoded samples (stderr).
@@ -38,7 +40,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     be, c = model.backend, model.config
     L = c.latent_dim
     mu, logvar = model.encode(X)
-    std = np.exp(0.5 * logvar)
+    head = np.concatenate([mu, logvar], axis=1)
     rng = np.random.Generator(np.random.PCG64([seed, 3]))
     out = np.empty(len(X))
     per_block = max(1, batch_rows // k)
@@ -56,16 +58,14 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
         while done < k:
             tt = min(t, k - done)
             if tt not in reps:
-                reps[tt] = be.asarray(np.repeat(xb, tt, axis=0))
-            eps = rng.standard_normal((nb, tt, L))
-            z = mu[i0:i0 + nb, None, :] + std[i0:i0 + nb, None, :] * eps
+                reps[tt] = (be.asarray(np.repeat(xb, tt, axis=0)), be.asarray(np.repeat(head[i0:i0 + nb], tt, axis=0)))
+            eps = rng.standard_normal((nb * tt, L))
             ws = model.workspace(nb * tt)
-            model.decode_into(ws, be.asarray(z.reshape(nb * tt, L)))
-            model.nll_into(ws, reps[tt])
-            log_px_z = -be.to_host(ws.nll).astype(np.float64).reshape(nb, tt)
-            log_pz = -0.5 * (z * z).sum(2)
-            log_qz = -0.5 * (eps * eps + logvar[i0:i0 + nb, None, :]).sum(2)
-            w = log_px_z + log_pz - log_qz          # the 2 pi terms cancel
+            z = model.sample_posterior_into(ws, reps[tt][1], be.asarray(eps), sampled_kl=True)
+            model.decode_into(ws, z)
+            model.nll_into(ws, reps[tt][0])
+            # log w = log p(x|z) + log p(z) - log q(z|x) = -nll - (log q(z|x) - log p(z)), flows included
+            w = -(be.to_host(ws.nll).astype(np.float64) + be.to_host(ws.kl).astype(np.float64)).reshape(nb, tt)
             new_m = np.maximum(m, w.max(1))
             acc = acc * np.exp(m - new_m) + np.exp(w - new_m[:, None]).sum(1)
             m = new_m

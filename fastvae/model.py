@@ -87,6 +87,7 @@ class VAE:
                 f"backend computes in {self.backend.dtype} but the model config says {config.dtype}")
         self.layers = _layers.build(config)
         self.sampler_at = _layers.sampler_index(self.layers)
+        self.decoder_at = _layers.decoder_index(self.layers)       # after the flow steps, if any
         self.layout = ParamLayout.for_layers(self.layers)
         be = self.backend
         P = self.layout.size
@@ -168,8 +169,16 @@ class VAE:
 
     def decode_into(self, ws: Workspace, z):
         """Fill ``ws.logits`` (decoder output before the likelihood's link)
-        from ``z (B, L)``; returns it."""
-        return self._walk(ws, self.sampler_at + 1, len(self.layers) - 1, z, None)
+        from ``z (B, L)`` (the code the decoder reads: after the flow steps); returns it."""
+        return self._walk(ws, self.decoder_at, len(self.layers) - 1, z, None)
+
+    def sample_posterior_into(self, ws: Workspace, head, eps, sampled_kl: bool = False):
+        """``z (B, L)`` for the decoder from ``head = [mu | logvar] (B, 2L)``
+        and noise ``eps (B, L)`` through the sampler and any flow steps;
+        ``ws.kl`` then holds each image's KL: ``log q(z|x) - log p(z)`` of this
+        z with flows or ``sampled_kl``, else the closed form."""
+        return self._walk(ws, self.sampler_at, self.decoder_at, head,
+                          _layers.Step(None, eps, sampled_kl=sampled_kl))
 
     def nll_into(self, ws: Workspace, x):
         """Per-image ``ws.nll (B,)`` (nats) of targets ``x (B, D)`` under ``ws.logits``."""
@@ -258,10 +267,23 @@ class VAE:
             outs.append(self.mean_image(self.backend.to_host(ws.logits)).astype(self.config.dtype, copy=False))
         return np.concatenate(outs) if outs else np.zeros((0, self.config.input_dim), self.config.dtype)
 
+    def codes(self, X, batch_size: int = 1024):
+        """The codes the decoder reads for host images ``X (N, D)`` without
+        noise (eps = 0): ``mu``, or with flow steps their image of ``mu``;
+        host ``(N, L)``. (:meth:`encode` gives the base Gaussian's mu, logvar.)"""
+        if self.decoder_at == self.sampler_at + 1:
+            return self.encode(X, batch_size)[0]
+        out = []
+        for xb in self._batches(X, batch_size):
+            ws = self.workspace(xb.shape[0])
+            self.encode_into(ws, xb)
+            ws.eps[...] = 0
+            out.append(self.backend.to_host(self.sample_posterior_into(ws, ws.head, ws.eps)).copy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.latent_dim))
+
     def reconstruct(self, X, batch_size: int = 1024):
-        """Reconstructions decoded from ``mu`` (no sampling): host ``(N, D)``."""
-        mu, _ = self.encode(X, batch_size)
-        return self.decode(mu, batch_size)
+        """Reconstructions decoded from :meth:`codes` (no sampling): host ``(N, D)``."""
+        return self.decode(self.codes(X, batch_size), batch_size)
 
     def sample(self, n: int, seed: int = 0):
         """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means, model dtype)."""

@@ -228,6 +228,9 @@ def make(train_config, model, n_train: int):
     """The objective a :class:`~fastvae.config.TrainConfig` names: None for the
     ELBO (the model's own loss), else an :class:`IWAEObjective` or a
     :class:`BetaTCVAEObjective`."""
+    if train_config.objective != "elbo" and model.decoder_at != model.sampler_at + 1:
+        raise ConfigError(f"--objective {train_config.objective} is written for the Gaussian posterior; "
+                          "train an IAF posterior (--posterior iaf) with the ELBO, or drop the flows")
     if train_config.objective == "iwae":
         return IWAEObjective(model, train_config.iwae_k)
     if train_config.objective == "btcvae":

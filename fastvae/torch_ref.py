@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from .layers.flow import FORGET_BIAS
+
 
 def _torch():
     try:
@@ -35,6 +37,11 @@ def build(cfg, device="cpu"):
             "elu": lambda h: nn.functional.elu(h, cfg.elu_alpha), "softplus": nn.functional.softplus}
 
     def module(layer):
+        if isinstance(layer, L.IAFStep):       # two masked Linear layers, masks as buffers
+            m = nn.ModuleDict({"hidden": module(layer.hidden), "out": module(layer.out)})
+            m.register_buffer("mask_hidden", torch.from_numpy(layer.hidden.mask))
+            m.register_buffer("mask_out", torch.from_numpy(layer.out.mask))
+            return m
         if isinstance(layer, L.Dense):
             return nn.Linear(layer.in_features, layer.out_features)
         if isinstance(layer, L.Conv2d):
@@ -57,9 +64,20 @@ def build(cfg, device="cpu"):
                                        if (m := module(layer)) is not None})
 
         def forward(self, x, eps):
-            h, mu, logvar = x, None, None
+            """``(logits rows, mu, logvar, sum of the flow steps' log sig)``."""
+            h, mu, logvar, log_sig = x, None, None, 0.0
             for layer in self.stack:
-                if isinstance(layer, L.Dense):
+                if isinstance(layer, L.IAFStep):    # Kingma et al. 2016, Algorithm 1
+                    m = self.mods[layer.name.replace(".", "_")]
+                    act = acts[layer.hidden.activation]
+                    u = act(nn.functional.linear(h, m["hidden"].weight * m.mask_hidden, m["hidden"].bias))
+                    head = nn.functional.linear(u, m["out"].weight * m.mask_out, m["out"].bias)
+                    n = layer.out_features
+                    sig = torch.sigmoid(head[:, n:] + FORGET_BIAS)
+                    h = sig * h + (1 - sig) * head[:, :n]
+                    log_sig = log_sig + torch.log(sig).sum(1)
+                    self.z = h
+                elif isinstance(layer, L.Dense):
                     h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](rows(h)))
                 elif isinstance(layer, (L.Conv2d, L.ConvTranspose2d)):
                     h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](nchw(h, layer.in_hwc)))
@@ -69,11 +87,13 @@ def build(cfg, device="cpu"):
                     n = layer.out_features
                     mu, logvar = h[:, :n], h[:, n:]
                     h = mu + torch.exp(0.5 * logvar) * eps
-            return rows(h), mu, logvar
+                    self.z = h
+            return rows(h), mu, logvar, log_sig
 
         def losses(self, x, eps):
-            """Per-image ``(recon, kl)`` in nats, the engine's convention."""
-            out, mu, logvar = self(x, eps)
+            """Per-image ``(recon, kl)`` in nats, the engine's convention
+            (with flows, kl is log q(z_T|x) - log p(z_T) of this sample)."""
+            out, mu, logvar, log_sig = self(x, eps)
             if cfg.likelihood == "bernoulli":
                 rec = nn.functional.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
             elif cfg.likelihood == "gaussian":
@@ -81,7 +101,10 @@ def build(cfg, device="cpu"):
                 rec = (0.5 * (out - x) ** 2 / s ** 2).sum(1) + cfg.input_dim * (math.log(s) + 0.5 * math.log(2 * math.pi))
             else:
                 rec = ((out - x) ** 2).sum(1)
-            kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
+            if cfg.posterior == "iaf":
+                kl = 0.5 * (self.z ** 2 - eps ** 2 - logvar).sum(1) - log_sig
+            else:
+                kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
             return rec, kl
 
     return TorchVAE().to(device=device, dtype=dtype)
@@ -90,13 +113,20 @@ def build(cfg, device="cpu"):
 def named_tensors(tm):
     """``[(engine tensor name, torch parameter, row slice)]``: a Dense layer
     stored in parts (the ``mu | logvar`` head) is one torch Linear whose rows
-    split into the engine's named tensors."""
+    split into the engine's named tensors; an IAF step's two masked layers are
+    its ``hidden`` and ``out`` Linear."""
     from . import layers as L
-    out = []
+    pairs = []
     for layer in tm.stack:
-        m = tm.mods[layer.name.replace(".", "_")] if layer.name.replace(".", "_") in tm.mods else None
-        if m is None:
+        key = layer.name.replace(".", "_")
+        if key not in tm.mods:
             continue
+        if isinstance(layer, L.IAFStep):
+            pairs += [(layer.hidden, tm.mods[key]["hidden"]), (layer.out, tm.mods[key]["out"])]
+        else:
+            pairs.append((layer, tm.mods[key]))
+    out = []
+    for layer, m in pairs:
         if isinstance(layer, L.Dense):
             r = layer.out_features // len(layer.tensors)
             for i, t in enumerate(layer.tensors):

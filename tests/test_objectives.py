@@ -69,7 +69,7 @@ def test_iwae_matches_pytorch_autograd(name):
     B, K = x.shape[0], obj.k
     xt = torch.tensor(np.repeat(x, K, axis=0))
     et = torch.tensor(eps)
-    out, mu, logvar = tm(xt, et)
+    out, mu, logvar, _ = tm(xt, et)
     z = mu + torch.exp(0.5 * logvar) * et
     rec, _ = tm.losses(xt, et)
     logw = (-rec - 0.5 * (z ** 2).sum(1) + 0.5 * (et ** 2).sum(1) + 0.5 * logvar.sum(1)).view(B, K)
@@ -166,7 +166,7 @@ def test_btcvae_matches_pytorch_autograd():
     tm = torch_ref.build(cfg)
     torch_ref.copy_from(tm, model)
     xt, et = torch.tensor(x), torch.tensor(eps)
-    out, mu, lv = tm(xt, et)
+    out, mu, lv, _ = tm(xt, et)
     z = mu + torch.exp(0.5 * lv) * et
     rec, _ = tm.losses(xt, et)
     lq = -0.5 * ((z[:, None] - mu[None]) ** 2 / lv.exp()[None] + lv[None] + math.log(2 * math.pi))

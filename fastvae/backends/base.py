@@ -172,6 +172,66 @@ class Backend:
             dlogvar += 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
         return top[:, 0] + xp.log(sA[:, 0]), (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1)
 
+    # ---- sampled KL and inverse autoregressive flow (array expressions: every backend) ----
+    def sampled_kl(self, kl, z, eps, head):
+        """The single-sample KL estimate ``kl_i = log q(z_i|x) - log p(z_i) =
+        sum_j (z^2 - eps^2 - logvar) / 2`` (B,) for ``z = mu + std eps`` (the
+        2 pi terms cancel; its expectation is the closed form of Kingma &
+        Welling 2014, App. B). ``head = [mu | logvar] (B, 2L)``."""
+        L = z.shape[1]
+        kl[...] = 0.5 * (z * z - eps * eps - head[:, L:]).sum(1)
+        return kl
+
+    def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):
+        """Backward of :meth:`sampled_kl` plus the reparameterization, for
+        ``dz`` (B, L) from the layers after the sampler: with ``g = dz + k z``
+        (``k = kl_scale``, the KL's weight), ``dmu = g`` and ``dlogvar =
+        g eps std / 2 - k / 2``."""
+        L = dz.shape[1]
+        g = dz + kl_scale * z
+        dhead[:, :L] = g
+        dhead[:, L:] = 0.5 * g * eps * std - 0.5 * kl_scale
+        return dhead
+
+    def iaf_gate(self, z, kl, z_in, head, bias):
+        """One inverse autoregressive flow step's update, in the numerically
+        stable gated form (Kingma et al. 2016, "Improved variational inference
+        with inverse autoregressive flow", Algorithm 1 and eqs. 14-15): with
+        ``head = [m | s] (B, 2L)`` from the step's MADE and
+        ``sig = sigmoid(s + bias)``, ``z = sig z_in + (1 - sig) m``. The
+        Jacobian dz/dz_in is triangular with diagonal ``sig``, so when ``kl``
+        (B,) is given it gets ``-sum_j log sig_j`` (log q falls by the
+        log-determinant) plus ``log p(z_in) - log p(z) = (|z|^2 - |z_in|^2) / 2``,
+        which telescope over the steps to ``log q(z_T|x) - log p(z_T)``."""
+        xp, L = self.xp, z.shape[1]
+        m, a = head[:, :L], head[:, L:] + bias
+        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
+        z[...] = sig * z_in + (1.0 - sig) * m
+        if kl is not None:
+            log_sig = -(xp.maximum(-a, 0.0) + xp.log1p(xp.exp(-xp.abs(a))))     # -softplus(-a)
+            kl += (0.5 * (z * z - z_in * z_in) - log_sig).sum(1)
+        return z
+
+    def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
+        """Backward of :meth:`iaf_gate` (its KL terms weighted by ``k =
+        kl_scale``): with ``g = dz + k z``, ``dm = (1 - sig) g``,
+        ``ds = (z_in - m) sig (1 - sig) g - k (1 - sig)`` into ``dhead`` and the
+        direct path ``dz_in = sig g - k z_in`` (the caller adds the path
+        through the MADE)."""
+        xp, L = self.xp, z.shape[1]
+        m, a = head[:, :L], head[:, L:] + bias
+        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
+        g = dz + kl_scale * z
+        dhead[:, :L] = (1.0 - sig) * g
+        dhead[:, L:] = (z_in - m) * sig * (1.0 - sig) * g - kl_scale * (1.0 - sig)
+        dz_in[...] = sig * g - kl_scale * z_in
+        return dz_in
+
+    def mul_(self, out, a, b):
+        """``out = a * b`` elementwise (a mask on a weight or its gradient)."""
+        self.xp.multiply(a, b, out=out)
+        return out
+
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):  # pragma: no cover
         """Per-image negative log-likelihood and its gradient, fused.
 

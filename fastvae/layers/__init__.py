@@ -22,7 +22,8 @@ from typing import List
 from ..errors import ConfigError
 from .base import Layer, State, Step
 from .conv import Conv2d, ConvTranspose2d, Reshape
-from .dense import Dense
+from .dense import Dense, MaskedDense
+from .flow import IAFStep
 from .vae import GaussianSampler, Likelihood
 
 
@@ -41,6 +42,7 @@ def build(cfg) -> List[Layer]:
     layers: List[Layer] = []
     n, hwc = cfg.input_dim, _image_hwc(cfg)
     slope, alpha = cfg.leaky_slope, cfg.elu_alpha
+    flows = any(spec["type"] == "iaf" for spec in cfg.layers)
     for spec in cfg.layers:
         kind, name = spec["type"], spec["name"]
         if kind in ("conv2d", "conv_transpose2d") and hwc is None:
@@ -58,7 +60,9 @@ def build(cfg) -> List[Layer]:
             C, H, W = spec["shape"]
             layer = Reshape(name, n, (H, W, C))
         elif kind == "gaussian":
-            layer = GaussianSampler(name, n, spec["latent_dim"])
+            layer = GaussianSampler(name, n, spec["latent_dim"], sampled=flows)
+        elif kind == "iaf":
+            layer = IAFStep(name, n, spec["hidden"], spec["activation"], spec["reverse"], slope, alpha)
         else:
             if n != cfg.input_dim:
                 raise ConfigError(f"layer {name!r} scores images of {cfg.input_dim} pixels but the "
@@ -76,6 +80,8 @@ def describe(layers: List[Layer]) -> str:
     for layer in layers[:-1]:
         if isinstance(layer, GaussianSampler):
             parts.append(f"z{layer.out_features}")
+        elif isinstance(layer, IAFStep):
+            parts.append(f"iaf({layer.hidden.out_features})")
         elif isinstance(layer, Reshape):
             H, W, C = layer.out_hwc
             parts.append(f"[{C}x{H}x{W}]")
@@ -92,9 +98,17 @@ def describe(layers: List[Layer]) -> str:
 
 
 def sampler_index(layers: List[Layer]) -> int:
-    """Position of the one :class:`GaussianSampler` (encoder before, decoder after)."""
+    """Position of the one :class:`GaussianSampler` (encoder before, flows and decoder after)."""
     return next(i for i, layer in enumerate(layers) if isinstance(layer, GaussianSampler))
 
 
-__all__ = ["Step", "State", "Layer", "Dense", "GaussianSampler", "Likelihood", "Conv2d", "ConvTranspose2d", "Reshape",
-           "build", "describe", "sampler_index"]
+def decoder_index(layers: List[Layer]) -> int:
+    """Position of the first decoder layer: after the sampler and its flow steps."""
+    i = sampler_index(layers) + 1
+    while isinstance(layers[i], IAFStep):
+        i += 1
+    return i
+
+
+__all__ = ["Step", "State", "Layer", "Dense", "MaskedDense", "IAFStep", "GaussianSampler", "Likelihood", "Conv2d",
+           "ConvTranspose2d", "Reshape", "build", "describe", "sampler_index", "decoder_index"]

@@ -15,7 +15,11 @@ class Step:
     x: ``(B, D)`` target images (the likelihood's data); eps: ``(B, L)``
     N(0, 1) noise for the sampler; beta: KL weight; grad_scale: dLoss/d(per-
     image term) = 1/B; train: compute gradients; need_loss: compute the
-    per-image ``nll`` and ``kl`` (skipped on steps whose loss is not reported).
+    per-image ``nll`` and ``kl`` (skipped on steps whose loss is not reported);
+    kl: the per-image KL buffer ``(B,)`` the sampler fills and flow steps
+    after it add to (set during the forward walk); sampled_kl: the sampler
+    gives the single-sample estimate ``log q(z|x) - log p(z)`` even without
+    flows (importance weights need it).
     """
     x: object
     eps: object
@@ -23,6 +27,8 @@ class Step:
     grad_scale: float = 1.0
     train: bool = False
     need_loss: bool = True
+    kl: object = None
+    sampled_kl: bool = False
 
 
 class State:

@@ -52,19 +52,56 @@ class Dense(Layer):
     def forward(self, be, st, x, step):
         """``pre = x W^T + b`` (one GEMM, then the bias fused with the
         activation); returns ``y = act(pre)``, ``(B, out)``."""
-        st.x = x
-        be.gemm(st.pre, x, self.W, trans_b=True)
-        be.bias_act(None if st.y is st.pre else st.y, st.pre, self.b, self.activation, self.slope, self.alpha)
-        return st.y
+        return self._forward(be, st, x, self.W)
 
     def backward(self, be, st, dy, step):
         """In place ``dy *= act'(pre)`` (now dLoss/dpre), then
         ``dW = dpre^T x``, ``db = sum_i dpre_i`` and ``dx = dpre W``."""
+        return self._backward(be, st, dy, self.W)
+
+    def _forward(self, be, st, x, W):
+        st.x = x
+        be.gemm(st.pre, x, W, trans_b=True)
+        be.bias_act(None if st.y is st.pre else st.y, st.pre, self.b, self.activation, self.slope, self.alpha)
+        return st.y
+
+    def _backward(self, be, st, dy, W):
         if self.activation != "identity":
             be.act_backward(dy, st.pre, st.y, self.activation, self.slope, self.alpha)
         be.gemm(self.dW, dy, st.x, trans_a=True)
         be.col_sum(self.db, dy)
         if st.dx is None:
             return None
-        be.gemm(st.dx, dy, self.W)
+        be.gemm(st.dx, dy, W)
         return st.dx
+
+
+class MaskedDense(Dense):
+    """A dense layer with a fixed 0/1 ``mask (out, in)`` on its weight (MADE,
+    Germain et al. 2015, eq. 9): ``y = act(x (W * mask)^T + b)``, and the mask
+    also applies to the gradient, ``dW = (dpre^T x) * mask``, so masked
+    entries never move and never act, whatever values a file gives them.
+    ``dx = dpre (W * mask)``. The mask is host data fixed by the architecture
+    (not a parameter, not in checkpoints)."""
+
+    def __init__(self, name, in_features, out_features, activation, mask, parts=None, slope=0.01, alpha=1.0):
+        super().__init__(name, in_features, out_features, activation, parts, slope, alpha)
+        if mask.shape != (out_features, in_features):
+            raise ValueError(f"mask of shape {mask.shape} for a {out_features} x {in_features} weight")
+        self.mask = mask
+
+    def workspace(self, be, B, need_dx):
+        st = super().workspace(be, B, need_dx)
+        st.mask = be.asarray(self.mask)
+        st.Wm = be.empty(self.mask.shape)
+        return st
+
+    def forward(self, be, st, x, step):
+        """``y = act(x (W * mask)^T + b)``."""
+        return self._forward(be, st, x, be.mul_(st.Wm, self.W, st.mask))
+
+    def backward(self, be, st, dy, step):
+        """As :meth:`Dense.backward` with ``W * mask``, then ``dW *= mask``."""
+        dx = self._backward(be, st, dy, st.Wm)
+        be.mul_(self.dW, self.dW, st.mask)
+        return dx

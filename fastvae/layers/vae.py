@@ -16,13 +16,18 @@ class GaussianSampler(Layer):
     exp(logvar))`` nats (ibid., Appendix B). Backward: ``dmu = dz + c mu``,
     ``dlogvar = (dz eps std + c (std^2 - 1)) / 2`` with ``c = beta / B`` the
     weight of each image's KL in the loss. Both are one fused kernel.
+
+    ``sampled=True`` (when flow steps follow, whose KL has no closed form):
+    ``kl`` is the single-sample estimate ``log q(z|x) - log p(z)``
+    (:meth:`Backend.sampled_kl`), which the flow steps continue.
     """
 
-    def __init__(self, name, in_features, latent_dim):
+    def __init__(self, name, in_features, latent_dim, sampled=False):
         if in_features != 2 * latent_dim:
             raise ConfigError(f"layer {name!r} samples latent_dim {latent_dim} and needs a head of "
                               f"2 x {latent_dim} = {2 * latent_dim} units before it, got {in_features}")
         self.name, self.in_features, self.out_features = name, in_features, latent_dim
+        self.sampled = sampled
 
     def workspace(self, be, B, need_dx):
         st = State()
@@ -33,13 +38,21 @@ class GaussianSampler(Layer):
 
     def forward(self, be, st, x, step):
         st.x = x
-        be.reparam_kl(st.y, st.kl if step.need_loss else None, st.std, x, step.eps)
+        kl = st.kl if step.need_loss else None
+        sampled = self.sampled or step.sampled_kl
+        be.reparam_kl(st.y, None if sampled else kl, st.std, x, step.eps)
+        if sampled and kl is not None:
+            be.sampled_kl(kl, st.y, step.eps, x)
+        step.kl = kl
         return st.y
 
     def backward(self, be, st, dy, step):
         if st.dx is None:
             return None
-        be.reparam_kl_backward(st.dx, dy, st.x, st.std, step.eps, step.beta * step.grad_scale)
+        k = step.beta * step.grad_scale
+        if self.sampled or step.sampled_kl:
+            return be.sampled_kl_backward(st.dx, dy, st.y, st.std, step.eps, k)
+        be.reparam_kl_backward(st.dx, dy, st.x, st.std, step.eps, k)
         return st.dx
 
 
