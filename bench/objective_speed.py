@@ -4,7 +4,8 @@
 
 Median ms per training step (batch fill, forward, backward, Adam) of a
 Trainer on resident synthetic data, for 784-400-20/b128 and the seed ConvNet
-(conv28-20/b128): ``elbo``, ``iwae`` with K = 5 and ``btcvae``. Warm-up (the
+(conv28-20/b128): ``elbo``, ``iwae`` with K = 5, ``btcvae`` and the ELBO with
+an IAF posterior of 2 steps (``iaf2``, MADE hidden 200). Warm-up (the
 first 5 steps, Numba compilation included) is excluded and reported.
 Writes ``bench/results/objective_speed.json``.
 """
@@ -20,12 +21,17 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def measure(arch, objective, backend, seconds):
+VARIANTS = {"elbo": ("elbo", {}), "iwae": ("iwae", {}), "btcvae": ("btcvae", {}),
+            "iaf2": ("elbo", {"posterior": "iaf", "flows": 2})}
+
+
+def measure(arch, variant, backend, seconds):
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
     from fastvae.data import Dataset
+    objective, extra = VARIANTS[variant]
     x = np.random.default_rng(0).random((128 * 40, 784), dtype=np.float32)
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=20, arch=arch,
-                     **({"hidden": [400]} if arch == "mlp" else {}))
+                     **({"hidden": [400]} if arch == "mlp" else {}), **extra)
     t = Trainer(mc, TrainConfig(batch_size=128, backend=backend, objective=objective, iwae_k=5), DataConfig(),
                 dataset=Dataset("bench", x, None, None, None, (28, 28)), progress=False)
     pos, b = t.batches.new_epoch(), 0
@@ -55,7 +61,7 @@ def main():
     rows = []
     for arch in ("mlp", "conv"):
         base = None
-        for objective in ("elbo", "iwae", "btcvae"):
+        for objective in VARIANTS:
             ms, warm = measure(arch, objective, a.backend, a.seconds)
             base = base or ms
             row = {"arch": arch, "objective": objective, "iwae_k": 5 if objective == "iwae" else None,
