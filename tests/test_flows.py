@@ -11,7 +11,7 @@ import fastvae
 from fastvae import ConfigError, ModelConfig, VAE, metrics
 from fastvae.layers.flow import made_masks
 
-from conftest import assert_grad, fv, full_gradient_check, numgrad
+from conftest import fv, full_gradient_check
 from cuda_emu import emu_param, make_backend
 from test_conv import small_cfg
 

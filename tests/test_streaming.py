@@ -2,7 +2,6 @@
 memory budget are streamed in chunks with a prefetch thread; RSS stays flat
 as the file grows; order, shards and resume behave as in memory."""
 
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import fastvae
 from fastvae import DataConfig, datasets
 from fastvae.streaming import StreamBatchSource, StreamedImages
 
-from conftest import PEAK_RSS, PY
+from conftest import PEAK_RSS
 
 
 def _npy(path, n, seed=0):
