@@ -66,7 +66,9 @@ def test_probe_accepts_an_older_driver_of_the_same_major_version():
     assert cb.device_reason(_runtime(drv=12020, rt=12090)) == ""
     assert cb.device_reason(_runtime(drv=13000, rt=12090)) == ""
     msg = cb.device_reason(_runtime(drv=11080, rt=12090))
-    assert "CUDA 11.8" in msg and "12.x" in msg and "fastvae[cuda11]" in msg
+    assert "CUDA 11.8" in msg and "12.x" in msg and "update the driver" in msg and "fastvae[" not in msg
+    msg = cb.device_reason(_runtime(drv=12080, rt=13000))        # CuPy for CUDA 13 on a CUDA 12 driver
+    assert "CUDA 12.8" in msg and "13.x" in msg and "fastvae[cuda12]" in msg
     assert cb.device_reason(_runtime(count=0)) == "no CUDA device found"
     assert "no usable CUDA device" in cb.device_reason(_runtime(fail=RuntimeError("cudaErrorNoDevice")))
 

@@ -78,8 +78,10 @@ def device_reason(runtime) -> str:
     except Exception as exc:
         return f"cannot query the CUDA driver ({_first_line(exc)})"
     if drv // 1000 < rt // 1000:
+        other = (f", or pip install 'fastvae[cuda{drv // 1000}]' (CuPy for that driver)"
+                 if drv // 1000 in (12, 13) else "")
         return (f"the CUDA driver supports CUDA {drv // 1000}.{drv % 1000 // 10} but this CuPy needs a CUDA "
-                f"{rt // 1000}.x driver; update the driver, or pip install 'fastvae[cuda{drv // 1000}]'")
+                f"{rt // 1000}.x driver; update the driver{other}")
     return ""
 
 
