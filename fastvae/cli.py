@@ -63,11 +63,8 @@ def _train_locked(a, out, progress, talk):
     from .errors import ConfigError
     from .train import Trainer, TrainingInterrupted
     if a.resume:
-        if a.threads is not None:
-            from .threads import set_threads
-            set_threads(a.threads)
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
-                                          data_dir=_abs(a.data_dir), progress=progress)
+                                          data_dir=_abs(a.data_dir), progress=progress, threads=a.threads)
         if trainer.epoch >= trainer.train_config.epochs and talk:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:
@@ -99,7 +96,8 @@ def _train_locked(a, out, progress, talk):
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:
             print(f"training{ranks} {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
-                  + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}")
+                  + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}"
+                  + trainer.threads_note)
     trainer.verbose = True
     try:
         trainer.fit()

@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--beta-cycles", type=int, help="cycles of the cyclical schedule (default 4)")
     o.add_argument("--binarize", action="store_true", default=None, help="dynamic binarization")
     o.add_argument("--seed", type=int, help="random seed (default 0)")
-    o.add_argument("--threads", type=int, help="BLAS/Numba threads (default: all cores, measured fastest)")
+    o.add_argument("--threads", type=_threads, help="BLAS/Numba threads, or auto: the fastest count measured on "
+                   "this model's step when training starts (default: all cores, fastest on an idle machine)")
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
     o.add_argument("--clip-grad-norm", type=float, help="clip the global gradient norm to this value")
@@ -171,6 +172,15 @@ def _positive(name, value):
     from .errors import ConfigError
     if value is not None and value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+def _threads(value):
+    """``--threads``: a positive integer or ``auto``."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {value!r}")
+    return int(value)
 
 
 def _abs(path):

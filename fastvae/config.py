@@ -190,7 +190,10 @@ class TrainConfig(_JSONMixin):
         1 (default) gives exact epoch means; larger values skip the loss
         reductions on the other steps (the gradient is the same).
     threads: BLAS/Numba threads (None: the libraries' defaults, measured
-        fastest on a 2-core machine).
+        fastest on an idle 2-core machine; ``"auto"``: measured at the start
+        of training on the model's own step, see :func:`fastvae.threads.autotune`;
+        OpenBLAS splits some GEMMs differently by thread count, so the float32
+        rounding, and a bit-for-bit resume, then depend on the choice).
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
     objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
@@ -223,7 +226,7 @@ class TrainConfig(_JSONMixin):
     seed: int = 0
     backend: str = "numpy"
     loss_every: int = 1
-    threads: Optional[int] = None
+    threads: Optional[object] = None
     tf32: bool = False
     clip_grad_norm: Optional[float] = None
     objective: str = "elbo"
@@ -260,7 +263,7 @@ class TrainConfig(_JSONMixin):
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
         if self.tf32 and self.backend != "cupy":
             raise ConfigError("tf32 applies to the cupy backend only; drop --tf32 or use --backend cupy")
-        if self.threads is not None:
+        if self.threads is not None and self.threads != "auto":
             _positive_int("threads", self.threads)
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a backend name, got {self.backend!r}")

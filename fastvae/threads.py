@@ -1,14 +1,21 @@
 """CPU thread control for BLAS and Numba together (via threadpoolctl).
 
 The Numba kernels are serial and run between BLAS calls, so the BLAS thread
-count is the one that matters. Measured on the 2-core development machine
-(``fastvae bench``): BLAS on both cores is fastest for every workload, which
-is also OpenBLAS's default, so fastvae changes nothing unless asked.
+count is the one that matters. Measured on the 2-core development machines
+(``fastvae bench``): BLAS on both cores is fastest for every workload on an
+idle machine, which is also OpenBLAS's default, so fastvae changes nothing
+unless asked. With another process busy on one of the two cores, OpenBLAS on
+both cores took the 784-400-20/b128 step from 5.7 ms (one thread) to 10.0 ms
+(``bench/results/cpu_busy_threads*.md``): ``--threads auto``
+(:func:`autotune`) measures the choice instead of assuming it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import statistics
+import time
+from typing import Callable, Optional
 
 from .errors import ConfigError
 
@@ -30,6 +37,41 @@ def set_threads(n: Optional[int]) -> dict:
             import numba
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return current()
+
+
+def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> dict:
+    """Set the thread count that runs ``probe()`` (a representative piece of
+    work, e.g. a forward and backward pass; it must not change any state that
+    matters) fastest: for each candidate (default: the usable cores, half of
+    them, 1) one warm-up call, then the median of ``repeats`` timed calls.
+    Returns ``{"threads": chosen, "ms": {candidate: median ms}}``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cands = list(candidates or sorted({cores, max(1, cores // 2), 1}, reverse=True))
+    ms = {}
+    for n in cands:
+        set_threads(n)
+        probe()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            probe()
+            times.append(time.perf_counter() - t)
+        ms[n] = 1e3 * statistics.median(times)
+    best = min(ms, key=ms.get)
+    set_threads(best)
+    return {"threads": best, "ms": ms}
+
+
+def autotune_model(model, batch_size: int) -> str:
+    """``--threads auto``: :func:`autotune` on ``model``'s forward + backward
+    (``loss_and_grad`` on a random batch: it writes only the gradient buffer,
+    which the first training step overwrites); returns a note for the log."""
+    import numpy as np
+    r = np.random.default_rng(0)
+    x = model.backend.asarray(r.random((batch_size, model.config.input_dim)))
+    eps = model.backend.zeros((batch_size, model.config.latent_dim))
+    res = autotune(lambda: (model.loss_and_grad(x, eps), model.backend.synchronize()))
+    return f"; threads auto: {res['threads']} (" + ", ".join(f"{n}: {v:.2f}" for n, v in res["ms"].items()) + " ms)"
 
 
 def current() -> dict:

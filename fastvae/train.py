@@ -34,6 +34,7 @@ from .optim import Adam, ClipGradNorm
 from .restore import choose_backend
 from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
+from .threads import autotune_model
 from .training import METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter  # noqa: F401
 
 
@@ -81,11 +82,12 @@ class Trainer:
                               "images; use a smaller --batch-size")
         self.world = distributed.world(tc.backend)
         threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
-        if threads is not None:
+        if threads is not None and threads != "auto":
             from .threads import set_threads
             set_threads(threads)
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
+        self.threads_note = "" if threads != "auto" else autotune_model(self.model, tc.batch_size)
         P, size = self.model.num_params, self.backend.dtype.itemsize
         extra = (memory.estimate(self.model.layers, P, size, batch=max(tc.batch_size, 1000), train=True, host=False)
                  - memory.estimate(self.model.layers, P, size, host=False))
@@ -158,13 +160,14 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
                         backend: Optional[str] = None, data_dir: Optional[str] = None,
-                        dataset=None, progress: bool = True) -> "Trainer":
+                        dataset=None, progress: bool = True, threads=None) -> "Trainer":
         """Rebuild a trainer exactly as it was saved, ready to continue.
 
         epochs: new total epoch count; backend: continue on another backend
         (default: the one that wrote it, or numpy when it cannot run here, as
         :func:`fastvae.restore.choose_backend` decides; the RNG state carries
-        over between the CPU backends); data_dir: where the data lives now.
+        over between the CPU backends); data_dir: where the data lives now;
+        threads: a thread count or ``"auto"`` for the continued run.
         Raises CheckpointError for a bad file.
         """
         data = ckpt.read_checkpoint(path)
@@ -177,8 +180,7 @@ class Trainer:
             raise CheckpointError(f"{path} holds an invalid config ({exc}); use a checkpoint written "
                                   "by fastvae") from None
         changes = {"backend": choose_backend(backend, tc.backend)}
-        if epochs is not None:
-            changes["epochs"] = epochs
+        changes.update({k: v for k, v in (("epochs", epochs), ("threads", threads)) if v is not None})
         if changes["backend"] != "cupy" and tc.tf32:
             changes["tf32"] = False
         tc = tc.replace(**changes)

@@ -4,6 +4,8 @@ import pytest
 import fastvae
 from fastvae import BackendUnavailableError, ConfigError, ModelConfig, backends, datasets
 
+from conftest import tiny_trainer
+
 
 def test_public_api_names():
     for name in ("VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
@@ -81,3 +83,25 @@ def test_threads_setting():
         set_threads(before)
     with pytest.raises(ConfigError, match="threads"):
         set_threads(0)
+
+
+def test_threads_auto_picks_the_fastest_measured_count(tmp_path):
+    """autotune keeps the count under which the probe ran fastest (a probe that
+    is slow with 2 BLAS threads, as OpenBLAS is beside a busy process), and
+    --threads auto tunes on the model's own step when training starts."""
+    import time as _time
+    from fastvae import TrainConfig
+    from fastvae.threads import autotune, current, set_threads
+    before = current()["blas"][0]["threads"]
+    try:
+        res = autotune(lambda: _time.sleep(0.004 if current()["blas"][0]["threads"] == 2 else 0.001),
+                       candidates=[2, 1], repeats=3)
+        assert res["threads"] == 1 and res["ms"][2] > res["ms"][1] and current()["blas"][0]["threads"] == 1
+        assert TrainConfig(threads="auto").threads == "auto"
+        with pytest.raises(ConfigError, match="threads"):
+            TrainConfig(threads="fast")
+        t = tiny_trainer(tmp_path / "run", threads="auto")
+        assert t.threads_note.startswith("; threads auto: ")
+        t.fit(pictures=False)
+    finally:
+        set_threads(before)
