@@ -211,12 +211,13 @@ class EmulatedCupyBackend(cb.CupyBackend):
     def __init__(self, dtype="float32", tf32=False):
         self._setup(np, dtype, tf32)
         self._emu = emulator()
+        self._has_cupy = importlib.util.find_spec("cupy") is not None
 
     def _kernel(self, full_name):
         return self._emu.kernel(full_name)
 
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
-        if importlib.util.find_spec("cupy") is None:      # the GEMM mode is CuPy's setting
+        if not self._has_cupy:                             # the GEMM mode is CuPy's setting
             np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
             return out
         return super().gemm(out, a, b, trans_a, trans_b)

@@ -244,7 +244,6 @@ def test_syncthreads_is_a_real_barrier():
     """The block reduction of the likelihood kernel only sums right if every
     thread's partial is in shared memory before the tree reads it: one block of
     1024 threads, 5000 pixels, against NumPy."""
-    be = EmulatedCupyBackend("float64")
     r = np.random.default_rng(0)
     logits, x = r.normal(size=(1, 5000)), r.random((1, 5000))
     nll = np.full(1, np.nan)
@@ -253,4 +252,3 @@ def test_syncthreads_is_a_real_barrier():
                       np.int32(0), np.int32(1)), shared_mem=1024 * 8)
     ref = (np.maximum(logits, 0) + np.log1p(np.exp(-np.abs(logits))) - x * logits).sum()
     np.testing.assert_allclose(nll[0], ref, rtol=1e-12)
-    del be

@@ -175,7 +175,7 @@ class Backend:
     # ---- sampled KL and inverse autoregressive flow (array expressions: every backend) ----
     def sampled_kl(self, kl, z, eps, head):
         """The single-sample KL estimate ``kl_i = log q(z_i|x) - log p(z_i) =
-        sum_j (z^2 - eps^2 - logvar) / 2`` (B,) for ``z = mu + std eps`` (the
+        sum_j (z^2 - eps^2 - logvar) / 2`` (B,) nats for ``z, eps (B, L)``, ``z = mu + std eps`` (the
         2 pi terms cancel; its expectation is the closed form of Kingma &
         Welling 2014, App. B). ``head = [mu | logvar] (B, 2L)``."""
         L = z.shape[1]
@@ -200,7 +200,7 @@ class Backend:
         ``head = [m | s] (B, 2L)`` from the step's MADE and
         ``sig = sigmoid(s + bias)``, ``z = sig z_in + (1 - sig) m``. The
         Jacobian dz/dz_in is triangular with diagonal ``sig``, so when ``kl``
-        (B,) is given it gets ``-sum_j log sig_j`` (log q falls by the
+        (B,) nats is given (``z, z_in (B, L)``) it gets ``-sum_j log sig_j`` (log q falls by the
         log-determinant) plus ``log p(z_in) - log p(z) = (|z|^2 - |z_in|^2) / 2``,
         which telescope over the steps to ``log q(z_T|x) - log p(z_T)``."""
         xp, L = self.xp, z.shape[1]

@@ -78,8 +78,7 @@ class IAFStep(Layer):
         """``z_t (B, L)`` from ``x = z_{t-1}``; adds the step's KL terms to ``step.kl``."""
         st.x = x
         head = self.out.forward(be, st.o, self.hidden.forward(be, st.h, x, step), step)
-        be.iaf_gate(st.y, getattr(step, "kl", None) if step is not None and step.need_loss else None, x, head,
-                    FORGET_BIAS)
+        be.iaf_gate(st.y, step.kl, x, head, FORGET_BIAS)      # step.kl: the sampler's buffer, None without loss
         return st.y
 
     def backward(self, be, st, dy, step):
