@@ -8,7 +8,8 @@ Adam and ``fused=True``, the faster one is the peer), all in one process:
   CuPy kernel compilation, allocations) -- reported, never mixed into speed;
 * ms per step: median over chunks of steps (each chunk timed as a whole and
   synchronised at its end), a step being ``eps`` draw + forward + backward +
-  Adam on a resident batch;
+  Adam on a resident batch; for the cupy backend also ``cupy-graph``, the
+  same step replayed as a CUDA graph (its capture counted as warm-up);
 * images/s, achieved GFLOP/s (exact GEMM FLOPs of the step);
 * the floor: the same step's GEMMs alone (the exact calls, replayed) timed in
   the same run, and FLOPs / measured peak GEMM rate (a 2048^3 GEMM).
@@ -130,10 +131,11 @@ def workload_config(wl: dict, dtype="float32") -> ModelConfig:
                        arch=wl.get("arch", "mlp"), image_shape=wl.get("image_shape"))
 
 
-def training_step(name: str, wl: dict, dtype="float32", tf32=False):
+def training_step(name: str, wl: dict, dtype="float32", tf32=False, graph=False):
     """``(backend, model, step)`` where ``step()`` is one training step of
     workload ``wl`` (eps draw, forward, backward, Adam) on a resident batch;
-    ``tf32`` applies to the cupy backend's float32 GEMMs."""
+    ``tf32`` applies to the cupy backend's float32 GEMMs; ``graph`` replays
+    the step as a CUDA graph (the first call eager, the second captured)."""
     be = _backends.get(name, dtype)
     if be.name == "cupy":
         be.tf32 = bool(tf32)
@@ -149,15 +151,22 @@ def training_step(name: str, wl: dict, dtype="float32", tf32=False):
         rng.normal_(ws.eps)
         model.loss_and_grad(x, ws.eps, 1.0)
         opt.step()
+    if graph:
+        from .backends.cuda_graph import StepGraphs
+        graphs = StepGraphs(be)
+        return be, model, lambda: graphs("step", step)
     return be, model, step
 
 
-def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False) -> dict:
+def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False, graph=False) -> dict:
     """Measure one fastvae backend on one workload (see module docstring)."""
     t0 = time.perf_counter()
-    be, model, step = training_step(name, wl, dtype, tf32)
+    be, model, step = training_step(name, wl, dtype, tf32, graph)
     with _GemmRecorder(be) as rec:
         step()
+        be.synchronize()
+    if graph:
+        step()                  # the capture
         be.synchronize()
     warmup = time.perf_counter() - t0
     calls = rec.calls
@@ -168,7 +177,7 @@ def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False)
             be.gemm(*c)
 
     gemm_ms, _ = _time_chunks(gemms, be.synchronize, min(seconds, 2.0))
-    return {"backend": name, "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
+    return {"backend": name + ("-graph" if graph else ""), "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
             "step_gflop": _flops(calls) / 1e9, "gemm_only_ms": gemm_ms, "gemm_calls": len(calls),
             "device": be.device}
 
@@ -271,10 +280,10 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
         wl = WORKLOADS[wname]
         B = wl["batch_size"]
         group = []
-        for n in names:
-            r = bench_backend(n, wl, dtype, seconds, tf32)
+        for n, graph in [(n, g) for n in names for g in (False, True) if not g or n == "cupy"]:
+            r = bench_backend(n, wl, dtype, seconds, tf32, graph)
             group.append(r)
-            log(f"{wname:18s} {n:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
+            log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
         if torch_peer:
             try:
                 tr = bench_torch(wl, dtype, seconds, device=torch_device, tf32=tf32)

@@ -90,7 +90,8 @@ def _train_locked(a, out, progress, talk):
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
                                   seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
-                                  tf32=a.tf32, clip_grad_norm=a.clip_grad_norm, objective=a.objective,
+                                  tf32=a.tf32, cuda_graph=a.cuda_graph, clip_grad_norm=a.clip_grad_norm,
+                                  objective=a.objective,
                                   iwae_k=a.iwae_k))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
@@ -229,8 +230,9 @@ def _cmd_bench(a):
         rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch)
     print(benchmark.markdown(rows))
     if a.out:
-        benchmark.save(rows, a.out, a.name)
-        print(f"wrote {os.path.join(a.out, a.name)}.jsonl and .md")
+        name = a.name or ("gpu" if a.gpu else "cpu")
+        benchmark.save(rows, a.out, name)
+        print(f"wrote {os.path.join(a.out, name)}.jsonl and .md")
     return 0
 
 

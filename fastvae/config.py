@@ -203,6 +203,9 @@ class TrainConfig(_JSONMixin):
     iwae_k: K, the samples per image of the ``iwae`` objective.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
+    cuda_graph: replay each training step as one CUDA graph (cupy backend,
+        the ``elbo`` objective, a Gaussian posterior, no gradient clipping, one
+        process); same numbers as eager steps, see :mod:`fastvae.backends.cuda_graph`.
     """
 
     epochs: int = 10
@@ -228,6 +231,7 @@ class TrainConfig(_JSONMixin):
     loss_every: int = 1
     threads: Optional[object] = None
     tf32: bool = False
+    cuda_graph: bool = False
     clip_grad_norm: Optional[float] = None
     objective: str = "elbo"
     iwae_k: int = 5
@@ -263,6 +267,8 @@ class TrainConfig(_JSONMixin):
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
         if self.tf32 and self.backend != "cupy":
             raise ConfigError("tf32 applies to the cupy backend only; drop --tf32 or use --backend cupy")
+        if self.cuda_graph and self.backend != "cupy":
+            raise ConfigError("cuda_graph applies to the cupy backend only; drop --cuda-graph or use --backend cupy")
         if self.threads is not None and self.threads != "auto":
             _positive_int("threads", self.threads)
         if not isinstance(self.backend, str) or not self.backend:

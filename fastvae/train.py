@@ -3,7 +3,8 @@
 Per step: the batch source gathers a shuffled batch on the device,
 (optionally) binarizes it and draws ``eps``; the model's forward walk and
 reversed backward walk fill the flat gradient; the optimizer runs its hooks
-(gradient clipping) and one Adam call over the flat buffer. Metrics stay on
+(gradient clipping) and one Adam call over the flat buffer (with
+``--cuda-graph``, forward, backward and Adam replay as one CUDA graph). Metrics stay on
 the device and reach the host at the progress interval and at the end of
 each epoch. After each epoch the test split is evaluated and the checkpoint
 saved atomically, so an interrupted run resumes from its last epoch (or,
@@ -22,7 +23,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
@@ -35,17 +35,8 @@ from .restore import choose_backend
 from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model
-from .training import METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter  # noqa: F401
-
-
-def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset") -> None:
-    """Raise DataError when images ``x (N, D)`` do not fit ``cfg``."""
-    if x.ndim != 2 or x.shape[1] != cfg.input_dim:
-        raise DataError(f"{what} images have {x.shape[1] if x.ndim == 2 else x.shape} features but the model "
-                        f"expects {cfg.input_dim}; use data of the size the model was built for")
-    if cfg.likelihood == "bernoulli" and isinstance(x, np.ndarray) and x.size and (x.min() < 0 or x.max() > 1):
-        raise DataError(f"{what} values lie in [{x.min():g}, {x.max():g}] but the bernoulli likelihood "
-                        "needs [0, 1]; rescale the data or use --likelihood gaussian")
+from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
+                       check_data_for_model, step_graphs)
 
 
 class Trainer:
@@ -106,6 +97,7 @@ class Trainer:
         self.objective = objectives.make(tc, self.model, n)
         if self.objective is not None and self.world.size > 1:
             raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
+        self.graphs = step_graphs(tc, self.model, self.optimizer, self.objective)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
@@ -181,8 +173,8 @@ class Trainer:
                                   "by fastvae") from None
         changes = {"backend": choose_backend(backend, tc.backend)}
         changes.update({k: v for k, v in (("epochs", epochs), ("threads", threads)) if v is not None})
-        if changes["backend"] != "cupy" and tc.tf32:
-            changes["tf32"] = False
+        if changes["backend"] != "cupy":        # GPU-only settings do not follow a run to the CPU
+            changes.update(tf32=False, cuda_graph=False)
         tc = tc.replace(**changes)
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)
@@ -266,14 +258,21 @@ class Trainer:
         if ws is None:
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
+            self.optimizer.step(lr)
         elif self.objective is not None:            # IWAE or beta-TCVAE (fastvae.objectives)
             recon, kl = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
+            self.optimizer.step(lr)
+        elif self.graphs is not None:               # one CUDA graph per batch size and loss flag
+            recon, kl = self.graphs((ws.B, need_loss, id(ws)), self._elbo_step, ws, beta, lr, need_loss)
         else:
-            recon, kl = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
-                                                 grad_scale=1.0 / ws.global_batch)
-        self.optimizer.step(lr)
+            recon, kl = self._elbo_step(ws, beta, lr, need_loss)
         self.step += 1
         return recon, kl
+
+    def _elbo_step(self, ws, beta, lr, need_loss):
+        out = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss, grad_scale=1.0 / ws.global_batch)
+        self.optimizer.step(lr)
+        return out
 
     def _sums(self, pos, *names):
         """Host sums over ranks of ``pos``'s device sums ``names`` and ``counted``."""

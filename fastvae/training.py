@@ -10,6 +10,7 @@ how a finished epoch is evaluated, and how the run is saved.
   metric row and the run folder's ``config.json`` / ``metrics.csv``.
 - :class:`Evaluator`: -ELBO of the test split after each epoch.
 - :class:`Checkpointer`: atomic checkpoints of the whole training state.
+- :func:`step_graphs`: the CUDA graphs of ``--cuda-graph``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint as ckpt
-from .errors import TrainingDivergedError
+from .config import ModelConfig
+from .errors import ConfigError, DataError, TrainingDivergedError
 from .evaluate import evaluate
 from .distributed import shard
 from .runfolder import atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
+
+
+def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset") -> None:
+    """Raise DataError when images ``x (N, D)`` do not fit ``cfg``."""
+    if x.ndim != 2 or x.shape[1] != cfg.input_dim:
+        raise DataError(f"{what} images have {x.shape[1] if x.ndim == 2 else x.shape} features but the model "
+                        f"expects {cfg.input_dim}; use data of the size the model was built for")
+    if cfg.likelihood == "bernoulli" and isinstance(x, np.ndarray) and x.size and (x.min() < 0 or x.max() > 1):
+        raise DataError(f"{what} values lie in [{x.min():g}, {x.max():g}] but the bernoulli likelihood "
+                        "needs [0, 1]; rescale the data or use --likelihood gaussian")
 
 
 @dataclass
@@ -252,3 +264,20 @@ class Checkpointer:
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
         return path
+
+
+def step_graphs(tc, model, optimizer, objective):
+    """The :class:`~fastvae.backends.cuda_graph.StepGraphs` replaying the
+    ELBO step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
+    Raises ConfigError for a step a graph does not hold: another objective,
+    optimizer hooks (gradient clipping, the all-reduce) or flow steps, whose
+    host-side arithmetic would not be replayed."""
+    if not tc.cuda_graph:
+        return None
+    why = (f"the {tc.objective} objective" if objective is not None else
+           "gradient clipping or a multi-process all-reduce" if optimizer.hooks else
+           "an IAF posterior" if model.decoder_at != model.sampler_at + 1 else "")
+    if why:
+        raise ConfigError(f"--cuda-graph replays the plain ELBO step, not {why}; drop --cuda-graph")
+    from .backends.cuda_graph import StepGraphs
+    return StepGraphs(model.backend)

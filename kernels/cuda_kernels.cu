@@ -4,6 +4,12 @@
 // for the instantiations it needs through RawModule(name_expressions=...).
 // The formulas and their sources are documented on fastvae.backends.base.Backend.
 //
+// Per-step values (Adam's bias-corrected step, the KL weight, the Philox counter) also
+// arrive through device pointers (dyn, scale, base) combined with the scalar argument:
+// eager launches pass the value and a neutral 1 (0 for counters); a CUDA graph, whose
+// scalar arguments are frozen at capture, passes the neutral scalar and a slot that the
+// host rewrites before each replay (fastvae/backends/cuda_graph.py). Both give the same bits.
+//
 // The activation and likelihood codes (FV_RELU, FV_BERNOULLI, ...) come from the
 // one table in fastvae/ops.py as compiler defines (fastvae.ops.cuda_defines()).
 //
@@ -81,7 +87,8 @@ __global__ void reparam_kl(T* z, T* kl, T* std_, const T* head, const T* eps, in
 // dhead = [dmu | dlogvar]: dmu = dz + c mu; dlogvar = (dz eps std + c (std^2 - 1)) / 2
 template <typename T>
 __global__ void reparam_kl_backward(T* dhead, const T* dz, const T* head, const T* std_, const T* eps,
-                                    int B, int L, T kl_scale) {
+                                    int B, int L, T kl_scale, const T* scale) {
+    kl_scale *= scale[0];
     FV_GRID_STRIDE(k, (long long)B * L) {
         long long i = k / L, j = k % L;
         T s = std_[k];
@@ -130,10 +137,14 @@ __global__ void likelihood(T* dlogits, T* nll, const T* logits, const T* x, int 
 }
 
 // The whole Adam step over the flat buffers (torch.optim.Adam's form, with
-// a = lr/(1-b1^t) * sqrt(1-b2^t) and e = eps * sqrt(1-b2^t) folded on the host).
+// a = lr/(1-b1^t) * sqrt(1-b2^t) and e = eps * sqrt(1-b2^t) folded on the host;
+// e, a and decay are each multiplied by dyn[0..2], the per-step slots of a CUDA graph).
 template <typename T>
 __global__ void adam_update(T* p, const T* g, T* m, T* v, long long n, T b1, T omb1, T b2, T omb2,
-                            T e, T a, T wd, T decay) {
+                            T e, T a, T wd, T decay, const T* dyn) {
+    e *= dyn[0];
+    a *= dyn[1];
+    decay *= dyn[2];
     FV_GRID_STRIDE(k, n) {
         T pk = p[k];
         T gk = g[k] + wd * pk;
@@ -233,8 +244,9 @@ template <> __device__ __forceinline__ float fv_uniform<float>(unsigned int u) {
 
 // out[n] ~ N(0, 1): Box-Muller on pairs of 32-bit uniforms in (0, 1), four per Philox block.
 template <typename T>
-__global__ void philox_normal(T* out, long long n, unsigned long long counter, unsigned int stream,
-                              unsigned int k0, unsigned int k1) {
+__global__ void philox_normal(T* out, long long n, unsigned long long counter,
+                              const unsigned long long* base, unsigned int stream, unsigned int k0, unsigned int k1) {
+    counter += base[0];
     FV_GRID_STRIDE(b, (n + 3) / 4) {
         fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
         double rad0 = sqrt(-2.0 * log(fv_u01(r.x))), th0 = 6.283185307179586 * fv_u01(r.y);
@@ -246,8 +258,10 @@ __global__ void philox_normal(T* out, long long n, unsigned long long counter, u
 
 // out[n] ~ U[0, 1) (fv_uniform: 24-bit resolution in float, 32-bit in double)
 template <typename T>
-__global__ void philox_uniform(T* out, long long n, unsigned long long counter, unsigned int stream,
-                               unsigned int k0, unsigned int k1) {
+__global__ void philox_uniform(T* out, long long n, unsigned long long counter,
+                               const unsigned long long* base, unsigned int stream, unsigned int k0,
+                               unsigned int k1) {
+    counter += base[0];
     FV_GRID_STRIDE(b, (n + 3) / 4) {
         fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
         unsigned int v[4] = {r.x, r.y, r.z, r.w};
@@ -258,7 +272,9 @@ __global__ void philox_uniform(T* out, long long n, unsigned long long counter, 
 // out = (u < probs) with u from Philox; out may alias probs (dynamic binarization)
 template <typename T>
 __global__ void philox_bernoulli(T* out, const T* probs, long long n, unsigned long long counter,
-                                 unsigned int stream, unsigned int k0, unsigned int k1) {
+                                 const unsigned long long* base, unsigned int stream, unsigned int k0,
+                                 unsigned int k1) {
+    counter += base[0];
     FV_GRID_STRIDE(b, (n + 3) / 4) {
         fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
         unsigned int v[4] = {r.x, r.y, r.z, r.w};
@@ -270,8 +286,9 @@ __global__ void philox_bernoulli(T* out, const T* probs, long long n, unsigned l
 }
 
 // raw 32-bit words (sort keys for permutations)
-__global__ void philox_bits(unsigned int* out, long long n, unsigned long long counter, unsigned int stream,
-                            unsigned int k0, unsigned int k1) {
+__global__ void philox_bits(unsigned int* out, long long n, unsigned long long counter,
+                            const unsigned long long* base, unsigned int stream, unsigned int k0, unsigned int k1) {
+    counter += base[0];
     FV_GRID_STRIDE(b, (n + 3) / 4) {
         fv_u4 r = fv_philox(counter + (unsigned long long)b, stream, k0, k1);
         unsigned int v[4] = {r.x, r.y, r.z, r.w};
@@ -359,14 +376,14 @@ __global__ void tc_grad_params(T* dmu, T* dlv, const T* S, const T* top, const T
     template __global__ void bias_act<T>(T*, const T*, T*, long long, int, int, T, T); \
     template __global__ void act_backward<T>(T*, const T*, const T*, long long, int, T, T); \
     template __global__ void reparam_kl<T>(T*, T*, T*, const T*, const T*, int, int, int); \
-    template __global__ void reparam_kl_backward<T>(T*, const T*, const T*, const T*, const T*, int, int, T); \
+    template __global__ void reparam_kl_backward<T>(T*, const T*, const T*, const T*, const T*, int, int, T, const T*); \
     template __global__ void likelihood<T>(T*, T*, const T*, const T*, int, int, int, T, T, T, T, int, int); \
-    template __global__ void adam_update<T>(T*, const T*, T*, T*, long long, T, T, T, T, T, T, T, T); \
+    template __global__ void adam_update<T>(T*, const T*, T*, T*, long long, T, T, T, T, T, T, T, T, const T*); \
     template __global__ void im2col<T>(T*, const T*, int, int, int, int, int, int, int, int, int); \
     template __global__ void col2im<T>(T*, const T*, int, int, int, int, int, int, int, int, int); \
-    template __global__ void philox_normal<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
-    template __global__ void philox_uniform<T>(T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
-    template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, unsigned int, unsigned int, unsigned int); \
+    template __global__ void philox_normal<T>(T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
+    template __global__ void philox_uniform<T>(T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
+    template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
     template __global__ void tc_rows<T>(T*, T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, int, int); \
     template __global__ void tc_grad_z<T>(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int); \
     template __global__ void tc_grad_params<T>(T*, T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int);

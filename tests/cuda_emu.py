@@ -20,6 +20,7 @@ README ("Testing the CUDA code without a GPU").
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -39,7 +40,8 @@ _CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_i
 _SCALAR_C = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int",
              np.dtype(np.int64): "long long", np.dtype(np.uint32): "unsigned int",
              np.dtype(np.uint64): "unsigned long long"}
-_POINTEE = {"float": np.float32, "double": np.float64, "unsigned int": np.uint32}
+_POINTEE = {"float": np.float32, "double": np.float64, "unsigned int": np.uint32,
+            "unsigned long long": np.uint64}
 GUARD = 256               # guard bytes on each side of every array
 _GUARD_BYTE = 0xA5
 _LIB = {}
@@ -218,12 +220,50 @@ class EmulatedCupyBackend(cb.CupyBackend):
 
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
         if not self._has_cupy:                             # the GEMM mode is CuPy's setting
-            np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+            self._op(np.matmul, a.T if trans_a else a, b.T if trans_b else b, out=out)
             return out
         return super().gemm(out, a, b, trans_a, trans_b)
 
     def synchronize(self):
         pass
+
+    # ---- CUDA graphs: capture records the launches without running them ----------
+    def _ptr(self, a):
+        return a.__array_interface__["data"][0]
+
+    def _capture_op(self, f, args, kw):
+        self._captured.append((f, args, kw))
+
+    @contextlib.contextmanager
+    def _capturing(self, rec):
+        self._captured = []
+        try:
+            yield
+        finally:
+            rec.graph, self._captured = EmulatedGraph(self._captured), None
+
+    def _launch_graph(self, graph):
+        graph.launch()
+
+    def _pinned(self, n):
+        return np.zeros(n, np.uint64)
+
+    def _upload(self, dst, host):
+        dst[...] = host
+
+
+class EmulatedGraph:
+    """A captured step: its launches with their arguments as captured (the
+    same arrays, the same frozen scalars), run in order by ``launch``."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.launches = 0
+
+    def launch(self):
+        for f, args, kw in self.ops:
+            f(*args, **kw)
+        self.launches += 1
 
 
 def emu_param():

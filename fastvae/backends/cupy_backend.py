@@ -25,6 +25,9 @@ import numpy as np
 from ..errors import BackendUnavailableError
 from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES, cuda_defines
 from .base import Backend, BackendRNG
+from .cuda_graph import GraphSupport
+from .cupy_probe import device_reason, probe, toolkit_reason  # noqa: F401 (this module's API)
+
 
 def _source_path() -> str:
     from .. import kernels
@@ -39,12 +42,6 @@ _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _MODULES = {}
-_FIX = "pip install 'fastvae[cuda12]' or 'fastvae[cuda13]' (CuPy with the CUDA toolkit wheels, matching your driver)"
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
 
 
 def ctype_of(dtype) -> str:
@@ -60,56 +57,6 @@ def ctype_of(dtype) -> str:
 def name_expressions(ctype: str) -> list:
     """Every kernel the backend launches, as NVRTC name expressions for ``ctype``."""
     return [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
-
-
-def device_reason(runtime) -> str:
-    """'' when ``runtime`` (``cupy.cuda.runtime``) sees a device whose driver
-    runs this CuPy, else the reason. CUDA minor-version compatibility: a driver
-    of the same major version as CuPy's runtime runs it (CuPy compiles kernels
-    to SASS for the device), so only the major versions are compared."""
-    try:
-        n = runtime.getDeviceCount()
-    except Exception as exc:  # CUDARuntimeError, missing libcuda, ...
-        return f"no usable CUDA device ({_first_line(exc)})"
-    if n < 1:
-        return "no CUDA device found"
-    try:
-        drv, rt = runtime.driverGetVersion(), runtime.runtimeGetVersion()
-    except Exception as exc:
-        return f"cannot query the CUDA driver ({_first_line(exc)})"
-    if drv // 1000 < rt // 1000:
-        other = (f", or pip install 'fastvae[cuda{drv // 1000}]' (CuPy for that driver)"
-                 if drv // 1000 in (12, 13) else "")
-        return (f"the CUDA driver supports CUDA {drv // 1000}.{drv % 1000 // 10} but this CuPy needs a CUDA "
-                f"{rt // 1000}.x driver; update the driver{other}")
-    return ""
-
-
-def toolkit_reason(cupy) -> str:
-    """'' when CuPy can load NVRTC (the kernel compiler) and cuBLAS (the
-    GEMMs), else which one is missing and how to install it. Without this a
-    host with a driver but no toolkit fails at the first compile or GEMM."""
-    try:
-        cupy.cuda.nvrtc.getVersion()
-    except Exception as exc:
-        return f"CuPy cannot load NVRTC, the CUDA runtime compiler ({_first_line(exc)}); {_FIX}"
-    try:
-        cupy.cuda.cublas          # importing the module loads libcublas
-    except Exception as exc:
-        return f"CuPy cannot load cuBLAS ({_first_line(exc)}); {_FIX}"
-    return ""
-
-
-def probe() -> str:
-    """'' when CuPy, a CUDA device, NVRTC and cuBLAS are usable, else the reason."""
-    import importlib.util
-    if importlib.util.find_spec("cupy") is None:
-        return f"CuPy is not installed; {_FIX}"
-    try:
-        import cupy
-    except Exception as exc:
-        return f"CuPy fails to import ({_first_line(exc)}); reinstall it: {_FIX}"
-    return device_reason(cupy.cuda.runtime) or toolkit_reason(cupy)
 
 
 def set_tf32(on: bool) -> None:
@@ -160,10 +107,10 @@ class CupyRNG(BackendRNG):
     def _launch(self, name, out, *extra):
         self.be._check(name, out, *extra)
         n = out.size
-        c = self._advance(n)
-        self.be._fn(name)(_blocks((n + 3) // 4), (_THREADS,),
-                          (out, *extra, np.int64(n), np.uint64(c), np.uint32(0),
-                           np.uint32(self.key[0]), np.uint32(self.key[1])))
+        c, base = self.be._counter(self._advance(n))
+        self.be._op(self.be._fn(name), _blocks((n + 3) // 4), (_THREADS,),
+                    (out, *extra, np.int64(n), c, base, np.uint32(0), np.uint32(self.key[0]),
+                     np.uint32(self.key[1])))
         return out
 
     def normal_(self, out):
@@ -187,8 +134,8 @@ class CupyRNG(BackendRNG):
         c = self._advance(words.size)
         self.be._fn("philox_bits")(
             _blocks((words.size + 3) // 4), (_THREADS,),
-            (words, np.int64(words.size), np.uint64(c), np.uint32(0), np.uint32(self.key[0]),
-             np.uint32(self.key[1])))
+            (words, np.int64(words.size), np.uint64(c), self.be._zero_counter, np.uint32(0),
+             np.uint32(self.key[0]), np.uint32(self.key[1])))
         return xp.argsort(keys)
 
     def state(self):
@@ -201,7 +148,7 @@ class CupyRNG(BackendRNG):
         self.counter = int(state["counter"])
 
 
-class CupyBackend(Backend):
+class CupyBackend(GraphSupport, Backend):
     """The GPU backend. ``dtype``: float32 or float64 (ValueError otherwise);
     ``tf32``: let float32 GEMMs use TF32 tensor cores (see :func:`set_tf32`).
     Raises BackendUnavailableError naming what is missing (CuPy, a device, a
@@ -210,6 +157,7 @@ class CupyBackend(Backend):
 
     name = "cupy"
     device = "cuda"
+    supports_graphs = True
 
     def __init__(self, dtype="float32", tf32: bool = False):
         reason = probe()
@@ -223,10 +171,11 @@ class CupyBackend(Backend):
     def _setup(self, xp, dtype, tf32):
         self._ctype = ctype_of(dtype)
         super().__init__(dtype)
-        self.xp = xp
+        self._xp = xp
         self.tf32 = bool(tf32)
         self._fns = {}
         self._s = self.dtype.type
+        self._graph_setup()
 
     def _kernel(self, full_name):
         return _module(self.dtype).get_function(full_name)
@@ -241,8 +190,8 @@ class CupyBackend(Backend):
         """The kernels index raw pointers as C-contiguous arrays of the
         backend's dtype: refuse anything else instead of computing garbage."""
         for a in arrays:
-            if not isinstance(a, self.xp.ndarray):
-                raise TypeError(f"{what}: expected a {self.xp.__name__} array, got {type(a).__name__}; "
+            if not isinstance(a, self._xp.ndarray):
+                raise TypeError(f"{what}: expected a {self._xp.__name__} array, got {type(a).__name__}; "
                                 "move it to the device with backend.asarray")
             if a.dtype != self.dtype:
                 raise TypeError(f"{what}: got a {a.dtype} array but the backend computes in {self.dtype}; "
@@ -257,6 +206,8 @@ class CupyBackend(Backend):
         return asnumpy(a) if isinstance(a, self.xp.ndarray) else np.asarray(a)
 
     def to_float(self, scalar):
+        if self._graph is not None:
+            self._graph.unsafe("reading a device value on the host")
         return float(scalar)
 
     def copy_(self, dst, src):
@@ -265,12 +216,17 @@ class CupyBackend(Backend):
     def synchronize(self):
         self.xp.cuda.get_current_stream().synchronize()
 
+    def sum(self, a):
+        out = self._out((), a.dtype)
+        self._op(self._xp.sum, a, out=out)
+        return out
+
     def new_rng(self, seed):
         return CupyRNG(self, seed)
 
     # ---- data ----------------------------------------------------------------
     def gather_rows(self, out, X, idx):
-        self.xp.take(X, idx, axis=0, out=out)
+        self._op(self._xp.take, X, idx, axis=0, out=out)
         return out
 
     def bernoulli_(self, out, probs, rng):
@@ -281,7 +237,7 @@ class CupyBackend(Backend):
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
         if self.dtype == np.float32:
             set_tf32(self.tf32)
-        self.xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        self._op(self._xp.matmul, a.T if trans_a else a, b.T if trans_b else b, out=out)
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
@@ -289,9 +245,9 @@ class CupyBackend(Backend):
         self._check("bias_act", pre, bias, out_)
         n = pre.size
         if n:
-            self._fn("bias_act")(_blocks(n), (_THREADS,),
-                                 (pre, bias, out_, np.int64(n), np.int32(pre.shape[1]),
-                                  np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
+            self._op(self._fn("bias_act"), _blocks(n), (_THREADS,),
+                     (pre, bias, out_, np.int64(n), np.int32(pre.shape[1]), np.int32(ACTIVATION_CODES[act]),
+                      self._s(slope), self._s(alpha)))
         return out
 
     def act_backward(self, d, pre, out, act, slope=0.01, alpha=1.0):
@@ -300,13 +256,12 @@ class CupyBackend(Backend):
         self._check("act_backward", d, pre, out)
         n = d.size
         if n:
-            self._fn("act_backward")(_blocks(n), (_THREADS,),
-                                     (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope),
-                                      self._s(alpha)))
+            self._op(self._fn("act_backward"), _blocks(n), (_THREADS,),
+                     (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
         return d
 
     def col_sum(self, out, a):
-        self.xp.sum(a, axis=0, out=out)
+        self._op(self._xp.sum, a, axis=0, out=out)
         return out
 
     def reparam_kl(self, z, kl, std, head, eps):
@@ -314,17 +269,17 @@ class CupyBackend(Backend):
         kl_ = std if kl is None else kl
         self._check("reparam_kl", z, kl_, std, head, eps)
         if B:
-            self._fn("reparam_kl")(_blocks(B), (_THREADS,),
-                                   (z, kl_, std, head, eps, np.int32(B), np.int32(L), np.int32(kl is not None)))
+            self._op(self._fn("reparam_kl"), _blocks(B), (_THREADS,),
+                     (z, kl_, std, head, eps, np.int32(B), np.int32(L), np.int32(kl is not None)))
         return z
 
     def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
         B, L = dz.shape
         self._check("reparam_kl_backward", dhead, dz, head, std, eps)
         if B * L:
-            self._fn("reparam_kl_backward")(_blocks(B * L), (_THREADS,),
-                                            (dhead, dz, head, std, eps, np.int32(B), np.int32(L),
-                                             self._s(kl_scale)))
+            (c,), scale = self._dynamic(kl_scale)       # the KL weight changes during warm-up
+            self._op(self._fn("reparam_kl_backward"), _blocks(B * L), (_THREADS,),
+                     (dhead, dz, head, std, eps, np.int32(B), np.int32(L), c, scale))
         return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
@@ -342,22 +297,22 @@ class CupyBackend(Backend):
         else:       # mse; bernoulli ignores the three
             inv_var, half, cnst = 2.0, 1.0, 0.0
         threads = 256 if D >= 256 else max(32, 1 << (max(D, 1) - 1).bit_length())
-        self._fn("likelihood")((B,), (threads,),
-                               (d_, nll_, logits, x, np.int32(B), np.int32(D), np.int32(k), self._s(inv_var),
-                                self._s(half), self._s(cnst), self._s(grad_scale),
-                                np.int32(dlogits is not None), np.int32(nll is not None)),
-                               shared_mem=threads * self.dtype.itemsize)
+        s = self._s
+        self._op(self._fn("likelihood"), (B,), (threads,),
+                 (d_, nll_, logits, x, np.int32(B), np.int32(D), np.int32(k), s(inv_var), s(half), s(cnst),
+                  s(grad_scale), np.int32(dlogits is not None), np.int32(nll is not None)),
+                 shared_mem=threads * self.dtype.itemsize)
 
     def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
                     bc2_sqrt, weight_decay, decay_factor):
         self._check("adam_update", params, grads, m, v)
         s = self._s
         n = params.size
-        if n:
-            self._fn("adam_update")(_blocks(n), (_THREADS,),
-                                    (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2),
-                                     s(1.0 - beta2), s(eps * bc2_sqrt), s(step_size * bc2_sqrt),
-                                     s(weight_decay), s(decay_factor)))
+        if n:       # the bias corrections and the learning rate change every step
+            (e, a, decay), dyn = self._dynamic(eps * bc2_sqrt, step_size * bc2_sqrt, decay_factor)
+            self._op(self._fn("adam_update"), _blocks(n), (_THREADS,),
+                     (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
+                      e, a, s(weight_decay), decay, dyn))
 
     def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
         xp = self.xp
@@ -370,12 +325,13 @@ class CupyBackend(Backend):
             return lse, lsed
         dims = (np.int32(B), np.int32(L))
         self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar)
-        self._fn("tc_rows")(_blocks(B), (_THREADS,), (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
+        self._op(self._fn("tc_rows"), _blocks(B), (_THREADS,),
+                 (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
         if coef:
             self._check("tc_pairwise", dz, dmu, dlogvar)
             stats = (S, top, tot, topd, sumd, z, mu, logvar, self._s(coef), *dims)
-            self._fn("tc_grad_z")(_blocks(B * L), (_THREADS,), (dz, *stats))
-            self._fn("tc_grad_params")(_blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
+            self._op(self._fn("tc_grad_z"), _blocks(B * L), (_THREADS,), (dz, *stats))
+            self._op(self._fn("tc_grad_params"), _blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
         return lse, lsed
 
     # ---- convolution ------------------------------------------------------------
@@ -383,7 +339,7 @@ class CupyBackend(Backend):
         self._check(name, out, src)
         if n:
             geom = (batch, *in_hwc, k, stride, padding, *out_hw)
-            self._fn(name)(_blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
+            self._op(self._fn(name), _blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
         return out
 
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):

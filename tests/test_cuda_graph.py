@@ -1,0 +1,188 @@
+"""CUDA graphs (``--cuda-graph``, fastvae/backends/cuda_graph.py).
+
+On the CPU the emulated backend stands in for the GPU: its "capture" records
+every launch with the arguments it was given and runs nothing; a "launch"
+runs that list as captured (the same arrays, the same frozen scalars), which
+is what a CUDA graph replay does. A per-step value frozen into the graph
+(the KL weight, Adam's bias correction, a Philox counter) would change the
+numbers; a replay that silently fell back to eager steps would show in the
+counts. Both are asserted. With a GPU (marker ``gpu``) the same tests run
+on CuPy's real stream capture.
+"""
+
+import numpy as np
+import pytest
+
+from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
+from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs
+from fastvae.errors import ConfigError
+from fastvae.model import VAE
+from fastvae.optim import Adam
+
+from cuda_emu import EmulatedCupyBackend, emu_param, make_backend
+from test_conv import small_cfg
+
+_cupy = {b["name"]: b for b in backends.available()}["cupy"]
+GPU = pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy["available"],
+                                                                      reason=f"cupy: {_cupy['reason']}")], id="cupy")
+BACKENDS = [GPU, emu_param()]
+
+
+def _model(name, dtype, arch):
+    be = make_backend(name, dtype)
+    cfg = (ModelConfig(input_dim=12, hidden=[8], latent_dim=3, dtype=dtype, likelihood="bernoulli")
+           if arch == "mlp" else small_cfg(dtype))
+    model = VAE(cfg, be, seed=0)
+    return be, model, Adam.for_model(model, weight_decay=0.01, decoupled=True), be.new_rng([0, 1])
+
+
+def _run(name, dtype, arch, graphs, steps=7, step_fn=None):
+    """``steps`` training steps, beta, lr and the loss flag changing every step;
+    returns the host state and the StepGraphs (None when eager)."""
+    be, model, opt, rng = _model(name, dtype, arch)
+    x = be.asarray(np.random.default_rng(1).random((5, model.config.input_dim)))
+    ws = model.workspace(5)
+
+    def step(beta, lr, need):
+        rng.normal_(ws.eps)
+        out = model.loss_and_grad(x, ws.eps, beta, need_loss=need)
+        opt.step(lr)
+        return out
+
+    g = StepGraphs(be) if graphs else None
+    losses = []
+    for t in range(steps):
+        beta, lr, need = 0.25 * (t + 1), 1e-2 / (t + 1), t % 2 == 0
+        args = (beta, lr, need)
+        out = g((need,), step_fn or step, *args) if g else (step_fn or step)(*args)
+        if need:
+            losses.append(tuple(be.to_float(v) for v in out))
+    state = [be.to_host(a).copy() for a in (model.params, opt.m, opt.v)]
+    return state, (opt.t, rng.counter), losses, g
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("arch,dtype", [("mlp", "float64"), ("mlp", "float32"), ("conv", "float64")])
+def test_replayed_steps_equal_eager_steps_bit_for_bit(name, arch, dtype):
+    eager = _run(name, dtype, arch, graphs=False)
+    state, host, losses, g = _run(name, dtype, arch, graphs=True)
+    for a, b in zip(eager[0], state):
+        np.testing.assert_array_equal(a, b)
+    assert host == eager[1] and losses == eager[2]
+    # two keys (loss / no loss): one eager warm-up each, one capture each, the rest replayed
+    assert dict(g.stats) == {"eager": 2, "captured": 2, "replayed": 3}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_step_that_differs_from_its_capture_runs_eagerly(name):
+    """Another input array on every call: the replay notices the pointer
+    change, runs the step eagerly (same numbers), and after three such
+    differences the key stays eager."""
+    be, model, opt, rng = _model(name, "float64", "mlp")
+    xs = [be.asarray(np.random.default_rng(s).random((5, 12))) for s in range(8)]
+    ws = model.workspace(5)
+
+    def step(i):
+        rng.normal_(ws.eps)
+        model.loss_and_grad(xs[i], ws.eps, 1.0, need_loss=False)
+        opt.step()
+
+    g = StepGraphs(be)
+    for i in range(8):
+        g("k", step, i)
+    eager = _model(name, "float64", "mlp")
+    e_model, e_opt, e_rng = eager[1:]
+    e_ws = e_model.workspace(5)
+    for i in range(8):
+        e_rng.normal_(e_ws.eps)
+        e_model.loss_and_grad(xs[i], e_ws.eps, 1.0, need_loss=False)
+        e_opt.step()
+    np.testing.assert_array_equal(be.to_host(model.params), eager[0].to_host(e_model.params))
+    assert rng.counter == e_rng.counter
+    # warm-up, then capture / differing replay three times, then eager for good
+    assert dict(g.stats) == {"eager": 2, "captured": 3, "diverged": 3}
+
+
+def test_direct_array_operations_are_refused_at_capture_and_turn_replays_eager():
+    be = EmulatedCupyBackend("float64")
+    a = be.asarray(np.arange(4.0))
+    g = StepGraphs(be, warmup=0)
+    with pytest.raises(GraphUnsafeError, match="direct array operation"):
+        g("bad", lambda: be.xp.multiply(a, 2.0, out=a))
+    calls = []
+
+    def step(i):                 # captured clean; later calls reach past the backend
+        be.gemm(out, m, m)
+        if i >= 1:
+            be.xp.add(out, 1.0, out=out)
+        calls.append(i)
+
+    m, out = be.asarray(np.eye(2) * 2), be.zeros((2, 2))
+    g("ok", step, 0)
+    g("ok", step, 1)
+    np.testing.assert_array_equal(out, np.eye(2) * 4 + 1)     # the GEMM ran before the add, once each
+    assert g.stats["diverged"] == 1
+
+
+def test_step_graphs_need_a_graph_backend():
+    with pytest.raises(GraphUnsafeError, match="--backend cupy"):
+        StepGraphs(backends.get("numpy"))
+
+
+@pytest.fixture
+def cupy_registry(request, monkeypatch):
+    if request.param == "cupy-emu":
+        monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    return request.param
+
+
+@pytest.mark.parametrize("cupy_registry", BACKENDS, indirect=True)
+def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registry):
+    """Two epochs with a KL warm-up, a cosine learning rate, dynamic
+    binarization, the loss every 3 steps and a last partial batch (70 = 4 x 16
+    + 6 images): the same parameters, history and checkpoint as eager steps."""
+    data = datasets.make_sprites(78, seed=2, size=4)
+    mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
+    runs = {}
+    for graph in (False, True):
+        tc = TrainConfig(epochs=2, batch_size=16, backend="cupy", cuda_graph=graph, binarize=True, loss_every=3,
+                         beta_schedule="linear", beta_warmup=1.5, lr_schedule="cosine", lr=3e-3)
+        t = Trainer(mc, tc, DataConfig(), dataset=data, out=str(tmp_path / str(graph)), progress=False)
+        t.fit(pictures=False)
+        runs[graph] = t
+    a, b = runs[False], runs[True]
+    np.testing.assert_array_equal(a.model.get_flat_params(), b.model.get_flat_params())
+    assert [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "rss_mb")} for r in a.history] == \
+           [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "rss_mb")} for r in b.history]
+    assert a.graphs is None
+    # keys: full batch with/without loss, last batch (always with loss)
+    assert b.graphs.stats["replayed"] >= 4 and b.graphs.stats["diverged"] == 0
+    r = Trainer.from_checkpoint(tmp_path / "True" / "checkpoint.h5", epochs=3, backend="numpy", dataset=data,
+                                progress=False)
+    assert not r.train_config.cuda_graph and r.graphs is None
+
+
+def test_cuda_graph_is_refused_where_it_cannot_hold_the_step(monkeypatch):
+    with pytest.raises(ConfigError, match="cupy backend only"):
+        TrainConfig(cuda_graph=True, backend="numpy")
+    monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    data = datasets.make_sprites(40, seed=2, size=4)
+    mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
+    for tc, what in ((dict(objective="iwae"), "iwae objective"), (dict(clip_grad_norm=1.0), "gradient clipping")):
+        with pytest.raises(ConfigError, match=what):
+            Trainer(mc, TrainConfig(backend="cupy", cuda_graph=True, batch_size=8, **tc), DataConfig(),
+                    dataset=data, progress=False)
+    with pytest.raises(ConfigError, match="IAF"):
+        Trainer(mc.replace(posterior="iaf", flows=1, flow_hidden=4),
+                TrainConfig(backend="cupy", cuda_graph=True, batch_size=8), DataConfig(), dataset=data,
+                progress=False)
+
+
+def test_bench_times_the_graph_replay_with_its_capture_in_the_warm_up(monkeypatch):
+    from fastvae import benchmark
+    monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    wl = dict(input_dim=12, hidden=[8], latent_dim=3, batch_size=5)
+    rows = [benchmark.bench_backend("cupy", wl, "float64", seconds=0.01, graph=g) for g in (False, True)]
+    assert [r["backend"] for r in rows] == ["cupy", "cupy-graph"]
+    assert rows[0]["gemm_calls"] == rows[1]["gemm_calls"] == 11        # 4 dense layers: 4 forward, 7 backward
+    assert all(r["ms_per_step"] > 0 and r["steps_timed"] >= 10 for r in rows)
