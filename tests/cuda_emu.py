@@ -229,7 +229,7 @@ class EmulatedCupyBackend(cb.CupyBackend):
 
     # ---- CUDA graphs: capture records the launches without running them ----------
     def _ptr(self, a):
-        return a.__array_interface__["data"][0]
+        return a.ctypes.data
 
     def _capture_op(self, f, args, kw):
         self._captured.append((f, args, kw))

@@ -48,16 +48,27 @@ class GraphUnsafeError(RuntimeError):
     operation, a host synchronisation, too many per-step values)."""
 
 
-def _sig(x, array, ptr):
-    """What a replay must match: arrays (type ``array``) by (pointer, shape,
-    strides, dtype), scalars by type and value, tuples element-wise."""
-    if isinstance(x, tuple):
-        return tuple(_sig(v, array, ptr) for v in x)
-    if isinstance(x, array):
-        return (ptr(x), x.shape, x.strides, x.dtype.char)
-    if isinstance(x, np.generic):
-        return (x.dtype.char, x.item())
-    return (type(x), x)
+def _same(a: tuple, b: tuple, array, ptr) -> bool:
+    """Whether a replay's arguments ``a`` are the captured ``b`` (tuples):
+    arrays (type ``array``) by pointer, shape, strides and dtype, scalars by
+    type and value, nested tuples element-wise."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        t = type(x)
+        if t is not type(y):
+            return False
+        if t is array:
+            if x.shape != y.shape or x.strides != y.strides or x.dtype != y.dtype or ptr(x) != ptr(y):
+                return False
+        elif t is tuple:
+            if not _same(x, y, array, ptr):
+                return False
+        elif x != y:
+            return False
+    return True
 
 
 class Recording:
@@ -66,7 +77,8 @@ class Recording:
 
     def __init__(self, backend):
         be = self.be = backend
-        self.ops: List[Tuple[Any, tuple]] = []
+        self._array = be._xp.ndarray
+        self.ops: List[Tuple[Any, tuple, tuple]] = []     # (function, args, keyword items) as captured
         self.allocs: list = []
         self.graph = None
         self.slots = be._xp.zeros(SLOT_WORDS, np.uint64)
@@ -85,16 +97,17 @@ class Recording:
 
     # ---- called by the backend's wrappers ------------------------------------------
     def op(self, f, args, kw):
-        sig = _sig((args, tuple(sorted(kw.items()))), self.be._xp.ndarray, self.be._ptr)
         if self._mode == "capture":
-            self.ops.append((f, sig))
+            self.ops.append((f, args, tuple(kw.items())))     # keeps the captured arrays alive
             self.be._capture_op(f, args, kw)
             return
         i = self._pos
         self._pos += 1
-        if i < len(self.ops) and self.ops[i][0] is f and self.ops[i][1] == sig:
-            self._pending.append((f, args, kw))
-            return
+        if i < len(self.ops):
+            cf, cargs, ckw = self.ops[i]
+            if cf is f and _same((args, tuple(kw.items())), (cargs, ckw), self._array, self.be._ptr):
+                self._pending.append((f, args, kw))
+                return
         self._diverge()
         f(*args, **kw)
 
