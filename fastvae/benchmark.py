@@ -49,6 +49,20 @@ WORKLOADS: Dict[str, dict] = {
 }
 
 
+def check_request(workloads: Optional[List[str]], backend_names: List[str]) -> None:
+    """Raise ConfigError for an unknown workload and BackendUnavailableError
+    (with the reason) for a backend that cannot run here."""
+    from .errors import BackendUnavailableError, ConfigError
+    bad = [w for w in (workloads or []) if w not in WORKLOADS]
+    if bad:
+        raise ConfigError(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
+    ok = {b["name"]: b for b in _backends.available()}
+    for name in backend_names:
+        if name not in ok or not ok[name]["available"]:
+            why = ok[name]["reason"] if name in ok else f"unknown; choose from {sorted(ok)}"
+            raise BackendUnavailableError(f"cannot benchmark backend {name!r}: {why}")
+
+
 def _time_chunks(step, sync, seconds: float, min_steps: int = 10, max_steps: int = 2000):
     """Median ms per step over chunks of ~25 ms (at least 5 chunks)."""
     t = time.perf_counter()

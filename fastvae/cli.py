@@ -111,8 +111,10 @@ def _train_locked(a, out, progress, talk):
         return EXIT_TERMINATED if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
     if not talk:
         return 0
-    print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, "
-          "samples.png, loss.png)")
+    if trainer.graphs is not None:
+        print(trainer.graphs.summary())
+    print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, samples.png, "
+          "loss.png)")
     print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "
           f"{trainer.epoch + 10} --out {trainer.out}")
     return 0
@@ -210,19 +212,9 @@ def _cmd_info(a):
 
 def _cmd_bench(a):
     from . import benchmark
-    from .errors import ConfigError
     from .threads import set_threads
     set_threads(a.threads)
-    bad = [w for w in (a.workloads or []) if w not in benchmark.WORKLOADS]
-    if bad:
-        raise ConfigError(f"unknown workload(s) {bad}; choose from {list(benchmark.WORKLOADS)}")
-    from . import backends
-    from .errors import BackendUnavailableError
-    ok = {b["name"]: b for b in backends.available()}
-    for name in (a.backends or (["cupy"] if a.gpu else [])):
-        if name not in ok or not ok[name]["available"]:
-            why = ok[name]["reason"] if name in ok else f"unknown; choose from {sorted(ok)}"
-            raise BackendUnavailableError(f"cannot benchmark backend {name!r}: {why}")
+    benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []))
     if a.gpu:
         rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
                              torch_device="cuda", tf32=a.tf32)

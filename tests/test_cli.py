@@ -53,6 +53,7 @@ def test_train_resume_eval_info(tmp_path):
     (["train", "--batch-size", "100000", "--n-sprites", "100"], "larger than the 90 training images"),
     (["eval", "missing.h5"], "does not exist"),
     (["train", "--resume", "missing.h5", "--hidden", "8"], "cannot change --hidden when resuming"),
+    (["train", "--cuda-graph"], "cuda_graph applies to the cupy backend only"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()

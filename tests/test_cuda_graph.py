@@ -186,3 +186,24 @@ def test_bench_times_the_graph_replay_with_its_capture_in_the_warm_up(monkeypatc
     assert [r["backend"] for r in rows] == ["cupy", "cupy-graph"]
     assert rows[0]["gemm_calls"] == rows[1]["gemm_calls"] == 11        # 4 dense layers: 4 forward, 7 backward
     assert all(r["ms_per_step"] > 0 and r["steps_timed"] >= 10 for r in rows)
+
+
+def test_cli_trains_with_cuda_graph_and_reports_the_replays(tmp_path):
+    """``fastvae train --backend cupy --cuda-graph`` end to end in a
+    subprocess, the emulated backend registered as ``cupy``."""
+    import os
+    import subprocess
+    import sys
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 4, 4)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); from cuda_emu import EmulatedCupyBackend; "
+            "from fastvae import backends; backends._REGISTRY['cupy'] = (lambda: EmulatedCupyBackend, lambda: ''); "
+            "from fastvae.cli import main; sys.exit(main(['train', '--dataset', 'x.npy', '--backend', 'cupy', "
+            "'--cuda-graph', '--epochs', '2', '--batch-size', '8', '--hidden', '6', '--latent', '2', "
+            "'--likelihood', 'gaussian', '--no-progress', '--out', 'run']))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    # 36 training images: 4 batches of 8 and one of 4 per epoch; batch 8: warm-up, capture, 6 replays;
+    # batch 4: warm-up in epoch 1, capture in epoch 2
+    assert "CUDA graphs: 2 captured, 6 replays, 0 ran eagerly after a difference, 2 eager warm-up steps" \
+        in p.stdout, p.stdout

@@ -260,7 +260,7 @@ class GraphSupport:
     """What the CuPy backend needs for graphs: every launch through :meth:`_op`,
     per-step values through :meth:`_dynamic` / :meth:`_counter`, returned
     arrays through :meth:`_out`, and the CuPy calls that capture, upload and
-    launch (the CPU emulator of the tests replaces those five)."""
+    launch (the CPU emulator of the tests replaces those)."""
 
     _graph: Optional[Recording] = None
 
