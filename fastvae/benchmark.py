@@ -9,7 +9,10 @@ Adam and ``fused=True``, the faster one is the peer), all in one process:
 * ms per step: median over chunks of steps (each chunk timed as a whole and
   synchronised at its end), a step being ``eps`` draw + forward + backward +
   Adam on a resident batch; for the cupy backend also ``cupy-graph``, the
-  same step replayed as a CUDA graph (its capture counted as warm-up);
+  same step replayed as a CUDA graph (its capture counted as warm-up). All
+  contenders of a workload (backends, their GEMM replays, PyTorch) are timed
+  interleaved, chunk by chunk (:func:`measure`), so drift on a shared machine
+  reaches them alike; the quartiles over chunks are reported with the median;
 * images/s, achieved GFLOP/s (exact GEMM FLOPs of the step);
 * the floor: the same step's GEMMs alone (the exact calls, replayed) timed in
   the same run, and FLOPs / measured peak GEMM rate (a 2048^3 GEMM).
@@ -24,7 +27,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import time
 from typing import Dict, List, Optional
 
@@ -34,6 +36,7 @@ from . import backends as _backends
 from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
+from .timing import Contender, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure, peak_gemm_gflops
 
 WORKLOADS: Dict[str, dict] = {
     "784-400-20/b128": dict(input_dim=784, hidden=[400], latent_dim=20, batch_size=128,
@@ -61,82 +64,6 @@ def check_request(workloads: Optional[List[str]], backend_names: List[str]) -> N
         if name not in ok or not ok[name]["available"]:
             why = ok[name]["reason"] if name in ok else f"unknown; choose from {sorted(ok)}"
             raise BackendUnavailableError(f"cannot benchmark backend {name!r}: {why}")
-
-
-def _time_chunks(step, sync, seconds: float, min_steps: int = 10, max_steps: int = 2000):
-    """Median ms per step over chunks of ~25 ms (at least 5 chunks)."""
-    t = time.perf_counter()
-    step()
-    sync()
-    one = max(time.perf_counter() - t, 1e-6)
-    k = max(1, int(0.025 / one))
-    per = []
-    total_steps = 0
-    start = time.perf_counter()
-    while (total_steps < min_steps or len(per) < 5 or time.perf_counter() - start < seconds) \
-            and total_steps < max_steps:
-        t = time.perf_counter()
-        for _ in range(k):
-            step()
-        sync()
-        per.append((time.perf_counter() - t) / k * 1e3)
-        total_steps += k
-    return statistics.median(per), total_steps
-
-
-def _gpu_peak(dtype="float32", tf32=False, n=8192) -> float:
-    """Measured cuBLAS GEMM rate (GFLOP/s) of an n^3 CuPy matmul (TF32 when
-    ``tf32`` and float32, set explicitly: CuPy's GEMM mode is process-wide)."""
-    import cupy
-    from .backends.cupy_backend import set_tf32
-    set_tf32(tf32)
-    a = cupy.random.random((n, n)).astype(dtype)
-    c = cupy.empty_like(a)
-    cupy.matmul(a, a, out=c)
-    cupy.cuda.get_current_stream().synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        cupy.matmul(a, a, out=c)
-        cupy.cuda.get_current_stream().synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-def peak_gemm_gflops(dtype="float32", n=2048) -> float:
-    """Measured GEMM rate (GFLOP/s) of an n x n x n NumPy/BLAS matmul."""
-    a = np.random.default_rng(0).random((n, n)).astype(dtype)
-    c = np.empty_like(a)
-    np.matmul(a, a, out=c)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        np.matmul(a, a, out=c)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-class _GemmRecorder:
-    def __init__(self, be):
-        self.be, self.calls, self._orig = be, [], be.gemm
-
-    def __enter__(self):
-        def rec(out, a, b, trans_a=False, trans_b=False):
-            self.calls.append((out, a, b, trans_a, trans_b))
-            return self._orig(out, a, b, trans_a, trans_b)
-        self.be.gemm = rec
-        return self
-
-    def __exit__(self, *exc):
-        del self.be.gemm           # back to the class method
-
-
-def _flops(calls):
-    tot = 0
-    for out, a, b, ta, tb in calls:
-        k = a.shape[0] if ta else a.shape[1]
-        tot += 2 * out.shape[0] * out.shape[1] * k
-    return tot
 
 
 def workload_config(wl: dict, dtype="float32") -> ModelConfig:
@@ -172,11 +99,12 @@ def training_step(name: str, wl: dict, dtype="float32", tf32=False, graph=False)
     return be, model, step
 
 
-def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False, graph=False) -> dict:
-    """Measure one fastvae backend on one workload (see module docstring)."""
+def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False) -> List[Contender]:
+    """The training step of fastvae backend ``name`` (warmed up) and, for an
+    eager step, the replay of its GEMMs (the exact calls, recorded)."""
     t0 = time.perf_counter()
     be, model, step = training_step(name, wl, dtype, tf32, graph)
-    with _GemmRecorder(be) as rec:
+    with GemmRecorder(be) as rec:
         step()
         be.synchronize()
     if graph:
@@ -184,21 +112,38 @@ def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False,
         be.synchronize()
     warmup = time.perf_counter() - t0
     calls = rec.calls
-    ms, n = _time_chunks(step, be.synchronize, seconds)
 
     def gemms():
         for c in calls:
             be.gemm(*c)
 
-    gemm_ms, _ = _time_chunks(gemms, be.synchronize, min(seconds, 2.0))
-    return {"backend": name + ("-graph" if graph else ""), "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
-            "step_gflop": _flops(calls) / 1e9, "gemm_only_ms": gemm_ms, "gemm_calls": len(calls),
-            "device": be.device}
+    label = name + ("-graph" if graph else "")
+    main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
+                      "gemm_calls": len(calls), "device": be.device}, step, be.synchronize)
+    return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize)]
 
 
-def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False) -> List[dict]:
+def _rows(contenders: List[Contender]) -> List[dict]:
+    """The rows, each GEMM replay's time folded into its step's row as ``gemm_only_ms``."""
+    rows = {c.row["backend"]: c.row for c in contenders if "backend" in c.row}
+    for c in contenders:
+        if "gemms_of" in c.row:
+            rows[c.row["gemms_of"]]["gemm_only_ms"] = c.row["ms_per_step"]
+    return list(rows.values())
+
+
+def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False, graph=False,
+                  settle=0.15) -> dict:
+    """Measure one fastvae backend on one workload (see module docstring)."""
+    cs = _ours(name, wl, dtype, tf32, graph)
+    measure(cs, seconds, settle=settle)
+    return _rows(cs)[0]
+
+
+def _torch(wl: dict, dtype="float32", device="cpu", tf32=False) -> List[Contender]:
     """PyTorch twin: eager with Adam(foreach) and Adam(fused=True); on a GPU
-    also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with fused Adam."""
+    also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with fused
+    Adam. Raises ImportError without PyTorch."""
     import torch
     from . import torch_ref
     cfg = workload_config(wl, dtype)
@@ -218,7 +163,7 @@ def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False
             opt = torch.optim.Adam(tm.parameters(), lr=1e-3, **({"foreach": True} if variant == "foreach"
                                                                  else {"fused": True}))
         except (RuntimeError, TypeError) as exc:
-            rows.append({"backend": f"torch-{variant}", "error": str(exc)})
+            rows.append(Contender({"backend": f"torch-{variant}", "error": str(exc)}))
             continue
 
         def eager_step():
@@ -245,11 +190,16 @@ def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False
 
         step()
         sync()
-        warmup = time.perf_counter() - t0
-        ms, n = _time_chunks(step, sync, seconds)
-        rows.append({"backend": f"torch-{variant}", "ms_per_step": ms, "steps_timed": n, "warmup_s": warmup,
-                     "device": device, "torch_threads": torch.get_num_threads()})
+        rows.append(Contender({"backend": f"torch-{variant}", "warmup_s": time.perf_counter() - t0,
+                               "device": device, "torch_threads": torch.get_num_threads()}, step, sync))
     return rows
+
+
+def bench_torch(wl: dict, dtype="float32", seconds=3.0, device="cpu", tf32=False, settle=0.15) -> List[dict]:
+    """Measure the PyTorch variants of :func:`_torch` (interleaved)."""
+    cs = _torch(wl, dtype, device, tf32)
+    measure(cs, seconds, settle=settle)
+    return _rows(cs)
 
 
 def environment() -> dict:
@@ -280,33 +230,39 @@ def _cpu_name():
 
 def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]] = None,
         dtype="float32", seconds=3.0, torch_peer=True, log=print, torch_device="cpu",
-        tf32=False) -> List[dict]:
+        tf32=False, settle: Optional[float] = None) -> List[dict]:
     """Measure everything asked for; returns the JSON rows (one per measurement).
     ``torch_device="cuda"`` compares against PyTorch on the GPU; ``tf32``
-    enables TF32 GEMMs on both sides (GPU only)."""
+    enables TF32 GEMMs on both sides (GPU only); ``settle``: seconds of idle
+    before each timed chunk (see :func:`measure`; default 0.15 on the CPU,
+    0 on a GPU)."""
+    settle = (0.15 if torch_device == "cpu" else 0.0) if settle is None else settle
     workloads = workloads or list(WORKLOADS)
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
     env = environment()
-    peak = peak_gemm_gflops(dtype) if torch_device == "cpu" else _gpu_peak(dtype, tf32)
+    peak = peak_gemm_gflops(dtype) if torch_device == "cpu" else gpu_peak_gemm_gflops(dtype, tf32)
     rows = []
     for wname in workloads:
         wl = WORKLOADS[wname]
         B = wl["batch_size"]
-        group = []
+        cs = []
         for n, graph in [(n, g) for n in names for g in (False, True) if not g or n == "cupy"]:
-            r = bench_backend(n, wl, dtype, seconds, tf32, graph)
-            group.append(r)
-            log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step (warm-up {r['warmup_s']:.2f} s)")
+            cs += _ours(n, wl, dtype, tf32, graph)
         if torch_peer:
             try:
-                tr = bench_torch(wl, dtype, seconds, device=torch_device, tf32=tf32)
+                cs += _torch(wl, dtype, torch_device, tf32)
             except ImportError:
-                tr = []
-            for r in tr:
-                if "error" not in r:
-                    log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step")
-            group += tr
+                pass
+        measure(cs, seconds, settle=settle)
+        group = _rows(cs)
+        eager = {r["backend"]: r for r in group}
+        for r in group:
+            if r["backend"].endswith("-graph"):     # the GEMMs alone are the eager step's
+                r["gemm_only_ms"] = eager[r["backend"][:-len("-graph")]].get("gemm_only_ms")
+            if "error" not in r:
+                log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step "
+                    f"(quartiles {r['ms_p25']:.3f}-{r['ms_p75']:.3f}; warm-up {r['warmup_s']:.2f} s)")
         ok_torch = [r for r in group if r["backend"].startswith("torch") and "error" not in r]
         peer = min(ok_torch, key=lambda r: r["ms_per_step"]) if ok_torch else None
         flop = next((r["step_gflop"] for r in group if "step_gflop" in r), None)
@@ -320,7 +276,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                 r["step_gflop"] = flop
                 r["gflops_per_s"] = flop / r["ms_per_step"] * 1e3
                 r["flops_floor_ms"] = flop / peak * 1e3
-            if "gemm_only_ms" in r:
+            if r.get("gemm_only_ms"):
                 r["x_gemm_only"] = r["ms_per_step"] / r["gemm_only_ms"]
             if peer:
                 r["torch_peer"] = peer["backend"]
@@ -332,14 +288,15 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
 
 def markdown(rows: List[dict]) -> str:
     """A Markdown table of the rows (speed-ups against the faster PyTorch variant)."""
-    head = ("| workload | backend | ms/step | images/s | vs PyTorch | GEMMs alone ms | x GEMMs alone | "
-            "GFLOP/s | FLOP floor ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| workload | backend | ms/step | quartiles | images/s | vs PyTorch | GEMMs alone ms | x GEMMs alone | "
+            "GFLOP/s | FLOP floor ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
     lines = []
     for r in rows:
         if "error" in r:
             continue
-        lines.append(f"| {r['workload']} | {r['backend']} | {f(r['ms_per_step'], 3)} | {f(r['images_per_s'], 0)} | "
+        q = f"{f(r.get('ms_p25'), 3)}-{f(r.get('ms_p75'), 3)}" if "ms_p25" in r else ""
+        lines.append(f"| {r['workload']} | {r['backend']} | {f(r['ms_per_step'], 3)} | {q} | {f(r['images_per_s'], 0)} | "
                      f"{f(r.get('speedup_vs_torch'))}x | {f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
                      f"{f(r.get('gflops_per_s'), 0)} | {f(r.get('flops_floor_ms'), 3)} | {f(r['warmup_s'])} |")
     env = rows[0]["env"] if rows else {}

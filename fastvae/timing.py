@@ -1,0 +1,117 @@
+"""How ``fastvae bench`` times things: interleaved chunks of steps
+(:func:`measure`), the GEMM calls of a step recorded for replay
+(:class:`GemmRecorder`, :func:`gemm_flops`) and the measured peak GEMM rates
+that the FLOP floor divides by."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import List
+
+import numpy as np
+
+
+class Contender:
+    """One timed thing: ``step()`` (a training step, or the replay of its
+    GEMMs) and ``sync()`` waiting for it; ``row``: what is reported with it
+    (``step`` None: a row that only reports an error)."""
+
+    def __init__(self, row: dict, step=None, sync=None):
+        self.row, self.step, self.sync, self.per, self.k = row, step, sync, [], 1
+
+
+def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15) -> None:
+    """Time ``contenders`` interleaved, so that the machine's drift (other
+    load, clocks) reaches all of them alike: rounds in which each one, in an
+    order rotated every round, sleeps ``settle`` seconds (the previous one's
+    spinning BLAS/OpenMP threads go idle), runs one untimed step (wakes its own
+    threads) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
+    25 ms) synchronised at its end. Rounds go on until each has had about
+    ``seconds`` and at least ``min_chunks`` chunks. Sets ``ms_per_step`` (the
+    median chunk), ``ms_p25`` / ``ms_p75`` (quartiles over chunks),
+    ``chunks`` and ``steps_timed`` in each row."""
+    live = [c for c in contenders if c.step is not None]
+    if not live:
+        return
+    chunk = min(max(seconds / 10, 0.025), 0.5)
+    for c in live:
+        t = time.perf_counter()
+        c.step()
+        c.sync()
+        c.k = max(1, int(chunk / max(time.perf_counter() - t, 1e-6)))
+    start, r = time.perf_counter(), 0
+    while r < min_chunks or time.perf_counter() - start < seconds * len(live):
+        for c in live[r % len(live):] + live[:r % len(live)]:
+            if settle:
+                time.sleep(settle)
+            c.step()
+            c.sync()
+            t = time.perf_counter()
+            for _ in range(c.k):
+                c.step()
+            c.sync()
+            c.per.append((time.perf_counter() - t) / c.k * 1e3)
+        r += 1
+    for c in live:
+        q = statistics.quantiles(c.per, n=4, method="inclusive")
+        c.row.update(ms_per_step=statistics.median(c.per), ms_p25=q[0], ms_p75=q[2], chunks=len(c.per),
+                     steps_timed=len(c.per) * c.k)
+
+
+def gpu_peak_gemm_gflops(dtype="float32", tf32=False, n=8192) -> float:
+    """Measured cuBLAS GEMM rate (GFLOP/s) of an n^3 CuPy matmul (TF32 when
+    ``tf32`` and float32, set explicitly: CuPy's GEMM mode is process-wide)."""
+    import cupy
+    from .backends.cupy_backend import set_tf32
+    set_tf32(tf32)
+    a = cupy.random.random((n, n)).astype(dtype)
+    c = cupy.empty_like(a)
+    cupy.matmul(a, a, out=c)
+    cupy.cuda.get_current_stream().synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        cupy.matmul(a, a, out=c)
+        cupy.cuda.get_current_stream().synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def peak_gemm_gflops(dtype="float32", n=2048) -> float:
+    """Measured GEMM rate (GFLOP/s) of an n x n x n NumPy/BLAS matmul."""
+    a = np.random.default_rng(0).random((n, n)).astype(dtype)
+    c = np.empty_like(a)
+    np.matmul(a, a, out=c)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.matmul(a, a, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+class GemmRecorder:
+    """Records ``(out, a, b, trans_a, trans_b)`` of every ``backend.gemm`` call while active."""
+
+    def __init__(self, be):
+        self.be, self.calls, self._orig = be, [], be.gemm
+
+    def __enter__(self):
+        def rec(out, a, b, trans_a=False, trans_b=False):
+            self.calls.append((out, a, b, trans_a, trans_b))
+            return self._orig(out, a, b, trans_a, trans_b)
+        self.be.gemm = rec
+        return self
+
+    def __exit__(self, *exc):
+        del self.be.gemm           # back to the class method
+
+
+def gemm_flops(calls) -> int:
+    """Exact FLOPs (2 m n k each) of recorded GEMM calls."""
+    tot = 0
+    for out, a, b, ta, tb in calls:
+        k = a.shape[0] if ta else a.shape[1]
+        tot += 2 * out.shape[0] * out.shape[1] * k
+    return tot
