@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run for this project, in one device call
+# (about 6-8 minutes): install fastvae over the image's CuPy/Numba/h5py/PyTorch,
+# the gpu-marked tests, and `fastvae bench --gpu` (cupy eager, cupy CUDA graph,
+# PyTorch eager and torch.compile on the same GPU). Results land in $OUT
+# (the device tool's folder; bench/results/gpu_session here otherwise):
+# pytest_gpu.log, bench_gpu.log, gpu.jsonl, gpu.md. Copy gpu.* into bench/results
+# and the table into the README's GPU section.
+#
+#   bash bench/gpu_session.sh [seconds per measurement, default 2]
+set -u -o pipefail
+OUT=${OUT:-bench/results/gpu_session}
+SECONDS_PER=${1:-2}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    $PY -c "import cupy, numba, h5py, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"
+    $PY -m fastvae backends
+} 2>&1 | tee "$OUT/setup.log"
+
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 330 $PY -m fastvae bench --gpu --seconds "$SECONDS_PER" --out "$OUT" 2>&1 | tee "$OUT/bench_gpu.log"
