@@ -265,6 +265,8 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                     f"(quartiles {r['ms_p25']:.3f}-{r['ms_p75']:.3f}; warm-up {r['warmup_s']:.2f} s)")
         ok_torch = [r for r in group if r["backend"].startswith("torch") and "error" not in r]
         peer = min(ok_torch, key=lambda r: r["ms_per_step"]) if ok_torch else None
+        eager_torch = [r for r in ok_torch if r["backend"] != "torch-compile"]
+        eager_peer = min(eager_torch, key=lambda r: r["ms_per_step"]) if eager_torch else None
         flop = next((r["step_gflop"] for r in group if "step_gflop" in r), None)
         for r in group:
             if "error" in r:
@@ -281,15 +283,20 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
             if peer:
                 r["torch_peer"] = peer["backend"]
                 r["speedup_vs_torch"] = peer["ms_per_step"] / r["ms_per_step"]
+            if eager_peer and eager_peer is not peer:       # on a GPU: against eager PyTorch too
+                r["speedup_vs_torch_eager"] = eager_peer["ms_per_step"] / r["ms_per_step"]
             r["env"] = env
             rows.append(r)
     return rows
 
 
 def markdown(rows: List[dict]) -> str:
-    """A Markdown table of the rows (speed-ups against the faster PyTorch variant)."""
-    head = ("| workload | backend | ms/step | quartiles | images/s | vs PyTorch | GEMMs alone ms | x GEMMs alone | "
-            "GFLOP/s | FLOP floor ms | warm-up s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    """A Markdown table of the rows (speed-ups against the fastest PyTorch
+    variant, and against eager PyTorch where torch.compile was faster)."""
+    eager = any("speedup_vs_torch_eager" in r for r in rows)
+    head = ("| workload | backend | ms/step | quartiles | images/s | vs PyTorch | " + ("vs PyTorch eager | " if eager else "")
+            + "GEMMs alone ms | x GEMMs alone | GFLOP/s | FLOP floor ms | warm-up s |\n|"
+            + "---|" * (12 if eager else 11) + "\n")
     f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
     lines = []
     for r in rows:
@@ -297,7 +304,9 @@ def markdown(rows: List[dict]) -> str:
             continue
         q = f"{f(r.get('ms_p25'), 3)}-{f(r.get('ms_p75'), 3)}" if "ms_p25" in r else ""
         lines.append(f"| {r['workload']} | {r['backend']} | {f(r['ms_per_step'], 3)} | {q} | {f(r['images_per_s'], 0)} | "
-                     f"{f(r.get('speedup_vs_torch'))}x | {f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
+                     f"{f(r.get('speedup_vs_torch'))}x | "
+                     + (f"{f(r.get('speedup_vs_torch_eager'))}x | " if eager else "")
+                     + f"{f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
                      f"{f(r.get('gflops_per_s'), 0)} | {f(r.get('flops_floor_ms'), 3)} | {f(r['warmup_s'])} |")
     env = rows[0]["env"] if rows else {}
     blas = ", ".join(f"{b['library']} {b['threads']} threads ({b['architecture']})" for b in env.get("threads", {}).get("blas", []))

@@ -29,3 +29,20 @@ def test_contenders_are_timed_in_rotated_interleaved_chunks():
         chunks.append(name)
         i += 3 + k
     assert chunks == list("abcbcacab")
+
+
+def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
+    from fastvae.benchmark import markdown
+
+    def row(backend, ms, **kw):
+        return dict(workload="w", backend=backend, ms_per_step=ms, images_per_s=1e3 / ms, warmup_s=0.1,
+                    peak_gemm_gflops=1.0, env={}, **kw)
+
+    cpu = [row("numba", 2.0, speedup_vs_torch=1.5), row("torch-fused", 3.0, speedup_vs_torch=1.0)]
+    gpu = [row("cupy-graph", 0.2, speedup_vs_torch=1.5, speedup_vs_torch_eager=5.0),
+           row("torch-compile", 0.3, speedup_vs_torch=1.0, speedup_vs_torch_eager=3.33)]
+    for rows, cells, eager in ((cpu, 11, False), (gpu, 12, True)):
+        table = [line for line in markdown(rows).splitlines() if line.startswith("|")]
+        assert all(line.count("|") == cells + 1 for line in table)
+        assert ("vs PyTorch eager" in table[0]) == eager
+    assert "| 5.00x |" in markdown(gpu)
