@@ -208,3 +208,24 @@ def test_cli_trains_with_cuda_graph_and_reports_the_replays(tmp_path):
     # batch 4: warm-up in epoch 1, capture in epoch 2
     assert "CUDA graphs: 2 captured, 6 replays, 0 ran eagerly after a difference, 2 eager warm-up steps" \
         in p.stdout, p.stdout
+
+
+def test_the_readme_loop_replays(monkeypatch):
+    """The README's own-loop example ("As a library"), smaller, on the emulated backend."""
+    from fastvae import VAE, Adam, ModelConfig
+    monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    model = VAE(ModelConfig(input_dim=12, hidden=[8], latent_dim=3), "cupy", seed=0)
+    opt, rng = Adam.for_model(model), model.backend.new_rng([0, 1])
+    ws = model.workspace(4)
+    graphs = StepGraphs(model.backend)
+    data = np.random.default_rng(0).random((6, 4, 12))
+
+    def step(beta, lr):
+        rng.normal_(ws.eps)
+        model.loss_and_grad(ws.x, ws.eps, beta, need_loss=False)
+        opt.step(lr)
+
+    for t in range(6):
+        model.backend.copy_(ws.x, data[t])
+        graphs(4, step, min(1.0, t / 3), 1e-3)
+    assert dict(graphs.stats) == {"eager": 1, "captured": 1, "replayed": 4}
