@@ -4,8 +4,8 @@ Per step: the batch source gathers a shuffled batch on the device,
 (optionally) binarizes it and draws ``eps``; the model's forward walk and
 reversed backward walk fill the flat gradient; the optimizer runs its hooks
 (gradient clipping) and one Adam call over the flat buffer (with
-``--cuda-graph``, forward, backward and Adam replay as one CUDA graph). Metrics stay on
-the device and reach the host at the progress interval and at the end of
+``--cuda-graph``: forward, backward and Adam replayed as one CUDA graph).
+Metrics stay on the device and reach the host at the progress interval and at the end of
 each epoch. After each epoch the test split is evaluated and the checkpoint
 saved atomically, so an interrupted run resumes from its last epoch (or,
 after Ctrl-C, from the exact step).
@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import time
 from typing import Optional
-
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets

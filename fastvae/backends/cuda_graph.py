@@ -37,15 +37,18 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import FastVAEError
+
 #: 64-bit words of per-step values one graph may carry (float slots first, then counters)
 SLOT_WORDS = 64
 _COUNTER_AT = 32          # word offset of the Philox counter slots
 _RING = 4                 # staging buffers in flight (host waits when the device is this far behind)
 
 
-class GraphUnsafeError(RuntimeError):
+class GraphUnsafeError(FastVAEError, RuntimeError):
     """The step did something a CUDA graph cannot capture (a direct array
-    operation, a host synchronisation, too many per-step values)."""
+    operation, a host synchronisation, too many per-step values), or the
+    backend has no graphs."""
 
 
 def _same(a: tuple, b: tuple, array, ptr) -> bool:
@@ -97,6 +100,9 @@ class Recording:
 
     # ---- called by the backend's wrappers ------------------------------------------
     def op(self, f, args, kw):
+        """Device work ``f(*args, **kw)``: captured (and recorded), or in a
+        replay checked against the captured one and suppressed (or, at the
+        first difference, run eagerly after what was suppressed before it)."""
         if self._mode == "capture":
             self.ops.append((f, args, tuple(kw.items())))     # keeps the captured arrays alive
             self.be._capture_op(f, args, kw)
@@ -112,6 +118,8 @@ class Recording:
         f(*args, **kw)
 
     def alloc(self, shape, dtype):
+        """A new device array the step returns: allocated at capture (private
+        pool) and the same array on every replay."""
         if self._mode == "capture":
             a = self.be._xp.empty(shape, dtype)
             self.allocs.append(a)

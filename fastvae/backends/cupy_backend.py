@@ -13,6 +13,11 @@ CuPy's column-sum reduction.
 Random numbers come from a counter-based Philox4x32-10 generator on the
 device (see :mod:`fastvae.philox`): its whole state is (key, counter), saved
 in checkpoints as JSON and independent of launch shapes.
+
+Every launch (kernels, GEMMs, reductions) goes through ``_op`` and every
+per-step value through ``_dynamic`` / ``_counter``, so that a step can be
+captured and replayed as a CUDA graph (:mod:`fastvae.backends.cuda_graph`).
+Availability checks live in :mod:`fastvae.backends.cupy_probe`.
 """
 
 from __future__ import annotations
