@@ -269,14 +269,13 @@ class Checkpointer:
 def step_graphs(tc, model, optimizer, objective):
     """The :class:`~fastvae.backends.cuda_graph.StepGraphs` replaying the
     ELBO step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
-    Raises ConfigError for a step a graph does not hold: another objective,
-    optimizer hooks (gradient clipping, the all-reduce) or flow steps, whose
-    host-side arithmetic would not be replayed."""
+    Raises ConfigError for a step a graph does not hold: another objective
+    or optimizer hooks (gradient clipping, the all-reduce), whose array
+    arithmetic outside the backend's primitives would not be replayed."""
     if not tc.cuda_graph:
         return None
     why = (f"the {tc.objective} objective" if objective is not None else
-           "gradient clipping or a multi-process all-reduce" if optimizer.hooks else
-           "an IAF posterior" if model.decoder_at != model.sampler_at + 1 else "")
+           "gradient clipping or a multi-process all-reduce" if optimizer.hooks else "")
     if why:
         raise ConfigError(f"--cuda-graph replays the plain ELBO step, not {why}; drop --cuda-graph")
     from .backends.cuda_graph import StepGraphs

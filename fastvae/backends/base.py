@@ -232,6 +232,11 @@ class Backend:
         self.xp.multiply(a, b, out=out)
         return out
 
+    def add_(self, out, a):
+        """``out += a`` elementwise (two gradient paths into one buffer)."""
+        self.xp.add(out, a, out=out)
+        return out
+
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):  # pragma: no cover
         """Per-image negative log-likelihood and its gradient, fused.
 

@@ -31,7 +31,6 @@ Direct array operations (``backend.xp``) are refused during capture
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
@@ -262,91 +261,3 @@ class StepGraphs:
         s = self.stats
         return (f"CUDA graphs: {s['captured']} captured, {s['replayed']} replays, "
                 f"{s['diverged']} ran eagerly after a difference, {s['eager']} eager warm-up steps")
-
-
-class GraphSupport:
-    """What the CuPy backend needs for graphs: every launch through :meth:`_op`,
-    per-step values through :meth:`_dynamic` / :meth:`_counter`, returned
-    arrays through :meth:`_out`, and the CuPy calls that capture, upload and
-    launch (the CPU emulator of the tests replaces those)."""
-
-    _graph: Optional[Recording] = None
-
-    def _graph_setup(self):
-        xp = self._xp
-        self._graph = None                        # the Recording being captured or replayed
-        self._graph_pools = []
-        self._ones = xp.ones(4, self.dtype)       # neutral per-step slots of eager launches
-        self._zero_counter = xp.zeros(1, np.uint64)
-
-    @property
-    def xp(self):
-        """The array module; a direct use inside a CUDA graph turns the replay
-        eager (or refuses the capture): only the primitives below are captured."""
-        if self._graph is not None:
-            self._graph.unsafe("a direct array operation (backend.xp)")
-        return self._xp
-
-    # ---- device work: every launch goes through _op (CUDA graphs record and check it) ----
-    def _op(self, f, *args, **kw):
-        if self._graph is None:
-            f(*args, **kw)
-        else:
-            self._graph.op(f, args, kw)
-
-    def _out(self, shape, dtype):
-        """A new array a primitive returns (the same one on every replay of a graph)."""
-        return self._xp.empty(shape, dtype) if self._graph is None else self._graph.alloc(shape, dtype)
-
-    def _dynamic(self, *values):
-        """``(scalars, slot)`` for per-step values that kernels read as
-        ``scalar * slot[k]``: the values and ones eagerly, ones and a graph slot
-        holding the values under a CUDA graph (same product, same bits)."""
-        if self._graph is not None:
-            slot = self._graph.floats([self._s(v) for v in values])
-            if slot is not None:
-                return (self._s(1),) * len(values), slot
-        return tuple(self._s(v) for v in values), self._ones[:len(values)]
-
-    def _counter(self, c):
-        """``(counter, base)`` for a Philox launch at counter ``c`` (kernels add them)."""
-        if self._graph is not None:
-            slot = self._graph.counter(c)
-            if slot is not None:
-                return np.uint64(0), slot
-        return np.uint64(c), self._zero_counter
-
-    def _ptr(self, a):
-        return a.data.ptr
-
-    def _capture_op(self, f, args, kw):
-        f(*args, **kw)                          # recorded by the stream capture, not run
-
-    @contextlib.contextmanager
-    def _capturing(self, rec):
-        """Stream capture on a side stream, allocating from a private pool kept
-        for the backend's lifetime; sets ``rec.graph``."""
-        cupy = self._xp
-        pool = cupy.cuda.MemoryPool()
-        self._graph_pools.append(pool)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        with cupy.cuda.using_allocator(pool.malloc), stream:
-            stream.begin_capture()
-            try:
-                yield
-            finally:
-                rec.graph = stream.end_capture()
-
-    def _launch_graph(self, graph):
-        graph.launch(self._xp.cuda.get_current_stream())
-
-    def _pinned(self, n):
-        import cupyx
-        return cupyx.empty_pinned(n, np.uint64)
-
-    def _upload(self, dst, host):
-        stream = self._xp.cuda.get_current_stream()
-        dst.set(host, stream=stream)
-        event = self._xp.cuda.Event(disable_timing=True)
-        event.record(stream)
-        return event

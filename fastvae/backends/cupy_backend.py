@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import BackendUnavailableError
 from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES, cuda_defines
 from .base import Backend, BackendRNG
-from .cuda_graph import GraphSupport
+from .graph_support import GraphSupport
 from .cupy_probe import device_reason, probe, toolkit_reason  # noqa: F401 (this module's API)
 
 

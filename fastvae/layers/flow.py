@@ -86,5 +86,4 @@ class IAFStep(Layer):
         k = step.beta * step.grad_scale
         be.iaf_gate_backward(st.dx, st.dhead, dy, st.y, st.x, st.o.y, FORGET_BIAS, k)
         dx_made = self.hidden.backward(be, st.h, self.out.backward(be, st.o, st.dhead, step), step)
-        st.dx += dx_made
-        return st.dx
+        return be.add_(st.dx, dx_made)
