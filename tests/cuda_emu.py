@@ -220,7 +220,7 @@ class EmulatedCupyBackend(cb.CupyBackend):
 
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
         if not self._has_cupy:                             # the GEMM mode is CuPy's setting
-            self._op(np.matmul, a.T if trans_a else a, b.T if trans_b else b, out=out)
+            self._op(cb._matmul, np, out, a, b, trans_a, trans_b)
             return out
         return super().gemm(out, a, b, trans_a, trans_b)
 

@@ -102,15 +102,17 @@ class Recording:
         """Device work ``f(*args, **kw)``: captured (and recorded), or in a
         replay checked against the captured one and suppressed (or, at the
         first difference, run eagerly after what was suppressed before it)."""
+        kwt = tuple(kw.items()) if kw else ()
         if self._mode == "capture":
-            self.ops.append((f, args, tuple(kw.items())))     # keeps the captured arrays alive
+            self.ops.append((f, args, kwt))     # keeps the captured arrays alive
             self.be._capture_op(f, args, kw)
             return
         i = self._pos
         self._pos += 1
         if i < len(self.ops):
             cf, cargs, ckw = self.ops[i]
-            if cf is f and _same((args, tuple(kw.items())), (cargs, ckw), self._array, self.be._ptr):
+            if (cf is f and _same(args, cargs, self._array, self.be._ptr)
+                    and (kwt is ckw or _same(kwt, ckw, self._array, self.be._ptr))):
                 self._pending.append((f, args, kw))
                 return
         self._diverge()

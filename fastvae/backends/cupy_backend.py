@@ -91,6 +91,12 @@ def _module(dtype):
     return mod
 
 
+def _matmul(xp, out, a, b, trans_a, trans_b):
+    """``out = op(a) @ op(b)`` through ``xp.matmul`` (cuBLAS); one function, so
+    a graph replay compares the operands themselves, not fresh transposed views."""
+    xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+
+
 def _blocks(n):
     return (max(1, min((int(n) + _THREADS - 1) // _THREADS, 65535)),)
 
@@ -242,7 +248,7 @@ class CupyBackend(GraphSupport, Backend):
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
         if self.dtype == np.float32:
             set_tf32(self.tf32)
-        self._op(self._xp.matmul, a.T if trans_a else a, b.T if trans_b else b, out=out)
+        self._op(_matmul, self._xp, out, a, b, trans_a, trans_b)
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):

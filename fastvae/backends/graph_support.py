@@ -133,8 +133,13 @@ class GraphSupport:
             stream.begin_capture()
             try:
                 yield
-            finally:
-                rec.graph = stream.end_capture()
+            except BaseException:
+                try:
+                    stream.end_capture()            # leave the stream usable; the step's own error wins
+                except Exception:
+                    pass
+                raise
+            rec.graph = stream.end_capture()
 
     def _launch_graph(self, graph):
         graph.launch(self._xp.cuda.get_current_stream())
