@@ -26,7 +26,9 @@ What makes a replay equal to an eager step, bit for bit:
   writes.
 
 Direct array operations (``backend.xp``) are refused during capture
-(:class:`GraphUnsafeError`): only the backend's own primitives are captured.
+(:class:`GraphUnsafeError`): only the backend's own primitives are captured
+(:mod:`fastvae.backends.graph_support`; the primitives that ``Backend``
+writes as array expressions count as one operation each).
 """
 
 from __future__ import annotations
