@@ -50,6 +50,17 @@ class _JSONMixin:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def _check_flags(self):
+        """Every ``bool`` field must hold True or False: a config read from a
+        file could say "no", which Python would take as true."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type not in ("bool", bool):
+                continue
+            if type(v).__name__ not in ("bool", "bool_"):       # Python's or NumPy's bool
+                raise ConfigError(f"{f.name} must be true or false, got {v!r}")
+            setattr(self, f.name, bool(v))
+
 
 @dataclass
 class ModelConfig(_JSONMixin):
@@ -237,6 +248,7 @@ class TrainConfig(_JSONMixin):
     iwae_k: int = 5
 
     def __post_init__(self):
+        self._check_flags()
         _choice("objective", self.objective, OBJECTIVES)
         _positive_int("iwae_k", self.iwae_k)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -306,6 +318,7 @@ class DataConfig(_JSONMixin):
     memory_budget_mb: Optional[float] = None
 
     def __post_init__(self):
+        self._check_flags()
         if self.memory_budget_mb is not None:
             _finite_nonneg("memory_budget_mb", self.memory_budget_mb)
         if not isinstance(self.dataset, str) or not self.dataset:

@@ -222,3 +222,13 @@ def test_crafted_json_with_a_valid_header_only_raises_checkpoint_error(tmp_path_
         pass
     except fastvae.FastVAEError as exc:      # a config valid as JSON may still name a dataset not here
         assert isinstance(exc, (fastvae.DataError, fastvae.ConfigError)), exc
+
+
+@pytest.mark.parametrize("section,field", [("train", "binarize"), ("train", "cuda_graph"), ("data", "download")])
+def test_config_flag_that_is_not_a_boolean_is_a_checkpoint_error(tmp_path, good, section, field):
+    """A flag written as "no" would be truthy: refused, naming the field."""
+    cfg = json.loads(json.dumps(good["config"]))
+    cfg[section][field] = "no"
+    p = craft(tmp_path / "c.h5", good, texts={"config": json.dumps(cfg)})
+    with pytest.raises(CheckpointError, match=f"invalid {section} config.*{field} must be true or false"):
+        ckpt.read_checkpoint(p)
