@@ -5,15 +5,16 @@
 Median ms per training step (batch fill, forward, backward, Adam) of a
 Trainer on resident synthetic data, for 784-400-20/b128 and the seed ConvNet
 (conv28-20/b128): ``elbo``, ``iwae`` with K = 5, ``btcvae`` and the ELBO with
-an IAF posterior of 2 steps (``iaf2``, MADE hidden 200). Warm-up (the
-first 5 steps, Numba compilation included) is excluded and reported.
+an IAF posterior of 2 steps (``iaf2``, MADE hidden 200), timed interleaved
+(:func:`fastvae.timing.measure`, quartiles reported). Warm-up (building the
+Trainer and its first 5 steps, Numba compilation included) is excluded and
+reported.
 Writes ``bench/results/objective_speed.json``.
 """
 
 import argparse
 import json
 import os
-import statistics
 import time
 
 import numpy as np
@@ -25,49 +26,49 @@ VARIANTS = {"elbo": ("elbo", {}), "iwae": ("iwae", {}), "btcvae": ("btcvae", {})
             "iaf2": ("elbo", {"posterior": "iaf", "flows": 2})}
 
 
-def measure(arch, variant, backend, seconds):
+def contender(arch, variant, backend):
+    """A warmed-up Trainer's step (batch fill, forward, backward, Adam) as a
+    :class:`fastvae.timing.Contender`; its first 5 steps are the warm-up."""
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
     from fastvae.data import Dataset
+    from fastvae.timing import Contender
     objective, extra = VARIANTS[variant]
     x = np.random.default_rng(0).random((128 * 40, 784), dtype=np.float32)
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=20, arch=arch,
                      **({"hidden": [400]} if arch == "mlp" else {}), **extra)
+    t0 = time.perf_counter()
     t = Trainer(mc, TrainConfig(batch_size=128, backend=backend, objective=objective, iwae_k=5), DataConfig(),
                 dataset=Dataset("bench", x, None, None, None, (28, 28)), progress=False)
-    pos, b = t.batches.new_epoch(), 0
-    t0 = time.perf_counter()
-    times = []
-    while True:
-        if b == t.steps_per_epoch():
-            pos, b = t.batches.new_epoch(), 0
-        ws = t.batches.fill(t.model, pos, b)
-        s0 = time.perf_counter()
-        t.train_step(ws, 6.0, 1e-3, False)
-        t.backend.synchronize()
-        times.append(time.perf_counter() - s0)
-        b += 1
-        if len(times) == 5:
-            warm = time.perf_counter() - t0
-        if len(times) > 5 and sum(times[5:]) > seconds:
-            break
-    return 1e3 * statistics.median(times[5:]), warm
+    state = {"pos": t.batches.new_epoch(), "b": 0}
+
+    def step():
+        if state["b"] == t.steps_per_epoch():
+            state["pos"], state["b"] = t.batches.new_epoch(), 0
+        t.train_step(t.batches.fill(t.model, state["pos"], state["b"]), 6.0, 1e-3, False)
+        state["b"] += 1
+
+    for _ in range(5):
+        step()
+    t.backend.synchronize()
+    return Contender({"arch": arch, "objective": variant, "iwae_k": 5 if variant == "iwae" else None,
+                      "backend": backend, "warmup_s": time.perf_counter() - t0}, step, t.backend.synchronize)
 
 
 def main():
+    from fastvae.timing import measure
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--seconds", type=float, default=3.0)
     a = ap.parse_args()
     rows = []
     for arch in ("mlp", "conv"):
-        base = None
-        for objective in VARIANTS:
-            ms, warm = measure(arch, objective, a.backend, a.seconds)
-            base = base or ms
-            row = {"arch": arch, "objective": objective, "iwae_k": 5 if objective == "iwae" else None,
-                   "ms_per_step": ms, "x_elbo": ms / base, "warmup_s": warm, "backend": a.backend}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        cs = [contender(arch, v, a.backend) for v in VARIANTS]
+        measure(cs, a.seconds)                      # interleaved: drift reaches every objective alike
+        base = cs[0].row["ms_per_step"]
+        for c in cs:
+            c.row["x_elbo"] = c.row["ms_per_step"] / base
+            rows.append(c.row)
+            print(json.dumps(c.row), flush=True)
     with open(os.path.join(HERE, "results", "objective_speed.json"), "w") as f:
         json.dump(rows, f, indent=2)
 
