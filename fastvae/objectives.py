@@ -38,6 +38,9 @@ class IWAEObjective:
     :class:`fastvae.VAE` whose stack is encoder -> Gaussian sampler ->
     decoder -> likelihood). Raises ConfigError for K < 1."""
 
+    #: every array operation of a step is a backend operation (a CUDA graph can hold it)
+    graph_safe = True
+
     def __init__(self, model, k: int):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"iwae_k must be a positive integer, got {k!r}")
@@ -52,45 +55,36 @@ class IWAEObjective:
         ``eps (B K, L)`` (rows ``i K .. i K + K - 1`` belong to image i).
         Writes every gradient into ``model.grads``; returns the device sum over
         images of ``-L_K`` (nats) and 0.0, in the ``(recon, kl)`` slots the
-        trainer reports (None, None when ``need_loss`` is False)."""
+        trainer reports (None, None when ``need_loss`` is False). The
+        arithmetic between the layer walks runs as backend ``array_op`` calls
+        on cached buffers (so a CUDA graph can hold the whole step)."""
         m, be = self.model, self.model.backend
-        xp, K, s, n = be.xp, self.k, m.sampler_at, len(m.layers)
+        K, s, n = self.k, m.sampler_at, len(m.layers)
         B, L = x.shape[0], m.config.latent_dim
         c = 1.0 / B if grad_scale is None else grad_scale
+        buf = lambda name, *shape: be.scratch(("iwae", name), shape)      # noqa: E731
         enc, dec = m.workspace(B), m.workspace(B * K)
         step_e = Step(x, None, train=True, need_loss=False)
         head = m._walk(enc, 0, s, x, step_e)
-        mu, logvar = head[:, :L], head[:, L:]
-        std = xp.exp(0.5 * logvar)
-        e3 = eps.reshape(B, K, L)
-        z = dec.z
-        z.reshape(B, K, L)[...] = mu[:, None, :] + std[:, None, :] * e3
-        dec.x.reshape(B, K, -1)[...] = x[:, None, :]
+        std = buf("std", B, L)
+        be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
         step_d = Step(dec.x, None, grad_scale=1.0, train=True, need_loss=True)
-        nll = m._walk(dec, s + 1, n, z, step_d)
-        logw = (-nll - 0.5 * (z * z).sum(1) + 0.5 * (eps * eps).sum(1)).reshape(B, K) \
-            + 0.5 * logvar.sum(1)[:, None]
-        top = logw.max(1, keepdims=True)
-        w = xp.exp(logw - top)
-        total = w.sum(1, keepdims=True)
-        w /= total                                          # self-normalised weights w~
-        r = (c * w).reshape(B * K, 1)
+        nll = m._walk(dec, s + 1, n, dec.z, step_d)
+        top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
         d = dec.states[n - 1].dx                            # dnll/dlogits rows, scale 1
-        d *= r
+        be.array_op(_weights, nll, dec.z, eps, head, c, buf("logw", B, K), top, total, r, d)
         for i in range(n - 2, s, -1):
             d = m.layers[i].backward(be, dec.states[i], d, step_d)
-        dz = d + r * z
-        dz3 = dz.reshape(B, K, L)
-        dhead = enc.states[s].dx if enc.states[s].dx is not None else xp.empty((B, 2 * L), head.dtype)
-        dhead[:, :L] = dz3.sum(1)
-        dhead[:, L:] = 0.5 * std * (dz3 * e3).sum(1) - 0.5 * c
+        dhead = enc.states[s].dx if enc.states[s].dx is not None else buf("dhead", B, 2 * L)
+        be.array_op(_dhead, d, r, dec.z, eps, std, c, dhead)
         d = dhead
         for i in range(s - 1, -1, -1):
             d = m.layers[i].backward(be, enc.states[i], d, step_e)
         if not need_loss:
             return None, None
-        bound = (top[:, 0] + xp.log(total[:, 0])) - math.log(K)
-        return -bound.sum(), 0.0
+        neg_bound = buf("neg_bound", B)
+        be.array_op(_neg_bound, top, total, K, neg_bound)
+        return be.sum(neg_bound), 0.0
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
         """One step's loss and gradient on the batch in workspace ``ws``: draws
@@ -103,6 +97,47 @@ class IWAEObjective:
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics (``-L_K`` summed over images)."""
         return recon
+
+
+def _sample(xp, head, eps, x, std, z, xrep):
+    """IWAE: ``std = exp(logvar / 2)`` (B, L), the K samples ``z (B K, L)`` and
+    the images repeated K times ``xrep (B K, D)``, image-major."""
+    B, L = std.shape
+    K = eps.shape[0] // B
+    xp.exp(0.5 * head[:, L:], out=std)
+    z.reshape(B, K, L)[...] = head[:, None, :L] + std[:, None, :] * eps.reshape(B, K, L)
+    xrep.reshape(B, K, -1)[...] = x[:, None, :]
+
+
+def _weights(xp, nll, z, eps, head, c, logw, top, total, r, d):
+    """IWAE: ``log w (B, K)``, its row maxima ``top`` and ``total = sum_k
+    exp(log w - top)`` (B, 1), the rows' loss weights ``r = c w~ (B K, 1)``,
+    and the decoder's likelihood gradient rows ``d *= r``."""
+    B, K = logw.shape
+    L = z.shape[1]
+    logw[...] = (-nll - 0.5 * (z * z).sum(1) + 0.5 * (eps * eps).sum(1)).reshape(B, K) \
+        + 0.5 * head[:, L:].sum(1)[:, None]
+    logw.max(1, keepdims=True, out=top)
+    w = xp.exp(logw - top)
+    w.sum(1, keepdims=True, out=total)
+    w /= total                                          # self-normalised weights w~
+    r[...] = (c * w).reshape(B * K, 1)
+    d *= r
+
+
+def _dhead(xp, d, r, z, eps, std, c, dhead):
+    """IWAE: ``dhead = [dmu | dlogvar] (B, 2L)`` from the decoder's ``dz`` rows
+    ``d`` plus ``r z`` (from -log p(z)), summed over each image's K samples."""
+    B, L = std.shape
+    K = z.shape[0] // B
+    dz3 = (d + r * z).reshape(B, K, L)
+    dhead[:, :L] = dz3.sum(1)
+    dhead[:, L:] = 0.5 * std * (dz3 * eps.reshape(B, K, L)).sum(1) - 0.5 * c
+
+
+def _neg_bound(xp, top, total, K, out):
+    """IWAE: ``out = -L_K (B,)`` nats, ``L_K = top + log(total) - log K``."""
+    out[...] = -((top[:, 0] + xp.log(total[:, 0])) - math.log(K))
 
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -140,6 +175,9 @@ class BetaTCVAEObjective:
     the reparameterization (dmu += dz, dlogvar += dz eps std / 2). All B x B x L
     terms are array operations on the backend (no Python loop over images).
     """
+
+    #: its arithmetic uses the array module directly (not held by a CUDA graph)
+    graph_safe = False
 
     def __init__(self, model, n_train: int):
         if n_train < 1:

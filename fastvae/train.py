@@ -258,18 +258,19 @@ class Trainer:
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
             self.optimizer.step(lr)
-        elif self.objective is not None:            # IWAE or beta-TCVAE (fastvae.objectives)
-            recon, kl = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
-            self.optimizer.step(lr)
         elif self.graphs is not None:               # one CUDA graph per batch size and loss flag
-            recon, kl = self.graphs((ws.B, need_loss, id(ws)), self._elbo_step, ws, beta, lr, need_loss)
+            recon, kl = self.graphs((ws.B, need_loss, id(ws)), self._step, ws, beta, lr, need_loss)
         else:
-            recon, kl = self._elbo_step(ws, beta, lr, need_loss)
+            recon, kl = self._step(ws, beta, lr, need_loss)
         self.step += 1
         return recon, kl
 
-    def _elbo_step(self, ws, beta, lr, need_loss):
-        out = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss, grad_scale=1.0 / ws.global_batch)
+    def _step(self, ws, beta, lr, need_loss):
+        if self.objective is not None:             # IWAE or beta-TCVAE (fastvae.objectives)
+            out = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
+        else:
+            out = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
+                                           grad_scale=1.0 / ws.global_batch)
         self.optimizer.step(lr)
         return out
 

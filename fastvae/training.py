@@ -268,13 +268,13 @@ class Checkpointer:
 
 def step_graphs(tc, model, optimizer, objective):
     """The :class:`~fastvae.backends.cuda_graph.StepGraphs` replaying the
-    ELBO step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
-    Raises ConfigError for a step a graph does not hold: another objective
-    or optimizer hooks (gradient clipping, the all-reduce), whose array
-    arithmetic outside the backend's primitives would not be replayed."""
+    training step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
+    Raises ConfigError for a step a graph does not hold: an objective whose
+    arithmetic is not all backend operations (``graph_safe``), or optimizer
+    hooks (gradient clipping, the all-reduce), which would not be replayed."""
     if not tc.cuda_graph:
         return None
-    why = (f"the {tc.objective} objective" if objective is not None else
+    why = (f"the {tc.objective} objective" if not getattr(objective, "graph_safe", True) else
            "gradient clipping or a multi-process all-reduce" if optimizer.hooks else "")
     if why:
         raise ConfigError(f"--cuda-graph replays the plain ELBO step, not {why}; drop --cuda-graph")

@@ -237,6 +237,14 @@ class Backend:
         self.xp.add(out, a, out=out)
         return out
 
+    def array_op(self, fn, *args) -> None:
+        """``fn(xp, *args)``: array expressions (an objective's arithmetic) over
+        device buffers that ``fn`` writes in place, returning nothing; one
+        device operation for the backend (a CUDA graph captures and checks it
+        as one, so ``fn`` is a module-level function and its scalars arrive
+        in ``args``, never from host state that changes between steps)."""
+        fn(self.xp, *args)
+
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):  # pragma: no cover
         """Per-image negative log-likelihood and its gradient, fused.
 

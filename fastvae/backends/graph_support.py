@@ -26,6 +26,11 @@ def _composite(backend, method, *args):
         backend._graph = graph
 
 
+def _call_xp(backend, fn, *args):
+    """``fn(xp, *args)`` for :meth:`GraphSupport.array_op` (run through :func:`_composite`)."""
+    fn(backend.xp, *args)
+
+
 class GraphSupport:
     """What the CuPy backend needs for graphs: every launch through :meth:`_op`,
     per-step values through :meth:`_dynamic` / :meth:`_counter`, returned
@@ -106,6 +111,9 @@ class GraphSupport:
         self._op(_composite, self, Backend.iaf_gate_backward, dz_in, dhead, dz, z, z_in, head, bias,
                  self._scalar(kl_scale))
         return dz_in
+
+    def array_op(self, fn, *args):
+        self._op(_composite, self, _call_xp, fn, *args)
 
     def mul_(self, out, a, b):
         self._op(self._xp.multiply, a, b, out=out)
