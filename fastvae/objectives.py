@@ -38,9 +38,6 @@ class IWAEObjective:
     :class:`fastvae.VAE` whose stack is encoder -> Gaussian sampler ->
     decoder -> likelihood). Raises ConfigError for K < 1."""
 
-    #: every array operation of a step is a backend operation (a CUDA graph can hold it)
-    graph_safe = True
-
     def __init__(self, model, k: int):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"iwae_k must be a positive integer, got {k!r}")
@@ -143,6 +140,42 @@ def _neg_bound(xp, top, total, K, out):
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _tc_direct(xp, d, z, eps, std, c, dz, dmu, dlv):
+    """beta-TCVAE: the direct gradient terms, all (B, L): ``dz`` = the
+    decoder's plus ``c (z - eps / std)`` (from log q(z|x) and -log p(z)),
+    ``dmu = c eps / std``, ``dlv = c (eps^2 - 1) / 2``."""
+    dz[...] = d + c * (z - eps / std)
+    dmu[...] = c * eps / std
+    dlv[...] = c * 0.5 * (eps * eps - 1.0)
+
+
+def _tc_densities(xp, z, mu, logvar, lse, lsed, logNB, out):
+    """beta-TCVAE: ``out (4, B)`` rows log q(z|x), log q(z), sum_d log q(z_d),
+    log p(z) (nats) from the pairwise log-sum-exps ``lse``, ``lsed`` (B,)."""
+    L = z.shape[1]
+    out[0] = -0.5 * ((z - mu) ** 2 / xp.exp(logvar) + logvar + _LOG_2PI).sum(1)
+    out[1] = lse - logNB
+    out[2] = lsed - L * logNB
+    out[3] = -0.5 * (z * z + _LOG_2PI).sum(1)
+
+
+def _tc_dhead(xp, dz, dmu, dlv, eps, std, dhead):
+    """beta-TCVAE: ``dhead = [dmu + dz | dlv + dz eps std / 2]`` (B, 2L), the reparameterization."""
+    L = dz.shape[1]
+    dhead[:, :L] = dmu + dz
+    dhead[:, L:] = dlv + 0.5 * dz * eps * std
+
+
+def _tc_combine(xp, dens, nll, beta, out):
+    """beta-TCVAE: ``out (5, B)`` rows MI, TC, DWKL, the weighted loss
+    ``nll + MI + beta TC + DWKL`` and the sampled KL ``MI + TC + DWKL``."""
+    qzx, qz, qzd, pz = dens
+    mi, tc, dw = qzx - qz, qz - qzd, qzd - pz
+    out[0], out[1], out[2] = mi, tc, dw
+    out[3] = nll + mi + beta * tc + dw
+    out[4] = mi + tc + dw
+
+
 class BetaTCVAEObjective:
     """The beta-TCVAE loss (Chen, Li, Grosse & Duvenaud 2018, "Isolating
     sources of disentanglement in VAEs", eq. 4): per image, with one sample
@@ -176,9 +209,6 @@ class BetaTCVAEObjective:
     terms are array operations on the backend (no Python loop over images).
     """
 
-    #: its arithmetic uses the array module directly (not held by a CUDA graph)
-    graph_safe = False
-
     def __init__(self, model, n_train: int):
         if n_train < 1:
             raise ConfigError("beta-TCVAE needs the training set size N >= 1")
@@ -188,53 +218,53 @@ class BetaTCVAEObjective:
         """Per-image ``(log q(z|x), log q(z), sum_d log q(z_d), log p(z))`` (B,)
         by minibatch-weighted sampling (the backend's ``tc_pairwise``, which
         also adds ``coef`` times the gradient of ``log q(z) - sum_d log q(z_d)``
-        to ``dz``, ``dmu``, ``dlogvar`` when ``coef`` is non-zero)."""
+        to ``dz``, ``dmu``, ``dlogvar`` when ``coef`` is non-zero): the rows
+        of a (4, B) device array."""
         be = self.model.backend
-        B, L = z.shape
-        logNB = math.log(self.n_train * B)
+        B = z.shape[0]
         if dz is None:
-            dz = dmu = dlogvar = be.xp.zeros_like(z)
+            dz = dmu = dlogvar = be.scratch(("btcvae", "unused_grad"), z.shape)
         lse, lsed = be.tc_pairwise(z, mu, logvar, coef, dz, dmu, dlogvar)
-        log_qzx = -0.5 * ((z - mu) ** 2 / be.xp.exp(logvar) + logvar + _LOG_2PI).sum(1)
-        log_pz = -0.5 * (z * z + _LOG_2PI).sum(1)
-        return log_qzx, lse - logNB, lsed - L * logNB, log_pz
+        dens = be.scratch(("btcvae", "densities"), (4, B))
+        be.array_op(_tc_densities, z, mu, logvar, lse, lsed, math.log(self.n_train * B), dens)
+        return dens
 
     def loss_and_grad(self, x, eps, beta: float, grad_scale: Optional[float] = None, need_loss: bool = True):
         """Forward and backward for ``x (B, D)``, ``eps (B, L)``. Writes every
         gradient into ``model.grads``; returns device sums ``(recon, kl)``
         (nats; kl = MI + TC + DWKL, the sampled KL) and, in ``last_terms``,
-        the sums of MI, TC and DWKL and of the weighted loss."""
+        the sums of MI, TC and DWKL and of the weighted loss. The arithmetic
+        between the layer walks runs as backend ``array_op`` calls on cached
+        buffers, beta as a per-step scalar (so a CUDA graph can hold the step)."""
         m, be = self.model, self.model.backend
         s, n = m.sampler_at, len(m.layers)
         B, L = x.shape[0], m.config.latent_dim
         c = 1.0 / B if grad_scale is None else grad_scale
+        buf = lambda name, *shape: be.scratch(("btcvae", name), shape)      # noqa: E731
         ws = m.workspace(B)
         step = Step(x, eps, beta=0.0, grad_scale=c, train=True, need_loss=True)
         head = m._walk(ws, 0, s, x, step)
-        mu, logvar = head[:, :L], head[:, L:]
         z = m._walk(ws, s, s + 1, head, step)                       # the sampler: z = mu + std eps
         nll = m._walk(ws, s + 1, n, z, step)
         # backward: decoder (scale c per image) down to dz
         d = ws.states[n - 1].dx
         for i in range(n - 2, s, -1):
             d = m.layers[i].backward(be, ws.states[i], d, step)
-        std = ws.std
-        dz = d + c * (z - eps / std)                               # + log q(z|x) direct, - log p(z)
-        dmu = c * eps / std
-        dlv = c * 0.5 * (eps * eps - 1.0)
-        log_qzx, log_qz, log_qzd, log_pz = self.terms(mu, logvar, z, c * (beta - 1.0), dz, dmu, dlv)
+        dz, dmu, dlv = buf("dz", B, L), buf("dmu", B, L), buf("dlv", B, L)
+        be.array_op(_tc_direct, d, z, eps, ws.std, c, dz, dmu, dlv)
+        dens = self.terms(head[:, :L], head[:, L:], z, c * (beta - 1.0), dz, dmu, dlv)
         dhead = ws.states[s].dx
-        dhead[:, :L] = dmu + dz
-        dhead[:, L:] = dlv + 0.5 * dz * eps * std
+        be.array_op(_tc_dhead, dz, dmu, dlv, eps, ws.std, dhead)
         d = dhead
         for i in range(s - 1, -1, -1):
             d = m.layers[i].backward(be, ws.states[i], d, step)
-        mi, tc, dw = log_qzx - log_qz, log_qz - log_qzd, log_qzd - log_pz
-        self.last_terms = {"mi": mi.sum(), "tc": tc.sum(), "dwkl": dw.sum(),
-                           "loss": (nll + mi + beta * tc + dw).sum()}
+        per = buf("per_image", 5, B)                                # mi, tc, dwkl, weighted loss, kl
+        be.array_op(_tc_combine, dens, nll, be.step_scalar(beta), per)
+        self.last_terms = {"mi": be.sum(per[0]), "tc": be.sum(per[1]), "dwkl": be.sum(per[2]),
+                           "loss": be.sum(per[3])}
         if not need_loss:
             return None, None
-        return nll.sum(), (mi + tc + dw).sum()
+        return be.sum(nll), be.sum(per[4])
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
         """One step's loss and gradient on the batch in workspace ``ws`` (its
@@ -256,7 +286,7 @@ class BetaTCVAEObjective:
             mu, logvar = (be.asarray(a) for a in m.encode(X[i:i + batch_size]))
             eps = be.asarray(rng.standard_normal(mu.shape))
             z = mu + be.xp.exp(0.5 * logvar) * eps
-            qzx, qz, qzd, pz = self.terms(mu, logvar, z)
+            qzx, qz, qzd, pz = self.terms(mu, logvar, z)          # rows of the (4, B) densities
             sums += [be.to_float((qzx - qz).sum()), be.to_float((qz - qzd).sum()), be.to_float((qzd - pz).sum())]
         mi, tc, dw = sums / max(len(X), 1)
         return {"mi": mi, "tc": tc, "dwkl": dw}

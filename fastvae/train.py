@@ -96,7 +96,7 @@ class Trainer:
         self.objective = objectives.make(tc, self.model, n)
         if self.objective is not None and self.world.size > 1:
             raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
-        self.graphs = step_graphs(tc, self.model, self.optimizer, self.objective)
+        self.graphs = step_graphs(tc, self.model, self.optimizer)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)

@@ -266,17 +266,16 @@ class Checkpointer:
         return path
 
 
-def step_graphs(tc, model, optimizer, objective):
+def step_graphs(tc, model, optimizer):
     """The :class:`~fastvae.backends.cuda_graph.StepGraphs` replaying the
     training step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
-    Raises ConfigError for a step a graph does not hold: an objective whose
-    arithmetic is not all backend operations (``graph_safe``), or optimizer
-    hooks (gradient clipping, the all-reduce), which would not be replayed."""
+    Raises ConfigError for a step a graph does not hold: optimizer hooks
+    (gradient clipping, the all-reduce) work outside the backend's
+    operations and would not be replayed."""
     if not tc.cuda_graph:
         return None
-    why = (f"the {tc.objective} objective" if not getattr(objective, "graph_safe", True) else
-           "gradient clipping or a multi-process all-reduce" if optimizer.hooks else "")
-    if why:
-        raise ConfigError(f"--cuda-graph replays the plain ELBO step, not {why}; drop --cuda-graph")
+    if optimizer.hooks:
+        raise ConfigError("--cuda-graph does not replay gradient clipping or a multi-process all-reduce; "
+                          "drop --cuda-graph (or --clip-grad-norm)")
     from .backends.cuda_graph import StepGraphs
     return StepGraphs(model.backend)

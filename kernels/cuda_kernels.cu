@@ -341,7 +341,8 @@ __device__ __forceinline__ T fv_tc_g(const T* S, const T* top, const T* sum, con
 
 template <typename T>
 __global__ void tc_grad_z(T* dz, const T* S, const T* top, const T* sum, const T* topd, const T* sumd,
-                          const T* z, const T* mu, const T* lv, T coef, int B, int L) {
+                          const T* z, const T* mu, const T* lv, T coef, int B, int L, const T* scale) {
+    coef *= scale[0];
     FV_GRID_STRIDE(q, (long long)B * L) {
         int i = (int)(q / L), d = (int)(q % L);
         T acc = 0;
@@ -355,7 +356,9 @@ __global__ void tc_grad_z(T* dz, const T* S, const T* top, const T* sum, const T
 
 template <typename T>
 __global__ void tc_grad_params(T* dmu, T* dlv, const T* S, const T* top, const T* sum, const T* topd,
-                               const T* sumd, const T* z, const T* mu, const T* lv, T coef, int B, int L) {
+                               const T* sumd, const T* z, const T* mu, const T* lv, T coef, int B, int L,
+                               const T* scale) {
+    coef *= scale[0];
     FV_GRID_STRIDE(q, (long long)B * L) {
         int j = (int)(q / L), d = (int)(q % L);
         T inv = exp(-lv[q]), am = 0, al = 0;
@@ -385,8 +388,8 @@ __global__ void tc_grad_params(T* dmu, T* dlv, const T* S, const T* top, const T
     template __global__ void philox_uniform<T>(T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
     template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
     template __global__ void tc_rows<T>(T*, T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, int, int); \
-    template __global__ void tc_grad_z<T>(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int); \
-    template __global__ void tc_grad_params<T>(T*, T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int);
+    template __global__ void tc_grad_z<T>(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int, const T*); \
+    template __global__ void tc_grad_params<T>(T*, T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int, const T*);
 FV_INST(float)
 FV_INST(double)
 #endif

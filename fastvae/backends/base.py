@@ -237,6 +237,12 @@ class Backend:
         self.xp.add(out, a, out=out)
         return out
 
+    def step_scalar(self, value):
+        """A float that changes from step to step (a KL weight), as
+        :meth:`array_op` functions take it: the value itself here; the cupy
+        backend hands a CUDA graph's device slot instead (same arithmetic)."""
+        return value
+
     def array_op(self, fn, *args) -> None:
         """``fn(xp, *args)``: array expressions (an objective's arithmetic) over
         device buffers that ``fn`` writes in place, returning nothing; one

@@ -326,24 +326,32 @@ class CupyBackend(GraphSupport, Backend):
                       e, a, s(weight_decay), decay, dyn))
 
     def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
-        xp = self.xp
         B, L = z.shape
-        z, mu, logvar = (xp.ascontiguousarray(a) for a in (z, mu, logvar))
-        S, top, tot = xp.empty((B, B), z.dtype), xp.empty(B, z.dtype), xp.empty(B, z.dtype)
-        topd, sumd = xp.empty((B, L), z.dtype), xp.empty((B, L), z.dtype)
-        lse, lsed = xp.empty(B, z.dtype), xp.empty(B, z.dtype)
+        z, mu, logvar = (self._contiguous(a, k) for k, a in (("z", z), ("mu", mu), ("logvar", logvar)))
+        S, top, tot = self.scratch("tc_S", (B, B)), self.scratch("tc_top", (B,)), self.scratch("tc_tot", (B,))
+        topd, sumd = self.scratch("tc_topd", (B, L)), self.scratch("tc_sumd", (B, L))
+        lse, lsed = self._out((B,), z.dtype), self._out((B,), z.dtype)
         if B == 0:
             return lse, lsed
         dims = (np.int32(B), np.int32(L))
         self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar)
         self._op(self._fn("tc_rows"), _blocks(B), (_THREADS,),
                  (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
-        if coef:
+        if coef:            # c (beta - 1): changes during a beta warm-up
             self._check("tc_pairwise", dz, dmu, dlogvar)
-            stats = (S, top, tot, topd, sumd, z, mu, logvar, self._s(coef), *dims)
+            (cf,), scale = self._dynamic(coef)
+            stats = (S, top, tot, topd, sumd, z, mu, logvar, cf, *dims, scale)
             self._op(self._fn("tc_grad_z"), _blocks(B * L), (_THREADS,), (dz, *stats))
             self._op(self._fn("tc_grad_params"), _blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
         return lse, lsed
+
+    def _contiguous(self, a, name):
+        """``a``, or its C-contiguous copy in a cached buffer (the kernels index raw rows)."""
+        if a.flags.c_contiguous:
+            return a
+        buf = self.scratch(("contiguous", name), a.shape, a.dtype)
+        self._op(self._xp.copyto, buf, a)
+        return buf
 
     # ---- convolution ------------------------------------------------------------
     def _conv_launch(self, name, out, src, n, in_hwc, k, stride, padding, out_hw, batch):

@@ -83,11 +83,11 @@ class GraphSupport:
                 return np.uint64(0), slot
         return np.uint64(c), self._zero_counter
 
-    def _scalar(self, value):
-        """A per-step float for the array-expression primitives below: the
-        value eagerly, a (1,) device slot holding it under a CUDA graph (the
-        expressions broadcast it; Python floats enter them in the array's
-        dtype, so both give the same bits)."""
+    def step_scalar(self, value):
+        """A per-step float for array expressions (the primitives below,
+        :meth:`array_op`): the value eagerly, a (1,) device slot holding it
+        under a CUDA graph (the expressions broadcast it; Python floats enter
+        them in the array's dtype, so both give the same bits)."""
         if self._graph is not None:
             slot = self._graph.floats([self._s(value)])
             if slot is not None:
@@ -100,7 +100,7 @@ class GraphSupport:
         return kl
 
     def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):
-        self._op(_composite, self, Backend.sampled_kl_backward, dhead, dz, z, std, eps, self._scalar(kl_scale))
+        self._op(_composite, self, Backend.sampled_kl_backward, dhead, dz, z, std, eps, self.step_scalar(kl_scale))
         return dhead
 
     def iaf_gate(self, z, kl, z_in, head, bias):
@@ -109,7 +109,7 @@ class GraphSupport:
 
     def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
         self._op(_composite, self, Backend.iaf_gate_backward, dz_in, dhead, dz, z, z_in, head, bias,
-                 self._scalar(kl_scale))
+                 self.step_scalar(kl_scale))
         return dz_in
 
     def array_op(self, fn, *args):
