@@ -8,6 +8,9 @@ Conventions (llm.c style): outputs come first in the argument list; gradients
 are prefixed ``d``; every method writes into preallocated arrays and allocates
 nothing in the hot path except the backend's own cached scratch buffers.
 Shapes: ``B`` batch, ``D`` pixels, ``H`` hidden width, ``L`` latent size.
+Arithmetic that is not a primitive (an objective's) runs through
+``array_op(fn, *buffers)``, with per-step floats from ``step_scalar``, so
+that the cupy backend can hold a whole training step in a CUDA graph.
 """
 
 from __future__ import annotations
