@@ -23,7 +23,7 @@ class Contender:
 
 def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15) -> None:
     """Time ``contenders`` interleaved, so that the machine's drift (other
-    load, clocks) reaches all of them alike: rounds in which each one, in an
+    load, clocks) reaches each of them in as many chunks: rounds in which each one, in an
     order rotated every round, sleeps ``settle`` seconds (the previous one's
     spinning BLAS/OpenMP threads go idle), runs one untimed step (wakes its own
     threads) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
@@ -54,7 +54,7 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
             c.per.append((time.perf_counter() - t) / c.k * 1e3)
         r += 1
     for c in live:
-        q = statistics.quantiles(c.per, n=4, method="inclusive")
+        q = statistics.quantiles(c.per, n=4, method="inclusive") if len(c.per) > 1 else c.per * 3
         c.row.update(ms_per_step=statistics.median(c.per), ms_p25=q[0], ms_p75=q[2], chunks=len(c.per),
                      steps_timed=len(c.per) * c.k)
 
