@@ -215,7 +215,7 @@ class TrainConfig(_JSONMixin):
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
     cuda_graph: replay each training step as one CUDA graph (cupy backend,
-        no gradient clipping, one process); same numbers as eager steps, see
+        one process); same numbers as eager steps, see
         :mod:`fastvae.backends.cuda_graph`.
     """
 

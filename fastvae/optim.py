@@ -38,9 +38,13 @@ class ClipGradNorm:
         self.max_norm = float(max_norm)
 
     def __call__(self, opt) -> None:
-        be, xp = opt.backend, opt.backend.xp
-        norm = xp.sqrt(be.sumsq(opt.grads))
-        be.scale_(opt.grads, xp.minimum(1.0, self.max_norm / (norm + 1e-6)))
+        opt.backend.array_op(_clip_to_norm, opt.grads, self.max_norm)
+
+
+def _clip_to_norm(xp, g, max_norm):
+    """``g *= min(1, max_norm / (||g|| + 1e-6))`` for a flat gradient ``g``."""
+    norm = xp.sqrt(xp.dot(g, g))
+    g *= xp.minimum(1.0, max_norm / (norm + 1e-6))
 
 
 class Adam:

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import ConfigError, DataError, TrainingDivergedError
 from .evaluate import evaluate
-from .distributed import shard
+from .distributed import AllReduceGrads, shard
 from .runfolder import atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
@@ -269,13 +269,12 @@ class Checkpointer:
 def step_graphs(tc, model, optimizer):
     """The :class:`~fastvae.backends.cuda_graph.StepGraphs` replaying the
     training step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
-    Raises ConfigError for a step a graph does not hold: optimizer hooks
-    (gradient clipping, the all-reduce) work outside the backend's
-    operations and would not be replayed."""
+    Raises ConfigError for a step a graph does not hold: the all-reduce of a
+    multi-process run goes through MPI or NCCL, outside the backend."""
     if not tc.cuda_graph:
         return None
-    if optimizer.hooks:
-        raise ConfigError("--cuda-graph does not replay gradient clipping or a multi-process all-reduce; "
-                          "drop --cuda-graph (or --clip-grad-norm)")
+    if any(isinstance(h, AllReduceGrads) for h in optimizer.hooks):
+        raise ConfigError("--cuda-graph replays one process's step, not the all-reduce of several; "
+                          "drop --cuda-graph or run one process")
     from .backends.cuda_graph import StepGraphs
     return StepGraphs(model.backend)

@@ -10,14 +10,18 @@ counts. Both are asserted. With a GPU (marker ``gpu``) the same tests run
 on CuPy's real stream capture.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
 from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs
+from fastvae.distributed import AllReduceGrads
 from fastvae.errors import ConfigError
 from fastvae.model import VAE
 from fastvae.optim import Adam
+from fastvae.training import step_graphs
 
 from cuda_emu import EmulatedCupyBackend, emu_param, make_backend
 from test_conv import small_cfg
@@ -140,9 +144,10 @@ def cupy_registry(request, monkeypatch):
 @pytest.mark.parametrize("objective", ["elbo", "iwae", "btcvae"])
 @pytest.mark.parametrize("cupy_registry", BACKENDS, indirect=True)
 def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registry, objective):
-    """Two epochs with a KL warm-up, a cosine learning rate, dynamic
-    binarization, the loss every 3 steps and a last partial batch (70 = 4 x 16
-    + 6 images): the same parameters, history and checkpoint as eager steps,
+    """Two epochs with a KL warm-up, a cosine learning rate, gradient
+    clipping, dynamic binarization, the loss every 3 steps and a last partial
+    batch (70 = 4 x 16 + 6 images): the same parameters, history and
+    checkpoint as eager steps,
     for the ELBO, the IWAE objective (K = 3: its noise drawn inside the step)
     and beta-TCVAE (beta in its pairwise kernels and its loss, changing every
     step): the objectives' arithmetic runs as array operations."""
@@ -152,6 +157,7 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     for graph in (False, True):
         tc = TrainConfig(epochs=2, batch_size=16, backend="cupy", cuda_graph=graph, binarize=True, loss_every=3,
                          beta_schedule="linear", beta_warmup=1.5, beta_max=4.0, lr_schedule="cosine", lr=3e-3,
+                         clip_grad_norm=0.5,
                          objective=objective, iwae_k=3)
         t = Trainer(mc, tc, DataConfig(), dataset=data, out=str(tmp_path / str(graph)), progress=False)
         t.fit(pictures=False)
@@ -169,15 +175,18 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     assert not r.train_config.cuda_graph and r.graphs is None
 
 
-def test_cuda_graph_is_refused_where_it_cannot_hold_the_step(monkeypatch):
+def test_cuda_graph_is_refused_where_it_cannot_hold_the_step_and_allowed_with_clipping(monkeypatch):
     with pytest.raises(ConfigError, match="cupy backend only"):
         TrainConfig(cuda_graph=True, backend="numpy")
     monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
     data = datasets.make_sprites(40, seed=2, size=4)
     mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
-    with pytest.raises(ConfigError, match="gradient clipping"):
-        Trainer(mc, TrainConfig(backend="cupy", cuda_graph=True, batch_size=8, clip_grad_norm=1.0), DataConfig(),
+    model = VAE(mc, "cupy", seed=0)
+    with pytest.raises(ConfigError, match="not the all-reduce"):
+        step_graphs(TrainConfig(backend="cupy", cuda_graph=True), model, SimpleNamespace(hooks=[AllReduceGrads(None)]))
+    t = Trainer(mc, TrainConfig(backend="cupy", cuda_graph=True, batch_size=8, clip_grad_norm=1.0), DataConfig(),
                 dataset=data, progress=False)
+    assert t.graphs is not None
 
 
 def test_bench_times_the_graph_replay_with_its_capture_in_the_warm_up(monkeypatch):

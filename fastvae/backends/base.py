@@ -327,11 +327,3 @@ class Backend:
         """Sum of all elements as a device scalar (no host synchronisation)."""
         return a.sum()
 
-    def sumsq(self, a):
-        """Sum of squares of a flat buffer as a device scalar (one pass)."""
-        return self.xp.dot(a, a)
-
-    def scale_(self, a, s):
-        """``a *= s`` in place; ``s`` a host or device scalar."""
-        a *= s
-        return a
