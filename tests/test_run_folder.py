@@ -93,12 +93,15 @@ def test_sigterm_saves_prints_resume_and_exits_143(tmp_path):
 
 def test_signal_storm_never_damages_the_checkpoint(tmp_path):
     """SIGTERM then SIGINT/SIGTERM again within milliseconds (likely during the
-    save): no traceback, a loadable checkpoint, no temporary files."""
+    save): no traceback, a loadable checkpoint, no temporary files. The storm
+    starts once the first epoch's checkpoint exists (a second signal before
+    any save stops at once, with nothing on disk to damage; waiting a fixed
+    time for it failed once on a slow machine)."""
     for i, second in enumerate((signal.SIGTERM, signal.SIGINT, signal.SIGTERM)):
         out = tmp_path / f"run{i}"
         p = _start(out, tmp_path)
-        _wait_for(out / "metrics.csv")
-        time.sleep(0.5)
+        _wait_for(out / "checkpoint.h5")
+        time.sleep(0.05)
         p.send_signal(signal.SIGTERM)
         time.sleep(0.002 * i)
         p.send_signal(second)
