@@ -143,9 +143,12 @@ def bench_backend(name: str, wl: dict, dtype="float32", seconds=3.0, tf32=False,
 def _torch(wl: dict, dtype="float32", device="cpu", tf32=False) -> List[Contender]:
     """PyTorch twin: eager with Adam(foreach) and Adam(fused=True); on a GPU
     also ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with fused
-    Adam. Raises ImportError without PyTorch."""
+    Adam. Raises ImportError without PyTorch, RuntimeError when it sees no
+    CUDA device in GPU mode."""
     import torch
     from . import torch_ref
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"this PyTorch ({torch.__version__}) sees no CUDA device")
     cfg = workload_config(wl, dtype)
     B = wl["batch_size"]
     sync = (lambda: torch.cuda.synchronize()) if device != "cpu" else (lambda: None)
@@ -254,6 +257,10 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                 cs += _torch(wl, dtype, torch_device, tf32)
             except ImportError:
                 pass
+            except RuntimeError as exc:          # e.g. a PyTorch built without CUDA in GPU mode
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log(f"{wname:18s} PyTorch on {torch_device} unavailable: {why}")
+                cs.append(Contender({"backend": "torch", "error": why}))
         measure(cs, seconds, settle=settle)
         group = _rows(cs)
         eager = {r["backend"]: r for r in group}

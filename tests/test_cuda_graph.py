@@ -240,3 +240,27 @@ def test_the_readme_loop_replays(monkeypatch):
         model.backend.copy_(ws.x, data[t])
         graphs(4, step, min(1.0, t / 3), 1e-3)
     assert dict(graphs.stats) == {"eager": 1, "captured": 1, "replayed": 4}
+
+
+def test_bench_gpu_mode_reports_eager_and_graph_rows(monkeypatch):
+    """``fastvae bench --gpu``'s code path on the emulated backend (a tiny
+    workload; this PyTorch has no CUDA, which becomes an error row)."""
+    from fastvae import benchmark
+    monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
+    monkeypatch.setitem(benchmark.WORKLOADS, "tiny", dict(input_dim=12, hidden=[8], latent_dim=3, batch_size=5))
+    monkeypatch.setattr(benchmark, "gpu_peak_gemm_gflops", lambda dtype, tf32: 1000.0)
+    lines = []
+    rows = benchmark.run(["tiny"], ["cupy"], "float64", seconds=0.01, torch_peer=True, torch_device="cuda",
+                         log=lines.append)
+    by = {r["backend"]: r for r in rows}
+    assert by["cupy"]["ms_per_step"] > 0 and by["cupy-graph"]["ms_per_step"] > 0
+    assert by["cupy-graph"]["gemm_only_ms"] == by["cupy"]["gemm_only_ms"] > 0       # the eager step's GEMMs
+    table = benchmark.markdown(rows)
+    assert "| tiny | cupy-graph |" in table and "| tiny | cupy |" in table
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = None
+    if has_cuda is False:
+        assert "error" in by["torch"] and any("PyTorch on cuda unavailable" in line for line in lines)
