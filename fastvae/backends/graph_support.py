@@ -65,14 +65,18 @@ class GraphSupport:
         """A new array a primitive returns (the same one on every replay of a graph)."""
         return self._xp.empty(shape, dtype) if self._graph is None else self._graph.alloc(shape, dtype)
 
+    def _slot(self, values):
+        """The graph slot now holding ``values``; None when no graph is
+        recording or replaying, or a replay ran out of slots (it is eager then)."""
+        return None if self._graph is None else self._graph.floats([self._s(v) for v in values])
+
     def _dynamic(self, *values):
         """``(scalars, slot)`` for per-step values that kernels read as
         ``scalar * slot[k]``: the values and ones eagerly, ones and a graph slot
         holding the values under a CUDA graph (same product, same bits)."""
-        if self._graph is not None:
-            slot = self._graph.floats([self._s(v) for v in values])
-            if slot is not None:
-                return (self._s(1),) * len(values), slot
+        slot = self._slot(values)
+        if slot is not None:
+            return (self._s(1),) * len(values), slot
         return tuple(self._s(v) for v in values), self._ones[:len(values)]
 
     def _counter(self, c):
@@ -88,11 +92,8 @@ class GraphSupport:
         :meth:`array_op`): the value eagerly, a (1,) device slot holding it
         under a CUDA graph (the expressions broadcast it; Python floats enter
         them in the array's dtype, so both give the same bits)."""
-        if self._graph is not None:
-            slot = self._graph.floats([self._s(value)])
-            if slot is not None:
-                return slot
-        return value
+        slot = self._slot((value,))
+        return value if slot is None else slot
 
     # ---- the primitives written as array expressions in Backend: one recorded op each ----
     def sampled_kl(self, kl, z, eps, head):
