@@ -147,56 +147,6 @@ def reparam_kl_backward(dhead, dz, head, std, eps, kl_scale):
 
 
 @_jit
-def neg_abs(out, a):
-    """out = -|a| (the argument of exp in the stable Bernoulli terms)."""
-    B, D = a.shape
-    for i in range(B):
-        for j in range(D):
-            out[i, j] = -abs(a[i, j])
-
-
-@_jit
-def bernoulli_finish(dlogits, nll, logits, x, e, lp, grad_scale, need_grad, need_nll):
-    """Bernoulli NLL on logits and its gradient from e = exp(-|l|) and
-    lp = log1p(e) (computed by NumPy's SIMD ufuncs, which Numba cannot
-    vectorise without SVML): nll_i = sum_j max(l, 0) + lp - x l;
-    dlogits = grad_scale * (sigmoid(l) - x), sigmoid(l) = (l >= 0 ? 1 : e) / (1 + e)."""
-    B, D = logits.shape
-    for i in range(B):
-        li, xi, ei = logits[i], x[i], e[i]
-        if need_grad:
-            di = dlogits[i]
-            for j in range(D):
-                num = 1.0 if li[j] >= 0 else ei[j]
-                di[j] = (num / (1.0 + ei[j]) - xi[j]) * grad_scale
-        if need_nll:
-            pi = lp[i]
-            acc = 0.0
-            for j in range(D):
-                l = li[j]
-                acc += max(l, 0.0) + pi[j] - xi[j] * l
-            nll[i] = acc
-
-
-@_jit
-def gaussian(dlogits, nll, logits, x, inv_var, half, const, grad_scale, need_grad, need_nll):
-    """r = l - x; nll_i = half * sum_j r^2 + const; dlogits = grad_scale * inv_var * r
-    (gaussian: inv_var = 1/sigma^2, half = 1/(2 sigma^2), const = D log(sigma sqrt(2 pi));
-    mse: inv_var = 2, half = 1, const = 0)."""
-    B, D = logits.shape
-    g = inv_var * grad_scale
-    for i in range(B):
-        acc = 0.0
-        for j in range(D):
-            r = logits[i, j] - x[i, j]
-            acc += r * r
-            if need_grad:
-                dlogits[i, j] = r * g
-        if need_nll:
-            nll[i] = acc * half + const
-
-
-@_jit
 def adam_update(params, grads, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, e, a,
                 weight_decay, decay_factor):
     """The whole Adam step over the flat buffers in one pass:

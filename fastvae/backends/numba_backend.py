@@ -1,5 +1,6 @@
 """Numba backend: BLAS for the GEMMs (through NumPy), fused Numba kernels
-(``fastvae.kernels.numba_cpu``) for everything around them.
+(``fastvae.kernels.numba_cpu``, ``numba_likelihood``) for everything around
+them.
 
 Shares the NumPy backend's memory model and random stream (PCG64), so a NumPy
 run and a Numba run of one config draw the same shuffles and the same ``eps``
@@ -14,6 +15,7 @@ import math
 import numpy as np
 
 from ..kernels import numba_cpu as K
+from ..kernels import numba_likelihood as L
 from ..ops import ACTIVATION_CODES
 from .numpy_backend import NumpyBackend
 
@@ -68,27 +70,32 @@ class NumbaBackend(NumpyBackend):
         need_grad, need_nll = dlogits is not None, nll is not None
         d = logits if dlogits is None else dlogits          # typed placeholder when unused
         n = self.scratch("nll_dummy", (B,)) if nll is None else nll
-        if kind == "bernoulli":
+        if kind == "bernoulli" and logits.dtype == np.float32:
+            D = logits.shape[1]
+            bits = self.scratch("lik_bits", (D,), np.int32)
+            L.bernoulli_f32(d, n, logits, x, self.scratch("lik_mant", (D,)), bits, bits.view(np.float32),
+                            self._s(grad_scale), need_grad, need_nll)
+        elif kind == "bernoulli":
             # row blocks of ~256 KiB keep the exp/log1p temporaries in L2 at large batch sizes
             rows = max(1, min(B, (1 << 16) // max(logits.shape[1], 1)))
             for s in range(0, B, rows):
                 sl = slice(s, min(B, s + rows))
                 lb = logits[sl]
                 e = self.scratch("lik_e", lb.shape)
-                K.neg_abs(e, lb)
+                L.neg_abs(e, lb)
                 np.exp(e, out=e)
                 lp = e
                 if need_nll:
                     lp = self.scratch("lik_lp", lb.shape)
                     np.log1p(e, out=lp)
-                K.bernoulli_finish(d[sl], n[sl], lb, x[sl], e, lp, self._s(grad_scale), need_grad, need_nll)
+                L.bernoulli_finish(d[sl], n[sl], lb, x[sl], e, lp, self._s(grad_scale), need_grad, need_nll)
         elif kind in ("gaussian", "mse"):
             if kind == "gaussian":
                 inv_var, half = 1.0 / (sigma * sigma), 0.5 / (sigma * sigma)
                 const = logits.shape[1] * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
             else:
                 inv_var, half, const = 2.0, 1.0, 0.0
-            K.gaussian(d, n, logits, x, self._s(inv_var), half, const, self._s(grad_scale), need_grad, need_nll)
+            L.gaussian(d, n, logits, x, self._s(inv_var), half, const, self._s(grad_scale), need_grad, need_nll)
         else:
             raise ValueError(f"unknown likelihood {kind!r}")
 
