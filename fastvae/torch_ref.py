@@ -154,29 +154,26 @@ def params_by_name(tm) -> dict:
     return {name: p[rows].detach().cpu().numpy() for name, p, rows in named_tensors(tm)}
 
 
-def train_reference(cfg, x_train, x_test, epochs=10, batch_size=128, lr=1e-3, seed=0, init_from=None,
-                    threads=None):
-    """Train the twin the way the PyTorch VAE example does (shuffled batches,
-    last partial batch kept, Adam, one z sample per image) and return
-    ``{"test_neg_elbo", "test_recon", "test_kl", "seconds"}`` (nats per image).
+def epoch_runner(cfg, x_train, batch_size=128, lr=1e-3, seed=0, init_from=None, adam=None):
+    """``(module, optimizer, run_epoch)``: the twin trained the way the PyTorch
+    VAE example does (shuffled batches, last partial batch kept, Adam, one z
+    sample per image); ``run_epoch()`` trains one epoch over ``x_train (N, D)``.
 
     init_from: an engine VAE whose weights the twin starts from (identical
-    initialisation); otherwise torch's own default initialisation.
+    initialisation); otherwise torch's own default initialisation. adam:
+    ``"fused"`` or ``"foreach"`` for that Adam implementation (default: torch's choice).
     """
-    import time
     torch = _torch()
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tm = build(cfg)
     if init_from is not None:
         copy_from(tm, init_from)
     dt = next(tm.parameters()).dtype
     X = torch.from_numpy(np.asarray(x_train)).to(dt)
-    opt = torch.optim.Adam(tm.parameters(), lr=lr)
+    opt = torch.optim.Adam(tm.parameters(), lr=lr, **({adam: True} if adam else {}))
     g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
+
+    def run_epoch():
         perm = torch.randperm(X.shape[0], generator=g)
         for i in range(0, X.shape[0], batch_size):
             xb = X[perm[i:i + batch_size]]
@@ -186,6 +183,22 @@ def train_reference(cfg, x_train, x_test, epochs=10, batch_size=128, lr=1e-3, se
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    return tm, opt, run_epoch
+
+
+def train_reference(cfg, x_train, x_test, epochs=10, batch_size=128, lr=1e-3, seed=0, init_from=None,
+                    threads=None):
+    """Train the twin (:func:`epoch_runner`) for ``epochs`` and return
+    ``{"test_neg_elbo", "test_recon", "test_kl", "seconds"}`` (nats per image)."""
+    import time
+    torch = _torch()
+    if threads:
+        torch.set_num_threads(threads)
+    tm, _, run_epoch = epoch_runner(cfg, x_train, batch_size, lr, seed, init_from)
+    dt = next(tm.parameters()).dtype
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        run_epoch()
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         Xt = torch.from_numpy(np.asarray(x_test)).to(dt)

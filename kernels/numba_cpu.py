@@ -148,18 +148,25 @@ def reparam_kl_backward(dhead, dz, head, std, eps, kl_scale):
 
 @_jit
 def adam_update(params, grads, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, e, a,
-                weight_decay, decay_factor):
+                weight_decay, decay_factor, tiny):
     """The whole Adam step over the flat buffers in one pass:
     g = grad + wd p; p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     p -= a m / (sqrt(v) + e), with a = lr/(1-b1^t) * sqrt(1-b2^t) and
     e = eps * sqrt(1-b2^t) (torch.optim.Adam's form, rearranged on the host).
+    m and v below ``tiny`` (the dtype's smallest normal) are stored as 0: a
+    weight that gets no gradient (an always-black pixel's) has m = b1^t m0,
+    a denormal after a few hundred steps, and denormal arithmetic is slow on
+    CPUs; the update such an m makes is below p's own rounding. NaN stays NaN.
     Scalars arrive in the buffers' dtype so float32 loops stay float32 (SIMD)."""
     n = params.shape[0]
+    zero = tiny - tiny                       # in the buffers' dtype: a float64 0.0 would stop SIMD
     for k in range(n):
         p = params[k]
         g = grads[k] + weight_decay * p
         mk = beta1 * m[k] + one_minus_beta1 * g
         vk = beta2 * v[k] + one_minus_beta2 * (g * g)
+        mk = zero if abs(mk) < tiny else mk
+        vk = zero if vk < tiny else vk
         m[k] = mk
         v[k] = vk
         params[k] = p * decay_factor - a * mk / (math.sqrt(vk) + e)

@@ -3,6 +3,8 @@ chunks, rotated order, an untimed step before each chunk, quartiles."""
 
 from fastvae.timing import Contender, measure
 
+from conftest import MNIST_DIR, needs_mnist
+
 
 def test_contenders_are_timed_in_rotated_interleaved_chunks():
     log = []
@@ -46,3 +48,44 @@ def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
         assert all(line.count("|") == cells + 1 for line in table)
         assert ("vs PyTorch eager" in table[0]) == eager
     assert "| 5.00x |" in markdown(gpu)
+
+
+def _epoch_time():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "epoch_time.py")
+    spec = importlib.util.spec_from_file_location("epoch_time", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_epochs_are_interleaved_in_rotated_rounds():
+    log = []
+    fns = [lambda n=n: (log.append(n), float(len(log)))[1] for n in "abc"]
+    secs = _epoch_time().interleave(fns, epochs=4, settle=0)
+    assert log == list("abc" "bca" "cab" "abc")
+    assert secs == [[1.0, 6.0, 8.0, 10.0], [2.0, 4.0, 9.0, 11.0], [3.0, 5.0, 7.0, 12.0]]
+
+
+@needs_mnist
+def test_epoch_benchmark_on_real_mnist(tmp_path):
+    import json
+    import subprocess
+    import sys
+    mod = _epoch_time()
+    r = subprocess.run([sys.executable, mod.__file__, "--epochs", "2", "--workloads", "784-400-20/b128",
+                        "--backends", "numba", "numpy", "--settle", "0", "--out", str(tmp_path), "--name", "e",
+                        "--data-dir", MNIST_DIR], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(tmp_path / "e.json"))["rows"]
+    names = [row["backend"] for row in rows]
+    assert names[:2] == ["numba", "numpy"]
+    for row in rows:
+        assert len(row["epoch_seconds"]) == 2 and round(row["median_s"], 3) == row["epoch_seconds"][1] > 0
+        assert row["images_per_s"] == 24000 / row["median_s"] and row["adam_m_denormals"] >= 0
+    if "torch-fused" in names:
+        peer = rows[names.index("torch-fused")]["median_s"]
+        assert rows[0]["vs_torch_fused"] == peer / rows[0]["median_s"]
+    md = (tmp_path / "e.md").read_text()
+    assert md.count("| 784-400-20/b128 |") == len(rows)

@@ -103,7 +103,8 @@ class NumbaBackend(NumpyBackend):
                     bc2_sqrt, weight_decay, decay_factor):
         s = self._s
         K.adam_update(params, grads, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
-                      s(eps * bc2_sqrt), s(step_size * bc2_sqrt), s(weight_decay), s(decay_factor))
+                      s(eps * bc2_sqrt), s(step_size * bc2_sqrt), s(weight_decay), s(decay_factor),
+                      s(np.finfo(params.dtype).tiny))
 
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
         K.im2col(cols, x, x.shape[0], *in_hwc, k, stride, padding, *out_hw)

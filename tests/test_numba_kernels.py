@@ -1,4 +1,6 @@
-"""The numba backend's float32 Bernoulli kernel computes exp and log1p with its
+"""Numba kernels where they deliberately differ from the NumPy reference.
+
+The float32 Bernoulli kernel computes exp and log1p with its
 own polynomials (kernels/numba_likelihood.py, Cephes expf/logf): checked
 element by element against float64 references over the whole float32 range of
 logits, not only against the NumPy backend on random logits.
@@ -6,7 +8,10 @@ logits, not only against the NumPy backend on random logits.
 Tolerances from the arithmetic: Cephes' expf and logf are within 1-2 ulp; the
 sigmoid adds a division and a rounded 1 + e, softplus adds a rounded sum, so 8
 float32 ulp (2^-23 each) bound both; measured: 2.5 ulp, and NumPy's own
-float32 path 2.2 ulp on the same grid."""
+float32 path 2.2 ulp on the same grid.
+
+Adam stores m and v below the dtype's smallest normal as 0 (denormal
+arithmetic is slow): its results may differ from NumPy's only there."""
 
 import numpy as np
 import pytest
@@ -79,3 +84,27 @@ def test_nan_and_inf_logits_propagate_as_in_numpy():
     assert np.isnan(n[1]) and np.isnan(d[1, 4]) and np.isfinite(n[0]) and np.all(np.isfinite(d[0]))
     assert np.isnan(n[2])                         # inf - inf, as the float64 formula gives
     assert d[2, 5] == 0.5 and d[2, 6] == -0.5      # sigmoid's limits minus x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_flushes_denormal_moments_to_zero_and_keeps_nan(dtype):
+    be = NumbaBackend(dtype)
+    tiny = np.finfo(dtype).tiny
+    n = 64
+    p = np.linspace(-1, 1, n).astype(dtype)
+    g = np.zeros(n, dtype)
+    g[:8] = 1e-3                                   # live weights
+    g[8] = np.nan
+    m = np.full(n, 3 * tiny, dtype)                # 0.9 * 3 tiny: still normal; 0.9^11 * 3 tiny: denormal
+    m[:8] = 0.1
+    v = np.full(n, 0.5, dtype)
+    v[20:] = 1.001 * tiny                          # 0.999 * 1.001 tiny < tiny
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0, weight_decay=0.0, decay_factor=1.0)
+    be.adam_update(p, g, m, v, **kw)
+    np.testing.assert_allclose(m[9:], 0.9 * 3 * tiny, rtol=1e-6)      # normal: kept
+    assert np.all(v[20:] == 0) and np.all(v[9:20] > 0)
+    for _ in range(10):
+        be.adam_update(p, g, m, v, **kw)
+    assert np.all(m[9:] == 0) and np.all(v[20:] == 0)            # never a denormal
+    assert np.isnan(m[8]) and np.isnan(v[8]) and np.isnan(p[8])
+    assert np.all(m[:8] > 0.1 * 0.9 ** 11) and np.all(np.isfinite(p[9:]))

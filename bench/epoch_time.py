@@ -1,0 +1,156 @@
+"""Epoch-level training speed on real MNIST: fastvae's CPU backends against
+the PyTorch twin, same data, same settings, same initial weights, same run.
+
+    python bench/epoch_time.py [--epochs 6] [--workloads 784-400-20/b128 784-1000-2/b32]
+                               [--backends numba numpy] [--settle 1.0] [--name epoch_time]
+
+Every contender trains its own model on the 24,000-image training file
+(../shared/data/mnist; skipped with a message when absent): Bernoulli
+likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
+interleaved: epoch k of each contender runs (rotated order, ``--settle``
+seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
+reach them alike. The time of an epoch is its training loop only (shuffle,
+batch gather, eps draw, forward, backward, Adam, the running loss), not the
+test-set evaluation that the trainer runs after it. Reported per contender:
+each epoch's seconds, the median of epochs 2 on (the first one holds the
+warm-up: Numba's compile or cache load, first-touch of memory; shown on its
+own), images/s, the ratio to PyTorch's fused Adam (its median epoch over ours), and the number of Adam first-moment entries that
+are float32 denormals (nonzero and below 2^-126) after the last epoch: these
+slow a CPU's arithmetic down, and weights that never receive a gradient (MNIST's
+always-black border pixels) decay into them as beta1^t.
+
+Writes bench/results/<name>.json and <name>.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastvae
+from fastvae import DataConfig, TrainConfig, Trainer, datasets
+from fastvae.benchmark import WORKLOADS, environment, workload_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
+TINY = {"float32": np.finfo(np.float32).tiny, "float64": np.finfo(np.float64).tiny}
+
+
+def denormals(a) -> int:
+    a = np.asarray(a)
+    return int(np.count_nonzero((a != 0) & (np.abs(a) < TINY[a.dtype.name])))
+
+
+def ours(name, wl, ds, data_dir):
+    t = Trainer(workload_config(wl), TrainConfig(epochs=10 ** 6, batch_size=wl["batch_size"], lr=1e-3, seed=0,
+                                                 backend=name),
+                DataConfig(dataset="mnist", data_dir=data_dir), dataset=ds, progress=False)
+
+    def epoch():
+        t.fit(epochs=t.epoch + 1, pictures=False)
+        return t.history[-1]["seconds"]
+    return {"backend": name}, epoch, lambda: denormals(t.optimizer.m)
+
+
+def torch_twin(adam, wl, ds):
+    import torch
+    from fastvae import torch_ref
+    tm, opt, run_epoch = torch_ref.epoch_runner(workload_config(wl), ds.x_train, wl["batch_size"], 1e-3, 0,
+                                                init_from=fastvae.VAE(workload_config(wl), seed=0), adam=adam)
+
+    def epoch():
+        t0 = time.perf_counter()
+        run_epoch()
+        return time.perf_counter() - t0
+    return ({"backend": f"torch-{adam}", "torch_threads": torch.get_num_threads()}, epoch,
+            lambda: sum(denormals(s["exp_avg"].numpy()) for s in opt.state.values()))
+
+
+def interleave(epoch_fns, epochs, settle):
+    """Seconds of each epoch of each contender: round k runs epoch k of every
+    contender, the order rotated by k, each after ``settle`` seconds of sleep."""
+    secs = [[] for _ in epoch_fns]
+    order = list(range(len(epoch_fns)))
+    for k in range(epochs):
+        r = k % len(order)
+        for i in order[r:] + order[:r]:
+            time.sleep(settle)
+            secs[i].append(epoch_fns[i]())
+    return secs
+
+
+def run(workloads, backends, epochs, settle, ds, data_dir):
+    rows = []
+    for wname in workloads:
+        wl = WORKLOADS[wname]
+        cands = [ours(b, wl, ds, data_dir) for b in backends]
+        try:
+            cands += [torch_twin(adam, wl, ds) for adam in ("fused", "foreach")]
+        except ImportError as exc:
+            print(f"PyTorch peer skipped: {exc}", file=sys.stderr)
+        secs = interleave([c[1] for c in cands], epochs, settle)
+        meds = [statistics.median(s[1:] or s) for s in secs]
+        peer = next((m for c, m in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
+        for (row, _, count), s, med in zip(cands, secs, meds):
+            row.update(workload=wname, epoch_seconds=[round(x, 3) for x in s], first_epoch_s=s[0], median_s=med,
+                       images_per_s=ds.x_train.shape[0] / med, vs_torch_fused=peer / med if peer else None,
+                       adam_m_denormals=count())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows, env) -> str:
+    out = ["| workload | contender | epoch seconds, in order | median s (epochs 2-) | images/s | vs PyTorch fused "
+           "| Adam m denormals at the end |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else ""
+        out.append(f"| {r['workload']} | {r['backend']} | {', '.join(f'{x:.2f}' for x in r['epoch_seconds'])} "
+                   f"| {r['median_s']:.3f} | {r['images_per_s']:,.0f} | {vs} | {r['adam_m_denormals']:,} |")
+    out.append("")
+    out.append(f"{env['processor']}, {env['cpus']} CPUs; numpy {env['numpy']}, numba {env.get('numba')}, "
+               f"torch {env.get('torch')}; {env['date']}. Real MNIST, {env['train_images']:,} training images, "
+               f"{env['settle_s']} s settle before each epoch.")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=DEFAULT_DATA)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--workloads", nargs="*", default=["784-400-20/b128", "784-1000-2/b32"])
+    ap.add_argument("--backends", nargs="*", default=["numba", "numpy"])
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", default="epoch_time")
+    a = ap.parse_args()
+    if not os.path.exists(a.data_dir):
+        print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
+        return 0
+    bad = [w for w in a.workloads if w not in WORKLOADS or WORKLOADS[w].get("arch", "mlp") != "mlp"
+           or WORKLOADS[w]["input_dim"] != 784]
+    if bad:
+        print(f"error: {bad} are not MNIST MLP workloads; choose from "
+              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784 and 'arch' not in v]}", file=sys.stderr)
+        return 2
+    ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
+    env = dict(environment(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+               fastvae=fastvae.__version__, train_images=int(ds.x_train.shape[0]), epochs=a.epochs,
+               settle_s=a.settle)
+    rows = run(a.workloads, a.backends, a.epochs, a.settle, ds, a.data_dir)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, a.name + ".json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=2)
+    with open(os.path.join(a.out, a.name + ".md"), "w") as f:
+        f.write(markdown(rows, env))
+    print(markdown(rows, env))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
