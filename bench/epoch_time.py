@@ -2,22 +2,32 @@
 the PyTorch twin, same data, same settings, same initial weights, same run.
 
     python bench/epoch_time.py [--epochs 6] [--workloads 784-400-20/b128 784-1000-2/b32]
-                               [--backends numba numpy] [--settle 1.0] [--name epoch_time]
+                               [--backends numba numpy] [--settle 1.0] [--min-clean 3]
+                               [--name epoch_time]
 
 Every contender trains its own model on the 24,000-image training file
 (../shared/data/mnist; skipped with a message when absent): Bernoulli
 likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
 interleaved: epoch k of each contender runs (rotated order, ``--settle``
 seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
-reach them alike. The time of an epoch is its training loop only (shuffle,
-batch gather, eps draw, forward, backward, Adam, the running loss), not the
-test-set evaluation that the trainer runs after it. Reported per contender:
-each epoch's seconds, the median of epochs 2 on (the first one holds the
-warm-up: Numba's compile or cache load, first-touch of memory; shown on its
-own), images/s, the ratio to PyTorch's fused Adam (its median epoch over ours), and the number of Adam first-moment entries that
-are float32 denormals (nonzero and below 2^-126) after the last epoch: these
-slow a CPU's arithmetic down, and weights that never receive a gradient (MNIST's
-always-black border pixels) decay into them as beta1^t.
+reach them alike, and between epochs a probe measures how much faster a GEMM
+runs on all cores than on one (``fastvae.timing.blas_parallel_speedup``): an
+epoch with a probe under 0.9 of the run's typical best (the median of the
+top quarter of probes) on either side ran while the host held part of a core,
+and is left out of the median (marked * in the table; here the probe reads
+1.82-1.95 normally, 1.37-1.48 then). Epochs go on past ``--epochs`` until
+each contender has 3 clean ones after its first, up to 3 times ``--epochs``. The time of an
+epoch is its training loop only (shuffle, batch gather, eps draw, forward,
+backward, Adam, the running loss), not the test-set evaluation that the
+trainer runs after it.
+
+Reported per contender: each epoch's seconds; the median from the second
+epoch on (the first holds the warm-up: Numba's compile or cache load, memory
+first touched; shown on its own); images/s; the ratio to PyTorch's fused Adam
+(its median epoch over ours); and how many Adam first-moment entries are
+denormals (nonzero, below the dtype's smallest normal) after the last epoch:
+denormal arithmetic is slow on CPUs, and weights whose gradient stops (a
+pixel that is rarely on, a dead ReLU unit) decay into them as beta1^t.
 
 Writes bench/results/<name>.json and <name>.md.
 """
@@ -35,6 +45,7 @@ import numpy as np
 import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
 from fastvae.benchmark import WORKLOADS, environment, workload_config
+from fastvae.timing import blas_parallel_speedup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
@@ -71,20 +82,44 @@ def torch_twin(adam, wl, ds):
             lambda: sum(denormals(s["exp_avg"].numpy()) for s in opt.state.values()))
 
 
-def interleave(epoch_fns, epochs, settle):
-    """Seconds of each epoch of each contender: round k runs epoch k of every
-    contender, the order rotated by k, each after ``settle`` seconds of sleep."""
+def _flags(probes, spans, share):
+    top = sorted(probes)[-max(1, len(probes) // 4):]
+    low = share * statistics.median(top)            # the top quarter: one lucky probe does not set the bar
+    return [[probes[j - 1] >= low and probes[j] >= low for j in sp] for sp in spans]
+
+
+def interleave(epoch_fns, epochs, settle, probe=blas_parallel_speedup, share=0.9, min_clean=3, max_epochs=None):
+    """``(secs, clean, probes)``: the seconds of each epoch of each contender
+    (round k runs epoch k of every contender, the order rotated by k, each
+    after ``settle`` seconds of sleep), whether each ran with every core (the
+    probes just before and just after it at least ``share`` of the median of
+    the top quarter of probes), and the probes in the order they ran. Rounds go
+    on past ``epochs`` until every contender has ``min_clean`` clean epochs
+    after its first, up to ``max_epochs`` (default ``3 * epochs``)."""
     secs = [[] for _ in epoch_fns]
+    spans = [[] for _ in epoch_fns]
+    probes = [probe()]
     order = list(range(len(epoch_fns)))
-    for k in range(epochs):
+    k = 0
+    while k < epochs or (k < (max_epochs or 3 * epochs)
+                         and min(sum(c[1:]) for c in _flags(probes, spans, share)) < min_clean):
         r = k % len(order)
         for i in order[r:] + order[:r]:
             time.sleep(settle)
             secs[i].append(epoch_fns[i]())
-    return secs
+            probes.append(probe())
+            spans[i].append(len(probes) - 1)
+        k += 1
+    return secs, _flags(probes, spans, share), probes
 
 
-def run(workloads, backends, epochs, settle, ds, data_dir):
+def typical(secs, clean):
+    """The median epoch from the second on, over clean ones when at least two are (else over all)."""
+    kept = [s for s, c in zip(secs[1:], clean[1:]) if c]
+    return statistics.median(kept if len(kept) >= 2 else secs[1:] or secs), len(kept)
+
+
+def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
     rows = []
     for wname in workloads:
         wl = WORKLOADS[wname]
@@ -93,11 +128,12 @@ def run(workloads, backends, epochs, settle, ds, data_dir):
             cands += [torch_twin(adam, wl, ds) for adam in ("fused", "foreach")]
         except ImportError as exc:
             print(f"PyTorch peer skipped: {exc}", file=sys.stderr)
-        secs = interleave([c[1] for c in cands], epochs, settle)
-        meds = [statistics.median(s[1:] or s) for s in secs]
-        peer = next((m for c, m in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
-        for (row, _, count), s, med in zip(cands, secs, meds):
-            row.update(workload=wname, epoch_seconds=[round(x, 3) for x in s], first_epoch_s=s[0], median_s=med,
+        secs, clean, probes = interleave([c[1] for c in cands], epochs, settle, min_clean=min_clean)
+        meds = [typical(s, c) for s, c in zip(secs, clean)]
+        peer = next((m for c, (m, _) in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
+        for (row, _, count), s, c, (med, n_clean) in zip(cands, secs, clean, meds):
+            row.update(workload=wname, epoch_seconds=[round(x, 3) for x in s], clean=c, clean_epochs=n_clean,
+                       probe_speedups=[round(p, 2) for p in probes], first_epoch_s=s[0], median_s=med,
                        images_per_s=ds.x_train.shape[0] / med, vs_torch_fused=peer / med if peer else None,
                        adam_m_denormals=count())
             rows.append(row)
@@ -106,16 +142,21 @@ def run(workloads, backends, epochs, settle, ds, data_dir):
 
 
 def markdown(rows, env) -> str:
-    out = ["| workload | contender | epoch seconds, in order | median s (epochs 2-) | images/s | vs PyTorch fused "
-           "| Adam m denormals at the end |", "|---|---|---|---|---|---|---|"]
+    out = ["| workload | contender | epoch seconds, in order (* slow phase) | median s (epochs 2-, clean) "
+           "| images/s | vs PyTorch fused | Adam m denormals at the end |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else ""
-        out.append(f"| {r['workload']} | {r['backend']} | {', '.join(f'{x:.2f}' for x in r['epoch_seconds'])} "
+        ep = ", ".join(f"{x:.2f}" + ("" if c else "*") for x, c in zip(r["epoch_seconds"], r["clean"]))
+        out.append(f"| {r['workload']} | {r['backend']} | {ep} "
                    f"| {r['median_s']:.3f} | {r['images_per_s']:,.0f} | {vs} | {r['adam_m_denormals']:,} |")
+    probes = [p for r in rows for p in r["probe_speedups"]]
     out.append("")
     out.append(f"{env['processor']}, {env['cpus']} CPUs; numpy {env['numpy']}, numba {env.get('numba')}, "
                f"torch {env.get('torch')}; {env['date']}. Real MNIST, {env['train_images']:,} training images, "
-               f"{env['settle_s']} s settle before each epoch.")
+               f"{env['settle_s']} s settle before each epoch. * : the all-core GEMM speedup probed before or "
+               f"after that epoch was under 0.9 of the run's typical best (the host held part of a core; probes "
+               f"{min(probes):.2f}-{max(probes):.2f}); the median leaves those out when two or "
+               "more clean epochs remain.")
     return "\n".join(out) + "\n"
 
 
@@ -126,6 +167,8 @@ def main():
     ap.add_argument("--workloads", nargs="*", default=["784-400-20/b128", "784-1000-2/b32"])
     ap.add_argument("--backends", nargs="*", default=["numba", "numpy"])
     ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--min-clean", type=int, default=3,
+                    help="epochs go on (up to 3x --epochs) until each contender has this many clean ones")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default="epoch_time")
     a = ap.parse_args()
@@ -142,7 +185,7 @@ def main():
     env = dict(environment(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                fastvae=fastvae.__version__, train_images=int(ds.x_train.shape[0]), epochs=a.epochs,
                settle_s=a.settle)
-    rows = run(a.workloads, a.backends, a.epochs, a.settle, ds, a.data_dir)
+    rows = run(a.workloads, a.backends, a.epochs, a.settle, ds, a.data_dir, a.min_clean)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, a.name + ".json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=2)

@@ -91,6 +91,31 @@ def peak_gemm_gflops(dtype="float32", n=2048) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def blas_parallel_speedup(n=512, repeats=5) -> float:
+    """How much faster an n^3 float32 GEMM runs on all BLAS threads than on
+    one (best of ``repeats`` each): a probe of whether every core is really
+    ours right now. On the 2-core development VMs it reads 1.82-1.95 most of
+    the time and 1.37-1.48 during phases (tens of seconds to minutes) in
+    which the host takes part of the second core away, unseen in the steal
+    counter; a one-thread job runs at full speed then, every two-thread
+    training step up to 2x slower. 1.0 when BLAS has one thread."""
+    from threadpoolctl import ThreadpoolController
+    r = np.random.default_rng(0)
+    a, b = r.random((n, n), np.float32), r.random((n, n), np.float32)
+
+    def best():
+        t_min = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            np.matmul(a, b)
+            t_min = min(t_min, time.perf_counter() - t)
+        return t_min
+    many = best()
+    with ThreadpoolController().limit(limits=1, user_api="blas"):
+        one = best()
+    return one / many
+
+
 class GemmRecorder:
     """Records ``(out, a, b, trans_a, trans_b)`` of every ``backend.gemm`` call while active."""
 

@@ -60,12 +60,31 @@ def _epoch_time():
     return mod
 
 
-def test_epochs_are_interleaved_in_rotated_rounds():
+def test_epochs_are_interleaved_in_rotated_rounds_and_slow_phases_flagged():
+    mod = _epoch_time()
     log = []
     fns = [lambda n=n: (log.append(n), float(len(log)))[1] for n in "abc"]
-    secs = _epoch_time().interleave(fns, epochs=4, settle=0)
+    # probe i runs after epoch i (probe 0 before the first): 4 and 5 saw a core taken
+    pr = iter([1.9, 1.9, 1.8, 1.9, 1.4, 1.5, 1.9, 1.9, 1.9, 1.9, 1.76, 1.9, 1.9])
+    secs, clean, probes = mod.interleave(fns, epochs=4, settle=0, probe=lambda: next(pr), min_clean=2)
     assert log == list("abc" "bca" "cab" "abc")
     assert secs == [[1.0, 6.0, 8.0, 10.0], [2.0, 4.0, 9.0, 11.0], [3.0, 5.0, 7.0, 12.0]]
+    assert len(probes) == 13
+    # epoch j (the j-th run overall, 1-based) is clean when probes j-1 and j are > 1.75
+    assert clean == [[True, False, True, True], [True, False, True, True], [True, False, True, True]]
+    # with 3 clean epochs wanted after the first, a fifth round runs (and no more: 2 clean + 1)
+    log.clear()
+    pr = iter([1.9, 1.9, 1.8, 1.9, 1.4, 1.5, 1.9, 1.9, 1.9, 1.9, 1.76, 1.9, 1.9, 1.9, 1.9, 1.9, 1.9])
+    secs, clean, probes = mod.interleave(fns, epochs=4, settle=0, probe=lambda: next(pr), min_clean=3)
+    assert log == list("abc" "bca" "cab" "abc" "bca") and len(probes) == 16
+    assert all(c == [True, False, True, True, True] for c in clean)
+    # a machine that never settles: at most max_epochs rounds
+    log.clear()
+    secs, clean, probes = mod.interleave(fns, epochs=2, settle=0, probe=iter([1.9] + [1.0, 1.9] * 20).__next__,
+                                         max_epochs=4)
+    assert len(log) == 12 and len(secs[0]) == 4
+    assert mod.typical([9.0, 1.0, 5.0, 2.0], [True, False, True, True]) == (3.5, 2)   # the slow-phase 1.0 is out
+    assert mod.typical([9.0, 1.0, 5.0, 2.0], [True, False, False, True]) == (2.0, 1)  # < 2 clean: all from 2nd
 
 
 @needs_mnist
@@ -75,14 +94,15 @@ def test_epoch_benchmark_on_real_mnist(tmp_path):
     import sys
     mod = _epoch_time()
     r = subprocess.run([sys.executable, mod.__file__, "--epochs", "2", "--workloads", "784-400-20/b128",
-                        "--backends", "numba", "numpy", "--settle", "0", "--out", str(tmp_path), "--name", "e",
+                        "--backends", "numba", "numpy", "--settle", "0", "--min-clean", "0", "--out", str(tmp_path), "--name", "e",
                         "--data-dir", MNIST_DIR], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.load(open(tmp_path / "e.json"))["rows"]
     names = [row["backend"] for row in rows]
     assert names[:2] == ["numba", "numpy"]
     for row in rows:
-        assert len(row["epoch_seconds"]) == 2 and round(row["median_s"], 3) == row["epoch_seconds"][1] > 0
+        assert len(row["epoch_seconds"]) == 2 == len(row["clean"]) and len(row["probe_speedups"]) == 1 + 2 * len(rows)
+        assert round(row["median_s"], 3) == row["epoch_seconds"][1] > 0          # one epoch after the first
         assert row["images_per_s"] == 24000 / row["median_s"] and row["adam_m_denormals"] >= 0
     if "torch-fused" in names:
         peer = rows[names.index("torch-fused")]["median_s"]
