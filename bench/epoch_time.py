@@ -13,7 +13,7 @@ seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
 reach them alike, and between epochs a probe measures how much faster a GEMM
 runs on all cores than on one (``fastvae.timing.blas_parallel_speedup``): an
 epoch with a probe under 0.9 of the run's typical best (the median of the
-top quarter of probes) on either side ran while the host held part of a core,
+top half of probes) on either side ran while the host held part of a core,
 and is left out of the median (marked * in the table; here the probe reads
 1.82-1.95 normally, 1.37-1.48 then). Epochs go on past ``--epochs`` until
 each contender has 3 clean ones after its first, up to 3 times ``--epochs``. The time of an
@@ -45,7 +45,7 @@ import numpy as np
 import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
 from fastvae.benchmark import WORKLOADS, environment, workload_config
-from fastvae.timing import blas_parallel_speedup
+from fastvae.timing import blas_parallel_speedup, clean_intervals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
@@ -83,9 +83,8 @@ def torch_twin(adam, wl, ds):
 
 
 def _flags(probes, spans, share):
-    top = sorted(probes)[-max(1, len(probes) // 4):]
-    low = share * statistics.median(top)            # the top quarter: one lucky probe does not set the bar
-    return [[probes[j - 1] >= low and probes[j] >= low for j in sp] for sp in spans]
+    ok = clean_intervals(probes, share)
+    return [[ok[j - 1] for j in sp] for sp in spans]
 
 
 def interleave(epoch_fns, epochs, settle, probe=blas_parallel_speedup, share=0.9, min_clean=3, max_epochs=None):
@@ -93,7 +92,7 @@ def interleave(epoch_fns, epochs, settle, probe=blas_parallel_speedup, share=0.9
     (round k runs epoch k of every contender, the order rotated by k, each
     after ``settle`` seconds of sleep), whether each ran with every core (the
     probes just before and just after it at least ``share`` of the median of
-    the top quarter of probes), and the probes in the order they ran. Rounds go
+    the top half of probes), and the probes in the order they ran. Rounds go
     on past ``epochs`` until every contender has ``min_clean`` clean epochs
     after its first, up to ``max_epochs`` (default ``3 * epochs``)."""
     secs = [[] for _ in epoch_fns]

@@ -36,7 +36,8 @@ from . import backends as _backends
 from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
-from .timing import Contender, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure, peak_gemm_gflops
+from .timing import (Contender, GemmRecorder, blas_parallel_speedup, gemm_flops, gpu_peak_gemm_gflops, measure,
+                     peak_gemm_gflops)
 
 WORKLOADS: Dict[str, dict] = {
     "784-400-20/b128": dict(input_dim=784, hidden=[400], latent_dim=20, batch_size=128,
@@ -261,7 +262,8 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                 why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 log(f"{wname:18s} PyTorch on {torch_device} unavailable: {why}")
                 cs.append(Contender({"backend": "torch", "error": why}))
-        measure(cs, seconds, settle=settle)
+        # on the CPU: rounds run while the host held part of a core are left out
+        measure(cs, seconds, settle=settle, probe=blas_parallel_speedup if torch_device == "cpu" else None)
         group = _rows(cs)
         eager = {r["backend"]: r for r in group}
         for r in group:

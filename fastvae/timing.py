@@ -21,16 +21,23 @@ class Contender:
         self.row, self.step, self.sync, self.per, self.k = row, step, sync, [], 1
 
 
-def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15) -> None:
+def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15,
+            probe=None) -> None:
     """Time ``contenders`` interleaved, so that the machine's drift (other
     load, clocks) reaches each of them in as many chunks: rounds in which each one, in an
     order rotated every round, sleeps ``settle`` seconds (the previous one's
     spinning BLAS/OpenMP threads go idle), runs one untimed step (wakes its own
     threads) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
     25 ms) synchronised at its end. Rounds go on until each has had about
-    ``seconds`` and at least ``min_chunks`` chunks. Sets ``ms_per_step`` (the
-    median chunk), ``ms_p25`` / ``ms_p75`` (quartiles over chunks),
-    ``chunks`` and ``steps_timed`` in each row."""
+    ``seconds`` and at least ``min_chunks`` chunks.
+
+    ``probe`` (e.g. :func:`blas_parallel_speedup`) runs before the first round
+    and after each; a round with a probe on either side under 0.9 of the
+    typical best (:func:`clean_intervals`) ran while the machine was not all
+    ours, and its chunks are left out when ``min_chunks`` others remain (rounds
+    go on, up to 3 times the time, to find them). Sets ``ms_per_step`` (the
+    median kept chunk), ``ms_p25`` / ``ms_p75`` (their quartiles), ``chunks``,
+    ``chunks_kept`` and ``steps_timed`` in each row."""
     live = [c for c in contenders if c.step is not None]
     if not live:
         return
@@ -40,8 +47,13 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
         c.step()
         c.sync()
         c.k = max(1, int(chunk / max(time.perf_counter() - t, 1e-6)))
+    probes = [probe()] if probe else []
     start, r = time.perf_counter(), 0
-    while r < min_chunks or time.perf_counter() - start < seconds * len(live):
+
+    def kept():
+        return clean_intervals(probes) if probe else [True] * r
+    while (r < min_chunks or time.perf_counter() - start < seconds * len(live)
+           or (sum(kept()) < min_chunks and time.perf_counter() - start < 3 * seconds * len(live))):
         for c in live[r % len(live):] + live[:r % len(live)]:
             if settle:
                 time.sleep(settle)
@@ -52,11 +64,26 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
                 c.step()
             c.sync()
             c.per.append((time.perf_counter() - t) / c.k * 1e3)
+        if probe:
+            probes.append(probe())
         r += 1
+    ok = kept()
     for c in live:
-        q = statistics.quantiles(c.per, n=4, method="inclusive") if len(c.per) > 1 else c.per * 3
-        c.row.update(ms_per_step=statistics.median(c.per), ms_p25=q[0], ms_p75=q[2], chunks=len(c.per),
-                     steps_timed=len(c.per) * c.k)
+        per = [x for x, good in zip(c.per, ok) if good]
+        per = per if len(per) >= min_chunks else c.per
+        q = statistics.quantiles(per, n=4, method="inclusive") if len(per) > 1 else per * 3
+        c.row.update(ms_per_step=statistics.median(per), ms_p25=q[0], ms_p75=q[2], chunks=len(c.per),
+                     chunks_kept=len(per), steps_timed=len(c.per) * c.k)
+
+
+def clean_intervals(probes, share=0.9) -> List[bool]:
+    """For each interval between consecutive ``probes`` (readings of
+    :func:`blas_parallel_speedup`): whether both ends read at least ``share``
+    of the median of the top half of all readings (one lucky reading does
+    not set the bar)."""
+    top = sorted(probes)[len(probes) // 2:]
+    low = share * statistics.median(top)
+    return [a >= low and b >= low for a, b in zip(probes, probes[1:])]
 
 
 def gpu_peak_gemm_gflops(dtype="float32", tf32=False, n=8192) -> float:

@@ -1,6 +1,8 @@
 """How the benchmark times its contenders (fastvae/timing.py): interleaved
 chunks, rotated order, an untimed step before each chunk, quartiles."""
 
+import pytest
+
 from fastvae.timing import Contender, measure
 
 from conftest import MNIST_DIR, needs_mnist
@@ -109,3 +111,27 @@ def test_epoch_benchmark_on_real_mnist(tmp_path):
         assert rows[0]["vs_torch_fused"] == peer / rows[0]["median_s"]
     md = (tmp_path / "e.md").read_text()
     assert md.count("| 784-400-20/b128 |") == len(rows)
+
+
+def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
+    from fastvae.timing import clean_intervals
+    assert clean_intervals([1.9, 1.9, 1.4, 1.9, 1.8, 2.3]) == [True, False, False, True, True]
+    # seconds per step: calibration, then (untimed, timed) per round; round 1's timed step is slow
+    times = iter([0.05, 0.001, 0.001, 0.001, 0.009] + [0.001] * 100)     # a 50 ms calibration step: k = 1
+    clock = {"t": 0.0}
+    probes = iter([1.9, 1.9, 1.4] + [1.9] * 100)          # the reading after round 1 saw a core taken
+
+    def step():
+        clock["t"] += next(times)
+    import fastvae.timing as T
+    real = T.time.perf_counter
+    T.time.perf_counter = lambda: clock["t"]
+    try:
+        c = Contender({"backend": "a"}, step=step, sync=lambda: None)
+        measure([c], seconds=0.01, min_chunks=2, settle=0, probe=lambda: next(probes))
+    finally:
+        T.time.perf_counter = real
+    # rounds 1 and 2 touch the 1.4 reading: their chunks are out, and rounds go on past the time
+    # budget until two clean ones exist; the slow chunk (9 ms per step) is not in the median
+    assert c.row["chunks"] == 4 and c.row["chunks_kept"] == 2
+    assert c.row["ms_per_step"] == pytest.approx(1.0)
