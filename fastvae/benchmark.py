@@ -322,8 +322,18 @@ def markdown(rows: List[dict]) -> str:
     foot = (f"\n{env.get('processor')}, {env.get('cpus')} CPUs; {blas}; numpy {env.get('numpy')}, "
             f"numba {env.get('numba')}, torch {env.get('torch')}; {env.get('date')}. "
             f"Peak GEMM (measured) {rows[0]['peak_gemm_gflops']:.0f} GFLOP/s; "
-            f"devices: {sorted({r.get('device', '') for r in rows if 'error' not in r})}.\n" if rows else "")
+            f"devices: {sorted({r.get('device', '') for r in rows if 'error' not in r})}."
+            + _kept_note(rows) + "\n" if rows else "")
     return head + "\n".join(lines) + "\n" + foot
+
+
+def _kept_note(rows: List[dict]) -> str:
+    timed = [r for r in rows if "chunks_kept" in r]
+    out = sum(r["chunks"] - r["chunks_kept"] for r in timed)
+    if not timed or not out:
+        return ""
+    return (f" Chunks timed while the host held part of a core (two-core GEMM speedup probe under 0.9 of its "
+            f"typical best) left out: {out} of {sum(r['chunks'] for r in timed)}.")
 
 
 def save(rows: List[dict], folder: str, name: str = "cpu") -> None:

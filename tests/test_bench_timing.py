@@ -50,6 +50,10 @@ def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
         assert all(line.count("|") == cells + 1 for line in table)
         assert ("vs PyTorch eager" in table[0]) == eager
     assert "| 5.00x |" in markdown(gpu)
+    assert "left out" not in markdown(cpu)
+    cpu[0].update(chunks=10, chunks_kept=7)
+    cpu[1].update(chunks=10, chunks_kept=10)
+    assert "left out: 3 of 20." in markdown(cpu)
 
 
 def _epoch_time():
