@@ -328,12 +328,13 @@ def markdown(rows: List[dict]) -> str:
 
 
 def _kept_note(rows: List[dict]) -> str:
-    timed = [r for r in rows if "chunks_kept" in r]
-    out = sum(r["chunks"] - r["chunks_kept"] for r in timed)
-    if not timed or not out:
+    timed = [r for r in rows if "probe_range" in r]
+    if not timed:
         return ""
-    return (f" Chunks timed while the host held part of a core (two-core GEMM speedup probe under 0.9 of its "
-            f"typical best) left out: {out} of {sum(r['chunks'] for r in timed)}.")
+    out = sum(r["chunks"] - r["chunks_kept"] for r in timed)
+    lo, hi = min(r["probe_range"][0] for r in timed), max(r["probe_range"][2] for r in timed)
+    return (f" All-core GEMM speedup probe {lo:.2f}-{hi:.2f}; chunks timed while the host held part of a core "
+            f"(probe under 0.9 of its typical best) left out: {out} of {sum(r['chunks'] for r in timed)}.")
 
 
 def save(rows: List[dict], folder: str, name: str = "cpu") -> None:

@@ -51,9 +51,9 @@ def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
         assert ("vs PyTorch eager" in table[0]) == eager
     assert "| 5.00x |" in markdown(gpu)
     assert "left out" not in markdown(cpu)
-    cpu[0].update(chunks=10, chunks_kept=7)
-    cpu[1].update(chunks=10, chunks_kept=10)
-    assert "left out: 3 of 20." in markdown(cpu)
+    cpu[0].update(chunks=10, chunks_kept=7, probe_range=[1.4, 1.9, 1.95])
+    cpu[1].update(chunks=10, chunks_kept=10, probe_range=[1.4, 1.9, 1.95])
+    assert "probe 1.40-1.95; chunks" in markdown(cpu) and "left out: 3 of 20." in markdown(cpu)
 
 
 def _epoch_time():
@@ -138,4 +138,4 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
     # rounds 1 and 2 touch the 1.4 reading: their chunks are out, and rounds go on past the time
     # budget until two clean ones exist; the slow chunk (9 ms per step) is not in the median
     assert c.row["chunks"] == 4 and c.row["chunks_kept"] == 2
-    assert c.row["ms_per_step"] == pytest.approx(1.0)
+    assert c.row["ms_per_step"] == pytest.approx(1.0) and c.row["probe_range"] == [1.4, 1.9, 1.9]
