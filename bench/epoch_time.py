@@ -45,7 +45,7 @@ import numpy as np
 import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
 from fastvae.benchmark import WORKLOADS, environment, workload_config
-from fastvae.timing import blas_parallel_speedup, clean_intervals
+from fastvae.timing import CoreProbe, clean_intervals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
@@ -82,26 +82,29 @@ def torch_twin(adam, wl, ds):
             lambda: sum(denormals(s["exp_avg"].numpy()) for s in opt.state.values()))
 
 
-def _flags(probes, spans, share):
-    ok = clean_intervals(probes, share)
+def _flags(probes, spans, share, ref=None):
+    ok = clean_intervals(probes, share, ref)
     return [[ok[j - 1] for j in sp] for sp in spans]
 
 
-def interleave(epoch_fns, epochs, settle, probe=blas_parallel_speedup, share=0.9, min_clean=3, max_epochs=None):
+def interleave(epoch_fns, epochs, settle, probe=None, share=0.9, min_clean=3, max_epochs=None):
     """``(secs, clean, probes)``: the seconds of each epoch of each contender
     (round k runs epoch k of every contender, the order rotated by k, each
     after ``settle`` seconds of sleep), whether each ran with every core (the
     probes just before and just after it at least ``share`` of the median of
-    the top half of probes), and the probes in the order they ran. Rounds go
+    the top half of all the probe's readings: a ``CoreProbe`` shared by the
+    workloads keeps them), and this call's probes in the order they ran. Rounds go
     on past ``epochs`` until every contender has ``min_clean`` clean epochs
     after its first, up to ``max_epochs`` (default ``3 * epochs``)."""
+    probe = probe or CoreProbe()
+    ref = getattr(probe, "readings", None)
     secs = [[] for _ in epoch_fns]
     spans = [[] for _ in epoch_fns]
     probes = [probe()]
     order = list(range(len(epoch_fns)))
     k = 0
     while k < epochs or (k < (max_epochs or 3 * epochs)
-                         and min(sum(c[1:]) for c in _flags(probes, spans, share)) < min_clean):
+                         and min(sum(c[1:]) for c in _flags(probes, spans, share, ref)) < min_clean):
         r = k % len(order)
         for i in order[r:] + order[:r]:
             time.sleep(settle)
@@ -109,7 +112,7 @@ def interleave(epoch_fns, epochs, settle, probe=blas_parallel_speedup, share=0.9
             probes.append(probe())
             spans[i].append(len(probes) - 1)
         k += 1
-    return secs, _flags(probes, spans, share), probes
+    return secs, _flags(probes, spans, share, ref), probes
 
 
 def typical(secs, clean):
@@ -119,7 +122,7 @@ def typical(secs, clean):
 
 
 def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
-    rows = []
+    rows, probe = [], CoreProbe()
     for wname in workloads:
         wl = WORKLOADS[wname]
         cands = [ours(b, wl, ds, data_dir) for b in backends]
@@ -127,7 +130,7 @@ def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
             cands += [torch_twin(adam, wl, ds) for adam in ("fused", "foreach")]
         except ImportError as exc:
             print(f"PyTorch peer skipped: {exc}", file=sys.stderr)
-        secs, clean, probes = interleave([c[1] for c in cands], epochs, settle, min_clean=min_clean)
+        secs, clean, probes = interleave([c[1] for c in cands], epochs, settle, probe, min_clean=min_clean)
         meds = [typical(s, c) for s, c in zip(secs, clean)]
         peer = next((m for c, (m, _) in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
         for (row, _, count), s, c, (med, n_clean) in zip(cands, secs, clean, meds):

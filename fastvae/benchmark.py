@@ -36,7 +36,7 @@ from . import backends as _backends
 from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
-from .timing import (Contender, GemmRecorder, blas_parallel_speedup, gemm_flops, gpu_peak_gemm_gflops, measure,
+from .timing import (Contender, CoreProbe, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure,
                      peak_gemm_gflops)
 
 WORKLOADS: Dict[str, dict] = {
@@ -245,6 +245,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
     env = environment()
+    probe = CoreProbe() if torch_device == "cpu" else None      # one bar for the whole run
     peak = peak_gemm_gflops(dtype) if torch_device == "cpu" else gpu_peak_gemm_gflops(dtype, tf32)
     rows = []
     for wname in workloads:
@@ -263,7 +264,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                 log(f"{wname:18s} PyTorch on {torch_device} unavailable: {why}")
                 cs.append(Contender({"backend": "torch", "error": why}))
         # on the CPU: rounds run while the host held part of a core are left out
-        measure(cs, seconds, settle=settle, probe=blas_parallel_speedup if torch_device == "cpu" else None)
+        measure(cs, seconds, settle=settle, probe=probe)
         group = _rows(cs)
         eager = {r["backend"]: r for r in group}
         for r in group:

@@ -31,16 +31,16 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     25 ms) synchronised at its end. Rounds go on until each has had about
     ``seconds`` and at least ``min_chunks`` chunks.
 
-    ``probe`` (e.g. :func:`blas_parallel_speedup`) runs before the first round
-    and after each; a round with a probe on either side under 0.9 of the
-    typical best (:func:`clean_intervals`) ran while the machine was not all
-    ours, and its chunks are left out when ``min_chunks`` others remain (rounds
+    ``probe`` (a :class:`CoreProbe`) runs before the first round and after
+    each; a round with a reading on either side under 0.9 of the typical best
+    of all the probe's readings so far, this call's and earlier ones'
+    (:func:`clean_intervals`), ran while the machine was not all ours, and its chunks are left out when ``min_chunks`` others remain (rounds
     go on, up to 3 times the time, to find them). Sets ``ms_per_step`` (the
     median kept chunk), ``ms_p25`` / ``ms_p75`` (their quartiles), ``chunks``,
     ``chunks_kept``, ``steps_timed`` and (with a probe) ``probe_range``
-    (min, median, max reading) in each row. A run spent wholly in such a
-    phase flags nothing: its probe range shows it (1.37-1.48 on the 2-core
-    VMs, against 1.82-1.95)."""
+    (min, median, max reading of this call) in each row. A benchmark that
+    starts in such a phase sets a low bar until a better reading comes; the
+    probe range shows it (1.37-1.48 on the 2-core VMs, against 1.82-1.95)."""
     live = [c for c in contenders if c.step is not None]
     if not live:
         return
@@ -54,7 +54,7 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     start, r = time.perf_counter(), 0
 
     def kept():
-        return clean_intervals(probes) if probe else [True] * r
+        return clean_intervals(probes, ref=getattr(probe, "readings", None)) if probe else [True] * r
     while (r < min_chunks or time.perf_counter() - start < seconds * len(live)
            or (sum(kept()) < min_chunks and time.perf_counter() - start < 3 * seconds * len(live))):
         for c in live[r % len(live):] + live[:r % len(live)]:
@@ -81,12 +81,24 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
             c.row["probe_range"] = [min(probes), statistics.median(probes), max(probes)]
 
 
-def clean_intervals(probes, share=0.9) -> List[bool]:
+class CoreProbe:
+    """:func:`blas_parallel_speedup` as a callable that keeps every reading
+    (``readings``), so that one bar serves a whole benchmark run."""
+
+    def __init__(self, fn=None):
+        self.fn, self.readings = fn or blas_parallel_speedup, []
+
+    def __call__(self) -> float:
+        self.readings.append(self.fn())
+        return self.readings[-1]
+
+
+def clean_intervals(probes, share=0.9, ref=None) -> List[bool]:
     """For each interval between consecutive ``probes`` (readings of
     :func:`blas_parallel_speedup`): whether both ends read at least ``share``
-    of the median of the top half of all readings (one lucky reading does
-    not set the bar)."""
-    top = sorted(probes)[len(probes) // 2:]
+    of the median of the top half of the readings in ``ref`` (default:
+    ``probes``; one lucky reading does not set the bar)."""
+    top = sorted(ref or probes)[len(ref or probes) // 2:]
     low = share * statistics.median(top)
     return [a >= low and b >= low for a, b in zip(probes, probes[1:])]
 
