@@ -37,8 +37,9 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     (:func:`clean_intervals`), ran while the machine was not all ours, and its chunks are left out when ``min_chunks`` others remain (rounds
     go on, up to 3 times the time, to find them). Sets ``ms_per_step`` (the
     median kept chunk), ``ms_p25`` / ``ms_p75`` (their quartiles), ``chunks``,
-    ``chunks_kept``, ``steps_timed`` and (with a probe) ``probe_range``
-    (min, median, max reading of this call) in each row. A benchmark that
+    ``chunks_kept``, ``steps_timed`` and, with a probe, ``probe_range`` (min,
+    median, max reading of this call) and ``taken_core`` (too few clean chunks
+    were found: all are kept, and the time is not to be trusted) in each row. A benchmark that
     starts in such a phase sets a low bar until a better reading comes; the
     probe range shows it (1.37-1.48 on the 2-core VMs, against 1.82-1.95)."""
     live = [c for c in contenders if c.step is not None]
@@ -73,12 +74,13 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     ok = kept()
     for c in live:
         per = [x for x, good in zip(c.per, ok) if good]
-        per = per if len(per) >= min_chunks else c.per
+        taken = len(per) < min_chunks
+        per = c.per if taken else per
         q = statistics.quantiles(per, n=4, method="inclusive") if len(per) > 1 else per * 3
         c.row.update(ms_per_step=statistics.median(per), ms_p25=q[0], ms_p75=q[2], chunks=len(c.per),
                      chunks_kept=len(per), steps_timed=len(c.per) * c.k)
         if probe:
-            c.row["probe_range"] = [min(probes), statistics.median(probes), max(probes)]
+            c.row.update(probe_range=[min(probes), statistics.median(probes), max(probes)], taken_core=taken)
 
 
 class CoreProbe:
