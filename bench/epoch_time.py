@@ -13,7 +13,7 @@ seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
 reach them alike, and between epochs a probe measures how much faster a GEMM
 runs on all cores than on one (``fastvae.timing.blas_parallel_speedup``): an
 epoch with a probe under 0.9 of the run's typical best (the median of the
-top half of probes) on either side ran while the host held part of a core,
+top half of probes), or under 1.7, on either side ran while the host held part of a core,
 and is left out of the median (marked * in the table; here the probe reads
 1.82-1.95 normally, 1.37-1.48 then). Epochs go on past ``--epochs`` until
 each contender has 3 clean ones after its first, up to 3 times ``--epochs``. The time of an
@@ -82,8 +82,8 @@ def torch_twin(adam, wl, ds):
             lambda: sum(denormals(s["exp_avg"].numpy()) for s in opt.state.values()))
 
 
-def _flags(probes, spans, share, ref=None):
-    ok = clean_intervals(probes, share, ref)
+def _flags(probes, spans, share, ref=None, floor=0.0):
+    ok = clean_intervals(probes, share, ref, floor)
     return [[ok[j - 1] for j in sp] for sp in spans]
 
 
@@ -97,14 +97,14 @@ def interleave(epoch_fns, epochs, settle, probe=None, share=0.9, min_clean=3, ma
     on past ``epochs`` until every contender has ``min_clean`` clean epochs
     after its first, up to ``max_epochs`` (default ``3 * epochs``)."""
     probe = probe or CoreProbe()
-    ref = getattr(probe, "readings", None)
+    ref, floor = getattr(probe, "readings", None), getattr(probe, "floor", 0.0)
     secs = [[] for _ in epoch_fns]
     spans = [[] for _ in epoch_fns]
     probes = [probe()]
     order = list(range(len(epoch_fns)))
     k = 0
     while k < epochs or (k < (max_epochs or 3 * epochs)
-                         and min(sum(c[1:]) for c in _flags(probes, spans, share, ref)) < min_clean):
+                         and min(sum(c[1:]) for c in _flags(probes, spans, share, ref, floor)) < min_clean):
         r = k % len(order)
         for i in order[r:] + order[:r]:
             time.sleep(settle)
@@ -112,7 +112,7 @@ def interleave(epoch_fns, epochs, settle, probe=None, share=0.9, min_clean=3, ma
             probes.append(probe())
             spans[i].append(len(probes) - 1)
         k += 1
-    return secs, _flags(probes, spans, share, ref), probes
+    return secs, _flags(probes, spans, share, ref, floor), probes
 
 
 def typical(secs, clean):

@@ -33,15 +33,16 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
 
     ``probe`` (a :class:`CoreProbe`) runs before the first round and after
     each; a round with a reading on either side under 0.9 of the typical best
-    of all the probe's readings so far, this call's and earlier ones'
-    (:func:`clean_intervals`), ran while the machine was not all ours, and its chunks are left out when ``min_chunks`` others remain (rounds
-    go on, up to 3 times the time, to find them). Sets ``ms_per_step`` (the
-    median kept chunk), ``ms_p25`` / ``ms_p75`` (their quartiles), ``chunks``,
-    ``chunks_kept``, ``steps_timed`` and, with a probe, ``probe_range`` (min,
-    median, max reading of this call) and ``taken_core`` (too few clean chunks
-    were found: all are kept, and the time is not to be trusted) in each row. A benchmark that
-    starts in such a phase sets a low bar until a better reading comes; the
-    probe range shows it (1.37-1.48 on the 2-core VMs, against 1.82-1.95)."""
+    of all the probe's readings so far (this call's and earlier ones') or
+    under the probe's ``floor`` (:func:`clean_intervals`) ran while the
+    machine was not all ours, and its chunks are left out when
+    ``min_chunks`` others remain (rounds go on, up to 3 times the time, to
+    find them). Sets ``ms_per_step`` (the median kept chunk), ``ms_p25`` /
+    ``ms_p75`` (their quartiles), ``chunks``, ``chunks_kept``,
+    ``steps_timed`` and, with a probe, ``probe_range`` (min, median, max
+    reading of this call) and ``taken_core`` (too few clean chunks were
+    found: all are kept, and the time is not to be trusted) in each row (the
+    2-core VMs read 1.82-1.95 normally, 1.26-1.58 in such phases)."""
     live = [c for c in contenders if c.step is not None]
     if not live:
         return
@@ -55,7 +56,8 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     start, r = time.perf_counter(), 0
 
     def kept():
-        return clean_intervals(probes, ref=getattr(probe, "readings", None)) if probe else [True] * r
+        return (clean_intervals(probes, ref=getattr(probe, "readings", None), floor=getattr(probe, "floor", 0.0))
+                if probe else [True] * r)
     while (r < min_chunks or time.perf_counter() - start < seconds * len(live)
            or (sum(kept()) < min_chunks and time.perf_counter() - start < 3 * seconds * len(live))):
         for c in live[r % len(live):] + live[:r % len(live)]:
@@ -85,23 +87,32 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
 
 class CoreProbe:
     """:func:`blas_parallel_speedup` as a callable that keeps every reading
-    (``readings``), so that one bar serves a whole benchmark run."""
+    (``readings``), so that one bar serves a whole benchmark run; ``floor``:
+    the lowest reading that can mean all cores are ours (1.7 with two or more
+    BLAS threads: a 512^3 GEMM gains more than that from a second core on any
+    machine; 0.9 with one thread)."""
 
-    def __init__(self, fn=None):
+    def __init__(self, fn=None, floor=None):
         self.fn, self.readings = fn or blas_parallel_speedup, []
+        if floor is None:
+            from threadpoolctl import threadpool_info
+            threads = max([i.get("num_threads", 1) for i in threadpool_info() if i.get("user_api") == "blas"] or [1])
+            floor = 1.7 if threads >= 2 else 0.9
+        self.floor = floor
 
     def __call__(self) -> float:
         self.readings.append(self.fn())
         return self.readings[-1]
 
 
-def clean_intervals(probes, share=0.9, ref=None) -> List[bool]:
+def clean_intervals(probes, share=0.9, ref=None, floor=0.0) -> List[bool]:
     """For each interval between consecutive ``probes`` (readings of
     :func:`blas_parallel_speedup`): whether both ends read at least ``share``
     of the median of the top half of the readings in ``ref`` (default:
-    ``probes``; one lucky reading does not set the bar)."""
+    ``probes``; one lucky reading does not set the bar) and at least ``floor``
+    (a run spent wholly on a taken core has no good readings to compare with)."""
     top = sorted(ref or probes)[len(ref or probes) // 2:]
-    low = share * statistics.median(top)
+    low = max(share * statistics.median(top), floor)
     return [a >= low and b >= low for a, b in zip(probes, probes[1:])]
 
 

@@ -123,6 +123,8 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
     # readings from earlier in the run set the bar for a call spent wholly in a taken-core phase
     assert clean_intervals([1.4, 1.45, 1.4]) == [True, True]
     assert clean_intervals([1.4, 1.45, 1.4], ref=[1.9, 1.95, 1.9, 1.4, 1.45, 1.4]) == [False, False]
+    assert clean_intervals([1.4, 1.45, 1.8], floor=1.7) == [False, False]        # no better reading in the run
+    assert CoreProbe(lambda: 1.0, floor=None).floor in (0.9, 1.7)
     # seconds per step: calibration, then (untimed, timed) per round; round 1's timed step is slow
     times = iter([0.05, 0.001, 0.001, 0.001, 0.009] + [0.001] * 100)     # a 50 ms calibration step: k = 1
     clock = {"t": 0.0}
@@ -135,7 +137,7 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
     T.time.perf_counter = lambda: clock["t"]
     try:
         c = Contender({"backend": "a"}, step=step, sync=lambda: None)
-        measure([c], seconds=0.01, min_chunks=2, settle=0, probe=CoreProbe(lambda: next(probes)))
+        measure([c], seconds=0.01, min_chunks=2, settle=0, probe=CoreProbe(lambda: next(probes), floor=0.0))
     finally:
         T.time.perf_counter = real
     # rounds 1 and 2 touch the 1.4 reading: their chunks are out, and rounds go on past the time
