@@ -12,14 +12,14 @@ interleaved: epoch k of each contender runs (rotated order, ``--settle``
 seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
 reach them alike, and between epochs a probe measures how much faster a GEMM
 runs on all cores than on one (``fastvae.timing.blas_parallel_speedup``): an
-epoch with a probe under 0.9 of the run's typical best (the median of the
-top half of probes), or under 1.7, on either side ran while the host held part of a core,
-and is left out of the median (marked * in the table; here the probe reads
-1.82-1.95 normally, 1.37-1.48 then). Epochs go on past ``--epochs`` until
-each contender has 3 clean ones after its first, up to 3 times ``--epochs``. The time of an
-epoch is its training loop only (shuffle, batch gather, eps draw, forward,
-backward, Adam, the running loss), not the test-set evaluation that the
-trainer runs after it.
+epoch with a probe on either side under 0.9 of the run's typical best (the
+median of the top half of probes), or under 1.7, ran while the host held part
+of a core and is left out of the median (marked * in the table; here the
+probe reads 1.82-2.00 normally, 1.08-1.58 then). Epochs go on past
+``--epochs`` until each contender has 3 clean ones after its first, up to 3
+times ``--epochs``. The time of an epoch is its training loop only (shuffle,
+batch gather, eps draw, forward, backward, Adam, the running loss), not the
+test-set evaluation that the trainer runs after it.
 
 Reported per contender: each epoch's seconds; the median from the second
 epoch on (the first holds the warm-up: Numba's compile or cache load, memory

@@ -344,7 +344,8 @@ def _kept_note(rows: List[dict]) -> str:
     out = sum(r["chunks"] - r["chunks_kept"] for r in timed)
     lo, hi = min(r["probe_range"][0] for r in timed), max(r["probe_range"][2] for r in timed)
     note = (f" All-core GEMM speedup probe {lo:.2f}-{hi:.2f}; chunks timed while the host held part of a core "
-            f"(probe under 0.9 of its typical best) left out: {out} of {sum(r['chunks'] for r in timed)}.")
+            f"(probe under 0.9 of its typical best, or under 1.7 with two BLAS threads or more) left out: "
+            f"{out} of {sum(r['chunks'] for r in timed)}.")
     if any(r.get("taken_core") for r in timed):
         note += " \u2020: every try of that workload found too few clean chunks (its times are not to be trusted)."
     return note

@@ -42,7 +42,7 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     ``steps_timed`` and, with a probe, ``probe_range`` (min, median, max
     reading of this call) and ``taken_core`` (too few clean chunks were
     found: all are kept, and the time is not to be trusted) in each row (the
-    2-core VMs read 1.82-1.95 normally, 1.26-1.58 in such phases)."""
+    2-core VMs read 1.82-2.00 normally, 1.08-1.58 in such phases)."""
     live = [c for c in contenders if c.step is not None]
     if not live:
         return
@@ -88,9 +88,10 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
 class CoreProbe:
     """:func:`blas_parallel_speedup` as a callable that keeps every reading
     (``readings``), so that one bar serves a whole benchmark run; ``floor``:
-    the lowest reading that can mean all cores are ours (1.7 with two or more
-    BLAS threads: a 512^3 GEMM gains more than that from a second core on any
-    machine; 0.9 with one thread)."""
+    the lowest reading taken to mean all cores are ours: 1.7 with two or more
+    BLAS threads (the 2-core VMs here read 1.82-2.00 then; a machine whose
+    512^3 GEMM scales worse gets every round flagged, and the benchmark falls
+    back to all chunks and marks them), 0.9 with one thread."""
 
     def __init__(self, fn=None, floor=None):
         self.fn, self.readings = fn or blas_parallel_speedup, []
@@ -151,8 +152,8 @@ def peak_gemm_gflops(dtype="float32", n=2048) -> float:
 def blas_parallel_speedup(n=512, repeats=5) -> float:
     """How much faster an n^3 float32 GEMM runs on all BLAS threads than on
     one (best of ``repeats`` each): a probe of whether every core is really
-    ours right now. On the 2-core development VMs it reads 1.82-1.95 most of
-    the time and 1.37-1.48 during phases (tens of seconds to minutes) in
+    ours right now. On the 2-core development VMs it reads 1.82-2.00 most of
+    the time and 1.08-1.58 during phases (tens of seconds to many minutes) in
     which the host takes part of the second core away, unseen in the steal
     counter; a one-thread job runs at full speed then, every two-thread
     training step up to 2x slower. 1.0 when BLAS has one thread."""
