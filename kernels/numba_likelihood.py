@@ -20,7 +20,7 @@ import numpy as np
 from .numba_cpu import _jit
 
 _F = np.float32
-# Cephes expf: log2(e), ln 2 = C1 - C2 with C1 exact in 9 bits, and the polynomial for e^r - 1 - r on |r| <= ln2/2
+# Cephes expf: log2(e); ln 2 = C1 + C2 (C1 exact in 9 bits, C2 < 0); the polynomial for e^r - 1 - r, |r| <= ln2/2
 _LOG2E, _C1, _C2 = _F(1.44269504088896341), _F(0.693359375), _F(-2.12194440e-4)
 _P0, _P1, _P2, _P3, _P4, _P5 = (_F(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                                                4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
