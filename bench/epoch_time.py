@@ -49,12 +49,12 @@ from fastvae.timing import CoreProbe, clean_intervals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
-TINY = {"float32": np.finfo(np.float32).tiny, "float64": np.finfo(np.float64).tiny}
 
 
 def denormals(a) -> int:
+    """How many entries of ``a`` are nonzero and under its dtype's smallest normal."""
     a = np.asarray(a)
-    return int(np.count_nonzero((a != 0) & (np.abs(a) < TINY[a.dtype.name])))
+    return int(np.count_nonzero((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)))
 
 
 def ours(name, wl, ds, data_dir):
@@ -92,8 +92,8 @@ def interleave(epoch_fns, epochs, settle, probe=None, share=0.9, min_clean=3, ma
     (round k runs epoch k of every contender, the order rotated by k, each
     after ``settle`` seconds of sleep), whether each ran with every core (the
     probes just before and just after it at least ``share`` of the median of
-    the top half of all the probe's readings: a ``CoreProbe`` shared by the
-    workloads keeps them), and this call's probes in the order they ran. Rounds go
+    the top half of all the probe's readings, a ``CoreProbe`` shared by the
+    workloads keeping them, and at least its ``floor``), and this call's probes in the order they ran. Rounds go
     on past ``epochs`` until every contender has ``min_clean`` clean epochs
     after its first, up to ``max_epochs`` (default ``3 * epochs``)."""
     probe = probe or CoreProbe()

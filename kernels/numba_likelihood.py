@@ -47,8 +47,9 @@ def _log1p_unit(e):
 
 @_jit
 def bernoulli_f32(dlogits, nll, logits, x, mant, bits, scale, grad_scale, need_grad, need_nll):
-    """Float32 Bernoulli NLL and gradient on logits in one pass per row:
-    e = exp(-|l|), nll_i = sum_j max(l, 0) + log1p(e) - x l (accumulated in
+    """Float32 Bernoulli NLL and gradient on ``logits (B, D)`` against
+    targets ``x (B, D)`` in [0, 1], into ``nll (B,)`` and ``dlogits (B, D)``
+    (either skipped by its flag), one pass per row: e = exp(-|l|), nll_i = sum_j max(l, 0) + log1p(e) - x l (accumulated in
     float64), dlogits = grad_scale * (sigmoid(l) - x) with
     sigmoid(l) = (l >= 0 ? 1 : e) / (1 + e). ``mant (D,)`` float32 and
     ``bits (D,)`` int32 are scratch; ``scale`` is ``bits`` viewed as float32
