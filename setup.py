@@ -27,6 +27,8 @@ setup(
         "nvrtc": ["cupy-cuda12x>=14", "nvidia-cuda-nvrtc-cu12>=12.2"],
         "test": ["pytest>=7", "hypothesis>=6"],
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
+        # Intel MKL as a second GEMM library for the CPU backends (--blas mkl / auto)
+        "mkl": ["mkl>=2023"],
     },
     entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
 )

@@ -15,7 +15,10 @@ Adam and ``fused=True``, the faster one is the peer), all in one process:
   reaches them alike; the quartiles over chunks are reported with the median;
 * images/s, achieved GFLOP/s (exact GEMM FLOPs of the step);
 * the floor: the same step's GEMMs alone (the exact calls, replayed) timed in
-  the same run, and FLOPs / measured peak GEMM rate (a 2048^3 GEMM).
+  the same run, and FLOPs / measured peak GEMM rate (a 2048^3 GEMM);
+* each CPU backend once per GEMM library that loads (:mod:`fastvae.blas`:
+  NumPy's BLAS as ``numba``, Intel MKL as ``numba+mkl``), each with its own
+  GEMM replay: the GEMM-only time per library.
 
 Output: JSON lines (one per measurement, with machine, library versions,
 thread settings, date) and a Markdown table.
@@ -33,12 +36,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import backends as _backends
+from . import blas as _blas
 from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
 from .timing import (Contender, CoreProbe, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure,
                      peak_gemm_gflops)
 
+CPU_BACKENDS = ("numpy", "numba")
 WORKLOADS: Dict[str, dict] = {
     "784-400-20/b128": dict(input_dim=784, hidden=[400], latent_dim=20, batch_size=128,
                             note="the PyTorch VAE example"),
@@ -100,11 +105,15 @@ def training_step(name: str, wl: dict, dtype="float32", tf32=False, graph=False)
     return be, model, step
 
 
-def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False) -> List[Contender]:
+def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=None) -> List[Contender]:
     """The training step of fastvae backend ``name`` (warmed up) and, for an
-    eager step, the replay of its GEMMs (the exact calls, recorded)."""
+    eager step, the replay of its GEMMs (the exact calls, recorded); ``blas``:
+    the GEMM library of a CPU backend (:mod:`fastvae.blas`; labelled
+    ``name+blas`` unless it is NumPy's)."""
     t0 = time.perf_counter()
     be, model, step = training_step(name, wl, dtype, tf32, graph)
+    if blas is not None:
+        _blas.use(be, blas)
     with GemmRecorder(be) as rec:
         step()
         be.synchronize()
@@ -118,9 +127,10 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False) -> List
         for c in calls:
             be.gemm(*c)
 
-    label = name + ("-graph" if graph else "")
+    label = name + ("-graph" if graph else "") + (f"+{blas}" if blas not in (None, "numpy") else "")
     main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
-                      "gemm_calls": len(calls), "device": be.device}, step, be.synchronize)
+                      "gemm_calls": len(calls), "device": be.device,
+                      **({"blas": be.blas.version()} if hasattr(be, "blas") else {})}, step, be.synchronize)
     return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize)]
 
 
@@ -234,18 +244,26 @@ def _cpu_name():
 
 def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]] = None,
         dtype="float32", seconds=3.0, torch_peer=True, log=print, torch_device="cpu",
-        tf32=False, settle: Optional[float] = None, retries: int = 2) -> List[dict]:
+        tf32=False, settle: Optional[float] = None, retries: int = 2,
+        blas_names: Optional[List[str]] = None) -> List[dict]:
     """Measure everything asked for; returns the JSON rows (one per measurement).
     ``torch_device="cuda"`` compares against PyTorch on the GPU; ``tf32``
     enables TF32 GEMMs on both sides (GPU only); ``settle``: seconds of idle
     before each timed chunk (see :func:`measure`; default 0.15 on the CPU,
-    0 on a GPU). On the CPU a workload timed while the host held part of a
-    core (fewer clean chunks than needed, ``taken_core`` in its rows) is timed
-    again after the others, up to ``retries`` times; the last try is kept."""
-    settle = (0.15 if torch_device == "cpu" else 0.0) if settle is None else settle
+    :data:`fastvae.blas.SETTLE_S` when MKL is timed, 0 on a GPU). On the
+    CPU a workload timed while the host held part of a core (fewer clean
+    chunks than needed, ``taken_core`` in its rows) is timed again after the
+    others, up to ``retries`` times; the last try is kept.
+    ``blas_names``: the GEMM libraries each CPU backend is timed with
+    (default: every one that loads, :func:`fastvae.blas.available`)."""
     workloads = workloads or list(WORKLOADS)
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
+    libs = blas_names or _blas.available()
+    for lib in libs:
+        _blas.load(lib)               # a missing library fails here, before anything is timed
+    if settle is None:                # MKL's OpenMP threads spin longer than OpenBLAS's
+        settle = 0.0 if torch_device != "cpu" else _blas.SETTLE_S if "mkl" in libs else 0.15
     env = environment()
     probe = CoreProbe() if torch_device == "cpu" else None      # one bar for the whole run
     peak = peak_gemm_gflops(dtype) if torch_device == "cpu" else gpu_peak_gemm_gflops(dtype, tf32)
@@ -256,7 +274,8 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
         B = wl["batch_size"]
         cs = []
         for n, graph in [(n, g) for n in names for g in (False, True) if not g or n == "cupy"]:
-            cs += _ours(n, wl, dtype, tf32, graph)
+            for lib in (libs if n in CPU_BACKENDS else [None]):
+                cs += _ours(n, wl, dtype, tf32, graph, lib)
         if torch_peer:
             try:
                 cs += _torch(wl, dtype, torch_device, tf32)

@@ -34,7 +34,7 @@ def _cmd_train(a):
         given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
-                              " when resuming; only --epochs, --out, --data-dir, --backend and --threads apply")
+                              " when resuming; only --epochs, --out, --data-dir, --backend, --threads and --blas apply")
     backend = a.backend
     if backend is None and a.resume and distributed.launched_size() > 1:
         from . import backends                               # the resumed backend decides MPI or NCCL
@@ -64,7 +64,8 @@ def _train_locked(a, out, progress, talk):
     from .train import Trainer, TrainingInterrupted
     if a.resume:
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
-                                          data_dir=_abs(a.data_dir), progress=progress, threads=a.threads)
+                                          data_dir=_abs(a.data_dir), progress=progress, threads=a.threads,
+                                          blas=a.blas)
         if trainer.epoch >= trainer.train_config.epochs and talk:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:
@@ -89,10 +90,9 @@ def _train_locked(a, out, progress, talk):
                                   decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
                                   beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
                                   beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
-                                  seed=a.seed, backend=a.backend, threads=a.threads, loss_every=a.loss_every,
-                                  tf32=a.tf32, cuda_graph=a.cuda_graph, clip_grad_norm=a.clip_grad_norm,
-                                  objective=a.objective,
-                                  iwae_k=a.iwae_k))
+                                  seed=a.seed, backend=a.backend, threads=a.threads, blas=a.blas,
+                                  loss_every=a.loss_every, tf32=a.tf32, cuda_graph=a.cuda_graph,
+                                  clip_grad_norm=a.clip_grad_norm, objective=a.objective, iwae_k=a.iwae_k))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:
@@ -219,7 +219,8 @@ def _cmd_bench(a):
         rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
                              torch_device="cuda", tf32=a.tf32)
     else:
-        rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch)
+        rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch,
+                             blas_names=a.blas)
     print(benchmark.markdown(rows))
     if a.out:
         name = a.name or ("gpu" if a.gpu else "cpu")

@@ -75,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, help="random seed (default 0)")
     o.add_argument("--threads", type=_threads, help="BLAS/Numba threads, or auto: the fastest count measured on "
                    "this model's step when training starts (default: all cores, fastest on an idle machine)")
+    o.add_argument("--blas", choices=["numpy", "mkl", "auto"],
+                   help="GEMM library of the CPU backends: numpy (default: NumPy's BLAS, OpenBLAS in its wheels), "
+                        "mkl (pip install \"fastvae[mkl]\") or auto: the faster on this model's step, measured "
+                        "once and cached")
     o.add_argument("--loss-every", type=int, help="compute the reported loss every N steps (default 1)")
     o.add_argument("--tf32", action="store_true", default=None, help="TF32 tensor-core GEMMs (cupy backend)")
     o.add_argument("--cuda-graph", action="store_true", default=None,
@@ -148,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32")
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
     b.add_argument("--threads", type=int, help="BLAS/Numba threads (default: the libraries' default)")
+    b.add_argument("--blas", nargs="*", choices=["numpy", "mkl"],
+                   help="GEMM libraries to time the CPU backends with (default: every one installed)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
     b.add_argument("--gpu", action="store_true",
                    help="GPU mode: the cupy backend against PyTorch on the same GPU (eager fused Adam, "

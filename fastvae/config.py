@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 
 from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
                             mlp_layer_specs)
+from .blas import CHOICES as BLAS_CHOICES
 from .checks import _choice, _finite_nonneg, _positive_int
 from .errors import ConfigError
 from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
@@ -205,6 +206,10 @@ class TrainConfig(_JSONMixin):
         of training on the model's own step, see :func:`fastvae.threads.autotune`;
         OpenBLAS splits some GEMMs differently by thread count, so the float32
         rounding, and a bit-for-bit resume, then depend on the choice).
+    blas: the CPU backends' GEMM library: None or ``numpy`` (NumPy's BLAS),
+        ``mkl`` (Intel MKL, the ``mkl`` extra) or ``auto`` (the faster one on
+        the model's own step, measured once per machine and cached); see
+        :mod:`fastvae.blas`. Libraries round differently in the last bits.
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
     objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
@@ -241,6 +246,7 @@ class TrainConfig(_JSONMixin):
     backend: str = "numpy"
     loss_every: int = 1
     threads: Optional[object] = None
+    blas: Optional[str] = None
     tf32: bool = False
     cuda_graph: bool = False
     clip_grad_norm: Optional[float] = None
@@ -283,6 +289,10 @@ class TrainConfig(_JSONMixin):
             raise ConfigError("cuda_graph applies to the cupy backend only; drop --cuda-graph or use --backend cupy")
         if self.threads is not None and self.threads != "auto":
             _positive_int("threads", self.threads)
+        if self.blas is not None:
+            _choice("blas", self.blas, BLAS_CHOICES)
+            if self.backend == "cupy":
+                raise ConfigError("blas applies to the CPU backends only (cupy uses cuBLAS); drop --blas")
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a backend name, got {self.backend!r}")
 

@@ -36,6 +36,23 @@ def choose_backend(requested: Optional[str], written: Optional[str]) -> str:
     return "numpy"
 
 
+def choose_blas(requested: Optional[str], written: Optional[str], backend: str) -> Optional[str]:
+    """The GEMM library (``--blas``) to resume with: none on the GPU;
+    ``requested`` when given; else ``written`` unless that was ``mkl`` and
+    MKL does not load here (then NumPy's BLAS, with a note)."""
+    if backend == "cupy":
+        return None
+    if requested:
+        return requested
+    if written == "mkl":
+        from .blas import available
+        if "mkl" not in available():
+            print("fastvae: note: the checkpoint's run used --blas mkl, which is not installed here; "
+                  "using numpy's BLAS", file=sys.stderr)
+            return None
+    return written
+
+
 def load_model(path, backend: Optional[str] = None):
     """``(model, data)``: a :class:`fastvae.VAE` built from the checkpoint's own
     config on the backend chosen by :func:`choose_backend`, its parameters

@@ -20,16 +20,18 @@ from typing import Callable, Optional
 from .errors import ConfigError
 
 _limiter = None
+_limit: Optional[int] = None
 
 
 def set_threads(n: Optional[int]) -> dict:
     """Limit BLAS (and Numba, when loaded) to ``n`` threads; ``None`` leaves
     the libraries' defaults. Returns ``{"blas": [...], "numba": int or None}``
     as in force afterwards. Raises ConfigError for ``n < 1``."""
-    global _limiter
+    global _limiter, _limit
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"--threads must be a positive integer, got {n!r}")
+        _limit = n
         from threadpoolctl import threadpool_limits
         _limiter = threadpool_limits(limits=n, user_api="blas")
         import sys
@@ -37,6 +39,13 @@ def set_threads(n: Optional[int]) -> dict:
             import numba
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     return current()
+
+
+def reapply() -> None:
+    """Set the last :func:`set_threads` limit again, so that it covers a
+    library loaded since (``--blas mkl``); nothing when none was set."""
+    if _limit is not None:
+        set_threads(_limit)
 
 
 def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> dict:

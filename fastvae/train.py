@@ -28,9 +28,10 @@ from . import datasets as _datasets
 from . import distributed, memory, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
+from .blas import configure as configure_blas
 from .model import VAE
 from .optim import Adam, ClipGradNorm
-from .restore import choose_backend
+from .restore import choose_backend, choose_blas
 from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model
@@ -77,7 +78,8 @@ class Trainer:
             set_threads(threads)
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
-        self.threads_note = "" if threads != "auto" else autotune_model(self.model, tc.batch_size)
+        self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
+                             + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size)))
         P, size = self.model.num_params, self.backend.dtype.itemsize
         extra = (memory.estimate(self.model.layers, P, size, batch=max(tc.batch_size, 1000), train=True, host=False)
                  - memory.estimate(self.model.layers, P, size, host=False))
@@ -151,14 +153,15 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
                         backend: Optional[str] = None, data_dir: Optional[str] = None,
-                        dataset=None, progress: bool = True, threads=None) -> "Trainer":
+                        dataset=None, progress: bool = True, threads=None, blas=None) -> "Trainer":
         """Rebuild a trainer exactly as it was saved, ready to continue.
 
         epochs: new total epoch count; backend: continue on another backend
         (default: the one that wrote it, or numpy when it cannot run here, as
         :func:`fastvae.restore.choose_backend` decides; the RNG state carries
         over between the CPU backends); data_dir: where the data lives now;
-        threads: a thread count or ``"auto"`` for the continued run.
+        threads: a thread count or ``"auto"`` for the continued run; blas: its
+        GEMM library (:func:`fastvae.restore.choose_blas` decides when None).
         Raises CheckpointError for a bad file.
         """
         data = ckpt.read_checkpoint(path)
@@ -174,6 +177,7 @@ class Trainer:
         changes.update({k: v for k, v in (("epochs", epochs), ("threads", threads)) if v is not None})
         if changes["backend"] != "cupy":        # GPU-only settings do not follow a run to the CPU
             changes.update(tf32=False, cuda_graph=False)
+        changes["blas"] = choose_blas(blas, tc.blas, changes["backend"])
         tc = tc.replace(**changes)
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)

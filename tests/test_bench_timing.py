@@ -150,7 +150,7 @@ def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkey
     import fastvae.benchmark as B
     tries = []
 
-    def fake_ours(name, wl, dtype, tf32, graph):
+    def fake_ours(name, wl, dtype, tf32, graph, blas=None):
         return [Contender({"backend": name, "warmup_s": 0.0}, step=lambda: None, sync=lambda: None)]
 
     def fake_measure(cs, seconds, settle=0.15, probe=None):
@@ -162,17 +162,18 @@ def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkey
                          probe_range=[1.9, 1.9, 1.9], taken_core=bad)
     current = {}
 
-    def ours(name, wl, dtype, tf32, graph):
+    def ours(name, wl, dtype, tf32, graph, blas=None):
         current["wl"] = wl
         return fake_ours(name, wl, dtype, tf32, graph)
     monkeypatch.setattr(B, "_ours", ours)
     monkeypatch.setattr(B, "measure", fake_measure)
     monkeypatch.setattr(B, "peak_gemm_gflops", lambda dtype: 100.0)
     ws = ["784-400-20/b128", "784-1000-2/b32", "4096-1000-50/b128"]
-    rows = B.run(ws, ["numpy"], torch_peer=False, log=lambda *a: None)
+    rows = B.run(ws, ["numpy"], torch_peer=False, log=lambda *a: None, blas_names=["numpy"])
     assert tries == ["784-400-20/b128", "784-1000-2/b32", "4096-1000-50/b128", "784-1000-2/b32", "784-1000-2/b32"]
     assert [r["workload"] for r in rows] == ws and not any(r["taken_core"] for r in rows)
     tries.clear()
-    rows = B.run(ws, ["numpy"], torch_peer=False, log=lambda *a: None, retries=1)   # gives up: marked
+    rows = B.run(ws, ["numpy"], torch_peer=False, log=lambda *a: None, retries=1,   # gives up: marked
+                 blas_names=["numpy"])
     assert [r["taken_core"] for r in rows] == [False, True, False]
     assert "1.000\u2020" in B.markdown(rows) and "not to be trusted" in B.markdown(rows)

@@ -1,4 +1,4 @@
-"""Numba backend: BLAS for the GEMMs (through NumPy), fused Numba kernels
+"""Numba backend: BLAS for the GEMMs (NumPy's, or MKL: :mod:`fastvae.blas`), fused Numba kernels
 (``fastvae.kernels.numba_cpu``, ``numba_likelihood``) for everything around
 them.
 

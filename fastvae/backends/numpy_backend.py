@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from .. import blas as _blas
 from .base import Backend, BackendRNG
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -56,6 +57,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
     device = "cpu"
+    blas = _blas.load("numpy")     # the GEMM library; fastvae.blas.use() switches it per backend
 
     def new_rng(self, seed):
         return NumpyRNG(seed)
@@ -73,8 +75,7 @@ class NumpyBackend(Backend):
 
     # ---- dense algebra ------------------------------------------------------
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
-        np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
-        return out
+        return self.blas.gemm(out, a, b, trans_a, trans_b)
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
         np.add(pre, bias, out=pre)

@@ -1,0 +1,288 @@
+"""GEMM libraries for the CPU backends, by name or by measurement.
+
+``numpy`` (the default) is NumPy's own BLAS through ``np.matmul``: OpenBLAS in
+NumPy's PyPI wheels, whatever NumPy was built with elsewhere. ``mkl`` is Intel
+MKL through its CBLAS interface (``cblas_sgemm`` / ``cblas_dgemm``, row-major,
+LP64), loaded from the ``mkl`` wheel (``pip install "fastvae[mkl]"``), from
+``$FASTVAE_MKL_LIB`` or from the system's ``libmkl_rt``; it is never a hard
+dependency. ``auto`` times the model's own forward + backward pass with each
+library that loads, interleaved (:func:`measure`), keeps the fastest and
+caches the choice per machine, library versions, thread count and model
+shape (:func:`choose`), so later runs start at once.
+
+Why: MKL ran the step's GEMMs 1.2-1.4x faster than OpenBLAS on a 2-core Xeon
+(issue 14); on the 2-core AMD EPYC of ``bench/results/cpu.md`` it is 6-18%
+slower. Results differ between libraries in the last float32 bits (another
+summation order), so a bit-for-bit resume needs the same library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import ConfigError
+
+CHOICES = ("numpy", "mkl", "auto")
+LIBRARIES = ("numpy", "mkl")
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+class NumpyGemm:
+    """``out = op(a) @ op(b)`` through ``np.matmul`` (NumPy's BLAS)."""
+
+    name = "numpy"
+
+    def gemm(self, out, a, b, trans_a=False, trans_b=False):
+        np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+        return out
+
+    def version(self) -> str:
+        from threadpoolctl import threadpool_info
+        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
+                for i in threadpool_info() if i.get("user_api") == "blas"
+                and "numpy" in os.path.dirname(i.get("filepath", ""))]
+        return f"numpy {np.__version__} ({', '.join(libs) or 'its BLAS'})"
+
+
+def _ld(x) -> Optional[int]:
+    """Leading dimension (in elements) of a 2-D array BLAS can read in place,
+    or None: rows must be unit-stride and their distance a whole, non-negative
+    number of elements no smaller than a row."""
+    if x.ndim != 2:
+        return None
+    s0, s1 = x.strides
+    item = x.itemsize
+    if x.shape[1] > 1 and s1 != item:
+        return None
+    if x.shape[0] <= 1:
+        return max(x.shape[1], 1)
+    if s0 % item or s0 // item < max(x.shape[1], 1):
+        return None
+    return s0 // item
+
+
+class CblasGemm:
+    """``out = op(a) @ op(b)`` through a CBLAS library's ``cblas_?gemm``
+    (row-major). Shapes: ``op(a) (m, k)``, ``op(b) (k, n)``, ``out (m, n)``,
+    all float32 or all float64. Anything BLAS cannot take in place (mixed
+    dtypes, non-unit strides, ``out`` overlapping an input, sizes past the
+    library's integers, empty sizes, shape mismatches) goes through
+    ``np.matmul`` instead, so the result and the errors are NumPy's.
+
+    ``symbol``: the function names with ``{}`` for ``s``/``d`` (MKL's
+    ``cblas_{}gemm``); ``int_type``: the library's integer (``c_int`` for
+    LP64, ``c_int64`` for ILP64 builds). Raises OSError or AttributeError
+    when ``path`` is not such a library."""
+
+    def __init__(self, name: str, path: str, symbol: str = "cblas_{}gemm", int_type=ctypes.c_int):
+        self.name, self.path = name, path
+        self.lib = ctypes.CDLL(path)
+        e, i, p = ctypes.c_int, int_type, ctypes.c_void_p
+        self._max = 2 ** (8 * ctypes.sizeof(int_type) - 1) - 1
+        self._fn = {}
+        for dt, letter, scalar in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+            f = getattr(self.lib, symbol.format(letter))
+            f.argtypes = [e, e, e, i, i, i, scalar, p, i, p, i, scalar, p, i]
+            f.restype = None
+            self._fn[np.dtype(dt)] = f
+
+    def gemm(self, out, a, b, trans_a=False, trans_b=False):
+        f = self._fn.get(out.dtype)
+        lda, ldb, ldc = _ld(a), _ld(b), _ld(out)
+        m, n = out.shape if out.ndim == 2 else (0, 0)
+        k = (a.shape[0] if trans_a else a.shape[1]) if a.ndim == 2 else 0
+        if (f is None or a.dtype != out.dtype or b.dtype != out.dtype or None in (lda, ldb, ldc)
+                or 0 in (m, n, k) or max(m, n, k, lda, ldb, ldc) > self._max
+                or (a.shape[1] if trans_a else a.shape[0]) != m or b.shape != ((n, k) if trans_b else (k, n))
+                or not out.flags.writeable or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+            np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+            return out
+        f(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k,
+          1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0, out.ctypes.data, ldc)
+        return out
+
+    def version(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        try:
+            self.lib.MKL_Get_Version_String(buf, len(buf))
+            return buf.value.decode(errors="replace").strip()
+        except AttributeError:
+            return self.path
+
+
+def _mkl_path() -> Optional[str]:
+    """libmkl_rt: ``$FASTVAE_MKL_LIB``, else the ``mkl`` wheel's, else the system's."""
+    env = os.environ.get("FASTVAE_MKL_LIB")
+    if env:
+        return env
+    try:
+        import importlib.metadata as md
+        dist = md.distribution("mkl")
+        for f in dist.files or []:
+            if os.path.basename(str(f)).startswith("libmkl_rt.so"):
+                return str(dist.locate_file(f))
+    except Exception:             # no wheel, or a broken record: look on the system
+        pass
+    return ctypes.util.find_library("mkl_rt")
+
+
+_loaded: Dict[str, object] = {"numpy": NumpyGemm()}
+
+
+def load(name: str):
+    """The GEMM library ``name`` (one of :data:`LIBRARIES`), loaded once.
+    Raises ConfigError naming the fix when it is unknown or not installed."""
+    if name not in LIBRARIES:
+        raise ConfigError(f"unknown BLAS library {name!r}; choose from {', '.join(CHOICES)}")
+    if name not in _loaded:
+        path = _mkl_path()
+        if not path:
+            raise ConfigError('--blas mkl: Intel MKL is not installed; pip install "fastvae[mkl]" '
+                              "(or set FASTVAE_MKL_LIB to a libmkl_rt), or use --blas numpy")
+        try:
+            _loaded[name] = CblasGemm(name, path)
+        except (OSError, AttributeError) as exc:
+            raise ConfigError(f"--blas mkl: {path} does not load as a CBLAS library ({exc}); "
+                              'reinstall it (pip install "fastvae[mkl]") or use --blas numpy') from None
+        from .threads import reapply
+        reapply()                  # a thread limit set earlier covers the new library too
+    return _loaded[name]
+
+
+def available() -> List[str]:
+    """The libraries that load here, ``numpy`` first."""
+    ok = []
+    for name in LIBRARIES:
+        try:
+            load(name)
+            ok.append(name)
+        except ConfigError:
+            pass
+    return ok
+
+
+def use(backend, name: str) -> None:
+    """Route ``backend``'s GEMMs through library ``name``. Raises ConfigError
+    for a backend that does not run on the CPU (cupy uses cuBLAS)."""
+    if not hasattr(backend, "blas"):
+        raise ConfigError(f"--blas applies to the CPU backends (numpy, numba), not {backend.name}; drop --blas")
+    backend.blas = load(name)
+
+
+SETTLE_S = 0.3
+"""Seconds to wait before timing another library: Intel OpenMP's threads
+spin 200 ms after each parallel region (``KMP_BLOCKTIME``), holding a core
+that the next library's threads need."""
+
+
+def measure(backend, work: Callable[[], None], names: List[str], rounds: int = 5,
+            settle: float = SETTLE_S) -> Dict[str, float]:
+    """Median ms of ``work()`` with each library in ``names``, in ``rounds``
+    rounds (each library once per round, the order rotated; ``settle``
+    seconds of idle, then one untimed call, then the timed one); the backend
+    keeps its library afterwards."""
+    before = backend.blas
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    try:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                backend.blas = load(name)
+                time.sleep(settle)
+                work()
+                t = time.perf_counter()
+                work()
+                times[name].append(1e3 * (time.perf_counter() - t))
+    finally:
+        backend.blas = before
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def cache_path() -> str:
+    """``$FASTVAE_CACHE_DIR/blas.json`` (default ``$XDG_CACHE_HOME/fastvae``,
+    else ``~/.cache/fastvae``)."""
+    root = os.environ.get("FASTVAE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvae")
+    return os.path.join(root, "blas.json")
+
+
+def _read_cache(path: str) -> dict:
+    """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(1 << 20)
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in LIBRARIES}
+
+
+def cache_key(names: List[str], signature: str) -> str:
+    """What a cached choice depends on: the machine, the libraries and their
+    versions, the thread limit in force, and ``signature`` (the model shape)."""
+    from .threads import current
+    parts = [platform.machine(), platform.processor() or "", str(os.cpu_count()),
+             json.dumps(current()["blas"], sort_keys=True), signature] + [load(n).version() for n in names]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def choose(backend, work: Callable[[], None], signature: str, cache: Optional[str] = None) -> dict:
+    """``--blas auto``: the library that runs ``work()`` fastest, from the
+    cache when it holds this key, else measured (:func:`measure`) and stored
+    (written atomically; a bad cache file is replaced). Sets it on
+    ``backend``. Returns ``{"blas", "ms" (None when cached), "cached"}``."""
+    names = available()
+    path = cache or cache_path()
+    key = cache_key(names, signature)
+    entries = _read_cache(path)
+    hit = entries.get(key)
+    if hit and hit["choice"] in names:
+        backend.blas = load(hit["choice"])
+        return {"blas": hit["choice"], "ms": None, "cached": True}
+    ms = measure(backend, work, names) if len(names) > 1 else {names[0]: None}
+    best = min(names, key=lambda n: ms[n] if ms[n] is not None else 0.0)
+    backend.blas = load(best)
+    entries[key] = {"choice": best, "ms": ms, "signature": signature}
+    try:
+        from .runfolder import atomic_write_text
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True))
+    except Exception:            # a cache that cannot be written only costs a measurement next time
+        pass
+    return {"blas": best, "ms": ms, "cached": False}
+
+
+def configure(model, choice: Optional[str], batch_size: int) -> str:
+    """Apply ``--blas`` to ``model``'s backend (None: leave NumPy's); for
+    ``auto`` the work measured is ``loss_and_grad`` on a random batch (it
+    writes only the gradient buffer, which the first step overwrites).
+    Returns a note for the training log."""
+    if choice is None:
+        return ""
+    if choice not in CHOICES:
+        raise ConfigError(f"--blas must be one of {', '.join(CHOICES)}, got {choice!r}")
+    be = model.backend
+    if choice != "auto":
+        use(be, choice)
+        return f"; blas {choice}"
+    use(be, "numpy")
+    r = np.random.default_rng(0)
+    x = be.asarray(r.random((batch_size, model.config.input_dim)))
+    eps = be.zeros((batch_size, model.config.latent_dim))
+    sig = json.dumps([model.config.to_dict(), batch_size, str(be.dtype), be.name], sort_keys=True, default=str)
+    res = choose(be, lambda: model.loss_and_grad(x, eps), sig)
+    if res["cached"]:
+        return f"; blas auto: {res['blas']} (cached in {cache_path()})"
+    return f"; blas auto: {res['blas']} (" + ", ".join(
+        f"{n}: {v:.2f} ms" if v is not None else n for n, v in res["ms"].items()) + ")"
