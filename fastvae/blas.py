@@ -159,16 +159,20 @@ def load(name: str):
     return _loaded[name]
 
 
-def available() -> List[str]:
-    """The libraries that load here, ``numpy`` first."""
-    ok = []
+def libraries() -> List[dict]:
+    """Each library: ``{"name", "available", "detail"}`` (its version, or why it does not load)."""
+    out = []
     for name in LIBRARIES:
         try:
-            load(name)
-            ok.append(name)
-        except ConfigError:
-            pass
-    return ok
+            out.append({"name": name, "available": True, "detail": load(name).version()})
+        except ConfigError as exc:
+            out.append({"name": name, "available": False, "detail": str(exc)})
+    return out
+
+
+def available() -> List[str]:
+    """The libraries that load here, ``numpy`` first."""
+    return [lib["name"] for lib in libraries() if lib["available"]]
 
 
 def use(backend, name: str) -> None:

@@ -344,6 +344,9 @@ def _cmd_backends(a):
     from . import backends
     for b in backends.available():
         print(f"{b['name']:<8} {'available' if b['available'] else 'unavailable: ' + b['reason']}")
+    from .blas import libraries
+    for lib in libraries():               # the CPU backends' GEMM libraries (--blas)
+        print(f"--blas {lib['name']:<6} {'available: ' if lib['available'] else 'unavailable: '}{lib['detail']}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 
@@ -54,10 +55,15 @@ def test_train_resume_eval_info(tmp_path):
     (["eval", "missing.h5"], "does not exist"),
     (["train", "--resume", "missing.h5", "--hidden", "8"], "cannot change --hidden when resuming"),
     (["train", "--cuda-graph"], "cuda_graph applies to the cupy backend only"),
+    (["train", "--blas", "mkl", "--backend", "cupy"], "blas applies to the CPU backends only"),
+    (["bench", "--blas", "mkl", "--workloads", "784-1000-2/b32"], "libmkl_rt.so does not load as a CBLAS library"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()
-    p = fv(*args, "--no-progress" if args[0] == "train" else "--json", cwd=tmp_path, check=False)
+    (tmp_path / "libmkl_rt.so").write_text("not a library")
+    env = dict(os.environ, FASTVAE_MKL_LIB=str(tmp_path / "libmkl_rt.so"))
+    extra = {"train": ["--no-progress"], "bench": []}.get(args[0], ["--json"])
+    p = fv(*args, *extra, cwd=tmp_path, check=False, env=env)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
@@ -69,8 +75,25 @@ def test_backends_listing(tmp_path):
     p = fv("backends", cwd=tmp_path)
     lines = p.stdout.strip().splitlines()
     want = fastvae.backends.available()
+    from fastvae.blas import libraries
+    libs = libraries()
+    lines, lib_lines = lines[:len(want)], lines[len(want):]
+    assert [ln.split()[:2] for ln in lib_lines] == [["--blas", lib["name"]] for lib in libs]
+    assert lib_lines[0].startswith("--blas numpy  available: numpy ")              # NumPy's BLAS always loads
     assert [ln.split()[0] for ln in lines] == [b["name"] for b in want]
     for ln, b in zip(lines, want):
         status = ln.split(None, 1)[1]
         assert status == ("available" if b["available"] else "unavailable: " + b["reason"]), ln
     assert lines[0].split(None, 1)[1] == "available"                  # numpy always runs
+
+
+def test_blas_auto_is_measured_logged_and_cached_and_resume_may_change_it(tmp_path):
+    env = dict(os.environ, FASTVAE_CACHE_DIR=str(tmp_path / "cache"))
+    run = tmp_path / "RUN"
+    p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", run, cwd=tmp_path, env=env)
+    assert "; blas auto: numpy (numpy: " in p.stdout or "; blas auto: mkl (numpy: " in p.stdout, p.stdout
+    assert json.load(open(run / "config.json"))["train"]["blas"] == "auto"
+    p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", tmp_path / "RUN2", cwd=tmp_path, env=env)
+    assert "(cached in " in p.stdout, p.stdout
+    fv("train", "--resume", run, "--epochs", "2", "--blas", "numpy", "--no-progress", cwd=tmp_path, env=env)
+    assert json.load(open(run / "config.json"))["train"]["blas"] == "numpy"
