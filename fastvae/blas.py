@@ -11,9 +11,11 @@ caches the choice per machine, library versions, thread count and model
 shape (:func:`choose`), so later runs start at once.
 
 Why: MKL ran the step's GEMMs 1.2-1.4x faster than OpenBLAS on a 2-core Xeon
-(issue 14); on the 2-core AMD EPYC of ``bench/results/cpu.md`` it is 6-18%
-slower. Results differ between libraries in the last float32 bits (another
-summation order), so a bit-for-bit resume needs the same library.
+(issue 14); on the 2-core AMD EPYC of ``bench/results/cpu.md`` its GEMMs take
+as long to 16% longer and the whole Numba step 8-25% longer. The first
+``auto`` run of a model spends about 3 s measuring (0.3 s settle per timing).
+Results differ between libraries in the last float32 bits (another summation
+order), so a bit-for-bit resume needs the same library.
 """
 
 from __future__ import annotations
@@ -190,11 +192,12 @@ that the next library's threads need."""
 
 
 def measure(backend, work: Callable[[], None], names: List[str], rounds: int = 5,
-            settle: float = SETTLE_S) -> Dict[str, float]:
+            settle: Optional[float] = None) -> Dict[str, float]:
     """Median ms of ``work()`` with each library in ``names``, in ``rounds``
     rounds (each library once per round, the order rotated; ``settle``
-    seconds of idle, then one untimed call, then the timed one); the backend
-    keeps its library afterwards."""
+    seconds of idle, default :data:`SETTLE_S`, then one untimed call, then
+    the timed one); the backend keeps its library afterwards."""
+    settle = SETTLE_S if settle is None else settle
     before = backend.blas
     times: Dict[str, List[float]] = {n: [] for n in names}
     try:
@@ -221,11 +224,12 @@ def cache_path() -> str:
 
 def _read_cache(path: str) -> dict:
     """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
+    from .safe_files import open_regular
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, "BLAS choice cache", "") as fh:      # never blocks on a FIFO
             raw = fh.read(1 << 20)
         data = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     if not isinstance(data, dict):
         return {}

@@ -154,6 +154,7 @@ def two_libraries(monkeypatch):
     slow = _Slow()
     monkeypatch.setitem(blas._loaded, "slow", slow)
     monkeypatch.setattr(blas, "LIBRARIES", ("numpy", "slow"))
+    monkeypatch.setattr(blas, "SETTLE_S", 0.0)        # no MKL threads to wait for
     return slow
 
 
@@ -190,6 +191,14 @@ def test_a_bad_cache_file_is_measured_over_and_replaced(two_libraries, tmp_path,
     assert not res["cached"] and res["blas"] == "numpy"
     data = json.loads(cache.read_text())
     assert [v["choice"] for v in data.values()] == ["numpy"]
+
+
+def test_a_fifo_in_place_of_the_cache_never_blocks(two_libraries, tmp_path):
+    model, work = _mlp_trainer_parts()
+    cache = tmp_path / "blas.json"
+    os.mkfifo(cache)
+    res = blas.choose(model.backend, work, "sig", str(cache))        # would hang on a plain open()
+    assert not res["cached"] and cache.is_file()                     # replaced by the written cache
 
 
 def test_a_cache_that_cannot_be_written_costs_only_the_measurement(two_libraries, tmp_path):
