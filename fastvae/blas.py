@@ -240,8 +240,9 @@ def cache_key(names: List[str], signature: str) -> str:
     """What a cached choice depends on: the machine, the libraries and their
     versions, the thread limit in force, and ``signature`` (the model shape)."""
     from .threads import current
-    parts = [platform.machine(), platform.processor() or "", str(os.cpu_count()),
-             json.dumps(current()["blas"], sort_keys=True), signature] + [load(n).version() for n in names]
+    libs = sorted(json.dumps(b, sort_keys=True) for b in current()["blas"])    # threadpoolctl's order varies
+    parts = [platform.machine(), platform.processor() or "", str(os.cpu_count()), *libs, signature,
+             *(load(n).version() for n in names)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -273,8 +274,7 @@ def choose(backend, work: Callable[[], None], signature: str, cache: Optional[st
 
 def configure(model, choice: Optional[str], batch_size: int) -> str:
     """Apply ``--blas`` to ``model``'s backend (None: leave NumPy's); for
-    ``auto`` the work measured is ``loss_and_grad`` on a random batch (it
-    writes only the gradient buffer, which the first step overwrites).
+    ``auto`` the work measured is :func:`fastvae.threads.model_probe`.
     Returns a note for the training log."""
     if choice is None:
         return ""
@@ -284,12 +284,10 @@ def configure(model, choice: Optional[str], batch_size: int) -> str:
     if choice != "auto":
         use(be, choice)
         return f"; blas {choice}"
+    from .threads import model_probe
     use(be, "numpy")
-    r = np.random.default_rng(0)
-    x = be.asarray(r.random((batch_size, model.config.input_dim)))
-    eps = be.zeros((batch_size, model.config.latent_dim))
     sig = json.dumps([model.config.to_dict(), batch_size, str(be.dtype), be.name], sort_keys=True, default=str)
-    res = choose(be, lambda: model.loss_and_grad(x, eps), sig)
+    res = choose(be, model_probe(model, batch_size), sig)
     if res["cached"]:
         return f"; blas auto: {res['blas']} (cached in {cache_path()})"
     return f"; blas auto: {res['blas']} (" + ", ".join(

@@ -71,15 +71,21 @@ def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> di
     return {"threads": best, "ms": ms}
 
 
-def autotune_model(model, batch_size: int) -> str:
-    """``--threads auto``: :func:`autotune` on ``model``'s forward + backward
-    (``loss_and_grad`` on a random batch: it writes only the gradient buffer,
-    which the first training step overwrites); returns a note for the log."""
+def model_probe(model, batch_size: int) -> Callable[[], None]:
+    """Representative work for a measured choice: ``model``'s forward +
+    backward (``loss_and_grad`` on a random batch of ``batch_size``; it writes
+    only the gradient buffer, which the first training step overwrites)."""
     import numpy as np
     r = np.random.default_rng(0)
     x = model.backend.asarray(r.random((batch_size, model.config.input_dim)))
     eps = model.backend.zeros((batch_size, model.config.latent_dim))
-    res = autotune(lambda: (model.loss_and_grad(x, eps), model.backend.synchronize()))
+    return lambda: (model.loss_and_grad(x, eps), model.backend.synchronize())
+
+
+def autotune_model(model, batch_size: int) -> str:
+    """``--threads auto``: :func:`autotune` on :func:`model_probe`; returns a
+    note for the log."""
+    res = autotune(model_probe(model, batch_size))
     return f"; threads auto: {res['threads']} (" + ", ".join(f"{n}: {v:.2f}" for n, v in res["ms"].items()) + " ms)"
 
 

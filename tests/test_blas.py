@@ -209,6 +209,18 @@ def test_a_cache_that_cannot_be_written_costs_only_the_measurement(two_libraries
     assert res["blas"] == "numpy" and not res["cached"]
 
 
+def test_the_cache_key_ignores_the_order_threadpoolctl_lists_libraries_in(monkeypatch):
+    import fastvae.threads as T
+    libs = [{"library": "openblas", "threads": 2}, {"library": "mkl", "threads": 2}]
+    monkeypatch.setattr(T, "current", lambda: {"blas": libs, "numba": None})
+    key = blas.cache_key(["numpy"], "sig")
+    monkeypatch.setattr(T, "current", lambda: {"blas": libs[::-1], "numba": None})
+    assert blas.cache_key(["numpy"], "sig") == key
+    monkeypatch.setattr(T, "current", lambda: {"blas": [dict(libs[0], threads=1), libs[1]], "numba": None})
+    assert blas.cache_key(["numpy"], "sig") != key                   # another thread limit: measured again
+    assert blas.cache_key(["numpy"], "other model") != blas.cache_key(["numpy"], "sig")
+
+
 def test_measure_rotates_the_order_and_restores_the_library(two_libraries):
     model, work = _mlp_trainer_parts()
     be = model.backend
