@@ -40,7 +40,8 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 class NumpyGemm:
-    """``out = op(a) @ op(b)`` through ``np.matmul`` (NumPy's BLAS)."""
+    """``out = op(a) @ op(b)`` through ``np.matmul`` (NumPy's BLAS): ``op(a)
+    (m, k)``, ``op(b) (k, n)``, ``out (m, n)``; NumPy's dtype rules and errors."""
 
     name = "numpy"
 
@@ -145,7 +146,7 @@ def load(name: str):
     """The GEMM library ``name`` (one of :data:`LIBRARIES`), loaded once.
     Raises ConfigError naming the fix when it is unknown or not installed."""
     if name not in LIBRARIES:
-        raise ConfigError(f"unknown BLAS library {name!r}; choose from {', '.join(CHOICES)}")
+        raise ConfigError(f"unknown BLAS library {name!r}; choose from {', '.join(LIBRARIES)}")
     if name not in _loaded:
         path = _mkl_path()
         if not path:
@@ -224,12 +225,12 @@ def cache_path() -> str:
 
 def _read_cache(path: str) -> dict:
     """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
-    from .safe_files import open_regular
+    from .safe_files import open_regular, parse_json
     try:
         with open_regular(path, "BLAS choice cache", "") as fh:      # never blocks on a FIFO
             raw = fh.read(1 << 20)
-        data = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        data = parse_json(raw.decode("utf-8"), path, ValueError)
+    except (OSError, ValueError):                                     # UnicodeDecodeError is a ValueError
         return {}
     if not isinstance(data, dict):
         return {}
@@ -275,7 +276,8 @@ def choose(backend, work: Callable[[], None], signature: str, cache: Optional[st
 def configure(model, choice: Optional[str], batch_size: int) -> str:
     """Apply ``--blas`` to ``model``'s backend (None: leave NumPy's); for
     ``auto`` the work measured is :func:`fastvae.threads.model_probe`.
-    Returns a note for the training log."""
+    Returns a note for the training log. Raises ConfigError for an unknown
+    choice, a backend off the CPU, or MKL asked for and not loadable."""
     if choice is None:
         return ""
     if choice not in CHOICES:

@@ -91,7 +91,11 @@ def test_blas_auto_is_measured_logged_and_cached_and_resume_may_change_it(tmp_pa
     env = dict(os.environ, FASTVAE_CACHE_DIR=str(tmp_path / "cache"))
     run = tmp_path / "RUN"
     p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", run, cwd=tmp_path, env=env)
-    assert "; blas auto: numpy (numpy: " in p.stdout or "; blas auto: mkl (numpy: " in p.stdout, p.stdout
+    from fastvae.blas import available
+    if len(available()) > 1:                 # measured: each library's ms in the note
+        assert "; blas auto: numpy (numpy: " in p.stdout or "; blas auto: mkl (numpy: " in p.stdout, p.stdout
+    else:                                    # NumPy's BLAS alone: nothing to measure
+        assert "; blas auto: numpy (numpy)" in p.stdout, p.stdout
     assert json.load(open(run / "config.json"))["train"]["blas"] == "auto"
     p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", tmp_path / "RUN2", cwd=tmp_path, env=env)
     assert "(cached in " in p.stdout, p.stdout
