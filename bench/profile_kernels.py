@@ -16,6 +16,7 @@ import time
 
 from fastvae import backends
 from fastvae.benchmark import WORKLOADS, environment, training_step
+from fastvae.threads import fit_backend
 
 PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward",
          "likelihood", "adam_update"]
@@ -23,6 +24,8 @@ PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "rep
 
 def profile(name, wl, steps):
     be, model, step = training_step(name, wl)
+    if be.device == "cpu":
+        fit_backend(be, model.num_params)         # the threads the trainer would give it
     for _ in range(5):
         step()
     acc = collections.defaultdict(float)

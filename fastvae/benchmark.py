@@ -40,6 +40,7 @@ from . import blas as _blas
 from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
+from .threads import fit_backend
 from .timing import (Contender, CoreProbe, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure,
                      peak_gemm_gflops)
 
@@ -114,6 +115,8 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
     be, model, step = training_step(name, wl, dtype, tf32, graph)
     if blas is not None:
         _blas.use(be, blas)
+    if be.device == "cpu":
+        fit_backend(be, model.num_params)
     with GemmRecorder(be) as rec:
         step()
         be.synchronize()
@@ -128,10 +131,11 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
             be.gemm(*c)
 
     label = name + ("-graph" if graph else "") + (f"+{blas}" if blas not in (None, "numpy") else "")
+    enter = (lambda: fit_backend(be, model.num_params)) if be.device == "cpu" else None
     main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
-                      "gemm_calls": len(calls), "device": be.device,
-                      **({"blas": be.blas.version()} if hasattr(be, "blas") else {})}, step, be.synchronize)
-    return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize)]
+                      "gemm_calls": len(calls), "device": be.device, "adam_threads": getattr(be, "adam_threads", None),
+                      **({"blas": be.blas.version()} if hasattr(be, "blas") else {})}, step, be.synchronize, enter)
+    return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize, enter)]
 
 
 def _rows(contenders: List[Contender]) -> List[dict]:

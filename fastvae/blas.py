@@ -50,11 +50,10 @@ class NumpyGemm:
         return out
 
     def version(self) -> str:
-        from threadpoolctl import threadpool_info
-        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}"
-                for i in threadpool_info() if i.get("user_api") == "blas"
-                and "numpy" in os.path.dirname(i.get("filepath", ""))]
-        return f"numpy {np.__version__} ({', '.join(libs) or 'its BLAS'})"
+        from .threads import numpy_blas
+        i = numpy_blas()
+        lib = f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')}" if i else "its BLAS"
+        return f"numpy {np.__version__} ({lib})"
 
 
 def _ld(x) -> Optional[int]:

@@ -4,10 +4,12 @@ The Numba kernels are serial and run between BLAS calls, so the BLAS thread
 count is the one that matters. Measured on the 2-core development machines
 (``fastvae bench``): BLAS on both cores is fastest for every workload on an
 idle machine, which is also OpenBLAS's default, so fastvae changes nothing
-unless asked. With another process busy on one of the two cores, OpenBLAS on
-both cores took the 784-400-20/b128 step from 5.7 ms (one thread) to 10.0 ms
-(``bench/results/cpu_busy_threads*.md``): ``--threads auto``
-(:func:`autotune`) measures the choice instead of assuming it.
+unless asked, except for OpenBLAS's idle spin when the NumPy backend runs
+its Adam on two threads (:func:`fit_backend`). With another process busy on
+one of the two cores, OpenBLAS on both cores took the 784-400-20/b128 step
+from 5.7 ms (one thread) to 10.0 ms (``bench/results/cpu_busy_threads*.md``):
+``--threads auto`` (:func:`autotune`) measures the choice instead of
+assuming it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from .errors import ConfigError
 
 _limiter = None
 _limit: Optional[int] = None
+#: OpenBLAS's idle threads spin 2^n cycles before they sleep (its THREAD_TIMEOUT,
+#: 28 unless built otherwise: ~0.1 s); 4 is the least it takes: they sleep at once
+SPIN_DEFAULT, SPIN_SHORT = 28, 4
+_spin: Optional[int] = None                                 # what fastvae set last (None: never touched)
+_USER_SPIN = os.environ.get("OPENBLAS_THREAD_TIMEOUT")      # the user's own setting is left alone
+ADAM_NOTE = "; Adam on 2 threads (OpenBLAS's idle threads sleep at once)"
 
 
 def set_threads(n: Optional[int]) -> dict:
@@ -54,7 +62,7 @@ def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> di
     matters) fastest: for each candidate (default: the usable cores, half of
     them, 1) one warm-up call, then the median of ``repeats`` timed calls.
     Returns ``{"threads": chosen, "ms": {candidate: median ms}}``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     cands = list(candidates or sorted({cores, max(1, cores // 2), 1}, reverse=True))
     ms = {}
     for n in cands:
@@ -100,3 +108,74 @@ def current() -> dict:
         import numba
         nb = numba.get_num_threads()
     return {"blas": blas, "numba": nb}
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def numpy_blas() -> Optional[dict]:
+    """threadpoolctl's entry for the BLAS NumPy was built with (the one its
+    wheels bundle under ``numpy.libs``), or None where it is not found."""
+    from threadpoolctl import threadpool_info
+    return next((i for i in threadpool_info() if i.get("user_api") == "blas"
+                 and "numpy" in os.path.dirname(i.get("filepath", ""))), None)
+
+
+def openblas_spin(log2_cycles: int) -> bool:
+    """Make the idle threads of NumPy's OpenBLAS spin ``2**log2_cycles`` CPU
+    cycles (4-30) after each call before they sleep, as its documented
+    ``OPENBLAS_THREAD_TIMEOUT`` does at start-up: the variable is read again
+    (``openblas_read_env``) and the thread pool restarted
+    (``blas_thread_shutdown_``, ``blas_thread_init``; what OpenBLAS itself does
+    around a fork). Thread counts are kept. Call it between BLAS calls, never
+    while another thread may be in one. Returns False, changing nothing, where
+    OpenBLAS is not NumPy's BLAS, is not a pthreads build exposing those three
+    functions, or where the user set ``OPENBLAS_THREAD_TIMEOUT``."""
+    global _spin
+    if _USER_SPIN is not None:
+        return False
+    if _spin == log2_cycles:
+        return True
+    info = numpy_blas()
+    if not info or info.get("internal_api") != "openblas" or info.get("threading_layer") != "pthreads":
+        return False
+    import ctypes
+    try:
+        lib = ctypes.CDLL(info["filepath"])
+        fns = [getattr(lib, n) for n in ("openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")]
+    except (OSError, AttributeError):
+        return False
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(int(log2_cycles))
+    try:
+        for fn in fns:
+            fn()
+    finally:
+        del os.environ["OPENBLAS_THREAD_TIMEOUT"]           # read now; child processes get their own default
+    _spin = log2_cycles
+    return True
+
+
+def fit_backend(be, num_params: int) -> str:
+    """Fit the process's threads to CPU backend ``be`` before it trains a
+    model of ``num_params`` parameters (and before each benchmark chunk): the
+    NumPy backend runs its Adam update on two threads where the model has
+    ``be.ADAM_SPLIT_MIN`` parameters or more, two cores and two BLAS threads are there and NumPy's
+    OpenBLAS can be told to let its idle threads sleep at once (its spinning
+    threads otherwise hold the second core; measured at 784-1000-2/b32: 4.65
+    against 5.27 ms per step, 5.87 with them spinning); anything else runs
+    it on one thread, OpenBLAS's spin as it was. Returns a note for the log."""
+    cores = usable_cores()
+    info = numpy_blas() if getattr(be, "device", None) == "cpu" else None
+    want = (getattr(be, "MAX_ADAM_THREADS", 1) >= 2 and num_params >= be.ADAM_SPLIT_MIN and cores >= 2
+            and info is not None
+            and (info.get("num_threads") or 1) >= 2 and getattr(be.blas, "name", None) == "numpy")
+    if want and openblas_spin(SPIN_SHORT):
+        be.adam_threads = 2
+        return ADAM_NOTE
+    if hasattr(be, "adam_threads"):
+        be.adam_threads = 1
+    if _spin not in (None, SPIN_DEFAULT) and info is not None:
+        openblas_spin(SPIN_DEFAULT)
+    return ""

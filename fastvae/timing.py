@@ -15,19 +15,24 @@ import numpy as np
 class Contender:
     """One timed thing: ``step()`` (a training step, or the replay of its
     GEMMs) and ``sync()`` waiting for it; ``row``: what is reported with it
-    (``step`` None: a row that only reports an error)."""
+    (``step`` None: a row that only reports an error); ``enter()``, when
+    given, runs untimed before each of its chunks (settings of its own, such
+    as :func:`fastvae.threads.fit_backend`)."""
 
-    def __init__(self, row: dict, step=None, sync=None):
-        self.row, self.step, self.sync, self.per, self.k = row, step, sync, [], 1
+    def __init__(self, row: dict, step=None, sync=None, enter=None):
+        self.row, self.step, self.sync, self.enter, self.per, self.k = row, step, sync, enter, [], 1
 
 
 def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15,
-            probe=None) -> None:
+            probe=None, warm: float = 0.1) -> None:
     """Time ``contenders`` interleaved, so that the machine's drift (other
     load, clocks) reaches each of them in as many chunks: rounds in which each one, in an
     order rotated every round, sleeps ``settle`` seconds (the previous one's
-    spinning BLAS/OpenMP threads go idle), runs one untimed step (wakes its own
-    threads) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
+    spinning BLAS/OpenMP threads go idle), runs untimed steps for ``warm``
+    seconds, at least one (wakes its own threads; after a sleep the NumPy
+    backend's two-thread Adam took 8-16 steps, 50-80 ms, to run at its
+    back-to-back speed: 2.2 against 1.4 ms at 784-1000-2/b32, the scheduler
+    placing the woken worker beside the main thread) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
     25 ms) synchronised at its end. Rounds go on until each has had about
     ``seconds`` and at least ``min_chunks`` chunks.
 
@@ -48,6 +53,8 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
         return
     chunk = min(max(seconds / 10, 0.025), 0.5)
     for c in live:
+        if c.enter:
+            c.enter()
         t = time.perf_counter()
         c.step()
         c.sync()
@@ -61,10 +68,16 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     while (r < min_chunks or time.perf_counter() - start < seconds * len(live)
            or (sum(kept()) < min_chunks and time.perf_counter() - start < 3 * seconds * len(live))):
         for c in live[r % len(live):] + live[:r % len(live)]:
+            if c.enter:
+                c.enter()
             if settle:
                 time.sleep(settle)
+            t = time.perf_counter()
             c.step()
             c.sync()
+            while time.perf_counter() - t < warm:
+                c.step()
+                c.sync()
             t = time.perf_counter()
             for _ in range(c.k):
                 c.step()

@@ -34,7 +34,7 @@ from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
 from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
-from .threads import autotune_model
+from .threads import autotune_model, fit_backend
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
                        check_data_for_model, step_graphs)
 
@@ -79,7 +79,8 @@ class Trainer:
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
         self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
-                             + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size)))
+                             + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size))
+                             + fit_backend(self.backend, self.model.num_params))
         P, size = self.model.num_params, self.backend.dtype.itemsize
         extra = (memory.estimate(self.model.layers, P, size, batch=max(tc.batch_size, 1000), train=True, host=False)
                  - memory.estimate(self.model.layers, P, size, host=False))

@@ -15,7 +15,7 @@ def test_contenders_are_timed_in_rotated_interleaved_chunks():
         return Contender({"backend": name}, step=lambda: log.append(name), sync=lambda: log.append(name + "|"))
 
     cs = [contender("a"), contender("b"), contender("c"), Contender({"backend": "broken", "error": "no"})]
-    measure(cs, seconds=0.0, min_chunks=3, settle=0)
+    measure(cs, seconds=0.0, min_chunks=3, settle=0, warm=0)
     for c in cs[:3]:
         assert c.k >= 1 and len(c.per) == 3
         assert c.row["chunks"] == 3 and c.row["steps_timed"] == 3 * c.k
@@ -33,6 +33,31 @@ def test_contenders_are_timed_in_rotated_interleaved_chunks():
         chunks.append(name)
         i += 3 + k
     assert chunks == list("abcbcacab")
+
+
+def test_each_chunk_runs_its_enter_hook_then_untimed_steps_for_the_warm_time():
+    """``enter`` (the contender's own settings) runs before its calibration
+    step and before each chunk, untimed; then untimed steps go on until
+    ``warm`` seconds have passed, and only then is the chunk timed."""
+    import fastvae.timing as T
+    clock, log = {"t": 0.0}, []
+
+    def step():
+        clock["t"] += 0.004                    # 4 ms per step on the fake clock
+        log.append("s")
+    real = T.time.perf_counter
+    T.time.perf_counter = lambda: clock["t"]
+    try:
+        c = Contender({"backend": "a"}, step=step, sync=lambda: None, enter=lambda: log.append("enter"))
+        measure([c], seconds=0.0, min_chunks=2, settle=0, warm=0.01)
+    finally:
+        T.time.perf_counter = real
+    assert c.k >= 1 and c.row["chunks"] == 2
+    # calibration: enter + 1 step; each chunk: enter, 3 untimed steps (0, 4, 8 ms: under 10), k timed
+    assert log[:2] == ["enter", "s"]
+    chunk = ["enter"] + ["s"] * 3 + ["s"] * c.k
+    assert log[2:] == chunk * 2
+    assert c.row["ms_per_step"] == pytest.approx(4.0)
 
 
 def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
@@ -137,7 +162,8 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
     T.time.perf_counter = lambda: clock["t"]
     try:
         c = Contender({"backend": "a"}, step=step, sync=lambda: None)
-        measure([c], seconds=0.01, min_chunks=2, settle=0, probe=CoreProbe(lambda: next(probes), floor=0.0))
+        measure([c], seconds=0.01, min_chunks=2, settle=0, probe=CoreProbe(lambda: next(probes), floor=0.0),
+                warm=0)
     finally:
         T.time.perf_counter = real
     # rounds 1 and 2 touch the 1.4 reading: their chunks are out, and rounds go on past the time

@@ -22,6 +22,10 @@ from .numpy_backend import NumpyBackend
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
+    #: the jitted Adam is one vectorised pass (0.19 ms for 648k parameters): on
+    #: a second thread, with OpenBLAS's idle threads made to sleep at once, the
+    #: 784-400-20/b128 step took 3.27 ms against 3.18 serial with OpenBLAS as it is
+    MAX_ADAM_THREADS = 1
 
     def __init__(self, dtype="float32"):
         super().__init__(dtype)

@@ -213,23 +213,51 @@ class NumpyBackend(Backend):
     #: (~5 MiB) stay in the last-level cache across the update's 11 array passes;
     #: one chunk of the 8.3M-parameter 4096-1000-50 model: 21.5 -> 15.0 ms per update
     ADAM_CHUNK_BYTES = 1 << 20
+    #: threads the Adam update may use: 2 splits the buffer in halves, the second
+    #: on a worker thread (NumPy's ufuncs release the GIL); set per process by
+    #: :func:`fastvae.threads.fit_backend`, which also puts OpenBLAS's idle
+    #: threads to sleep at once, or they hold the second core
+    MAX_ADAM_THREADS = 2
+    adam_threads = 1
+    #: below this many parameters the handoff to the worker costs what it saves
+    ADAM_SPLIT_MIN = 1 << 17
 
     def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
                     bc2_sqrt, weight_decay, decay_factor):
         """The Adam update as NumPy array passes, chunk by chunk (the same
-        operations on every element, so the result does not depend on the chunking)."""
-        n = max(1, self.ADAM_CHUNK_BYTES // params.dtype.itemsize)
-        for s in range(0, params.shape[0], n):
-            sl = slice(s, s + n)
-            self._adam_chunk(params[sl], grads[sl], m[sl], v[sl], beta1, beta2, eps, step_size, bc2_sqrt,
-                             weight_decay, decay_factor)
+        operations on every element, so the result depends neither on the
+        chunking nor on ``adam_threads``)."""
+        args = (params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt, weight_decay, decay_factor)
+        N = params.shape[0]
+        if self.adam_threads < 2 or N < self.ADAM_SPLIT_MIN:
+            self._adam_range(0, 0, N, *args)
+            return
+        half = (N // 2) // 1024 * 1024
+        job = self._worker().submit(self._adam_range, 1, half, N, *args)
+        self._adam_range(0, 0, half, *args)
+        job.result()
 
-    def _adam_chunk(self, params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt, weight_decay,
+    def _worker(self):
+        """The Adam worker thread of this backend in this process (a fork gets its own)."""
+        import os
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            pool = self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastvae-adam"))
+        return pool[1]
+
+    def _adam_range(self, tid, start, stop, params, grads, m, v, *hyper):
+        n = max(1, self.ADAM_CHUNK_BYTES // params.dtype.itemsize)
+        for s in range(start, stop, n):
+            sl = slice(s, min(s + n, stop))
+            self._adam_chunk(tid, params[sl], grads[sl], m[sl], v[sl], *hyper)
+
+    def _adam_chunk(self, tid, params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt, weight_decay,
                     decay_factor):
         g = grads
-        t = self.scratch("adam_t", params.shape)
+        t = self.scratch(f"adam_t{tid}", params.shape)     # each thread its own temporaries
         if weight_decay:
-            g = self.scratch("adam_g", params.shape)
+            g = self.scratch(f"adam_g{tid}", params.shape)
             np.multiply(params, weight_decay, out=g)
             g += grads
         if decay_factor != 1.0:

@@ -1,0 +1,155 @@
+"""Threads that do not fight (fastvae/threads.py fit_backend, openblas_spin):
+the NumPy backend's Adam on two threads, bit for bit the one-thread update,
+and OpenBLAS's idle threads made to sleep at once while it runs so."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from fastvae import backends
+from fastvae import threads as T
+from fastvae.backends.numpy_backend import NumpyBackend
+
+
+def _openblas_pthreads():
+    info = T.numpy_blas()
+    return (info is not None and info.get("internal_api") == "openblas"
+            and info.get("threading_layer") == "pthreads" and (info.get("num_threads") or 1) >= 2
+            and len(os.sched_getaffinity(0)) >= 2)
+
+
+needs_openblas = pytest.mark.skipif(not _openblas_pthreads(), reason="needs NumPy's OpenBLAS (pthreads build) "
+                                    "with 2 or more threads on 2 or more cores")
+
+
+@pytest.fixture
+def restore_spin():
+    yield
+    if T._spin not in (None, T.SPIN_DEFAULT):
+        T.openblas_spin(T.SPIN_DEFAULT)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("wd,decay", [(0.0, 1.0), (0.01, 0.999)])
+def test_two_thread_adam_is_the_one_thread_update_bit_for_bit(dtype, wd, decay, monkeypatch):
+    """The buffer split in halves (the second on the worker thread), each in
+    its own chunks, a ragged last chunk on both sides: the same operations on
+    every element, so the same bits, over several steps."""
+    monkeypatch.setattr(NumpyBackend, "ADAM_CHUNK_BYTES", 4096 * np.dtype(dtype).itemsize)
+    r = np.random.default_rng(0)
+    n = NumpyBackend.ADAM_SPLIT_MIN + 12_345
+    init = [r.normal(size=n).astype(dtype) for _ in range(4)]
+    init[3] = np.abs(init[3])
+    out = []
+    for threads in (1, 2):
+        be = backends.get("numpy", dtype)
+        be.adam_threads = threads
+        p, m, v = init[0].copy(), init[2].copy(), init[3].copy()
+        for k in range(3):
+            g = init[1] * (k + 1)
+            be.adam_update(p, g, m, v, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=0.7,
+                           weight_decay=wd, decay_factor=decay)
+        out.append((p, m, v))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(out[1][0], init[0])
+    # the two halves really ran on two threads: each left its own temporaries
+    assert {k[0] for k in be._scratch if k[0].startswith("adam_t")} == {"adam_t0", "adam_t1"}
+
+
+def test_small_buffers_stay_on_one_thread():
+    be = backends.get("numpy", "float32")
+    be.adam_threads = 2
+    n = NumpyBackend.ADAM_SPLIT_MIN - 1
+    p, g, m, v = (np.ones(n, np.float32) for _ in range(4))
+    be.adam_update(p, g, m, v, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0,
+                   weight_decay=0.0, decay_factor=1.0)
+    assert {k[0] for k in be._scratch if k[0].startswith("adam_t")} == {"adam_t0"}
+
+
+@needs_openblas
+def test_fit_backend_gives_numpy_two_adam_threads_and_numba_one(restore_spin):
+    """NumPy's backend: two Adam threads, OpenBLAS's spin short; the Numba
+    backend (its jitted Adam measured faster serial) gets one and OpenBLAS's
+    default spin back; thread counts never change; MKL as the GEMM library,
+    or the user's own OPENBLAS_THREAD_TIMEOUT, keep Adam on one thread."""
+    before = T.current()["blas"]
+    be = backends.get("numpy", "float32")
+    assert "Adam on 2 threads" in T.fit_backend(be, 10 ** 6) and be.adam_threads == 2 and T._spin == T.SPIN_SHORT
+    assert T.current()["blas"] == before
+    nb = backends.get("numba", "float32")
+    assert T.fit_backend(nb, 10 ** 6) == "" and nb.adam_threads == 1 and T._spin == T.SPIN_DEFAULT
+    assert T.current()["blas"] == before
+    a = np.random.default_rng(0).random((300, 200)).astype(np.float32)
+    np.testing.assert_allclose(a @ a.T, (a.astype(np.float64) @ a.T.astype(np.float64)), rtol=1e-5)
+
+    class OtherGemm:
+        name = "mkl"
+    assert T.fit_backend(be, NumpyBackend.ADAM_SPLIT_MIN - 1) == "" and be.adam_threads == 1   # too small
+    be.blas = OtherGemm()
+    assert T.fit_backend(be, 10 ** 6) == "" and be.adam_threads == 1
+
+
+def test_the_users_own_openblas_timeout_is_left_alone(monkeypatch):
+    monkeypatch.setattr(T, "_USER_SPIN", "10")
+    monkeypatch.setattr(T, "_spin", None)
+    be = backends.get("numpy", "float32")
+    assert T.openblas_spin(T.SPIN_SHORT) is False
+    assert T.fit_backend(be, 10 ** 6) == "" and be.adam_threads == 1 and T._spin is None
+    assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ or os.environ["OPENBLAS_THREAD_TIMEOUT"] != "4"
+
+
+def _running_others():
+    """Threads of this process other than the caller in state R (running or
+    runnable: OpenBLAS's idle threads spin with sched_yield and show as R)."""
+    me = str(__import__("threading").get_native_id())
+    states = []
+    for tid in os.listdir("/proc/self/task"):
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return states.count("R")
+
+
+@needs_openblas
+def test_openblas_idle_threads_spin_by_default_and_sleep_at_once_when_short(restore_spin):
+    """What the setting changes, observed in /proc: right after a
+    multi-threaded GEMM, OpenBLAS's worker spins (state R) under its default
+    (2^28 cycles, ~0.1 s); with the short spin (2^4 cycles) it is asleep
+    (state S) 20 ms after the GEMM. Nothing is timed: states are read."""
+    a = np.random.default_rng(0).random((512, 512)).astype(np.float32)
+    assert T.openblas_spin(T.SPIN_DEFAULT)
+    seen = 0
+    for _ in range(20):
+        a @ a
+        seen += _running_others() > 0
+    assert seen >= 10, "OpenBLAS's idle thread was not seen spinning after its GEMMs"
+    assert T.openblas_spin(T.SPIN_SHORT)
+    asleep = 0
+    for _ in range(20):
+        a @ a
+        time.sleep(0.02)
+        asleep += _running_others() == 0
+    assert asleep >= 15, "OpenBLAS's idle threads kept running with the short spin"
+
+
+@needs_openblas
+def test_a_numpy_training_run_on_two_adam_threads_is_the_one_thread_run(tmp_path, monkeypatch, restore_spin):
+    """The trainer fits the threads (its log note says so) and a run whose
+    parameters span both halves ends on the same bits as on one thread."""
+    from conftest import tiny_trainer
+    runs = []
+    for most in (2, 1):
+        monkeypatch.setattr(NumpyBackend, "MAX_ADAM_THREADS", most)
+        t = tiny_trainer(tmp_path / f"run{most}", hidden=(512,), epochs=1, n=96, batch_size=32)
+        assert t.model.num_params >= NumpyBackend.ADAM_SPLIT_MIN     # the split happens
+        assert ("Adam on 2 threads" in t.threads_note) == (most == 2) and t.backend.adam_threads == most
+        t.fit()
+        runs.append(t.backend.to_host(t.model.params).copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
