@@ -34,7 +34,8 @@ def table(first, second):
             if name.startswith("torch-"):
                 name = f"PyTorch ({name[len('torch-'):]})"
             r2 = again.get((w, r["backend"]))
-            second_col = f"{f(r2['ms_per_step'])}, {f(r2.get('speedup_vs_torch'))}x" if r2 else ""
+            taken2 = "\u2020" if r2 and r2.get("taken_core") else ""
+            second_col = f"{f(r2['ms_per_step'])}{taken2}, {f(r2.get('speedup_vs_torch'))}x" if r2 else ""
             taken = "\u2020" if r.get("taken_core") else ""
             out.append(f"| {w} | {name} | {f(r['ms_per_step'])}{taken} ({f(r['ms_p25'])}-{f(r['ms_p75'])}) | "
                        f"{f(r['images_per_s'], 0)} | {f(r.get('speedup_vs_torch'))}x | {f(r.get('gemm_only_ms'))} | "

@@ -161,11 +161,14 @@ def fit_backend(be, num_params: int) -> str:
     """Fit the process's threads to CPU backend ``be`` before it trains a
     model of ``num_params`` parameters (and before each benchmark chunk): the
     NumPy backend runs its Adam update on two threads where the model has
-    ``be.ADAM_SPLIT_MIN`` parameters or more, two cores and two BLAS threads are there and NumPy's
-    OpenBLAS can be told to let its idle threads sleep at once (its spinning
-    threads otherwise hold the second core; measured at 784-1000-2/b32: 4.65
-    against 5.27 ms per step, 5.87 with them spinning); anything else runs
-    it on one thread, OpenBLAS's spin as it was. Returns a note for the log."""
+    ``be.ADAM_SPLIT_MIN`` parameters or more, two cores and two BLAS threads
+    are there, NumPy's BLAS is the GEMM library and its OpenBLAS can be told
+    to let its idle threads sleep at once (spinning, they hold the second
+    core: at 784-1000-2/b32 the step took 5.87 ms with two Adam threads
+    beside them, 5.44 on one thread; with the short spin 4.65 against 5.27,
+    interleaved, one process per spin). Anything else (the Numba backend,
+    MKL, one core or BLAS thread) runs it on one thread and gets OpenBLAS's
+    default spin back if fastvae changed it. Returns a note for the log."""
     cores = usable_cores()
     info = numpy_blas() if getattr(be, "device", None) == "cpu" else None
     want = (getattr(be, "MAX_ADAM_THREADS", 1) >= 2 and num_params >= be.ADAM_SPLIT_MIN and cores >= 2

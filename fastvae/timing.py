@@ -29,11 +29,11 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     load, clocks) reaches each of them in as many chunks: rounds in which each one, in an
     order rotated every round, sleeps ``settle`` seconds (the previous one's
     spinning BLAS/OpenMP threads go idle), runs untimed steps for ``warm``
-    seconds, at least one (wakes its own threads; after a sleep the NumPy
-    backend's two-thread Adam took 8-16 steps, 50-80 ms, to run at its
-    back-to-back speed: 2.2 against 1.4 ms at 784-1000-2/b32, the scheduler
-    placing the woken worker beside the main thread) and times a chunk of ``k`` steps (about ``seconds / 10``, at least
-    25 ms) synchronised at its end. Rounds go on until each has had about
+    seconds, at least one (wakes its own threads: after a 0.15 s sleep the
+    NumPy backend's two-thread Adam took 8-16 steps, 50-80 ms, to come back
+    to its back-to-back speed, 2.2 against 1.4 ms at 784-1000-2/b32; why was
+    not found) and times a chunk of ``k`` steps (about ``seconds / 10``, at
+    least 25 ms) synchronised at its end. Rounds go on until each has had about
     ``seconds`` and at least ``min_chunks`` chunks.
 
     ``probe`` (a :class:`CoreProbe`) runs before the first round and after

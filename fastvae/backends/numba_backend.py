@@ -22,9 +22,11 @@ from .numpy_backend import NumpyBackend
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
-    #: the jitted Adam is one vectorised pass (0.19 ms for 648k parameters): on
-    #: a second thread, with OpenBLAS's idle threads made to sleep at once, the
-    #: 784-400-20/b128 step took 3.27 ms against 3.18 serial with OpenBLAS as it is
+    #: the jitted Adam is one vectorised pass (0.19 ms for 648k parameters): split
+    #: over two threads, with OpenBLAS's idle threads made to sleep at once (each
+    #: GEMM then wakes them), the step took 3.27 ms against 3.18 serial with
+    #: OpenBLAS as it is at 784-400-20/b128, 2.86 against 2.92 at 784-1000-2/b32,
+    #: and gained nothing at 4096-1000-50/b128 (memory-bound): it stays serial
     MAX_ADAM_THREADS = 1
 
     def __init__(self, dtype="float32"):
