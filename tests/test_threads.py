@@ -153,3 +153,32 @@ def test_a_numpy_training_run_on_two_adam_threads_is_the_one_thread_run(tmp_path
         t.fit()
         runs.append(t.backend.to_host(t.model.params).copy())
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_forked_child_gets_its_own_adam_worker():
+    """A fork copies the backend but not its worker thread: the child starts
+    its own (keyed by process id) instead of waiting on a thread that is not
+    there, and computes the same update."""
+    import multiprocessing as mp
+    be = backends.get("numpy", "float32")
+    be.adam_threads = 2
+    n = NumpyBackend.ADAM_SPLIT_MIN + 7
+    r = np.random.default_rng(1)
+    p, g = r.normal(size=n).astype(np.float32), r.normal(size=n).astype(np.float32)
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0, weight_decay=0.0,
+              decay_factor=1.0)
+    ref = p.copy()
+    be.adam_update(ref, g, np.zeros(n, np.float32), np.zeros(n, np.float32), **kw)   # the parent's worker runs
+    parent_pool = be._pool
+
+    def child(q):
+        out = p.copy()
+        be.adam_update(out, g, np.zeros(n, np.float32), np.zeros(n, np.float32), **kw)
+        q.put((np.array_equal(out, ref), be._pool[0] == os.getpid(), be._pool is not parent_pool))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=child, args=(q,))
+    proc.start()
+    res = q.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0 and res == (True, True, True)
