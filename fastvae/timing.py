@@ -109,8 +109,8 @@ class CoreProbe:
     def __init__(self, fn=None, floor=None):
         self.fn, self.readings = fn or blas_parallel_speedup, []
         if floor is None:
-            from threadpoolctl import threadpool_info
-            threads = max([i.get("num_threads", 1) for i in threadpool_info() if i.get("user_api") == "blas"] or [1])
+            from .threads import current
+            threads = max([b["threads"] or 1 for b in current()["blas"]] or [1])
             floor = 1.7 if threads >= 2 else 0.9
         self.floor = floor
 
