@@ -93,12 +93,13 @@ def test_fit_backend_gives_numpy_two_adam_threads_and_numba_one(restore_spin):
 
 
 def test_the_users_own_openblas_timeout_is_left_alone(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "10")
     monkeypatch.setattr(T, "_USER_SPIN", "10")
     monkeypatch.setattr(T, "_spin", None)
     be = backends.get("numpy", "float32")
     assert T.openblas_spin(T.SPIN_SHORT) is False
     assert T.fit_backend(be, 10 ** 6) == "" and be.adam_threads == 1 and T._spin is None
-    assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ or os.environ["OPENBLAS_THREAD_TIMEOUT"] != "4"
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "10"    # neither overwritten nor removed
 
 
 def _running_others():
