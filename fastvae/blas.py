@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
-import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -193,25 +191,17 @@ that the next library's threads need."""
 
 def measure(backend, work: Callable[[], None], names: List[str], rounds: int = 5,
             settle: Optional[float] = None) -> Dict[str, float]:
-    """Median ms of ``work()`` with each library in ``names``, in ``rounds``
-    rounds (each library once per round, the order rotated; ``settle``
-    seconds of idle, default :data:`SETTLE_S`, then one untimed call, then
-    the timed one); the backend keeps its library afterwards."""
-    settle = SETTLE_S if settle is None else settle
+    """Median ms of ``work()`` with each library in ``names``
+    (:func:`fastvae.timing.compare`: ``rounds`` interleaved rounds, the order
+    rotated, ``settle`` seconds of idle before each, default
+    :data:`SETTLE_S`); the backend keeps its library afterwards."""
+    from .timing import compare
     before = backend.blas
-    times: Dict[str, List[float]] = {n: [] for n in names}
     try:
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                backend.blas = load(name)
-                time.sleep(settle)
-                work()
-                t = time.perf_counter()
-                work()
-                times[name].append(1e3 * (time.perf_counter() - t))
+        return compare({n: (lambda n=n: setattr(backend, "blas", load(n))) for n in names}, work, rounds,
+                       SETTLE_S if settle is None else settle)
     finally:
         backend.blas = before
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def cache_path() -> str:

@@ -15,8 +15,6 @@ assuming it.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Callable, Optional
 
 from .errors import ConfigError
@@ -59,21 +57,14 @@ def reapply() -> None:
 def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> dict:
     """Set the thread count that runs ``probe()`` (a representative piece of
     work, e.g. a forward and backward pass; it must not change any state that
-    matters) fastest: for each candidate (default: the usable cores, half of
-    them, 1) one warm-up call, then the median of ``repeats`` timed calls.
-    Returns ``{"threads": chosen, "ms": {candidate: median ms}}``."""
+    matters) fastest: each candidate (default: the usable cores, half of
+    them, 1) in ``repeats`` interleaved rounds of one untimed and one timed
+    call (:func:`fastvae.timing.compare`), the median kept. Returns
+    ``{"threads": chosen, "ms": {candidate: median ms}}``."""
+    from .timing import compare
     cores = usable_cores()
     cands = list(candidates or sorted({cores, max(1, cores // 2), 1}, reverse=True))
-    ms = {}
-    for n in cands:
-        set_threads(n)
-        probe()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            probe()
-            times.append(time.perf_counter() - t)
-        ms[n] = 1e3 * statistics.median(times)
+    ms = compare({n: (lambda n=n: set_threads(n)) for n in cands}, probe, repeats)
     best = min(ms, key=ms.get)
     set_threads(best)
     return {"threads": best, "ms": ms}

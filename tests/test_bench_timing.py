@@ -3,7 +3,7 @@ chunks, rotated order, an untimed step before each chunk, quartiles."""
 
 import pytest
 
-from fastvae.timing import Contender, measure
+from fastvae.timing import Contender, compare, measure
 
 from conftest import MNIST_DIR, needs_mnist
 
@@ -58,6 +58,20 @@ def test_each_chunk_runs_its_enter_hook_then_untimed_steps_for_the_warm_time():
     chunk = ["enter"] + ["s"] * 3 + ["s"] * c.k
     assert log[2:] == chunk * 2
     assert c.row["ms_per_step"] == pytest.approx(4.0)
+
+
+def test_compare_puts_each_option_in_force_in_rotated_rounds_and_takes_medians():
+    """The start-up choices (--blas auto, --threads auto): per round each
+    option in a rotated order, set, then one untimed and one timed call."""
+    import time
+    state, seen = {}, []
+
+    def work():
+        seen.append(state["on"])
+        time.sleep({"a": 0.006, "b": 0.001, "c": 0.003}[state["on"]])
+    ms = compare({k: (lambda k=k: state.update(on=k)) for k in "abc"}, work, rounds=3)
+    assert seen == [k for k in "abcbcacab" for _ in (0, 1)]
+    assert ms["b"] < ms["c"] < ms["a"] and 6.0 <= ms["a"] < 60.0   # sleep() never returns early
 
 
 def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
