@@ -39,20 +39,29 @@ class Workspace:
     (``states[i]`` for ``layers[i]``), the batch ``x (B, D)`` and the noise
     ``eps (B, L)`` the trainer fills, and named views of the results of the
     last pass: ``head (B, 2L)``, ``mu``, ``logvar``, ``std``, ``z (B, L)``,
-    ``kl (B,)``, ``logits (B, D)`` and ``nll (B,)`` (nats)."""
+    ``kl (B,)``, ``logits (B, D)`` and ``nll (B,)`` (nats). ``head`` and
+    ``logits`` are read from the layers' states when asked for: a reshape
+    layer before the sampler or the likelihood has no buffer of its own and
+    holds its input only once a pass has run (None before)."""
 
     def __init__(self, be, B, model):
         self.B = B
-        layers, k = model.layers, model.sampler_at
+        layers, self._k = model.layers, model.sampler_at
         self.states = [layer.workspace(be, B, need_dx=i > 0) for i, layer in enumerate(layers)]
         L = model.config.latent_dim
         self.x = be.empty((B, model.config.input_dim))
         self.eps = be.empty((B, L))
-        self.head = self.states[k - 1].y if k > 0 else None
-        sampler = self.states[k]
+        sampler = self.states[self._k]
         self.z, self.std, self.kl = sampler.y, sampler.std, sampler.kl
-        self.logits = self.states[-2].y
         self.nll = self.states[-1].y
+
+    @property
+    def head(self):
+        return self.states[self._k - 1].y if self._k > 0 else None
+
+    @property
+    def logits(self):
+        return self.states[-2].y
 
     @property
     def mu(self):

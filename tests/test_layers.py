@@ -127,6 +127,29 @@ def test_custom_stack_gradient_and_checkpoint(tmp_path):
     np.testing.assert_array_equal(back.encode(X)[0], model.encode(X)[0])
 
 
+def test_reshape_layers_before_the_sampler_and_the_likelihood_keep_every_view():
+    """A reshape has no buffer of its own: a stack with one right before the
+    sampler and one right before the likelihood trains, encodes, decodes and
+    samples as the same stack without them (same parameters, same bits).
+    Before the Workspace read head and logits after each pass, decode failed
+    on such a stack (its logits view was the reshape's empty slot)."""
+    plain = custom_specs()
+    shaped = (plain[:3] + [{"type": "reshape", "name": "enc.img", "shape": [4, 1, 1]}] + plain[3:6]
+              + [{"type": "reshape", "name": "dec.img", "shape": [1, 2, 5]}] + plain[6:])
+    a, b = (VAE(ModelConfig(input_dim=10, latent_dim=2, dtype="float64", layers=s), seed=3) for s in (plain, shaped))
+    np.testing.assert_array_equal(a.params, b.params)
+    r = np.random.default_rng(0)
+    X, eps = r.random((5, 10)), r.standard_normal((5, 2))
+    for x_in in (X, X[:3]):                    # a second batch size: a second workspace
+        la, lb = a.loss_and_grad(x_in, eps[:len(x_in)]), b.loss_and_grad(x_in, eps[:len(x_in)])
+        assert la == lb
+        np.testing.assert_array_equal(a.grads, b.grads)
+    for f in (lambda m: m.encode(X)[1], lambda m: m.reconstruct(X), lambda m: m.sample(4)):
+        np.testing.assert_array_equal(f(a), f(b))
+    ws = b.forward(X, eps)
+    assert ws.logits.shape == (5, 10) and ws.mu.shape == ws.logvar.shape == (5, 2)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda s: s.__setitem__(2, dict(s[2], units=5)), "needs a head of 2 x 2 = 4 units"),
     (lambda s: s.__setitem__(5, dict(s[5], units=9)), "end the decoder with 10 units"),
