@@ -192,10 +192,10 @@ that the next library's threads need."""
 def measure(backend, work: Callable[[], None], names: List[str], rounds: int = 5,
             settle: Optional[float] = None) -> Dict[str, float]:
     """Median ms of ``work()`` with each library in ``names``
-    (:func:`fastvae.timing.compare`: ``rounds`` interleaved rounds, the order
+    (:func:`fastvae.choice.compare`: ``rounds`` interleaved rounds, the order
     rotated, ``settle`` seconds of idle before each, default
     :data:`SETTLE_S`); the backend keeps its library afterwards."""
-    from .timing import compare
+    from .choice import compare
     before = backend.blas
     try:
         return compare({n: (lambda n=n: setattr(backend, "blas", load(n))) for n in names}, work, rounds,
@@ -264,7 +264,7 @@ def choose(backend, work: Callable[[], None], signature: str, cache: Optional[st
 
 def configure(model, choice: Optional[str], batch_size: int) -> str:
     """Apply ``--blas`` to ``model``'s backend (None: leave NumPy's); for
-    ``auto`` the work measured is :func:`fastvae.threads.model_probe`.
+    ``auto`` the work measured is :func:`fastvae.choice.model_probe`.
     Returns a note for the training log. Raises ConfigError for an unknown
     choice, a backend off the CPU, or MKL asked for and not loadable."""
     if choice is None:
@@ -275,7 +275,7 @@ def configure(model, choice: Optional[str], batch_size: int) -> str:
     if choice != "auto":
         use(be, choice)
         return f"; blas {choice}"
-    from .threads import model_probe
+    from .choice import model_probe
     use(be, "numpy")
     sig = json.dumps([model.config.to_dict(), batch_size, str(be.dtype), be.name], sort_keys=True, default=str)
     res = choose(be, model_probe(model, batch_size), sig)

@@ -59,9 +59,9 @@ def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> di
     work, e.g. a forward and backward pass; it must not change any state that
     matters) fastest: each candidate (default: the usable cores, half of
     them, 1) in ``repeats`` interleaved rounds of one untimed and one timed
-    call (:func:`fastvae.timing.compare`), the median kept. Returns
+    call (:func:`fastvae.choice.compare`), the median kept. Returns
     ``{"threads": chosen, "ms": {candidate: median ms}}``."""
-    from .timing import compare
+    from .choice import compare
     cores = usable_cores()
     cands = list(candidates or sorted({cores, max(1, cores // 2), 1}, reverse=True))
     ms = compare({n: (lambda n=n: set_threads(n)) for n in cands}, probe, repeats)
@@ -70,20 +70,10 @@ def autotune(probe: Callable[[], None], candidates=None, repeats: int = 5) -> di
     return {"threads": best, "ms": ms}
 
 
-def model_probe(model, batch_size: int) -> Callable[[], None]:
-    """Representative work for a measured choice: ``model``'s forward +
-    backward (``loss_and_grad`` on a random batch of ``batch_size``; it writes
-    only the gradient buffer, which the first training step overwrites)."""
-    import numpy as np
-    r = np.random.default_rng(0)
-    x = model.backend.asarray(r.random((batch_size, model.config.input_dim)))
-    eps = model.backend.zeros((batch_size, model.config.latent_dim))
-    return lambda: (model.loss_and_grad(x, eps), model.backend.synchronize())
-
-
 def autotune_model(model, batch_size: int) -> str:
-    """``--threads auto``: :func:`autotune` on :func:`model_probe`; returns a
-    note for the log."""
+    """``--threads auto``: :func:`autotune` on :func:`fastvae.choice.model_probe`;
+    returns a note for the log."""
+    from .choice import model_probe
     res = autotune(model_probe(model, batch_size))
     return f"; threads auto: {res['threads']} (" + ", ".join(f"{n}: {v:.2f}" for n, v in res["ms"].items()) + " ms)"
 

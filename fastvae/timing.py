@@ -1,5 +1,5 @@
 """How ``fastvae bench`` times things: interleaved chunks of steps
-(:func:`measure`; :func:`compare` for the quick choices made at start-up), the GEMM calls of a step recorded for replay
+(:func:`measure`), the GEMM calls of a step recorded for replay
 (:class:`GemmRecorder`, :func:`gemm_flops`) and the measured peak GEMM rates
 that the FLOP floor divides by."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import List
 
 import numpy as np
 
@@ -21,29 +21,6 @@ class Contender:
 
     def __init__(self, row: dict, step=None, sync=None, enter=None):
         self.row, self.step, self.sync, self.enter, self.per, self.k = row, step, sync, enter, [], 1
-
-
-def compare(options: Dict[str, Callable[[], None]], work: Callable[[], None], rounds: int = 5,
-            settle: float = 0.0) -> Dict[str, float]:
-    """Median ms of ``work()`` under each of ``options`` (name -> a callable
-    that puts that option in force: a GEMM library, a thread count), for a
-    choice made at start-up: ``rounds`` rounds in which each option, in an
-    order rotated every round, is put in force, idles ``settle`` seconds,
-    runs ``work()`` once untimed and once timed; interleaved, so that a slow
-    phase of the machine reaches every option alike. The last option of the
-    last round stays in force; the caller sets the one it keeps."""
-    names = list(options)
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            options[name]()
-            if settle:
-                time.sleep(settle)
-            work()
-            t = time.perf_counter()
-            work()
-            times[name].append(1e3 * (time.perf_counter() - t))
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, settle: float = 0.15,

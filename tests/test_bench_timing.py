@@ -3,7 +3,8 @@ chunks, rotated order, an untimed step before each chunk, quartiles."""
 
 import pytest
 
-from fastvae.timing import Contender, compare, measure
+from fastvae.choice import compare
+from fastvae.timing import Contender, measure
 
 from conftest import MNIST_DIR, needs_mnist
 
