@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Callable, Dict, List
 
+import numpy as np
+
 
 def compare(options: Dict[str, Callable[[], None]], work: Callable[[], None], rounds: int = 5,
             settle: float = 0.0) -> Dict[str, float]:
@@ -38,7 +40,6 @@ def model_probe(model, batch_size: int) -> Callable[[], None]:
     """Representative work for a measured choice: ``model``'s forward +
     backward (``loss_and_grad`` on a random batch of ``batch_size``; it writes
     only the gradient buffer, which the first training step overwrites)."""
-    import numpy as np
     r = np.random.default_rng(0)
     x = model.backend.asarray(r.random((batch_size, model.config.input_dim)))
     eps = model.backend.zeros((batch_size, model.config.latent_dim))
