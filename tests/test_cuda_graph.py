@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
-from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs
+from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs, _same
 from fastvae.distributed import AllReduceGrads
 from fastvae.errors import ConfigError
 from fastvae.model import VAE
@@ -109,6 +109,34 @@ def test_a_step_that_differs_from_its_capture_runs_eagerly(name):
     assert rng.counter == e_rng.counter
     # warm-up, then capture / differing replay three times, then eager for good
     assert dict(g.stats) == {"eager": 2, "captured": 3, "diverged": 3}
+
+
+def test_a_replayed_launch_must_match_the_captured_one_in_every_argument():
+    """What a replay compares (``cuda_graph._same``): arrays by pointer,
+    shape, strides and dtype (a new view of the same memory matches), scalars
+    by type and value (the kernel's C signature follows the type), nested
+    tuples element by element, lengths too."""
+    a = np.arange(8.0)
+    ptr = lambda x: x.__array_interface__["data"][0]
+
+    def same(x, y):
+        return _same(x, y, np.ndarray, ptr)
+    assert same((a, 1, np.int32(2), np.float32(0.5), "k", (4,), ((a[:4],), 3)),
+                (a, 1, np.int32(2), np.float32(0.5), "k", (4,), ((a[:4],), 3)))
+    assert same((a[2:],), (a[2:],))                                 # a new view, same memory
+    differ = [((a[1:],), (a[:-1],)),                                # another pointer
+              ((a[:3],), (a[:4],)),                                 # another shape
+              ((a[::2],), (a[:4],)),                                # same pointer and shape, other strides
+              ((a.view(np.int64),), (a,)),                          # other dtype
+              ((a.reshape(2, 4),), (a.reshape(4, 2),)),
+              ((np.int32(2),), (np.int64(2),)),                     # same value, other C type
+              ((2,), (2.0,)),
+              ((np.float32(0.5),), (np.float32(0.25),)),
+              (((a[:4],),), ((a[1:5],),)),                          # nested
+              (((1, 2),), ((1, 2, 3),)),
+              ((a, 1), (a,))]
+    for x, y in differ:
+        assert not same(x, y) and not same(y, x), (x, y)
 
 
 def test_direct_array_operations_are_refused_at_capture_and_turn_replays_eager():
