@@ -1,16 +1,35 @@
-"""Small value checks shared by the configs and the layer specs; each raises
-:class:`fastvae.errors.ConfigError` naming the setting and what it accepts."""
+"""Small value checks shared by the configs, the layer specs and the entry
+points that take images or codes; each raises :class:`fastvae.errors.ConfigError`
+(a setting) or :class:`fastvae.errors.DataError` (an array) naming the problem
+and what is accepted."""
 
 from __future__ import annotations
 
 import math
+import operator
 
-from .errors import ConfigError
+import numpy as np
+
+from .errors import ConfigError, DataError
 
 
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_count(name, value, minimum: int = 1) -> int:
+    """``value`` as a Python int of at least ``minimum`` (any integer type,
+    NumPy's included); raises ConfigError otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if n < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {n}")
+    return n
 
 
 def _finite_nonneg(name, value, positive=False):
@@ -26,3 +45,56 @@ def _finite_nonneg(name, value, positive=False):
 def _choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def check_images(X, cfg, what: str = "images"):
+    """``X`` as images for a model of config ``cfg``: a host array ``(N, D)``
+    with ``D = cfg.input_dim``, real numbers, finite, and in [0, 1] for the
+    bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
+    is defined only there). Array-likes (lists) are converted; a streamed
+    dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
+    is read) is checked for its shape only and returned as is. ``what``
+    names them in messages ("training images"). Cost: two
+    passes (min, max) over the data, no copy of a NumPy array.
+    Raises DataError naming the problem and the fix."""
+    if not isinstance(X, np.ndarray) and not (hasattr(X, "shape") and hasattr(X, "ndim")):
+        try:
+            X = np.asarray(X)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{what} cannot be read as an array ({e}); pass an (N, D) array of numbers") from None
+    if X.ndim != 2:
+        raise DataError(f"{what} must be an (N, D) array, one flattened image per row, got shape {tuple(X.shape)}; "
+                        "flatten each image to one row (x.reshape(len(x), -1))")
+    if X.shape[1] != cfg.input_dim:
+        raise DataError(f"{what} have {X.shape[1]} features but the model expects {cfg.input_dim}; "
+                        "use data of the size the model was built for")
+    if not isinstance(X, np.ndarray):
+        return X
+    if X.dtype.kind not in "fiub":
+        raise DataError(f"{what} must be real numbers, got dtype {X.dtype}; convert them (x.astype(np.float32))")
+    if X.size == 0:
+        return X
+    lo, hi = X.min(), X.max()                 # NaN propagates through both; an infinity shows in one
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataError(f"{what} contain NaN or infinite values; clean the data first")
+    if cfg.likelihood == "bernoulli" and (lo < 0 or hi > 1):
+        raise DataError(f"{what} have values in [{lo:g}, {hi:g}] but the bernoulli likelihood needs [0, 1]; "
+                        "rescale the data (8-bit pixels: x / 255) or use --likelihood gaussian")
+    return X
+
+
+def check_codes(Z, latent_dim: int):
+    """``Z`` as latent codes: a finite host array ``(N, latent_dim)`` of real
+    numbers. Raises DataError naming the problem and the fix."""
+    try:
+        Z = np.asarray(Z)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"codes cannot be read as an array ({e}); pass an (N, {latent_dim}) array") from None
+    if Z.ndim != 2 or Z.shape[1] != latent_dim:
+        raise DataError(f"expected codes of shape (N, {latent_dim}), got {Z.shape}; "
+                        "one row per code (z.reshape(-1, latent_dim))")
+    if Z.dtype.kind not in "fiub":
+        raise DataError(f"codes must be real numbers, got dtype {Z.dtype}; convert them (z.astype(np.float32))")
+    if Z.size and not np.all(np.isfinite(Z)):
+        raise DataError("codes contain NaN or infinite values; pass finite codes")
+    return Z

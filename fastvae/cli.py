@@ -124,7 +124,7 @@ def _cmd_eval(a):
     from . import datasets, load, objectives
     from .config import DataConfig
     from .evaluate import evaluate
-    from .train import check_data_for_model
+    from .checks import check_images
 
     a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
@@ -137,7 +137,7 @@ def _cmd_eval(a):
     dc = dc.replace(**changes)
     data = datasets.load(dc, splits=(a.split,))
     x, _ = data.split(a.split)
-    check_data_for_model(x, model.config, a.split)
+    check_images(x, model.config, f"{a.split} images")
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
     from . import explore
     kl = explore.kl_per_dim(model, x)
@@ -250,11 +250,11 @@ def _image_shape(model, data):
 
 def _cmd_plot(a):
     from . import explore
-    from .train import check_data_for_model
+    from .checks import check_images
     ckpt = checkpoint_arg(a.run)
     model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
     x, y = _split_images(data, a.split)
-    check_data_for_model(x, model.config, a.split)
+    check_images(x, model.config, f"{a.split} images")
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
     os.makedirs(out, exist_ok=True)

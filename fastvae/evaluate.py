@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import check_count, check_images
 from .errors import ConfigError
 
 
 def per_image_losses(model, X, batch_size: int = 1000, seed: int = 0):
     """Per-image ``(recon, kl)`` host float64 arrays ``(N,)`` in nats for host
     images ``X (N, D)`` in [0, 1], one z sample per image drawn from a stream
-    seeded by ``seed``."""
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[1] != model.config.input_dim:
-        raise ConfigError(f"expected images of shape (N, {model.config.input_dim}), got {X.shape}; "
-                          "the dataset does not match the model's input size")
+    seeded by ``seed``. Raises DataError for images the model cannot score
+    (:func:`fastvae.checks.check_images`), ConfigError for ``batch_size`` < 1."""
+    batch_size = check_count("batch_size", batch_size)
+    X = check_images(X, model.config)
     be = model.backend
     rng = be.new_rng([int(seed), 2])
     recon = np.empty(X.shape[0])

@@ -30,6 +30,7 @@ from . import backends as _backends
 from . import layers as _layers
 from . import memory as _memory
 from .config import ModelConfig
+from .checks import check_codes, check_count, check_images
 from .errors import ConfigError
 from .layout import ParamLayout
 
@@ -234,16 +235,19 @@ class VAE:
 
     # ---- convenience (host in, host out) -------------------------------------
     def _batches(self, X, batch_size):
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.config.input_dim:
-            raise ConfigError(
-                f"expected images of shape (N, {self.config.input_dim}), got {X.shape}; "
-                "flatten each image to one row")
+        """Device batches of host images ``X``, checked first (see :func:`fastvae.checks.check_images`)."""
+        batch_size = check_count("batch_size", batch_size)
+        X = check_images(X, self.config)
         for i in range(0, X.shape[0], batch_size):
             yield self.backend.asarray(X[i:i + batch_size])
 
     def encode(self, X, batch_size: int = 1024):
-        """``(mu, logvar)`` as host arrays ``(N, L)`` for host images ``X (N, D)``."""
+        """``(mu, logvar)`` as host arrays ``(N, L)`` for host images ``X (N, D)``.
+
+        Every method here taking images raises DataError for images that are
+        not an (N, D) array of finite numbers (in [0, 1] for the bernoulli
+        likelihood; :func:`fastvae.checks.check_images`) and ConfigError for
+        a ``batch_size`` below 1."""
         mus, lvs = [], []
         for xb in self._batches(X, batch_size):
             ws = self.workspace(xb.shape[0])
@@ -264,10 +268,10 @@ class VAE:
         return np.clip(logits, 0.0, 1.0)
 
     def decode(self, Z, batch_size: int = 1024):
-        """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host codes ``Z (N, L)``."""
-        Z = np.asarray(Z)
-        if Z.ndim != 2 or Z.shape[1] != self.config.latent_dim:
-            raise ConfigError(f"expected codes of shape (N, {self.config.latent_dim}), got {Z.shape}")
+        """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host
+        codes ``Z (N, L)``; DataError for codes not of that shape or not finite."""
+        batch_size = check_count("batch_size", batch_size)
+        Z = check_codes(Z, self.config.latent_dim)
         outs = []
         for i in range(0, Z.shape[0], batch_size):
             zb = self.backend.asarray(Z[i:i + batch_size])
@@ -297,7 +301,7 @@ class VAE:
     def sample(self, n: int, seed: int = 0):
         """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means, model dtype)."""
         rng = np.random.Generator(np.random.PCG64(seed))
-        return self.decode(rng.standard_normal((n, self.config.latent_dim)))
+        return self.decode(rng.standard_normal((check_count("n", n, minimum=0), self.config.latent_dim)))
 
     def __repr__(self):
         c = self.config

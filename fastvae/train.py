@@ -29,6 +29,7 @@ from . import distributed, memory, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .blas import configure as configure_blas
+from .checks import check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
@@ -36,7 +37,7 @@ from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
-                       check_data_for_model, step_graphs)
+                       step_graphs)
 
 
 class Trainer:
@@ -62,9 +63,9 @@ class Trainer:
         self.train_config = tc = train_config
         self.data_config = data_config or DataConfig()
         self.data = dataset if dataset is not None else _datasets.load(self.data_config)
-        check_data_for_model(self.data.x_train, model_config, "training")
+        check_images(self.data.x_train, model_config, "training images")
         if self.data.x_test is not None:
-            check_data_for_model(self.data.x_test, model_config, "test")
+            check_images(self.data.x_test, model_config, "test images")
         n = self.data.x_train.shape[0]
         if n == 0:
             raise DataError("the training split is empty; add images")

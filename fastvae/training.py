@@ -26,24 +26,13 @@ from typing import Optional
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import ModelConfig
-from .errors import ConfigError, DataError, TrainingDivergedError
+from .errors import ConfigError, TrainingDivergedError
 from .evaluate import evaluate
 from .distributed import AllReduceGrads, shard
 from .runfolder import atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
-
-
-def check_data_for_model(x: np.ndarray, cfg: ModelConfig, what: str = "dataset") -> None:
-    """Raise DataError when images ``x (N, D)`` do not fit ``cfg``."""
-    if x.ndim != 2 or x.shape[1] != cfg.input_dim:
-        raise DataError(f"{what} images have {x.shape[1] if x.ndim == 2 else x.shape} features but the model "
-                        f"expects {cfg.input_dim}; use data of the size the model was built for")
-    if cfg.likelihood == "bernoulli" and isinstance(x, np.ndarray) and x.size and (x.min() < 0 or x.max() > 1):
-        raise DataError(f"{what} values lie in [{x.min():g}, {x.max():g}] but the bernoulli likelihood "
-                        "needs [0, 1]; rescale the data or use --likelihood gaussian")
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import re
 import numpy as np
 import pytest
 
@@ -105,3 +106,38 @@ def test_threads_auto_picks_the_fastest_measured_count(tmp_path):
         t.fit(pictures=False)
     finally:
         set_threads(before)
+
+
+def test_library_entry_points_refuse_bad_images_codes_and_counts_in_one_message():
+    """encode / codes / reconstruct / evaluate / decode / sample check what a
+    user hands them, as the CLI checks data files: 8-bit pixels, NaN, wrong
+    shapes, strings and zero batch sizes get a named error, not NaN results."""
+    from fastvae import DataError
+    model = fastvae.VAE(ModelConfig(input_dim=16, hidden=[8], latent_dim=2), "numpy", seed=0)
+    good = np.random.default_rng(0).random((5, 16)).astype(np.float32)
+    readers = [model.encode, model.codes, model.reconstruct, lambda X: fastvae.evaluate(model, X)]
+    bad = {"needs [0, 1]; rescale the data (8-bit pixels: x / 255)": good * 255, "NaN": np.where(good > 0.5, np.nan, good),
+           "NaN or infinite": np.where(good > 0.5, np.inf, good), "one flattened image per row": good[0],
+           "17 features": np.zeros((5, 17)), "real numbers": good.astype(str)}
+    for f in readers:
+        for needle, X in bad.items():
+            with pytest.raises(DataError, match=re.escape(needle)):
+                f(X)
+        with pytest.raises(ConfigError, match="batch_size must be at least 1"):
+            f(good, batch_size=0) if f is not readers[3] else fastvae.evaluate(model, good, batch_size=0)
+    # the range check is the bernoulli likelihood's; a gaussian model scores values outside [0, 1]
+    g = fastvae.VAE(ModelConfig(input_dim=16, hidden=[8], latent_dim=2, likelihood="gaussian"), "numpy")
+    assert np.isfinite(fastvae.evaluate(g, good * 3 - 1)["neg_elbo"])
+    with pytest.raises(DataError, match="NaN"):
+        g.encode(bad["NaN"])
+    # integer types of any kind are counts; a list of rows is an array
+    mu, _ = model.encode(good.tolist(), batch_size=np.int64(2))
+    np.testing.assert_array_equal(mu, model.encode(good, batch_size=2)[0])
+    for Z, needle in [(np.zeros(2), "shape (N, 2)"), (np.full((1, 2), np.nan), "NaN"), (np.zeros((1, 3)), "got (1, 3)")]:
+        with pytest.raises(DataError, match=re.escape(needle)):
+            model.decode(Z)
+    with pytest.raises(ConfigError, match="n must be at least 0"):
+        model.sample(-1)
+    with pytest.raises(ConfigError, match="n must be an integer"):
+        model.sample(2.5)
+    assert model.sample(0).shape == (0, 16)
