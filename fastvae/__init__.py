@@ -59,6 +59,11 @@ def load(path, backend=None) -> VAE:
     return model
 
 
+#: command-line flags whose config field has another name (``fastvae.train`` takes the fields)
+_CLI_NAMES = {"latent": "latent_dim", "beta": "beta_max", "adamw": "decoupled_weight_decay",
+              "memory_budget": "memory_budget_mb", "no_download": "download"}
+
+
 def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, **kwargs) -> Trainer:
     """Train a VAE in one call and return the finished :class:`Trainer`.
 
@@ -69,11 +74,18 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     ``input_dim`` and ``image_shape`` default to the data's.
     """
     import dataclasses as dc
+    import difflib
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())
     if unknown:
-        raise ConfigError(f"unknown option(s) {sorted(unknown)} for fastvae.train")
+        known = sorted(set().union(*fields.values()))
+        hints = []
+        for name in sorted(unknown):
+            near = [_CLI_NAMES[name]] if name in _CLI_NAMES else difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {near[0]}=?)" if near else ""))
+        raise ConfigError(f"unknown option(s) {', '.join(hints)} for fastvae.train; it takes the fields of "
+                          "ModelConfig, TrainConfig and DataConfig")
     pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
     if isinstance(dataset, datasets.Dataset):
         data, dcfg = dataset, DataConfig(dataset=dataset.name, **pick(DataConfig))

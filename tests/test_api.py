@@ -141,3 +141,22 @@ def test_library_entry_points_refuse_bad_images_codes_and_counts_in_one_message(
     with pytest.raises(ConfigError, match="n must be an integer"):
         model.sample(2.5)
     assert model.sample(0).shape == (0, 16)
+
+
+def test_an_unknown_train_option_names_the_field_meant():
+    """The command line's spellings (--beta, --latent, --adamw) and typos point
+    at the config field fastvae.train takes; the table of spellings names real
+    flags and real fields."""
+    import dataclasses as dc
+    from fastvae.cli_args import parser
+    for kw, hint in [({"beta": 4.0}, "'beta' (did you mean beta_max=?)"),
+                     ({"adamw": True}, "'adamw' (did you mean decoupled_weight_decay=?)"),
+                     ({"latnt_dim": 3}, "'latnt_dim' (did you mean latent_dim=?)"),
+                     ({"zzz": 1}, "'zzz' for fastvae.train")]:
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            fastvae.train("sprites", n_sprites=50, **kw)
+    train = [a for a in parser()._actions if a.dest == "cmd"][0].choices["train"]
+    flags = {a.dest for a in train._actions}
+    fields = set().union(*({f.name for f in dc.fields(c)} for c in (ModelConfig, fastvae.TrainConfig,
+                                                                   fastvae.DataConfig)))
+    assert set(fastvae._CLI_NAMES) <= flags - fields and set(fastvae._CLI_NAMES.values()) <= fields
