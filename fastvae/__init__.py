@@ -42,7 +42,8 @@ def __getattr__(name):
 
 
 def load(path, backend=None) -> VAE:
-    """Load a checkpoint into a :class:`VAE` on ``backend`` (default: the
+    """Load a checkpoint (``path``: the file, or the run folder holding
+    ``checkpoint.h5``) into a :class:`VAE` on ``backend`` (default: the
     backend that wrote it, or ``numpy`` when that one cannot run here; see
     :mod:`fastvae.restore`).
 

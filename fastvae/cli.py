@@ -75,7 +75,7 @@ def _train_locked(a, out, progress, talk):
             name = _abs(name)                   # a file or folder: stored absolute, found from anywhere
         dcfg = DataConfig(dataset=name, data_dir=_abs(a.data_dir), download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",
-                          n_sprites=a.n_sprites or DataConfig().n_sprites,
+                          n_sprites=DataConfig().n_sprites if a.n_sprites is None else a.n_sprites,
                           skip_other_files=bool(a.skip_other_files), memory_budget_mb=a.memory_budget)
         if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
             raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
@@ -144,6 +144,7 @@ def _cmd_eval(a):
     au, _ = explore.active_units(model, x)
     res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
     if a.iwae_k is not None:
+        _positive("--iwae-images", a.iwae_images)
         xi = x[:a.iwae_images] if a.iwae_images else x
         iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
         res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))
@@ -214,7 +215,7 @@ def _cmd_bench(a):
     from . import benchmark
     from .threads import set_threads
     set_threads(a.threads)
-    benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []))
+    benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds)
     if a.gpu:
         rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
                              torch_device="cuda", tf32=a.tf32)
@@ -251,6 +252,8 @@ def _image_shape(model, data):
 def _cmd_plot(a):
     from . import explore
     from .checks import check_images
+    for flag, value in (("--n", a.n), ("--grid", a.grid), ("--max-dims", a.max_dims)):
+        _positive(flag, value)
     ckpt = checkpoint_arg(a.run)
     model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
     x, y = _split_images(data, a.split)
@@ -274,7 +277,6 @@ def _cmd_plot(a):
         pca = None if (a.dims or L == 2) else model.codes(x[:5000])
         save("latent_grid.png", explore.plot_latent_grid, model, shape, n=a.grid, dims=dims, spacing=a.spacing,
              pca_codes=pca)
-    _positive("--max-dims", a.max_dims)
     save("traversals.png", explore.plot_traversals, model, shape, X=x[:5000], max_dims=min(L, a.max_dims))
     recon, kl = explore.per_image_elbo(model, x)
     losses = recon + kl

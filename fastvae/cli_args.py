@@ -172,8 +172,8 @@ def _version():
 # ---------------------------------------------------------- shared helpers
 def checkpoint_arg(path) -> str:
     """A checkpoint argument: a ``checkpoint.h5`` or the run folder holding one."""
-    path = os.path.expanduser(os.fspath(path))
-    return os.path.join(path, "checkpoint.h5") if os.path.isdir(path) else path
+    from .runfolder import checkpoint_path
+    return checkpoint_path(path)
 
 
 def _positive(name, value):

@@ -19,7 +19,7 @@ def per_image_losses(model, X, batch_size: int = 1000, seed: int = 0):
     images ``X (N, D)`` in [0, 1], one z sample per image drawn from a stream
     seeded by ``seed``. Raises DataError for images the model cannot score
     (:func:`fastvae.checks.check_images`), ConfigError for ``batch_size`` < 1."""
-    batch_size = check_count("batch_size", batch_size)
+    batch_size, seed = check_count("batch_size", batch_size), check_count("seed", seed, minimum=0)
     X = check_images(X, model.config)
     be = model.backend
     rng = be.new_rng([int(seed), 2])

@@ -17,11 +17,13 @@ Numbers:
 from __future__ import annotations
 
 import math
+import operator
 import statistics
 from typing import Optional
 
 import numpy as np
 
+from .checks import check_count
 from .errors import ConfigError
 from .metrics import active_units, iwae, kl_per_dim, mig  # noqa: F401  (re-exported)
 from .plots import _figure, _save, _show, tile, plot_loss, plot_reconstructions, plot_samples  # noqa: F401
@@ -97,11 +99,29 @@ def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndar
     raise ConfigError(f"unknown grid spacing {spacing!r}; use even or quantile")
 
 
+def _grid_dims(dims, L):
+    """``dims`` as two different latent dimensions in 0..L-1 (the second one unused when L = 1)."""
+    try:
+        i, j = (operator.index(d) for d in dims)
+    except (TypeError, ValueError):
+        raise ConfigError(f"dims must be two latent dimensions (I, J), got {dims!r}") from None
+    if not 0 <= i < L or (L > 1 and (not 0 <= j < L or i == j)):
+        raise ConfigError(f"dims ({i}, {j}) must be two different latent dimensions in 0..{L - 1} "
+                          f"(the model has latent_dim {L}); pick them from that range (--dims I J)")
+    return i, j
+
+
 def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", center=None, plane=None):
     """``(n*n, L)`` codes on a grid over latent dims ``dims`` (or over a PCA
-    ``plane = (mean, axes)``), other coordinates at ``center`` (default 0)."""
+    ``plane = (mean, axes)``), other coordinates at ``center`` (default 0).
+    Raises ConfigError for ``n`` < 1, ``dims`` not two different dimensions
+    in 0..L-1, or a ``center`` not of length L."""
     L = model.config.latent_dim
-    vals = grid_values(n, spacing)
+    vals = grid_values(check_count("n", n), spacing)
+    if center is not None and np.shape(center) != (L,):
+        raise ConfigError(f"center must be one code of length {L}, got shape {np.shape(center)}")
+    if plane is None:
+        dims = _grid_dims(dims, L)
     if plane is not None:
         mean, axes = plane
         origin = mean if center is None else np.asarray(center, dtype=np.float64)

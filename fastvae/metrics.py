@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from .checks import check_count
 from .errors import ConfigError
 
 
@@ -32,11 +33,12 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     ``batch_rows`` rows at a time (many images x few samples, or one image's
     samples in chunks); a running max keeps the log-sum-exp stable (float64).
     ``progress`` shows a tqdm bar over the N k decoded samples (stderr).
-    Raises ConfigError for k < 1.
+    Raises ConfigError for k < 1 or a negative seed.
     """
     X = np.asarray(X)
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
+    seed = check_count("seed", seed, minimum=0)
     be, c = model.backend, model.config
     L = c.latent_dim
     mu, logvar = model.encode(X)

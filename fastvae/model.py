@@ -300,7 +300,7 @@ class VAE:
 
     def sample(self, n: int, seed: int = 0):
         """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means, model dtype)."""
-        rng = np.random.Generator(np.random.PCG64(seed))
+        rng = np.random.Generator(np.random.PCG64(check_count("seed", seed, minimum=0)))
         return self.decode(rng.standard_normal((check_count("n", n, minimum=0), self.config.latent_dim)))
 
     def __repr__(self):

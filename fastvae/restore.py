@@ -18,6 +18,7 @@ from .checkpoint import load_params, read_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import VAE
+from .runfolder import checkpoint_path
 
 
 def choose_backend(requested: Optional[str], written: Optional[str]) -> str:
@@ -54,10 +55,12 @@ def choose_blas(requested: Optional[str], written: Optional[str], backend: str) 
 
 
 def load_model(path, backend: Optional[str] = None):
-    """``(model, data)``: a :class:`fastvae.VAE` built from the checkpoint's own
+    """``(model, data)`` for ``path``, a checkpoint or the run folder holding
+    one: a :class:`fastvae.VAE` built from the checkpoint's own
     config on the backend chosen by :func:`choose_backend`, its parameters
     loaded (:func:`fastvae.checkpoint.load_params`), and the checkpoint's host data. Raises CheckpointError for a bad
     file, BackendUnavailableError for a named backend that cannot run."""
+    path = checkpoint_path(path)
     data = read_checkpoint(path)
     try:
         mc = ModelConfig.from_dict(data["config"]["model"])

@@ -28,7 +28,8 @@ from typing import Callable, Dict
 
 from .errors import RunFolderError
 
-RUN_FILES = {"checkpoint.h5", "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
+CHECKPOINT_NAME = "checkpoint.h5"
+RUN_FILES = {CHECKPOINT_NAME, "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
              "figures", ".lock"}
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
@@ -38,6 +39,13 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def checkpoint_path(path) -> str:
+    """A checkpoint argument (str or path-like, ``~`` expanded): a checkpoint
+    file, or the run folder holding one (then ``<folder>/checkpoint.h5``)."""
+    path = os.path.expanduser(os.fspath(path))
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
 def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
@@ -66,7 +74,7 @@ def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
     if other and not force:
         raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
                              f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force")
-    if "checkpoint.h5" in names and not resume and not force:
+    if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
                              f"{os.path.join(out, 'checkpoint.h5')}, choose another --out, or pass --force to "
                              "replace it")

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
 from .evaluate import evaluate
 from .distributed import AllReduceGrads, shard
-from .runfolder import atomic_write_text, clean_debris
+from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
@@ -224,7 +224,7 @@ class Checkpointer:
 
     @property
     def path(self) -> Optional[str]:
-        return None if self.out is None else os.path.join(self.out, "checkpoint.h5")
+        return None if self.out is None else os.path.join(self.out, CHECKPOINT_NAME)
 
     def clean_debris(self) -> None:
         """Remove temporary files of saves that were killed mid-write."""

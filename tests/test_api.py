@@ -29,6 +29,9 @@ def test_train_in_one_call_and_load(tmp_path):
     assert rec.shape == (4, 256) and rec.min() >= 0 and rec.max() <= 1
     ev = fastvae.evaluate(m, data.x_test)
     assert ev["n"] == 20 and ev["neg_elbo"] == pytest.approx(t.history[-1]["test_neg_elbo"], rel=1e-6)
+    # the run folder stands for its checkpoint, as on the command line (str or path-like)
+    for folder in (tmp_path, str(tmp_path)):
+        np.testing.assert_array_equal(fastvae.load(folder).get_flat_params(), m.get_flat_params())
     with pytest.raises(ConfigError, match="unknown option"):
         fastvae.train(data, hidden_units=[3])
 

@@ -166,3 +166,26 @@ def test_plot_and_interpolate_commands(tmp_path):
     assert res["iwae_neg_log_likelihood"] <= res["neg_elbo"] + 5      # 2-epoch model, k = 20
     assert len(res["kl_per_dim"]) == 3 and 0 <= res["active_units"] <= 3
     assert 0 <= res["mig"] <= 1
+
+
+def test_picture_arguments_that_cannot_fit_get_a_named_error(trained):
+    """Grid dimensions outside the latent space (or the same one twice, or a
+    negative one that NumPy would count from the end), a grid of 0, a centre
+    of another length and an image shape of another size: ConfigError naming
+    the argument, not an IndexError or a reshape failure."""
+    model, data = trained                       # latent_dim 4, 16x16 images
+    shape = data.image_shape
+    for dims in [(0, 4), (2, 2), (-1, 0), ("a", 1)]:
+        with pytest.raises(ConfigError, match="dims"):
+            explore.plot_latent_grid(model, shape, n=3, dims=dims)
+    with pytest.raises(ConfigError, match="n must be at least 1"):
+        explore.latent_grid_codes(model, n=0)
+    with pytest.raises(ConfigError, match="center must be one code of length 4"):
+        explore.latent_grid_codes(model, n=3, center=np.zeros(3))
+    for bad in [(10, 10), (16,), (16, 16, 0)]:
+        with pytest.raises(ConfigError, match="image_shape"):
+            explore.plot_samples(model, bad, n=4)
+    # what fits: the last two dimensions in either order (right along dims[0], up along dims[1], top row first)
+    Z = explore.latent_grid_codes(model, n=2, dims=(3, 2), spacing="even", center=np.full(4, 0.5))
+    np.testing.assert_array_equal(Z, [[0.5, 0.5, 3.5, -2.5], [0.5, 0.5, 3.5, 3.5],
+                                      [0.5, 0.5, -2.5, -2.5], [0.5, 0.5, -2.5, 3.5]])

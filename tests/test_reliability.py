@@ -263,3 +263,43 @@ def test_gradient_clipping_bounds_the_global_norm(tmp_path):
     assert max(unclipped) > 0.5
     with pytest.raises(ConfigError, match="clip_grad_norm"):
         TrainConfig(clip_grad_norm=0)
+
+
+def test_every_numeric_option_of_the_exploring_commands_at_zero_and_below(tmp_path, capsys, monkeypatch):
+    """eval / plot / interpolate / bench with each numeric option at 0 and -1:
+    either it is a valid setting and the command succeeds, or one line names
+    the option; never a traceback. The ones that once slipped through are
+    named: a negative seed, --iwae-images 0 (all images) and -1 (all but the
+    last), plot --n 0, bench --seconds 0, train --n-sprites 0 (the default)."""
+    from fastvae.cli import main
+    from fastvae.cli_args import parser
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--epochs", "1", "--out", "r"]) == 0
+    capsys.readouterr()
+
+    def call(argv):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:              # argparse's own refusals
+            rc = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 0 or (rc == 2 and err and err[-1].startswith("fastvae")), (argv, rc, err)
+        return rc, err[-1] if err else ""
+
+    base = {"eval": ["r", "--iwae-k", "2"], "plot": ["r", "--out", "figs"],
+            "interpolate": ["r", "0", "1", "--png", "m.png"], "bench": ["--workloads", "784-400-20/b128"]}
+    subs = [a for a in parser()._actions if a.dest == "cmd"][0].choices
+    for cmd, head in base.items():
+        for act in subs[cmd]._actions:
+            if act.type in (int, float):
+                for v in ("0", "-1"):
+                    call([cmd, *head, act.option_strings[0], *[v] * (act.nargs if isinstance(act.nargs, int) else 1)])
+    for argv, needle in [(["eval", "r", "--seed", "-1"], "seed must be at least 0"),
+                         (["eval", "r", "--iwae-k", "2", "--iwae-images", "0"], "--iwae-images must be a positive"),
+                         (["eval", "r", "--iwae-k", "2", "--iwae-images", "-1"], "--iwae-images must be a positive"),
+                         (["plot", "r", "--n", "0"], "--n must be a positive integer"),
+                         (["plot", "r", "--dims", "0", "5"], "dims (0, 5) must be two different latent dimensions"),
+                         (["bench", "--seconds", "0"], "--seconds must be a finite positive number"),
+                         (["train", *TINY, "--n-sprites", "0", "--out", "z"], "n_sprites must be a positive integer")]:
+        rc, line = call(argv)
+        assert rc == 2 and needle in line, (argv, line)
