@@ -10,6 +10,7 @@ Memory stays within a small multiple of the data's real size. Never unpickles.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 
@@ -21,6 +22,25 @@ from .safe_files import MAX_COMPRESSION, h5_dataset, open_regular
 X_KEYS = ("images", "x", "X", "data", "x_train")
 Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
 _FIX = "pass an existing .npy, .npz or .h5 file of images"
+
+
+def image_shape_of(shape, where: str) -> tuple:
+    """The image shape of an array of images of shape ``shape``: ``(H, W)``
+    for ``(N, H, W)``, ``(H, W, C)`` for ``(N, H, W, C)`` with C = 1, 3 or 4
+    channels last, and for ``(N, D)`` a square ``(s, s)`` when D = s^2, else
+    ``(1, D)``. Raises DataError for any other shape, naming the transpose
+    a channels-first ``(N, C, H, W)`` array needs."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        s = math.isqrt(shape[1])
+        return (s, s) if s * s == shape[1] else (1, shape[1])
+    if len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3, 4)):
+        return shape[1:]
+    if len(shape) == 4 and shape[1] in (1, 3, 4):
+        raise DataError(f"{where}: images of shape {shape} look channels-first (N, C, H, W); fastvae reads "
+                        "channels last: save x.transpose(0, 2, 3, 1)")
+    raise DataError(f"{where}: expected images of shape (N, H, W), (N, H, W, C) with 1, 3 or 4 channels, "
+                    f"or (N, D); got {shape}")
 
 
 def _npy_header(fp, where: str):

@@ -10,7 +10,6 @@ cause raise :class:`fastvae.errors.DataError` with the fix in the message.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ import numpy as np
 from .config import DataConfig
 from .data import Dataset
 from .errors import DataError
-from .arrayfiles import read_arrays
+from .arrayfiles import image_shape_of, read_arrays
 from .safe_files import open_regular
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
@@ -210,18 +209,10 @@ def load_olivetti(data_dir: Optional[str] = None, test_fraction: float = 0.1, se
 # -------------------------------------------------------------------- arrays
 
 
-def _image_shape_of(x) -> Tuple[int, ...]:
-    if x.ndim >= 3:
-        return tuple(int(s) for s in x.shape[1:])
-    d = int(x.shape[1])
-    s = int(round(math.sqrt(d)))
-    return (s, s) if s * s == d else (1, d)
-
-
 def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: Optional[float] = None) -> Dataset:
     """Images from ``.npy``, ``.npz`` or ``.h5``/``.hdf5``.
 
-    Arrays: ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, D)``; uint8 (0..255) or
+    Arrays: ``(N, H, W)``, ``(N, H, W, C)`` (C = 1, 3 or 4) or ``(N, D)``; uint8 (0..255) or
     float in [0, 1]. In ``.npz``/``.h5`` the images are under one of
     ``images, x, X, data, x_train`` and optional labels under ``labels, y,
     subject, targets, y_train``. Read as untrusted input (:mod:`fastvae.arrayfiles`:
@@ -247,7 +238,7 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
         if len(y) != len(x):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
         y = y.astype(np.int64) if y.dtype.kind in "iub" else None
-    shape = _image_shape_of(x)
+    shape = image_shape_of(x.shape, path)
     xf = _to_unit(x)        # uint8 -> [0, 1]; floats kept (the bernoulli likelihood checks [0, 1])
     xtr, ytr, xte, yte, _, _ = _random_split(xf, y, test_fraction, seed)
     name = os.path.splitext(os.path.basename(path))[0]

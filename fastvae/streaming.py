@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from .arrayfiles import X_KEYS, _npy_header, image_shape_of
 from .distributed import shard
 from .errors import DataError
 from .training import EpochPosition
@@ -82,7 +83,6 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
         return None
     if ext == ".npy":
         with open_regular(path, "data file", "pass an .npy of images", DataError) as fh:
-            from .arrayfiles import _npy_header
             shape, fortran, dtype = _npy_header(fh, path)
             offset = fh.tell()
         need = int(np.prod(shape)) * dtype.itemsize
@@ -93,7 +93,6 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
     else:
         import h5py
         f = h5py.File(path, "r")
-        from .arrayfiles import X_KEYS
         key = next((k for k in X_KEYS if k in f), None)
         if key is None:
             raise DataError(f"{path} has no dataset named one of {X_KEYS}")
@@ -104,7 +103,7 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
         raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
     N, D = int(shape[0]), int(np.prod(shape[1:]))
     n_test = min(int(round(N * test_fraction)), MAX_TEST) if N > 1 else 0
-    image_shape = shape[1:] if len(shape) > 2 else ((int(math.isqrt(D)),) * 2 if math.isqrt(D) ** 2 == D else (1, D))
+    image_shape = image_shape_of(shape, path)
     row_bytes = D * 4
     chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
     train = StreamedImages(path, N - n_test, D, image_shape, reader, chunk_rows)

@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import os
+import re
 
 import h5py
 import numpy as np
@@ -129,6 +130,28 @@ def test_array_files(tmp_path):
     np.save(tmp_path / "nan.npy", np.full((4, 4), np.nan))
     with pytest.raises(DataError, match="NaN"):
         datasets.load(str(tmp_path / "nan.npy"))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_array_layouts_are_channels_last_and_the_rest_refused_before_training(tmp_path, streamed):
+    """(N, H, W, C) with 1, 3 or 4 channels keeps its image shape; a
+    channels-first (N, C, H, W) array (PyTorch's layout) is refused naming
+    the transpose, 2 channels and 5-D arrays naming the layouts read, whether
+    the file is loaded or streamed (--memory-budget 0). They used to train and
+    then fail drawing the pictures (a traceback after the whole run)."""
+    r = np.random.default_rng(2)
+    budget = 0 if streamed else None
+    for shape, image_shape in [((12, 5, 6, 1), (5, 6, 1)), ((12, 5, 6, 3), (5, 6, 3)), ((12, 5, 6, 4), (5, 6, 4)),
+                               ((12, 5, 6), (5, 6)), ((12, 49), (7, 7)), ((12, 10), (1, 10))]:
+        np.save(tmp_path / "ok.npy", r.integers(0, 256, shape, dtype=np.uint8))
+        ds = datasets.load_array_file(tmp_path / "ok.npy", budget_mb=budget)
+        assert ds.image_shape == image_shape and ds.x_train.shape[1] == int(np.prod(shape[1:]))
+    for shape, needle in [((12, 3, 5, 6), "look channels-first (N, C, H, W); fastvae reads channels last: "
+                                          "save x.transpose(0, 2, 3, 1)"),
+                          ((12, 5, 6, 2), "with 1, 3 or 4 channels"), ((12, 2, 5, 6, 3), "with 1, 3 or 4 channels")]:
+        np.save(tmp_path / "bad.npy", r.integers(0, 256, shape, dtype=np.uint8))
+        with pytest.raises(DataError, match=re.escape(needle)):
+            datasets.load_array_file(tmp_path / "bad.npy", budget_mb=budget)
 
 
 def test_unknown_dataset_name():
