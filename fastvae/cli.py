@@ -245,8 +245,8 @@ def _split_images(data, split):
 
 
 def _image_shape(model, data):
-    from .datasets import _image_shape_of
-    return model.config.image_shape or data.image_shape or _image_shape_of(data.x_train)
+    from .arrayfiles import image_shape_of
+    return model.config.image_shape or data.image_shape or image_shape_of(data.x_train.shape, data.name)
 
 
 def _cmd_plot(a):

@@ -32,13 +32,18 @@ def _save(fig, path):
 def tile(images, image_shape: Sequence[int], ncol: int, pad: int = 1) -> np.ndarray:
     """Tile ``images (N, D)`` into one ``(rows*(H+pad), ncol*(W+pad)[, C])``
     array in [0, 1]; ``image_shape`` is ``(H, W)`` or ``(H, W, C)`` with
-    C = 1, 3 or 4 and ``H W C = D`` (ConfigError otherwise)."""
+    ``H W C = D`` (ConfigError otherwise). Channels other than 1 (gray), 3
+    (RGB) or 4 (RGBA) are drawn side by side in gray, ``(H, C W)`` per image."""
+    image_shape = tuple(int(s) for s in image_shape)
     images = np.clip(np.asarray(images, dtype=np.float64), 0, 1)
-    shape_ok = (len(image_shape) in (2, 3) and all(int(s) > 0 for s in image_shape)
-                and (len(image_shape) == 2 or int(image_shape[2]) in (1, 3, 4)))
+    shape_ok = len(image_shape) in (2, 3) and all(int(s) > 0 for s in image_shape)
     if not shape_ok or (images.ndim == 2 and int(np.prod(image_shape)) != images.shape[1]):
         raise ConfigError(f"image_shape {tuple(image_shape)} does not fit images of {images.shape[-1]} values; "
-                          "pass (H, W) or (H, W, C), C = 1, 3 or 4, with H W C equal to it (the dataset's image_shape)")
+                          "pass (H, W) or (H, W, C) with H W C equal to it (the dataset's image_shape)")
+    if len(image_shape) == 3 and image_shape[2] not in (1, 3, 4):
+        H, W, C = image_shape
+        images = images.reshape(-1, H, W, C).transpose(0, 1, 3, 2).reshape(len(images), -1)
+        image_shape = (H, C * W)
     H, W = image_shape[:2]
     C = image_shape[2] if len(image_shape) == 3 else None
     n = images.shape[0]

@@ -29,6 +29,7 @@ from . import distributed, memory, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .blas import configure as configure_blas
+from .arrayfiles import image_shape_of
 from .checks import check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
@@ -217,7 +218,7 @@ class Trainer:
         if self.out is None:
             return
         from . import plots
-        shape = self.model_config.image_shape or _datasets._image_shape_of(self.data.x_train)
+        shape = self.model_config.image_shape or image_shape_of(self.data.x_train.shape, self.data.name)
         X = self.data.x_test if self.data.x_test is not None else self.data.x_train
         plots.plot_reconstructions(self.model, X, shape, n=16, path=os.path.join(self.out, "reconstructions.png"))
         plots.plot_samples(self.model, shape, n=64, seed=self.train_config.seed,

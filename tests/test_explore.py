@@ -185,6 +185,10 @@ def test_picture_arguments_that_cannot_fit_get_a_named_error(trained):
     for bad in [(10, 10), (16,), (16, 16, 0)]:
         with pytest.raises(ConfigError, match="image_shape"):
             explore.plot_samples(model, bad, n=4)
+    # two channels (a conv model's input, say) are drawn side by side in gray: channel 0 left of channel 1
+    img = np.arange(12) / 12.0                  # (H, W, C) = (2, 3, 2) channels last
+    grid = explore.tile(img[None], (2, 3, 2), ncol=1)
+    np.testing.assert_array_equal(grid, np.concatenate([img.reshape(2, 3, 2)[..., 0], img.reshape(2, 3, 2)[..., 1]], 1))
     # what fits: the last two dimensions in either order (right along dims[0], up along dims[1], top row first)
     Z = explore.latent_grid_codes(model, n=2, dims=(3, 2), spacing="even", center=np.full(4, 0.5))
     np.testing.assert_array_equal(Z, [[0.5, 0.5, 3.5, -2.5], [0.5, 0.5, 3.5, 3.5],
