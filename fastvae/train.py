@@ -38,7 +38,7 @@ from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
-                       step_graphs)
+                       WarmUp, step_graphs)
 
 
 class Trainer:
@@ -102,6 +102,7 @@ class Trainer:
         if self.objective is not None and self.world.size > 1:
             raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
         self.graphs = step_graphs(tc, self.model, self.optimizer)
+        self.warmup = WarmUp(self.graphs)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
@@ -215,16 +216,9 @@ class Trainer:
 
     def write_pictures(self) -> None:
         """reconstructions.png, samples.png and loss.png into the run folder."""
-        if self.out is None:
-            return
-        from . import plots
         shape = self.model_config.image_shape or image_shape_of(self.data.x_train.shape, self.data.name)
         X = self.data.x_test if self.data.x_test is not None else self.data.x_train
-        plots.plot_reconstructions(self.model, X, shape, n=16, path=os.path.join(self.out, "reconstructions.png"))
-        plots.plot_samples(self.model, shape, n=64, seed=self.train_config.seed,
-                           path=os.path.join(self.out, "samples.png"))
-        if self.history:
-            plots.plot_loss(self.history, path=os.path.join(self.out, "loss.png"))
+        self.reporter.write_pictures(self.model, X, shape, self.train_config.seed, self.history)
 
     # ---- the loop --------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -296,15 +290,21 @@ class Trainer:
     def _run_epoch(self, total: int, spe: int):
         """Steps from the current position to the end of the epoch; returns the last (beta, lr)."""
         tc, pos, rep = self.train_config, self.position, self.reporter
+        N = self.data.x_train.shape[0]
         t0 = time.perf_counter()
         shown = pos.batch
         beta = lr = None
         for b in range(pos.batch, spe):
+            ts = time.perf_counter()
             ws = self.batches.fill(self.model, pos, b)
             beta = beta_at(tc, self.step / spe, total)
             lr = lr_at(tc, self.step, spe, total)
             need = b % tc.loss_every == 0 or b == spe - 1
+            warming = self.warmup.next_step()
             recon, kl = self.train_step(ws, beta, lr, need)
+            if warming:                           # compilation, first allocations, graph capture: timed apart
+                self.backend.synchronize()
+                self.warmup.add(pos, time.perf_counter() - ts, min(tc.batch_size, N - b * tc.batch_size))
             pos.batch = b + 1
             if need and ws is not None:
                 pos.recon = pos.recon + recon
@@ -347,7 +347,8 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.step,
                "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,
                "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
-               "images_per_s": N / pos.seconds if pos.seconds > 0 else None, "seconds": pos.seconds,
+               "images_per_s": pos.throughput(N), "seconds": pos.seconds,
+               "warmup_s": pos.warmup if pos.warmup_images else None,
                "rss_mb": Reporter.rss_mb()}
         self.position = None
         row.update(self.evaluator(self.model))

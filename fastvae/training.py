@@ -32,14 +32,18 @@ from .distributed import AllReduceGrads, shard
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
-                 "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "rss_mb"]
+                 "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "warmup_s", "rss_mb"]
 
 
 @dataclass
 class EpochPosition:
     """An unfinished epoch: ``perm (N,)`` device batch order, ``batch`` steps
     done, device sums ``recon``/``kl``/``loss`` (nats, over ``counted``
-    images whose loss was computed) and ``seconds`` spent so far."""
+    images whose loss was computed) and ``seconds`` spent so far, of which
+    ``warmup`` (not saved) went to this process's warm-up steps, on
+    ``warmup_images`` images (kernel compilation or loading, first
+    allocations, CUDA-graph capture; see :class:`WarmUp`), timed apart
+    from the throughput."""
     perm: object
     batch: int = 0
     recon: object = 0.0
@@ -47,6 +51,16 @@ class EpochPosition:
     loss: object = 0.0
     counted: int = 0
     seconds: float = 0.0
+    warmup: float = 0.0
+    warmup_images: int = 0
+
+    def throughput(self, n: int) -> Optional[float]:
+        """Images per second over the epoch's ``n`` images, the first step of
+        the process left out (timed apart in ``warmup``) when any other step ran."""
+        timed, images = self.seconds - self.warmup, n - self.warmup_images
+        if timed > 0 and images > 0 and self.warmup:
+            return images / timed
+        return n / self.seconds if self.seconds > 0 else None
 
     def to_state(self, be) -> dict:
         """JSON-able scalars (host floats) for the checkpoint's state."""
@@ -171,7 +185,10 @@ class Reporter:
         msg = f"epoch {row['epoch']}/{total}: train -ELBO {row['train_neg_elbo']:.2f}"
         if row["test_neg_elbo"] is not None:
             msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
-        msg += f" nats/image, beta {row['beta']:.3g}, {row['images_per_s']:.0f} images/s"
+        ips = row["images_per_s"]
+        msg += f" nats/image, beta {row['beta']:.3g}, " + ("n/a images/s" if ips is None else f"{ips:.0f} images/s")
+        if row.get("warmup_s") is not None:
+            msg += f" (warm-up {row['warmup_s']:.2f} s timed apart: kernel compilation or loading, first allocations)"
         if self.bar is not None:
             self.bar.write(msg)
         else:
@@ -189,6 +206,17 @@ class Reporter:
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
         atomic_write_text(os.path.join(self.out, "metrics.csv"), buf.getvalue())
+
+    def write_pictures(self, model, X, image_shape, seed: int, history: list) -> None:
+        """reconstructions.png (of the first images of ``X``), samples.png
+        (drawn with ``seed``) and loss.png (``history``) into the run folder."""
+        if self.out is None:
+            return
+        from . import plots
+        plots.plot_reconstructions(model, X, image_shape, n=16, path=os.path.join(self.out, "reconstructions.png"))
+        plots.plot_samples(model, image_shape, n=64, seed=seed, path=os.path.join(self.out, "samples.png"))
+        if history:
+            plots.plot_loss(history, path=os.path.join(self.out, "loss.png"))
 
     @staticmethod
     def rss_mb():
@@ -253,6 +281,28 @@ class Checkpointer:
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
         return path
+
+
+class WarmUp:
+    """Which steps of this process are warm-up, timed apart from the
+    throughput: the first (kernel compilation or loading, first allocations)
+    and, with CUDA graphs (``graphs``, a StepGraphs), the eager and capture
+    steps before the first replay (at most one eager and one capture per loss flag)."""
+
+    def __init__(self, graphs=None):
+        self.graphs, self.steps = graphs, 0
+
+    def next_step(self) -> bool:
+        """Whether the next step is warm-up."""
+        if self.graphs is None:
+            return self.steps == 0
+        return self.graphs.stats["replayed"] == 0 and self.steps < 2 * (self.graphs.warmup + 1)
+
+    def add(self, pos: EpochPosition, seconds: float, images: int) -> None:
+        """A warm-up step of ``seconds`` on ``images`` images, inside epoch position ``pos``."""
+        self.steps += 1
+        pos.warmup += seconds
+        pos.warmup_images += images
 
 
 def step_graphs(tc, model, optimizer):

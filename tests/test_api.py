@@ -163,3 +163,44 @@ def test_an_unknown_train_option_names_the_field_meant():
     fields = set().union(*({f.name for f in dc.fields(c)} for c in (ModelConfig, fastvae.TrainConfig,
                                                                    fastvae.DataConfig)))
     assert set(fastvae._CLI_NAMES) <= flags - fields and set(fastvae._CLI_NAMES.values()) <= fields
+
+
+def test_warm_up_is_timed_apart_from_the_epoch_throughput(tmp_path):
+    """The first step of a process (kernel compilation or loading, first
+    allocations) is reported as warmup_s and left out of images_per_s; later
+    epochs have none; a resumed process warms up again. With CUDA graphs the
+    eager and capture steps before the first replay count too, at most one
+    of each per loss flag."""
+    import csv
+    from fastvae.training import EpochPosition, WarmUp
+    data = datasets.make_sprites(130, seed=1, size=8, test_fraction=0.0)      # 130 = 2 x 50 + 30
+    t = fastvae.train(data, out=str(tmp_path), hidden=[8], latent_dim=2, epochs=2, batch_size=50)
+    first, second = t.history
+    assert first["warmup_s"] > 0 and second["warmup_s"] is None
+    assert first["images_per_s"] == pytest.approx((130 - 50) / (first["seconds"] - first["warmup_s"]), rel=1e-12)
+    assert second["images_per_s"] == pytest.approx(130 / second["seconds"], rel=1e-12)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(rows[0]["warmup_s"]) == pytest.approx(first["warmup_s"]) and rows[1]["warmup_s"] == ""
+    again = fastvae.Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=3, dataset=data, progress=False)
+    again.fit()
+    assert again.history[2]["warmup_s"] > 0
+    # a one-step epoch has nothing left to time apart from: its throughput counts the warm-up
+    pos = EpochPosition(perm=None, seconds=2.0, warmup=1.5, warmup_images=50)
+    assert pos.throughput(50) == 25.0 and pos.throughput(150) == 200.0
+
+    class Graphs:
+        warmup, stats = 1, {"replayed": 0}
+    w, p = WarmUp(Graphs()), EpochPosition(perm=None)
+    counted = 0
+    while w.next_step():                       # never replayed (every step diverged): warm-up stops at 4 steps
+        w.add(p, 0.25, 10)
+        counted += 1
+    assert counted == 4 and p.warmup == 1.0 and p.warmup_images == 40
+    w, Graphs.stats = WarmUp(Graphs()), {"replayed": 0}
+    w.add(p, 0.1, 10)
+    Graphs.stats["replayed"] = 1               # the first replay: steady state
+    assert not w.next_step()
+    u = WarmUp(None)                           # without graphs: the first step only
+    assert u.next_step()
+    u.add(p, 0.0, 1)
+    assert not u.next_step()
