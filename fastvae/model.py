@@ -200,12 +200,25 @@ class VAE:
 
         Returns the workspace holding ``mu, logvar, std, z, logits`` and the
         per-image ``nll (B,)`` (nats, summed over pixels) and ``kl (B,)`` (nats,
-        summed over latent dims).
+        summed over latent dims). Raises ConfigError unless ``x`` and ``eps``
+        are the backend's arrays (``backend.asarray``) in the model dtype with
+        those shapes: the kernels index them without bounds checks.
         """
+        self._check_batch(x, eps)
         ws = self.workspace(x.shape[0])
         stop = len(self.layers) if need_nll else len(self.layers) - 1
         self._walk(ws, 0, stop, x, _layers.Step(x, eps))
         return ws
+
+    def _check_batch(self, x, eps) -> None:
+        be, c = self.backend, self.config
+        B = getattr(x, "shape", (None,))[0]
+        for name, a, width in (("x", x, c.input_dim), ("eps", eps, c.latent_dim)):
+            if not (isinstance(a, be.array_type) and a.dtype == be.dtype and a.shape == (B, width)):
+                got = (f"a {a.dtype} array of shape {a.shape}" if isinstance(a, be.array_type)
+                       else f"a {type(a).__name__}")
+                raise ConfigError(f"{name} must be a ({B if name == 'eps' else 'B'}, {width}) {be.dtype} array on the "
+                                  f"{be.name} backend, got {got}; convert it with model.backend.asarray")
 
     def loss_and_grad(self, x, eps, beta: float = 1.0, need_loss: bool = True, grad_scale: Optional[float] = None):
         """Forward walk then reversed backward walk of ``mean_i(recon_i + beta * kl_i)``.
@@ -218,9 +231,11 @@ class VAE:
             then sums the shards' gradients into the global mean's).
         Writes every gradient into ``self.grads`` and returns
         ``(recon_sum, kl_sum)`` as device scalars (nats, summed over the
-        batch; ``None`` when ``need_loss`` is False).
+        batch; ``None`` when ``need_loss`` is False). Raises ConfigError for
+        ``x`` or ``eps`` of another shape, dtype or array type (see :meth:`forward`).
         """
         be = self.backend
+        self._check_batch(x, eps)
         B = x.shape[0]
         ws = self.workspace(B)
         step = _layers.Step(x, eps, beta=beta, grad_scale=1.0 / B if grad_scale is None else grad_scale,

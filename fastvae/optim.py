@@ -79,10 +79,14 @@ class Adam:
         return cls(model.backend, model.params, model.grads, **kw)
 
     def step(self, lr: float = None) -> None:
-        """Run the hooks, then apply one update with the gradients in ``grads``."""
+        """Run the hooks, then apply one update with the gradients in ``grads``
+        at learning rate ``lr`` (default ``self.lr``; a schedule may pass 0).
+        Raises ConfigError for a negative or non-finite ``lr`` (before anything changes)."""
+        lr = self.lr if lr is None else float(lr)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ConfigError(f"Adam step lr must be a finite number >= 0, got {lr!r}")
         for hook in self.hooks:
             hook(self)
-        lr = self.lr if lr is None else float(lr)
         self.t += 1
         b1, b2 = self.betas
         bc1 = 1.0 - b1 ** self.t

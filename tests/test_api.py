@@ -204,3 +204,37 @@ def test_warm_up_is_timed_apart_from_the_epoch_throughput(tmp_path):
     assert u.next_step()
     u.add(p, 0.0, 1)
     assert not u.next_step()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_the_step_refuses_batches_the_kernels_would_misread(backend):
+    """loss_and_grad and forward take x (B, D) and eps (B, L) as the backend's
+    arrays in the model dtype. Numba's kernels index without bounds checks:
+    an eps of 3 rows for 4 images once read past its end and returned a loss.
+    Adam.step refuses a NaN or negative lr before touching anything."""
+    if backend not in [b["name"] for b in backends.available() if b["available"]]:
+        pytest.skip(f"{backend} backend not available here")
+    model = fastvae.VAE(ModelConfig(input_dim=16, hidden=[8], latent_dim=2), backend, seed=0)
+    be = model.backend
+    x = be.asarray(np.random.default_rng(0).random((4, 16)))
+    eps = be.zeros((4, 2))
+    for xx, ee, needle in [(x, be.zeros((3, 2)), "eps must be a (4, 2) float32 array"),
+                           (x, be.zeros((4, 3)), "got a float32 array of shape (4, 3)"),
+                           (x[:, :8], eps, "x must be a (B, 16) float32 array"),
+                           (x.astype(np.float64), eps, "got a float64 array"),
+                           (x.tolist(), eps, "got a list"), (x, eps[None], "shape (1, 4, 2)")]:
+        for call in (lambda: model.loss_and_grad(xx, ee), lambda: model.forward(xx, ee)):
+            with pytest.raises(ConfigError, match=re.escape(needle)):
+                call()
+    recon, kl = model.loss_and_grad(x, eps)
+    assert np.isfinite(float(recon)) and np.isfinite(float(kl))
+    opt = fastvae.Adam.for_model(model)
+    before = model.get_flat_params()
+    for lr in (float("nan"), float("inf"), -1e-3):
+        with pytest.raises(ConfigError, match="Adam step lr"):
+            opt.step(lr)
+    assert opt.t == 0
+    np.testing.assert_array_equal(model.get_flat_params(), before)
+    opt.step(0.0)                               # a schedule's last value may be 0: a valid step that moves nothing
+    assert opt.t == 1
+    np.testing.assert_array_equal(model.get_flat_params(), before)

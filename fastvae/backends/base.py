@@ -51,6 +51,7 @@ class Backend:
 
     name = "base"
     xp = np
+    array_type = np.ndarray       #: the type of the backend's device arrays
     device = "cpu"
 
     def __init__(self, dtype="float32"):

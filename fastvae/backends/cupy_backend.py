@@ -183,6 +183,7 @@ class CupyBackend(GraphSupport, Backend):
         self._ctype = ctype_of(dtype)
         super().__init__(dtype)
         self._xp = xp
+        self.array_type = xp.ndarray
         self.tf32 = bool(tf32)
         self._fns = {}
         self._s = self.dtype.type
