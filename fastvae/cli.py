@@ -309,16 +309,12 @@ def _pick_image(spec, data, split, shape):
         return x[i]
     if not os.path.exists(spec):
         raise DataError(f"{spec} is neither an image file nor an index into the dataset")
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    from .safe_files import open_regular
-    try:
-        with open_regular(spec, "image", "pass an image file or an index", DataError) as fh, Image.open(fh) as im:
-            im = im.convert("RGB" if len(shape) == 3 else "L")
-            im = ImageOps.fit(im, (shape[1], shape[0]), method=Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float64) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"cannot read image {spec} ({exc})") from None
-    return arr.reshape(-1)
+    from .safe_files import read_image
+    mode = "L" if len(shape) == 2 or shape[2] == 1 else {3: "RGB", 4: "RGBA"}.get(shape[2])
+    if mode is None:
+        raise DataError(f"the model's images have {shape[2]} channels; an image file cannot give them, pass an index")
+    arr = read_image(spec, mode, shape[:2], "pass an image file or an index", DataError)
+    return arr.reshape(-1) / 255.0
 
 
 def _cmd_interpolate(a):

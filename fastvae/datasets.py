@@ -21,7 +21,7 @@ from .config import DataConfig
 from .data import Dataset
 from .errors import DataError
 from .arrayfiles import image_shape_of, read_arrays
-from .safe_files import open_regular
+from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
 
@@ -260,8 +260,6 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     images (unless ``skip_other_files``; hidden files are always skipped),
     unreadable images, or mixed sizes without ``image_size``.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a folder; pass a folder of images")
@@ -282,16 +280,7 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     mode = "L" if color == "grayscale" else "RGB"
     imgs, labels, sizes = [], [], set()
     for f in files:
-        try:
-            with open_regular(f, "image", "remove it or pass a folder of image files", DataError) as fh, \
-                    Image.open(fh) as im:
-                im = im.convert(mode)
-                if image_size is not None:
-                    H, W = image_size
-                    im = ImageOps.fit(im, (W, H), method=Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # Pillow: SyntaxError on a broken PNG
-            raise DataError(f"cannot read image {f} ({exc}); remove or replace it") from None
+        arr = read_image(f, mode, image_size, "remove or replace it", DataError)
         sizes.add(arr.shape)
         if len(sizes) > 1:
             raise DataError(f"images in {path} have different sizes ({sorted(sizes)[:3]}); "

@@ -166,3 +166,36 @@ def check_type(value, types, where: str, error, minimum: Optional[float] = None)
 
 def _as_tuple(t):
     return t if isinstance(t, tuple) else (t,)
+
+
+#: decoded bytes any image file may declare; beyond it, at most MAX_COMPRESSION times the file's size
+IMAGE_FLOOR_BYTES = 64 * 2 ** 20
+
+
+def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=OSError) -> np.ndarray:
+    """An image file (PNG, JPEG, ... through Pillow) as a ``uint8`` array
+    ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"``, ``(H, W, 4)`` for ``"RGBA"``, centre-cropped
+    to the aspect ratio of ``size = (H, W)`` and resized to it when given.
+
+    Read as untrusted input: a regular file only (:func:`open_regular`), and
+    the pixel count its header declares is checked before decoding: more
+    than ``IMAGE_FLOOR_BYTES`` (64 MiB) of decoded pixels and more than
+    ``MAX_COMPRESSION`` times the file's size is refused as a decompression
+    bomb (a 140 KB PNG can declare 12,000 x 12,000 pixels). Raises ``error``
+    naming the file and ``fix`` for every failure."""
+    from PIL import Image, ImageOps
+    path = os.fspath(path)
+    with open_regular(path, "image", fix, error) as fh:
+        stored = os.fstat(fh.fileno()).st_size
+        try:
+            with Image.open(fh) as im:
+                declared = im.width * im.height * max(len(im.getbands()), len(mode))     # "L", "RGB", "RGBA"
+                if declared > max(IMAGE_FLOOR_BYTES, MAX_COMPRESSION * stored):
+                    raise error(f"image {path} declares {im.width} x {im.height} pixels ({declared / 2 ** 20:.0f} MiB "
+                                f"decoded) in a {stored:,}-byte file: refused as a decompression bomb; {fix}")
+                im = im.convert(mode)
+                if size is not None:
+                    im = ImageOps.fit(im, (int(size[1]), int(size[0])), method=Image.Resampling.BILINEAR)
+                return np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:   # SyntaxError: a broken PNG
+            raise error(f"cannot read image {path} ({type(exc).__name__}: {exc}); {fix}") from None

@@ -184,3 +184,37 @@ def test_a_fifo_inside_an_image_folder_never_blocks(tmp_path):
     os.mkfifo(tmp_path / "b.png")
     with pytest.raises(DataError, match="FIFO"):
         datasets.load_image_folder(tmp_path)
+
+
+def _png(path, width, height):
+    """A valid grayscale PNG of zeros: tiny on disk, ``width * height`` bytes decoded."""
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    raw = zlib.compress(b"".join(b"\0" + bytes(width) for _ in range(height)), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def test_image_files_declaring_far_more_pixels_than_they_hold_are_refused_before_decoding(tmp_path, monkeypatch):
+    """A 9000 x 9000 PNG of zeros is ~80 KB on disk and 77 MiB decoded: refused
+    from its header (the image folder loader and `fastvae interpolate` share
+    the reader), in a process that stays small. Pillow's own bomb error (a
+    declared size past its pixel limit) is one line too, not a traceback."""
+    from fastvae.safe_files import read_image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _png(folder / "bomb.png", 9000, 9000)
+    assert os.path.getsize(folder / "bomb.png") < 200_000
+    out, rss = peak_rss_mb(_catching(f"datasets.load_image_folder({str(folder)!r}, image_size=(8, 8))"))
+    assert "ERR" in out and "9000 x 9000 pixels" in out and "decompression bomb" in out and rss < 200
+    _png(tmp_path / "ok.png", 300, 200)         # an honest small image of zeros is read (64 MiB floor)
+    assert read_image(tmp_path / "ok.png", "L", (8, 12), error=DataError).shape == (8, 12)
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)      # past twice the limit Pillow raises its own error
+    with pytest.raises(DataError, match="DecompressionBombError"):
+        read_image(tmp_path / "ok.png", "L", error=DataError)
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image .*junk.png.*remove or replace it"):
+        read_image(tmp_path / "junk.png", "L", error=DataError)
