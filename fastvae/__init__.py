@@ -65,14 +65,18 @@ _CLI_NAMES = {"latent": "latent_dim", "beta": "beta_max", "adamw": "decoupled_we
               "memory_budget": "memory_budget_mb", "no_download": "download"}
 
 
-def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, **kwargs) -> Trainer:
+def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, force: bool = False,
+          **kwargs) -> Trainer:
     """Train a VAE in one call and return the finished :class:`Trainer`.
 
     ``dataset``: a name/path or a loaded :class:`~fastvae.datasets.Dataset`.
     Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
     :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
     epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
-    ``input_dim`` and ``image_shape`` default to the data's.
+    ``input_dim`` and ``image_shape`` default to the data's. ``out``: the
+    run folder, checked as ``fastvae train --out`` checks it before any data
+    loads (:func:`fastvae.runfolder.check_out`): a folder already holding a
+    run or other files raises RunFolderError unless ``force``.
     """
     import dataclasses as dc
     import difflib
@@ -88,6 +92,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         raise ConfigError(f"unknown option(s) {', '.join(hints)} for fastvae.train; it takes the fields of "
                           "ModelConfig, TrainConfig and DataConfig")
     pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
+    if out is not None:
+        from .runfolder import check_out
+        out = check_out(out, force=force)
     if isinstance(dataset, datasets.Dataset):
         data, dcfg = dataset, DataConfig(dataset=dataset.name, **pick(DataConfig))
     else:

@@ -73,11 +73,11 @@ def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
     other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX))
     if other and not force:
         raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
-                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force")
+                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force (force=True in Python)")
     if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
-                             f"{os.path.join(out, 'checkpoint.h5')}, choose another --out, or pass --force to "
-                             "replace it")
+                             f"{os.path.join(out, 'checkpoint.h5')}, choose another --out, or pass --force (force=True in "
+                             "Python) to replace it")
     return out
 
 

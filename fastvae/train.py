@@ -30,7 +30,7 @@ from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .blas import configure as configure_blas
 from .arrayfiles import image_shape_of
-from .checks import check_images
+from .checks import check_count, check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
@@ -375,7 +375,7 @@ class Trainer:
             return self._fit(epochs, pictures)
 
     def _fit(self, epochs, pictures):
-        total = self.train_config.epochs if epochs is None else int(epochs)
+        total = self.train_config.epochs if epochs is None else check_count("epochs", epochs, minimum=0)
         if self.out is not None and self.writes:
             self.checkpointer.clean_debris()
             self.reporter.write_run_files(self.config_dict(), self.history)

@@ -32,6 +32,16 @@ def test_train_in_one_call_and_load(tmp_path):
     # the run folder stands for its checkpoint, as on the command line (str or path-like)
     for folder in (tmp_path, str(tmp_path)):
         np.testing.assert_array_equal(fastvae.load(folder).get_flat_params(), m.get_flat_params())
+    # a second run into the same folder is refused (it replaced the first silently), unless force=True
+    before = (tmp_path / "checkpoint.h5").read_bytes()
+    with pytest.raises(fastvae.RunFolderError, match=r"already holds a run.*force=True"):
+        fastvae.train(data, out=str(tmp_path), hidden=[16], latent_dim=3, epochs=1, batch_size=32, seed=5)
+    assert (tmp_path / "checkpoint.h5").read_bytes() == before
+    t2 = fastvae.train(data, out=str(tmp_path), force=True, hidden=[16], latent_dim=3, epochs=1, batch_size=32, seed=5)
+    assert fastvae.load(tmp_path).checkpoint["epoch"] == 1 and len(t2.history) == 1
+    for bad, needle in [(-1, "epochs must be at least 0"), (2.5, "epochs must be an integer")]:
+        with pytest.raises(ConfigError, match=needle):
+            t.fit(epochs=bad)
     with pytest.raises(ConfigError, match="unknown option"):
         fastvae.train(data, hidden_units=[3])
 
