@@ -141,7 +141,7 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     """Test images' codes (``mu``; through the flow steps with an IAF
     posterior, see :meth:`VAE.codes`) as a scatter coloured by label: the latent
     plane itself when L = 2, else the first two principal components (named on the axes)."""
-    X = np.asarray(X)[:max_points]
+    X = np.asarray(X[:max_points])                  # the first rows only, also of a streamed split
     mu = model.codes(X)
     fig = _figure((6, 5))
     ax = fig.add_subplot(1, 1, 1)
@@ -154,8 +154,8 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
         P = (mu - mean) @ axes.T
         xl, yl = (f"PC1 of mu ({ratio[0]:.0%} of variance)", f"PC2 of mu ({ratio[1]:.0%} of variance)")
     c = None if labels is None else np.asarray(labels)[:len(X)]
-    sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=3, cmap="tab10" if c is not None and c.max() < 10 else "viridis",
-                    alpha=0.7, linewidths=0)
+    cmap = None if c is None else ("tab10" if c.max() < 10 else "viridis")     # no labels: one colour
+    sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=3, cmap=cmap, alpha=0.7, linewidths=0)
     if c is not None:
         cb = fig.colorbar(sc, ax=ax)
         if label_names is not None and len(label_names) <= 20:
@@ -209,7 +209,7 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
         kl = kl_per_dim(model, X)
         order = list(np.argsort(-kl))
         if center is None:
-            center = model.codes(np.asarray(X)[:1])[0]
+            center = model.codes(np.asarray(X[:1]))[0]
     else:
         kl, order = None, list(range(L))
     if center is None:
@@ -286,7 +286,7 @@ def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel=
 def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
     """The ``n`` best (lowest loss) and ``n`` worst (highest loss) images of X,
     truly sorted, each above its reconstruction, with the loss on top."""
-    X = np.asarray(X)
+    X = X if hasattr(X, "shape") else np.asarray(X)      # arrays and streamed splits: only X[idx] is read
     best, worst = best_and_worst(losses, n)
     fig = _figure((n * 0.9 + 0.4, 5.2))
     for k, (idx, name) in enumerate(((best, "best (lowest -ELBO)"), (worst, "worst (highest -ELBO)"))):

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .checks import check_count
+from .checks import check_count, check_images
 from .errors import ConfigError
 
 
@@ -35,7 +35,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     ``progress`` shows a tqdm bar over the N k decoded samples (stderr).
     Raises ConfigError for k < 1 or a negative seed.
     """
-    X = np.asarray(X)
+    X = check_images(X, model.config)               # a streamed split stays on disk, read block by block
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
     seed = check_count("seed", seed, minimum=0)

@@ -65,7 +65,7 @@ def _show(ax, grid):
 def plot_reconstructions(model, X, image_shape, n: int = 16, path: Optional[str] = None):
     """First ``n`` images of ``X (N, D)`` (top row of each pair) above their
     reconstructions decoded from ``mu`` (bottom row)."""
-    X = np.asarray(X)[:n]
+    X = np.asarray(X[:n])
     R = model.reconstruct(X)
     ncol = min(n, 8)
     pairs = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import operator
 import os
 from typing import Optional
 
@@ -49,8 +50,11 @@ class StreamedImages:
         return self.n
 
     def rows(self, idx) -> np.ndarray:
-        """Host float32 ``(len(idx), D)`` of rows ``idx`` (any order)."""
-        idx = np.asarray(idx, dtype=np.int64)
+        """Host float32 ``(len(idx), D)`` of rows ``idx`` (any order, each in
+        ``[0, n)``: the file's later rows are another split; IndexError otherwise)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"rows {idx.min()}..{idx.max()} of {self.path}: this split has rows 0..{self.n - 1}")
         order = np.argsort(idx, kind="stable")
         raw = np.asarray(self._reader(idx[order])).reshape(len(idx), -1)
         out = np.empty((len(idx), self.D), np.float32)
@@ -60,9 +64,19 @@ class StreamedImages:
         return out
 
     def __getitem__(self, key):
+        """``x[a:b]``, ``x[idx]`` (rows, ``(len, D)``) or ``x[i]`` (one row, ``(D,)``;
+        negative counts from the end, as for arrays)."""
         if isinstance(key, slice):
             return self.rows(np.arange(*key.indices(self.n)))
-        return self.rows(np.atleast_1d(key))
+        if np.ndim(key) == 0:
+            i = operator.index(key)
+            return self.rows([i + self.n if i < 0 else i])[0]
+        return self.rows(key)
+
+    def __array__(self, dtype=None, copy=None):
+        """Every row, read into memory: ``(n, D)`` (``np.asarray`` of a streamed split)."""
+        out = self.rows(np.arange(self.n))
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):

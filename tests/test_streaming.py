@@ -39,6 +39,32 @@ def test_a_file_over_the_budget_is_streamed_and_one_under_is_loaded(tmp_path):
     assert isinstance(datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"))).x_train, np.ndarray)
 
 
+def test_a_streamed_split_never_reads_the_rows_of_the_other(tmp_path):
+    """The train split of a streamed file is its first rows; the test rows
+    follow in the same file. Indexing past the split (np.asarray iterated
+    x[i] until a read failed, reading test rows as training rows and then
+    calling the intact file truncated) raises IndexError; x[-1] is the
+    split's last row; np.asarray reads the split, (n, D). The exploring
+    commands on --split train of a streamed run work (they failed with
+    "the data file ends before row N; it was truncated")."""
+    x = _npy(tmp_path / "a.npy", 1000)
+    train = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1)).x_train
+    flat = x.reshape(1000, -1) / np.float32(255)
+    np.testing.assert_array_equal(train[-1], flat[899])
+    np.testing.assert_array_equal(train[[3, 0]], flat[[3, 0]])
+    np.testing.assert_array_equal(np.asarray(train), flat[:900])
+    for key in (900, -901, [5, 900], np.array([-1])):
+        with pytest.raises(IndexError, match="this split has rows 0..899"):
+            train[key]
+    from fastvae.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(tmp_path / "a.npy"), "--memory-budget", "0.1", "--hidden", "8",
+                 "--latent", "2", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert main(["plot", str(out), "--split", "train", "--out", str(tmp_path / "figs")]) == 0
+    assert main(["eval", str(out), "--split", "train", "--iwae-k", "2", "--iwae-images", "50"]) == 0
+    assert main(["eval", str(out), "--split", "train", "--iwae-k", "2"]) == 0
+
+
 def test_every_row_once_per_epoch_shuffled_by_chunk(tmp_path):
     _npy(tmp_path / "a.npy", 1000)
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.05))
