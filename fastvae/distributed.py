@@ -35,7 +35,9 @@ _LAUNCHERS = (("PMI_SIZE", "PMI_RANK"),                       # MPICH / Hydra, I
               ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),  # Open MPI
               ("PMIX_SIZE", "PMIX_RANK"),                     # PMIx launchers
               ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))  # MVAPICH
-_SLURM = ("SLURM_NTASKS", "SLURM_PROCID")
+# srun sets the step's task count in each task; a batch script or an salloc shell inside an
+# allocation of N tasks has SLURM_NTASKS=N but is one process (and must train as one)
+_SLURM = ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")
 
 
 def launched_size() -> int:

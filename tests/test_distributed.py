@@ -95,6 +95,24 @@ def test_one_process_world_changes_nothing():
     assert (w.rank, w.size) == (0, 1) and w.sum([1.5, 2]) == [1.5, 2.0] and w.any(False) is False
 
 
+def test_the_launchers_environment_decides_the_world_size(monkeypatch):
+    """mpiexec's and srun's task variables make a run data-parallel; the
+    allocation's SLURM_NTASKS, which a batch script or an salloc shell also
+    carries while being one process, does not (it refused to train without
+    mpi4py, as "one of 4 ranks")."""
+    for var in [v for pair in distributed._LAUNCHERS + (distributed._SLURM,) for v in pair] + ["SLURM_NTASKS"]:
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launched_size() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert distributed.launched_size() == 1
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert distributed.launched_size() == 4
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("PMI_SIZE", "3")
+    assert distributed.launched_size() == 3
+
+
 def test_several_ranks_without_mpi4py_is_one_line(tmp_path, monkeypatch):
     env = dict(os.environ, PMI_SIZE="2", PMI_RANK="0")
     code = ("import sys, builtins\nreal = builtins.__import__\n"
