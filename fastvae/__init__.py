@@ -60,11 +60,6 @@ def load(path, backend=None) -> VAE:
     return model
 
 
-#: command-line flags whose config field has another name (``fastvae.train`` takes the fields)
-_CLI_NAMES = {"latent": "latent_dim", "beta": "beta_max", "adamw": "decoupled_weight_decay",
-              "memory_budget": "memory_budget_mb", "no_download": "download"}
-
-
 def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, force: bool = False,
           **kwargs) -> Trainer:
     """Train a VAE in one call and return the finished :class:`Trainer`.
@@ -80,6 +75,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
+    from .cli_args import FIELD_OF_FLAG
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())
@@ -87,7 +83,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         known = sorted(set().union(*fields.values()))
         hints = []
         for name in sorted(unknown):
-            near = [_CLI_NAMES[name]] if name in _CLI_NAMES else difflib.get_close_matches(name, known, n=1)
+            near = [FIELD_OF_FLAG[name]] if name in FIELD_OF_FLAG else difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {near[0]}=?)" if near else ""))
         raise ConfigError(f"unknown option(s) {', '.join(hints)} for fastvae.train; it takes the fields of "
                           "ModelConfig, TrainConfig and DataConfig")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from .errors import FastVAEError
-from .cli_args import (DATA_ARGS, DEFAULT_LATENT, MODEL_ARGS, TRAIN_ARGS, _abs, _finite, _one_line,
+from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _abs, _finite, _one_line,
                        _positive, checkpoint_arg, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
@@ -86,13 +86,8 @@ def _train_locked(a, out, progress, talk):
                            latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
                                                                                                20),
                            **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
-        tcfg = TrainConfig(**pick(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                                  decoupled_weight_decay=a.adamw, lr_schedule=a.lr_schedule, beta_max=a.beta,
-                                  beta_schedule=a.beta_schedule, beta_delay=a.beta_delay,
-                                  beta_warmup=a.beta_warmup, beta_cycles=a.beta_cycles, binarize=a.binarize,
-                                  seed=a.seed, backend=a.backend, threads=a.threads, blas=a.blas,
-                                  loss_every=a.loss_every, tf32=a.tf32, cuda_graph=a.cuda_graph,
-                                  clip_grad_norm=a.clip_grad_norm, objective=a.objective, iwae_k=a.iwae_k))
+        tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
+                                  **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:

@@ -15,9 +15,12 @@ DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
 MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init",
               "posterior", "flows", "flow_hidden")
-TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "beta", "beta_schedule",
-               "beta_delay", "beta_warmup", "beta_cycles", "binarize", "seed", "loss_every", "tf32", "cuda_graph",
-               "clip_grad_norm", "objective", "iwae_k")
+TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_step_epochs", "lr_gamma", "lr_min",
+              "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
+              "loss_every", "tf32", "cuda_graph", "clip_grad_norm", "objective", "iwae_k")
+#: flags whose config field has another name (what ``fastvae.train`` takes)
+FIELD_OF_FLAG = {"latent": "latent_dim", "beta": "beta_max", "adamw": "decoupled_weight_decay",
+                 "memory_budget": "memory_budget_mb", "no_download": "download"}
 DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 
 
@@ -66,11 +69,15 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     o.add_argument("--adamw", action="store_true", default=None, help="decoupled weight decay (AdamW)")
     o.add_argument("--lr-schedule", help="constant (default), step, cosine")
+    o.add_argument("--lr-step-epochs", type=int, metavar="N", help="step schedule: epochs between steps (default 10)")
+    o.add_argument("--lr-gamma", type=float, help="step schedule: the factor at each step (default 0.5)")
+    o.add_argument("--lr-min", type=float, help="cosine schedule: the last step's lr (default 0)")
     o.add_argument("--beta", type=float, help="beta_max, the KL weight (default 1)")
     o.add_argument("--beta-schedule", help="constant (default), linear, sigmoid, cyclical")
     o.add_argument("--beta-delay", type=float, help="epochs at beta 0 before the ramp")
     o.add_argument("--beta-warmup", type=float, help="epochs of the ramp to beta_max")
     o.add_argument("--beta-cycles", type=int, help="cycles of the cyclical schedule (default 4)")
+    o.add_argument("--beta-ratio", type=float, help="cyclical schedule: the rising part of each cycle (default 0.5)")
     o.add_argument("--binarize", action="store_true", default=None, help="dynamic binarization")
     o.add_argument("--seed", type=int, help="random seed (default 0)")
     o.add_argument("--threads", type=_threads, help="BLAS/Numba threads, or auto: the fastest count measured on "

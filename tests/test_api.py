@@ -172,7 +172,8 @@ def test_an_unknown_train_option_names_the_field_meant():
     flags = {a.dest for a in train._actions}
     fields = set().union(*({f.name for f in dc.fields(c)} for c in (ModelConfig, fastvae.TrainConfig,
                                                                    fastvae.DataConfig)))
-    assert set(fastvae._CLI_NAMES) <= flags - fields and set(fastvae._CLI_NAMES.values()) <= fields
+    from fastvae.cli_args import FIELD_OF_FLAG
+    assert set(FIELD_OF_FLAG) <= flags - fields and set(FIELD_OF_FLAG.values()) <= fields
 
 
 def test_warm_up_is_timed_apart_from_the_epoch_throughput(tmp_path):

@@ -101,3 +101,24 @@ def test_blas_auto_is_measured_logged_and_cached_and_resume_may_change_it(tmp_pa
     assert "(cached in " in p.stdout, p.stdout
     fv("train", "--resume", run, "--epochs", "2", "--blas", "numpy", "--no-progress", cwd=tmp_path, env=env)
     assert json.load(open(run / "config.json"))["train"]["blas"] == "numpy"
+
+
+def test_every_schedule_setting_has_a_flag(tmp_path, monkeypatch):
+    """--lr-step-epochs, --lr-gamma, --lr-min and --beta-ratio reach the run's
+    config (the step, cosine and cyclical schedules could not be shaped from
+    the command line), and every TrainConfig field that shapes a run has a
+    flag; they are fixed on --resume like the other training settings."""
+    import dataclasses
+    from fastvae.cli import main
+    from fastvae.cli_args import FIELD_OF_FLAG, TRAIN_ARGS
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--epochs", "3", "--out", "r", "--lr-schedule", "step", "--lr-step-epochs", "1",
+                 "--lr-gamma", "0.1", "--lr-min", "1e-5", "--beta-schedule", "cyclical", "--beta-ratio", "0.25"]) == 0
+    train = json.load(open("r/config.json"))["train"]
+    assert (train["lr_step_epochs"], train["lr_gamma"], train["lr_min"], train["beta_ratio"]) == (1, 0.1, 1e-5, 0.25)
+    lrs = [float(r["lr"]) for r in csv.DictReader(open("r/metrics.csv"))]
+    assert lrs == pytest.approx([1e-3, 1e-4, 1e-5], rel=1e-12)
+    assert main(["train", "--resume", "r", "--epochs", "4", "--lr-gamma", "0.5"]) == 2
+    flags = {FIELD_OF_FLAG.get(n, n) for n in TRAIN_ARGS} | {"epochs", "backend", "threads", "blas"}
+    fields = {f.name for f in dataclasses.fields(fastvae.TrainConfig)}
+    assert fields - flags <= {"betas", "adam_eps"}, fields - flags          # Adam's own constants: library only
