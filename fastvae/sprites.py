@@ -10,6 +10,7 @@ import numpy as np
 
 from .data import Dataset
 from .errors import DataError
+from .memory import preflight
 
 SPRITE_FACTORS = ["shape", "scale", "orientation", "pos_x", "pos_y"]
 SPRITE_SHAPES = ["square", "ellipse", "heart"]
@@ -56,9 +57,14 @@ def make_sprites(n: int = 12000, seed: int = 0, size: int = 64, test_fraction: f
     in [0.5, 1]), orientation (40 values in [0, 2 pi)), x and y position (32
     values each in [0, 1]). Seeded and reproducible; labels are the shape
     index, all five factor values are in ``factors_*``. Zero downloads.
+    Raises DataError for fewer than 2 sprites, ConfigError when the images
+    (uint8 while drawn, then float32: 5 bytes a pixel) would not fit in
+    memory (checked before anything is drawn).
     """
     if n < 2:
         raise DataError(f"n_sprites must be at least 2, got {n}")
+    preflight(n * (size * size * 5 + 6 * 8), None, f"{n:,} sprites of {size}x{size} pixels",
+              "use a smaller --n-sprites (n_sprites)")
     rng = np.random.Generator(np.random.PCG64(seed))
     shape = rng.integers(0, 3, n)
     scale = np.linspace(0.5, 1.0, 6)[rng.integers(0, 6, n)]

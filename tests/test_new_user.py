@@ -65,6 +65,16 @@ def test_memory_preflight_counts_the_batch(monkeypatch):
         tiny_trainer(hidden=(2000,), n=5000, batch_size=4096)
 
 
+def test_memory_preflight_counts_the_built_in_sprites(monkeypatch):
+    """--n-sprites 100000000 drew 4.7 GB of images before running out of
+    memory; the sprites' 5 bytes a pixel are checked against free memory first."""
+    from fastvae import datasets, memory
+    monkeypatch.setattr(memory, "host_available", lambda: 20 * 2 ** 20)       # pretend 20 MiB free
+    assert datasets.make_sprites(500, size=32).x_train.shape == (450, 1024)  # 2.4 MiB: fine
+    with pytest.raises(ConfigError, match="5,000 sprites of 32x32 pixels needs about .* use a smaller --n-sprites"):
+        datasets.make_sprites(5000, size=32)                                  # 24 MiB: refused before drawing
+
+
 def test_relative_data_dir_is_stored_absolute(run_dir, tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert os.path.isabs(cfg["data"]["data_dir"])
