@@ -16,9 +16,18 @@ import numpy as np
 from .errors import ConfigError
 
 
+#: pixels a figure may render to (4 bytes each in Agg's buffer), and Agg's limit per side
+MAX_FIGURE_PIXELS, MAX_FIGURE_SIDE = 40_000_000, 60_000
+
+
 def _figure(figsize):
+    """A figure of ``figsize`` inches at 100 dpi, or at the dpi that keeps it
+    within MAX_FIGURE_PIXELS and MAX_FIGURE_SIDE (a --grid 400 latent grid
+    asked Agg for 24,000 x 24,000 pixels and was killed for memory)."""
     from matplotlib.figure import Figure
-    return Figure(figsize=figsize, dpi=100)
+    w, h = figsize
+    dpi = min(100.0, math.sqrt(MAX_FIGURE_PIXELS / (w * h)), MAX_FIGURE_SIDE / max(w, h))
+    return Figure(figsize=figsize, dpi=dpi)
 
 
 def _save(fig, path):

@@ -193,3 +193,22 @@ def test_picture_arguments_that_cannot_fit_get_a_named_error(trained):
     Z = explore.latent_grid_codes(model, n=2, dims=(3, 2), spacing="even", center=np.full(4, 0.5))
     np.testing.assert_array_equal(Z, [[0.5, 0.5, 3.5, -2.5], [0.5, 0.5, 3.5, 3.5],
                                       [0.5, 0.5, -2.5, -2.5], [0.5, 0.5, -2.5, 3.5]])
+
+
+def test_big_pictures_stay_within_memory(trained, monkeypatch):
+    """A figure renders to at most MAX_FIGURE_PIXELS and MAX_FIGURE_SIDE
+    pixels (the dpi drops, the layout stays); a latent grid whose decoded
+    images would not fit in memory is refused before decoding (--grid 400 on
+    MNIST took 24 GB and was killed by the OOM killer)."""
+    from fastvae import memory
+    from fastvae.plots import MAX_FIGURE_PIXELS, MAX_FIGURE_SIDE, _figure
+    assert _figure((6, 5)).dpi == 100
+    for size in [(240, 240), (7000, 1.9), (600, 0.5)]:
+        fig = _figure(size)
+        w, h = fig.get_size_inches() * fig.dpi
+        assert w * h <= MAX_FIGURE_PIXELS * (1 + 1e-9) and max(w, h) <= MAX_FIGURE_SIDE * (1 + 1e-9)
+    model, data = trained                                  # 16 x 16 images: 256 pixels
+    monkeypatch.setattr(memory, "host_available", lambda: 64 * 2 ** 20)      # pretend 64 MiB free
+    explore.plot_latent_grid(model, data.image_shape, n=20)                  # 400 x 256 x 96 B = 9.4 MiB: fine
+    with pytest.raises(ConfigError, match="a 60 x 60 latent grid needs about .* use a smaller grid"):
+        explore.plot_latent_grid(model, data.image_shape, n=60)              # 84 MiB: refused
