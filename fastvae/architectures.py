@@ -98,7 +98,8 @@ def conv_layer_specs(cfg) -> List[dict]:
         dec.append(_conv("decoder.out", C, 4, 2, 1, "identity", True))
     else:
         raise ConfigError(f"arch 'conv' is defined for 28x28 and 64x64 images, got {H}x{W}; resize the "
-                          "images (--image-size 64 64) or describe your own stack in ModelConfig.layers")
+                          "images (a folder of image files: --image-size 64 64) or describe your own stack in "
+                          "ModelConfig.layers")
     return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 

@@ -116,21 +116,13 @@ def _train_locked(a, out, progress, talk):
 
 
 def _cmd_eval(a):
-    from . import datasets, load, objectives
-    from .config import DataConfig
+    from . import load, objectives
     from .evaluate import evaluate
     from .checks import check_images
 
     a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
-    dc = DataConfig.from_dict(model.checkpoint["data"])
-    changes = {}
-    if a.dataset:
-        changes["dataset"] = a.dataset
-    if a.data_dir:
-        changes["data_dir"] = _abs(a.data_dir)
-    dc = dc.replace(**changes)
-    data = datasets.load(dc, splits=(a.split,))
+    data = _run_data(model, a.dataset, a.data_dir, splits=(a.split,))
     x, _ = data.split(a.split)
     check_images(x, model.config, f"{a.split} images")
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
@@ -225,13 +217,22 @@ def _cmd_bench(a):
     return 0
 
 
-def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):
-    from . import datasets, load
+def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
+    """The dataset of a loaded run (its checkpoint's data config), or
+    ``dataset`` / ``data_dir`` instead; the run's --image-size and --color
+    follow only to another folder of images."""
+    from . import datasets
     from .config import DataConfig
-    model = load(checkpoint_arg(ckpt), backend=backend)
-    dc = DataConfig.from_dict(model.checkpoint["data"])
     changes = {k: v for k, v in (("dataset", dataset), ("data_dir", _abs(data_dir))) if v}
-    return model, datasets.load(dc.replace(**changes))
+    if dataset and not datasets.is_image_folder(dataset):
+        changes.update(image_size=None, color="grayscale")
+    return datasets.load(DataConfig.from_dict(model.checkpoint["data"]).replace(**changes), splits=splits)
+
+
+def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):
+    from . import load
+    model = load(checkpoint_arg(ckpt), backend=backend)
+    return model, _run_data(model, dataset, data_dir)
 
 
 def _split_images(data, split):

@@ -295,6 +295,11 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
 
 
 # -------------------------------------------------------------------- entry
+def is_image_folder(name) -> bool:
+    """Whether dataset ``name`` is a folder of image files (built-in names first)."""
+    return name not in ("sprites", "olivetti", *BUILTIN) and os.path.isdir(os.path.expanduser(name))
+
+
 def load(cfg, splits=("train", "test")) -> Dataset:
     """Load the dataset a :class:`DataConfig` (or a name/path string) describes.
 
@@ -303,14 +308,18 @@ def load(cfg, splits=("train", "test")) -> Dataset:
     if isinstance(cfg, str):
         cfg = DataConfig(dataset=cfg)
     name = cfg.dataset
+    path = os.path.expanduser(name)
+    folder = is_image_folder(name)
+    if not folder and (cfg.image_size is not None or cfg.color != "grayscale"):
+        raise DataError(f"--image-size and --color apply to folders of images, not to {name}; resize or "
+                        "convert the images before training (or train on a folder of image files)")
     if name == "sprites":
         return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)
     if name in BUILTIN:
         return load_mnist_family(name, cfg.data_dir, cfg.download, splits=splits)
     if name == "olivetti":
         return load_olivetti(cfg.data_dir, cfg.test_fraction, cfg.data_seed)
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
+    if folder:
         return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed,
                                  cfg.skip_other_files)
     if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):

@@ -193,3 +193,26 @@ def test_real_olivetti_file():
     assert ds.x_train.shape == (360, 4096) and ds.x_test.shape == (40, 4096)
     assert ds.image_shape == (64, 64)
     assert set(np.unique(np.concatenate([ds.y_train, ds.y_test]))) == set(range(40))
+
+
+def test_image_size_and_color_are_for_image_folders(tmp_path, monkeypatch):
+    """--image-size and --color were silently ignored for array files and the
+    built-in datasets (a 32x32 .npy stayed 32x32); now refused naming the
+    fix. A run trained on a resized folder is still evaluated and plotted on
+    another dataset (its resize setting does not follow there)."""
+    np.save(tmp_path / "a.npy", np.zeros((40, 32, 32), np.uint8))
+    for name, kw in [(str(tmp_path / "a.npy"), {"image_size": (28, 28)}), (str(tmp_path / "a.npy"), {"color": "rgb"}),
+                     ("sprites", {"image_size": (32, 32)})]:
+        with pytest.raises(DataError, match="--image-size and --color apply to folders of images"):
+            datasets.load(DataConfig(dataset=name, n_sprites=50, **kw))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((40, 40), 6 * i, np.uint8)).save(folder / f"{i}.png")
+    write_mnist_like(tmp_path / "mnist", n_train=60, n_test=20)
+    from fastvae.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dataset", str(folder), "--image-size", "28", "28", "--hidden", "8", "--latent", "2",
+                 "--epochs", "1", "--batch-size", "10", "--no-progress", "--out", "run"]) == 0
+    assert main(["eval", "run", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist")]) == 0
+    assert main(["plot", "run", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"), "--out", "f"]) == 0
