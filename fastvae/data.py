@@ -33,6 +33,28 @@ class Dataset:
     factors_test: Optional[np.ndarray] = None
     factor_names: Optional[List[str]] = None
 
+    def __post_init__(self):
+        """Array-likes become arrays (a streamed split, with ``shape``, stays
+        as it is); labels and factors must have one row per image of their
+        split. Raises DataError naming the mismatch."""
+        for split in ("train", "test"):
+            x = getattr(self, f"x_{split}")
+            if x is None:
+                continue
+            if not hasattr(x, "shape"):
+                x = np.asarray(x)
+                setattr(self, f"x_{split}", x)
+            for kind in ("y", "factors"):
+                v = getattr(self, f"{kind}_{split}")
+                if v is None:
+                    continue
+                v = np.asarray(v)
+                setattr(self, f"{kind}_{split}", v)
+                if len(v) != len(x):
+                    raise DataError(f"dataset {self.name!r}: {len(x)} {split} images but {len(v)} {split} "
+                                    f"{'labels' if kind == 'y' else 'factor rows'}; give one per image")
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+
     @property
     def input_dim(self) -> int:
         return int(self.x_train.shape[1])

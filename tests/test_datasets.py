@@ -216,3 +216,17 @@ def test_image_size_and_color_are_for_image_folders(tmp_path, monkeypatch):
                  "--epochs", "1", "--batch-size", "10", "--no-progress", "--out", "run"]) == 0
     assert main(["eval", "run", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist")]) == 0
     assert main(["plot", "run", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"), "--out", "f"]) == 0
+
+
+def test_a_dataset_built_by_hand_is_checked_when_built():
+    """fastvae.datasets.Dataset from a user's own arrays: lists become arrays,
+    and labels or factors of another length than their images are refused
+    (they were accepted, and the latent map's colours then misread them)."""
+    x = np.random.default_rng(0).random((10, 4)).astype(np.float32)
+    ds = datasets.Dataset("d", x.tolist(), list(range(10)), None, None, [2, 2])
+    assert isinstance(ds.x_train, np.ndarray) and ds.x_train.shape == (10, 4) and ds.y_train.shape == (10,)
+    assert ds.image_shape == (2, 2)
+    with pytest.raises(DataError, match="10 train images but 3 train labels"):
+        datasets.Dataset("d", x, np.arange(3), None, None, (2, 2))
+    with pytest.raises(DataError, match="4 test images but 5 test factor rows"):
+        datasets.Dataset("d", x, None, x[:4], None, (2, 2), factors_test=np.zeros((5, 2)))
