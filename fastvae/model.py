@@ -212,7 +212,8 @@ class VAE:
 
     def _check_batch(self, x, eps) -> None:
         be, c = self.backend, self.config
-        B = getattr(x, "shape", (None,))[0]
+        shape = getattr(x, "shape", ())
+        B = shape[0] if len(shape) else None
         for name, a, width in (("x", x, c.input_dim), ("eps", eps, c.latent_dim)):
             if not (isinstance(a, be.array_type) and a.dtype == be.dtype and a.shape == (B, width)):
                 got = (f"a {a.dtype} array of shape {a.shape}" if isinstance(a, be.array_type)

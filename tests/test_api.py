@@ -233,7 +233,8 @@ def test_the_step_refuses_batches_the_kernels_would_misread(backend):
                            (x, be.zeros((4, 3)), "got a float32 array of shape (4, 3)"),
                            (x[:, :8], eps, "x must be a (B, 16) float32 array"),
                            (x.astype(np.float64), eps, "got a float64 array"),
-                           (x.tolist(), eps, "got a list"), (x, eps[None], "shape (1, 4, 2)")]:
+                           (x.tolist(), eps, "got a list"), (x, eps[None], "shape (1, 4, 2)"),
+                           (x[0, 0], eps, "got a float32; convert"), (x[0], eps, "got a float32 array of shape (16,)")]:
         for call in (lambda: model.loss_and_grad(xx, ee), lambda: model.forward(xx, ee)):
             with pytest.raises(ConfigError, match=re.escape(needle)):
                 call()
