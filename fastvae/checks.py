@@ -47,14 +47,15 @@ def _choice(name, value, choices):
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def check_images(X, cfg, what: str = "images"):
+def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     """``X`` as images for a model of config ``cfg``: a host array ``(N, D)``
     with ``D = cfg.input_dim``, real numbers, finite, and in [0, 1] for the
     bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
     is defined only there). Array-likes (lists) are converted; a streamed
     dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
     is read) is checked for its shape only and returned as is. ``what``
-    names them in messages ("training images"). Cost: two
+    names them in messages ("training images"); fewer than ``min_rows``
+    images are refused (a picture of none). Cost: two
     passes (min, max) over the data, no copy of a NumPy array.
     Raises DataError naming the problem and the fix."""
     if not isinstance(X, np.ndarray) and not (hasattr(X, "shape") and hasattr(X, "ndim")):
@@ -68,6 +69,8 @@ def check_images(X, cfg, what: str = "images"):
     if X.shape[1] != cfg.input_dim:
         raise DataError(f"{what} have {X.shape[1]} features but the model expects {cfg.input_dim}; "
                         "use data of the size the model was built for")
+    if X.shape[0] < min_rows:
+        raise DataError(f"{what}: {X.shape[0]} given, at least {min_rows} needed; pass more images")
     if not isinstance(X, np.ndarray):
         return X
     if X.dtype.kind not in "fiub":

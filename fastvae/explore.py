@@ -23,9 +23,9 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import check_count
+from .checks import check_count, check_images
 from .memory import preflight
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .metrics import active_units, iwae, kl_per_dim, mig  # noqa: F401  (re-exported)
 from .plots import _figure, _save, _show, tile, plot_loss, plot_reconstructions, plot_samples  # noqa: F401
 
@@ -142,7 +142,9 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     """Test images' codes (``mu``; through the flow steps with an IAF
     posterior, see :meth:`VAE.codes`) as a scatter coloured by label: the latent
     plane itself when L = 2, else the first two principal components (named on the axes)."""
-    X = np.asarray(X[:max_points])                  # the first rows only, also of a streamed split
+    X = check_images(np.asarray(X[:max_points]), model.config, min_rows=1)   # the first rows, also of a streamed split
+    if labels is not None and len(labels) < len(X):
+        raise DataError(f"{len(labels)} labels for {len(X)} images; give one label per image")
     mu = model.codes(X)
     fig = _figure((6, 5))
     ax = fig.add_subplot(1, 1, 1)
@@ -210,6 +212,7 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
     the mean code of X, or 0) -- the beta-VAE picture (Higgins et al. 2017).
     ``max_dims`` keeps that many rows (the title then says how many of L)."""
     L = model.config.latent_dim
+    n_values = check_count("n_values", n_values)
     if X is not None:
         kl = kl_per_dim(model, X)
         order = list(np.argsort(-kl))
@@ -292,7 +295,9 @@ def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
     """The ``n`` best (lowest loss) and ``n`` worst (highest loss) images of X,
     truly sorted, each above its reconstruction, with the loss on top."""
     X = X if hasattr(X, "shape") else np.asarray(X)      # arrays and streamed splits: only X[idx] is read
-    best, worst = best_and_worst(losses, n)
+    if len(losses) != len(X):
+        raise DataError(f"{len(losses)} losses for {len(X)} images; give one loss per image (per_image_elbo)")
+    best, worst = best_and_worst(losses, check_count("n", n))
     fig = _figure((n * 0.9 + 0.4, 5.2))
     for k, (idx, name) in enumerate(((best, "best (lowest -ELBO)"), (worst, "worst (highest -ELBO)"))):
         R = model.reconstruct(X[idx])

@@ -80,15 +80,16 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
 
 def kl_per_dim(model, X) -> np.ndarray:
     """Mean over images of each latent dimension's KL to N(0, 1), ``(L,)`` nats
-    (Kingma & Welling 2014, App. B, not summed over j), in float64."""
+    (Kingma & Welling 2014, App. B, not summed over j), in float64. DataError for no images."""
+    X = check_images(X, model.config, min_rows=1)
     mu, lv = (a.astype(np.float64) for a in model.encode(X))
     return (0.5 * (mu * mu + np.exp(lv) - lv - 1.0)).mean(0)
 
 
 def active_units(model, X, threshold: float = 0.01):
     """``(count, variances)``: dimensions whose Var_x(mu_j) exceeds ``threshold``
-    (Burda et al. 2016, Sec. 5.2)."""
-    mu, _ = model.encode(X)
+    (Burda et al. 2016, Sec. 5.2). DataError for no images."""
+    mu, _ = model.encode(check_images(X, model.config, min_rows=1))
     var = mu.astype(np.float64).var(0)
     return int((var > threshold).sum()), var
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .checks import check_count, check_images
 from .errors import ConfigError
 
 
@@ -74,7 +75,8 @@ def _show(ax, grid):
 def plot_reconstructions(model, X, image_shape, n: int = 16, path: Optional[str] = None):
     """First ``n`` images of ``X (N, D)`` (top row of each pair) above their
     reconstructions decoded from ``mu`` (bottom row)."""
-    X = np.asarray(X[:n])
+    n = check_count("n", n)
+    X = check_images(np.asarray(X[:n]), model.config, min_rows=1)
     R = model.reconstruct(X)
     ncol = min(n, 8)
     pairs = []
@@ -90,7 +92,7 @@ def plot_reconstructions(model, X, image_shape, n: int = 16, path: Optional[str]
 
 def plot_samples(model, image_shape, n: int = 64, seed: int = 0, path: Optional[str] = None):
     """``n`` images decoded from z ~ N(0, I) (pixel means)."""
-    S = model.sample(n, seed)
+    S = model.sample(check_count("n", n), seed)
     ncol = int(math.ceil(math.sqrt(n)))
     fig = _figure((ncol * 0.8, math.ceil(n / ncol) * 0.8 + 0.4))
     ax = fig.add_subplot(1, 1, 1)

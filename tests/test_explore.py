@@ -212,3 +212,26 @@ def test_big_pictures_stay_within_memory(trained, monkeypatch):
     explore.plot_latent_grid(model, data.image_shape, n=20)                  # 400 x 256 x 96 B = 9.4 MiB: fine
     with pytest.raises(ConfigError, match="a 60 x 60 latent grid needs about .* use a smaller grid"):
         explore.plot_latent_grid(model, data.image_shape, n=60)              # 84 MiB: refused
+
+
+def test_pictures_of_nothing_are_refused_by_name(trained):
+    """Zero counts, no images, and losses or labels of another length than the
+    images: a named error (they raised ZeroDivisionError, IndexError or
+    "need at least one array", or drew a figure from mismatched losses)."""
+    from fastvae import DataError, plots
+    model, data = trained
+    X, shape = data.x_test[:6], data.image_shape
+    for call, err, needle in [
+            (lambda: plots.plot_samples(model, shape, n=0), ConfigError, "n must be at least 1"),
+            (lambda: plots.plot_reconstructions(model, X, shape, n=0), ConfigError, "n must be at least 1"),
+            (lambda: plots.plot_reconstructions(model, X[:0], shape), DataError, "0 given, at least 1 needed"),
+            (lambda: explore.plot_best_worst(model, X, np.arange(6.0), shape, n=0), ConfigError, "n must be"),
+            (lambda: explore.plot_best_worst(model, X, np.arange(5.0), shape, n=2), DataError, "5 losses for 6"),
+            (lambda: explore.plot_traversals(model, shape, n_values=0), ConfigError, "n_values must be"),
+            (lambda: explore.plot_latent_map(model, X[:0]), DataError, "0 given"),
+            (lambda: explore.plot_latent_map(model, X, labels=[1, 2]), DataError, "2 labels for 6 images"),
+            (lambda: explore.kl_per_dim(model, X[:0]), DataError, "0 given"),
+            (lambda: explore.active_units(model, X[:0]), DataError, "0 given")]:
+        with pytest.raises(err, match=needle):
+            call()
+    assert explore.kl_per_dim(model, X[:1]).shape == (4,) and explore.active_units(model, X[:1])[0] == 0
