@@ -88,11 +88,16 @@ def test_loss_every_keeps_gradients_and_estimates_the_loss():
         assert hb["test_neg_elbo"] == ha["test_neg_elbo"]
 
 
-def test_threads_setting():
-    from fastvae.threads import current, set_threads
+def test_threads_setting(capsys):
+    from fastvae.threads import current, set_threads, usable_cores
     before = current()["blas"][0]["threads"]
     try:
         assert set_threads(1)["blas"][0]["threads"] == 1
+        assert "note" not in capsys.readouterr().err
+        more = usable_cores() + 1                   # oversubscribed: said once, then kept quiet on re-applying
+        set_threads(more)
+        set_threads(more)
+        assert capsys.readouterr().err.count(f"--threads {more} is more than the {usable_cores()} cores") == 1
     finally:
         set_threads(before)
     with pytest.raises(ConfigError, match="threads"):
