@@ -109,8 +109,10 @@ class BatchSource:
         ~ N(0, 1); ``ws.global_batch`` is the global batch's size. Returns the
         workspace, or None when this rank's shard is empty."""
         be = self.backend
-        if self._x is None:
-            self._x = be.asarray(self.x_host)
+        if self._x is None:                # read only: on the CPU in the model dtype, the data itself, no copy
+            x = self.x_host
+            same = isinstance(x, be.array_type) and x.dtype == be.dtype and x.flags.c_contiguous
+            self._x = x if same else be.asarray(x)
         B = self.batch_size
         idx = pos.perm[b * B:(b + 1) * B]
         n = idx.shape[0]
