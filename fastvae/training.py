@@ -190,7 +190,7 @@ class Reporter:
         ips = row["images_per_s"]
         msg += f" nats/image, beta {row['beta']:.3g}, " + ("n/a images/s" if ips is None else f"{ips:.0f} images/s")
         if row.get("warmup_s") is not None:
-            msg += f" (warm-up {row['warmup_s']:.2f} s timed apart: kernel compilation or loading, first allocations)"
+            msg += f" (warm-up {row['warmup_s']:.2f} s timed apart)"   # compilation, first allocations: metrics.csv
         if self.bar is not None:
             self.bar.write(msg)
         else:
