@@ -55,10 +55,10 @@ class EpochPosition:
     warmup_images: int = 0
 
     def throughput(self, n: int) -> Optional[float]:
-        """Images per second over the epoch's ``n`` images, the first step of
-        the process left out (timed apart in ``warmup``) when any other step ran."""
+        """Images per second over the epoch's ``n`` images, its warm-up steps
+        left out (timed apart in ``warmup``) when any other step ran."""
         timed, images = self.seconds - self.warmup, n - self.warmup_images
-        if timed > 0 and images > 0 and self.warmup:
+        if timed > 0 and images > 0 and self.warmup_images:
             return images / timed
         return n / self.seconds if self.seconds > 0 else None
 
