@@ -342,6 +342,7 @@ def markdown(rows: List[dict]) -> str:
             + "GEMMs alone ms | x GEMMs alone | GFLOP/s | FLOP floor ms | warm-up s |\n|"
             + "---|" * (12 if eager else 11) + "\n")
     f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
+    x = lambda v: "" if v is None else f"{v:.2f}x"          # a ratio; empty without a peer (--no-torch)
     lines = []
     for r in rows:
         if "error" in r:
@@ -349,8 +350,8 @@ def markdown(rows: List[dict]) -> str:
         q = f"{f(r.get('ms_p25'), 3)}-{f(r.get('ms_p75'), 3)}" if "ms_p25" in r else ""
         taken = "\u2020" if r.get("taken_core") else ""
         lines.append(f"| {r['workload']} | {r['backend']} | {f(r['ms_per_step'], 3)}{taken} | {q} | {f(r['images_per_s'], 0)} | "
-                     f"{f(r.get('speedup_vs_torch'))}x | "
-                     + (f"{f(r.get('speedup_vs_torch_eager'))}x | " if eager else "")
+                     f"{x(r.get('speedup_vs_torch'))} | "
+                     + (f"{x(r.get('speedup_vs_torch_eager'))} | " if eager else "")
                      + f"{f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
                      f"{f(r.get('gflops_per_s'), 0)} | {f(r.get('flops_floor_ms'), 3)} | {f(r['warmup_s'])} |")
     env = rows[0]["env"] if rows else {}

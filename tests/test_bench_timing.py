@@ -90,6 +90,8 @@ def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
         assert all(line.count("|") == cells + 1 for line in table)
         assert ("vs PyTorch eager" in table[0]) == eager
     assert "| 5.00x |" in markdown(gpu)
+    alone = markdown([row("numpy", 4.0)])              # --no-torch: no peer, an empty ratio (it read "x")
+    assert "| 250 |  | " in alone and "x |" not in alone.splitlines()[2]
     assert "left out" not in markdown(cpu)
     cpu[0].update(chunks=10, chunks_kept=7, probe_range=[1.4, 1.9, 1.95])
     cpu[1].update(chunks=10, chunks_kept=10, probe_range=[1.4, 1.9, 1.95])
