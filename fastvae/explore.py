@@ -260,10 +260,18 @@ def plot_interpolation(model, xa, xb, image_shape, steps=10, path=None):
 
 def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) -> int:
     """Write ``frames (T, D)`` as an animated GIF (Pillow), upscaled ``scale``x,
-    played forth and back when ``bounce``; returns the number of frames written."""
+    played forth and back when ``bounce``; returns the number of frames written.
+    ConfigError for a scale below 1, frames past GIF's 65,535 pixels a side,
+    or frames that would not fit in memory (checked before any is drawn)."""
     from PIL import Image
     frames = np.clip(np.asarray(frames, dtype=np.float64), 0, 1)
     seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
+    scale, (H, W) = check_count("scale", scale), image_shape[:2]
+    if max(H, W) * scale > 65535:
+        raise ConfigError(f"--scale {scale} makes {W * scale} x {H * scale}-pixel frames; a GIF holds at most "
+                          f"65535 a side: use --scale {65535 // max(H, W)} or less")
+    preflight(2 * len(seq) * int(np.prod(image_shape)) * scale * scale, None,
+              f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels", "use a smaller --scale or fewer --steps")
     imgs = []
     for f in seq:
         a = (f.reshape(image_shape) * 255 + 0.5).astype(np.uint8)

@@ -32,9 +32,14 @@ def _figure(figsize):
 
 
 def _save(fig, path):
+    """``fig`` written to ``path`` (atomically) in the format its extension
+    names; ConfigError for a format matplotlib cannot write."""
     if path is not None:
         from .runfolder import atomic_write
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise ConfigError(f"cannot write a picture as .{fmt} ({path}); use one of "
+                              f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
         atomic_write(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", format=fmt))
     return fig
 

@@ -235,3 +235,23 @@ def test_pictures_of_nothing_are_refused_by_name(trained):
         with pytest.raises(err, match=needle):
             call()
     assert explore.kl_per_dim(model, X[:1]).shape == (4,) and explore.active_units(model, X[:1])[0] == 0
+
+
+def test_gif_and_picture_files_that_cannot_be_written_are_refused_first(trained, tmp_path, monkeypatch):
+    """--scale 1000 built 46 frames of 64,000^2 pixels until the OOM killer
+    ended it at 24 GB; a .xyz picture name raised matplotlib's ValueError.
+    Both are named errors now, before anything is drawn."""
+    from fastvae import memory
+    model, data = trained                       # 16 x 16 images
+    frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=5)
+    with pytest.raises(ConfigError, match="scale must be at least 1"):
+        explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=0)
+    with pytest.raises(ConfigError, match="a GIF holds at most 65535 a side: use --scale 4095 or less"):
+        explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=4096)
+    monkeypatch.setattr(memory, "host_available", lambda: 64 * 2 ** 20)      # pretend 64 MiB free
+    with pytest.raises(ConfigError, match="8 GIF frames of 4000 x 4000 pixels needs about"):
+        explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=250)
+    assert explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=2) == 8
+    assert not (tmp_path / "b.xyz").exists()
+    with pytest.raises(ConfigError, match=r"cannot write a picture as \.xyz .* use one of .*png"):
+        explore.plot_interpolation(model, data.x_test[0], data.x_test[1], data.image_shape, path=tmp_path / "b.xyz")
