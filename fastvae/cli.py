@@ -318,14 +318,13 @@ def _cmd_interpolate(a):
     from .errors import ConfigError
     if not (a.gif or a.png):
         raise ConfigError("say where to write the result: --gif OUT.gif and/or --png OUT.png")
+    _positive("--scale", a.scale)
     model, data = _load_for_explore(a.checkpoint, a.dataset, a.data_dir, a.backend)
     shape = _image_shape(model, data)
     xa = _pick_image(a.a, data, a.split, shape)
     xb = _pick_image(a.b, data, a.split, shape)
     if a.gif:
         frames = explore.interpolation_frames(model, xa, xb, a.steps, a.mode)
-        if a.scale < 1:
-            raise ConfigError(f"--scale must be a positive integer, got {a.scale}")
         n = explore.save_gif(frames, shape, a.gif, scale=a.scale)
         print(f"wrote {a.gif}: {n} frames ({a.steps} steps, {a.mode}, played forth and back)")
     if a.png:

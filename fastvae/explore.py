@@ -239,7 +239,10 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
 
 
 def interpolation_frames(model, xa, xb, steps=24, mode="linear") -> np.ndarray:
-    """``(steps, D)`` decoded images morphing from image xa to xb through their codes (:meth:`VAE.codes`)."""
+    """``(steps, D)`` decoded images morphing from image xa to xb through their
+    codes (:meth:`VAE.codes`); ConfigError when they would not fit in memory."""
+    preflight(16 * check_count("steps", steps, minimum=2) * model.config.input_dim, None,
+              f"{steps} interpolation frames", "use fewer --steps")       # the frames and their float64 copy
     mu = model.codes(np.stack([np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)]))
     return model.decode(interpolate_codes(mu[0], mu[1], steps, mode))
 
