@@ -275,6 +275,10 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
                         f"{' ...' if len(others) > 3 else ''}); remove them or pass --skip-other-files")
     if not files:
         raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}); add images or fix the path")
+    if image_size is not None:          # uint8 images, then float32: 5 bytes a value
+        from .memory import preflight
+        preflight(5 * len(files) * image_size[0] * image_size[1] * (3 if color == "rgb" else 1), None,
+                  f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}", "use a smaller --image-size")
     classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
     use_labels = classes != ["."]
     mode = "L" if color == "grayscale" else "RGB"

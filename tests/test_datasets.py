@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fastvae
 from fastvae import DataConfig, DataError, datasets
 from fastvae.datasets import load_idx, write_idx
 
@@ -193,6 +194,18 @@ def test_real_olivetti_file():
     assert ds.x_train.shape == (360, 4096) and ds.x_test.shape == (40, 4096)
     assert ds.image_shape == (64, 64)
     assert set(np.unique(np.concatenate([ds.y_train, ds.y_test]))) == set(range(40))
+
+
+def test_a_resize_that_cannot_fit_is_refused_before_reading(tmp_path):
+    """--image-size 100000 100000 on a folder resized every image to 10^10
+    pixels (out of memory); the total is checked against free memory first."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(fastvae.ConfigError, match="3 images resized to 100000 x 100000 needs about"):
+        datasets.load_image_folder(folder, image_size=(100000, 100000))
+    assert datasets.load_image_folder(folder, image_size=(4, 4)).x_train.shape[1] == 16
 
 
 def test_image_size_and_color_are_for_image_folders(tmp_path, monkeypatch):
