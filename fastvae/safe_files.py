@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import DataError
+
 MAX_COMPRESSION = 256      # a real image file compresses far less; all-zero fillers compress ~1000x
 MAX_JSON_DEPTH = 16
 
@@ -168,11 +170,24 @@ def _as_tuple(t):
     return t if isinstance(t, tuple) else (t,)
 
 
+def _deep_to_8bit(a: np.ndarray, path, fix: str, error) -> np.ndarray:
+    """A 16- or 32-bit integer image (values 0..65535) or a float one (0..1,
+    or 0..255) as uint8 0..255, scaled. Pillow's own conversion clips
+    instead: a 16-bit PNG ramp came out 99.6% white, a float TIFF in [0, 1] black."""
+    floating = a.dtype.kind == "f"
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    top = (1.0 if hi <= 1.0 else 255.0) if floating else 65535.0
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > top:
+        raise error(f"image {path} holds values in [{lo:g}, {hi:g}], outside 0..{top:g} for its pixel type; {fix}")
+    return np.round(a * (255.0 / top)).astype(np.uint8)
+
+
 #: decoded bytes any image file may declare; beyond it, at most MAX_COMPRESSION times the file's size
 IMAGE_FLOOR_BYTES = 64 * 2 ** 20
 
 
-def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=OSError) -> np.ndarray:
+def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=DataError) -> np.ndarray:
     """An image file (PNG, JPEG, ... through Pillow) as a ``uint8`` array
     ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"``, ``(H, W, 4)`` for ``"RGBA"``, centre-cropped
     to the aspect ratio of ``size = (H, W)`` and resized to it when given.
@@ -193,9 +208,13 @@ def read_image(path, mode: str, size=None, fix: str = "remove or replace it", er
                 if declared > max(IMAGE_FLOOR_BYTES, MAX_COMPRESSION * stored):
                     raise error(f"image {path} declares {im.width} x {im.height} pixels ({declared / 2 ** 20:.0f} MiB "
                                 f"decoded) in a {stored:,}-byte file: refused as a decompression bomb; {fix}")
+                if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                    im = Image.fromarray(_deep_to_8bit(np.asarray(im), path, fix, error))
                 im = im.convert(mode)
                 if size is not None:
                     im = ImageOps.fit(im, (int(size[1]), int(size[0])), method=Image.Resampling.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)
+        except error:
+            raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:   # SyntaxError: a broken PNG
             raise error(f"cannot read image {path} ({type(exc).__name__}: {exc}); {fix}") from None

@@ -218,3 +218,32 @@ def test_image_files_declaring_far_more_pixels_than_they_hold_are_refused_before
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image .*junk.png.*remove or replace it"):
         read_image(tmp_path / "junk.png", "L", error=DataError)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's own conversion to 8 bits clips: a 16-bit PNG ramp came out
+    99.6% white and a float TIFF in [0, 1] all but black. They are scaled
+    (0..65535 and 0..1 or 0..255 onto 0..255); values outside their pixel
+    type's range are refused."""
+    from PIL import Image
+    from fastvae.safe_files import read_image
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png", "L"), np.round(ramp / 257.0).astype(np.uint8))
+    assert read_image(tmp_path / "deep.png", "RGB").shape == (64, 64, 3)
+    unit = np.linspace(0, 1, 64).reshape(8, 8).astype(np.float32)
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    np.testing.assert_array_equal(read_image(tmp_path / "unit.tif", "L"),
+                                  np.round(unit.astype(np.float64) * 255).astype(np.uint8))
+    Image.fromarray(unit * 200, mode="F").save(tmp_path / "byte.tif")          # 0..200: already 8-bit values
+    assert read_image(tmp_path / "byte.tif", "L").max() == 200
+    Image.fromarray(unit * 300, mode="F").save(tmp_path / "big.tif")
+    with pytest.raises(DataError, match=r"holds values in \[0, 300\], outside 0..255"):
+        read_image(tmp_path / "big.tif", "L")
+    # and through the folder loader
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(ramp).save(folder / "a.png")
+    Image.fromarray(ramp[::-1]).save(folder / "b.png")
+    ds = datasets.load_image_folder(folder, test_fraction=0.0)
+    assert 0.45 < ds.x_train.mean() < 0.55                 # a ramp averages one half (it read 0.996 white)
