@@ -45,7 +45,7 @@ def _cmd_train(a):
     out = None
     if comm.rank == 0:                       # rank 0 owns the run folder; the others learn its name
         if a.resume:
-            out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=True,
+            out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=a.resume,
                                       force=a.force)
         else:
             name = a.dataset or "sprites"

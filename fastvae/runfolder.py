@@ -48,13 +48,14 @@ def checkpoint_path(path) -> str:
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
-def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
+def check_out(out: str, *, resume=False, force: bool = False) -> str:
     """Validate ``out`` before anything is loaded; returns its absolute path.
 
     Raises RunFolderError when ``out`` (or a folder on the way) is a file,
     when it cannot be created or written, when it holds files that are not
     from a fastvae run (unless ``force``), and when it holds a run and this
-    is a fresh start (``resume`` False) without ``force``.
+    is a fresh start (``resume`` False) or resumes another checkpoint
+    (``resume``: the resumed checkpoint's path) without ``force``.
     """
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     probe = out
@@ -74,11 +75,22 @@ def check_out(out: str, *, resume: bool = False, force: bool = False) -> str:
     if other and not force:
         raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
                              f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force (force=True in Python)")
+    here = os.path.join(out, CHECKPOINT_NAME)
     if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
-                             f"{os.path.join(out, 'checkpoint.h5')}, choose another --out, or pass --force (force=True in "
-                             "Python) to replace it")
+                             f"{here}, choose another --out, or pass --force (force=True in Python) to replace it")
+    if CHECKPOINT_NAME in names and isinstance(resume, (str, os.PathLike)) and not force and not _same_file(here, resume):
+        raise RunFolderError(f"--out {out} holds another run than the one resumed ({os.fspath(resume)}); leave out "
+                             "--out to continue in the resumed run's folder, choose an empty --out, or pass --force "
+                             "to replace that run")
     return out
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class _Lock:

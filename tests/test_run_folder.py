@@ -166,3 +166,24 @@ def test_temporary_names_are_unique_per_write(tmp_path, monkeypatch):
     monkeypatch.setattr(runfolder.tempfile, "mkstemp", spy)
     tiny_trainer(tmp_path / "run", epochs=2).fit()
     assert len(seen) == len(set(seen)) > 4
+
+
+def test_resuming_into_another_runs_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """`--resume A --out B`, B holding another run, replaced B's checkpoint
+    without a word; it is refused now (B intact) unless --force. Resuming into
+    the run's own folder, or into an empty one, goes on as before."""
+    from fastvae.cli import main
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--n-sprites", "200", "--latent", "2", "--batch-size", "50", "--epochs", "1", "--no-progress"]
+    assert main(["train", *tiny, "--hidden", "8", "--out", "a"]) == 0
+    assert main(["train", *tiny, "--hidden", "16", "--out", "b"]) == 0
+    before = (tmp_path / "b" / "checkpoint.h5").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", "a", "--epochs", "2", "--out", "b", "--no-progress"]) == 2
+    assert "holds another run than the one resumed" in capsys.readouterr().err
+    assert (tmp_path / "b" / "checkpoint.h5").read_bytes() == before
+    assert main(["train", "--resume", "a", "--epochs", "2", "--out", "a", "--no-progress"]) == 0
+    assert main(["train", "--resume", "a", "--epochs", "3", "--out", "c", "--no-progress"]) == 0
+    assert main(["train", "--resume", "a", "--epochs", "3", "--out", "b", "--no-progress", "--force"]) == 0
+    b = fastvae.load("b")                       # with --force: a's model, continued to epoch 3, replaced b's
+    assert b.num_params == fastvae.load("a").num_params and b.checkpoint["epoch"] == 3
