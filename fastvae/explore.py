@@ -17,6 +17,7 @@ Numbers:
 from __future__ import annotations
 
 import math
+import os
 import operator
 import statistics
 from typing import Optional
@@ -264,9 +265,12 @@ def plot_interpolation(model, xa, xb, image_shape, steps=10, path=None):
 def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) -> int:
     """Write ``frames (T, D)`` as an animated GIF (Pillow), upscaled ``scale``x,
     played forth and back when ``bounce``; returns the number of frames written.
-    ConfigError for a scale below 1, frames past GIF's 65,535 pixels a side,
+    ConfigError for a name not ending in .gif (it replaced a checkpoint.h5
+    given by mistake), a scale below 1, frames past GIF's 65,535 pixels a side,
     or frames that would not fit in memory (checked before any is drawn)."""
     from PIL import Image
+    if os.path.splitext(os.fspath(path))[1].lower() != ".gif":
+        raise ConfigError(f"an animation is written as .gif, not to {path}; name the file OUT.gif")
     frames = np.clip(np.asarray(frames, dtype=np.float64), 0, 1)
     seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
     scale, (H, W) = check_count("scale", scale), image_shape[:2]

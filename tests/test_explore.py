@@ -252,6 +252,10 @@ def test_gif_and_picture_files_that_cannot_be_written_are_refused_first(trained,
     with pytest.raises(ConfigError, match="8 GIF frames of 4000 x 4000 pixels needs about"):
         explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=250)
     assert explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=2) == 8
+    (tmp_path / "checkpoint.h5").write_bytes(b"precious")          # `--gif RUN/checkpoint.h5` replaced it
+    with pytest.raises(ConfigError, match="an animation is written as .gif"):
+        explore.save_gif(frames, data.image_shape, tmp_path / "checkpoint.h5")
+    assert (tmp_path / "checkpoint.h5").read_bytes() == b"precious"
     with pytest.raises(ConfigError, match="1000000 interpolation frames needs about .* use fewer --steps"):
         explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=1_000_000)     # 3.8 GiB
     assert not (tmp_path / "b.xyz").exists()
