@@ -81,9 +81,9 @@ def slerp(a, b, t):
 
 
 def interpolate_codes(za, zb, steps: int, mode: str = "linear") -> np.ndarray:
-    """``(steps, L)`` codes from za to zb inclusive, ``linear`` or ``spherical``."""
-    if steps < 2:
-        raise ConfigError(f"steps must be at least 2, got {steps}")
+    """``(steps, L)`` codes from za to zb inclusive, ``linear`` or ``spherical``;
+    ConfigError for fewer than 2 steps or another mode."""
+    steps = check_count("steps", steps, minimum=2)
     f = {"linear": lerp, "spherical": slerp, "slerp": slerp}.get(mode)
     if f is None:
         raise ConfigError(f"unknown interpolation {mode!r}; use linear or spherical")
