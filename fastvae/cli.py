@@ -5,7 +5,6 @@ Errors a user can cause print one line ``fastvae: error: ...`` and exit 2.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -53,7 +52,7 @@ def _cmd_train(a):
                                       f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"), force=a.force)
     out = comm.bcast(out)
     # the lock is taken before any data loads: a second trainer fails at once
-    with runfolder.locked(out) if comm.rank == 0 else contextlib.nullcontext():
+    with runfolder.locked(out if comm.rank == 0 else None):
         return _train_locked(a, out, progress and comm.rank == 0, comm.rank == 0)
 
 

@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from .errors import RunFolderError
 
@@ -162,8 +162,12 @@ def release(out: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(out: str):
-    """``with locked(out):`` hold the run lock of ``out`` (re-entrant)."""
+def locked(out: Optional[str]):
+    """``with locked(out):`` hold the run lock of ``out`` (re-entrant); a
+    no-op for None (no run folder, or a rank that does not write)."""
+    if out is None:
+        yield
+        return
     acquire(out)
     try:
         yield

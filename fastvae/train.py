@@ -23,6 +23,8 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
+
 from . import checkpoint as ckpt
 from . import datasets as _datasets
 from . import distributed, memory, objectives, runfolder
@@ -36,7 +38,7 @@ from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
 from .schedules import beta_at, lr_at
 from .streaming import StreamBatchSource, StreamedImages
-from .threads import autotune_model, fit_backend
+from .threads import autotune_model, fit_backend, set_threads
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
                        WarmUp, step_graphs)
 
@@ -76,7 +78,6 @@ class Trainer:
         self.world = distributed.world(tc.backend)
         threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
         if threads is not None and threads != "auto":
-            from .threads import set_threads
             set_threads(threads)
         self.model = VAE(model_config, tc.backend, seed=tc.seed)
         self.backend = self.model.backend
@@ -364,14 +365,14 @@ class Trainer:
 
         Raises TrainingDivergedError when the loss becomes non-finite
         (checked at every progress interval and epoch end; nothing is saved
-        then), TrainingInterrupted after Ctrl-C or SIGTERM once the current
+        then, and no save writes non-finite parameters), TrainingInterrupted after Ctrl-C or SIGTERM once the current
         step is finished and a checkpoint written (run folders only), and
         RunFolderError when another process trains in the same run folder
         (an ``fcntl`` lock, :mod:`fastvae.runfolder`, held while fitting).
         """
-        if self.out is None or not self.writes:
-            return self._fit(epochs, pictures)
-        with runfolder.locked(self.out):
+        # overflow in a diverging step is reported by the loss check with its fixes, not as NumPy warnings
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+                runfolder.locked(self.out if self.writes else None):
             return self._fit(epochs, pictures)
 
     def _fit(self, epochs, pictures):

@@ -31,6 +31,19 @@ from .evaluate import evaluate
 from .distributed import AllReduceGrads, shard
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
+DIVERGED_FIXES = ("lower --lr, add --clip-grad-norm 100, or warm beta up with --beta-schedule linear "
+                  "--beta-warmup 5")
+
+
+def _kept(path: Optional[str]) -> str:
+    """What a diverged run leaves on disk at ``path`` (its checkpoint, or None)."""
+    if path is None:
+        return "nothing was saved (no run folder)"
+    if os.path.exists(path):
+        return f"the last good checkpoint {path} is kept"
+    return f"no checkpoint was written yet ({path} would be the first)"
+
+
 METRIC_FIELDS = ["epoch", "step", "train_loss", "train_neg_elbo", "train_recon", "train_kl", "beta", "lr",
                  "test_neg_elbo", "test_recon", "test_kl", "images_per_s", "seconds", "warmup_s", "rss_mb"]
 
@@ -170,8 +183,7 @@ class Reporter:
         if not math.isfinite(value):
             raise TrainingDivergedError(
                 f"the {what} became {value} at step {step} (epoch {epoch + 1}); training stopped and "
-                f"the last good checkpoint{' in ' + out if out else ''} is kept; lower --lr, "
-                "add --clip-grad-norm 100, or warm beta up with --beta-schedule linear --beta-warmup 5")
+                f"{_kept(None if out is None else os.path.join(out, CHECKPOINT_NAME))}; {DIVERGED_FIXES}")
 
     def progress_to(self, done: int, shown: int, epoch: int, running: float, beta: float) -> int:
         """Advance the bar to ``done`` steps of this epoch; returns the new mark."""
@@ -278,8 +290,14 @@ class Checkpointer:
             state["partial"] = pos.to_state(be)
             perm = pos.perm if isinstance(pos.perm, np.ndarray) else be.to_host(pos.perm)
             arrays["epoch_perm"] = np.asarray(perm).astype(np.int64)
+        params = trainer.model.get_flat_params()
+        bad = params.size - int(np.count_nonzero(np.isfinite(params)))
+        if bad:       # diverged since the last loss check (which runs every 20 steps): never replace a good file
+            raise TrainingDivergedError(
+                f"{bad} of {params.size} parameters are NaN or infinite at step {trainer.step} (training "
+                f"diverged); not saved, so {_kept(path)}; {DIVERGED_FIXES}")
         ckpt.save_checkpoint(
-            path, params=trainer.model.get_flat_params(), adam_state=trainer.optimizer.state_dict(),
+            path, params=params, adam_state=trainer.optimizer.state_dict(),
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
         return path

@@ -248,6 +248,46 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     np.testing.assert_array_equal(kept.get_flat_params(), good)
 
 
+def test_a_divergence_between_loss_checks_never_replaces_the_good_checkpoint(tmp_path):
+    """The loss is checked every 20 steps; Ctrl-C two steps after the weights
+    turned NaN once saved them over the last good checkpoint (12,814 NaN
+    parameters on disk). The save refuses non-finite parameters."""
+    import os
+    t = _tiny(tmp_path, epochs=1)
+    t.fit(pictures=False)
+    good = fastvae.load(tmp_path / "checkpoint.h5").get_flat_params()
+    t2 = Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=3, dataset=t.data, progress=False)
+    real, calls = t2.model.loss_and_grad, []
+
+    def poisoned(*a, **k):
+        r = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            t2.model.grads[:] = np.nan
+            os.kill(os.getpid(), signal.SIGINT)          # the trainer's handler: stop after this step, save
+        return r
+    t2.model.loss_and_grad = poisoned
+    with pytest.raises(TrainingDivergedError, match=r"parameters are NaN or infinite .* not saved, so the last "
+                                                   r"good checkpoint .*checkpoint.h5 is kept"):
+        t2.fit(pictures=False)
+    kept = fastvae.load(tmp_path / "checkpoint.h5")
+    assert kept.checkpoint["epoch"] == 1
+    np.testing.assert_array_equal(kept.get_flat_params(), good)
+    with pytest.raises(TrainingDivergedError, match="not saved"):
+        t2.save(str(tmp_path / "other.h5"))
+    assert not (tmp_path / "other.h5").exists()
+
+
+def test_a_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, recwarn):
+    from fastvae.cli import main
+    assert main(["train", *TINY, "--lr", "1e6", "--epochs", "2", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint was written yet" in err and "last good checkpoint" not in err, err
+    # the loss check speaks, not NumPy's overflow warnings (three of them before)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+    assert not (tmp_path / "r" / "checkpoint.h5").exists()
+
+
 def test_gradient_clipping_bounds_the_global_norm(tmp_path):
     t = _tiny(None, epochs=1, clip_grad_norm=0.5)
     norms = []
