@@ -27,11 +27,12 @@ def per_image_losses(model, X, batch_size: int = 1000, seed: int = 0):
     kl = np.empty(X.shape[0])
     for i in range(0, X.shape[0], batch_size):
         xb = be.asarray(X[i:i + batch_size])
-        ws = model.workspace(xb.shape[0])
-        rng.normal_(ws.eps)
-        model.forward(xb, ws.eps)
-        recon[i:i + xb.shape[0]] = be.to_host(ws.nll)
-        kl[i:i + xb.shape[0]] = be.to_host(ws.kl)
+        with model.lock:                            # the workspace is the model's, shared with other threads
+            ws = model.workspace(xb.shape[0])
+            rng.normal_(ws.eps)
+            model.forward(xb, ws.eps)
+            recon[i:i + xb.shape[0]] = be.to_host(ws.nll)
+            kl[i:i + xb.shape[0]] = be.to_host(ws.kl)
     return recon, kl
 
 

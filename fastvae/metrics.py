@@ -62,12 +62,13 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
             if tt not in reps:
                 reps[tt] = (be.asarray(np.repeat(xb, tt, axis=0)), be.asarray(np.repeat(head[i0:i0 + nb], tt, axis=0)))
             eps = rng.standard_normal((nb * tt, L))
-            ws = model.workspace(nb * tt)
-            z = model.sample_posterior_into(ws, reps[tt][1], be.asarray(eps), sampled_kl=True)
-            model.decode_into(ws, z)
-            model.nll_into(ws, reps[tt][0])
-            # log w = log p(x|z) + log p(z) - log q(z|x) = -nll - (log q(z|x) - log p(z)), flows included
-            w = -(be.to_host(ws.nll).astype(np.float64) + be.to_host(ws.kl).astype(np.float64)).reshape(nb, tt)
+            with model.lock:                        # the workspace is the model's, shared with other threads
+                ws = model.workspace(nb * tt)
+                z = model.sample_posterior_into(ws, reps[tt][1], be.asarray(eps), sampled_kl=True)
+                model.decode_into(ws, z)
+                model.nll_into(ws, reps[tt][0])
+                # log w = log p(x|z) + log p(z) - log q(z|x) = -nll - (log q(z|x) - log p(z)), flows included
+                w = -(be.to_host(ws.nll).astype(np.float64) + be.to_host(ws.kl).astype(np.float64)).reshape(nb, tt)
             new_m = np.maximum(m, w.max(1))
             acc = acc * np.exp(m - new_m) + np.exp(w - new_m[:, None]).sum(1)
             m = new_m

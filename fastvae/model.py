@@ -17,11 +17,15 @@ walks them. All parameters live in ``self.params`` (one flat buffer, see
 ``loss_and_grad`` writes every gradient into ``self.grads`` of the same
 layout. Shapes: ``x (B, D)`` with pixel values in [0, 1], ``eps (B, L)``; all
 arrays in the model's dtype on the backend's device. Work buffers are
-allocated once per batch size and reused.
+allocated once per batch size and reused, so every call that uses them holds
+``model.lock``: threads sharing a model take turns instead of overwriting
+each other's buffers.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Dict, Optional
 
 import numpy as np
@@ -33,6 +37,16 @@ from .config import ModelConfig
 from .checks import check_codes, check_count, check_images
 from .errors import ConfigError
 from .layout import ParamLayout
+
+
+def _exclusive(method):
+    """Run ``method`` holding the model's lock (its workspaces and the
+    backend's scratch buffers serve every call on the model)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class Workspace:
@@ -114,6 +128,7 @@ class VAE:
         for layer in self.layers:
             layer.bind(self.layout, self.params, self.grads)
         self._ws: Dict[int, Workspace] = {}
+        self.lock = threading.RLock()     # held while a call uses the workspaces (see the module docstring)
         self.init_params(seed)
 
     # ---- parameters ----------------------------------------------------------
@@ -195,6 +210,7 @@ class VAE:
         n = len(self.layers) - 1
         return self._walk(ws, n, n + 1, ws.logits, _layers.Step(x, None))
 
+    @_exclusive
     def forward(self, x, eps, need_nll: bool = True) -> Workspace:
         """Full forward pass for ``x (B, D)`` and noise ``eps (B, L)``.
 
@@ -221,6 +237,7 @@ class VAE:
                 raise ConfigError(f"{name} must be a ({B if name == 'eps' else 'B'}, {width}) {be.dtype} array on the "
                                   f"{be.name} backend, got {got}; convert it with model.backend.asarray")
 
+    @_exclusive
     def loss_and_grad(self, x, eps, beta: float = 1.0, need_loss: bool = True, grad_scale: Optional[float] = None):
         """Forward walk then reversed backward walk of ``mean_i(recon_i + beta * kl_i)``.
 
@@ -257,6 +274,7 @@ class VAE:
         for i in range(0, X.shape[0], batch_size):
             yield self.backend.asarray(X[i:i + batch_size])
 
+    @_exclusive
     def encode(self, X, batch_size: int = 1024):
         """``(mu, logvar)`` as host arrays ``(N, L)`` for host images ``X (N, D)``.
 
@@ -283,6 +301,7 @@ class VAE:
             return 0.5 * (1.0 + np.tanh(0.5 * logits))
         return np.clip(logits, 0.0, 1.0)
 
+    @_exclusive
     def decode(self, Z, batch_size: int = 1024):
         """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host
         codes ``Z (N, L)``; DataError for codes not of that shape or not finite."""
@@ -296,6 +315,7 @@ class VAE:
             outs.append(self.mean_image(self.backend.to_host(ws.logits)).astype(self.config.dtype, copy=False))
         return np.concatenate(outs) if outs else np.zeros((0, self.config.input_dim), self.config.dtype)
 
+    @_exclusive
     def codes(self, X, batch_size: int = 1024):
         """The codes the decoder reads for host images ``X (N, D)`` without
         noise (eps = 0): ``mu``, or with flow steps their image of ``mu``;

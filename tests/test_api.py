@@ -255,3 +255,36 @@ def test_the_step_refuses_batches_the_kernels_would_misread(backend):
     opt.step(0.0)                               # a schedule's last value may be 0: a valid step that moves nothing
     assert opt.t == 1
     np.testing.assert_array_equal(model.get_flat_params(), before)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_threads_sharing_a_model_get_the_answers_one_thread_gets(backend):
+    """The workspaces are the model's: four threads calling encode / decode /
+    evaluate / iwae on one model at once overwrote each other's buffers (all
+    four encode threads got wrong codes, silently). Calls now take turns."""
+    if backend not in [b["name"] for b in backends.available() if b["available"]]:
+        pytest.skip(f"{backend} backend unavailable here")
+    import threading
+    from fastvae.metrics import iwae
+    m = fastvae.VAE(ModelConfig(input_dim=784, hidden=[200], latent_dim=8), backend, seed=0)
+    r = np.random.default_rng(0)
+    xs = [r.random((48 + 16 * i, 784), dtype=np.float32) for i in range(3)]   # three batch sizes
+    z = r.standard_normal((40, 8))
+    calls = [lambda i=i: m.encode(xs[i])[0] for i in range(3)]
+    calls += [lambda: m.decode(z), lambda: fastvae.evaluate(m, xs[1])["neg_elbo"],
+              lambda: iwae(m, xs[0][:6], k=8), lambda: m.codes(xs[2], batch_size=32)]
+    expected = [c() for c in calls]
+    wrong = []
+
+    def work(j):
+        for _ in range(30):
+            got = calls[j]()
+            if not np.array_equal(got, expected[j]):
+                wrong.append(j)
+                return
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [], f"calls {sorted(wrong)} returned other answers under threads"
