@@ -18,11 +18,13 @@ never silently overwritten, and written only by atomic replacement.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, Optional
 
@@ -96,9 +98,12 @@ def _same_file(a, b) -> bool:
 class _Lock:
     def __init__(self, out: str, fd: int, created: bool):
         self.out, self.fd, self.created, self.depth = out, fd, created, 1
+        self.thread = threading.get_ident()     # re-entered by this thread only
 
 
 _HELD: Dict[str, _Lock] = {}
+_HELD_GUARD = threading.Lock()                  # threads of one process share _HELD
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)    # flock's "held by another" answers
 
 
 def _holder(fd: int) -> str:
@@ -112,11 +117,20 @@ def _holder(fd: int) -> str:
 
 
 def acquire(out: str) -> None:
-    """Take (or re-enter) the run lock of ``out``, creating the folder.
-    Raises RunFolderError naming the holder when another process has it."""
+    """Take (or re-enter, from the same thread) the run lock of ``out``,
+    creating the folder. Raises RunFolderError naming the holder when another
+    process or another thread of this one has it. On a file system without
+    locks (some NFS mounts) it goes on unlocked with a note on stderr."""
+    with _HELD_GUARD:
+        _acquire(os.path.abspath(out))
+
+
+def _acquire(out: str) -> None:
     import fcntl
-    out = os.path.abspath(out)
     if out in _HELD:
+        if _HELD[out].thread != threading.get_ident():
+            raise RunFolderError(f"run folder {out} is in use by another thread of this process; wait for its "
+                                 "training to finish or choose another out folder")
         _HELD[out].depth += 1
         return
     created = not os.path.exists(out)
@@ -128,11 +142,15 @@ def acquire(out: str) -> None:
         raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable --out") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        who = _holder(fd)
-        os.close(fd)
-        raise RunFolderError(f"run folder {out} is in use by {who}; wait for it to finish, stop it, or choose "
-                             "another --out") from None
+    except OSError as exc:
+        if exc.errno not in _BUSY:              # ENOLCK, EOPNOTSUPP: this file system keeps no locks
+            print(f"fastvae: note: cannot lock run folder {out} ({exc.strerror}); a second trainer started "
+                  "in it would not be stopped", file=sys.stderr)
+        else:
+            who = _holder(fd)
+            os.close(fd)
+            raise RunFolderError(f"run folder {out} is in use by {who}; wait for it to finish, stop it, or "
+                                 "choose another --out") from None
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
@@ -146,9 +164,13 @@ def acquire(out: str) -> None:
 def release(out: str) -> None:
     """Leave the run lock (the lock file stays; the folder is removed again
     when this process created it and nothing else was written there)."""
-    out = os.path.abspath(out)
+    with _HELD_GUARD:
+        _release(os.path.abspath(out))
+
+
+def _release(out: str) -> None:
     lk = _HELD.get(out)
-    if lk is None:
+    if lk is None or lk.thread != threading.get_ident():
         return
     lk.depth -= 1
     if lk.depth:

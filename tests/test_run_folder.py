@@ -78,6 +78,49 @@ def test_second_trainer_on_the_same_folder_fails_at_once_naming_the_first(tmp_pa
     fv("train", "--resume", out, "--epochs", m.checkpoint["epoch"] + 1, "--no-progress", cwd=tmp_path)
 
 
+def test_a_second_thread_training_into_a_held_folder_is_refused(tmp_path):
+    """The lock is re-entrant for the thread holding it (the CLI takes it,
+    then Trainer.fit takes it again); another thread of the same process
+    re-entered it too and trained into the same folder."""
+    import threading
+    out = str(tmp_path / "run")
+    errors = []
+    with runfolder.locked(out):
+        def other():
+            try:
+                tiny_trainer(out, epochs=1).fit(pictures=False)
+            except RunFolderError as exc:
+                errors.append(str(exc))
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert len(errors) == 1 and "in use by another thread of this process" in errors[0], errors
+        assert not os.path.exists(os.path.join(out, "checkpoint.h5"))
+        tiny_trainer(out, epochs=1).fit(pictures=False)          # the holding thread re-enters
+    assert os.path.exists(os.path.join(out, "checkpoint.h5"))
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
+    """flock's ENOLCK (an NFS mount without a lock daemon) was reported as the
+    folder being "in use by another process", which no process was."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    t = tiny_trainer(tmp_path / "run", epochs=1)
+    t.fit(pictures=False)
+    assert (tmp_path / "run" / "checkpoint.h5").exists()
+    err = capsys.readouterr().err
+    assert "cannot lock run folder" in err and "No locks available" in err, err
+
+    def busy(fd, op):
+        raise OSError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+    monkeypatch.setattr(fcntl, "flock", busy)
+    with pytest.raises(RunFolderError, match="is in use by"):
+        tiny_trainer(tmp_path / "run2", epochs=1).fit(pictures=False)
+
+
 def test_sigterm_saves_prints_resume_and_exits_143(tmp_path):
     out = tmp_path / "run"
     p = _start(out, tmp_path)
