@@ -263,9 +263,9 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DataError(f"{path} is not a folder; pass a folder of images")
-    files, others = [], []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files, others, seen = [], [], {os.path.realpath(path)}
+    for root, dirs, names in os.walk(path, followlinks=True):     # linked class folders count, as in torchvision
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and _first_visit(os.path.join(root, d), seen)]
         for n in sorted(names):
             if n.startswith("."):
                 continue                      # .DS_Store and other hidden files
@@ -296,6 +296,16 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     xtr, ytr, xte, yte, _, _ = _random_split(_to_unit(x), y, test_fraction, seed)
     return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
                    label_names=classes if use_labels else None)
+
+
+def _first_visit(folder: str, seen: set) -> bool:
+    """Whether ``folder`` (after its links) was not walked yet: a link back up
+    the tree, or two links to one folder, are walked once."""
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 # -------------------------------------------------------------------- entry

@@ -94,6 +94,23 @@ def test_image_folder_labels_resize_rgb(tmp_path):
     assert ds.x_train.shape == (10, 8 * 8 * 3) and ds.image_shape == (8, 8, 3) and ds.x_test is None
 
 
+def test_image_folder_follows_linked_class_folders_once(tmp_path):
+    """A class folder that is a symbolic link (data kept elsewhere) was
+    skipped without a word: half the images and one class of two. Links are
+    followed now; a link back up the tree is walked once, not forever."""
+    r = np.random.default_rng(1)
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere" / "dogs"
+    for folder in (root / "cats", elsewhere):
+        for i in range(5):
+            _save_png(str(folder / f"{i}.png"), r.integers(0, 256, (6, 6), dtype=np.uint8))
+    os.symlink(elsewhere, root / "dogs")
+    os.symlink(root, root / "cats" / "up")           # a loop
+    os.symlink(elsewhere, root / "cats" / "again")   # the dogs a second time
+    ds = datasets.load_image_folder(root, test_fraction=0)
+    assert ds.x_train.shape == (10, 36) and ds.label_names == ["cats", "dogs"], (ds.x_train.shape, ds.label_names)
+    assert sorted(ds.y_train.tolist()) == [0] * 5 + [1] * 5
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         datasets.load_image_folder(tmp_path)
