@@ -253,7 +253,8 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
                       test_fraction: float = 0.1, seed: int = 0, skip_other_files: bool = False) -> Dataset:
     """Every image under ``path`` (PNG, JPEG, ... via Pillow), sorted by path.
 
-    Sub-folders become integer labels (sorted names). ``image_size=(H, W)``
+    Sub-folders become integer labels (sorted names); linked ones are
+    followed, each real folder walked once. ``image_size=(H, W)``
     resizes after a centre crop to that aspect ratio; without it every image
     must have the same size. ``color``: ``grayscale`` (D = H*W) or ``rgb``
     (D = H*W*3). Raises DataError for an empty folder, files that are not
