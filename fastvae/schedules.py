@@ -64,3 +64,22 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int, total_epochs: int) 
         frac = min(step / total, 1.0)
         return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * frac))
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
+
+
+def resume_note(cfg: TrainConfig, step: int, steps_per_epoch: int, old_total: int, new_total: int) -> str:
+    """A note when continuing at ``step`` with ``new_total`` epochs instead of
+    ``old_total`` moves a schedule that depends on the run's length (cosine
+    lr, cyclical beta): the values it jumps between; else ``""``."""
+    jumps = []
+    lr0, lr1 = (lr_at(cfg, step, steps_per_epoch, t) for t in (old_total, new_total))
+    if not math.isclose(lr0, lr1, rel_tol=1e-9):
+        jumps.append(f"the {cfg.lr_schedule} lr from {lr0:.3g} to {lr1:.3g}")
+    e = step / max(steps_per_epoch, 1)
+    b0, b1 = (beta_at(cfg, e, t) for t in (old_total, new_total))
+    if not math.isclose(b0, b1, rel_tol=1e-9):
+        jumps.append(f"the {cfg.beta_schedule} beta from {b0:.3g} to {b1:.3g}")
+    if not jumps:
+        return ""
+    keep = f"; resume with --epochs {old_total} to keep it" if step < old_total * steps_per_epoch else ""
+    return (f"--epochs {new_total} instead of the run's {old_total} stretches its schedule: at step {step} "
+            f"{' and '.join(jumps)} (a jump){keep}")

@@ -20,6 +20,9 @@ bit-identical.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Optional
 
@@ -36,7 +39,7 @@ from .checks import check_count, check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
-from .schedules import beta_at, lr_at
+from .schedules import beta_at, lr_at, resume_note
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
@@ -108,12 +111,9 @@ class Trainer:
         self.reporter = Reporter(out if self.writes else None, progress and self.writes)
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
         self.checkpointer = Checkpointer(out)
-        self.epoch = 0
-        self.step = 0
-        self.history = []
+        self.epoch, self.step, self.history = 0, 0, []
         self.position: Optional[EpochPosition] = None     # inside an unfinished epoch
-        self.stop_requested = False
-        self.stop_signal = None
+        self.stop_requested, self.stop_signal = False, None
 
     # ---- parts kept reachable under their old names ----------------------------
     @property
@@ -178,7 +178,7 @@ class Trainer:
         except (ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} holds an invalid config ({exc}); use a checkpoint written "
                                   "by fastvae") from None
-        changes = {"backend": choose_backend(backend, tc.backend)}
+        old_epochs, changes = tc.epochs, {"backend": choose_backend(backend, tc.backend)}
         changes.update({k: v for k, v in (("epochs", epochs), ("threads", threads)) if v is not None})
         if changes["backend"] != "cupy":        # GPU-only settings do not follow a run to the CPU
             changes.update(tf32=False, cuda_graph=False)
@@ -195,6 +195,9 @@ class Trainer:
         st = data["state"]
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
         self.history = list(data["history"])
+        note = resume_note(tc, self.step, self.steps_per_epoch(), old_epochs, tc.epochs)
+        if note and self.writes:
+            print(f"fastvae: note: {note}", file=sys.stderr)
         if "partial" in st:
             perm = data["arrays"].get("epoch_perm")
             N = self.data.x_train.shape[0]
@@ -230,12 +233,9 @@ class Trainer:
         step, saves, stops (TrainingInterrupted carries the signal). A second
         signal stops at once (KeyboardInterrupt), except during a save, which
         always completes. Returns the previous handlers."""
-        import signal
-        import threading
         if self.out is None or threading.current_thread() is not threading.main_thread():
             return None
-        self.stop_requested = False
-        self.stop_signal = None
+        self.stop_requested, self.stop_signal = False, None
 
         def handler(signum, frame):
             if self.stop_requested and not self.checkpointer.saving:
@@ -246,7 +246,6 @@ class Trainer:
 
     @staticmethod
     def _restore_signals(previous) -> None:
-        import signal
         for s, h in (previous or {}).items():
             signal.signal(s, h)
 

@@ -75,6 +75,32 @@ def test_lr_schedules():
     assert lr_at(c, 999 / 2, 100, 10) == pytest.approx(0.0055)
 
 
+def test_resuming_with_another_length_names_the_schedule_jump(tmp_path, capsys):
+    """Cosine lr and cyclical beta are laid over the run's epochs: resumed
+    with another --epochs they jumped without a word (a finished 2-epoch
+    cosine run at lr 0 went on at 4.7e-4)."""
+    from fastvae.schedules import resume_note
+    c = cfg(lr=0.01, lr_schedule="cosine", lr_min=0.001)
+    note = resume_note(c, 500, 100, 10, 20)           # half-way through a 10-epoch run, stretched to 20
+    assert f"lr from {lr_at(c, 500, 100, 10):.3g} to {lr_at(c, 500, 100, 20):.3g}" in note
+    assert "resume with --epochs 10 to keep it" in note
+    assert "keep it" not in resume_note(c, 1000, 100, 10, 20)        # a finished run: no way to keep it
+    cy = cfg(beta_schedule="cyclical", beta_cycles=4)
+    assert "cyclical beta from 1 to 0.5" in resume_note(cy, 125, 100, 10, 20)   # ratio 0.5: periods of 2.5 and 5 epochs
+    for same in (resume_note(c, 500, 100, 10, 10), resume_note(cfg(lr=0.01), 500, 100, 10, 20),
+                 resume_note(cfg(beta_schedule="linear", beta_warmup=3), 150, 100, 10, 20)):
+        assert same == ""                                # nothing moves: no note
+    from conftest import tiny_trainer
+    from fastvae import Trainer
+    t = tiny_trainer(tmp_path, epochs=2, lr_schedule="cosine")
+    t.fit(pictures=False)
+    capsys.readouterr()
+    Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=4, dataset=t.data, progress=False)
+    assert "fastvae: note: --epochs 4 instead of the run's 2 stretches its schedule" in capsys.readouterr().err
+    Trainer.from_checkpoint(tmp_path / "checkpoint.h5", dataset=t.data, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(lr=-1e-3), "lr"), (dict(batch_size=0), "batch_size"), (dict(epochs=-1), "epochs"),
     (dict(beta_schedule="warm"), "beta_schedule"), (dict(lr_schedule="exp"), "lr_schedule"),
