@@ -64,7 +64,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
           **kwargs) -> Trainer:
     """Train a VAE in one call and return the finished :class:`Trainer`.
 
-    ``dataset``: a name/path or a loaded :class:`~fastvae.datasets.Dataset`.
+    ``dataset``: a name/path, a loaded :class:`~fastvae.datasets.Dataset`, or
+    an array of images (:func:`fastvae.datasets.from_arrays`: ``(N, H, W[, C])``
+    or ``(N, D)``, uint8 or float in [0, 1]; a seeded 10 % test split).
     Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
     :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
     epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
@@ -75,6 +77,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
+    import os
     from .cli_args import FIELD_OF_FLAG
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
@@ -91,8 +94,11 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)
+    if not isinstance(dataset, (str, os.PathLike, datasets.Dataset)) and hasattr(dataset, "__array__"):
+        split = DataConfig(**pick(DataConfig))
+        dataset = datasets.from_arrays(dataset, test_fraction=split.test_fraction, seed=split.data_seed)
     if isinstance(dataset, datasets.Dataset):
-        data, dcfg = dataset, DataConfig(dataset=dataset.name, **pick(DataConfig))
+        data, dcfg = dataset, DataConfig(dataset=datasets.in_memory(dataset.name), **pick(DataConfig))
     else:
         dcfg = DataConfig(dataset=dataset, **pick(DataConfig))
         data = datasets.load(dcfg)

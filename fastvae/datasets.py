@@ -230,18 +230,29 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
             xtr, xte = streamed
             return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)
     x, y = read_arrays(path)
+    return from_arrays(x, y, os.path.splitext(os.path.basename(path))[0], test_fraction, seed, where=path)
+
+
+def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, seed: int = 0,
+                where: Optional[str] = None) -> Dataset:
+    """A :class:`Dataset` of in-memory images ``x``: ``(N, H, W)``, ``(N, H, W, C)``
+    (C = 1, 3 or 4, channels last) or ``(N, D)``, uint8 (0..255, divided by
+    255) or float (kept: in [0, 1] for the bernoulli likelihood); integer
+    labels ``y (N,)`` optional (others are dropped). A seeded random
+    ``test_fraction`` of the rows is the test split (none when it rounds to 0
+    images). The rules of array files; raises DataError naming the problem."""
+    where = where or f"array {name!r}"
     x = np.asarray(x)
     if x.ndim < 2 or x.shape[0] == 0:
-        raise DataError(f"{path}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
+        raise DataError(f"{where}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
     if y is not None:
         y = np.asarray(y).reshape(-1)
         if len(y) != len(x):
-            raise DataError(f"{path}: {len(x)} images but {len(y)} labels; they must match")
+            raise DataError(f"{where}: {len(x)} images but {len(y)} labels; they must match")
         y = y.astype(np.int64) if y.dtype.kind in "iub" else None
-    shape = image_shape_of(x.shape, path)
+    shape = image_shape_of(x.shape, where)
     xf = _to_unit(x)        # uint8 -> [0, 1]; floats kept (the bernoulli likelihood checks [0, 1])
     xtr, ytr, xte, yte, _, _ = _random_split(xf, y, test_fraction, seed)
-    name = os.path.splitext(os.path.basename(path))[0]
     return Dataset(name, xtr, ytr, xte, yte, shape)
 
 
@@ -310,6 +321,14 @@ def _first_visit(folder: str, seen: set) -> bool:
 
 
 # -------------------------------------------------------------------- entry
+IN_MEMORY = "in-memory:"        # the recorded name of data handed over in memory: nothing to load it from
+
+
+def in_memory(name: str) -> str:
+    """The DataConfig name recorded for a dataset given in memory."""
+    return name if name.startswith(IN_MEMORY) else IN_MEMORY + name
+
+
 def is_image_folder(name) -> bool:
     """Whether dataset ``name`` is a folder of image files (built-in names first)."""
     return name not in ("sprites", "olivetti", *BUILTIN) and os.path.isdir(os.path.expanduser(name))
@@ -328,6 +347,10 @@ def load(cfg, splits=("train", "test")) -> Dataset:
     if not folder and (cfg.image_size is not None or cfg.color != "grayscale"):
         raise DataError(f"--image-size and --color apply to folders of images, not to {name}; resize or "
                         "convert the images before training (or train on a folder of image files)")
+    if name.startswith(IN_MEMORY):
+        raise DataError(f"this run was trained on data given in memory ({name[len(IN_MEMORY):]!r}), so there is "
+                        "nothing to load it from; name the data for eval and plot with --dataset (and --data-dir), "
+                        "and resume in Python with Trainer.from_checkpoint(..., dataset=)")
     if name == "sprites":
         return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)
     if name in BUILTIN:

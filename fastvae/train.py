@@ -51,8 +51,8 @@ class Trainer:
 
     model_config: architecture (input_dim and image_shape must fit the data);
     train_config: optimisation; data_config: recorded in checkpoints so that
-    ``fastvae train --resume`` and ``fastvae eval`` find the same data;
-    dataset: the loaded data (loaded from data_config when None);
+    ``fastvae train --resume`` and ``fastvae eval`` find the same data (a ``dataset``
+    given without it is recorded as in memory); dataset: the data (else loaded from data_config);
     out: run folder (created), or None to keep everything in memory;
     progress: show a tqdm progress bar.
 
@@ -67,7 +67,8 @@ class Trainer:
                  out: Optional[str] = None, progress: bool = True):
         self.model_config = model_config
         self.train_config = tc = train_config
-        self.data_config = data_config or DataConfig()
+        self.data_config = data_config or DataConfig(**({} if dataset is None else
+                                                         {"dataset": _datasets.in_memory(dataset.name)}))
         self.data = dataset if dataset is not None else _datasets.load(self.data_config)
         check_images(self.data.x_train, model_config, "training images")
         if self.data.x_test is not None:

@@ -288,3 +288,50 @@ def test_threads_sharing_a_model_get_the_answers_one_thread_gets(backend):
     for t in threads:
         t.join()
     assert wrong == [], f"calls {sorted(wrong)} returned other answers under threads"
+
+
+def test_train_takes_an_array_of_images():
+    """fastvae.train(X) answered "dataset must be a built-in name or a path"
+    for an in-memory array; arrays follow the rules of array files."""
+    r = np.random.default_rng(3)
+    X = r.random((200, 8, 8)).astype(np.float32)
+    kw = dict(hidden=[8], latent_dim=2, epochs=1, batch_size=20)
+    t = fastvae.train(X, **kw)
+    assert t.data.x_train.shape == (180, 64) and t.data.x_test.shape == (20, 64)
+    assert t.model_config.image_shape == (8, 8)
+    back = np.sort(np.concatenate([t.data.x_train, t.data.x_test]), axis=0)
+    np.testing.assert_array_equal(back, np.sort(X.reshape(200, 64), axis=0))       # every row, once
+    u8 = fastvae.train((X * 255).astype(np.uint8)[..., None], test_fraction=0.25, **kw)
+    assert u8.data.x_test.shape == (50, 64) and u8.model_config.image_shape == (8, 8, 1)
+    assert u8.data.x_train.max() <= 1.0 and u8.data.x_train.max() > 0.9        # 0..255 scaled to [0, 1]
+    with pytest.raises(fastvae.DataError, match=r"expected images of shape .* got \(5,\)"):
+        fastvae.train(np.zeros(5), **kw)
+    with pytest.raises(fastvae.DataError, match="channels-first"):
+        fastvae.train(np.zeros((10, 3, 8, 8)), **kw)
+
+
+def test_data_given_in_memory_is_never_recorded_as_a_loadable_dataset(tmp_path, capsys):
+    """A run on a Dataset handed over in memory recorded its name ("sprites")
+    or, from a Trainer without a data_config, the default "sprites": `fastvae
+    eval RUN` then scored 1,200 regenerated default sprites instead of the
+    60 test images the run had, without a word. It is recorded as in memory
+    now, and the commands ask for --dataset."""
+    from fastvae.cli import main
+    data = datasets.make_sprites(300, seed=1, size=16)
+    fastvae.train(data, out=str(tmp_path / "a"), hidden=[8], latent_dim=2, epochs=1, batch_size=30)
+    fastvae.Trainer(ModelConfig(input_dim=256, hidden=[8], latent_dim=2, image_shape=(16, 16)),
+                    fastvae.TrainConfig(epochs=1, batch_size=30), dataset=data, out=str(tmp_path / "b"),
+                    progress=False).fit(pictures=False)
+    for run in ("a", "b"):
+        assert fastvae.load(tmp_path / run).checkpoint["data"]["dataset"] == "in-memory:sprites"
+        for cmd in (["eval", str(tmp_path / run)], ["plot", str(tmp_path / run)],
+                    ["train", "--resume", str(tmp_path / run), "--epochs", "2"]):
+            assert main(cmd) == 2
+            assert "trained on data given in memory ('sprites')" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", data.x_test.reshape(-1, 16, 16))
+    assert main(["eval", str(tmp_path / "a"), "--dataset", str(tmp_path / "x.npy"), "--split", "train",
+                 "--json"]) == 0
+    assert '"n": 27' in capsys.readouterr().out                        # 30 test images, 10% held out again
+    again = fastvae.Trainer.from_checkpoint(tmp_path / "b" / "checkpoint.h5", epochs=2, dataset=data, progress=False)
+    again.fit(pictures=False)
+    assert again.data_config.dataset == "in-memory:sprites" and again.epoch == 2
