@@ -139,17 +139,17 @@ def _cmd_eval(a):
     if split_factors is not None:
         mu, _ = model.encode(x)
         res["mig"] = explore.mig(mu, split_factors)["mig"]
-    res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name,
-               units="nats per image")
+    units = ("nats per image" if model.config.likelihood != "mse" else   # mse is no normalised density
+             "per image: recon a sum of squared errors, kl in nats (not a log-likelihood)")
+    res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units)
     if a.json:
         print(json.dumps(_finite(res), allow_nan=False))
     else:
         print(f"{data.name} {a.split} ({res['n']} images): -ELBO {res['neg_elbo']:.3f}, "
-              f"recon {res['recon']:.3f}, KL {res['kl']:.3f} nats per image; "
-              f"{res['active_units']} active units")
+              f"recon {res['recon']:.3f}, KL {res['kl']:.3f} {units}; {res['active_units']} active units")
         if "iwae_neg_log_likelihood" in res:
             print(f"IWAE -log p(x), k={res['iwae_k']}, {res['iwae_n']} images: "
-                  f"{res['iwae_neg_log_likelihood']:.3f} nats per image")
+                  f"{res['iwae_neg_log_likelihood']:.3f} {units}")
         if "mig" in res:
             print(f"MIG (Chen et al. 2018): {res['mig']:.3f}")
     return 0

@@ -122,3 +122,19 @@ def test_every_schedule_setting_has_a_flag(tmp_path, monkeypatch):
     flags = {FIELD_OF_FLAG.get(n, n) for n in TRAIN_ARGS} | {"epochs", "backend", "threads", "blas"}
     fields = {f.name for f in dataclasses.fields(fastvae.TrainConfig)}
     assert fields - flags <= {"betas", "adam_eps"}, fields - flags          # Adam's own constants: library only
+
+
+def test_eval_of_an_mse_run_does_not_call_its_numbers_nats(tmp_path, monkeypatch, capsys):
+    """--likelihood mse sums squared errors, not a log-density: eval printed
+    its -ELBO and IWAE as "nats per image"."""
+    from fastvae.cli import main
+    monkeypatch.chdir(tmp_path)
+    for lik in ("mse", "bernoulli"):
+        assert main(["train", *TINY, "--epochs", "1", "--likelihood", lik, "--out", lik]) == 0
+        capsys.readouterr()
+        assert main(["eval", lik, "--json"]) == 0
+        units = json.loads(capsys.readouterr().out)["units"]
+        assert (units == "nats per image") == (lik == "bernoulli"), units
+        assert main(["eval", lik, "--iwae-k", "2", "--no-progress"]) == 0
+        text = capsys.readouterr().out
+        assert ("nats per image" in text) == (lik == "bernoulli") and text.count(units) == 2, text
