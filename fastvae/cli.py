@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .errors import FastVAEError
+from .errors import ConfigError, FastVAEError
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _abs, _finite, _one_line,
                        _positive, checkpoint_arg, parser)
 
@@ -22,7 +22,6 @@ EXIT_TERMINATED = 143      # 128 + SIGTERM
 
 def _cmd_train(a):
     from . import distributed, runfolder
-    from .errors import ConfigError
 
     progress = not a.no_progress
     _positive("--epochs", a.epochs)
@@ -59,7 +58,6 @@ def _cmd_train(a):
 def _train_locked(a, out, progress, talk):
     from . import datasets
     from .config import DataConfig, ModelConfig, TrainConfig
-    from .errors import ConfigError
     from .train import Trainer, TrainingInterrupted
     if a.resume:
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
@@ -255,6 +253,8 @@ def _cmd_plot(a):
     check_images(x, model.config, f"{a.split} images")
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; plot writes its figures into a folder: name one")
     os.makedirs(out, exist_ok=True)
     f = lambda name: os.path.join(out, name)
     written = []
@@ -314,7 +314,6 @@ def _pick_image(spec, data, split, shape):
 
 def _cmd_interpolate(a):
     from . import explore
-    from .errors import ConfigError
     if not (a.gif or a.png):
         raise ConfigError("say where to write the result: --gif OUT.gif and/or --png OUT.png")
     _positive("--scale", a.scale)

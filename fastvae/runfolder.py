@@ -31,8 +31,12 @@ from typing import Callable, Dict, Optional
 from .errors import RunFolderError
 
 CHECKPOINT_NAME = "checkpoint.h5"
+# what `fastvae plot` writes, here too when its --out is the run folder itself
+PLOT_FILES = {"reconstructions.png", "samples.png", "latent_map.png", "latent_grid.png", "traversals.png",
+              "best_worst.png", "loss_histogram.png", "kl_per_dim.png", "loss_curves.png", "interpolation.png",
+              "interpolation.gif"}
 RUN_FILES = {CHECKPOINT_NAME, "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
-             "figures", ".lock"}
+             "figures", ".lock"} | PLOT_FILES
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
 

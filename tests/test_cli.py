@@ -138,3 +138,21 @@ def test_eval_of_an_mse_run_does_not_call_its_numbers_nats(tmp_path, monkeypatch
         assert main(["eval", lik, "--iwae-k", "2", "--no-progress"]) == 0
         text = capsys.readouterr().out
         assert ("nats per image" in text) == (lik == "bernoulli") and text.count(units) == 2, text
+
+
+def test_a_run_folder_holding_plot_figures_still_resumes(tmp_path, monkeypatch, capsys):
+    """`fastvae plot RUN --out RUN` put its figures beside the checkpoint, and
+    `fastvae train --resume RUN` then refused the folder as holding "files
+    that are not from a fastvae run"."""
+    from fastvae.cli import main
+    from fastvae.runfolder import PLOT_FILES
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--epochs", "1", "--out", "r"]) == 0
+    assert main(["plot", "r", "--out", "r"]) == 0
+    written = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1].split(", ")
+    assert set(written) == PLOT_FILES                            # every figure plot writes is known as a run file
+    assert main(["train", "--resume", "r", "--epochs", "2"]) == 0
+    assert fastvae.load("r").checkpoint["epoch"] == 2
+    capsys.readouterr()
+    assert main(["plot", "r", "--out", "r/checkpoint.h5"]) == 2        # was "File exists (...)": name the problem
+    assert "--out r/checkpoint.h5 is a file" in capsys.readouterr().err
