@@ -72,7 +72,10 @@ def conv_layer_specs(cfg) -> List[dict]:
     64x64 (Burgess et al. 2018, "Understanding disentangling in beta-VAE",
     appendix A.1): four conv(32, 4, s2, p1), dense 256, dense 256 -> mu, logvar;
     decoder dense 256, dense 256, dense 512, reshape 32x4x4, three
-    deconv(32, 4, s2, p1) and deconv(C, 4, s2, p1) logits.
+    deconv(32, 4, s2, p1) and deconv(C, 4, s2, p1) logits. Other sides that
+    are powers of two from 16 to 1024 (32x32 as CIFAR-10, 128x128, 32x64) take
+    the same net with k = log2(min(H, W) / 4) stride-2 layers each way (so 64x64
+    is exactly the paper's), down to a 32 x H/2^k x W/2^k map.
     Raises ConfigError for any other image size.
     """
     if cfg.image_shape is None:
@@ -89,17 +92,19 @@ def conv_layer_specs(cfg) -> List[dict]:
         dec = [dense("decoder.0", 1024), {"type": "reshape", "name": "decoder.reshape", "shape": [1024, 1, 1]},
                _conv("decoder.deconv0", 256, 4, 2, 0, a, True), _conv("decoder.deconv1", 128, 6, 2, 0, a, True),
                _conv("decoder.out", C, 6, 2, 0, "identity", True)]
-    elif (H, W) == (64, 64):
-        enc = [_conv(f"encoder.conv{i}", 32, 4, 2, 1, a) for i in range(4)]
+    elif all(16 <= n <= 1024 and n & (n - 1) == 0 for n in (H, W)):
+        k = (min(H, W) // 4).bit_length() - 1                # stride-2 layers down to a side of 4
+        h, w = H >> k, W >> k
+        enc = [_conv(f"encoder.conv{i}", 32, 4, 2, 1, a) for i in range(k)]
         enc += [dense("encoder.0", 256), dense("encoder.1", 256)]
-        dec = [dense("decoder.0", 256), dense("decoder.1", 256), dense("decoder.2", 512),
-               {"type": "reshape", "name": "decoder.reshape", "shape": [32, 4, 4]}]
-        dec += [_conv(f"decoder.deconv{i}", 32, 4, 2, 1, a, True) for i in range(3)]
+        dec = [dense("decoder.0", 256), dense("decoder.1", 256), dense("decoder.2", 32 * h * w),
+               {"type": "reshape", "name": "decoder.reshape", "shape": [32, h, w]}]
+        dec += [_conv(f"decoder.deconv{i}", 32, 4, 2, 1, a, True) for i in range(k - 1)]
         dec.append(_conv("decoder.out", C, 4, 2, 1, "identity", True))
     else:
-        raise ConfigError(f"arch 'conv' is defined for 28x28 and 64x64 images, got {H}x{W}; resize the "
-                          "images (a folder of image files: --image-size 64 64) or describe your own stack in "
-                          "ModelConfig.layers")
+        raise ConfigError(f"arch 'conv' is defined for 28x28 images and sides that are powers of two from 16 to "
+                          f"1024 (64x64 as in Burgess et al. 2018), got {H}x{W}; resize the images (a folder of "
+                          "image files: --image-size 64 64) or describe your own stack in ModelConfig.layers")
     return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 

@@ -116,8 +116,10 @@ def test_shapes_that_do_not_chain_name_the_layer():
         VAE(ModelConfig(input_dim=98, image_shape=(7, 7, 2), latent_dim=2, layers=specs))
     with pytest.raises(ConfigError, match="conv2d.*needs an image"):
         VAE(ModelConfig(input_dim=98, latent_dim=2, layers=small_conv_specs()))
-    with pytest.raises(ConfigError, match="defined for 28x28 and 64x64"):
-        ModelConfig(input_dim=100, image_shape=(10, 10), arch="conv")
+    for shape in ((10, 10), (8, 8), (2048, 2048), (48, 48)):        # 8 and 2048: powers of two out of range
+        with pytest.raises(ConfigError, match=f"defined for 28x28 images and sides that are powers of two from 16 "
+                                              f"to 1024 .* got {shape[0]}x{shape[1]}"):
+            ModelConfig(input_dim=shape[0] * shape[1], image_shape=shape, arch="conv")
 
 
 def _torch_compare(cfg, B, seed=0):
@@ -145,10 +147,27 @@ def test_small_conv_net_matches_pytorch():
     _torch_compare(small_cfg(C=3), B=3)
 
 
-@pytest.mark.parametrize("shape", [(28, 28), (64, 64, 3)])
+@pytest.mark.parametrize("shape", [(28, 28), (64, 64, 3), (32, 32, 3), (16, 32)])
 def test_seed_and_burgess_nets_match_pytorch(shape):
+    """The seed's 28x28 net; Burgess et al.'s 64x64 net and the same net on
+    other power-of-two sides (two and three stride-2 layers each way here)."""
     n = int(np.prod(shape))
     _torch_compare(ModelConfig(input_dim=n, image_shape=shape, arch="conv", latent_dim=5, dtype="float64"), B=2)
+
+
+def test_the_burgess_net_is_the_papers_at_64_and_scales_by_stride_two_layers():
+    """Burgess et al. 2018, appendix A.1, at 64x64: four conv(32, 4, s2, p1),
+    dense 256 x2, decoder dense 256, 256, 512, reshape 32x4x4 and four
+    transposed convs; another power-of-two side adds or drops stride-2 layers."""
+    def net(shape):
+        return repr(VAE(ModelConfig(input_dim=int(np.prod(shape)), image_shape=shape, arch="conv", latent_dim=10)))
+    assert net((64, 64, 3)).startswith(
+        "VAE(12288-32x32x32(relu)-32x16x16(relu)-32x8x8(relu)-32x4x4(relu)-256(relu)-256(relu)-20-z10-256(relu)-"
+        "256(relu)-512(relu)-[32x4x4]-32x8x8(relu)-32x16x16(relu)-32x32x32(relu)-3x64x64, ")
+    assert net((32, 32, 3)).startswith(
+        "VAE(3072-32x16x16(relu)-32x8x8(relu)-32x4x4(relu)-256(relu)-256(relu)-20-z10-256(relu)-256(relu)-"
+        "512(relu)-[32x4x4]-32x8x8(relu)-32x16x16(relu)-3x32x32, ")
+    assert "-1024(relu)-[32x4x8]-" in net((32, 64))
 
 
 def test_pytorch_default_init_bounds():
