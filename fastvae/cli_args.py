@@ -38,8 +38,8 @@ def parser() -> argparse.ArgumentParser:
                    "default $FASTVAE_DATA/<name>, else ~/.cache/fastvae/<name> (downloads go there)")
     d.add_argument("--no-download", action="store_true", default=None, help="never download missing files")
     d.add_argument("--memory-budget", type=float, metavar="MB",
-                   help="stream an .npy/.h5 file larger than this from disk in chunks "
-                        "(default: half the free memory)")
+                   help="stream an .npy/.h5 file whose loading (the array and its float32 copy) takes more "
+                        "than this from disk in chunks (default: half the free memory)")
     d.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     d.add_argument("--color", choices=["grayscale", "rgb"], help="colour mode of folder images")
     d.add_argument("--n-sprites", type=int, help="number of procedural sprites (default 12000)")

@@ -312,8 +312,9 @@ class DataConfig(_JSONMixin):
     data_seed: seed of the procedural sprites and of random splits.
     test_fraction: share held out as the test split where a dataset has none.
     skip_other_files: ignore non-image files in an image folder (else an error).
-    memory_budget_mb: an ``.npy``/HDF5 file larger than this (MiB) is streamed
-        from disk in chunks (:mod:`fastvae.streaming`); None: half the free memory.
+    memory_budget_mb: an ``.npy``/HDF5 file whose loading (the array and its
+        float32 copy) takes more than this (MiB) is streamed from disk in chunks
+        (:mod:`fastvae.streaming`); None: half the free memory.
     """
 
     dataset: str = "sprites"

@@ -157,39 +157,52 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool 
     arrays = {i: load_idx(p) for i, p in paths.items()}
     shape = tuple(arrays[0 if 0 in arrays else 2].shape[1:])
     empty = np.zeros((0, int(np.prod(shape))), np.float32), np.zeros(0, np.int64)
-    xtr, ytr = (_to_unit(arrays[0]), arrays[1].astype(np.int64)) if 0 in arrays else empty
-    xte, yte = (_to_unit(arrays[2]), arrays[3].astype(np.int64)) if 2 in arrays else (None, None)
+    unit = lambda i: _unit_split(arrays[i], arrays[i + 1].astype(np.int64), 0.0, 0)[:2]   # all rows, float32
+    xtr, ytr = unit(0) if 0 in arrays else empty
+    xte, yte = unit(2) if 2 in arrays else (None, None)
     if 0 in arrays and 2 in arrays and arrays[0].shape[1:] != arrays[2].shape[1:]:
         raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images "
                         f"{arrays[2].shape[1:]}; use matching files")
     return Dataset(name, xtr, ytr, xte, yte, shape, label_names=spec["labels"])
 
 
-def _to_unit(x) -> np.ndarray:
-    """(N, ...) uint8 or float -> (N, D) float32 in [0, 1]."""
+def _unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
+    """A seeded random ``fraction`` of the rows of images ``x (N, ...)`` (and
+    labels ``y``) as the test split, both as ``(n, D)`` float32 (uint8 / 255,
+    other numbers kept). Each split is filled chunk by
+    chunk from ``x``, so loading peaks at ``x`` plus the float32 result (a
+    conversion, then a split, held three copies: 9 bytes a uint8 pixel).
+    Returns ``x_train, y_train, x_test, y_test`` (test None when the fraction
+    rounds to no image or to all). Raises DataError for non-numbers, NaN or inf."""
     x = np.asarray(x)
-    n = x.shape[0]
-    if x.dtype == np.uint8:
-        out = x.reshape(n, -1).astype(np.float32)
-        out /= np.float32(255.0)          # exactly rounded, as torchvision's ToTensor
-        return out
     if x.dtype.kind not in "fiub":
         raise DataError(f"images must be numbers, got dtype {x.dtype}")
-    out = x.reshape(n, -1).astype(np.float32)
-    if not np.all(np.isfinite(out)):
-        raise DataError("images contain NaN or infinite values; clean the data first")
-    return out
-
-
-def _random_split(x, y, fraction, seed, factors=None):
-    n = len(x)
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
     n_test = int(round(n * fraction))
     if n_test == 0 or n_test >= n:
-        return x, y, None, None, factors, None
-    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    te, tr = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    pick = (lambda a, i: None if a is None else a[i])
-    return x[tr], pick(y, tr), x[te], pick(y, te), pick(factors, tr), pick(factors, te)
+        parts = [None]
+    else:
+        perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
+        parts = [np.sort(perm[n_test:]), np.sort(perm[:n_test])]
+
+    def unit(rows):
+        keep = rows is None and flat.dtype == np.float32 and flat.flags.c_contiguous   # checked, never copied
+        out = flat if keep else np.empty((n if rows is None else len(rows), flat.shape[1]), np.float32)
+        for i in range(0, len(out), chunk_rows):
+            blk = out[i:i + chunk_rows]
+            if not keep:
+                blk[...] = flat[i:i + chunk_rows] if rows is None else flat[rows[i:i + chunk_rows]]
+            if x.dtype == np.uint8:
+                blk /= np.float32(255.0)              # exactly rounded, as torchvision's ToTensor
+            elif not np.isfinite(blk).all():
+                raise DataError("images contain NaN or infinite values; clean the data first")
+        return out
+    pick = (lambda rows: None if y is None else (y if rows is None else y[rows]))
+    xtr, ytr = unit(parts[0]), pick(parts[0])
+    if len(parts) == 1:
+        return xtr, ytr, None, None
+    return xtr, ytr, unit(parts[1]), pick(parts[1])
 
 
 # ------------------------------------------------------------------ Olivetti
@@ -217,9 +230,11 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     ``images, x, X, data, x_train`` and optional labels under ``labels, y,
     subject, targets, y_train``. Read as untrusted input (:mod:`fastvae.arrayfiles`:
     declared sizes checked before allocating). Never unpickles. An ``.npy`` or
-    HDF5 file larger than ``budget_mb`` MiB (default: half the free memory) is
-    streamed (:mod:`fastvae.streaming`: ``x_train`` is then a
-    :class:`~fastvae.streaming.StreamedImages`, labels are not loaded).
+    HDF5 file whose loading (the stored array and its float32 copy) would take
+    more than ``budget_mb`` MiB (default: half the free memory) is streamed
+    (:mod:`fastvae.streaming`: ``x_train`` is then a
+    :class:`~fastvae.streaming.StreamedImages`, labels are not loaded); an
+    ``.npz`` over a given budget is refused (it cannot stream).
     Raises DataError.
     """
     path = os.fspath(path)
@@ -230,6 +245,11 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
             xtr, xte = streamed
             return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)
     x, y = read_arrays(path)
+    need = getattr(x, "size", 0) * (getattr(x, "itemsize", 0) + 4)
+    if budget_mb is not None and need > budget_mb * 2 ** 20:     # not .npy/.h5: it cannot be streamed
+        raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over --memory-budget {budget_mb:g} MB, "
+                        "and only .npy and HDF5 files stream; save the images with numpy.save as .npy, or raise "
+                        "--memory-budget")
     return from_arrays(x, y, os.path.splitext(os.path.basename(path))[0], test_fraction, seed, where=path)
 
 
@@ -251,8 +271,7 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
             raise DataError(f"{where}: {len(x)} images but {len(y)} labels; they must match")
         y = y.astype(np.int64) if y.dtype.kind in "iub" else None
     shape = image_shape_of(x.shape, where)
-    xf = _to_unit(x)        # uint8 -> [0, 1]; floats kept (the bernoulli likelihood checks [0, 1])
-    xtr, ytr, xte, yte, _, _ = _random_split(xf, y, test_fraction, seed)
+    xtr, ytr, xte, yte = _unit_split(x, y, test_fraction, seed)   # floats kept: the bernoulli likelihood checks [0, 1]
     return Dataset(name, xtr, ytr, xte, yte, shape)
 
 
@@ -305,7 +324,7 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
         labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)))
     x = np.stack(imgs)
     y = np.asarray(labels, dtype=np.int64) if use_labels else None
-    xtr, ytr, xte, yte, _, _ = _random_split(_to_unit(x), y, test_fraction, seed)
+    xtr, ytr, xte, yte = _unit_split(x, y, test_fraction, seed)
     return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
                    label_names=classes if use_labels else None)
 

@@ -80,39 +80,28 @@ class StreamedImages:
 
 
 def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
-    """``(StreamedImages train, x_test host array or None)`` when the images in
-    ``path`` are larger than ``budget_bytes`` (None: half the free memory),
-    else None (load it in memory as usual)."""
+    """``(StreamedImages train, x_test host array or None)`` when loading the
+    images in ``path`` would take more than ``budget_bytes`` (None: half the
+    free memory): the array as stored plus its float32 copy, 5 bytes a uint8
+    pixel, 8 a float32 one (a uint8 file 4 times under the budget once loaded
+    to 2.4 times over it); else None (load it in memory as usual)."""
     from .memory import host_available
-    from .safe_files import h5_dataset, open_regular
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".npy", ".h5", ".hdf5"):
         return None
-    size = os.path.getsize(path)
     if budget_bytes is None:
         free = host_available()
         budget_bytes = free // 2 if free else None
-    if budget_bytes is None or size <= budget_bytes:
+    if budget_bytes is None:
         return None
-    if ext == ".npy":
-        with open_regular(path, "data file", "pass an .npy of images", DataError) as fh:
-            shape, fortran, dtype = _npy_header(fh, path)
-            offset = fh.tell()
-        need = int(np.prod(shape)) * dtype.itemsize
-        if fortran or offset + need > size:
-            raise DataError(f"{path}: declares {shape} but holds fewer bytes (or is Fortran-ordered); "
-                            "write it C-ordered with numpy.save")
-        reader = _NpyRows(path, offset, dtype, shape)
-    else:
-        import h5py
-        f = h5py.File(path, "r")
-        key = next((k for k in X_KEYS if k in f), None)
-        if key is None:
-            raise DataError(f"{path} has no dataset named one of {X_KEYS}")
-        arr = h5_dataset(f, key, path, DataError, size, compressed_ok=True)
-        shape, dtype = arr.shape, arr.dtype
-        reader = lambda idx: arr[idx]               # h5py: increasing, unique indices (rows() sorts them)
+    header = _open_rows(path, ext)
+    if header is None or int(np.prod(header[0])) * (header[1].itemsize + 4) <= budget_bytes:
+        return None
+    shape, dtype, reader = header
+    if reader is None:
+        raise DataError(f"{path} is Fortran-ordered and too large to load ({_mb(shape, dtype)} loaded, over the "
+                        f"{budget_bytes / 2 ** 20:.0f} MB budget); write it C-ordered with numpy.save to stream it")
     if len(shape) < 2 or dtype.kind not in "uif":
         raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
     N, D = int(shape[0]), int(np.prod(shape[1:]))
@@ -124,6 +113,36 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
     test = StreamedImages(path, N, D, image_shape, reader, chunk_rows).rows(np.arange(N - n_test, N)) \
         if n_test else None
     return train, test
+
+
+def _mb(shape, dtype) -> str:
+    return f"{int(np.prod(shape)) * (dtype.itemsize + 4) / 2 ** 20:.0f} MB"
+
+
+def _open_rows(path: str, ext: str):
+    """``(shape, dtype, reader)`` of the images in an ``.npy`` or HDF5 file,
+    from its header; ``reader(idx)`` reads rows ``idx`` (increasing). None
+    for an ``.npy`` whose header does not fit its bytes (the loader then
+    names the problem); reader None for a Fortran-ordered one (no rows to read)."""
+    from .safe_files import h5_dataset, open_regular
+    size = os.path.getsize(path)
+    if ext == ".npy":
+        try:
+            with open_regular(path, "data file", "pass an .npy of images", DataError) as fh:
+                shape, fortran, dtype = _npy_header(fh, path)
+                offset = fh.tell()
+        except DataError:
+            return None
+        if offset + int(np.prod(shape)) * dtype.itemsize > size:
+            return None
+        return shape, dtype, None if fortran else _NpyRows(path, offset, dtype, shape)   # closes its file when unused
+    import h5py
+    f = h5py.File(path, "r")
+    key = next((k for k in X_KEYS if k in f), None)
+    if key is None:
+        raise DataError(f"{path} has no dataset named one of {X_KEYS}")
+    arr = h5_dataset(f, key, path, DataError, size, compressed_ok=True)
+    return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
 
 
 class _NpyRows:

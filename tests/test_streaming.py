@@ -154,3 +154,39 @@ def test_rss_stays_flat_as_the_file_grows(tmp_path):
     below the +188 MB of loading the training rows."""
     small, large = _peak_rss_training(tmp_path, 20_000), _peak_rss_training(tmp_path, 80_000)
     assert large - small < 40, (small, large)
+
+
+def test_the_budget_counts_the_loaded_float32_images_not_the_file(tmp_path):
+    """A uint8 file of 256 KiB under a 0.5 MiB budget was loaded (it compared
+    the file's size) and took 1 MiB as float32: the budget now counts the
+    stored array plus its float32 copy (5 bytes a uint8 pixel)."""
+    _npy(tmp_path / "a.npy", 1024)                                   # 1024 x 256 uint8 = 256 KiB
+    at = lambda mb: datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=mb)).x_train
+    assert isinstance(at(0.5), StreamedImages)                       # 1.25 MiB to load
+    assert isinstance(at(1.3), np.ndarray)
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.zeros((1024, 16, 16), np.float32)))
+    with pytest.raises(fastvae.DataError, match="Fortran-ordered and too large to load .*write it C-ordered"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "f.npy"), memory_budget_mb=0.5))
+    assert datasets.load(DataConfig(dataset=str(tmp_path / "f.npy"), memory_budget_mb=3)).x_train.shape == (922, 256)
+    np.savez(tmp_path / "z.npz", images=np.zeros((1024, 16, 16), np.uint8))
+    with pytest.raises(fastvae.DataError, match=r"over --memory-budget 0.5 MB, and only .npy and HDF5 files stream"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "z.npz"), memory_budget_mb=0.5))   # it loaded, unbounded
+    assert datasets.load(DataConfig(dataset=str(tmp_path / "z.npz"))).x_train.shape == (922, 256)
+
+
+def test_loading_an_array_file_holds_the_file_and_its_float32_images_once(tmp_path):
+    """The conversion to float32 and then the random split held three copies
+    (9 bytes a uint8 pixel at the peak: 205 MB for 30,000 28x28 images);
+    each split is now filled chunk by chunk (raw 22 MB + float32 90 MB)."""
+    p = tmp_path / "m.npy"
+    np.save(p, np.random.default_rng(0).integers(0, 256, (30_000, 28, 28), dtype=np.uint8))
+    code = ("import re\ndef hwm():\n    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())"
+            ".group(1)) / 1024\nfrom fastvae import DataConfig, datasets\nbefore = hwm()\n"
+            f"ds = datasets.load(DataConfig(dataset={str(p)!r}, memory_budget_mb=10 ** 6))\n"
+            "print('GROWTH_MB', hwm() - before, ds.x_train.shape, ds.x_test.shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "GROWTH_MB" in out.stdout, out.stderr
+    growth = float(out.stdout.split("GROWTH_MB")[1].split()[0])
+    raw, f32 = 30_000 * 784 / 2 ** 20, 30_000 * 784 * 4 / 2 ** 20         # 22.4 and 89.7 MiB
+    assert "(27000, 784) (3000, 784)" in out.stdout
+    assert growth < raw + f32 + 15, (growth, raw + f32)                  # 9 bytes a pixel (202 MiB) before
