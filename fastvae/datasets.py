@@ -313,16 +313,16 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
     use_labels = classes != ["."]
     mode = "L" if color == "grayscale" else "RGB"
-    imgs, labels, sizes = [], [], set()
-    for f in files:
+    x, labels = None, []
+    for i, f in enumerate(files):
         arr = read_image(f, mode, image_size, "remove or replace it", DataError)
-        sizes.add(arr.shape)
-        if len(sizes) > 1:
-            raise DataError(f"images in {path} have different sizes ({sorted(sizes)[:3]}); "
-                            "pass --image-size H W to resize them")
-        imgs.append(arr)
+        if x is None:                        # filled in place (a list of images, then np.stack, held both)
+            x = np.empty((len(files),) + arr.shape, arr.dtype)
+        elif arr.shape != x.shape[1:]:
+            raise DataError(f"images in {path} have different sizes ({x.shape[1:]} and {arr.shape} in "
+                            f"{os.path.relpath(f, path)}); pass --image-size H W to resize them")
+        x[i] = arr
         labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)))
-    x = np.stack(imgs)
     y = np.asarray(labels, dtype=np.int64) if use_labels else None
     xtr, ytr, xte, yte = _unit_split(x, y, test_fraction, seed)
     return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
