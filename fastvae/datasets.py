@@ -317,6 +317,10 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     for i, f in enumerate(files):
         arr = read_image(f, mode, image_size, "remove or replace it", DataError)
         if x is None:                        # filled in place (a list of images, then np.stack, held both)
+            if image_size is None:           # the first image tells the size of all: uint8 + float32
+                from .memory import preflight
+                preflight(5 * len(files) * arr.size, None, f"{len(files):,} images of {arr.shape}",
+                          "pass --image-size H W to shrink them, or train on a subset")
             x = np.empty((len(files),) + arr.shape, arr.dtype)
         elif arr.shape != x.shape[1:]:
             raise DataError(f"images in {path} have different sizes ({x.shape[1:]} and {arr.shape} in "

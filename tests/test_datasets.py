@@ -111,6 +111,26 @@ def test_image_folder_follows_linked_class_folders_once(tmp_path):
     assert sorted(ds.y_train.tolist()) == [0] * 5 + [1] * 5
 
 
+def test_an_image_folder_too_large_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Without --image-size the first image gives the size of all: 5 bytes a
+    pixel (uint8 and float32) are checked against free memory before the
+    rest are read (only --image-size runs were checked; a folder too large
+    was read until memory ran out)."""
+    from fastvae import ConfigError, memory
+    r = np.random.default_rng(2)
+    for i in range(20):
+        _save_png(str(tmp_path / f"{i}.png"), r.integers(0, 256, (100, 100), dtype=np.uint8))
+    monkeypatch.setattr(memory, "host_available", lambda: 2 ** 20)       # pretend 1 MiB free: 20 x 50 kB needed
+    read = []
+    real = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda *a, **k: read.append(1) or real(*a, **k))
+    with pytest.raises(ConfigError, match=r"20 images of \(100, 100\) needs about .* pass --image-size H W"):
+        datasets.load_image_folder(tmp_path)
+    assert len(read) == 1
+    monkeypatch.setattr(memory, "host_available", lambda: 2 ** 30)
+    assert datasets.load_image_folder(tmp_path, test_fraction=0).x_train.shape == (20, 10_000)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         datasets.load_image_folder(tmp_path)
