@@ -250,6 +250,9 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
         raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over --memory-budget {budget_mb:g} MB, "
                         "and only .npy and HDF5 files stream; save the images with numpy.save as .npy, or raise "
                         "--memory-budget")
+    from .memory import preflight                                 # the float32 copy still to come
+    preflight(getattr(x, "size", 0) * 4, None, f"the float32 images of {path}",
+              "save them with numpy.save as .npy to stream them from disk")
     return from_arrays(x, y, os.path.splitext(os.path.basename(path))[0], test_fraction, seed, where=path)
 
 

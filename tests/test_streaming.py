@@ -190,3 +190,14 @@ def test_loading_an_array_file_holds_the_file_and_its_float32_images_once(tmp_pa
     raw, f32 = 30_000 * 784 / 2 ** 20, 30_000 * 784 * 4 / 2 ** 20         # 22.4 and 89.7 MiB
     assert "(27000, 784) (3000, 784)" in out.stdout
     assert growth < raw + f32 + 15, (growth, raw + f32)                  # 9 bytes a pixel (202 MiB) before
+
+
+def test_an_npz_that_would_not_fit_is_refused_before_its_float32_copy(tmp_path, monkeypatch):
+    """An .npz cannot stream: without a budget it was converted to float32
+    whatever the free memory (4 bytes a pixel on top of the file's)."""
+    from fastvae import ConfigError, memory
+    np.savez(tmp_path / "z.npz", images=np.zeros((1000, 32, 32), np.uint8))
+    monkeypatch.setattr(memory, "host_available", lambda: 2 ** 20)          # pretend 1 MiB free; 3.9 MiB needed
+    with pytest.raises(ConfigError, match=r"float32 images of .*z.npz needs about 3.9 MiB .* save them with "
+                                          r"numpy.save as .npy to stream them"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "z.npz")))
