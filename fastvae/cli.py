@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from .errors import ConfigError, FastVAEError
-from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _abs, _finite, _one_line,
+from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
                        _positive, checkpoint_arg, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
@@ -61,16 +61,12 @@ def _train_locked(a, out, progress, talk):
     from .train import Trainer, TrainingInterrupted
     if a.resume:
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
-                                          data_dir=_abs(a.data_dir), progress=progress, threads=a.threads,
+                                          data_dir=a.data_dir, progress=progress, threads=a.threads,
                                           blas=a.blas)
         if trainer.epoch >= trainer.train_config.epochs and talk:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:
-        name = a.dataset or "sprites"
-        if name not in datasets.BUILTIN and name not in ("sprites", "olivetti") and os.path.exists(
-                os.path.expanduser(name)):
-            name = _abs(name)                   # a file or folder: stored absolute, found from anywhere
-        dcfg = DataConfig(dataset=name, data_dir=_abs(a.data_dir), download=not a.no_download,
+        dcfg = DataConfig(dataset=a.dataset or "sprites", data_dir=a.data_dir, download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",
                           n_sprites=DataConfig().n_sprites if a.n_sprites is None else a.n_sprites,
                           skip_other_files=bool(a.skip_other_files), memory_budget_mb=a.memory_budget)
@@ -220,7 +216,7 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     follow only to another folder of images."""
     from . import datasets
     from .config import DataConfig
-    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", _abs(data_dir))) if v}
+    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}
     if dataset and not datasets.is_image_folder(dataset):
         changes.update(image_size=None, color="grayscale")
     return datasets.load(DataConfig.from_dict(model.checkpoint["data"]).replace(**changes), splits=splits)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
@@ -196,10 +195,6 @@ def _threads(value):
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {value!r}")
     return int(value)
-
-
-def _abs(path):
-    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _finite(obj):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -297,14 +298,19 @@ class TrainConfig(_JSONMixin):
             raise ConfigError(f"backend must be a backend name, got {self.backend!r}")
 
 
+BUILTIN_DATASETS = ("sprites", "mnist", "fashion-mnist", "kmnist", "olivetti")
+IN_MEMORY = "in-memory:"        # the recorded name of data handed over in memory: nothing to load it from
+
+
 @dataclass
 class DataConfig(_JSONMixin):
     """Where the images come from.
 
     dataset: a built-in name (``sprites``, ``mnist``, ``fashion-mnist``,
         ``kmnist``, ``olivetti``) or a path to a folder of images or an
-        ``.npy`` / ``.npz`` / ``.h5`` file.
-    data_dir: folder of the idx or Olivetti files (built-in real datasets).
+        ``.npy`` / ``.npz`` / ``.h5`` file (made absolute when it exists, so a
+        run's checkpoint finds it from any directory).
+    data_dir: folder of the idx or Olivetti files (built-in real datasets; absolute).
     download: fetch missing idx files from the standard mirrors (md5-checked).
     image_size: ``(H, W)`` to resize folder images to; ``None`` keeps their size.
     color: ``grayscale`` or ``rgb`` for image folders.
@@ -334,6 +340,11 @@ class DataConfig(_JSONMixin):
             _finite_nonneg("memory_budget_mb", self.memory_budget_mb)
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("dataset must be a built-in name or a path")
+        path = os.path.expanduser(self.dataset)
+        if self.dataset not in BUILTIN_DATASETS and not self.dataset.startswith(IN_MEMORY) and os.path.exists(path):
+            self.dataset = os.path.abspath(path)     # a relative path recorded in a run broke eval from elsewhere
+        if self.data_dir is not None:
+            self.data_dir = os.path.abspath(os.path.expanduser(os.fspath(self.data_dir)))
         if self.image_size is not None:
             self.image_size = tuple(int(s) for s in self.image_size)
             if len(self.image_size) != 2 or min(self.image_size) <= 0:

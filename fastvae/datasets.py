@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .config import DataConfig
+from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
 from .arrayfiles import image_shape_of, read_arrays
@@ -347,9 +347,6 @@ def _first_visit(folder: str, seen: set) -> bool:
 
 
 # -------------------------------------------------------------------- entry
-IN_MEMORY = "in-memory:"        # the recorded name of data handed over in memory: nothing to load it from
-
-
 def in_memory(name: str) -> str:
     """The DataConfig name recorded for a dataset given in memory."""
     return name if name.startswith(IN_MEMORY) else IN_MEMORY + name
@@ -357,7 +354,7 @@ def in_memory(name: str) -> str:
 
 def is_image_folder(name) -> bool:
     """Whether dataset ``name`` is a folder of image files (built-in names first)."""
-    return name not in ("sprites", "olivetti", *BUILTIN) and os.path.isdir(os.path.expanduser(name))
+    return name not in BUILTIN_DATASETS and os.path.isdir(os.path.expanduser(name))
 
 
 def load(cfg, splits=("train", "test")) -> Dataset:
@@ -389,6 +386,6 @@ def load(cfg, splits=("train", "test")) -> Dataset:
     if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):
         return load_array_file(path, cfg.test_fraction, cfg.data_seed, cfg.memory_budget_mb)
     if not os.path.exists(path):
-        raise DataError(f"unknown dataset {name!r}: not a built-in name (sprites, mnist, fashion-mnist, "
-                        "kmnist, olivetti) and no such file or folder")
+        raise DataError(f"unknown dataset {name!r}: not a built-in name ({', '.join(BUILTIN_DATASETS)}) and no "
+                        "such file or folder")
     raise DataError(f"cannot load {name!r}: use a folder of images or an .npy/.npz/.h5 file")

@@ -335,3 +335,24 @@ def test_data_given_in_memory_is_never_recorded_as_a_loadable_dataset(tmp_path, 
     again = fastvae.Trainer.from_checkpoint(tmp_path / "b" / "checkpoint.h5", epochs=2, dataset=data, progress=False)
     again.fit(pictures=False)
     assert again.data_config.dataset == "in-memory:sprites" and again.epoch == 2
+
+
+def test_a_library_run_records_its_data_paths_absolute(tmp_path, monkeypatch, capsys):
+    """fastvae.train("x.npy") recorded "x.npy": `fastvae eval RUN` from
+    another directory failed (or would read another x.npy there); the
+    command line made paths absolute, the library did not. DataConfig does
+    it now, for both (built-in names and in-memory data stay as they are)."""
+    from fastvae import DataConfig
+    from fastvae.cli import main
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    np.save("x.npy", np.random.default_rng(0).random((40, 8, 8)).astype(np.float32))
+    fastvae.train("x.npy", out="run", hidden=[4], latent_dim=2, epochs=1, batch_size=8, data_dir="d")
+    data = fastvae.load("run").checkpoint["data"]
+    assert data["dataset"] == str(tmp_path / "work" / "x.npy") and data["data_dir"] == str(tmp_path / "work" / "d")
+    assert DataConfig(dataset="mnist").dataset == "mnist" and DataConfig(dataset="in-memory:x").dataset == "in-memory:x"
+    assert DataConfig(dataset="no-such-file.npy").dataset == "no-such-file.npy"     # named as given in its error
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "work" / "run"), "--json"]) == 0
+    assert '"n": 4' in capsys.readouterr().out
