@@ -49,7 +49,8 @@ def _choice(name, value, choices):
 
 def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     """``X`` as images for a model of config ``cfg``: a host array ``(N, D)``
-    with ``D = cfg.input_dim``, real numbers, finite, and in [0, 1] for the
+    with ``D = cfg.input_dim`` (or ``(N, *cfg.image_shape)``, returned as
+    ``(N, D)`` without a copy), real numbers, finite, and in [0, 1] for the
     bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
     is defined only there). Array-likes (lists) are converted; a streamed
     dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
@@ -63,8 +64,12 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
             X = np.asarray(X)
         except (TypeError, ValueError) as e:
             raise DataError(f"{what} cannot be read as an array ({e}); pass an (N, D) array of numbers") from None
+    shape = tuple(getattr(cfg, "image_shape", None) or ())
+    if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) == shape:
+        X = X.reshape(len(X), -1)             # (N, *image_shape): the model's own images, one row each
     if X.ndim != 2:
-        raise DataError(f"{what} must be an (N, D) array, one flattened image per row, got shape {tuple(X.shape)}; "
+        raise DataError(f"{what} must be an (N, D) array, one flattened image per row"
+                        f"{', or (N, ' + ', '.join(map(str, shape)) + ')' if shape else ''}, got shape {tuple(X.shape)}; "
                         "flatten each image to one row (x.reshape(len(x), -1))")
     if X.shape[1] != cfg.input_dim:
         raise DataError(f"{what} have {X.shape[1]} features but the model expects {cfg.input_dim}; "

@@ -70,9 +70,9 @@ class Trainer:
         self.data_config = data_config or DataConfig(**({} if dataset is None else
                                                          {"dataset": _datasets.in_memory(dataset.name)}))
         self.data = dataset if dataset is not None else _datasets.load(self.data_config)
-        check_images(self.data.x_train, model_config, "training images")
+        self.data.x_train = check_images(self.data.x_train, model_config, "training images")    # (N, D) rows
         if self.data.x_test is not None:
-            check_images(self.data.x_test, model_config, "test images")
+            self.data.x_test = check_images(self.data.x_test, model_config, "test images")
         n = self.data.x_train.shape[0]
         if n == 0:
             raise DataError("the training split is empty; add images")

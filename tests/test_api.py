@@ -356,3 +356,20 @@ def test_a_library_run_records_its_data_paths_absolute(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "work" / "run"), "--json"]) == 0
     assert '"n": 4' in capsys.readouterr().out
+
+
+def test_the_library_takes_images_in_the_models_own_image_shape():
+    """model.encode(x) of (N, H, W) images, the shape the model was trained
+    on, was refused ("must be an (N, D) array"); it now reads them as rows,
+    without a copy, as (N, D) does. Other shapes are refused, naming both."""
+    from fastvae.metrics import iwae
+    t = tiny_trainer(None, epochs=1)
+    m, x = t.model, t.data.x_test[:6]
+    img = x.reshape(6, 16, 16)
+    np.testing.assert_array_equal(m.encode(img)[0], m.encode(x)[0])
+    np.testing.assert_array_equal(m.reconstruct(img), m.reconstruct(x))
+    assert fastvae.evaluate(m, img) == fastvae.evaluate(m, x)
+    np.testing.assert_array_equal(iwae(m, img, k=4), iwae(m, x, k=4))
+    for bad in (img[:, :8], img[..., None]):
+        with pytest.raises(fastvae.DataError, match=r"one flattened image per row, or \(N, 16, 16\), got shape"):
+            m.encode(bad)
