@@ -106,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     e.add_argument("--data-dir")
     e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--batch-size", type=int, default=1000)
+    e.add_argument("--batch-size", type=int, help="images per evaluation batch (default: up to 1000 whose work "
+                   "buffers fit in 1 GiB)")
     e.add_argument("--seed", type=int, default=0, help="seed of the z samples")
     e.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
     e.add_argument("--json", action="store_true", help="print one JSON object")

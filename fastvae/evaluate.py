@@ -8,18 +8,23 @@ reproducible and never disturbs the training stream.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .checks import check_count, check_images
 from .errors import ConfigError
 
 
-def per_image_losses(model, X, batch_size: int = 1000, seed: int = 0):
+def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     """Per-image ``(recon, kl)`` host float64 arrays ``(N,)`` in nats for host
     images ``X (N, D)`` in [0, 1], one z sample per image drawn from a stream
-    seeded by ``seed``. Raises DataError for images the model cannot score
-    (:func:`fastvae.checks.check_images`), ConfigError for ``batch_size`` < 1."""
-    batch_size, seed = check_count("batch_size", batch_size), check_count("seed", seed, minimum=0)
+    seeded by ``seed``; ``batch_size`` None: up to 1000 images in 1 GiB of work
+    buffers (:meth:`fastvae.VAE.rows_within`). Raises DataError for images the
+    model cannot score (:func:`fastvae.checks.check_images`), ConfigError for
+    ``batch_size`` < 1."""
+    batch_size = model.rows_within(1000) if batch_size is None else check_count("batch_size", batch_size)
+    seed = check_count("seed", seed, minimum=0)
     X = check_images(X, model.config)
     be = model.backend
     rng = be.new_rng([int(seed), 2])
@@ -36,7 +41,7 @@ def per_image_losses(model, X, batch_size: int = 1000, seed: int = 0):
     return recon, kl
 
 
-def evaluate(model, X, batch_size: int = 1000, seed: int = 0) -> dict:
+def evaluate(model, X, batch_size: Optional[int] = None, seed: int = 0) -> dict:
     """``{"neg_elbo", "recon", "kl", "n"}``: means over the ``n`` images of X,
     in nats per image (see :func:`per_image_losses`)."""
     recon, kl = per_image_losses(model, X, batch_size, seed)

@@ -34,7 +34,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 # ------------------------------------------------------------------ numbers (the scores: fastvae.metrics)
-def per_image_elbo(model, X, batch_size=1000, seed=0):
+def per_image_elbo(model, X, batch_size=None, seed=0):
     """Per-image ``(recon, kl)`` (nats) with one z sample (see fastvae.evaluate)."""
     from .evaluate import per_image_losses
     return per_image_losses(model, X, batch_size, seed)

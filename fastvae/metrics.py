@@ -16,6 +16,7 @@ results are float64 host arrays. Also reachable as ``fastvae.explore.*``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -23,7 +24,8 @@ from .checks import check_count, check_images
 from .errors import ConfigError
 
 
-def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progress: bool = False) -> np.ndarray:
+def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = None,
+         progress: bool = False) -> np.ndarray:
     """Per-image importance-weighted estimate of -log p(x) in nats, ``(N,)``.
 
     -log p(x) ~= log k - logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)],
@@ -31,7 +33,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     z_i and log q(z_i|x) come through the flow steps (their log-determinants
     included). The samples run through the model's own sampler. Decodes at most
     ``batch_rows`` rows at a time (many images x few samples, or one image's
-    samples in chunks); a running max keeps the log-sum-exp stable (float64).
+    samples in chunks; None: up to 8192 in 1 GiB of work buffers, :meth:`fastvae.VAE.rows_within`); a running max keeps the log-sum-exp stable (float64).
     ``progress`` shows a tqdm bar over the N k decoded samples (stderr).
     Raises ConfigError for k < 1 or a negative seed.
     """
@@ -39,6 +41,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: int = 8192, progres
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
     seed = check_count("seed", seed, minimum=0)
+    batch_rows = model.rows_within(8192) if batch_rows is None else check_count("batch_rows", batch_rows)
     be, c = model.backend, model.config
     L = c.latent_dim
     mu, logvar = model.encode(X)

@@ -267,21 +267,26 @@ class VAE:
         return be.sum(ws.nll), be.sum(ws.kl)
 
     # ---- convenience (host in, host out) -------------------------------------
+    def rows_within(self, cap: int) -> int:
+        """The batch the host-in, host-out calls use when given none: up to
+        ``cap`` images whose work buffers fit in 1 GiB (:func:`fastvae.memory.rows_within`)."""
+        return _memory.rows_within(self.layers, self.backend.dtype.itemsize, cap)
+
     def _batches(self, X, batch_size):
         """Device batches of host images ``X``, checked first (see :func:`fastvae.checks.check_images`)."""
-        batch_size = check_count("batch_size", batch_size)
+        batch_size = self.rows_within(1024) if batch_size is None else check_count("batch_size", batch_size)
         X = check_images(X, self.config)
         for i in range(0, X.shape[0], batch_size):
             yield self.backend.asarray(X[i:i + batch_size])
 
     @_exclusive
-    def encode(self, X, batch_size: int = 1024):
+    def encode(self, X, batch_size: Optional[int] = None):
         """``(mu, logvar)`` as host arrays ``(N, L)`` for host images ``X (N, D)``.
 
         Every method here taking images raises DataError for images that are
         not an (N, D) array of finite numbers (in [0, 1] for the bernoulli
         likelihood; :func:`fastvae.checks.check_images`) and ConfigError for
-        a ``batch_size`` below 1."""
+        a ``batch_size`` below 1 (None: up to 1024 images in 1 GiB of buffers, :meth:`rows_within`)."""
         mus, lvs = [], []
         for xb in self._batches(X, batch_size):
             ws = self.workspace(xb.shape[0])
@@ -302,10 +307,10 @@ class VAE:
         return np.clip(logits, 0.0, 1.0)
 
     @_exclusive
-    def decode(self, Z, batch_size: int = 1024):
+    def decode(self, Z, batch_size: Optional[int] = None):
         """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host
         codes ``Z (N, L)``; DataError for codes not of that shape or not finite."""
-        batch_size = check_count("batch_size", batch_size)
+        batch_size = self.rows_within(1024) if batch_size is None else check_count("batch_size", batch_size)
         Z = check_codes(Z, self.config.latent_dim)
         outs = []
         for i in range(0, Z.shape[0], batch_size):
@@ -316,7 +321,7 @@ class VAE:
         return np.concatenate(outs) if outs else np.zeros((0, self.config.input_dim), self.config.dtype)
 
     @_exclusive
-    def codes(self, X, batch_size: int = 1024):
+    def codes(self, X, batch_size: Optional[int] = None):
         """The codes the decoder reads for host images ``X (N, D)`` without
         noise (eps = 0): ``mu``, or with flow steps their image of ``mu``;
         host ``(N, L)``. (:meth:`encode` gives the base Gaussian's mu, logvar.)"""
@@ -330,7 +335,7 @@ class VAE:
             out.append(self.backend.to_host(self.sample_posterior_into(ws, ws.head, ws.eps)).copy())
         return np.concatenate(out) if out else np.zeros((0, self.config.latent_dim))
 
-    def reconstruct(self, X, batch_size: int = 1024):
+    def reconstruct(self, X, batch_size: Optional[int] = None):
         """Reconstructions decoded from :meth:`codes` (no sampling): host ``(N, D)``."""
         return self.decode(self.codes(X, batch_size), batch_size)
 

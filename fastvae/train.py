@@ -88,9 +88,9 @@ class Trainer:
         self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
                              + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size))
                              + fit_backend(self.backend, self.model.num_params))
-        P, size = self.model.num_params, self.backend.dtype.itemsize
-        extra = (memory.estimate(self.model.layers, P, size, batch=max(tc.batch_size, 1000), train=True, host=False)
-                 - memory.estimate(self.model.layers, P, size, host=False))
+        est = lambda **kw: memory.estimate(self.model.layers, self.model.num_params, self.backend.dtype.itemsize,
+                                           host=False, **kw)      # the evaluation's batch may be the larger
+        extra = est(batch=max(tc.batch_size, self.model.rows_within(1000)), train=True) - est()
         memory.preflight(extra, self.backend, f"training this model (Adam state and batch {tc.batch_size} buffers)",
                          memory.SMALLER_MODEL)
         if self.backend.name == "cupy":
