@@ -50,7 +50,7 @@ WORK_BYTES = 2 ** 30     # the work buffers one batch of evaluation, IWAE or enc
 def rows_within(layers, itemsize: int, cap: int, budget: int = WORK_BYTES) -> int:
     """The largest batch, at most ``cap`` and at least 1, whose work buffers
     (as :func:`estimate` counts them) fit in ``budget`` bytes: 1000 images of
-    an MLP, 357 of the 64x64 conv net (2.9 MiB each), 23 at 256x256. A
+    an MLP, 357 of the 64x64 conv net (2.9 MiB each), 22 at 256x256. A
     fixed rule of the model, so a seeded estimate is the same on any machine
     (IWAE's 8192 rows of the 64x64 conv net peaked at 11.3 GB)."""
     per = estimate(layers, 0, itemsize, batch=1) - estimate(layers, 0, itemsize, batch=0)

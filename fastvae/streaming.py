@@ -83,8 +83,9 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
     """``(StreamedImages train, x_test host array or None)`` when loading the
     images in ``path`` would take more than ``budget_bytes`` (None: half the
     free memory): the array as stored plus its float32 copy, 5 bytes a uint8
-    pixel, 8 a float32 one (a uint8 file 4 times under the budget once loaded
-    to 2.4 times over it); else None (load it in memory as usual)."""
+    pixel, 8 a float32 one (comparing the file's size let a uint8 file at a
+    quarter of the budget load to 1.25 times it); else None (load it in
+    memory as usual)."""
     from .memory import host_available
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
