@@ -85,7 +85,9 @@ def _keys(names, path, fallback: bool):
     the first array stands in for unnamed images."""
     xk = next((k for k in X_KEYS if k in names), next(iter(names), None) if fallback else None)
     if xk is None:
-        raise DataError(f"{path} holds no arrays" if fallback else f"{path} has no dataset named one of {X_KEYS}")
+        raise DataError(f"{path} holds no arrays" if fallback else
+                        f"{path} has no dataset named one of {', '.join(X_KEYS)} (it holds: "
+                        f"{', '.join(list(names)[:8]) or 'nothing'}); store the images under one of those names")
     return xk, next((k for k in Y_KEYS if k in names), None)
 
 

@@ -123,8 +123,8 @@ def _mb(shape, dtype) -> str:
 def _open_rows(path: str, ext: str):
     """``(shape, dtype, reader)`` of the images in an ``.npy`` or HDF5 file,
     from its header; ``reader(idx)`` reads rows ``idx`` (increasing). None
-    for an ``.npy`` whose header does not fit its bytes (the loader then
-    names the problem); reader None for a Fortran-ordered one (no rows to read)."""
+    for a file that is not valid or whose header does not fit its bytes (the
+    loader then names the problem); reader None for a Fortran-ordered ``.npy``."""
     from .safe_files import h5_dataset, open_regular
     size = os.path.getsize(path)
     if ext == ".npy":
@@ -138,11 +138,11 @@ def _open_rows(path: str, ext: str):
             return None
         return shape, dtype, None if fortran else _NpyRows(path, offset, dtype, shape)   # closes its file when unused
     import h5py
-    f = h5py.File(path, "r")
-    key = next((k for k in X_KEYS if k in f), None)
-    if key is None:
-        raise DataError(f"{path} has no dataset named one of {X_KEYS}")
-    arr = h5_dataset(f, key, path, DataError, size, compressed_ok=True)
+    try:
+        f = h5py.File(path, "r")
+        arr = h5_dataset(f, next(k for k in X_KEYS if k in f), path, DataError, size, compressed_ok=True)
+    except (OSError, StopIteration, DataError):
+        return None
     return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
 
 

@@ -247,3 +247,20 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(ramp[::-1]).save(folder / "b.png")
     ds = datasets.load_image_folder(folder, test_fraction=0.0)
     assert 0.45 < ds.x_train.mean() < 0.55                 # a ramp averages one half (it read 0.996 white)
+
+
+def test_an_unreadable_or_misnamed_hdf5_file_gets_the_loaders_message(tmp_path):
+    """The streaming check now reads every .npy/.h5 header (the budget counts
+    the loaded size); a file that is not HDF5 then answered with h5py's
+    "Unable to synchronously open file (file signature not found) (OSError)".
+    The loader names the problem, and a missing images key lists the names
+    the file holds."""
+    import h5py
+    from fastvae import DataConfig, DataError, datasets
+    (tmp_path / "bogus.h5").write_text("not hdf5")
+    with pytest.raises(DataError, match="is not a readable HDF5 file"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "bogus.h5")))
+    with h5py.File(tmp_path / "odd.h5", "w") as f:
+        f["pixels"] = np.zeros((10, 8, 8), np.uint8)
+    with pytest.raises(DataError, match=r"no dataset named one of images, x, X, data, x_train \(it holds: pixels\)"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "odd.h5")))
