@@ -11,7 +11,7 @@ batch ``B``): parameters and gradients ``2 P itemsize``; the float64 host
 copy used once at initialisation ``8 P`` (host only); Adam's two moments
 ``2 P itemsize`` when training; per layer ``B (3 out + in) itemsize`` for
 pre-activations, outputs and input gradients, plus the im2col column buffer
-of convolutions. It errs high by design (workspaces of two batch sizes may
+of convolutions, and ``B D itemsize`` for the workspace's batch. It errs high by design (workspaces of two batch sizes may
 coexist); a model under 90% of the free memory is allowed.
 """
 
@@ -41,6 +41,8 @@ def estimate(layers, n_params: int, itemsize: int, batch: int = 0, train: bool =
     for layer in layers if batch else ():
         need += batch * (3 * layer.out_features + layer.in_features) * itemsize
         need += batch * getattr(layer, "cols_per_image", 0) * itemsize
+    if batch and layers:
+        need += batch * layers[0].in_features * itemsize       # the workspace's own batch x (IWAE: the repeats)
     return int(need)
 
 
@@ -50,7 +52,7 @@ WORK_BYTES = 2 ** 30     # the work buffers one batch of evaluation, IWAE or enc
 def rows_within(layers, itemsize: int, cap: int, budget: int = WORK_BYTES) -> int:
     """The largest batch, at most ``cap`` and at least 1, whose work buffers
     (as :func:`estimate` counts them) fit in ``budget`` bytes: 1000 images of
-    an MLP, 357 of the 64x64 conv net (2.9 MiB each), 22 at 256x256. A
+    an MLP, 355 of the 64x64 conv net (2.9 MiB each), 22 at 256x256. A
     fixed rule of the model, so a seeded estimate is the same on any machine
     (IWAE's 8192 rows of the 64x64 conv net peaked at 11.3 GB)."""
     per = estimate(layers, 0, itemsize, batch=1) - estimate(layers, 0, itemsize, batch=0)

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as _datasets
-from . import distributed, memory, objectives, runfolder
+from . import distributed, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
 from .blas import configure as configure_blas
@@ -43,7 +43,7 @@ from .schedules import beta_at, lr_at, resume_note
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
-                       WarmUp, step_graphs)
+                       WarmUp, preflight_training, step_graphs)
 
 
 class Trainer:
@@ -88,11 +88,7 @@ class Trainer:
         self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
                              + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size))
                              + fit_backend(self.backend, self.model.num_params))
-        est = lambda **kw: memory.estimate(self.model.layers, self.model.num_params, self.backend.dtype.itemsize,
-                                           host=False, **kw)      # the evaluation's batch may be the larger
-        extra = est(batch=max(tc.batch_size, self.model.rows_within(1000)), train=True) - est()
-        memory.preflight(extra, self.backend, f"training this model (Adam state and batch {tc.batch_size} buffers)",
-                         memory.SMALLER_MODEL)
+        preflight_training(self.model, tc)
         if self.backend.name == "cupy":
             self.backend.tf32 = tc.tf32
         hooks = [distributed.AllReduceGrads(self.world)] if self.world.size > 1 else []

@@ -257,6 +257,22 @@ class Evaluator:
         return {"test_neg_elbo": ev["neg_elbo"], "test_recon": ev["recon"], "test_kl": ev["kl"]}
 
 
+def preflight_training(model, tc) -> None:
+    """Refuse (ConfigError, both sizes and the fix) a run whose Adam state and
+    work buffers would not fit in the device's free memory, before they
+    exist: the training batch (for IWAE also its K samples of each image,
+    :func:`fastvae.objectives.train_rows`) or the evaluation's batch
+    (:meth:`fastvae.VAE.rows_within`), whichever is larger."""
+    from . import memory, objectives
+    est = lambda **kw: memory.estimate(model.layers, model.num_params, model.backend.dtype.itemsize,  # noqa: E731
+                                       host=False, **kw)
+    iwae = tc.objective == "iwae"
+    memory.preflight(est(batch=max(objectives.train_rows(tc), model.rows_within(1000)), train=True) - est(),
+                     model.backend, f"training this model (Adam state and batch {tc.batch_size} buffers"
+                     f"{f', {tc.iwae_k} IWAE samples an image' if iwae else ''})",
+                     memory.SMALLER_MODEL + (" (or a smaller --iwae-k)" if iwae else ""))
+
+
 class Checkpointer:
     """Saves the whole training state to ``<out>/checkpoint.h5`` atomically
     (see :mod:`fastvae.checkpoint`), including a mid-epoch position."""

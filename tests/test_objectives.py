@@ -252,3 +252,18 @@ def test_objectives_agree_across_backends(objective, other):
             obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps), 4.0)
         grads.append(model.backend.to_host(model.grads).copy())
     np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12, atol=1e-12 * np.abs(grads[0]).max())
+
+
+def test_an_iwae_run_that_would_not_fit_is_refused_before_it_starts(monkeypatch):
+    """IWAE's step holds B K rows of decoder buffers; the preflight counted
+    B: 128 images x 2000 samples of the 4096-pixel sprites MLP grew to 24 GB
+    and were killed by the kernel. Now refused with both sizes and --iwae-k."""
+    from fastvae import memory
+    from fastvae.objectives import train_rows
+    assert train_rows(TrainConfig(batch_size=16)) == 16
+    assert train_rows(TrainConfig(batch_size=16, objective="iwae", iwae_k=5)) == 96
+    monkeypatch.setattr(memory, "host_available", lambda: 100 * 2 ** 20)        # pretend 100 MiB free
+    with pytest.raises(ConfigError, match=r"batch 16 buffers, 5000 IWAE samples an image\) needs about .* smaller "
+                                          r"--iwae-k"):
+        tiny_trainer(None, objective="iwae", iwae_k=5000)
+    tiny_trainer(None, objective="iwae", iwae_k=5)                               # 96 rows fit
