@@ -262,14 +262,17 @@ def preflight_training(model, tc) -> None:
     work buffers would not fit in the device's free memory, before they
     exist: the training batch (for IWAE also its K samples of each image,
     :func:`fastvae.objectives.train_rows`) or the evaluation's batch
-    (:meth:`fastvae.VAE.rows_within`), whichever is larger."""
+    (:meth:`fastvae.VAE.rows_within`), whichever is larger, and beta-TCVAE's
+    pairwise terms (``backend.tc_pairwise_bytes``)."""
     from . import memory, objectives
     est = lambda **kw: memory.estimate(model.layers, model.num_params, model.backend.dtype.itemsize,  # noqa: E731
                                        host=False, **kw)
-    iwae = tc.objective == "iwae"
-    memory.preflight(est(batch=max(objectives.train_rows(tc), model.rows_within(1000)), train=True) - est(),
+    iwae, pairs = tc.objective == "iwae", tc.objective == "btcvae"      # beta-TCVAE: B x B pairwise terms
+    memory.preflight(est(batch=max(objectives.train_rows(tc), model.rows_within(1000)), train=True) - est()
+                     + (model.backend.tc_pairwise_bytes(tc.batch_size, model.config.latent_dim) if pairs else 0),
                      model.backend, f"training this model (Adam state and batch {tc.batch_size} buffers"
-                     f"{f', {tc.iwae_k} IWAE samples an image' if iwae else ''})",
+                     f"{f', {tc.iwae_k} IWAE samples an image' if iwae else ''}"
+                     f"{', beta-TCVAE pairwise terms' if pairs else ''})",
                      memory.SMALLER_MODEL + (" (or a smaller --iwae-k)" if iwae else ""))
 
 

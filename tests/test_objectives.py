@@ -267,3 +267,17 @@ def test_an_iwae_run_that_would_not_fit_is_refused_before_it_starts(monkeypatch)
                                           r"--iwae-k"):
         tiny_trainer(None, objective="iwae", iwae_k=5000)
     tiny_trainer(None, objective="iwae", iwae_k=5)                               # 96 rows fit
+
+
+def test_a_btcvae_batch_whose_pairwise_terms_would_not_fit_is_refused(monkeypatch):
+    """beta-TCVAE's array expressions (the NumPy backend) hold about six
+    (B, B, L) arrays: 11.9 GB at B = 8192 with L = 10, and B = 12000 would
+    have run out of memory unannounced. The preflight counts them; the Numba
+    backend's fused kernel needs none."""
+    from fastvae import backends, memory
+    assert backends.get("numpy").tc_pairwise_bytes(2048, 10) == 6 * 2048 * 2048 * 10 * 4
+    monkeypatch.setattr(memory, "host_available", lambda: 10 * 2 ** 20)          # pretend 10 MiB free
+    with pytest.raises(ConfigError, match=r"batch 256 buffers, beta-TCVAE pairwise terms\) needs about 11.3 MiB"):
+        tiny_trainer(None, objective="btcvae", batch_size=256)       # 6.8 MiB, + 4.5 MiB of (256, 256, 3) arrays
+    if "numba" in [b["name"] for b in backends.available() if b["available"]]:
+        tiny_trainer(None, "numba", objective="btcvae", batch_size=256)

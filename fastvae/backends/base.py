@@ -176,6 +176,12 @@ class Backend:
             dlogvar += 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
         return top[:, 0] + xp.log(sA[:, 0]), (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1)
 
+    def tc_pairwise_bytes(self, B: int, L: int) -> int:
+        """Work memory (bytes) :meth:`tc_pairwise` allocates for a batch of
+        ``B`` codes of ``L`` dimensions: about six ``(B, B, L)`` arrays for the
+        array expressions above (1.0 GB measured at B = 2048, L = 10)."""
+        return 6 * B * B * L * self.dtype.itemsize
+
     # ---- sampled KL and inverse autoregressive flow (array expressions: every backend) ----
     def sampled_kl(self, kl, z, eps, head):
         """The single-sample KL estimate ``kl_i = log q(z_i|x) - log p(z_i) =

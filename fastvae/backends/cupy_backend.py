@@ -326,6 +326,9 @@ class CupyBackend(GraphSupport, Backend):
                      (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
                       e, a, s(weight_decay), decay, dyn))
 
+    def tc_pairwise_bytes(self, B, L):
+        return (B * B + 4 * B * L) * self.dtype.itemsize     # the (B, B) joint terms and (B, L) rows
+
     def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
         B, L = z.shape
         z, mu, logvar = (self._contiguous(a, k) for k, a in (("z", z), ("mu", mu), ("logvar", logvar)))

@@ -64,6 +64,9 @@ class NumbaBackend(NumpyBackend):
         K.reparam_kl_backward(dhead, dz, head, std, eps, self._s(kl_scale))
         return dhead
 
+    def tc_pairwise_bytes(self, B, L):
+        return 2 * B * self.dtype.itemsize            # one fused kernel: the (B,) results
+
     def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
         B = z.shape[0]
         lse, lsed = np.empty(B, z.dtype), np.empty(B, z.dtype)
