@@ -5,6 +5,7 @@ Errors a user can cause print one line ``fastvae: error: ...`` and exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -368,6 +369,10 @@ def main(argv=None) -> int:
     except MemoryError:
         print("fastvae: error: out of memory; use a smaller model, --batch-size or dataset", file=sys.stderr)
         return 2
+    except BrokenPipeError:         # the reader went away (| head): stop quietly with SIGPIPE's status, as Unix tools
+        with contextlib.suppress(OSError):      # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except OSError as exc:          # an OS error no check foresaw: still one line, never a traceback
         print(f"fastvae: error: {_one_line(f'{exc.strerror or exc} ({exc.filename or type(exc).__name__})')}; "
               "check the paths, permissions and free disk space", file=sys.stderr)

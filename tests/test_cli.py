@@ -156,3 +156,15 @@ def test_a_run_folder_holding_plot_figures_still_resumes(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert main(["plot", "r", "--out", "r/checkpoint.h5"]) == 2        # was "File exists (...)": name the problem
     assert "--out r/checkpoint.h5 is a file" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path):
+    """`fastvae backends | head -0`: the reader is gone before fastvae writes;
+    it printed "Broken pipe (BrokenPipeError); check the paths, permissions
+    and free disk space" and exited 2. Now it stops quietly with SIGPIPE's 141."""
+    import subprocess
+    from conftest import PY
+    p = subprocess.Popen(PY + ["backends"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                   # before the interpreter has started: the first print fails
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
