@@ -169,9 +169,10 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool 
 def _unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
     """A seeded random ``fraction`` of the rows of images ``x (N, ...)`` (and
     labels ``y``) as the test split, both as ``(n, D)`` float32 (uint8 / 255,
-    other numbers kept). Each split is filled chunk by
-    chunk from ``x``, so loading peaks at ``x`` plus the float32 result (a
-    conversion, then a split, held three copies: 9 bytes a uint8 pixel).
+    other numbers kept). Each split is filled chunk by chunk from ``x``, so
+    loading peaks at ``x`` plus the float32 result (a conversion, then a
+    split, held three copies: 9 bytes a uint8 pixel); float32 ``x`` without a
+    split is checked and returned as it is.
     Returns ``x_train, y_train, x_test, y_test`` (test None when the fraction
     rounds to no image or to all). Raises DataError for non-numbers, NaN or inf."""
     x = np.asarray(x)
@@ -245,13 +246,13 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
             xtr, xte = streamed
             return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)
     x, y = read_arrays(path)
-    need = getattr(x, "size", 0) * (getattr(x, "itemsize", 0) + 4)
+    need = x.size * (x.itemsize + 4)
     if budget_mb is not None and need > budget_mb * 2 ** 20:     # not .npy/.h5: it cannot be streamed
         raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over --memory-budget {budget_mb:g} MB, "
                         "and only .npy and HDF5 files stream; save the images with numpy.save as .npy, or raise "
                         "--memory-budget")
     from .memory import preflight                                 # the float32 copy still to come
-    preflight(getattr(x, "size", 0) * 4, None, f"the float32 images of {path}",
+    preflight(x.size * 4, None, f"the float32 images of {path}",
               "save them with numpy.save as .npy to stream them from disk")
     return from_arrays(x, y, os.path.splitext(os.path.basename(path))[0], test_fraction, seed, where=path)
 
