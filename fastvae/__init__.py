@@ -65,7 +65,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """Train a VAE in one call and return the finished :class:`Trainer`.
 
     ``dataset``: a name/path, a loaded :class:`~fastvae.datasets.Dataset`, or
-    an array of images (:func:`fastvae.datasets.from_arrays`: ``(N, H, W[, C])``
+    images as an array, tensor or list (:func:`fastvae.datasets.from_arrays`: ``(N, H, W[, C])``
     or ``(N, D)``, uint8 or float in [0, 1]; a seeded 10 % test split).
     Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
     :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
@@ -94,7 +94,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)
-    if not isinstance(dataset, (str, os.PathLike, datasets.Dataset)) and hasattr(dataset, "__array__"):
+    if dataset is not None and not isinstance(dataset, (str, os.PathLike, datasets.Dataset)):   # arrays, lists
         split = DataConfig(**pick(DataConfig))
         dataset = datasets.from_arrays(dataset, test_fraction=split.test_fraction, seed=split.data_seed)
     if isinstance(dataset, datasets.Dataset):

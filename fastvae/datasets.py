@@ -266,7 +266,11 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
     ``test_fraction`` of the rows is the test split (none when it rounds to 0
     images). The rules of array files; raises DataError naming the problem."""
     where = where or f"array {name!r}"
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except (TypeError, ValueError) as exc:           # ragged lists, objects that are not numbers
+        raise DataError(f"{where} cannot be read as an array of images ({str(exc)[:80]}); pass an (N, D) or "
+                        "(N, H, W[, C]) array") from None
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{where}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
     if y is not None:

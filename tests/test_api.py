@@ -308,6 +308,9 @@ def test_train_takes_an_array_of_images():
         fastvae.train(np.zeros(5), **kw)
     with pytest.raises(fastvae.DataError, match="channels-first"):
         fastvae.train(np.zeros((10, 3, 8, 8)), **kw)
+    assert fastvae.train(X.reshape(200, 64).tolist(), **kw).data.x_train.shape == (180, 64)     # a list of rows
+    with pytest.raises(fastvae.DataError, match="cannot be read as an array of images"):
+        fastvae.train([[0.5, 0.5], [0.5]], **kw)                                                 # ragged
 
 
 def test_data_given_in_memory_is_never_recorded_as_a_loadable_dataset(tmp_path, capsys):
