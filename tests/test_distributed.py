@@ -185,7 +185,11 @@ def test_sigterm_stops_every_rank_at_the_same_step(tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)
     p.send_signal(signal.SIGTERM)            # mpiexec forwards it to every rank, each at its own step
-    _, stderr = p.communicate(timeout=120)
+    try:                                     # a rank that gets it stops within a step, and the ranks agree
+        _, stderr = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:        # no rank got it: Hydra's mpiexec once dropped it (the job then ran
+        p.send_signal(signal.SIGTERM)        # its 50 epochs, 27 s, to rc 0); not seen since in 20 runs
+        _, stderr = p.communicate(timeout=120)
     assert p.returncode == 143 and "Traceback" not in stderr, (p.returncode, stderr)
     assert stderr.count("resume with:") == 1, stderr
     m = fastvae.load(out / "checkpoint.h5")
