@@ -111,7 +111,7 @@ def _train_locked(a, out, progress, talk):
 
 def _cmd_eval(a):
     from . import load, objectives
-    from .evaluate import evaluate
+    from .evaluate import evaluate, units as evaluate_units
     from .checks import check_images
 
     a.checkpoint = checkpoint_arg(a.checkpoint)
@@ -134,8 +134,7 @@ def _cmd_eval(a):
     if split_factors is not None:
         mu, _ = model.encode(x)
         res["mig"] = explore.mig(mu, split_factors)["mig"]
-    units = ("nats per image" if model.config.likelihood != "mse" else   # mse is no normalised density
-             "per image: recon a sum of squared errors, kl in nats (not a log-likelihood)")
+    units = evaluate_units(model.config.likelihood)
     res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units)
     if a.json:
         print(json.dumps(_finite(res), allow_nan=False))

@@ -41,6 +41,14 @@ def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     return recon, kl
 
 
+def units(likelihood: str) -> str:
+    """The units of -ELBO, recon and IWAE numbers under ``likelihood``: nats
+    per image, except for ``mse``, a sum of squared errors (no density)."""
+    if likelihood == "mse":
+        return "per image: recon a sum of squared errors, kl in nats (not a log-likelihood)"
+    return "nats per image"
+
+
 def evaluate(model, X, batch_size: Optional[int] = None, seed: int = 0) -> dict:
     """``{"neg_elbo", "recon", "kl", "n"}``: means over the ``n`` images of X,
     in nats per image (see :func:`per_image_losses`)."""

@@ -42,6 +42,7 @@ from .restore import choose_backend, choose_blas
 from .schedules import beta_at, lr_at, resume_note
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
+from .evaluate import units
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
                        WarmUp, preflight_training, step_graphs)
 
@@ -105,7 +106,8 @@ class Trainer:
         self.graphs = step_graphs(tc, self.model, self.optimizer)
         self.warmup = WarmUp(self.graphs)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
-        self.reporter = Reporter(out if self.writes else None, progress and self.writes)
+        self.reporter = Reporter(out if self.writes else None, progress and self.writes,
+                                 units=units(model_config.likelihood))
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
         self.checkpointer = Checkpointer(out)
         self.epoch, self.step, self.history = 0, 0, []

@@ -163,8 +163,8 @@ class Reporter:
     per epoch when there is no bar.
     """
 
-    def __init__(self, out: Optional[str], progress: bool, verbose: bool = False):
-        self.out, self.progress, self.verbose = out, progress, verbose
+    def __init__(self, out: Optional[str], progress: bool, verbose: bool = False, units: str = "nats per image"):
+        self.out, self.progress, self.verbose, self.units = out, progress, verbose, units
         self.bar = None
 
     def open(self, steps: int) -> None:
@@ -200,7 +200,7 @@ class Reporter:
         if row["test_neg_elbo"] is not None:
             msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
         ips = row["images_per_s"]
-        msg += f" nats/image, beta {row['beta']:.3g}, " + ("n/a images/s" if ips is None else f"{ips:.0f} images/s")
+        msg += f" {self.units}, beta {row['beta']:.3g}, " + ("n/a images/s" if ips is None else f"{ips:.0f} images/s")
         if row.get("warmup_s") is not None:
             msg += f" (warm-up {row['warmup_s']:.2f} s timed apart)"   # compilation, first allocations: metrics.csv
         if self.bar is not None:

@@ -131,7 +131,8 @@ def test_eval_of_an_mse_run_does_not_call_its_numbers_nats(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     for lik in ("mse", "bernoulli"):
         assert main(["train", *TINY, "--epochs", "1", "--likelihood", lik, "--out", lik]) == 0
-        capsys.readouterr()
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1")][0]
+        assert ("nats per image" in line) == (lik == "bernoulli") and "per image" in line, line  # was "nats/image"
         assert main(["eval", lik, "--json"]) == 0
         units = json.loads(capsys.readouterr().out)["units"]
         assert (units == "nats per image") == (lik == "bernoulli"), units
