@@ -68,9 +68,9 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) == shape:
         X = X.reshape(len(X), -1)             # (N, *image_shape): the model's own images, one row each
     if X.ndim != 2:
-        raise DataError(f"{what} must be an (N, D) array, one flattened image per row"
-                        f"{', or (N, ' + ', '.join(map(str, shape)) + ')' if shape else ''}, got shape {tuple(X.shape)}; "
-                        "flatten each image to one row (x.reshape(len(x), -1))")
+        own = f", or (N, {', '.join(map(str, shape))})" if shape else ""
+        raise DataError(f"{what} must be an (N, D) array, one flattened image per row{own}, got shape "
+                        f"{tuple(X.shape)}; flatten each image to one row (x.reshape(len(x), -1))")
     if X.shape[1] != cfg.input_dim:
         raise DataError(f"{what} have {X.shape[1]} features but the model expects {cfg.input_dim}; "
                         "use data of the size the model was built for")

@@ -11,8 +11,9 @@ batch ``B``): parameters and gradients ``2 P itemsize``; the float64 host
 copy used once at initialisation ``8 P`` (host only); Adam's two moments
 ``2 P itemsize`` when training; per layer ``B (3 out + in) itemsize`` for
 pre-activations, outputs and input gradients, plus the im2col column buffer
-of convolutions, and ``B D itemsize`` for the workspace's batch. It errs high by design (workspaces of two batch sizes may
-coexist); a model under 90% of the free memory is allowed.
+of convolutions, and ``B D itemsize`` for the workspace's batch. It errs
+high by design (workspaces of two batch sizes may coexist); a model under
+90% of the free memory is allowed.
 """
 
 from __future__ import annotations
