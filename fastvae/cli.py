@@ -63,7 +63,7 @@ def _train_locked(a, out, progress, talk):
     if a.resume:
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
                                           data_dir=a.data_dir, progress=progress, threads=a.threads,
-                                          blas=a.blas)
+                                          blas=a.blas, force=bool(a.force))
         if trainer.epoch >= trainer.train_config.epochs and talk:
             print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
     else:

@@ -77,7 +77,9 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     if probe != out:
         return out                                      # will be created
     names = os.listdir(out)
-    other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX))
+    resumed = isinstance(resume, (str, os.PathLike))
+    other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX)
+                   and not (resumed and _same_file(os.path.join(out, f), resume)))   # the resumed file itself
     if other and not force:
         raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
                              f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force (force=True in Python)")
@@ -85,10 +87,11 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
                              f"{here}, choose another --out, or pass --force (force=True in Python) to replace it")
-    if CHECKPOINT_NAME in names and isinstance(resume, (str, os.PathLike)) and not force and not _same_file(here, resume):
-        raise RunFolderError(f"--out {out} holds another run than the one resumed ({os.fspath(resume)}); leave out "
-                             "--out to continue in the resumed run's folder, choose an empty --out, or pass --force "
-                             "to replace that run")
+    if CHECKPOINT_NAME in names and resumed and not force and not _same_file(here, resume):
+        hint = ("leave out --out to continue in the resumed run's folder, "
+                if os.path.dirname(os.path.abspath(resume)) != out else "")
+        raise RunFolderError(f"--out {out} holds another run than the one resumed ({os.fspath(resume)}); {hint}"
+                             "choose an empty --out (out= in Python), or pass --force to replace that run")
     return out
 
 

@@ -157,7 +157,8 @@ class Trainer:
     @classmethod
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
                         backend: Optional[str] = None, data_dir: Optional[str] = None,
-                        dataset=None, progress: bool = True, threads=None, blas=None) -> "Trainer":
+                        dataset=None, progress: bool = True, threads=None, blas=None,
+                        force: bool = False) -> "Trainer":
         """Rebuild a trainer exactly as it was saved, ready to continue.
 
         epochs: new total epoch count; backend: continue on another backend
@@ -166,14 +167,17 @@ class Trainer:
         over between the CPU backends); data_dir: where the data lives now;
         threads: a thread count or ``"auto"`` for the continued run; blas: its
         GEMM library (:func:`fastvae.restore.choose_blas` decides when None).
-        Raises CheckpointError for a bad file.
+        out (default: the checkpoint's folder) is checked as ``--out`` is: another
+        run or other files there raise RunFolderError unless ``force``. Raises
+        CheckpointError for a bad file.
         """
+        out = runfolder.check_out(out if out is not None else os.path.dirname(os.path.abspath(path)),
+                                  resume=path, force=force)
         data = ckpt.read_checkpoint(path)
         cfg = data["config"]
         try:
-            mc = ModelConfig.from_dict(cfg["model"])
-            tc = TrainConfig.from_dict(cfg["train"])
-            dc = DataConfig.from_dict(cfg["data"])
+            mc, tc, dc = (c.from_dict(cfg[k]) for c, k in ((ModelConfig, "model"), (TrainConfig, "train"),
+                                                           (DataConfig, "data")))
         except (ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} holds an invalid config ({exc}); use a checkpoint written "
                                   "by fastvae") from None
@@ -185,9 +189,7 @@ class Trainer:
         tc = tc.replace(**changes)
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)
-        self = cls(mc, tc, dc, dataset=dataset,
-                   out=out if out is not None else os.path.dirname(os.path.abspath(path)),
-                   progress=progress)
+        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress)
         ckpt.load_params(self.model, data, path)
         if data["adam"] is not None:
             self.optimizer.load_state_dict(data["adam"])

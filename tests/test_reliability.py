@@ -95,7 +95,9 @@ def test_bad_checkpoints(tmp_path):
     one_line_error(run(["eval", tmp_path / "text.h5"], tmp_path), "not a fastvae checkpoint")
     raw = ck.read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 3])
-    one_line_error(run(["train", "--resume", tmp_path / "cut.h5", "--epochs", "2"], tmp_path), "cut.h5")
+    # into a fresh folder: tmp_path holds other files, which the folder check names first
+    one_line_error(run(["train", "--resume", tmp_path / "cut.h5", "--epochs", "2", "--out", tmp_path / "fresh"],
+                       tmp_path), "cut.h5")
     from fastvae import checkpoint as ckpt
     newer = tmp_path / "newer.h5"
     head = ckpt._parse_header(raw[:ckpt.HEADER_SIZE])

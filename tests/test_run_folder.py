@@ -230,3 +230,24 @@ def test_resuming_into_another_runs_folder_is_refused(tmp_path, monkeypatch, cap
     assert main(["train", "--resume", "a", "--epochs", "3", "--out", "b", "--no-progress", "--force"]) == 0
     b = fastvae.load("b")                       # with --force: a's model, continued to epoch 3, replaced b's
     assert b.num_params == fastvae.load("a").num_params and b.checkpoint["epoch"] == 3
+
+
+def test_a_library_resume_is_checked_as_the_command_line_checks_it(tmp_path):
+    """Trainer.from_checkpoint wrote into the checkpoint's folder unchecked: a
+    copy RUN/epoch1.h5 resumed from Python replaced RUN/checkpoint.h5, the run
+    beside it (fastvae train --resume refused that). The resumed file no
+    longer counts as a foreign file of its own folder either."""
+    from fastvae import Trainer
+    t = tiny_trainer(tmp_path / "run", epochs=2)
+    t.fit(pictures=False)
+    latest = (tmp_path / "run" / "checkpoint.h5").read_bytes()
+    copy = t.save(str(tmp_path / "run" / "epoch2.h5"))
+    with pytest.raises(RunFolderError, match=r"holds another run than the one resumed .*epoch2.h5\); choose an "
+                                             r"empty --out \(out= in Python\), or pass --force"):
+        Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False)
+    assert (tmp_path / "run" / "checkpoint.h5").read_bytes() == latest
+    c = Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False, out=str(tmp_path / "branch"))
+    c.fit(pictures=False)
+    assert fastvae.load(tmp_path / "branch").checkpoint["epoch"] == 3
+    forced = Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False, force=True)
+    assert forced.out == str(tmp_path / "run")
