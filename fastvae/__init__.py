@@ -106,7 +106,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
-                      out=out, progress=progress)
+                      out=out, progress=progress, force=True)          # out was checked above
     trainer.fit(pictures=out is not None)
     return trainer
 

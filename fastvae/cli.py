@@ -82,7 +82,7 @@ def _train_locked(a, out, progress, talk):
                            **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
         tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
                                   **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
-        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
+        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress, force=True)   # checked
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:
             print(f"training{ranks} {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"

@@ -54,8 +54,8 @@ class Trainer:
     train_config: optimisation; data_config: recorded in checkpoints so that
     ``fastvae train --resume`` and ``fastvae eval`` find the same data (a ``dataset``
     given without it is recorded as in memory); dataset: the data (else loaded from data_config);
-    out: run folder (created), or None to keep everything in memory;
-    progress: show a tqdm progress bar.
+    out: run folder (created; checked as ``--out`` is, RunFolderError for another run or other files
+    there unless ``force``), or None to keep everything in memory; progress: show a tqdm progress bar.
 
     Parts: ``batches`` (:class:`~fastvae.training.BatchSource`), ``reporter``,
     ``evaluator``, ``checkpointer``, ``optimizer`` (with its hooks). Setting
@@ -65,7 +65,9 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
                  data_config: Optional[DataConfig] = None, dataset=None,
-                 out: Optional[str] = None, progress: bool = True):
+                 out: Optional[str] = None, progress: bool = True, force: bool = False):
+        if out is not None and not force:          # as --out: never over another run or foreign files
+            out = runfolder.check_out(out)
         self.model_config = model_config
         self.train_config = tc = train_config
         self.data_config = data_config or DataConfig(**({} if dataset is None else
@@ -150,9 +152,7 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is None:
             raise ConfigError("no checkpoint path: give save() a path or the Trainer an out folder")
-        if not self.writes:                        # data-parallel: rank 0 writes (all ranks hold the same state)
-            return path
-        return self.checkpointer.save(self, path)
+        return self.checkpointer.save(self, path) if self.writes else path   # data-parallel: rank 0 writes
 
     @classmethod
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
@@ -189,7 +189,7 @@ class Trainer:
         tc = tc.replace(**changes)
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)
-        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress)
+        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
         ckpt.load_params(self.model, data, path)
         if data["adam"] is not None:
             self.optimizer.load_state_dict(data["adam"])

@@ -251,3 +251,23 @@ def test_a_library_resume_is_checked_as_the_command_line_checks_it(tmp_path):
     assert fastvae.load(tmp_path / "branch").checkpoint["epoch"] == 3
     forced = Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False, force=True)
     assert forced.out == str(tmp_path / "run")
+
+
+def test_a_trainer_built_on_a_folder_holding_a_run_refuses_it(tmp_path):
+    """Trainer(..., out=RUN) then fit() replaced the run in RUN without a
+    word (the command line and fastvae.train checked; the class did not)."""
+    a = tiny_trainer(tmp_path / "run", epochs=1)
+    a.fit(pictures=False)
+    before = (tmp_path / "run" / "checkpoint.h5").read_bytes()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        tiny_trainer(tmp_path / "run", epochs=1, seed=9)
+    assert (tmp_path / "run" / "checkpoint.h5").read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"not from a fastvae run \(todo.txt\)"):
+        tiny_trainer(tmp_path / "notes", epochs=1)
+    from fastvae import DataConfig, TrainConfig, Trainer
+    t = Trainer(a.model_config, TrainConfig(epochs=1, batch_size=16, seed=9), DataConfig(), dataset=a.data,
+                out=str(tmp_path / "run"), progress=False, force=True)
+    t.fit(pictures=False)
+    assert (tmp_path / "run" / "checkpoint.h5").read_bytes() != before
