@@ -16,6 +16,9 @@ from .checks import check_count, check_images
 from .errors import ConfigError
 
 
+EVAL_ROWS = 1000      # images per evaluation batch at most (fewer when their work buffers pass 1 GiB)
+
+
 def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     """Per-image ``(recon, kl)`` host float64 arrays ``(N,)`` in nats for host
     images ``X (N, D)`` in [0, 1], one z sample per image drawn from a stream
@@ -23,7 +26,7 @@ def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     buffers (:meth:`fastvae.VAE.rows_within`). Raises DataError for images the
     model cannot score (:func:`fastvae.checks.check_images`), ConfigError for
     ``batch_size`` < 1."""
-    batch_size = model.rows_within(1000) if batch_size is None else check_count("batch_size", batch_size)
+    batch_size = model.rows_within(EVAL_ROWS) if batch_size is None else check_count("batch_size", batch_size)
     seed = check_count("seed", seed, minimum=0)
     X = check_images(X, model.config)
     be = model.backend

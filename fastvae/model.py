@@ -272,9 +272,13 @@ class VAE:
         ``cap`` images whose work buffers fit in 1 GiB (:func:`fastvae.memory.rows_within`)."""
         return _memory.rows_within(self.layers, self.backend.dtype.itemsize, cap)
 
+    def _batch_size(self, batch_size: Optional[int]) -> int:
+        """``batch_size``, checked; None: :meth:`rows_within` of 1024."""
+        return self.rows_within(1024) if batch_size is None else check_count("batch_size", batch_size)
+
     def _batches(self, X, batch_size):
         """Device batches of host images ``X``, checked first (see :func:`fastvae.checks.check_images`)."""
-        batch_size = self.rows_within(1024) if batch_size is None else check_count("batch_size", batch_size)
+        batch_size = self._batch_size(batch_size)
         X = check_images(X, self.config)
         for i in range(0, X.shape[0], batch_size):
             yield self.backend.asarray(X[i:i + batch_size])
@@ -310,7 +314,7 @@ class VAE:
     def decode(self, Z, batch_size: Optional[int] = None):
         """Pixel means ``(N, D)`` (host, in the model dtype, in [0, 1]) for host
         codes ``Z (N, L)``; DataError for codes not of that shape or not finite."""
-        batch_size = self.rows_within(1024) if batch_size is None else check_count("batch_size", batch_size)
+        batch_size = self._batch_size(batch_size)
         Z = check_codes(Z, self.config.latent_dim)
         outs = []
         for i in range(0, Z.shape[0], batch_size):

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
-from .evaluate import evaluate
+from .evaluate import EVAL_ROWS, evaluate
 from .distributed import AllReduceGrads, shard
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
@@ -268,7 +268,7 @@ def preflight_training(model, tc) -> None:
     est = lambda **kw: memory.estimate(model.layers, model.num_params, model.backend.dtype.itemsize,  # noqa: E731
                                        host=False, **kw)
     iwae, pairs = tc.objective == "iwae", tc.objective == "btcvae"      # beta-TCVAE: B x B pairwise terms
-    memory.preflight(est(batch=max(objectives.train_rows(tc), model.rows_within(1000)), train=True) - est()
+    memory.preflight(est(batch=max(objectives.train_rows(tc), model.rows_within(EVAL_ROWS)), train=True) - est()
                      + (model.backend.tc_pairwise_bytes(tc.batch_size, model.config.latent_dim) if pairs else 0),
                      model.backend, f"training this model (Adam state and batch {tc.batch_size} buffers"
                      f"{f', {tc.iwae_k} IWAE samples an image' if iwae else ''}"
