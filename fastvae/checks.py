@@ -49,8 +49,10 @@ def _choice(name, value, choices):
 
 def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     """``X`` as images for a model of config ``cfg``: a host array ``(N, D)``
-    with ``D = cfg.input_dim`` (or ``(N, *cfg.image_shape)``, returned as
-    ``(N, D)`` without a copy), real numbers, finite, and in [0, 1] for the
+    with ``D = cfg.input_dim`` (or ``(N, *cfg.image_shape)``, with or without
+    a trailing channel of 1, returned as ``(N, D)`` without a copy); uint8
+    pixels (0..255) are returned divided by 255 (a float32 copy, as the
+    loaders and ``fastvae.train(X)`` take them); else real numbers, finite, and in [0, 1] for the
     bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
     is defined only there). Array-likes (lists) are converted; a streamed
     dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
@@ -65,8 +67,8 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
         except (TypeError, ValueError) as e:
             raise DataError(f"{what} cannot be read as an array ({e}); pass an (N, D) array of numbers") from None
     shape = tuple(getattr(cfg, "image_shape", None) or ())
-    if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) == shape:
-        X = X.reshape(len(X), -1)             # (N, *image_shape): the model's own images, one row each
+    if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) in (shape, shape + (1,)):
+        X = X.reshape(len(X), -1)             # (N, *image_shape[, 1]): the model's own images, one row each
     if X.ndim != 2:
         own = f", or (N, {', '.join(map(str, shape))})" if shape else ""
         raise DataError(f"{what} must be an (N, D) array, one flattened image per row{own}, got shape "
@@ -80,6 +82,8 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
         return X
     if X.dtype.kind not in "fiub":
         raise DataError(f"{what} must be real numbers, got dtype {X.dtype}; convert them (x.astype(np.float32))")
+    if X.dtype == np.uint8:                   # 8-bit pixels, as the loaders and fastvae.train(X) take them
+        return X / np.float32(255.0)          # float32, exactly rounded, as the loaders divide
     if X.size == 0:
         return X
     lo, hi = X.min(), X.max()                 # NaN propagates through both; an infinity shows in one

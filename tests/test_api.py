@@ -373,6 +373,27 @@ def test_the_library_takes_images_in_the_models_own_image_shape():
     np.testing.assert_array_equal(m.reconstruct(img), m.reconstruct(x))
     assert fastvae.evaluate(m, img) == fastvae.evaluate(m, x)
     np.testing.assert_array_equal(iwae(m, img, k=4), iwae(m, x, k=4))
-    for bad in (img[:, :8], img[..., None]):
+    np.testing.assert_array_equal(m.encode(img[..., None])[0], m.encode(x)[0])    # (N, H, W, 1), as train takes
+    for bad in (img[:, :8], np.repeat(img[..., None], 2, axis=3)):
         with pytest.raises(fastvae.DataError, match=r"one flattened image per row, or \(N, 16, 16\), got shape"):
             m.encode(bad)
+
+
+def test_the_library_takes_8_bit_pixels_as_fastvae_train_does():
+    """fastvae.train(X) takes uint8 images (divided by 255), but the trained
+    model's encode/evaluate refused the same array ("values in [0, 255] but
+    the bernoulli likelihood needs [0, 1]"). Library calls now divide uint8
+    by 255 as the loaders do (float32, exactly rounded), so the numbers are
+    those of the float images."""
+    from fastvae.metrics import iwae
+    t = tiny_trainer(None, epochs=1)
+    m = t.model
+    pixels = np.random.default_rng(3).integers(0, 256, (6, 256)).astype(np.uint8)
+    unit = pixels.astype(np.float32) / np.float32(255.0)
+    np.testing.assert_array_equal(m.encode(pixels)[0], m.encode(unit)[0])
+    np.testing.assert_array_equal(m.reconstruct(pixels.reshape(6, 16, 16)), m.reconstruct(unit))
+    assert fastvae.evaluate(m, pixels) == fastvae.evaluate(m, unit)
+    np.testing.assert_array_equal(iwae(m, pixels, k=4), iwae(m, unit, k=4))
+    assert pixels.max() > 1                                     # the caller's array is not scaled in place
+    with pytest.raises(fastvae.DataError, match=r"values in \[0, 255\] but the bernoulli likelihood needs"):
+        m.encode(pixels.astype(np.int64))                       # other integers are taken as values
