@@ -364,12 +364,10 @@ class Trainer:
         return the metric history (one dict per epoch, nats per image).
 
         Raises TrainingDivergedError when the loss becomes non-finite
-        (checked at every progress interval and epoch end; nothing is saved
-        then, and no save writes non-finite parameters), TrainingInterrupted after Ctrl-C or SIGTERM once the current
-        step is finished and a checkpoint written (run folders only), and
-        RunFolderError when another process trains in the same run folder
-        (an ``fcntl`` lock, :mod:`fastvae.runfolder`, held while fitting).
-        """
+        (checked at every progress interval and epoch end; nothing is saved then, and no save writes
+        non-finite parameters), TrainingInterrupted after Ctrl-C or SIGTERM once the current step is
+        finished and a checkpoint written (run folders only), and RunFolderError when another process
+        trains in the same run folder (an ``fcntl`` lock, :mod:`fastvae.runfolder`, held while fitting)."""
         # overflow in a diverging step is reported by the loss check with its fixes, not as NumPy warnings
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
                 runfolder.locked(self.out if self.writes else None):
@@ -394,6 +392,8 @@ class Trainer:
         finally:
             self.reporter.close()
             self._restore_signals(previous_handler)
+        if self.out is not None and self.writes and not os.path.exists(self.checkpoint_path):
+            self.save()                 # nothing trained (epochs=0): the folder still holds a run to load
         if pictures and self.writes:
             self.write_pictures()
         return self.history

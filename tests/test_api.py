@@ -397,3 +397,23 @@ def test_the_library_takes_8_bit_pixels_as_fastvae_train_does():
     assert pixels.max() > 1                                     # the caller's array is not scaled in place
     with pytest.raises(fastvae.DataError, match=r"values in \[0, 255\] but the bernoulli likelihood needs"):
         m.encode(pixels.astype(np.int64))                       # other integers are taken as values
+
+
+def test_zero_epochs_leave_a_run_folder_that_loads_and_resumes(tmp_path):
+    """fastvae.train(..., epochs=0) (the command line refuses 0, the library
+    takes it) wrote config.json, metrics.csv and pictures but no checkpoint:
+    `fastvae info`/`eval`/`plot` and resuming then said the checkpoint does
+    not exist. The untrained state is saved now, and resuming it to 2
+    epochs gives the parameters of 2 epochs straight, bit for bit."""
+    from fastvae import Trainer
+    data = fastvae.datasets.make_sprites(200, seed=6, size=16)
+    t0 = tiny_trainer(tmp_path / "zero", data=data, epochs=0)
+    t0.fit()
+    assert (tmp_path / "zero" / "checkpoint.h5").exists()
+    m = fastvae.load(tmp_path / "zero")
+    np.testing.assert_array_equal(m.get_flat_params(), t0.model.get_flat_params())
+    resumed = Trainer.from_checkpoint(tmp_path / "zero" / "checkpoint.h5", epochs=2, dataset=data, progress=False)
+    resumed.fit(pictures=False)
+    straight = tiny_trainer(tmp_path / "straight", data=data, epochs=2)
+    straight.fit(pictures=False)
+    np.testing.assert_array_equal(resumed.model.get_flat_params(), straight.model.get_flat_params())
