@@ -48,14 +48,16 @@ def load(path, backend=None) -> VAE:
     :mod:`fastvae.restore`).
 
     The returned model carries ``model.checkpoint``: ``{"train", "data",
-    "history", "epoch", "step", "meta", "adam_t"}`` from the file. Raises
+    "history", "epoch", "step", "data_rows", "meta", "adam_t"}`` from the file
+    (``data_rows``: training and test images of the run, None in older files). Raises
     CheckpointError for a missing, foreign, damaged or other-version file.
     """
     from .restore import load_model
     model, data = load_model(path, backend)
     model.checkpoint = {"train": data["config"].get("train"), "data": data["config"].get("data"),
                         "history": data["history"], "epoch": data["state"].get("epoch"),
-                        "step": data["state"].get("step"), "meta": data["meta"],
+                        "step": data["state"].get("step"), "data_rows": data["state"].get("data_rows"),
+                        "meta": data["meta"],
                         "adam_t": None if data["adam"] is None else data["adam"]["t"]}
     return model
 

@@ -9,7 +9,8 @@ line instead of a traceback deep in the trainer.
             (at most 4 dimensions), contiguous and in order;
 ``config``  ``{"model": {...}, "train": {...}, "data": {...}}``, each built
             through its dataclass (which checks every field's range);
-``state``   ``{"epoch": int >= 0, "step": int >= 0, "rng": {...}?, "partial": {...}?}``;
+``state``   ``{"epoch": int >= 0, "step": int >= 0, "rng": {...}?, "partial": {...}?,
+            "data_rows": [int >= 0, int >= 0]?}``;
 ``history`` list of flat objects whose values are numbers, strings or null.
 """
 
@@ -71,6 +72,12 @@ def check_state(state, path) -> None:
             check_type(part.get(key), types, f"state 'partial.{key}'", err, minimum=0 if types is int else None)
         if set(part) - {"batch", "counted", "recon", "kl", "loss", "seconds"}:
             _fail(path, f"state 'partial' has unknown keys {sorted(part)[:6]}")
+    if "data_rows" in state:        # [training images, test images] the run was trained on
+        rows = check_type(state["data_rows"], list, "state 'data_rows'", err)
+        if len(rows) != 2:
+            _fail(path, f"state 'data_rows' holds {len(rows)} numbers, not 2")
+        for n in rows:
+            check_type(n, int, "state 'data_rows'", err, minimum=0)
 
 
 def check_history(history, path) -> None:

@@ -216,10 +216,17 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     follow only to another folder of images."""
     from . import datasets
     from .config import DataConfig
+    from .training import data_change_note
     changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}
     if dataset and not datasets.is_image_folder(dataset):
         changes.update(image_size=None, color="grayscale")
-    return datasets.load(DataConfig.from_dict(model.checkpoint["data"]).replace(**changes), splits=splits)
+    recorded = DataConfig.from_dict(model.checkpoint["data"])
+    cfg = recorded.replace(**changes)
+    data = datasets.load(cfg, splits=splits)
+    note = data_change_note(model.checkpoint, data) if cfg.dataset == recorded.dataset else ""   # the run's data
+    if note:
+        print(f"fastvae: note: {note}", file=sys.stderr)
+    return data
 
 
 def _load_for_explore(ckpt, dataset=None, data_dir=None, backend=None):

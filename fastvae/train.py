@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import datasets as _datasets
 from . import distributed, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
-from .errors import CheckpointError, ConfigError, DataError, TrainingInterrupted
+from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .blas import configure as configure_blas
 from .arrayfiles import image_shape_of
 from .checks import check_count, check_images
@@ -44,7 +44,7 @@ from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
 from .evaluate import units
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
-                       WarmUp, preflight_training, step_graphs)
+                       WarmUp, data_change_note, preflight_training, step_graphs)
 
 
 class Trainer:
@@ -73,12 +73,10 @@ class Trainer:
         self.data_config = data_config or DataConfig(**({} if dataset is None else
                                                          {"dataset": _datasets.in_memory(dataset.name)}))
         self.data = dataset if dataset is not None else _datasets.load(self.data_config)
-        self.data.x_train = check_images(self.data.x_train, model_config, "training images")    # (N, D) rows
+        self.data.x_train = check_images(self.data.x_train, model_config, "training images", min_rows=1)  # (N, D)
         if self.data.x_test is not None:
             self.data.x_test = check_images(self.data.x_test, model_config, "test images")
         n = self.data.x_train.shape[0]
-        if n == 0:
-            raise DataError("the training split is empty; add images")
         if tc.batch_size > n:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
                               "images; use a smaller --batch-size")
@@ -196,9 +194,10 @@ class Trainer:
         st = data["state"]
         self.epoch, self.step = int(st["epoch"]), int(st["step"])
         self.history = list(data["history"])
-        note = resume_note(tc, self.step, self.steps_per_epoch(), old_epochs, tc.epochs)
-        if note and self.writes:
-            print(f"fastvae: note: {note}", file=sys.stderr)
+        for note in (resume_note(tc, self.step, self.steps_per_epoch(), old_epochs, tc.epochs),
+                     data_change_note(st, self.data)):
+            if note and self.writes:
+                print(f"fastvae: note: {note}", file=sys.stderr)
         if "partial" in st:
             perm = data["arrays"].get("epoch_perm")
             N = self.data.x_train.shape[0]

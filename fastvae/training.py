@@ -303,7 +303,8 @@ class Checkpointer:
     @staticmethod
     def _save(trainer, path: str) -> str:
         be, pos = trainer.backend, trainer.position
-        state = {"epoch": trainer.epoch, "step": trainer.step, "rng": trainer.rng.state()}
+        state = {"epoch": trainer.epoch, "step": trainer.step, "rng": trainer.rng.state(),
+                 "data_rows": data_rows(trainer.data)}
         arrays = {}
         if pos is not None and pos.batch > 0:
             state["partial"] = pos.to_state(be)
@@ -320,6 +321,25 @@ class Checkpointer:
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
         return path
+
+
+def data_rows(data) -> list:
+    """``[training images, test images]`` of a Dataset (streamed splits included)."""
+    return [0 if x is None else int(x.shape[0]) for x in (data.x_train, data.x_test)]
+
+
+def data_change_note(state: dict, data) -> str:
+    """'' when ``data`` has the split sizes the run recorded (``state["data_rows"]``,
+    absent in checkpoints before it was recorded), else a note: data that gained
+    or lost images since training draws its random test split anew, so the split
+    can hold images the model trained on (and the reverse)."""
+    then, now = state.get("data_rows"), data_rows(data)
+    if then is None or list(then) == now:
+        return ""
+    return (f"the data has changed since this run was trained: {then[0]} training and {then[1]} test images "
+            f"then, {now[0]} and {now[1]} now; a random test split is drawn again from the images there are, "
+            "so it may hold images the model trained on (evaluate on the data it was trained on, or on data "
+            "it never saw)")
 
 
 class WarmUp:

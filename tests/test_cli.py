@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
 import fastvae
@@ -169,3 +170,27 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     p.stdout.close()                                   # before the interpreter has started: the first print fails
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and err == "", err
+
+
+def test_data_that_changed_since_training_is_noted_on_eval_and_resume(tmp_path):
+    """A run on an .npy of 50 images split 45/5 at random; 20 images added
+    later: `fastvae eval RUN` drew the split again from 70 rows and scored a
+    "test" split holding images the model trained on, silently, and a resume
+    trained on former test images. The checkpoint records the split sizes
+    now and both say so; unchanged data, or another --dataset, says nothing."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.random((50, 8, 8)).astype(np.float32))
+    fv("train", "--dataset", "x.npy", "--hidden", "4", "--latent", "2", "--epochs", "1", "--batch-size", "9",
+       "--no-progress", "--out", "run", cwd=tmp_path)
+    assert fastvae.load(tmp_path / "run").checkpoint["data_rows"] == [45, 5]
+    same = fv("eval", "run", cwd=tmp_path)
+    assert "changed" not in same.stderr
+    np.save(tmp_path / "x.npy", rng.random((70, 8, 8)).astype(np.float32))
+    note = ("the data has changed since this run was trained: 45 training and 5 test images then, 63 and 7 now; "
+            "a random test split is drawn again")
+    assert note in fv("eval", "run", cwd=tmp_path).stderr
+    resumed = fv("train", "--resume", "run/checkpoint.h5", "--epochs", "2", "--out", "run", "--no-progress",
+                 cwd=tmp_path)
+    assert note in resumed.stderr
+    np.save(tmp_path / "other.npy", rng.random((30, 8, 8)).astype(np.float32))
+    assert "changed" not in fv("eval", "run", "--dataset", "other.npy", cwd=tmp_path).stderr
