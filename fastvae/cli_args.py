@@ -153,8 +153,8 @@ def parser() -> argparse.ArgumentParser:
     ip.add_argument("--backend")
 
     b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
-    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(
-        ["784-400-20/b128", "784-1000-2/b32", "784-1000-50/b4096", "4096-1000-50/b128"]))
+    from .benchmark import WORKLOADS
+    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(WORKLOADS))
     b.add_argument("--backends", nargs="*", help="default: every available backend")
     b.add_argument("--dtype", default="float32")
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")
