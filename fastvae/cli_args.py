@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ignore files that are not images in an image folder")
     m = t.add_argument_group("model")
     m.add_argument("--arch", choices=["mlp", "conv"],
-                   help="mlp (default) or conv: the seed's ConvNet on 28x28 images, Burgess et al. 2018 on 64x64")
+                   help="mlp (default) or conv: the seed's ConvNet on 28x28 images, Burgess et al. 2018 on 64x64 "
+                        "and on other power-of-two sides from 16 to 1024")
     m.add_argument("--hidden", type=int, nargs="*", help="encoder hidden widths (default: 400)")
     m.add_argument("--decoder-hidden", type=int, nargs="*", help="decoder hidden widths (default: mirror)")
     m.add_argument("--latent", type=int, help="latent_dim (default 20; 10 for sprites, 50 for olivetti)")
