@@ -59,6 +59,28 @@ def test_two_thread_adam_is_the_one_thread_update_bit_for_bit(dtype, wd, decay, 
     assert {k[0] for k in be._scratch if k[0].startswith("adam_t")} == {"adam_t0", "adam_t1"}
 
 
+def test_the_worker_half_of_adam_keeps_the_callers_numpy_error_state():
+    """NumPy's error state is per thread: the trainer silences overflow
+    warnings (its loss check reports a divergence with the fixes), but the
+    worker thread's half of a two-thread Adam warned all the same ("overflow
+    encountered in multiply" before the divergence message). The worker runs
+    under the caller's state now, and the caller's own settings still hold."""
+    import warnings
+    be = backends.get("numpy", "float32")
+    be.adam_threads = 2
+    n = NumpyBackend.ADAM_SPLIT_MIN * 2
+    p, m, v = (np.ones(n, np.float32) for _ in range(3))
+    g = np.full(n, 3e30, np.float32)                      # g * g overflows float32 in both halves
+    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0, weight_decay=0.0, decay_factor=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="ignore", invalid="ignore"):
+            be.adam_update(p, g, m, v, **kw)
+        assert np.isinf(v).all()                           # the overflow happened, in both halves
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            be.adam_update(p, g, m, v, **kw)
+
+
 def test_small_buffers_stay_on_one_thread():
     be = backends.get("numpy", "float32")
     be.adam_threads = 2

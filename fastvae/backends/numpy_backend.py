@@ -233,9 +233,11 @@ class NumpyBackend(Backend):
             self._adam_range(0, 0, N, *args)
             return
         half = (N // 2) // 1024 * 1024
-        job = self._worker().submit(self._adam_range, 1, half, N, *args)
-        self._adam_range(0, 0, half, *args)
-        job.result()
+        job = self._worker().submit(self._adam_range, 1, half, N, *args, errstate=np.geterr())
+        try:
+            self._adam_range(0, 0, half, *args)
+        finally:
+            job.result()            # never return (or raise) while the worker still writes the buffers
 
     def _worker(self):
         """The Adam worker thread of this backend in this process (a fork gets its own)."""
@@ -246,11 +248,15 @@ class NumpyBackend(Backend):
             pool = self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastvae-adam"))
         return pool[1]
 
-    def _adam_range(self, tid, start, stop, params, grads, m, v, *hyper):
+    def _adam_range(self, tid, start, stop, params, grads, m, v, *hyper, errstate=None):
+        """Adam over ``[start, stop)``; ``errstate``: the caller's ``np.geterr()``
+        for the worker thread (NumPy's error state is per thread: the trainer's
+        silenced overflow warnings showed up from the worker's half)."""
         n = max(1, self.ADAM_CHUNK_BYTES // params.dtype.itemsize)
-        for s in range(start, stop, n):
-            sl = slice(s, min(s + n, stop))
-            self._adam_chunk(tid, params[sl], grads[sl], m[sl], v[sl], *hyper)
+        with np.errstate(**(errstate or {})):
+            for s in range(start, stop, n):
+                sl = slice(s, min(s + n, stop))
+                self._adam_chunk(tid, params[sl], grads[sl], m[sl], v[sl], *hyper)
 
     def _adam_chunk(self, tid, params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt, weight_decay,
                     decay_factor):
