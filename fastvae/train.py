@@ -188,6 +188,7 @@ class Trainer:
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
+        self.checkpointer.ours = os.path.exists(self.checkpoint_path) and os.path.samefile(self.checkpoint_path, path)
         ckpt.load_params(self.model, data, path)
         if data["adam"] is not None:
             self.optimizer.load_state_dict(data["adam"])
@@ -315,7 +316,7 @@ class Trainer:
             if b % 20 == 19 or b == spe - 1:
                 recon_s, kl_s, counted = self._sums(pos, "recon", "kl")
                 running = (recon_s + kl_s) / max(counted, 1)
-                rep.check_finite(running, "loss", self.step, self.epoch, self.out)
+                rep.check_finite(running, "loss", self.step, self.epoch, self.checkpointer)
                 shown = rep.progress_to(b + 1, shown, self.epoch, running, beta)
             if self._stop_agreed() and b < spe - 1:
                 pos.seconds += time.perf_counter() - t0
@@ -342,7 +343,7 @@ class Trainer:
         N = self.data.x_train.shape[0]
         recon_s, kl_s, loss_s, counted = self._sums(pos, "recon", "kl", "loss")
         recon_m, kl_m = recon_s / counted, kl_s / counted
-        self.reporter.check_finite(recon_m + kl_m, "loss", self.step, self.epoch, self.out)
+        self.reporter.check_finite(recon_m + kl_m, "loss", self.step, self.epoch, self.checkpointer)
         self.epoch += 1
         row = {"epoch": self.epoch, "step": self.step,
                "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,

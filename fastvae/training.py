@@ -35,12 +35,14 @@ DIVERGED_FIXES = ("lower --lr, add --clip-grad-norm 100, or warm beta up with --
                   "--beta-warmup 5")
 
 
-def _kept(path: Optional[str]) -> str:
-    """What a diverged run leaves on disk at ``path`` (its checkpoint, or None)."""
+def _kept(path: Optional[str], ours: bool) -> str:
+    """What a diverged run leaves on disk at ``path`` (its checkpoint, or None);
+    ``ours``: the file there is this run's (saved by it, or the one it resumed)."""
     if path is None:
         return "nothing was saved (no run folder)"
     if os.path.exists(path):
-        return f"the last good checkpoint {path} is kept"
+        return (f"the last good checkpoint {path} is kept" if ours else
+                f"no checkpoint of this run was written yet ({path} still holds the run it was to replace)")
     return f"no checkpoint was written yet ({path} would be the first)"
 
 
@@ -178,12 +180,12 @@ class Reporter:
             self.bar = None
 
     @staticmethod
-    def check_finite(value: float, what: str, step: int, epoch: int, out: Optional[str]) -> None:
-        """Raise TrainingDivergedError (with the fixes) unless ``value`` is finite."""
+    def check_finite(value: float, what: str, step: int, epoch: int, checkpointer: "Checkpointer") -> None:
+        """Raise TrainingDivergedError (with the fixes and what is on disk) unless ``value`` is finite."""
         if not math.isfinite(value):
             raise TrainingDivergedError(
                 f"the {what} became {value} at step {step} (epoch {epoch + 1}); training stopped and "
-                f"{_kept(None if out is None else os.path.join(out, CHECKPOINT_NAME))}; {DIVERGED_FIXES}")
+                f"{checkpointer.kept()}; {DIVERGED_FIXES}")
 
     def progress_to(self, done: int, shown: int, epoch: int, running: float, beta: float) -> int:
         """Advance the bar to ``done`` steps of this epoch; returns the new mark."""
@@ -282,10 +284,15 @@ class Checkpointer:
 
     def __init__(self, out: Optional[str]):
         self.out = out
+        self.ours = False         # the file at path is this run's: saved by it, or the checkpoint it resumed
 
     @property
     def path(self) -> Optional[str]:
         return None if self.out is None else os.path.join(self.out, CHECKPOINT_NAME)
+
+    def kept(self) -> str:
+        """What a run that diverges now leaves in its folder, for the error."""
+        return _kept(self.path, self.ours)
 
     def clean_debris(self) -> None:
         """Remove temporary files of saves that were killed mid-write."""
@@ -296,12 +303,13 @@ class Checkpointer:
     def save(self, trainer, path: str) -> str:
         self.saving = True
         try:
-            return self._save(trainer, path)
+            self._save(trainer, path)
+            self.ours = self.ours or path == self.path
+            return path
         finally:
             self.saving = False
 
-    @staticmethod
-    def _save(trainer, path: str) -> str:
+    def _save(self, trainer, path: str) -> None:
         be, pos = trainer.backend, trainer.position
         state = {"epoch": trainer.epoch, "step": trainer.step, "rng": trainer.rng.state(),
                  "data_rows": data_rows(trainer.data)}
@@ -315,12 +323,11 @@ class Checkpointer:
         if bad:       # diverged since the last loss check (which runs every 20 steps): never replace a good file
             raise TrainingDivergedError(
                 f"{bad} of {params.size} parameters are NaN or infinite at step {trainer.step} (training "
-                f"diverged); not saved, so {_kept(path)}; {DIVERGED_FIXES}")
+                f"diverged); not saved, so {_kept(path, self.ours or path != self.path)}; {DIVERGED_FIXES}")
         ckpt.save_checkpoint(
             path, params=params, adam_state=trainer.optimizer.state_dict(),
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
-        return path
 
 
 def data_rows(data) -> list:

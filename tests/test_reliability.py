@@ -290,6 +290,24 @@ def test_a_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path
     assert not (tmp_path / "r" / "checkpoint.h5").exists()
 
 
+def test_a_divergence_over_a_replaced_run_does_not_call_its_checkpoint_ours(tmp_path, capsys):
+    """`--force` over another run, then a divergence before the first save:
+    the error said "the last good checkpoint RUN/checkpoint.h5 is kept", which
+    was the replaced run's file (another model), inviting a resume from it.
+    It says that file still holds the run it was to replace."""
+    from fastvae.cli import main
+    out = str(tmp_path / "r")
+    assert main(["train", *TINY, "--epochs", "1", "--out", out]) == 0
+    before = (tmp_path / "r" / "checkpoint.h5").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--lr", "1e6", "--epochs", "2", "--out", out, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint of this run was written yet" in err and "still holds the run it was to replace" in err
+    assert "last good checkpoint" not in err, err
+    assert (tmp_path / "r" / "checkpoint.h5").read_bytes() == before           # and it is intact
+    # (a resumed run's own file: test_divergence_stops_and_keeps_the_last_good_checkpoint)
+
+
 def test_gradient_clipping_bounds_the_global_norm(tmp_path):
     t = _tiny(None, epochs=1, clip_grad_norm=0.5)
     norms = []
