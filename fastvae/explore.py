@@ -158,8 +158,9 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
         P = (mu - mean) @ axes.T
         xl, yl = (f"PC1 of mu ({ratio[0]:.0%} of variance)", f"PC2 of mu ({ratio[1]:.0%} of variance)")
     c = None if labels is None else np.asarray(labels)[:len(X)]
-    cmap = None if c is None else ("tab10" if c.max() < 10 else "viridis")     # no labels: one colour
-    sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=3, cmap=cmap, alpha=0.7, linewidths=0)
+    cmap, norm = _label_colours(c, label_names)
+    size = float(np.clip(3000 / len(P), 3, 30))           # points a reader can see, 20 images or 5000
+    sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=size, cmap=cmap, norm=norm, alpha=0.7, linewidths=0)
     if c is not None:
         cb = fig.colorbar(sc, ax=ax)
         if label_names is not None and len(label_names) <= 20:
@@ -169,6 +170,21 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     ax.set_ylabel(yl)
     ax.set_title("latent means of the images" + ("" if mu.shape[1] <= 2 else f" (L = {mu.shape[1]}, PCA)"))
     return _save(fig, path)
+
+
+def _label_colours(c, label_names):
+    """``(cmap, norm)`` for integer labels ``c`` (None: one colour): up to 10
+    classes one tab10 colour each, a colour bar of exactly those bands with
+    each class's tick in its middle (a plain tab10 spread 3 classes over its
+    10 bands, ticks on band edges); more classes, or other labels, viridis."""
+    if c is None:
+        return None, None
+    k = max(int(c.max()) + 1, len(label_names) if label_names is not None else 0)
+    if c.dtype.kind not in "iu" or c.min() < 0 or k > 10:
+        return "viridis", None
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib import colormaps
+    return ListedColormap(colormaps["tab10"].colors[:k]), BoundaryNorm(np.arange(k + 1) - 0.5, k)
 
 
 def plot_latent_grid(model, image_shape, n=15, dims=(0, 1), spacing="quantile", center=None, pca_codes=None,

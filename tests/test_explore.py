@@ -131,6 +131,31 @@ def test_every_figure_writes_a_file_of_the_expected_size(trained, tmp_path):
         assert 0.4 * fw <= w <= 1.3 * fw and 0.4 * fh <= h <= 1.3 * fh, (name, (w, h), (fw, fh))
 
 
+def test_latent_map_gives_each_class_its_own_colour_and_a_band_of_the_colour_bar(trained):
+    """Three sprite classes were drawn with tab10 spread over [0, 2]: 10
+    colour bands on the bar, class ticks on band edges, so a reader read
+    "ellipse" off a band no point had; and 20 points of 3 square pixels were
+    all but invisible. Now each class i is tab10 colour i, the bar has one
+    band per class with its tick in the middle, and few points are drawn big."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+    model, data = trained
+    X, y = data.x_test[:20], data.y_test[:20]
+    assert len(set(y.tolist())) >= 2
+    fig = explore.plot_latent_map(model, X, y, data.label_names)
+    ax, bar = fig.axes
+    pts = ax.collections[0]
+    want = np.array([to_rgba(colormaps["tab10"].colors[i]) for i in y])
+    np.testing.assert_allclose(pts.to_rgba(pts.get_array()), want, atol=1e-6)      # each point's colour
+    k = len(data.label_names)
+    assert pts.get_cmap().N == k and list(pts.norm.boundaries) == [i - 0.5 for i in range(k + 1)]
+    assert list(bar.get_yticks()) == list(range(k))
+    assert [t.get_text() for t in bar.get_yticklabels()] == list(data.label_names)
+    assert pts.get_sizes()[0] >= 20
+    many = explore.plot_latent_map(model, data.x_test, np.arange(len(data.x_test)) % 13)   # > 10 classes
+    assert many.axes[0].collections[0].get_cmap().name == "viridis"
+
+
 def test_gif_has_the_expected_frames(trained, tmp_path):
     model, data = trained
     frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=10)
