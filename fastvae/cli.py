@@ -248,6 +248,7 @@ def _image_shape(model, data):
 def _cmd_plot(a):
     from . import explore
     from .checks import check_images
+    from .evaluate import units
     for flag, value in (("--n", a.n), ("--grid", a.grid), ("--max-dims", a.max_dims)):
         _positive(flag, value)
     ckpt = checkpoint_arg(a.run)
@@ -280,13 +281,14 @@ def _cmd_plot(a):
     losses = recon + kl
     best, worst = explore.best_and_worst(losses, a.n)
     save("best_worst.png", explore.plot_best_worst, model, x, losses, shape, n=a.n)
-    save("loss_histogram.png", explore.plot_loss_histogram, losses,
+    per = units(model.config.likelihood, short=True)
+    save("loss_histogram.png", explore.plot_loss_histogram, losses, xlabel=f"-ELBO ({per})",
          marks={"best": losses[best[0]], "median": float(np.median(losses)), "worst": losses[worst[0]]})
     kld = explore.kl_per_dim(model, x)
     _, var = explore.active_units(model, x)
     save("kl_per_dim.png", explore.plot_kl_per_dim, kld, var)
     if model.checkpoint["history"]:
-        save("loss_curves.png", explore.plot_loss, model.checkpoint["history"])
+        save("loss_curves.png", explore.plot_loss, model.checkpoint["history"], units=per)
     if len(x) >= 2:
         save("interpolation.png", explore.plot_interpolation, model, x[0], x[1], shape)
         frames = explore.interpolation_frames(model, x[0], x[1], 24, "spherical")

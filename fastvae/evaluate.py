@@ -44,11 +44,13 @@ def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     return recon, kl
 
 
-def units(likelihood: str) -> str:
+def units(likelihood: str, short: bool = False) -> str:
     """The units of -ELBO, recon and IWAE numbers under ``likelihood``: nats
-    per image, except for ``mse``, a sum of squared errors (no density)."""
+    per image, except for ``mse``, a sum of squared errors (no density);
+    ``short``: the form for an axis label."""
     if likelihood == "mse":
-        return "per image: recon a sum of squared errors, kl in nats (not a log-likelihood)"
+        return ("per image (recon: sum of squared errors)" if short else
+                "per image: recon a sum of squared errors, kl in nats (not a log-likelihood)")
     return "nats per image"
 
 

@@ -308,6 +308,7 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
 
 def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel="-ELBO (nats per image)"):
     """Histogram of per-image losses; ``marks = {label: loss}`` drawn as vertical lines."""
+    from matplotlib.ticker import MaxNLocator
     losses = np.asarray(losses)
     fig = _figure((6, 3.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -318,6 +319,7 @@ def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel=
         ax.legend(fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))           # counts
     ax.set_title(f"per-image loss over {len(losses)} images (mean {losses.mean():.2f})")
     return _save(fig, path)
 
@@ -344,11 +346,13 @@ def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
 def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None):
     """Bar chart of KL per latent dimension (nats); active units (Var_x(mu_j) >
     threshold) in colour, inactive in grey."""
+    from matplotlib.ticker import MaxNLocator
     kl = np.asarray(kl)
     active = np.ones(len(kl), bool) if variances is None else np.asarray(variances) > threshold
     fig = _figure((max(4, 0.25 * len(kl) + 1), 3))
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(kl)), kl, color=np.where(active, "tab:orange", "lightgray"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))           # dimensions 0, 1, ...
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
     ax.set_title(f"KL per dimension; {int(active.sum())} active units (Var(mu) > {threshold:g}) in colour",

@@ -106,20 +106,30 @@ def plot_samples(model, image_shape, n: int = 64, seed: int = 0, path: Optional[
     return _save(fig, path)
 
 
-def plot_loss(history, path: Optional[str] = None):
-    """-ELBO (train and test), reconstruction and KL in nats per image, and beta,
-    against epochs; log y-axis for the losses."""
+def plot_loss(history, path: Optional[str] = None, units: str = "nats per image"):
+    """-ELBO (train and test), reconstruction and KL per image (``units``, see
+    :func:`fastvae.evaluate.units`), and beta, against epochs; a log y-axis for
+    the losses, symmetric-log (linear within 1 of 0) when one is 0 or negative
+    (a Gaussian likelihood's -ELBO is a density's: it can be; on a log axis
+    those curves vanished)."""
+    from matplotlib.ticker import MaxNLocator
     fig = _figure((7, 4))
     ax = fig.add_subplot(1, 1, 1)
     ep = [h["epoch"] for h in history]
+    low = np.inf
     for key, label in (("train_neg_elbo", "train -ELBO"), ("test_neg_elbo", "test -ELBO"),
                        ("train_recon", "train recon"), ("train_kl", "train KL")):
-        ys = [h.get(key) for h in history]
-        if any(y is not None for y in ys):
-            ax.plot(ep, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
-    ax.set_yscale("log")
+        ys = np.array([np.nan if h.get(key) is None else h[key] for h in history], float)
+        if not np.isnan(ys).all():
+            ax.plot(ep, ys, marker="o", ms=3, label=label)
+            low = min(low, np.nanmin(ys))
+    if low > 0:
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per image")
+    ax.set_ylabel(units)
     ax2 = ax.twinx()
     ax2.plot(ep, [h.get("beta", np.nan) for h in history], color="gray", ls="--", label="beta")
     ax2.set_ylabel("beta (KL weight)")

@@ -165,8 +165,9 @@ class Reporter:
     per epoch when there is no bar.
     """
 
-    def __init__(self, out: Optional[str], progress: bool, verbose: bool = False, units: str = "nats per image"):
-        self.out, self.progress, self.verbose, self.units = out, progress, verbose, units
+    def __init__(self, out: Optional[str], progress: bool, verbose: bool = False, units: str = "nats per image",
+                 axis_units: str = "nats per image"):
+        self.out, self.progress, self.verbose, self.units, self.axis_units = out, progress, verbose, units, axis_units
         self.bar = None
 
     def open(self, steps: int) -> None:
@@ -232,7 +233,7 @@ class Reporter:
         plots.plot_reconstructions(model, X, image_shape, n=16, path=os.path.join(self.out, "reconstructions.png"))
         plots.plot_samples(model, image_shape, n=64, seed=seed, path=os.path.join(self.out, "samples.png"))
         if history:
-            plots.plot_loss(history, path=os.path.join(self.out, "loss.png"))
+            plots.plot_loss(history, path=os.path.join(self.out, "loss.png"), units=self.axis_units)
 
     @staticmethod
     def rss_mb():

@@ -156,6 +156,38 @@ def test_latent_map_gives_each_class_its_own_colour_and_a_band_of_the_colour_bar
     assert many.axes[0].collections[0].get_cmap().name == "viridis"
 
 
+def test_loss_curves_show_negative_losses_and_their_units():
+    """A Gaussian likelihood's -ELBO is a density's and can be negative: on the
+    log axis the -ELBO and recon curves of such a run vanished, leaving only
+    the KL. Those runs get a symmetric-log axis now; positive ones keep the log
+    axis. Epochs are whole numbers on the axis, and an mse run's losses are
+    not labelled nats."""
+    from fastvae import plots
+    from fastvae.evaluate import units
+    hist = [{"epoch": e, "train_neg_elbo": -1000 + 300 / e, "test_neg_elbo": -950 + 300 / e,
+             "train_recon": -1100 + 300 / e, "train_kl": 100 - 5 * e, "beta": 1.0} for e in range(1, 9)]
+    ax = plots.plot_loss(hist).axes[0]
+    assert ax.get_yscale() == "symlog"
+    lo, hi = ax.get_ylim()
+    for line in ax.get_lines():                                     # every curve inside the axis
+        assert lo <= np.nanmin(line.get_ydata()) and np.nanmax(line.get_ydata()) <= hi, line.get_label()
+    assert len(ax.get_lines()) == 4 and all(float(t).is_integer() for t in ax.get_xticks())
+    pos = [dict(h, train_neg_elbo=h["train_neg_elbo"] + 2000, test_neg_elbo=h["test_neg_elbo"] + 2000,
+                train_recon=h["train_recon"] + 2000) for h in hist[:2]]
+    ax = plots.plot_loss(pos, units=units("mse", short=True)).axes[0]
+    assert ax.get_yscale() == "log" and all(float(t).is_integer() for t in ax.get_xticks())
+    assert ax.get_ylabel() == "per image (recon: sum of squared errors)" and "nats" not in ax.get_ylabel()
+
+
+def test_counts_and_latent_dimensions_get_whole_number_ticks():
+    """The loss histogram's image counts read 0.25, 0.5, ... and the KL bars'
+    latent dimensions 0.0, 1.0 for a 2-D code."""
+    hist = explore.plot_loss_histogram(np.array([1.0, 2.0, 2.5, 9.0])).axes[0]
+    assert all(float(t).is_integer() for t in hist.get_yticks())
+    bars = explore.plot_kl_per_dim(np.array([0.02, 0.06])).axes[0]
+    assert all(float(t).is_integer() for t in bars.get_xticks())
+
+
 def test_gif_has_the_expected_frames(trained, tmp_path):
     model, data = trained
     frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=10)
