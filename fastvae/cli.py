@@ -255,6 +255,11 @@ def _cmd_plot(a):
     model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
     x, y = _split_images(data, a.split)
     check_images(x, model.config, f"{a.split} images")
+    L = model.config.latent_dim
+    if a.dims:                # before any figure is written (an error came after three of them)
+        if L < 2:
+            raise ConfigError(f"--dims picks the latent grid's plane, but latent_dim is {L}: no grid; drop --dims")
+        explore.check_grid_dims(a.dims, L)
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -270,7 +275,6 @@ def _cmd_plot(a):
     save("reconstructions.png", explore.plot_reconstructions, model, x, shape, n=2 * a.n)
     save("samples.png", explore.plot_samples, model, shape)
     save("latent_map.png", explore.plot_latent_map, model, x, y, data.label_names)
-    L = model.config.latent_dim
     if L >= 2:
         dims = tuple(a.dims) if a.dims else (0, 1)
         pca = None if (a.dims or L == 2) else model.codes(x[:5000])

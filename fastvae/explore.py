@@ -101,8 +101,9 @@ def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndar
     raise ConfigError(f"unknown grid spacing {spacing!r}; use even or quantile")
 
 
-def _grid_dims(dims, L):
-    """``dims`` as two different latent dimensions in 0..L-1 (the second one unused when L = 1)."""
+def check_grid_dims(dims, L):
+    """``dims`` as two different latent dimensions in 0..L-1 (the second one unused when L = 1);
+    ConfigError naming the range otherwise."""
     try:
         i, j = (operator.index(d) for d in dims)
     except (TypeError, ValueError):
@@ -123,7 +124,7 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
     if center is not None and np.shape(center) != (L,):
         raise ConfigError(f"center must be one code of length {L}, got shape {np.shape(center)}")
     if plane is None:
-        dims = _grid_dims(dims, L)
+        dims = check_grid_dims(dims, L)
     if plane is not None:
         mean, axes = plane
         origin = mean if center is None else np.asarray(center, dtype=np.float64)

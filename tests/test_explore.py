@@ -225,6 +225,22 @@ def test_plot_and_interpolate_commands(tmp_path):
     assert 0 <= res["mig"] <= 1
 
 
+def test_plot_refuses_bad_dims_before_writing_any_figure(tmp_path, capsys):
+    """`plot RUN --dims 0 5` on a 3-D code wrote three figures, then failed;
+    on a 1-D code --dims was ignored without a word. Both are refused first."""
+    from fastvae.cli import main
+    for latent in ("3", "1"):
+        run = tmp_path / f"run{latent}"
+        assert main(["train", "--n-sprites", "100", "--hidden", "8", "--latent", latent, "--epochs", "1",
+                     "--batch-size", "30", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "run3"), "--dims", "0", "5"]) == 2
+    assert "dims (0, 5) must be two different latent dimensions in 0..2" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "run1"), "--dims", "0", "1"]) == 2
+    assert "--dims picks the latent grid's plane, but latent_dim is 1" in capsys.readouterr().err
+    assert not (tmp_path / "run3" / "figures").exists() and not (tmp_path / "run1" / "figures").exists()
+
+
 def test_picture_arguments_that_cannot_fit_get_a_named_error(trained):
     """Grid dimensions outside the latent space (or the same one twice, or a
     negative one that NumPy would count from the end), a grid of 0, a centre
