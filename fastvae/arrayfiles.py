@@ -24,6 +24,18 @@ Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
 _FIX = "pass an existing .npy, .npz or .h5 file of images"
 
 
+def held_out_rows(n: int, fraction: float, seed: int):
+    """The rows of the seeded random test split of ``n`` images, sorted
+    (int64), or None when ``round(n * fraction)`` is 0 or all of them: the
+    first ``n_test`` of ``PCG64(seed).permutation(n)``. The one rule for
+    images loaded in memory and streamed from disk, so a run's test split
+    does not depend on the memory there is (the training rows are the others)."""
+    n_test = int(round(n * fraction))
+    if n_test == 0 or n_test >= n:
+        return None
+    return np.sort(np.random.Generator(np.random.PCG64(seed)).permutation(n)[:n_test])
+
+
 def image_shape_of(shape, where: str) -> tuple:
     """The image shape of an array of images of shape ``shape``: ``(H, W)``
     for ``(N, H, W)``, ``(H, W, C)`` for ``(N, H, W, C)`` with C = 1, 3 or 4

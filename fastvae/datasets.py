@@ -20,7 +20,7 @@ import numpy as np
 from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
-from .arrayfiles import image_shape_of, read_arrays
+from .arrayfiles import image_shape_of, read_arrays, held_out_rows
 from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
@@ -180,12 +180,13 @@ def _unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
         raise DataError(f"images must be numbers, got dtype {x.dtype}")
     n = x.shape[0]
     flat = x.reshape(n, -1)
-    n_test = int(round(n * fraction))
-    if n_test == 0 or n_test >= n:
+    test = held_out_rows(n, fraction, seed)
+    if test is None:
         parts = [None]
     else:
-        perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-        parts = [np.sort(perm[n_test:]), np.sort(perm[:n_test])]
+        train = np.ones(n, bool)
+        train[test] = False
+        parts = [np.flatnonzero(train), test]
 
     def unit(rows):
         keep = rows is None and flat.dtype == np.float32 and flat.flags.c_contiguous   # checked, never copied
@@ -241,7 +242,7 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     path = os.fspath(path)
     if budget_mb is not None or os.path.splitext(path)[1].lower() in (".npy", ".h5", ".hdf5"):
         from .streaming import open_streamed
-        streamed = open_streamed(path, None if budget_mb is None else int(budget_mb * 2 ** 20), test_fraction)
+        streamed = open_streamed(path, None if budget_mb is None else int(budget_mb * 2 ** 20), test_fraction, seed)
         if streamed is not None:
             xtr, xte = streamed
             return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)

@@ -11,9 +11,14 @@ Order: the rows form chunks of ``chunk_rows`` consecutive rows; each epoch
 draws a chunk order and one seed per chunk from the training stream, and
 visits the chunks in that order, each in the order of its own seeded
 permutation (shuffled by chunk and within chunk, never an N-long index).
-Data-parallel ranks read only their rows of each global batch. A test split
-(``test_fraction`` of the rows, at most ``MAX_TEST`` of them) is held out from
-the end of the file and kept in memory.
+Data-parallel ranks read only their rows of each global batch. The test split
+is the one the file would have loaded in memory (:func:`fastvae.arrayfiles.held_out_rows`:
+the seeded random ``test_fraction`` of the rows), so a run's split does not
+depend on whether its file streamed; the training split skips those rows, and
+the test rows are kept in memory, as many as fit in half the budget (all of
+them unless the file is several times the budget: then a subset of them; it was
+the last rows of the file, at most 10,000, which a run loaded in memory had
+partly trained on).
 """
 
 from __future__ import annotations
@@ -26,25 +31,35 @@ from typing import Optional
 
 import numpy as np
 
-from .arrayfiles import X_KEYS, _npy_header, image_shape_of
+from .arrayfiles import X_KEYS, _npy_header, image_shape_of, held_out_rows
 from .distributed import shard
 from .errors import DataError
 from .training import EpochPosition
 
-MAX_TEST = 10_000
-
 
 class StreamedImages:
-    """Rows ``[0, n)`` of an on-disk image array as ``(n, D)`` float32 in [0, 1].
+    """``n`` rows of an on-disk image array as ``(n, D)`` float32 in [0, 1]:
+    the file's rows ``[0, n)``, or with ``index`` (sorted) those rows, or with
+    ``holes`` (sorted) every row but those, in file order.
 
     path: ``.npy`` or ``.h5``/``.hdf5`` (images under one of the usual keys,
     checked as in :mod:`fastvae.arrayfiles`); ``rows(idx)`` reads any rows.
     """
 
-    def __init__(self, path, n: int, D: int, image_shape, reader, chunk_rows: int):
+    def __init__(self, path, n: int, D: int, image_shape, reader, chunk_rows: int, index=None, holes=None):
         self.path, self.n, self.D, self.image_shape = path, n, D, tuple(image_shape)
         self._reader, self.chunk_rows = reader, chunk_rows
         self.shape, self.ndim, self.dtype = (n, D), 2, np.dtype(np.float32)
+        self._index = index
+        # row p of a split with holes t_0 < t_1 < ... is file row p + #{j: t_j - j <= p}
+        # (t_j - j rows of the split come before hole j): no N-long index is held
+        self._gaps = None if holes is None else np.asarray(holes, np.int64) - np.arange(len(holes))
+
+    def _file_rows(self, idx):
+        """File rows of split rows ``idx`` (increasing in, increasing out)."""
+        if self._index is not None:
+            return self._index[idx]
+        return idx if self._gaps is None else idx + np.searchsorted(self._gaps, idx, side="right")
 
     def __len__(self):
         return self.n
@@ -56,7 +71,7 @@ class StreamedImages:
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"rows {idx.min()}..{idx.max()} of {self.path}: this split has rows 0..{self.n - 1}")
         order = np.argsort(idx, kind="stable")
-        raw = np.asarray(self._reader(idx[order])).reshape(len(idx), -1)
+        raw = np.asarray(self._reader(self._file_rows(idx[order]))).reshape(len(idx), -1)
         out = np.empty((len(idx), self.D), np.float32)
         out[order] = raw / np.float32(255.0) if raw.dtype == np.uint8 else raw
         if not np.all(np.isfinite(out)):
@@ -79,13 +94,15 @@ class StreamedImages:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
+def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed: int = 0):
     """``(StreamedImages train, x_test host array or None)`` when loading the
     images in ``path`` would take more than ``budget_bytes`` (None: half the
     free memory): the array as stored plus its float32 copy, 5 bytes a uint8
     pixel, 8 a float32 one (comparing the file's size let a uint8 file at a
     quarter of the budget load to 1.25 times it); else None (load it in
-    memory as usual)."""
+    memory as usual). The split is the loaded one's (``test_fraction``,
+    ``seed``; see the module docstring); drawing it holds an N-long
+    permutation for a moment (8 bytes a row), as loading does."""
     from .memory import host_available
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -106,14 +123,17 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float):
     if len(shape) < 2 or dtype.kind not in "uif":
         raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
     N, D = int(shape[0]), int(np.prod(shape[1:]))
-    n_test = min(int(round(N * test_fraction)), MAX_TEST) if N > 1 else 0
+    test = held_out_rows(N, test_fraction, seed)
     image_shape = image_shape_of(shape, path)
     row_bytes = D * 4
     chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
-    train = StreamedImages(path, N - n_test, D, image_shape, reader, chunk_rows)
-    test = StreamedImages(path, N, D, image_shape, reader, chunk_rows).rows(np.arange(N - n_test, N)) \
-        if n_test else None
-    return train, test
+    train = StreamedImages(path, N - (0 if test is None else len(test)), D, image_shape, reader, chunk_rows,
+                           holes=test)
+    if test is None:
+        return train, None
+    keep = test[:max(1, min(len(test), (budget_bytes // 2) // row_bytes))]       # the test rows that fit
+    return train, StreamedImages(path, len(keep), D, image_shape, reader, chunk_rows, index=keep).rows(
+        np.arange(len(keep)))
 
 
 def _mb(shape, dtype) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 import fastvae
 from fastvae import DataConfig, datasets
+from fastvae.arrayfiles import held_out_rows
 from fastvae.streaming import StreamBatchSource, StreamedImages
 
 from conftest import PEAK_RSS
@@ -31,28 +32,51 @@ def _trainer(data, out=None, **kw):
 
 
 def test_a_file_over_the_budget_is_streamed_and_one_under_is_loaded(tmp_path):
-    x = _npy(tmp_path / "a.npy", 1000)
-    ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
+    _npy(tmp_path / "a.npy", 1000)
+    ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.5))
     assert isinstance(ds.x_train, StreamedImages) and ds.x_train.shape == (900, 256)
-    np.testing.assert_array_equal(ds.x_test, x[900:].reshape(100, -1) / np.float32(255))
-    np.testing.assert_array_equal(ds.x_train[5:8], x[5:8].reshape(3, -1) / np.float32(255))
-    assert isinstance(datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"))).x_train, np.ndarray)
+    loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
+    assert isinstance(loaded.x_train, np.ndarray)
+    np.testing.assert_array_equal(ds.x_test, loaded.x_test)
+    np.testing.assert_array_equal(ds.x_train[5:8], loaded.x_train[5:8])
+
+
+def test_a_streamed_file_splits_as_it_would_loaded(tmp_path):
+    """A streamed file held out its last rows as the test split, a loaded one
+    a seeded random 10%: the same run evaluated where the file loaded (more
+    free memory, or another rank) scored a "test" split of images it had
+    trained on. Both take the same rows now (data_seed decides); the test
+    rows a small budget cannot hold are left out of both splits."""
+    x = _npy(tmp_path / "a.npy", 1000)
+    flat = x.reshape(1000, -1) / np.float32(255)
+    for seed in (0, 5):
+        loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), data_seed=seed))
+        test = held_out_rows(1000, 0.1, seed)
+        np.testing.assert_array_equal(loaded.x_test, flat[test])
+        for budget in (0.5, 0.1):                       # the 100 test rows fit in half of 0.5 MB, not of 0.1
+            ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=budget, data_seed=seed))
+            np.testing.assert_array_equal(np.asarray(ds.x_train), loaded.x_train)
+            for rows in ([0, 1], [898, 899], [17, 450, 3]):
+                np.testing.assert_array_equal(ds.x_train[rows], loaded.x_train[rows])
+            n = len(ds.x_test)
+            assert n == (100 if budget == 0.5 else 51)
+            np.testing.assert_array_equal(ds.x_test, loaded.x_test[:n])
 
 
 def test_a_streamed_split_never_reads_the_rows_of_the_other(tmp_path):
-    """The train split of a streamed file is its first rows; the test rows
-    follow in the same file. Indexing past the split (np.asarray iterated
+    """The train split of a streamed file skips its test rows, which lie in the
+    same file. Indexing past the split (np.asarray iterated
     x[i] until a read failed, reading test rows as training rows and then
     calling the intact file truncated) raises IndexError; x[-1] is the
     split's last row; np.asarray reads the split, (n, D). The exploring
     commands on --split train of a streamed run work (they failed with
     "the data file ends before row N; it was truncated")."""
-    x = _npy(tmp_path / "a.npy", 1000)
+    _npy(tmp_path / "a.npy", 1000)
     train = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1)).x_train
-    flat = x.reshape(1000, -1) / np.float32(255)
+    flat = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"))).x_train        # the same rows, loaded
     np.testing.assert_array_equal(train[-1], flat[899])
     np.testing.assert_array_equal(train[[3, 0]], flat[[3, 0]])
-    np.testing.assert_array_equal(np.asarray(train), flat[:900])
+    np.testing.assert_array_equal(np.asarray(train), flat)
     for key in (900, -901, [5, 900], np.array([-1])):
         with pytest.raises(IndexError, match="this split has rows 0..899"):
             train[key]
@@ -129,7 +153,9 @@ def test_hdf5_files_stream_too(tmp_path):
         f.create_dataset("images", data=x, chunks=(50, 256), compression="gzip")
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "d.h5"), memory_budget_mb=0.01))
     assert isinstance(ds.x_train, StreamedImages)
-    np.testing.assert_array_equal(ds.x_train.rows([7, 3, 500]), x[[7, 3, 500]] / np.float32(255))
+    loaded = datasets.load(DataConfig(dataset=str(tmp_path / "d.h5")))           # the same split, in memory
+    np.testing.assert_array_equal(ds.x_train.rows([7, 3, 500]), loaded.x_train[[7, 3, 500]])
+    np.testing.assert_array_equal(ds.x_test, loaded.x_test[:len(ds.x_test)])
     _trainer(ds, epochs=1).fit(pictures=False)
 
 
