@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ConfigError
 
 # environment variables launchers set: (size variable, rank variable)
 _LAUNCHERS = (("PMI_SIZE", "PMI_RANK"),                       # MPICH / Hydra, Intel MPI
@@ -225,6 +225,18 @@ def world(backend: Optional[str] = None) -> World:
     else:
         _WORLD = MPIWorld()
     return _WORLD
+
+
+def agree_on_streaming(comm: World, streamed: bool) -> bool:
+    """``streamed`` when every rank's data streams from disk or none does;
+    else ConfigError on every rank: each rank decides from its own free memory
+    (a default budget), and a rank that streamed drew other batches than one
+    that loaded the file (the batch order of a chunked read), silently."""
+    if comm.size > 1 and comm.any(streamed) and comm.any(not streamed):
+        raise ConfigError("the ranks disagree on streaming the data from disk (their free memory differs); pass "
+                          "--memory-budget MB (DataConfig.memory_budget_mb), the same for every rank, so that they all "
+                          "decide alike")
+    return streamed
 
 
 def threads_per_rank(comm: World) -> Optional[int]:

@@ -97,7 +97,8 @@ class Trainer:
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay,
                                         hooks=hooks)
-        source = StreamBatchSource if isinstance(self.data.x_train, StreamedImages) else BatchSource
+        streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
+        source = StreamBatchSource if streamed else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
                               tc.binarize, self.world.rank, self.world.size)
         self.objective = objectives.make(tc, self.model, n)
@@ -349,8 +350,7 @@ class Trainer:
                "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,
                "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
                "images_per_s": pos.throughput(N), "seconds": pos.seconds,
-               "warmup_s": pos.warmup if pos.warmup_images else None,
-               "rss_mb": Reporter.rss_mb()}
+               "warmup_s": pos.warmup if pos.warmup_images else None, "rss_mb": Reporter.rss_mb()}
         self.position = None
         row.update(self.evaluator(self.model))
         self.history.append(row)

@@ -227,3 +227,31 @@ def test_an_npz_that_would_not_fit_is_refused_before_its_float32_copy(tmp_path, 
     with pytest.raises(ConfigError, match=r"float32 images of .*z.npz needs about 3.9 MiB .* save them with "
                                           r"numpy.save as .npy to stream them"):
         datasets.load(DataConfig(dataset=str(tmp_path / "z.npz")))
+
+
+def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatch):
+    """Each rank decides to stream from its own free memory; one rank that
+    loaded the file drew other batches than one that streamed it (chunked
+    order), and data-parallel training went on silently. Disagreeing ranks
+    now stop with a named fix; agreeing ones (streamed or not) train."""
+    from fastvae import ConfigError, distributed
+
+    class TwoRanks(distributed.World):                  # the other rank's data streamed (``other``) or not
+        size = 2
+
+        def __init__(self, other):
+            self.answers = [other, not other]           # its part of any(streamed), then of any(not streamed)
+
+        def any(self, flag):
+            theirs = self.answers.pop(0)
+            return bool(flag) or theirs
+
+    _npy(tmp_path / "a.npy", 1000)
+    ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
+    assert isinstance(ds.x_train, StreamedImages)
+    assert distributed.agree_on_streaming(TwoRanks(other=True), True) is True
+    with pytest.raises(ConfigError, match="the ranks disagree on streaming the data from disk.*--memory-budget MB"):
+        distributed.agree_on_streaming(TwoRanks(other=False), True)
+    monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
+    with pytest.raises(ConfigError, match="ranks disagree on streaming"):
+        _trainer(ds)
