@@ -55,6 +55,47 @@ def image_shape_of(shape, where: str) -> tuple:
                     f"or (N, D); got {shape}")
 
 
+def unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
+    """A seeded random ``fraction`` of the rows of images ``x (N, ...)`` (and
+    labels ``y``) as the test split, both as ``(n, D)`` float32 (uint8 / 255,
+    other numbers kept). Each split is filled chunk by chunk from ``x``, so
+    loading peaks at ``x`` plus the float32 result (a conversion, then a
+    split, held three copies: 9 bytes a uint8 pixel); float32 ``x`` without a
+    split is checked and returned as it is.
+    Returns ``x_train, y_train, x_test, y_test`` (test None when the fraction
+    rounds to no image or to all). Raises DataError for non-numbers, NaN or inf."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"images must be numbers, got dtype {x.dtype}")
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    test = held_out_rows(n, fraction, seed)
+    if test is None:
+        parts = [None]
+    else:
+        train = np.ones(n, bool)
+        train[test] = False
+        parts = [np.flatnonzero(train), test]
+
+    def unit(rows):
+        keep = rows is None and flat.dtype == np.float32 and flat.flags.c_contiguous   # checked, never copied
+        out = flat if keep else np.empty((n if rows is None else len(rows), flat.shape[1]), np.float32)
+        for i in range(0, len(out), chunk_rows):
+            blk = out[i:i + chunk_rows]
+            if not keep:
+                blk[...] = flat[i:i + chunk_rows] if rows is None else flat[rows[i:i + chunk_rows]]
+            if x.dtype == np.uint8:
+                blk /= np.float32(255.0)              # exactly rounded, as torchvision's ToTensor
+            elif not np.isfinite(blk).all():
+                raise DataError("images contain NaN or infinite values; clean the data first")
+        return out
+    pick = (lambda rows: None if y is None else (y if rows is None else y[rows]))
+    xtr, ytr = unit(parts[0]), pick(parts[0])
+    if len(parts) == 1:
+        return xtr, ytr, None, None
+    return xtr, ytr, unit(parts[1]), pick(parts[1])
+
+
 def _npy_header(fp, where: str):
     """``(shape, fortran_order, dtype)`` from an ``.npy`` stream's header (numpy's parser)."""
     fmt = np.lib.format
@@ -93,14 +134,18 @@ def _read_npy(fp, where: str, available: int, ratio: int):
 
 
 def _keys(names, path, fallback: bool):
-    """``(images key, labels key or None)`` among ``names``; with ``fallback``
-    the first array stands in for unnamed images."""
+    """``(images key, labels key, test images key, test labels key)`` among
+    ``names`` (None for each one absent); with ``fallback`` the first array
+    stands in for unnamed images. A test split is read beside ``x_train``:
+    ``x_test`` (labels ``y_test`` beside ``y_train``), as Keras's mnist.npz holds it."""
     xk = next((k for k in X_KEYS if k in names), next(iter(names), None) if fallback else None)
     if xk is None:
         raise DataError(f"{path} holds no arrays" if fallback else
                         f"{path} has no dataset named one of {', '.join(X_KEYS)} (it holds: "
                         f"{', '.join(list(names)[:8]) or 'nothing'}); store the images under one of those names")
-    return xk, next((k for k in Y_KEYS if k in names), None)
+    yk = next((k for k in Y_KEYS if k in names), None)
+    xtk = "x_test" if xk == "x_train" and "x_test" in names else None
+    return xk, yk, xtk, "y_test" if xtk and yk == "y_train" and "y_test" in names else None
 
 
 def _npz(fh, path):
@@ -139,9 +184,10 @@ def _h5(fh, path, size):
 
 
 def read_arrays(path):
-    """``(x, y)`` host arrays (``y`` None when the file has no labels) of an
-    ``.npy``, ``.npz`` or ``.h5``/``.hdf5`` file. Images under one of
-    ``X_KEYS`` (else the first array of an .npz), labels under ``Y_KEYS``.
+    """``(x, y, x_test, y_test)`` host arrays (None for those the file does
+    not hold) of an ``.npy``, ``.npz`` or ``.h5``/``.hdf5`` file. Images under one of
+    ``X_KEYS`` (else the first array of an .npz), labels under ``Y_KEYS``, a
+    test split under ``x_test``/``y_test`` beside ``x_train``/``y_train``.
     Raises DataError for a missing or special file, a declared size the
     file cannot back, non-numeric data or any read error."""
     path = os.fspath(path)
@@ -152,7 +198,7 @@ def read_arrays(path):
         size = os.fstat(fh.fileno()).st_size
         try:
             if ext == ".npy":
-                return _read_npy(fh, path, size, 1), None
+                return _read_npy(fh, path, size, 1), None, None, None
             if ext == ".npz":
                 return tuple(_npz(fh, path))
             return tuple(_h5(fh, path, size))

@@ -20,7 +20,7 @@ import numpy as np
 from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
-from .arrayfiles import image_shape_of, read_arrays, held_out_rows
+from .arrayfiles import image_shape_of, read_arrays, unit_split
 from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
@@ -157,54 +157,13 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool 
     arrays = {i: load_idx(p) for i, p in paths.items()}
     shape = tuple(arrays[0 if 0 in arrays else 2].shape[1:])
     empty = np.zeros((0, int(np.prod(shape))), np.float32), np.zeros(0, np.int64)
-    unit = lambda i: _unit_split(arrays[i], arrays[i + 1].astype(np.int64), 0.0, 0)[:2]   # all rows, float32
+    unit = lambda i: unit_split(arrays[i], arrays[i + 1].astype(np.int64), 0.0, 0)[:2]   # all rows, float32
     xtr, ytr = unit(0) if 0 in arrays else empty
     xte, yte = unit(2) if 2 in arrays else (None, None)
     if 0 in arrays and 2 in arrays and arrays[0].shape[1:] != arrays[2].shape[1:]:
         raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images "
                         f"{arrays[2].shape[1:]}; use matching files")
     return Dataset(name, xtr, ytr, xte, yte, shape, label_names=spec["labels"])
-
-
-def _unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
-    """A seeded random ``fraction`` of the rows of images ``x (N, ...)`` (and
-    labels ``y``) as the test split, both as ``(n, D)`` float32 (uint8 / 255,
-    other numbers kept). Each split is filled chunk by chunk from ``x``, so
-    loading peaks at ``x`` plus the float32 result (a conversion, then a
-    split, held three copies: 9 bytes a uint8 pixel); float32 ``x`` without a
-    split is checked and returned as it is.
-    Returns ``x_train, y_train, x_test, y_test`` (test None when the fraction
-    rounds to no image or to all). Raises DataError for non-numbers, NaN or inf."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "fiub":
-        raise DataError(f"images must be numbers, got dtype {x.dtype}")
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
-    test = held_out_rows(n, fraction, seed)
-    if test is None:
-        parts = [None]
-    else:
-        train = np.ones(n, bool)
-        train[test] = False
-        parts = [np.flatnonzero(train), test]
-
-    def unit(rows):
-        keep = rows is None and flat.dtype == np.float32 and flat.flags.c_contiguous   # checked, never copied
-        out = flat if keep else np.empty((n if rows is None else len(rows), flat.shape[1]), np.float32)
-        for i in range(0, len(out), chunk_rows):
-            blk = out[i:i + chunk_rows]
-            if not keep:
-                blk[...] = flat[i:i + chunk_rows] if rows is None else flat[rows[i:i + chunk_rows]]
-            if x.dtype == np.uint8:
-                blk /= np.float32(255.0)              # exactly rounded, as torchvision's ToTensor
-            elif not np.isfinite(blk).all():
-                raise DataError("images contain NaN or infinite values; clean the data first")
-        return out
-    pick = (lambda rows: None if y is None else (y if rows is None else y[rows]))
-    xtr, ytr = unit(parts[0]), pick(parts[0])
-    if len(parts) == 1:
-        return xtr, ytr, None, None
-    return xtr, ytr, unit(parts[1]), pick(parts[1])
 
 
 # ------------------------------------------------------------------ Olivetti
@@ -230,7 +189,9 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     Arrays: ``(N, H, W)``, ``(N, H, W, C)`` (C = 1, 3 or 4) or ``(N, D)``; uint8 (0..255) or
     float in [0, 1]. In ``.npz``/``.h5`` the images are under one of
     ``images, x, X, data, x_train`` and optional labels under ``labels, y,
-    subject, targets, y_train``. Read as untrusted input (:mod:`fastvae.arrayfiles`:
+    subject, targets, y_train``; ``x_test`` (and ``y_test``) beside
+    ``x_train`` is the test split (``test_fraction`` then does not apply;
+    it was ignored, and 10% of x_train held out). Read as untrusted input (:mod:`fastvae.arrayfiles`:
     declared sizes checked before allocating). Never unpickles. An ``.npy`` or
     HDF5 file whose loading (the stored array and its float32 copy) would take
     more than ``budget_mb`` MiB (default: half the free memory) is streamed
@@ -246,16 +207,24 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
         if streamed is not None:
             xtr, xte = streamed
             return Dataset(os.path.splitext(os.path.basename(path))[0], xtr, None, xte, None, xtr.image_shape)
-    x, y = read_arrays(path)
-    need = x.size * (x.itemsize + 4)
+    x, y, xt, yt = read_arrays(path)
+    need = sum(a.size * (a.itemsize + 4) for a in (x, xt) if a is not None)
     if budget_mb is not None and need > budget_mb * 2 ** 20:     # not .npy/.h5: it cannot be streamed
         raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over --memory-budget {budget_mb:g} MB, "
                         "and only .npy and HDF5 files stream; save the images with numpy.save as .npy, or raise "
                         "--memory-budget")
     from .memory import preflight                                 # the float32 copy still to come
-    preflight(x.size * 4, None, f"the float32 images of {path}",
+    preflight(sum(a.size * 4 for a in (x, xt) if a is not None), None, f"the float32 images of {path}",
               "save them with numpy.save as .npy to stream them from disk")
-    return from_arrays(x, y, os.path.splitext(os.path.basename(path))[0], test_fraction, seed, where=path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if xt is None:
+        return from_arrays(x, y, name, test_fraction, seed, where=path)
+    train, test = (from_arrays(a, b, name, 0.0, where=f"{path}[{k}]")
+                   for a, b, k in ((x, y, "x_train"), (xt, yt, "x_test")))
+    if train.image_shape != test.image_shape:
+        raise DataError(f"{path}: x_train holds {train.image_shape} images but x_test {test.image_shape}; "
+                        "store test images of the training images' shape")
+    return Dataset(name, train.x_train, train.y_train, test.x_train, test.y_train, train.image_shape)
 
 
 def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, seed: int = 0,
@@ -280,7 +249,7 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
             raise DataError(f"{where}: {len(x)} images but {len(y)} labels; they must match")
         y = y.astype(np.int64) if y.dtype.kind in "iub" else None
     shape = image_shape_of(x.shape, where)
-    xtr, ytr, xte, yte = _unit_split(x, y, test_fraction, seed)   # floats kept: the bernoulli likelihood checks [0, 1]
+    xtr, ytr, xte, yte = unit_split(x, y, test_fraction, seed)   # floats kept: the bernoulli likelihood checks [0, 1]
     return Dataset(name, xtr, ytr, xte, yte, shape)
 
 
@@ -337,7 +306,7 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
         x[i] = arr
         labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)))
     y = np.asarray(labels, dtype=np.int64) if use_labels else None
-    xtr, ytr, xte, yte = _unit_split(x, y, test_fraction, seed)
+    xtr, ytr, xte, yte = unit_split(x, y, test_fraction, seed)
     return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
                    label_names=classes if use_labels else None)
 

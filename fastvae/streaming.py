@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from .arrayfiles import X_KEYS, _npy_header, image_shape_of, held_out_rows
+from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of
 from .distributed import shard
 from .errors import DataError
 from .training import EpochPosition
@@ -123,10 +123,13 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
     if len(shape) < 2 or dtype.kind not in "uif":
         raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
     N, D = int(shape[0]), int(np.prod(shape[1:]))
-    test = held_out_rows(N, test_fraction, seed)
     image_shape = image_shape_of(shape, path)
     row_bytes = D * 4
     chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
+    given = _given_test(path, ext, image_shape, max(1, (budget_bytes // 2) // row_bytes))
+    if given is not None:           # an HDF5 file's own x_test beside x_train, as when it loads
+        return StreamedImages(path, N, D, image_shape, reader, chunk_rows), given
+    test = held_out_rows(N, test_fraction, seed)
     train = StreamedImages(path, N - (0 if test is None else len(test)), D, image_shape, reader, chunk_rows,
                            holes=test)
     if test is None:
@@ -160,10 +163,33 @@ def _open_rows(path: str, ext: str):
     import h5py
     try:
         f = h5py.File(path, "r")
-        arr = h5_dataset(f, next(k for k in X_KEYS if k in f), path, DataError, size, compressed_ok=True)
-    except (OSError, StopIteration, DataError):
+        arr = h5_dataset(f, _keys(list(f.keys()), path, False)[0], path, DataError, size, compressed_ok=True)
+    except (OSError, DataError):
         return None
     return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
+
+
+def _given_test(path: str, ext: str, image_shape, max_rows: int):
+    """The first ``max_rows`` test images of an HDF5 file holding ``x_test``
+    beside ``x_train`` (:func:`fastvae.arrayfiles._keys`), ``(n, D)`` float32
+    in memory; None for other files. DataError for test images of another shape."""
+    if ext == ".npy":
+        return None
+    import h5py
+    from .safe_files import h5_dataset
+    with h5py.File(path, "r") as f:
+        key = _keys(list(f.keys()), path, False)[2]
+        if key is None:
+            return None
+        d = h5_dataset(f, key, path, DataError, os.path.getsize(path), compressed_ok=True)
+        if d.ndim < 2 or image_shape_of(d.shape, f"{path}[{key}]") != tuple(image_shape):
+            raise DataError(f"{path}: x_test holds images of shape {d.shape[1:]}, x_train {tuple(image_shape)}; "
+                            "store test images of the training images' shape")
+        raw = d[:max_rows].reshape(min(len(d), max_rows), -1)
+    out = raw / np.float32(255.0) if raw.dtype == np.uint8 else raw.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise DataError(f"{path}[{key}] holds NaN or infinite values; clean the data first")
+    return out
 
 
 class _NpyRows:

@@ -255,3 +255,31 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
     monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
     with pytest.raises(ConfigError, match="ranks disagree on streaming"):
         _trainer(ds)
+
+
+def test_a_files_own_test_split_is_used_loaded_or_streamed(tmp_path):
+    """A file holding x_train, y_train, x_test, y_test (Keras's mnist.npz
+    layout) was read as x_train alone, 10% of it held out at random and its
+    x_test and labels never used. Its own split is the split now, in .npz and
+    HDF5, loaded or streamed; a test split of another image shape is refused."""
+    r = np.random.default_rng(2)
+    xtr, xte = ((r.random((600, 16, 16)) < 0.4) * 255).astype(np.uint8), (r.random((40, 16, 16)) * 255).astype(np.uint8)
+    ytr, yte = np.arange(600) % 10, np.arange(40) % 10
+    np.savez(tmp_path / "k.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    with h5py.File(tmp_path / "k.h5", "w") as f:
+        for k, v in (("x_train", xtr), ("y_train", ytr), ("x_test", xte), ("y_test", yte)):
+            f.create_dataset(k, data=v)
+    unit = lambda a: a.reshape(len(a), -1) / np.float32(255)
+    for name in ("k.npz", "k.h5"):
+        ds = datasets.load(DataConfig(dataset=str(tmp_path / name)))
+        np.testing.assert_array_equal(ds.x_train, unit(xtr))
+        np.testing.assert_array_equal(ds.x_test, unit(xte))
+        np.testing.assert_array_equal(ds.y_train, ytr)
+        np.testing.assert_array_equal(ds.y_test, yte)
+    streamed = datasets.load(DataConfig(dataset=str(tmp_path / "k.h5"), memory_budget_mb=0.2))
+    assert isinstance(streamed.x_train, StreamedImages) and streamed.x_train.shape == (600, 256)
+    np.testing.assert_array_equal(np.asarray(streamed.x_train), unit(xtr))
+    np.testing.assert_array_equal(streamed.x_test, unit(xte))
+    np.savez(tmp_path / "bad.npz", x_train=xtr, x_test=xte[:, :8])
+    with pytest.raises(fastvae.DataError, match=r"x_train holds \(16, 16\) images but x_test \(8, 16\)"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "bad.npz")))
