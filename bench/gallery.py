@@ -79,14 +79,18 @@ def main():
             fv("interpolate", os.path.join(R(f"{p}olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16",
                "--scale", "2", "--gif", os.path.join(OUT, f"{p}olivetti_morph.gif"),
                "--png", os.path.join(OUT, f"{p}olivetti_morph.png"))
-    _shrink(OUT)
+    _shrink(OUT, PREFIXES)
 
 
-def _shrink(folder, max_side=480):
-    """Keep the committed pictures small: downscale PNGs wider than max_side."""
+# the pictures this script writes; the folder also holds others' (tcvae_sprites.py), left as they are
+PREFIXES = ("mnist_", "conv_mnist_", "sprites_", "conv_sprites_", "olivetti_", "conv_olivetti_")
+
+
+def _shrink(folder, prefixes, max_side=480):
+    """Keep the committed pictures small: downscale this script's PNGs wider than max_side."""
     from PIL import Image
     for f in os.listdir(folder):
-        if f.endswith(".png"):
+        if f.endswith(".png") and f.startswith(prefixes):
             p = os.path.join(folder, f)
             with Image.open(p) as im:
                 if max(im.size) > max_side:
