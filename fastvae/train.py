@@ -392,8 +392,8 @@ class Trainer:
         finally:
             self.reporter.close()
             self._restore_signals(previous_handler)
-        if self.out is not None and self.writes and not os.path.exists(self.checkpoint_path):
-            self.save()                 # nothing trained (epochs=0): the folder still holds a run to load
+        if self.out is not None and self.writes and not self.checkpointer.ours:
+            self.save()                 # nothing trained (epochs=0): the folder still holds this run to load
         if pictures and self.writes:
             self.write_pictures()
         return self.history

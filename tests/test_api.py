@@ -417,3 +417,8 @@ def test_zero_epochs_leave_a_run_folder_that_loads_and_resumes(tmp_path):
     straight = tiny_trainer(tmp_path / "straight", data=data, epochs=2)
     straight.fit(pictures=False)
     np.testing.assert_array_equal(resumed.model.get_flat_params(), straight.model.get_flat_params())
+    # over another run (force=True), the untrained state replaces that run's checkpoint, as its config.json
+    t0 = Trainer(straight.model_config, straight.train_config.replace(epochs=0, seed=9), dataset=data,
+                 out=str(tmp_path / "straight"), progress=False, force=True)
+    t0.fit(pictures=False)
+    np.testing.assert_array_equal(fastvae.load(tmp_path / "straight").get_flat_params(), t0.model.get_flat_params())
