@@ -81,6 +81,7 @@ class Trainer:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
                               "images; use a smaller --batch-size")
         self.world = distributed.world(tc.backend)
+        streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
         threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
         if threads is not None and threads != "auto":
             set_threads(threads)
@@ -97,7 +98,6 @@ class Trainer:
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                         weight_decay=tc.weight_decay, decoupled=tc.decoupled_weight_decay,
                                         hooks=hooks)
-        streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
         source = StreamBatchSource if streamed else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
                               tc.binarize, self.world.rank, self.world.size)

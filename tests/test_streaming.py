@@ -253,8 +253,10 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="the ranks disagree on streaming the data from disk.*--memory-budget MB"):
         distributed.agree_on_streaming(TwoRanks(other=False), True)
     monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
+    before = fastvae.threads.current()["blas"]
     with pytest.raises(ConfigError, match="ranks disagree on streaming"):
         _trainer(ds)
+    assert fastvae.threads.current()["blas"] == before      # refused before the ranks' thread counts are set
 
 
 def test_a_files_own_test_split_is_used_loaded_or_streamed(tmp_path):
