@@ -135,14 +135,19 @@ def _read_npy(fp, where: str, available: int, ratio: int):
 
 def _keys(names, path, fallback: bool):
     """``(images key, labels key, test images key, test labels key)`` among
-    ``names`` (None for each one absent); with ``fallback`` the first array
-    stands in for unnamed images. A test split is read beside ``x_train``:
+    ``names`` (None for each one absent); with ``fallback`` (.npz) the only
+    array, or ``arr_0`` (numpy.savez's first unnamed one), stands in for
+    unnamed images. A test split is read beside ``x_train``:
     ``x_test`` (labels ``y_test`` beside ``y_train``), as Keras's mnist.npz holds it."""
-    xk = next((k for k in X_KEYS if k in names), next(iter(names), None) if fallback else None)
+    names = list(names)
+    # unnamed: the only array, or numpy.savez's first positional one (arr_0); two named others are a guess
+    lone = names[0] if len(names) == 1 else ("arr_0" if "arr_0" in names else None)
+    xk = next((k for k in X_KEYS if k in names), lone if fallback else None)
     if xk is None:
-        raise DataError(f"{path} holds no arrays" if fallback else
-                        f"{path} has no dataset named one of {', '.join(X_KEYS)} (it holds: "
-                        f"{', '.join(list(names)[:8]) or 'nothing'}); store the images under one of those names")
+        kind = "array" if fallback else "dataset"
+        raise DataError(f"{path} holds no arrays" if fallback and not names else
+                        f"{path} has no {kind} named one of {', '.join(X_KEYS)} (it holds: "
+                        f"{', '.join(names[:8]) or 'nothing'}); store the images under one of those names")
     yk = next((k for k in Y_KEYS if k in names), None)
     xtk = "x_test" if xk == "x_train" and "x_test" in names else None
     return xk, yk, xtk, "y_test" if xtk and yk == "y_train" and "y_test" in names else None
@@ -186,7 +191,7 @@ def _h5(fh, path, size):
 def read_arrays(path):
     """``(x, y, x_test, y_test)`` host arrays (None for those the file does
     not hold) of an ``.npy``, ``.npz`` or ``.h5``/``.hdf5`` file. Images under one of
-    ``X_KEYS`` (else the first array of an .npz), labels under ``Y_KEYS``, a
+    ``X_KEYS`` (else an .npz's only array, or ``arr_0``), labels under ``Y_KEYS``, a
     test split under ``x_test``/``y_test`` beside ``x_train``/``y_train``.
     Raises DataError for a missing or special file, a declared size the
     file cannot back, non-numeric data or any read error."""

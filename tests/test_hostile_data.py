@@ -264,3 +264,19 @@ def test_an_unreadable_or_misnamed_hdf5_file_gets_the_loaders_message(tmp_path):
         f["pixels"] = np.zeros((10, 8, 8), np.uint8)
     with pytest.raises(DataError, match=r"no dataset named one of images, x, X, data, x_train \(it holds: pixels\)"):
         datasets.load(DataConfig(dataset=str(tmp_path / "odd.h5")))
+
+
+def test_an_npz_of_several_unnamed_arrays_is_not_guessed(tmp_path):
+    """An .npz holding arrays "a" and "b" trained on "a", whichever it was;
+    it is refused naming what it holds. The only array, or numpy.savez's
+    first positional one (arr_0, beside its labels arr_1), is still taken."""
+    from fastvae import DataConfig, DataError, datasets
+    x = np.random.default_rng(0).random((30, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "two.npz", a=x, b=x[::-1].copy())
+    with pytest.raises(DataError, match=r"no array named one of images, x, X, data, x_train \(it holds: a, b\)"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "two.npz")))
+    np.savez(tmp_path / "pos.npz", x, np.arange(30))
+    np.savez(tmp_path / "one.npz", pixels=x)
+    for name in ("pos.npz", "one.npz"):
+        ds = datasets.load(DataConfig(dataset=str(tmp_path / name), test_fraction=0.0))
+        np.testing.assert_array_equal(ds.x_train, x.reshape(30, -1))
