@@ -168,7 +168,7 @@ def _cmd_info(a):
         "architecture": arch,
         "model": mc, "train": d["config"]["train"], "data": d["config"]["data"],
         "num_params": int(d["params"].shape[0]), "epoch": d["state"]["epoch"], "step": d["state"]["step"],
-        "adam_t": None if d["adam"] is None else d["adam"]["t"],
+        "adam_t": None if d["adam"] is None else d["adam"]["t"], "data_rows": d["state"].get("data_rows"),
         "tensors": d["layout"], "last_metrics": d["history"][-1] if d["history"] else None,
     }
     if a.json:
@@ -178,8 +178,9 @@ def _cmd_info(a):
           f"{info['fastvae_version']} ({info['backend']}, {info['dtype']}) on {info['created']}")
     print(f"model: {info['architecture']}, {mc['likelihood']} likelihood, "
           f"{info['num_params']} parameters")
+    rows = info["data_rows"]
     print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
-          f"dataset {info['data']['dataset']}")
+          f"dataset {info['data']['dataset']}" + (f" ({rows[0]} training, {rows[1]} test images)" if rows else ""))
     for t in d["layout"]:
         print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
     if info["last_metrics"]:

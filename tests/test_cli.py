@@ -183,6 +183,8 @@ def test_data_that_changed_since_training_is_noted_on_eval_and_resume(tmp_path):
     fv("train", "--dataset", "x.npy", "--hidden", "4", "--latent", "2", "--epochs", "1", "--batch-size", "9",
        "--no-progress", "--out", "run", cwd=tmp_path)
     assert fastvae.load(tmp_path / "run").checkpoint["data_rows"] == [45, 5]
+    info = fv("info", "run", cwd=tmp_path).stdout
+    assert "dataset " + str(tmp_path / "x.npy") + " (45 training, 5 test images)" in info
     same = fv("eval", "run", cwd=tmp_path)
     assert "changed" not in same.stderr
     np.save(tmp_path / "x.npy", rng.random((70, 8, 8)).astype(np.float32))
