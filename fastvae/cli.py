@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError, FastVAEError
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
-                       _positive, checkpoint_arg, parser)
+                       _positive, check_model_flags, checkpoint_arg, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
 EXIT_TERMINATED = 143      # 128 + SIGTERM
@@ -26,8 +26,7 @@ def _cmd_train(a):
 
     progress = not a.no_progress
     _positive("--epochs", a.epochs)
-    if a.hidden is not None and not a.hidden:
-        raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
+    check_model_flags(a)
     if a.resume:
         a.resume = checkpoint_arg(a.resume)
         given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]
@@ -71,9 +70,6 @@ def _train_locked(a, out, progress, talk):
                           image_size=a.image_size, color=a.color or "grayscale",
                           n_sprites=DataConfig().n_sprites if a.n_sprites is None else a.n_sprites,
                           skip_other_files=bool(a.skip_other_files), memory_budget_mb=a.memory_budget)
-        if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
-            raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
-                              "(or describe one in ModelConfig.layers)")
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,

@@ -184,6 +184,20 @@ def checkpoint_arg(path) -> str:
     return checkpoint_path(path)
 
 
+def check_model_flags(a) -> None:
+    """Model flags that cannot do what they say: ConfigError naming the fix."""
+    from .errors import ConfigError
+    if a.hidden is not None and not a.hidden:
+        raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
+    if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
+        raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
+                          "(or describe one in ModelConfig.layers)")
+    likelihood = a.likelihood or "bernoulli"
+    if a.sigma is not None and likelihood != "gaussian" and not a.resume:
+        raise ConfigError(f"--sigma is the gaussian likelihood's standard deviation and does nothing with "
+                          f"--likelihood {likelihood}; drop it, or use --likelihood gaussian")
+
+
 def _positive(name, value):
     from .errors import ConfigError
     if value is not None and value < 1:

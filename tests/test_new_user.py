@@ -42,6 +42,10 @@ def run_dir(tmp_path_factory):
     (["--latent", "0"], ["latent_dim must be a positive integer"]),
     (["--epochs", "0"], ["--epochs must be a positive integer"]),
     (["--hidden"], ["--hidden needs at least one width"]),
+    # --sigma with another likelihood was taken and did nothing
+    (["--likelihood", "mse", "--sigma", "0.5"], ["--sigma is the gaussian likelihood's standard deviation",
+                                                 "--likelihood mse"]),
+    (["--sigma", "0.5"], ["does nothing with --likelihood bernoulli"]),
 ])
 def test_odd_values_are_errors(tmp_path, args, needles):
     r = fv("train", *TINY, *args, "--out", tmp_path / "r", cwd=tmp_path, check=False)
