@@ -185,17 +185,35 @@ def checkpoint_arg(path) -> str:
 
 
 def check_model_flags(a) -> None:
-    """Model flags that cannot do what they say: ConfigError naming the fix."""
+    """Model and training flags that cannot do what they say (``--sigma``
+    without the gaussian likelihood, ``--lr-gamma`` without the step
+    schedule, ...): ConfigError naming the fix."""
     from .errors import ConfigError
     if a.hidden is not None and not a.hidden:
         raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
     if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
         raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
                           "(or describe one in ModelConfig.layers)")
+    if a.resume:
+        return                                      # flags given on resume are refused by name
     likelihood = a.likelihood or "bernoulli"
-    if a.sigma is not None and likelihood != "gaussian" and not a.resume:
+    if a.sigma is not None and likelihood != "gaussian":
         raise ConfigError(f"--sigma is the gaussian likelihood's standard deviation and does nothing with "
                           f"--likelihood {likelihood}; drop it, or use --likelihood gaussian")
+    objective, beta_schedule = a.objective or "elbo", a.beta_schedule or "constant"
+    for flags, applies, needs in (
+            (("iwae_k",), objective == "iwae", "--objective iwae"),
+            (("beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"),
+             objective != "iwae", "a KL weight (--objective elbo or btcvae; the IWAE bound has none)"),
+            (("beta_delay", "beta_warmup"), beta_schedule in ("linear", "sigmoid"), "--beta-schedule linear|sigmoid"),
+            (("beta_cycles", "beta_ratio"), beta_schedule == "cyclical", "--beta-schedule cyclical"),
+            (("lr_step_epochs", "lr_gamma"), (a.lr_schedule or "constant") == "step", "--lr-schedule step"),
+            (("lr_min",), (a.lr_schedule or "constant") == "cosine", "--lr-schedule cosine"),
+            (("flow_hidden",), (a.posterior or "gaussian") == "iaf", "--posterior iaf")):
+        given = [f for f in flags if getattr(a, f) is not None]
+        if given and not applies:          # taken, it did nothing
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies only with {needs}, so here it would do "
+                              "nothing; drop it, or add what it needs")
 
 
 def _positive(name, value):

@@ -114,9 +114,11 @@ def test_every_schedule_setting_has_a_flag(tmp_path, monkeypatch):
     from fastvae.cli_args import FIELD_OF_FLAG, TRAIN_ARGS
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY, "--epochs", "3", "--out", "r", "--lr-schedule", "step", "--lr-step-epochs", "1",
-                 "--lr-gamma", "0.1", "--lr-min", "1e-5", "--beta-schedule", "cyclical", "--beta-ratio", "0.25"]) == 0
+                 "--lr-gamma", "0.1", "--beta-schedule", "cyclical", "--beta-ratio", "0.25"]) == 0
     train = json.load(open("r/config.json"))["train"]
-    assert (train["lr_step_epochs"], train["lr_gamma"], train["lr_min"], train["beta_ratio"]) == (1, 0.1, 1e-5, 0.25)
+    assert (train["lr_step_epochs"], train["lr_gamma"], train["beta_ratio"]) == (1, 0.1, 0.25)
+    assert main(["train", *TINY, "--epochs", "1", "--out", "r2", "--lr-schedule", "cosine", "--lr-min", "1e-5"]) == 0
+    assert json.load(open("r2/config.json"))["train"]["lr_min"] == 1e-5
     lrs = [float(r["lr"]) for r in csv.DictReader(open("r/metrics.csv"))]
     assert lrs == pytest.approx([1e-3, 1e-4, 1e-5], rel=1e-12)
     assert main(["train", "--resume", "r", "--epochs", "4", "--lr-gamma", "0.5"]) == 2
