@@ -80,7 +80,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     import dataclasses as dc
     import difflib
     import os
-    from .cli_args import FIELD_OF_FLAG
+    from .cli_args import FIELD_OF_FLAG, idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())
@@ -93,6 +93,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         raise ConfigError(f"unknown option(s) {', '.join(hints)} for fastvae.train; it takes the fields of "
                           "ModelConfig, TrainConfig and DataConfig")
     pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
+    idle = idle_option(kwargs)
+    if idle:
+        raise ConfigError(idle)
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)

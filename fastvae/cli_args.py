@@ -184,10 +184,40 @@ def checkpoint_arg(path) -> str:
     return checkpoint_path(path)
 
 
+# options that do something only beside another setting: (options, the setting, its values that use them)
+OPTION_NEEDS = (
+    (("sigma",), "likelihood", ("gaussian",)),
+    (("iwae_k",), "objective", ("iwae",)),
+    (("beta_max", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"), "objective",
+     ("elbo", "btcvae")),                                       # a KL weight: the IWAE bound has none
+    (("beta_delay", "beta_warmup"), "beta_schedule", ("linear", "sigmoid")),
+    (("beta_cycles", "beta_ratio"), "beta_schedule", ("cyclical",)),
+    (("lr_step_epochs", "lr_gamma"), "lr_schedule", ("step",)),
+    (("lr_min",), "lr_schedule", ("cosine",)),
+    (("flow_hidden",), "posterior", ("iaf",)),
+)
+_SETTING_DEFAULTS = {"likelihood": "bernoulli", "objective": "elbo", "beta_schedule": "constant",
+                     "lr_schedule": "constant", "posterior": "gaussian"}
+
+
+def idle_option(given: dict, name=lambda field: field) -> str:
+    """'' when every option in ``given`` (config field -> value, the options a
+    user set) does something, else a message naming the first that would do
+    nothing, the setting it needs and the fix; ``name(field)`` spells an
+    option or setting for the message (a flag, or a keyword)."""
+    for options, setting, values in OPTION_NEEDS:
+        have = given.get(setting, _SETTING_DEFAULTS[setting])
+        idle = [o for o in options if o in given] if have not in values else []
+        if idle:
+            return (f"{name(idle[0])} does something only with {name(setting)} {' or '.join(values)} (here "
+                    f"{have}), so it would do nothing; drop it, or set {name(setting)}")
+    return ""
+
+
 def check_model_flags(a) -> None:
     """Model and training flags that cannot do what they say (``--sigma``
     without the gaussian likelihood, ``--lr-gamma`` without the step
-    schedule, ...): ConfigError naming the fix."""
+    schedule, :data:`OPTION_NEEDS`): ConfigError naming the fix."""
     from .errors import ConfigError
     if a.hidden is not None and not a.hidden:
         raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
@@ -196,24 +226,11 @@ def check_model_flags(a) -> None:
                           "(or describe one in ModelConfig.layers)")
     if a.resume:
         return                                      # flags given on resume are refused by name
-    likelihood = a.likelihood or "bernoulli"
-    if a.sigma is not None and likelihood != "gaussian":
-        raise ConfigError(f"--sigma is the gaussian likelihood's standard deviation and does nothing with "
-                          f"--likelihood {likelihood}; drop it, or use --likelihood gaussian")
-    objective, beta_schedule = a.objective or "elbo", a.beta_schedule or "constant"
-    for flags, applies, needs in (
-            (("iwae_k",), objective == "iwae", "--objective iwae"),
-            (("beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"),
-             objective != "iwae", "a KL weight (--objective elbo or btcvae; the IWAE bound has none)"),
-            (("beta_delay", "beta_warmup"), beta_schedule in ("linear", "sigmoid"), "--beta-schedule linear|sigmoid"),
-            (("beta_cycles", "beta_ratio"), beta_schedule == "cyclical", "--beta-schedule cyclical"),
-            (("lr_step_epochs", "lr_gamma"), (a.lr_schedule or "constant") == "step", "--lr-schedule step"),
-            (("lr_min",), (a.lr_schedule or "constant") == "cosine", "--lr-schedule cosine"),
-            (("flow_hidden",), (a.posterior or "gaussian") == "iaf", "--posterior iaf")):
-        given = [f for f in flags if getattr(a, f) is not None]
-        if given and not applies:          # taken, it did nothing
-            raise ConfigError(f"--{given[0].replace('_', '-')} applies only with {needs}, so here it would do "
-                              "nothing; drop it, or add what it needs")
+    flag_of = {field: flag for flag, field in FIELD_OF_FLAG.items()}
+    given = {FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in MODEL_ARGS + TRAIN_ARGS if getattr(a, n) is not None}
+    msg = idle_option(given, lambda field: "--" + flag_of.get(field, field).replace("_", "-"))
+    if msg:
+        raise ConfigError(msg)
 
 
 def _positive(name, value):

@@ -422,3 +422,17 @@ def test_zero_epochs_leave_a_run_folder_that_loads_and_resumes(tmp_path):
                  out=str(tmp_path / "straight"), progress=False, force=True)
     t0.fit(pictures=False)
     np.testing.assert_array_equal(fastvae.load(tmp_path / "straight").get_flat_params(), t0.model.get_flat_params())
+
+
+def test_fastvae_train_refuses_options_that_would_do_nothing():
+    """fastvae.train(X, lr_gamma=0.5) (constant schedule) or
+    objective="iwae" with beta_max=4 took the option and ignored it; the
+    command line's rule (cli_args.OPTION_NEEDS) holds for the library too."""
+    X = np.random.default_rng(0).random((40, 8, 8))
+    for kw, needle in ((dict(lr_gamma=0.5), "lr_gamma does something only with lr_schedule step (here constant)"),
+                       (dict(objective="iwae", beta_max=4.0), "beta_max does something only with objective elbo"),
+                       (dict(iwae_k=3), "iwae_k does something only with objective iwae"),
+                       (dict(likelihood="mse", sigma=0.2), "sigma does something only with likelihood gaussian")):
+        with pytest.raises(fastvae.ConfigError, match=re.escape(needle)):
+            fastvae.train(X, epochs=1, batch_size=8, hidden=[4], latent_dim=2, **kw)
+    fastvae.train(X, epochs=1, batch_size=8, hidden=[4], latent_dim=2, lr_schedule="step", lr_gamma=0.5)

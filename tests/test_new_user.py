@@ -42,18 +42,19 @@ def run_dir(tmp_path_factory):
     (["--latent", "0"], ["latent_dim must be a positive integer"]),
     (["--epochs", "0"], ["--epochs must be a positive integer"]),
     (["--hidden"], ["--hidden needs at least one width"]),
-    # --sigma with another likelihood was taken and did nothing
-    (["--likelihood", "mse", "--sigma", "0.5"], ["--sigma is the gaussian likelihood's standard deviation",
-                                                 "--likelihood mse"]),
-    (["--sigma", "0.5"], ["does nothing with --likelihood bernoulli"]),
-    # flags of a schedule, objective or posterior not chosen were taken and did nothing
-    (["--iwae-k", "7"], ["--iwae-k applies only with --objective iwae", "drop it"]),
-    (["--objective", "iwae", "--beta", "4"], ["--beta applies only with a KL weight", "the IWAE bound has none"]),
-    (["--beta-warmup", "3"], ["--beta-warmup applies only with --beta-schedule linear|sigmoid"]),
-    (["--beta-schedule", "linear", "--beta-cycles", "2"], ["--beta-cycles applies only with --beta-schedule cyclical"]),
-    (["--lr-gamma", "0.3"], ["--lr-gamma applies only with --lr-schedule step"]),
-    (["--lr-schedule", "step", "--lr-min", "0"], ["--lr-min applies only with --lr-schedule cosine"]),
-    (["--flow-hidden", "30"], ["--flow-hidden applies only with --posterior iaf"]),
+    # options that need a setting not chosen were taken and did nothing
+    (["--likelihood", "mse", "--sigma", "0.5"], ["--sigma does something only with --likelihood gaussian",
+                                                 "(here mse)", "drop it, or set --likelihood"]),
+    (["--sigma", "0.5"], ["(here bernoulli)"]),
+    (["--iwae-k", "7"], ["--iwae-k does something only with --objective iwae"]),
+    (["--objective", "iwae", "--beta", "4"], ["--beta does something only with --objective elbo or btcvae",
+                                              "(here iwae)"]),
+    (["--beta-warmup", "3"], ["--beta-warmup does something only with --beta-schedule linear or sigmoid"]),
+    (["--beta-schedule", "linear", "--beta-cycles", "2"], ["--beta-cycles does something only with "
+                                                           "--beta-schedule cyclical (here linear)"]),
+    (["--lr-gamma", "0.3"], ["--lr-gamma does something only with --lr-schedule step"]),
+    (["--lr-schedule", "step", "--lr-min", "0"], ["--lr-min does something only with --lr-schedule cosine"]),
+    (["--flow-hidden", "30"], ["--flow-hidden does something only with --posterior iaf"]),
 ])
 def test_odd_values_are_errors(tmp_path, args, needles):
     r = fv("train", *TINY, *args, "--out", tmp_path / "r", cwd=tmp_path, check=False)
