@@ -149,7 +149,10 @@ def _open_rows(path: str, ext: str):
     for a file that is not valid or whose header does not fit its bytes (the
     loader then names the problem); reader None for a Fortran-ordered ``.npy``."""
     from .safe_files import h5_dataset, open_regular
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:                 # missing or unreadable: the loader names it ("does not exist; ...")
+        return None
     if ext == ".npy":
         try:
             with open_regular(path, "data file", "pass an .npy of images", DataError) as fh:

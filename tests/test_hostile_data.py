@@ -280,3 +280,13 @@ def test_an_npz_of_several_unnamed_arrays_is_not_guessed(tmp_path):
     for name in ("pos.npz", "one.npz"):
         ds = datasets.load(DataConfig(dataset=str(tmp_path / name), test_fraction=0.0))
         np.testing.assert_array_equal(ds.x_train, x.reshape(30, -1))
+
+
+def test_a_missing_array_file_is_named(tmp_path):
+    """`--dataset nope.npy` got "No such file or directory (nope.npy); check
+    the paths, permissions and free disk space": the streaming check asked
+    the file's size before the loader could name the problem."""
+    from fastvae import DataConfig, DataError, datasets
+    for name in ("nope.npy", "nope.h5", "nope.npz"):
+        with pytest.raises(DataError, match=f"data file .*{name} does not exist; pass an existing .npy"):
+            datasets.load(DataConfig(dataset=str(tmp_path / name)))
