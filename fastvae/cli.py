@@ -110,6 +110,8 @@ def _cmd_eval(a):
     from .evaluate import evaluate, units as evaluate_units
     from .checks import check_images
 
+    for flag, value in (("--batch-size", a.batch_size), ("--iwae-k", a.iwae_k), ("--iwae-images", a.iwae_images)):
+        _positive(flag, value)                      # before the checkpoint and the data load
     a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
     data = _run_data(model, a.dataset, a.data_dir, splits=(a.split,))
@@ -121,7 +123,6 @@ def _cmd_eval(a):
     au, _ = explore.active_units(model, x)
     res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
     if a.iwae_k is not None:
-        _positive("--iwae-images", a.iwae_images)
         xi = x[:a.iwae_images] if a.iwae_images else x
         iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
         res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))

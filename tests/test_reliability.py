@@ -357,6 +357,9 @@ def test_every_numeric_option_of_the_exploring_commands_at_zero_and_below(tmp_pa
     for argv, needle in [(["eval", "r", "--seed", "-1"], "seed must be at least 0"),
                          (["eval", "r", "--iwae-k", "2", "--iwae-images", "0"], "--iwae-images must be a positive"),
                          (["eval", "r", "--iwae-k", "2", "--iwae-images", "-1"], "--iwae-images must be a positive"),
+                         # the eval flags were named as the library's arguments ("iwae k", "batch_size")
+                         (["eval", "r", "--iwae-k", "0"], "--iwae-k must be a positive integer"),
+                         (["eval", "r", "--batch-size", "0"], "--batch-size must be a positive integer"),
                          (["plot", "r", "--n", "0"], "--n must be a positive integer"),
                          (["plot", "r", "--dims", "0", "5"], "dims (0, 5) must be two different latent dimensions"),
                          (["bench", "--seconds", "0"], "--seconds must be a finite positive number"),
