@@ -54,17 +54,21 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     pixels (0..255) are returned divided by 255 (a float32 copy, as the
     loaders and ``fastvae.train(X)`` take them); else real numbers, finite, and in [0, 1] for the
     bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
-    is defined only there). Array-likes (lists) are converted; a streamed
+    is defined only there). Array-likes (lists, CPU tensors; a CuPy array
+    is copied to the host) are converted and checked; a streamed
     dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
     is read) is checked for its shape only and returned as is. ``what``
     names them in messages ("training images"); fewer than ``min_rows``
     images are refused (a picture of none). Cost: two
     passes (min, max) over the data, no copy of a NumPy array.
     Raises DataError naming the problem and the fix."""
-    if not isinstance(X, np.ndarray) and not (hasattr(X, "shape") and hasattr(X, "ndim")):
+    from .streaming import StreamedImages
+    if not isinstance(X, (np.ndarray, StreamedImages)):   # lists, tensors: checked as arrays (a torch tensor
+        if hasattr(X, "__cuda_array_interface__") and hasattr(X, "get"):      # of NaN passed unchecked)
+            X = X.get()                                     # a CuPy array: checked on the host
         try:
             X = np.asarray(X)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{what} cannot be read as an array ({e}); pass an (N, D) array of numbers") from None
     shape = tuple(getattr(cfg, "image_shape", None) or ())
     if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) in (shape, shape + (1,)):

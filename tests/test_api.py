@@ -436,3 +436,19 @@ def test_fastvae_train_refuses_options_that_would_do_nothing():
         with pytest.raises(fastvae.ConfigError, match=re.escape(needle)):
             fastvae.train(X, epochs=1, batch_size=8, hidden=[4], latent_dim=2, **kw)
     fastvae.train(X, epochs=1, batch_size=8, hidden=[4], latent_dim=2, lr_schedule="step", lr_gamma=0.5)
+
+
+def test_tensors_get_the_checks_arrays_get():
+    """A torch tensor has .shape and .ndim, so check_images took it for a
+    streamed dataset and returned it unchecked: a tensor of NaN scored NaN
+    and one of 0..300 pixels scored garbage under the bernoulli likelihood.
+    Tensors are read as arrays and checked; a valid one gives the array's numbers."""
+    torch = pytest.importorskip("torch")
+    t = tiny_trainer(None, epochs=1)
+    m, x = t.model, t.data.x_test[:6]
+    np.testing.assert_array_equal(m.encode(torch.from_numpy(x))[0], m.encode(x)[0])
+    np.testing.assert_array_equal(m.encode(torch.from_numpy(x).reshape(6, 16, 16))[0], m.encode(x)[0])
+    with pytest.raises(fastvae.DataError, match="NaN or infinite"):
+        fastvae.evaluate(m, torch.full((3, 256), float("nan")))
+    with pytest.raises(fastvae.DataError, match=r"values in .* but the bernoulli likelihood needs \[0, 1\]"):
+        m.encode(torch.from_numpy(x) * 300)
