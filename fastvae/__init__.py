@@ -80,7 +80,8 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     import dataclasses as dc
     import difflib
     import os
-    from .cli_args import FIELD_OF_FLAG, idle_option
+    from .cli_args import FIELD_OF_FLAG
+    from .config import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())

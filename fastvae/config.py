@@ -354,3 +354,32 @@ class DataConfig(_JSONMixin):
         _finite_nonneg("test_fraction", self.test_fraction)
         if self.test_fraction >= 1:
             raise ConfigError(f"test_fraction must be below 1, got {self.test_fraction!r}")
+
+
+# options that do something only beside another setting: (options, the setting, its values that use them)
+OPTION_NEEDS = (
+    (("sigma",), "likelihood", ("gaussian",)),
+    (("iwae_k",), "objective", ("iwae",)),
+    (("beta_max", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"), "objective",
+     ("elbo", "btcvae")),                                       # a KL weight: the IWAE bound has none
+    (("beta_delay", "beta_warmup"), "beta_schedule", ("linear", "sigmoid")),
+    (("beta_cycles", "beta_ratio"), "beta_schedule", ("cyclical",)),
+    (("lr_step_epochs", "lr_gamma"), "lr_schedule", ("step",)),
+    (("lr_min",), "lr_schedule", ("cosine",)),
+    (("flow_hidden",), "posterior", ("iaf",)),
+)
+_DEFAULTS = {f.name: f.default for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+
+
+def idle_option(given: dict, name=lambda field: field) -> str:
+    """'' when every option in ``given`` (config field -> value, the options a
+    user set) does something, else a message naming the first that would do
+    nothing, the setting it needs and the fix; ``name(field)`` spells an
+    option or setting for the message (a flag, or a keyword)."""
+    for options, setting, values in OPTION_NEEDS:
+        have = given.get(setting, _DEFAULTS[setting])
+        idle = [o for o in options if o in given] if have not in values else []
+        if idle:
+            return (f"{name(idle[0])} does something only with {name(setting)} {' or '.join(values)} (here "
+                    f"{have}), so it would do nothing; drop it, or set {name(setting)}")
+    return ""
