@@ -62,8 +62,8 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     images are refused (a picture of none). Cost: two
     passes (min, max) over the data, no copy of a NumPy array.
     Raises DataError naming the problem and the fix."""
-    from .streaming import StreamedImages
-    if not isinstance(X, (np.ndarray, StreamedImages)):   # lists, tensors: checked as arrays (a torch tensor
+    streamed = hasattr(X, "rows") and hasattr(X, "chunk_rows")   # a StreamedImages (not imported: a cycle)
+    if not isinstance(X, np.ndarray) and not streamed:  # lists, tensors: checked as arrays (a torch tensor
         if hasattr(X, "__cuda_array_interface__") and hasattr(X, "get"):      # of NaN passed unchecked)
             X = X.get()                                     # a CuPy array: checked on the host
         try:
