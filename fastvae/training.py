@@ -337,12 +337,15 @@ def data_rows(data) -> list:
 
 
 def data_change_note(state: dict, data) -> str:
-    """'' when ``data`` has the split sizes the run recorded (``state["data_rows"]``,
-    absent in checkpoints before it was recorded), else a note: data that gained
-    or lost images since training draws its random test split anew, so the split
-    can hold images the model trained on (and the reverse)."""
+    """'' when ``data`` has the training split size the run recorded
+    (``state["data_rows"]``, absent in checkpoints before it was recorded),
+    else a note: data that gained or lost images since training draws its
+    random test split anew, so the split can hold images the model trained on
+    (and the reverse). A test split alone of another size is no such change:
+    a file's own ``x_test``, or the part of the held-out rows a streamed file
+    keeps in memory."""
     then, now = state.get("data_rows"), data_rows(data)
-    if then is None or list(then) == now:
+    if then is None or then[0] == now[0]:
         return ""
     return (f"the data has changed since this run was trained: {then[0]} training and {then[1]} test images "
             f"then, {now[0]} and {now[1]} now; a random test split is drawn again from the images there are, "

@@ -285,3 +285,19 @@ def test_a_files_own_test_split_is_used_loaded_or_streamed(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=xtr, x_test=xte[:, :8])
     with pytest.raises(fastvae.DataError, match=r"x_train holds \(16, 16\) images but x_test \(8, 16\)"):
         datasets.load(DataConfig(dataset=str(tmp_path / "bad.npz")))
+
+
+def test_a_streamed_run_evaluated_loaded_is_not_called_changed_data(tmp_path):
+    """A file streamed under a small budget keeps part of its held-out rows
+    in memory (51 of 100 here); loaded later it has all 100. Same training
+    rows, so no "the data has changed" note; a file that gained rows gets one."""
+    from fastvae.training import data_change_note, data_rows
+    _npy(tmp_path / "a.npy", 1000)
+    streamed = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
+    loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
+    state = {"data_rows": data_rows(streamed)}
+    assert state["data_rows"] == [900, 51] and data_rows(loaded) == [900, 100]
+    assert data_change_note(state, loaded) == ""
+    _npy(tmp_path / "a.npy", 1100)
+    grown = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
+    assert "990 and 110 now" in data_change_note(state, grown)
