@@ -79,7 +79,6 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
-    import os
     from .cli_args import FIELD_OF_FLAG
     from .config import idle_option
     import numpy as np
@@ -100,14 +99,11 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)
-    if dataset is not None and not isinstance(dataset, (str, os.PathLike, datasets.Dataset)):   # arrays, lists
-        split = DataConfig(**pick(DataConfig))
-        dataset = datasets.from_arrays(dataset, test_fraction=split.test_fraction, seed=split.data_seed)
-    if isinstance(dataset, datasets.Dataset):
-        data, dcfg = dataset, DataConfig(dataset=datasets.in_memory(dataset.name), **pick(DataConfig))
-    else:
-        dcfg = DataConfig(dataset=dataset, **pick(DataConfig))
+    data, dcfg = datasets.given(dataset, DataConfig(**pick(DataConfig)))     # a path, a Dataset, arrays, lists
+    if data is None:
         data = datasets.load(dcfg)
+    else:
+        dcfg = dcfg.replace(dataset=datasets.in_memory(data.name))
     mk = pick(ModelConfig)
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)

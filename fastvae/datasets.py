@@ -327,6 +327,20 @@ def in_memory(name: str) -> str:
     return name if name.startswith(IN_MEMORY) else IN_MEMORY + name
 
 
+def given(dataset, cfg: Optional[DataConfig]):
+    """``(dataset, cfg)`` for a Trainer: a name or path becomes ``cfg``'s
+    dataset, to be loaded (None returned for it; a path passed as the data of
+    ``Trainer.from_checkpoint`` was taken for a Dataset: AttributeError),
+    images as arrays or lists a Dataset (:func:`from_arrays`, ``cfg``'s
+    test_fraction and data_seed); a Dataset or None is returned as it is."""
+    if isinstance(dataset, (str, os.PathLike)):
+        return None, (cfg or DataConfig()).replace(dataset=os.fspath(dataset))
+    if dataset is not None and not isinstance(dataset, Dataset):
+        base = cfg or DataConfig()
+        dataset = from_arrays(dataset, test_fraction=base.test_fraction, seed=base.data_seed)
+    return dataset, cfg
+
+
 def is_image_folder(name) -> bool:
     """Whether dataset ``name`` is a folder of image files (built-in names first)."""
     return name not in BUILTIN_DATASETS and os.path.isdir(os.path.expanduser(name))

@@ -53,14 +53,14 @@ class Trainer:
     model_config: architecture (input_dim and image_shape must fit the data);
     train_config: optimisation; data_config: recorded in checkpoints so that
     ``fastvae train --resume`` and ``fastvae eval`` find the same data (a ``dataset``
-    given without it is recorded as in memory); dataset: the data (else loaded from data_config);
+    given without it is recorded as in memory); dataset: the data, a Dataset, images (arrays) or a
+    name/path (else loaded from data_config);
     out: run folder (created; checked as ``--out`` is, RunFolderError for another run or other files
     there unless ``force``), or None to keep everything in memory; progress: show a tqdm progress bar.
 
-    Parts: ``batches`` (:class:`~fastvae.training.BatchSource`), ``reporter``,
-    ``evaluator``, ``checkpointer``, ``optimizer`` (with its hooks). Setting
-    ``stop_requested = True`` (what Ctrl-C does) stops after the current
-    step with a checkpoint.
+    Parts: ``batches`` (:class:`~fastvae.training.BatchSource`), ``reporter``, ``evaluator``,
+    ``checkpointer``, ``optimizer`` (with its hooks). Setting ``stop_requested = True`` (what
+    Ctrl-C does) stops after the current step with a checkpoint.
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
@@ -68,8 +68,8 @@ class Trainer:
                  out: Optional[str] = None, progress: bool = True, force: bool = False):
         if out is not None and not force:          # as --out: never over another run or foreign files
             out = runfolder.check_out(out)
-        self.model_config = model_config
-        self.train_config = tc = train_config
+        self.model_config, self.train_config, tc = model_config, train_config, train_config
+        dataset, data_config = _datasets.given(dataset, data_config)      # a path, arrays: as fastvae.train
         self.data_config = data_config or DataConfig(**({} if dataset is None else
                                                          {"dataset": _datasets.in_memory(dataset.name)}))
         self.data = dataset if dataset is not None else _datasets.load(self.data_config)

@@ -452,3 +452,23 @@ def test_tensors_get_the_checks_arrays_get():
         fastvae.evaluate(m, torch.full((3, 256), float("nan")))
     with pytest.raises(fastvae.DataError, match=r"values in .* but the bernoulli likelihood needs \[0, 1\]"):
         m.encode(torch.from_numpy(x) * 300)
+
+
+def test_a_trainer_takes_a_path_or_images_as_its_data(tmp_path):
+    """Trainer.from_checkpoint(RUN, dataset="x.npy") (how an in-memory run is
+    resumed, the error message says) raised AttributeError ('str' object has
+    no attribute 'x_train'); Trainer(..., dataset=array) likewise. A path is
+    loaded and recorded; arrays are taken as fastvae.train takes them."""
+    from fastvae import ModelConfig, TrainConfig, Trainer
+    X = np.random.default_rng(0).random((40, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    fastvae.train(X, out=str(tmp_path / "run"), hidden=[4], latent_dim=2, epochs=1, batch_size=8)
+    t = Trainer.from_checkpoint(tmp_path / "run" / "checkpoint.h5", epochs=2, dataset=str(tmp_path / "x.npy"),
+                                progress=False)
+    assert t.data_config.dataset == str(tmp_path / "x.npy") and t.data.x_train.shape == (36, 64)
+    t.fit(pictures=False)
+    assert fastvae.load(tmp_path / "run").checkpoint["data"]["dataset"] == str(tmp_path / "x.npy")
+    a = Trainer(ModelConfig(input_dim=64, hidden=[4], latent_dim=2), TrainConfig(epochs=1, batch_size=8),
+                dataset=X, progress=False)
+    assert a.data_config.dataset == "in-memory:arrays"
+    np.testing.assert_array_equal(a.data.x_train, t.data.x_train)       # the same seeded split of the same images
