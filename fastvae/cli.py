@@ -215,11 +215,9 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     from . import datasets
     from .config import DataConfig
     from .training import data_change_note
-    changes = {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}
-    if dataset and not datasets.is_image_folder(dataset):
-        changes.update(image_size=None, color="grayscale")
     recorded = DataConfig.from_dict(model.checkpoint["data"])
-    cfg = recorded.replace(**changes)
+    cfg = datasets.given(dataset, recorded)[1] if dataset else recorded
+    cfg = cfg.replace(data_dir=data_dir) if data_dir else cfg
     data = datasets.load(cfg, splits=splits)
     note = data_change_note(model.checkpoint, data) if cfg.dataset == recorded.dataset else ""   # the run's data
     if note:

@@ -329,12 +329,14 @@ def in_memory(name: str) -> str:
 
 def given(dataset, cfg: Optional[DataConfig]):
     """``(dataset, cfg)`` for a Trainer: a name or path becomes ``cfg``'s
-    dataset, to be loaded (None returned for it; a path passed as the data of
+    dataset, to be loaded (None returned for it; ``cfg``'s image size and
+    colour mode kept only for a folder of images; a path passed as the data of
     ``Trainer.from_checkpoint`` was taken for a Dataset: AttributeError),
     images as arrays or lists a Dataset (:func:`from_arrays`, ``cfg``'s
     test_fraction and data_seed); a Dataset or None is returned as it is."""
-    if isinstance(dataset, (str, os.PathLike)):
-        return None, (cfg or DataConfig()).replace(dataset=os.fspath(dataset))
+    if isinstance(dataset, (str, os.PathLike)):      # the run's --image-size/--color follow only to a folder
+        keep = {} if is_image_folder(os.fspath(dataset)) else {"image_size": None, "color": "grayscale"}
+        return None, (cfg or DataConfig()).replace(dataset=os.fspath(dataset), **keep)
     if dataset is not None and not isinstance(dataset, Dataset):
         base = cfg or DataConfig()
         dataset = from_arrays(dataset, test_fraction=base.test_fraction, seed=base.data_seed)

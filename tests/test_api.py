@@ -472,3 +472,14 @@ def test_a_trainer_takes_a_path_or_images_as_its_data(tmp_path):
                 dataset=X, progress=False)
     assert a.data_config.dataset == "in-memory:arrays"
     np.testing.assert_array_equal(a.data.x_train, t.data.x_train)       # the same seeded split of the same images
+    # a folder run's --image-size/--color do not follow its data to an array file (they would be refused)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from PIL import Image
+    for i in range(40):
+        Image.fromarray((X[i] * 255).astype(np.uint8)).resize((16, 16)).save(folder / f"{i:02d}.png")
+    fastvae.train(str(folder), out=str(tmp_path / "frun"), image_size=(8, 8), hidden=[4], latent_dim=2, epochs=1,
+                  batch_size=8)
+    f = Trainer.from_checkpoint(tmp_path / "frun" / "checkpoint.h5", epochs=2, dataset=str(tmp_path / "x.npy"),
+                                progress=False)
+    assert (f.data_config.image_size, f.data_config.color) == (None, "grayscale") and f.data.x_train.shape == (36, 64)
