@@ -63,8 +63,9 @@ def _train_locked(a, out, progress, talk):
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
                                           data_dir=a.data_dir, progress=progress, threads=a.threads,
                                           blas=a.blas, force=bool(a.force))
-        if trainer.epoch >= trainer.train_config.epochs and talk:
-            print(f"checkpoint is already at epoch {trainer.epoch}; pass --epochs N with N > {trainer.epoch}")
+        if trainer.epoch >= trainer.train_config.epochs:        # before anything is written (exit 0 rewrote files)
+            raise ConfigError(f"the checkpoint is already at epoch {trainer.epoch}; pass --epochs N with "
+                              f"N > {trainer.epoch} to train on")
     else:
         dcfg = DataConfig(dataset=a.dataset or "sprites", data_dir=a.data_dir, download=not a.no_download,
                           image_size=a.image_size, color=a.color or "grayscale",

@@ -206,3 +206,17 @@ def test_bench_help_lists_every_workload(tmp_path):
     from fastvae.benchmark import WORKLOADS
     text = " ".join(fv("bench", "--help", cwd=tmp_path).stdout.split())
     assert "default: all of " + ", ".join(WORKLOADS) in text and "conv28-20/b128" in WORKLOADS
+
+
+def test_resuming_a_run_already_at_its_epochs_is_refused_before_writing(tmp_path):
+    """`train --resume RUN --epochs 1` on a 2-epoch run printed "already at
+    epoch 2", exited 0 and rewrote the folder (config.json saying epochs 1,
+    pictures redrawn). It is an error now, and nothing in RUN changes."""
+    fv("train", "--n-sprites", "100", "--hidden", "4", "--latent", "2", "--batch-size", "10", "--epochs", "2",
+       "--no-progress", "--out", "run", cwd=tmp_path)
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != ".lock"}  # who ran
+    before = files()
+    for extra in (["--epochs", "1"], ["--epochs", "2"], []):
+        r = fv("train", "--resume", "run", *extra, "--no-progress", cwd=tmp_path, check=False)
+        assert r.returncode == 2 and "already at epoch 2; pass --epochs N with N > 2" in r.stderr, r.stderr
+    assert files() == before and len(before) >= 6
