@@ -187,10 +187,22 @@ def _deep_to_8bit(a: np.ndarray, path, fix: str, error) -> np.ndarray:
 IMAGE_FLOOR_BYTES = 64 * 2 ** 20
 
 
+def _upright(im):
+    """``im`` turned as its EXIF orientation tag says a viewer shows it (a
+    phone's portrait JPEG is stored sideways: it was read sideways); as it
+    is when it has no tag, or one Pillow cannot apply."""
+    from PIL import ImageOps
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):     # a damaged EXIF block: pixels as stored
+        return im
+
+
 def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=DataError) -> np.ndarray:
     """An image file (PNG, JPEG, ... through Pillow) as a ``uint8`` array
-    ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"``, ``(H, W, 4)`` for ``"RGBA"``, centre-cropped
-    to the aspect ratio of ``size = (H, W)`` and resized to it when given.
+    ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"``, ``(H, W, 4)`` for ``"RGBA"``, upright as
+    its EXIF orientation says, centre-cropped to the aspect ratio of ``size = (H, W)`` and resized to it
+    when given.
 
     Read as untrusted input: a regular file only (:func:`open_regular`), and
     the pixel count its header declares is checked before decoding: more
@@ -208,6 +220,7 @@ def read_image(path, mode: str, size=None, fix: str = "remove or replace it", er
                 if declared > max(IMAGE_FLOOR_BYTES, MAX_COMPRESSION * stored):
                     raise error(f"image {path} declares {im.width} x {im.height} pixels ({declared / 2 ** 20:.0f} MiB "
                                 f"decoded) in a {stored:,}-byte file: refused as a decompression bomb; {fix}")
+                im = _upright(im)
                 if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                     im = Image.fromarray(_deep_to_8bit(np.asarray(im), path, fix, error))
                 im = im.convert(mode)

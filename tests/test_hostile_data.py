@@ -290,3 +290,29 @@ def test_a_missing_array_file_is_named(tmp_path):
     for name in ("nope.npy", "nope.h5", "nope.npz"):
         with pytest.raises(DataError, match=f"data file .*{name} does not exist; pass an existing .npy"):
             datasets.load(DataConfig(dataset=str(tmp_path / name)))
+
+
+def test_images_are_read_upright_as_their_exif_orientation_says(tmp_path):
+    """A phone stores a portrait photo sideways with an EXIF orientation tag;
+    folders of such JPEGs trained on sideways faces (Pillow decodes the
+    stored pixels). Images are turned as a viewer shows them; a damaged tag
+    leaves the pixels as stored."""
+    from PIL import Image
+    from fastvae import DataConfig, datasets
+    from fastvae.safe_files import read_image
+    a = np.zeros((20, 40), np.uint8)
+    a[:, :10] = 255                                        # a wide image, its left band bright
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6                                       # shown turned 90 degrees clockwise
+    (tmp_path / "f").mkdir()
+    for i in range(4):
+        im.save(tmp_path / "f" / f"{i}.png", exif=exif.tobytes())
+    up = read_image(tmp_path / "f" / "0.png", "L")
+    np.testing.assert_array_equal(up, np.rot90(a, -1))     # the bright band on top, 40 x 20
+    ds = datasets.load(DataConfig(dataset=str(tmp_path / "f"), test_fraction=0.0))
+    assert ds.image_shape == (40, 20)
+    np.testing.assert_array_equal(ds.x_train[0], np.rot90(a, -1).reshape(-1) / np.float32(255))
+    exif[0x0112] = 77                                      # no such orientation: as stored
+    im.save(tmp_path / "odd.png", exif=exif.tobytes())
+    np.testing.assert_array_equal(read_image(tmp_path / "odd.png", "L"), a)
