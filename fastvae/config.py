@@ -373,13 +373,21 @@ _DEFAULTS = {f.name: f.default for cls in (ModelConfig, TrainConfig) for f in da
 
 def idle_option(given: dict, name=lambda field: field) -> str:
     """'' when every option in ``given`` (config field -> value, the options a
-    user set) does something, else a message naming the first that would do
-    nothing, the setting it needs and the fix; ``name(field)`` spells an
-    option or setting for the message (a flag, or a keyword)."""
+    user set) does what it says, else a message naming the first that would do
+    nothing (:data:`OPTION_NEEDS`; AdamW without weight decay) or the
+    reverse of its name (a cosine floor ``lr_min`` above ``lr``), and the fix;
+    ``name(field)`` spells an option or setting for the message (a flag, or a keyword)."""
     for options, setting, values in OPTION_NEEDS:
         have = given.get(setting, _DEFAULTS[setting])
         idle = [o for o in options if o in given] if have not in values else []
         if idle:
             return (f"{name(idle[0])} does something only with {name(setting)} {' or '.join(values)} (here "
                     f"{have}), so it would do nothing; drop it, or set {name(setting)}")
+    get = lambda field: given.get(field, _DEFAULTS[field])
+    if given.get("decoupled_weight_decay") and not get("weight_decay"):
+        return (f"{name('decoupled_weight_decay')} decouples {name('weight_decay')}, which is 0 here, so it would "
+                f"do nothing; set {name('weight_decay')} (e.g. 0.01), or drop it")
+    if "lr_min" in given and get("lr_min") > get("lr"):
+        return (f"{name('lr_min')} {get('lr_min'):g} is above {name('lr')} {get('lr'):g}: the cosine schedule would "
+                f"raise the learning rate to it; use {name('lr_min')} below {name('lr')}")
     return ""

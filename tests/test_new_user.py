@@ -55,6 +55,9 @@ def run_dir(tmp_path_factory):
     (["--lr-gamma", "0.3"], ["--lr-gamma does something only with --lr-schedule step"]),
     (["--lr-schedule", "step", "--lr-min", "0"], ["--lr-min does something only with --lr-schedule cosine"]),
     (["--flow-hidden", "30"], ["--flow-hidden does something only with --posterior iaf"]),
+    (["--adamw"], ["--adamw decouples --weight-decay, which is 0 here"]),
+    (["--lr-schedule", "cosine", "--lr-min", "0.01"], ["--lr-min 0.01 is above --lr 0.001",
+                                                      "would raise the learning rate"]),
 ])
 def test_odd_values_are_errors(tmp_path, args, needles):
     r = fv("train", *TINY, *args, "--out", tmp_path / "r", cwd=tmp_path, check=False)
