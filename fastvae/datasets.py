@@ -21,6 +21,7 @@ from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
 from .arrayfiles import image_shape_of, read_arrays, unit_split
+from .runfolder import holds_run
 from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
 from .sprites import SPRITE_FACTORS, SPRITE_SHAPES, make_sprites, render_sprites  # noqa: F401  (re-exported)
@@ -262,7 +263,8 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
     """Every image under ``path`` (PNG, JPEG, ... via Pillow), sorted by path.
 
     Sub-folders become integer labels (sorted names); linked ones are
-    followed, each real folder walked once. ``image_size=(H, W)``
+    followed, each real folder walked once; fastvae run folders (``--out``
+    inside the data) are not data and are skipped. ``image_size=(H, W)``
     resizes after a centre crop to that aspect ratio; without it every image
     must have the same size. ``color``: ``grayscale`` (D = H*W) or ``rgb``
     (D = H*W*3). Raises DataError for an empty folder, files that are not
@@ -274,7 +276,8 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
         raise DataError(f"{path} is not a folder; pass a folder of images")
     files, others, seen = [], [], {os.path.realpath(path)}
     for root, dirs, names in os.walk(path, followlinks=True):     # linked class folders count, as in torchvision
-        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and _first_visit(os.path.join(root, d), seen)]
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and _first_visit(os.path.join(root, d), seen)
+                   and not holds_run(os.path.join(root, d))]    # a run kept beside its data: its pictures are not data
         for n in sorted(names):
             if n.startswith("."):
                 continue                      # .DS_Store and other hidden files

@@ -47,6 +47,11 @@ def _umask() -> int:
     return mask
 
 
+def holds_run(folder: str) -> bool:
+    """Whether ``folder`` is a fastvae run folder (its checkpoint or lock file)."""
+    return any(os.path.exists(os.path.join(folder, n)) for n in (CHECKPOINT_NAME, LOCK_NAME))
+
+
 def checkpoint_path(path) -> str:
     """A checkpoint argument (str or path-like, ``~`` expanded): a checkpoint
     file, or the run folder holding one (then ``<folder>/checkpoint.h5``)."""

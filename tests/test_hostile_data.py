@@ -316,3 +316,27 @@ def test_images_are_read_upright_as_their_exif_orientation_says(tmp_path):
     exif[0x0112] = 77                                      # no such orientation: as stored
     im.save(tmp_path / "odd.png", exif=exif.tobytes())
     np.testing.assert_array_equal(read_image(tmp_path / "odd.png", "L"), a)
+
+
+def test_a_run_folder_inside_the_image_folder_is_not_data(tmp_path):
+    """`train --dataset imgs --out imgs/run` trained, then every later load of
+    imgs failed ("holds files that are not images (run/checkpoint.h5, ...)"),
+    and with --skip-other-files the run's own pictures became a class of
+    training images. Run folders inside the data are skipped."""
+    from PIL import Image
+    from fastvae import datasets
+    from fastvae.cli import main
+    r = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray((r.random((8, 8)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    before = datasets.load(str(tmp_path / "imgs"))
+    run = str(tmp_path / "imgs" / "run")
+    assert main(["train", "--dataset", str(tmp_path / "imgs"), "--hidden", "4", "--latent", "2", "--epochs", "1",
+                 "--batch-size", "6", "--no-progress", "--out", run]) == 0
+    assert main(["plot", run, "--grid", "3"]) == 0                     # figures inside the run folder too
+    after = datasets.load(str(tmp_path / "imgs"))
+    assert after.label_names == ["a", "b"] == before.label_names
+    np.testing.assert_array_equal(after.x_train, before.x_train)
+    assert main(["eval", run]) == 0
