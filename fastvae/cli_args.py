@@ -197,6 +197,12 @@ def check_model_flags(a) -> None:
                           "(or describe one in ModelConfig.layers)")
     if a.resume:
         return                                      # flags given on resume are refused by name
+    dataset = a.dataset or "sprites"
+    if a.n_sprites is not None and dataset != "sprites":
+        raise ConfigError(f"--n-sprites sizes the built-in sprites, not {dataset}; drop it")
+    if a.memory_budget is not None and not dataset.lower().endswith((".npy", ".npz", ".h5", ".hdf5")):
+        raise ConfigError(f"--memory-budget decides whether an .npy/.h5 file streams from disk; {dataset} is "
+                          "not one, so it would do nothing: drop it")
     flag_of = {field: flag for flag, field in FIELD_OF_FLAG.items()}
     given = {FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in MODEL_ARGS + TRAIN_ARGS if getattr(a, n) is not None}
     msg = idle_option(given, lambda field: "--" + flag_of.get(field, field).replace("_", "-"))

@@ -56,6 +56,7 @@ def run_dir(tmp_path_factory):
     (["--lr-schedule", "step", "--lr-min", "0"], ["--lr-min does something only with --lr-schedule cosine"]),
     (["--flow-hidden", "30"], ["--flow-hidden does something only with --posterior iaf"]),
     (["--adamw"], ["--adamw decouples --weight-decay, which is 0 here"]),
+    (["--memory-budget", "100"], ["--memory-budget decides whether an .npy/.h5 file streams", "drop it"]),
     (["--lr-schedule", "cosine", "--lr-min", "0.01"], ["--lr-min 0.01 is above --lr 0.001",
                                                       "would raise the learning rate"]),
 ])
@@ -184,3 +185,13 @@ def test_decode_and_sample_return_the_model_dtype(dtype):
 def test_checkpoint_has_the_same_permissions_as_other_run_files(run_dir):
     modes = {f: stat.S_IMODE(os.stat(run_dir / f).st_mode) for f in ("checkpoint.h5", "config.json", "metrics.csv")}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_n_sprites_beside_another_dataset_is_refused(tmp_path):
+    """`--dataset mnist --n-sprites 500` trained on all of MNIST: the count
+    sizes only the built-in sprites."""
+    write_mnist_like(tmp_path / "data", n_train=60, n_test=20)
+    r = fv("train", "--dataset", "mnist", "--data-dir", "data", "--n-sprites", "500", "--out", "r", cwd=tmp_path,
+           check=False)
+    one_line(r, "--n-sprites sizes the built-in sprites, not mnist; drop it")
+    assert not (tmp_path / "r").exists()
