@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError, FastVAEError
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
-                       _positive, check_model_flags, checkpoint_arg, parser)
+                       _positive, check_train_flags, checkpoint_arg, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
 EXIT_TERMINATED = 143      # 128 + SIGTERM
@@ -26,7 +26,7 @@ def _cmd_train(a):
 
     progress = not a.no_progress
     _positive("--epochs", a.epochs)
-    check_model_flags(a)
+    check_train_flags(a)
     if a.resume:
         a.resume = checkpoint_arg(a.resume)
         given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]

@@ -184,8 +184,8 @@ def checkpoint_arg(path) -> str:
     return checkpoint_path(path)
 
 
-def check_model_flags(a) -> None:
-    """Model and training flags that cannot do what they say (``--sigma``
+def check_train_flags(a) -> None:
+    """Flags of `fastvae train` that cannot do what they say (``--sigma``
     without the gaussian likelihood, ``--lr-gamma`` without the step
     schedule, :data:`fastvae.config.OPTION_NEEDS`): ConfigError naming the fix."""
     from .config import idle_option
