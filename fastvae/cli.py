@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError, FastVAEError
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
-                       _positive, check_train_flags, checkpoint_arg, parser)
+                       _positive, check_train_flags, checkpoint_arg, out_folder, parser)
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
 EXIT_TERMINATED = 143      # 128 + SIGTERM
@@ -195,6 +195,8 @@ def _cmd_bench(a):
     from .threads import set_threads
     set_threads(a.threads)
     benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds)
+    if a.out:                       # before the timing (minutes) rather than after it
+        out_folder(a.out, "bench writes <name>.jsonl and .md")
     if a.gpu:
         rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
                              torch_device="cuda", tf32=a.tf32)
@@ -259,9 +261,7 @@ def _cmd_plot(a):
         explore.check_grid_dims(a.dims, L)
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a file; plot writes its figures into a folder: name one")
-    os.makedirs(out, exist_ok=True)
+    out_folder(out, "plot writes its figures")
     f = lambda name: os.path.join(out, name)
     written = []
 

@@ -210,6 +210,18 @@ def check_train_flags(a) -> None:
         raise ConfigError(msg)
 
 
+def out_folder(path: str, what: str) -> str:
+    """``--out`` of a command that writes files into a folder: created;
+    ConfigError when it is a file ("``what`` into a folder"), an OSError
+    (one line, from main) when it cannot be made."""
+    import os
+    from .errors import ConfigError
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out {path} is a file; {what} into a folder: name one")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _positive(name, value):
     from .errors import ConfigError
     if value is not None and value < 1:

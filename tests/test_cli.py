@@ -220,3 +220,16 @@ def test_resuming_a_run_already_at_its_epochs_is_refused_before_writing(tmp_path
         r = fv("train", "--resume", "run", *extra, "--no-progress", cwd=tmp_path, check=False)
         assert r.returncode == 2 and "already at epoch 2; pass --epochs N with N > 2" in r.stderr, r.stderr
     assert files() == before and len(before) >= 6
+
+
+def test_bench_out_is_checked_before_the_timing(tmp_path, monkeypatch, capsys):
+    """`fastvae bench --out FILE` timed every workload (minutes; on a lent GPU
+    its budget) and then failed with "File exists". --out is checked first."""
+    from fastvae import benchmark
+    from fastvae.cli import main
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: pytest.fail("timed before --out was checked"))
+    (tmp_path / "file").write_text("x")
+    assert main(["bench", "--workloads", "784-400-20/b128", "--backends", "numpy", "--no-torch",
+                 "--out", str(tmp_path / "file")]) == 2
+    assert "--out " + str(tmp_path / "file") + " is a file; bench writes <name>.jsonl and .md into a folder" in \
+        capsys.readouterr().err
