@@ -234,6 +234,9 @@ def atomic_write(path: str, write: Callable[[str], None], error=RunFolderError) 
             finally:
                 os.close(dfd)
     except OSError as exc:
+        if not os.path.isdir(folder):       # a typo in the folder, not a full disk
+            raise error(f"cannot write {path}: the folder {folder} does not exist; create it or fix the "
+                        "path") from None
         raise error(f"cannot write {path}: {exc.strerror or exc}; free disk space or fix the folder's "
                     "permissions (the previous file is intact)") from None
     finally:

@@ -271,3 +271,11 @@ def test_a_trainer_built_on_a_folder_holding_a_run_refuses_it(tmp_path):
                 out=str(tmp_path / "run"), progress=False, force=True)
     t.fit(pictures=False)
     assert (tmp_path / "run" / "checkpoint.h5").read_bytes() != before
+
+
+def test_writing_into_a_folder_that_does_not_exist_names_the_folder(tmp_path):
+    """`interpolate ... --png typo/x.png` said "No such file or directory; free
+    disk space or fix the folder's permissions"; it names the missing folder."""
+    from fastvae.runfolder import atomic_write
+    with pytest.raises(FastVAEError, match=r"cannot write .*x.png: the folder .*typo does not exist; create it"):
+        atomic_write(str(tmp_path / "typo" / "x.png"), lambda tmp: open(tmp, "w").close())
