@@ -55,6 +55,14 @@ def image_shape_of(shape, where: str) -> tuple:
                     f"or (N, D); got {shape}")
 
 
+def same_image_shape(path, train_shape: tuple, test_shape: tuple) -> None:
+    """DataError unless a file's own test images (``x_test``) have its
+    training images' shape (both ``(H, W[, C])``)."""
+    if tuple(train_shape) != tuple(test_shape):
+        raise DataError(f"{path}: x_train holds {tuple(train_shape)} images but x_test {tuple(test_shape)}; "
+                        "store test images of the training images' shape")
+
+
 def unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
     """A seeded random ``fraction`` of the rows of images ``x (N, ...)`` (and
     labels ``y``) as the test split, both as ``(n, D)`` float32 (uint8 / 255,
@@ -85,7 +93,7 @@ def unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
             if not keep:
                 blk[...] = flat[i:i + chunk_rows] if rows is None else flat[rows[i:i + chunk_rows]]
             if x.dtype == np.uint8:
-                blk /= np.float32(255.0)              # exactly rounded, as torchvision's ToTensor
+                blk /= np.float32(255.0)              # checks.unit_pixels' rule, in place (one copy held)
             elif not np.isfinite(blk).all():
                 raise DataError("images contain NaN or infinite values; clean the data first")
         return out

@@ -47,6 +47,14 @@ def _choice(name, value, choices):
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
+def unit_pixels(raw) -> np.ndarray:
+    """Image values as float32: uint8 pixels (0..255) divided by 255, exactly
+    rounded (as torchvision's ``ToTensor``), other numbers converted as they
+    are (``raw`` itself when it is float32). The one rule of the loaders,
+    streamed reads and the model's calls."""
+    return raw / np.float32(255.0) if raw.dtype == np.uint8 else np.asarray(raw, np.float32)
+
+
 def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     """``X`` as images for a model of config ``cfg``: a host array ``(N, D)``
     with ``D = cfg.input_dim`` (or ``(N, *cfg.image_shape)``, with or without
@@ -87,7 +95,7 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     if X.dtype.kind not in "fiub":
         raise DataError(f"{what} must be real numbers, got dtype {X.dtype}; convert them (x.astype(np.float32))")
     if X.dtype == np.uint8:                   # 8-bit pixels, as the loaders and fastvae.train(X) take them
-        return X / np.float32(255.0)          # float32, exactly rounded, as the loaders divide
+        return unit_pixels(X)
     if X.size == 0:
         return X
     lo, hi = X.min(), X.max()                 # NaN propagates through both; an infinity shows in one

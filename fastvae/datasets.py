@@ -20,7 +20,7 @@ import numpy as np
 from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
-from .arrayfiles import image_shape_of, read_arrays, unit_split
+from .arrayfiles import image_shape_of, read_arrays, same_image_shape, unit_split
 from .runfolder import holds_run
 from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
@@ -222,9 +222,7 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
         return from_arrays(x, y, name, test_fraction, seed, where=path)
     train, test = (from_arrays(a, b, name, 0.0, where=f"{path}[{k}]")
                    for a, b, k in ((x, y, "x_train"), (xt, yt, "x_test")))
-    if train.image_shape != test.image_shape:
-        raise DataError(f"{path}: x_train holds {train.image_shape} images but x_test {test.image_shape}; "
-                        "store test images of the training images' shape")
+    same_image_shape(path, train.image_shape, test.image_shape)
     return Dataset(name, train.x_train, train.y_train, test.x_train, test.y_train, train.image_shape)
 
 

@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of
+from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of, same_image_shape
+from .checks import unit_pixels
 from .distributed import shard
 from .errors import DataError
 from .training import EpochPosition
@@ -73,7 +74,7 @@ class StreamedImages:
         order = np.argsort(idx, kind="stable")
         raw = np.asarray(self._reader(self._file_rows(idx[order]))).reshape(len(idx), -1)
         out = np.empty((len(idx), self.D), np.float32)
-        out[order] = raw / np.float32(255.0) if raw.dtype == np.uint8 else raw
+        out[order] = unit_pixels(raw)
         if not np.all(np.isfinite(out)):
             raise DataError(f"{self.path}: rows hold NaN or infinite values; clean the data first")
         return out
@@ -185,11 +186,9 @@ def _given_test(path: str, ext: str, image_shape, max_rows: int):
         if key is None:
             return None
         d = h5_dataset(f, key, path, DataError, os.path.getsize(path), compressed_ok=True)
-        if d.ndim < 2 or image_shape_of(d.shape, f"{path}[{key}]") != tuple(image_shape):
-            raise DataError(f"{path}: x_test holds images of shape {d.shape[1:]}, x_train {tuple(image_shape)}; "
-                            "store test images of the training images' shape")
+        same_image_shape(path, tuple(image_shape), image_shape_of(d.shape, f"{path}[{key}]"))
         raw = d[:max_rows].reshape(min(len(d), max_rows), -1)
-    out = raw / np.float32(255.0) if raw.dtype == np.uint8 else raw.astype(np.float32)
+    out = unit_pixels(raw)
     if not np.all(np.isfinite(out)):
         raise DataError(f"{path}[{key}] holds NaN or infinite values; clean the data first")
     return out
