@@ -58,9 +58,8 @@ class Trainer:
     out: run folder (created; checked as ``--out`` is, RunFolderError for another run or other files
     there unless ``force``), or None to keep everything in memory; progress: show a tqdm progress bar.
 
-    Parts: ``batches`` (:class:`~fastvae.training.BatchSource`), ``reporter``, ``evaluator``,
-    ``checkpointer``, ``optimizer`` (with its hooks). Setting ``stop_requested = True`` (what
-    Ctrl-C does) stops after the current step with a checkpoint.
+    Parts: ``batches`` (:class:`~fastvae.training.BatchSource`), ``reporter``, ``evaluator``, ``checkpointer``,
+    ``optimizer`` (with hooks). ``stop_requested = True`` (what Ctrl-C does) stops after the step, saving.
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
@@ -189,7 +188,8 @@ class Trainer:
         if data_dir is not None:
             dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
-        self.checkpointer.ours = os.path.exists(self.checkpoint_path) and os.path.samefile(self.checkpoint_path, path)
+        own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
+        self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None
         ckpt.load_params(self.model, data, path)
         if data["adam"] is not None:
             self.optimizer.load_state_dict(data["adam"])

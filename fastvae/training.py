@@ -285,7 +285,12 @@ class Checkpointer:
 
     def __init__(self, out: Optional[str]):
         self.out = out
-        self.ours = False         # the file at path is this run's: saved by it, or the checkpoint it resumed
+        self.own: Optional[str] = None     # the checkpoint this run saved, or the one it resumed
+
+    @property
+    def ours(self) -> bool:
+        """Whether the file at :attr:`path` is this run's (a moved ``out`` is not)."""
+        return self.own is not None and self.own == self.path
 
     @property
     def path(self) -> Optional[str]:
@@ -305,7 +310,8 @@ class Checkpointer:
         self.saving = True
         try:
             self._save(trainer, path)
-            self.ours = self.ours or path == self.path
+            if path == self.path:
+                self.own = path
             return path
         finally:
             self.saving = False
