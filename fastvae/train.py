@@ -35,6 +35,7 @@ from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .blas import configure as configure_blas
 from .arrayfiles import image_shape_of
+from .backends.base import ForeignRNGState
 from .checks import check_count, check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
@@ -185,8 +186,7 @@ class Trainer:
             changes.update(tf32=False, cuda_graph=False)
         changes["blas"] = choose_blas(blas, tc.blas, changes["backend"])
         tc = tc.replace(**changes)
-        if data_dir is not None:
-            dc = dc.replace(data_dir=data_dir)
+        dc = dc.replace(data_dir=data_dir) if data_dir is not None else dc
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
         self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None
@@ -202,10 +202,9 @@ class Trainer:
                 print(f"fastvae: note: {note}", file=sys.stderr)
         if "partial" in st:
             perm = data["arrays"].get("epoch_perm")
-            N = self.data.x_train.shape[0]
             if perm is None or not self.batches.check_perm(perm):
-                raise CheckpointError(f"{path} stopped inside an epoch but its batch order does not fit "
-                                      f"the {N} training images; resume with the same data")
+                raise CheckpointError(f"{path} stopped inside an epoch but its batch order does not fit the "
+                                      f"{self.data.x_train.shape[0]} training images; resume with the same data")
             try:
                 self.position = EpochPosition(perm=self.batches.restore_perm(perm), **st["partial"])
             except TypeError:
@@ -214,10 +213,11 @@ class Trainer:
                 p = self.position
                 p.recon, p.kl, p.loss, p.counted = 0.0, 0.0, 0.0, 0
         try:
-            self.rng.set_state(st["rng"])
-        except (KeyError, TypeError, ValueError):
-            # another backend's RNG: continue deterministically from the step count
+            self.rng.set_state(st.get("rng"))
+        except ForeignRNGState:          # another backend's (or none): continue deterministically from the step
             self.batches.rng = self.backend.new_rng([tc.seed, 1, self.step])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}; use an intact checkpoint") from None   # its random-number state
         return self
 
     def write_pictures(self) -> None:

@@ -19,6 +19,9 @@ from fastvae import checkpoint as ckpt
 from fastvae.restore import load_model
 
 from conftest import PEAK_RSS, PY, fv, tiny_trainer
+from fastvae import datasets
+
+SPRITES16 = datasets.make_sprites(400, seed=6, size=16)     # tiny_trainer's data
 
 
 def seal(path):
@@ -225,6 +228,85 @@ def test_crafted_json_with_a_valid_header_only_raises_checkpoint_error(tmp_path_
         pass
     except fastvae.FastVAEError as exc:      # a config valid as JSON may still name a dataset not here
         assert isinstance(exc, (fastvae.DataError, fastvae.ConfigError)), exc
+
+
+PCG64 = {"bit_generator": "PCG64", "state": {"state": 5, "inc": 7}, "has_uint32": 0, "uinteger": 0}
+
+
+def _with(d, path, value):
+    d = json.loads(json.dumps(d))
+    inner = d
+    for k in path[:-1]:
+        inner = inner[k]
+    inner[path[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize("rng_state", [
+    _with(PCG64, ("state", "state"), -1),          # numpy: OverflowError (was a traceback on resume)
+    _with(PCG64, ("state", "inc"), 1 << 200),
+    _with(PCG64, ("has_uint32",), 10 ** 30),
+    _with(PCG64, ("uinteger",), -1),
+    _with(PCG64, ("state",), "x"),                  # numpy: TypeError (was taken as another backend's state)
+    {"bit_generator": "PCG64"},
+])
+def test_a_crafted_random_number_state_is_a_checkpoint_error(tmp_path, good, rng_state):
+    """A PCG64 state numpy cannot hold is a bad file, not another backend's
+    stream to replace silently, and never an OverflowError from numpy."""
+    p = craft(tmp_path / "r.h5", good, texts={"state": json.dumps(dict(good["state"], rng=rng_state))})
+    with pytest.raises(CheckpointError, match="invalid PCG64 random-number state"):
+        fastvae.Trainer.from_checkpoint(p, out=str(tmp_path), dataset=SPRITES16, progress=False)
+
+
+def test_another_backends_random_number_state_continues_from_the_step(tmp_path, good):
+    """A Philox (GPU) state, or none, on a CPU resume: the stream derived from
+    the step, the same for both, and training goes on."""
+    params = []
+    for name, rng_state in (("gpu", {"kind": "philox4x32-10", "key": [1, 2], "counter": 9}), ("none", None)):
+        state = {k: v for k, v in good["state"].items() if k != "rng"}
+        if rng_state:
+            state["rng"] = rng_state
+        (tmp_path / name).mkdir()
+        p = craft(tmp_path / name / "checkpoint.h5", good, texts={"state": json.dumps(state)})
+        t = fastvae.Trainer.from_checkpoint(p, out=str(tmp_path / name), dataset=SPRITES16, progress=False,
+                                            epochs=good["state"]["epoch"] + 1, force=True)
+        t.fit(pictures=False)
+        params.append(t.model.backend.to_host(t.model.params).copy())
+    np.testing.assert_array_equal(params[0], params[1])
+
+
+@pytest.mark.parametrize("state,needle", [
+    ({"kind": "philox4x32-10", "key": [1 << 32, 0], "counter": 0}, "key"),
+    ({"kind": "philox4x32-10", "key": [1], "counter": 0}, "key"),
+    ({"kind": "philox4x32-10", "key": [1, "2"], "counter": 0}, "key"),
+    ({"kind": "philox4x32-10", "key": [1, 2], "counter": -1}, "counter"),
+    ({"kind": "philox4x32-10", "key": [1, 2], "counter": 1 << 64}, "counter"),
+    ({"kind": "philox4x32-10", "key": [1, 2]}, "counter"),
+])
+def test_the_gpu_stream_refuses_a_state_it_cannot_hold_and_keeps_its_own(state, needle):
+    from fastvae.backends.base import ForeignRNGState
+    from fastvae.backends.cupy_backend import CupyRNG
+    rng = CupyRNG(None, 3)
+    before = rng.state()
+    with pytest.raises(ValueError, match=f"invalid philox4x32-10 random-number state \\({needle}") as info:
+        rng.set_state(state)
+    assert not isinstance(info.value, ForeignRNGState)
+    assert rng.state() == before
+    with pytest.raises(ForeignRNGState):
+        rng.set_state(PCG64)
+    rng.set_state({"kind": "philox4x32-10", "key": [(1 << 32) - 1, 0], "counter": (1 << 64) - 1})
+    assert rng.state()["counter"] == (1 << 64) - 1
+
+
+def test_the_cpu_stream_refuses_a_state_it_cannot_hold_and_keeps_its_own():
+    from fastvae.backends.base import ForeignRNGState
+    from fastvae.backends.numpy_backend import NumpyRNG
+    a, b = NumpyRNG(4), NumpyRNG(4)
+    with pytest.raises(ValueError, match="invalid PCG64"):
+        a.set_state(_with(PCG64, ("state", "state"), -1))
+    with pytest.raises(ForeignRNGState):
+        a.set_state({"kind": "philox4x32-10", "key": [1, 2], "counter": 0})
+    assert a.gen.random() == b.gen.random()     # the refused states changed nothing
 
 
 @pytest.mark.parametrize("section,field", [("train", "binarize"), ("train", "cuda_graph"), ("data", "download")])

@@ -20,6 +20,11 @@ import math
 import numpy as np
 
 
+class ForeignRNGState(ValueError):
+    """``BackendRNG.set_state`` was given another kind of stream's state
+    (another backend's: PCG64 on the CPU, Philox4x32-10 on the GPU)."""
+
+
 class BackendRNG:
     """A seeded random stream living on the backend's device.
 
@@ -43,6 +48,9 @@ class BackendRNG:
         raise NotImplementedError
 
     def set_state(self, state):  # pragma: no cover
+        """Restore a ``state()``. Raises ForeignRNGState for another kind of
+        stream's state, ValueError for one of this kind whose values it cannot
+        hold (nothing is changed then)."""
         raise NotImplementedError
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES, cuda_defines
-from .base import Backend, BackendRNG
+from .base import Backend, BackendRNG, ForeignRNGState
 from .graph_support import GraphSupport
 from .cupy_probe import device_reason, probe, toolkit_reason  # noqa: F401 (this module's API)
 
@@ -154,9 +154,14 @@ class CupyRNG(BackendRNG):
 
     def set_state(self, state):
         if not isinstance(state, dict) or state.get("kind") != "philox4x32-10":
-            raise ValueError("not a philox4x32-10 state")
-        self.key = tuple(int(k) for k in state["key"])
-        self.counter = int(state["counter"])
+            raise ForeignRNGState("not a philox4x32-10 state")
+        key, counter = state.get("key"), state.get("counter")
+        words = key if isinstance(key, list) and len(key) == 2 else [None]
+        bad = ("key", key) if not all(type(k) is int and 0 <= k < 1 << 32 for k in words) else (
+            ("counter", counter) if type(counter) is not int or not 0 <= counter < 1 << 64 else None)
+        if bad:                      # the key is two 32-bit words, the counter a 64-bit count
+            raise ValueError(f"invalid philox4x32-10 random-number state ({bad[0]} {str(bad[1])[:60]})")
+        self.key, self.counter = tuple(words), counter
 
 
 class CupyBackend(GraphSupport, Backend):

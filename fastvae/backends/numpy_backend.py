@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from .. import blas as _blas
-from .base import Backend, BackendRNG
+from .base import Backend, BackendRNG, ForeignRNGState
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -50,7 +50,14 @@ class NumpyRNG(BackendRNG):
         return self.gen.bit_generator.state
 
     def set_state(self, state):
-        self.gen.bit_generator.state = state
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            raise ForeignRNGState("not a PCG64 state")
+        bits = np.random.PCG64()               # checked on a new generator: a refused state changes nothing
+        try:
+            bits.state = state
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"invalid PCG64 random-number state ({exc})") from None
+        self.gen = np.random.Generator(bits)
 
 
 class NumpyBackend(Backend):
