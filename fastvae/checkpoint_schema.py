@@ -10,7 +10,7 @@ line instead of a traceback deep in the trainer.
 ``config``  ``{"model": {...}, "train": {...}, "data": {...}}``, each built
             through its dataclass (which checks every field's range);
 ``state``   ``{"epoch": int >= 0, "step": int >= 0, "rng": {...}?, "partial": {...}?,
-            "data_rows": [int >= 0, int >= 0]?}``;
+            "data_rows": [int >= 1, int >= 0]?}``;
 ``history`` list of flat objects whose values are numbers, strings or null.
 """
 
@@ -76,8 +76,8 @@ def check_state(state, path) -> None:
         rows = check_type(state["data_rows"], list, "state 'data_rows'", err)
         if len(rows) != 2:
             _fail(path, f"state 'data_rows' holds {len(rows)} numbers, not 2")
-        for n in rows:
-            check_type(n, int, "state 'data_rows'", err, minimum=0)
+        for n, least in zip(rows, (1, 0)):     # a run trained on at least one image
+            check_type(n, int, "state 'data_rows'", err, minimum=least)
 
 
 def check_history(history, path) -> None:

@@ -150,6 +150,7 @@ def test_a_small_file_declaring_a_huge_dataset_allocates_nothing(tmp_path, good)
     ("state", '{"epoch": true, "step": 0}', "'epoch' must be int"),
     ("state", '{"epoch": 1, "step": 0, "data_rows": [5]}', "'data_rows' holds 1 numbers, not 2"),
     ("state", '{"epoch": 1, "step": 0, "data_rows": [5, -1]}', "'data_rows' must be int >= 0"),
+    ("state", '{"epoch": 1, "step": 0, "data_rows": [0, 5]}', "'data_rows' must be int >= 1"),
     ("state", '{"epoch": 1, "step": 0, "data_rows": "5,1"}', "'data_rows' must be list"),
     ("history", '{"epoch": 1}', "history must be list"),
     ("history", '[[1]]', "history row 0 must be dict"),
