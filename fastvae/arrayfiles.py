@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -104,8 +105,9 @@ def unit_split(x, y, fraction, seed, chunk_rows: int = 4096):
     return xtr, ytr, unit(parts[1]), pick(parts[1])
 
 
-def _npy_header(fp, where: str):
-    """``(shape, fortran_order, dtype)`` from an ``.npy`` stream's header (numpy's parser)."""
+def _npy_header(fp, where: str, text_ok: bool = False):
+    """``(shape, fortran_order, dtype)`` from an ``.npy`` stream's header
+    (numpy's parser); numbers only, or also fixed-size text (labels) with ``text_ok``."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(fp)
@@ -115,17 +117,18 @@ def _npy_header(fp, where: str):
         shape, fortran, dtype = read(fp)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise DataError(f"{where} is not a valid .npy array ({str(exc)[:80]}); {_FIX}") from None
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise DataError(f"{where} holds {dtype} values; images must be numbers (uint8 or float)")
+    if dtype.hasobject or dtype.kind not in ("biufSU" if text_ok else "biuf"):
+        raise DataError(f"{where} holds {dtype} values; " + ("labels must be numbers or text" if text_ok
+                                                             else "images must be numbers (uint8 or float)"))
     return shape, fortran, dtype
 
 
-def _read_npy(fp, where: str, available: int, ratio: int):
+def _read_npy(fp, where: str, available: int, ratio: int, text_ok: bool = False):
     """Read an ``.npy`` stream once the size its header declares fits in
     ``ratio`` times the ``available`` bytes (the file's size, or a zip
     member's stored size); filled in place, so memory is what the stream
     really yields."""
-    shape, fortran, dtype = _npy_header(fp, where)
+    shape, fortran, dtype = _npy_header(fp, where, text_ok)
     need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
     if need > available * ratio:
         raise DataError(f"{where} declares shape {shape} ({need:,} bytes) but the file stores only "
@@ -167,17 +170,17 @@ def _npz(fh, path):
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise DataError(f"{path} is not a valid .npz (zip) file ({exc}); {_FIX}") from None
 
-    def read(k):
+    def read(k, labels):
         info = names[k]
         ratio = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_COMPRESSION
         try:
             with z.open(info) as fp:
-                return _read_npy(fp, f"{path}[{k}]", info.compress_size, ratio)
+                return _read_npy(fp, f"{path}[{k}]", info.compress_size, ratio, text_ok=labels)
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
             raise DataError(f"{path}[{k}] cannot be read ({str(exc)[:80]}); the file is corrupt") from None
     with z:
         names = {os.path.splitext(i.filename)[0]: i for i in z.infolist() if i.filename.endswith(".npy")}
-        return [read(k) if k else None for k in _keys(names, path, True)]
+        return [read(k, i % 2 == 1) if k else None for i, k in enumerate(_keys(names, path, True))]
 
 
 def _h5(fh, path, size):
@@ -187,13 +190,44 @@ def _h5(fh, path, size):
     except Exception:
         raise DataError(f"{path} is not a readable HDF5 file; {_FIX}") from None
 
-    def read(k):
+    def read(k, labels):
         d = h5_dataset(f, k, path, DataError, size, compressed_ok=True)
-        if d.dtype.kind not in "biuf":
-            raise DataError(f"{path}: {k!r} holds {d.dtype} values; images and labels must be numbers")
-        return d[()]
+        text = labels and (d.dtype.kind == "S" or h5py.check_string_dtype(d.dtype) is not None)
+        if d.dtype.kind not in "biuf" and not text:
+            raise DataError(f"{path}: {k!r} holds {d.dtype} values; " + ("labels must be numbers or text" if labels
+                                                                         else "images must be numbers"))
+        return d.asstr()[()] if text and d.dtype.kind == "O" else d[()]
     with f:
-        return [read(k) if k else None for k in _keys(list(f.keys()), path, False)]
+        return [read(k, i % 2 == 1) if k else None for i, k in enumerate(_keys(list(f.keys()), path, False))]
+
+
+def class_labels(y, n: int, where: str, names=None):
+    """``(labels, names)``: the class of each of ``n`` images as ``(n,)``
+    int64, and the class names when the labels are text (``names``: the
+    sorted set to number them by, e.g. over a training and a test split).
+    Taken: integers, whole floats, text, one-hot rows ``(n, K)`` and
+    ``(n, 1)``. Labels that are not one class per image (fractional values,
+    several attributes per image) are not classes: dropped with a note
+    (``(None, None)``; only the latent map uses them). Raises DataError when
+    their count is not ``n``."""
+    y = np.asarray(y)
+    if y.ndim == 0 or y.shape[0] != n:
+        raise DataError(f"{where}: {n} images but {y.size if y.ndim == 0 else y.shape[0]} labels; they must match")
+    if y.dtype.kind in "OSU":
+        y = (np.char.decode(y, "utf-8", "replace") if y.dtype.kind == "S" else y.astype(str)).reshape(n, -1)
+        if y.shape[1] == 1:
+            names = np.unique(y) if names is None else np.asarray(names)
+            return np.searchsorted(names, y[:, 0]).astype(np.int64), [str(v) for v in names]
+    elif y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
+        return y.argmax(1).astype(np.int64), None                  # one-hot rows
+    y = y.reshape(n, -1)
+    if y.shape[1] == 1 and (y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.isfinite(y).all()
+                                                   and (y == np.round(y)).all())):
+        return y[:, 0].astype(np.int64), None
+    what = f"{y.shape[1]} values per image" if y.shape[1] > 1 else "values that are not whole numbers"
+    print(f"fastvae: note: {where}: the labels hold {what}, not one class per image; the images are used "
+          "without labels (the latent map is drawn in one colour)", file=sys.stderr)
+    return None, None
 
 
 def read_arrays(path):

@@ -20,7 +20,7 @@ import numpy as np
 from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
-from .arrayfiles import image_shape_of, read_arrays, same_image_shape, unit_split
+from .arrayfiles import class_labels, image_shape_of, read_arrays, same_image_shape, unit_split
 from .runfolder import holds_run
 from .safe_files import read_image
 from .idx import load_idx, read_idx_header, write_idx  # noqa: F401  (re-exported)
@@ -220,18 +220,23 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     name = os.path.splitext(os.path.basename(path))[0]
     if xt is None:
         return from_arrays(x, y, name, test_fraction, seed, where=path)
-    train, test = (from_arrays(a, b, name, 0.0, where=f"{path}[{k}]")
+    texts = [np.asarray(v) for v in (y, yt) if v is not None and np.asarray(v).dtype.kind in "OSU"]
+    names = np.unique(np.concatenate([v.reshape(-1).astype(str) for v in texts])) if texts else None  # both splits
+    train, test = (from_arrays(a, b, name, 0.0, where=f"{path}[{k}]", label_names=names)
                    for a, b, k in ((x, y, "x_train"), (xt, yt, "x_test")))
     same_image_shape(path, train.image_shape, test.image_shape)
-    return Dataset(name, train.x_train, train.y_train, test.x_train, test.y_train, train.image_shape)
+    return Dataset(name, train.x_train, train.y_train, test.x_train, test.y_train, train.image_shape,
+                   label_names=train.label_names or test.label_names)
 
 
 def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, seed: int = 0,
-                where: Optional[str] = None) -> Dataset:
+                where: Optional[str] = None, label_names=None) -> Dataset:
     """A :class:`Dataset` of in-memory images ``x``: ``(N, H, W)``, ``(N, H, W, C)``
     (C = 1, 3 or 4, channels last) or ``(N, D)``, uint8 (0..255, divided by
-    255) or float (kept: in [0, 1] for the bernoulli likelihood); integer
-    labels ``y (N,)`` optional (others are dropped). A seeded random
+    255) or float (kept: in [0, 1] for the bernoulli likelihood); labels
+    ``y`` optional, one class per image (integers, text numbered by
+    ``label_names`` or their sorted set, one-hot rows; others are dropped with a
+    note: :func:`fastvae.arrayfiles.class_labels`). A seeded random
     ``test_fraction`` of the rows is the test split (none when it rounds to 0
     images). The rules of array files; raises DataError naming the problem."""
     where = where or f"array {name!r}"
@@ -242,14 +247,10 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
                         "(N, H, W[, C]) array") from None
     if x.ndim < 2 or x.shape[0] == 0:
         raise DataError(f"{where}: expected images of shape (N, H, W[, C]) or (N, D), got {x.shape}")
-    if y is not None:
-        y = np.asarray(y).reshape(-1)
-        if len(y) != len(x):
-            raise DataError(f"{where}: {len(x)} images but {len(y)} labels; they must match")
-        y = y.astype(np.int64) if y.dtype.kind in "iub" else None
+    y, names = (None, None) if y is None else class_labels(y, len(x), where, label_names)
     shape = image_shape_of(x.shape, where)
     xtr, ytr, xte, yte = unit_split(x, y, test_fraction, seed)   # floats kept: the bernoulli likelihood checks [0, 1]
-    return Dataset(name, xtr, ytr, xte, yte, shape)
+    return Dataset(name, xtr, ytr, xte, yte, shape, label_names=names)
 
 
 # ------------------------------------------------------------- image folders

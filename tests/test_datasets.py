@@ -280,3 +280,78 @@ def test_a_dataset_built_by_hand_is_checked_when_built():
         datasets.Dataset("d", x, np.arange(3), None, None, (2, 2))
     with pytest.raises(DataError, match="4 test images but 5 test factor rows"):
         datasets.Dataset("d", x, None, x[:4], None, (2, 2), factors_test=np.zeros((5, 2)))
+
+
+# ----------------------------------------------------- labels of array files
+def _load(path):
+    return datasets.load(DataConfig(dataset=str(path)))
+
+
+def test_text_labels_are_numbered_by_their_sorted_names(tmp_path):
+    """Class names as text (npz, fixed and variable-length HDF5 strings) were
+    refused as "images must be numbers"; they are numbered by their sorted
+    set, the names kept for the latent map's colour bar."""
+    x = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
+    names = np.array(["dog", "cat", "emu", "cat"] * 5)
+    np.savez(tmp_path / "t.npz", x=x, y=names)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["images"], f["labels"] = x, names.astype("S")
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f["images"] = x
+        f.create_dataset("labels", data=names.tolist(), dtype=h5py.string_dtype())
+    for p in ("t.npz", "s.h5", "v.h5"):
+        ds = _load(tmp_path / p)
+        assert ds.label_names == ["cat", "dog", "emu"], p
+        got = np.concatenate([ds.y_train, ds.y_test])
+        rows = np.concatenate([ds.x_train, ds.x_test])
+        want = {tuple(r): ["cat", "dog", "emu"].index(n) for r, n in zip(x.reshape(20, -1), names)}
+        assert [want[tuple(r)] for r in rows] == got.tolist(), p
+
+
+def test_text_labels_of_a_keras_split_share_one_numbering(tmp_path):
+    """y_train holds a and b, y_test b and c: c is class 2 in both splits."""
+    x = np.random.default_rng(1).random((6, 4, 4))
+    np.savez(tmp_path / "k.npz", x_train=x, y_train=np.array(list("ababab")), x_test=x[:3],
+             y_test=np.array(list("bcb")))
+    ds = _load(tmp_path / "k.npz")
+    assert ds.label_names == ["a", "b", "c"]
+    assert ds.y_train.tolist() == [0, 1, 0, 1, 0, 1] and ds.y_test.tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize("y,want", [
+    (np.eye(4)[[0, 3, 1, 2, 3, 0, 1, 2, 2, 0]], [0, 3, 1, 2, 3, 0, 1, 2, 2, 0]),     # one-hot (was "100 labels")
+    (np.array([2.0, 1, 0, 2, 1, 0, 2, 1, 0, 0]), [2, 1, 0, 2, 1, 0, 2, 1, 0, 0]),     # whole floats (were dropped)
+    (np.arange(10)[:, None] % 3, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]),                     # (N, 1)
+    (np.arange(10, dtype=np.uint8), list(range(10))),
+])
+def test_one_class_per_image_in_any_common_layout_is_kept(tmp_path, y, want):
+    x = np.random.default_rng(2).random((10, 4, 4))
+    ds = datasets.from_arrays(x, y, test_fraction=0.0)
+    assert ds.y_train.dtype == np.int64 and ds.y_train.tolist() == want
+
+
+@pytest.mark.parametrize("y,why", [
+    (np.random.default_rng(3).integers(0, 2, (10, 40)), "40 values per image"),     # attributes (was refused)
+    (np.linspace(0, 1, 10), "not whole numbers"),
+    (np.array([np.nan] + [1.0] * 9), "not whole numbers"),
+])
+def test_labels_that_are_not_classes_leave_the_images_unlabelled_with_a_note(tmp_path, capsys, y, why):
+    x = np.random.default_rng(4).random((10, 4, 4))
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    ds = _load(tmp_path / "a.npz")
+    assert ds.y_train is None and ds.y_test is None and ds.x_train.shape[0] + ds.x_test.shape[0] == 10
+    err = capsys.readouterr().err
+    assert "fastvae: note:" in err and why in err and "without labels" in err
+
+
+def test_labels_whose_count_differs_or_that_are_objects_are_refused(tmp_path):
+    x = np.random.default_rng(5).random((10, 4, 4))
+    np.savez(tmp_path / "n.npz", x=x, y=np.arange(7))
+    with pytest.raises(DataError, match="10 images but 7 labels"):
+        _load(tmp_path / "n.npz")
+    np.savez(tmp_path / "o.npz", x=x, y=np.array([{"a": 1}] * 10, dtype=object))
+    with pytest.raises(DataError, match=r"o.npz\[y\] holds object values; labels must be numbers or text"):
+        _load(tmp_path / "o.npz")
+    np.savez(tmp_path / "i.npz", x=np.array(["a"] * 10), y=np.arange(10))
+    with pytest.raises(DataError, match="images must be numbers"):
+        _load(tmp_path / "i.npz")
