@@ -198,10 +198,24 @@ def _upright(im):
         return im
 
 
+def _on_white(im):
+    """``im`` with any transparency (an alpha band, a palette's or a colour
+    key's ``transparency``) composited onto white, as a viewer shows it.
+    Dropping the alpha band kept whatever colour the file stores under
+    transparent pixels: a black icon on a transparent background was read as
+    an all-black image."""
+    from PIL import Image
+    if "A" not in im.getbands() and "a" not in im.getbands() and "transparency" not in im.info:
+        return im
+    im = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+
+
 def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=DataError) -> np.ndarray:
     """An image file (PNG, JPEG, ... through Pillow) as a ``uint8`` array
-    ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"``, ``(H, W, 4)`` for ``"RGBA"``, upright as
-    its EXIF orientation says, centre-cropped to the aspect ratio of ``size = (H, W)`` and resized to it
+    ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"`` (transparent pixels on white:
+    :func:`_on_white`), ``(H, W, 4)`` for ``"RGBA"``, upright as its EXIF orientation says,
+    centre-cropped to the aspect ratio of ``size = (H, W)`` and resized to it
     when given.
 
     Read as untrusted input: a regular file only (:func:`open_regular`), and
@@ -223,7 +237,7 @@ def read_image(path, mode: str, size=None, fix: str = "remove or replace it", er
                 im = _upright(im)
                 if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                     im = Image.fromarray(_deep_to_8bit(np.asarray(im), path, fix, error))
-                im = im.convert(mode)
+                im = (im if mode == "RGBA" else _on_white(im)).convert(mode)
                 if size is not None:
                     im = ImageOps.fit(im, (int(size[1]), int(size[0])), method=Image.Resampling.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)

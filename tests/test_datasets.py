@@ -355,3 +355,31 @@ def test_labels_whose_count_differs_or_that_are_objects_are_refused(tmp_path):
     np.savez(tmp_path / "i.npz", x=np.array(["a"] * 10), y=np.arange(10))
     with pytest.raises(DataError, match="images must be numbers"):
         _load(tmp_path / "i.npz")
+
+
+def test_transparent_pixels_are_read_on_white_as_a_viewer_shows_them(tmp_path):
+    """A black icon whose shape is its alpha band was read as an all-black
+    image (Pillow's convert drops alpha, keeping the colour stored under
+    transparent pixels); now composited onto white: grey = 255 - alpha, to
+    Pillow's integer rounding (one 8-bit step)."""
+    from fastvae.safe_files import read_image
+    rng = np.random.default_rng(7)
+    alpha = (rng.random((6, 12, 12)) * 255).astype(np.uint8)
+    (tmp_path / "icons").mkdir()
+    for i, a in enumerate(alpha):
+        Image.fromarray(np.dstack([np.zeros((12, 12, 3), np.uint8), a])).save(tmp_path / "icons" / f"{i}.png")
+    ds = datasets.load_image_folder(tmp_path / "icons", test_fraction=0.0)
+    np.testing.assert_allclose(ds.x_train.reshape(6, 12, 12), (255.0 - alpha) / 255, atol=1.01 / 255)
+    rgb = datasets.load_image_folder(tmp_path / "icons", color="rgb", test_fraction=0.0)
+    np.testing.assert_allclose(rgb.x_train.reshape(6, 12, 12, 3), np.repeat((255.0 - alpha)[..., None], 3, -1) / 255,
+                               atol=1.01 / 255)
+    # a palette image whose transparent index is black: white where it is transparent
+    p = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    p.putpalette([0, 0, 0, 40, 40, 40])
+    p.save(tmp_path / "p.png", transparency=0)
+    assert read_image(tmp_path / "p.png", "L").tolist() == [[255, 40], [40, 255]]
+    # opaque pixels keep their value; a 4-channel model's input keeps its alpha band
+    opaque = np.dstack([np.full((2, 2, 3), 100, np.uint8), np.full((2, 2), 255, np.uint8)])
+    Image.fromarray(opaque).save(tmp_path / "o.png")
+    assert read_image(tmp_path / "o.png", "L").tolist() == [[100, 100], [100, 100]]
+    assert read_image(tmp_path / "icons" / "0.png", "RGBA")[..., 3].tolist() == alpha[0].tolist()
