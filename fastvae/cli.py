@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import sys
+from shlex import quote
 
 import numpy as np
 
@@ -92,8 +93,8 @@ def _train_locked(a, out, progress, talk):
         import signal
         if talk:
             print(f"fastvae: {exc}", file=sys.stderr)
-            print(f"resume with: fastvae train --resume {exc.path} --epochs {exc.total} --out {trainer.out}",
-                  file=sys.stderr)
+            print(f"resume with: fastvae train --resume {quote(exc.path)} --epochs {exc.total} --out "
+                  f"{quote(trainer.out)}", file=sys.stderr)
         return EXIT_TERMINATED if exc.signum == signal.SIGTERM else EXIT_INTERRUPTED
     if not talk:
         return 0
@@ -101,8 +102,8 @@ def _train_locked(a, out, progress, talk):
         print(trainer.graphs.summary())
     print(f"run folder: {trainer.out} (checkpoint.h5, metrics.csv, config.json, reconstructions.png, samples.png, "
           "loss.png)")
-    print(f"resume with: fastvae train --resume {trainer.checkpoint_path} --epochs "
-          f"{trainer.epoch + 10} --out {trainer.out}")
+    print(f"resume with: fastvae train --resume {quote(trainer.checkpoint_path)} --epochs "
+          f"{trainer.epoch + 10} --out {quote(trainer.out)}")          # quoted: a command to paste into a shell
     return 0
 
 

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     here = os.path.join(out, CHECKPOINT_NAME)
     if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
-                             f"{here}, choose another --out, or pass --force (force=True in Python) to replace it")
+                             f"{shlex.quote(here)}, choose another --out, or pass --force (force=True in Python) to replace it")
     if CHECKPOINT_NAME in names and resumed and not force and not _same_file(here, resume):
         hint = ("leave out --out to continue in the resumed run's folder, "
                 if os.path.dirname(os.path.abspath(resume)) != out else "")

@@ -233,3 +233,20 @@ def test_bench_out_is_checked_before_the_timing(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "file")]) == 2
     assert "--out " + str(tmp_path / "file") + " is a file; bench writes <name>.jsonl and .md into a folder" in \
         capsys.readouterr().err
+
+
+def test_printed_commands_paste_into_a_shell_when_paths_have_spaces_and_quotes(tmp_path):
+    """"resume with: ..." and the refusal of a used --out printed paths bare:
+    pasted into a shell, a folder named "it's a run" broke the command."""
+    import shlex
+    run = tmp_path / "it's a run"
+    out = fv("train", *TINY, "--epochs", "1", "--out", run, cwd=tmp_path).stdout
+    line = next(x for x in out.splitlines() if x.startswith("resume with: "))
+    argv = shlex.split(line[len("resume with: "):])
+    assert argv[:3] == ["fastvae", "train", "--resume"] and argv[3] == str(run / "checkpoint.h5")
+    argv[argv.index("--epochs") + 1] = "2"
+    fv(*argv[1:], cwd=tmp_path)
+    assert fastvae.load(run).checkpoint["epoch"] == 2
+    err = fv("train", *TINY, "--epochs", "1", "--out", run, cwd=tmp_path, check=False).stderr
+    suggested = shlex.split(err.split("continue it with ")[1].split(", choose")[0])
+    assert suggested == ["fastvae", "train", "--resume", str(run / "checkpoint.h5")]
