@@ -41,19 +41,21 @@ def _cmd_train(a):
         written = read_checkpoint(a.resume)["meta"].get("backend")
         backend = written if any(b["name"] == written and b["available"] for b in backends.available()) else None
     comm = distributed.world(backend)
-    out = None
+    out = claimed = None
     if comm.rank == 0:                       # rank 0 owns the run folder; the others learn its name
-        if a.resume:
+        if a.resume or a.out:
             out = runfolder.check_out(a.out or os.path.dirname(os.path.abspath(a.resume)), resume=a.resume,
                                       force=a.force)
-        else:
-            name = a.dataset or "sprites"
-            out = runfolder.check_out(a.out or os.path.join("runs", f"{os.path.basename(os.path.normpath(name))}-"
-                                      f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"), force=a.force)
+        else:                                # runs/<data>-<time>[-2, ...]: created and locked here
+            name = os.path.basename(os.path.normpath(a.dataset or "sprites"))
+            out = claimed = runfolder.claim_new(os.path.join("runs", f"{name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"))
     out = comm.bcast(out)
-    # the lock is taken before any data loads: a second trainer fails at once
-    with runfolder.locked(out if comm.rank == 0 else None):
-        return _train_locked(a, out, progress and comm.rank == 0, comm.rank == 0)
+    try:                                     # locked before any data loads: a second trainer fails at once
+        with runfolder.locked(out if comm.rank == 0 else None):
+            return _train_locked(a, out, progress and comm.rank == 0, comm.rank == 0)
+    finally:
+        if claimed:
+            runfolder.release(claimed)
 
 
 def _train_locked(a, out, progress, talk):

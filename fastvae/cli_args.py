@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
                         "or beta-TCVAE (Chen et al. 2018; --beta weighs the total correlation)")
     o.add_argument("--iwae-k", type=int, metavar="K", help="samples per image of --objective iwae (default 5)")
     r = t.add_argument_group("run")
-    r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
+    r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>, -2, -3, ... added when taken)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--force", action="store_true",

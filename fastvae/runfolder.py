@@ -196,6 +196,26 @@ def _release(out: str) -> None:
     os.close(lk.fd)
 
 
+def claim_new(base: str) -> str:
+    """A new run folder for a run given no ``--out``: ``base``, else
+    ``base-2``, ``base-3``, ... (the first that does not exist), created and
+    locked (:func:`acquire`; the caller releases it), so that runs started in
+    the same second get a folder each (the second stopped: "in use by pid
+    ..., choose another --out", which it never chose). Raises RunFolderError
+    when the folder cannot be created."""
+    for i in range(1, 1000):
+        out = os.path.abspath(base if i == 1 else f"{base}-{i}")
+        if os.path.lexists(out):
+            continue
+        try:
+            acquire(out)
+            return out
+        except RunFolderError:
+            if not os.path.isdir(out):             # not taken by another run: it cannot be created
+                raise
+    raise RunFolderError(f"{base} and 998 numbered folders beside it exist already; pass --out")
+
+
 @contextlib.contextmanager
 def locked(out: Optional[str]):
     """``with locked(out):`` hold the run lock of ``out`` (re-entrant); a

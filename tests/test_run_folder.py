@@ -279,3 +279,39 @@ def test_writing_into_a_folder_that_does_not_exist_names_the_folder(tmp_path):
     from fastvae.runfolder import atomic_write
     with pytest.raises(FastVAEError, match=r"cannot write .*x.png: the folder .*typo does not exist; create it"):
         atomic_write(str(tmp_path / "typo" / "x.png"), lambda tmp: open(tmp, "w").close())
+
+
+def test_runs_started_in_the_same_second_without_out_get_a_folder_each(tmp_path):
+    """The default runs/<data>-<date>-<time> named the same folder for two
+    runs started in one second: the second stopped ("in use by pid ...",
+    or "already holds a run"), told to choose an --out it never chose."""
+    import datetime
+    now = datetime.datetime.now()
+    taken = [(now + datetime.timedelta(seconds=s)).strftime("%Y%m%d-%H%M%S") for s in range(-1, 30)]
+    for stamp in taken:                            # every name the run could pick already holds a run
+        (tmp_path / "runs" / f"sprites-{stamp}").mkdir(parents=True)
+        (tmp_path / "runs" / f"sprites-{stamp}" / "checkpoint.h5").write_bytes(b"x")
+    r = fv("train", "--n-sprites", "200", "--hidden", "16", "--latent", "2", "--batch-size", "20", "--epochs", "1",
+           "--no-progress", cwd=tmp_path)
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.endswith("-2"))
+    assert len(made) == 1 and made[0][len("sprites-"):-2] in taken, made
+    assert (tmp_path / "runs" / made[0] / "checkpoint.h5").stat().st_size > 1000 and made[0] in r.stdout
+
+
+def test_a_default_folder_taken_meanwhile_by_another_run_is_passed_over(tmp_path, monkeypatch):
+    """Two runs that both found the name free: the one that locks it second
+    takes the next name (a process holding the lock stands for the first)."""
+    base = str(tmp_path / "runs" / "sprites-20260101-000000")
+    holder = subprocess.Popen(PY[:-2] + ["-c", "import sys, time; from fastvae import runfolder; "
+                                         f"runfolder.acquire({base!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runfolder.os.path, "lexists", lambda p: False)    # both saw the name free
+        out = runfolder.claim_new(base)
+        assert out == base + "-2" and os.path.isdir(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    runfolder.release(out)
+    assert not os.path.exists(out)             # nothing written: the claimed folder goes again
