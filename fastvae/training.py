@@ -349,9 +349,10 @@ def data_change_note(state: dict, data) -> str:
     random test split anew, so the split can hold images the model trained on
     (and the reverse). A test split alone of another size is no such change:
     a file's own ``x_test``, or the part of the held-out rows a streamed file
-    keeps in memory."""
+    keeps in memory. Nor is a training split that was not loaded (0 rows:
+    ``fastvae eval`` of MNIST reads its test files alone)."""
     then, now = state.get("data_rows"), data_rows(data)
-    if then is None or then[0] == now[0]:
+    if then is None or now[0] in (0, then[0]):
         return ""
     return (f"the data has changed since this run was trained: {then[0]} training and {then[1]} test images "
             f"then, {now[0]} and {now[1]} now; a random test split is drawn again from the images there are, "

@@ -250,3 +250,18 @@ def test_printed_commands_paste_into_a_shell_when_paths_have_spaces_and_quotes(t
     err = fv("train", *TINY, "--epochs", "1", "--out", run, cwd=tmp_path, check=False).stderr
     suggested = shlex.split(err.split("continue it with ")[1].split(", choose")[0])
     assert suggested == ["fastvae", "train", "--resume", str(run / "checkpoint.h5")]
+
+
+def test_eval_of_a_dataset_with_its_own_test_files_notes_no_change(tmp_path):
+    """`fastvae eval` of an MNIST run reads the test files alone; the note on
+    changed data then compared the recorded 50 training images with the 0
+    loaded and told every MNIST evaluation that its data had changed."""
+    from conftest import write_mnist_like
+    write_mnist_like(tmp_path / "m", n_train=50, n_test=20)
+    fv("train", "--dataset", "mnist", "--data-dir", "m", "--no-download", "--hidden", "4", "--latent", "2",
+       "--epochs", "1", "--batch-size", "10", "--no-progress", "--out", "run", cwd=tmp_path)
+    assert fastvae.load(tmp_path / "run").checkpoint["data_rows"] == [50, 20]
+    r = fv("eval", "run", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["n"] == 20 and "note" not in r.stderr, r.stderr
+    for cmd in (["plot", "run"], ["interpolate", "run", "0", "1", "--png", "i.png"]):
+        assert "note" not in fv(*cmd, cwd=tmp_path).stderr
