@@ -110,7 +110,7 @@ def _train_locked(a, out, progress, talk):
 
 
 def _cmd_eval(a):
-    from . import load, objectives
+    from . import explore, load, objectives
     from .evaluate import evaluate, units as evaluate_units
     from .checks import check_images
 
@@ -122,7 +122,6 @@ def _cmd_eval(a):
     x, _ = data.split(a.split)
     check_images(x, model.config, f"{a.split} images")
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
-    from . import explore
     kl = explore.kl_per_dim(model, x)
     au, _ = explore.active_units(model, x)
     res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
@@ -136,11 +135,13 @@ def _cmd_eval(a):
         mu, _ = model.encode(x)
         res["mig"] = explore.mig(mu, split_factors)["mig"]
     units = evaluate_units(model.config.likelihood)
-    res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units)
+    res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units,
+               binarized=bool(model.checkpoint.get("train", {}).get("binarize")))   # one fixed draw (--binarize)
     if a.json:
         print(json.dumps(_finite(res), allow_nan=False))
     else:
-        print(f"{data.name} {a.split} ({res['n']} images): -ELBO {res['neg_elbo']:.3f}, "
+        print(f"{data.name} {a.split} ({res['n']} images{', binarized' * res['binarized']}): "
+              f"-ELBO {res['neg_elbo']:.3f}, "
               f"recon {res['recon']:.3f}, KL {res['kl']:.3f} {units}; {res['active_units']} active units")
         if "iwae_neg_log_likelihood" in res:
             print(f"IWAE -log p(x), k={res['iwae_k']}, {res['iwae_n']} images: "
@@ -177,8 +178,7 @@ def _cmd_info(a):
         return 0
     print(f"{a.checkpoint}: {info['format']} v{info['format_version']} written by fastvae "
           f"{info['fastvae_version']} ({info['backend']}, {info['dtype']}) on {info['created']}")
-    print(f"model: {info['architecture']}, {mc['likelihood']} likelihood, "
-          f"{info['num_params']} parameters")
+    print(f"model: {info['architecture']}, {mc['likelihood']} likelihood, {info['num_params']} parameters")
     rows = info["data_rows"]
     print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
           f"dataset {info['data']['dataset']}" + (f" ({rows[0]} training, {rows[1]} test images)" if rows else ""))
@@ -200,12 +200,9 @@ def _cmd_bench(a):
     benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds)
     if a.out:                       # before the timing (minutes) rather than after it
         out_folder(a.out, "bench writes <name>.jsonl and .md")
-    if a.gpu:
-        rows = benchmark.run(a.workloads, a.backends or ["cupy"], a.dtype, a.seconds, torch_peer=not a.no_torch,
-                             torch_device="cuda", tf32=a.tf32)
-    else:
-        rows = benchmark.run(a.workloads, a.backends, a.dtype, a.seconds, torch_peer=not a.no_torch,
-                             blas_names=a.blas)
+    rows = benchmark.run(a.workloads, a.backends or (["cupy"] if a.gpu else None), a.dtype, a.seconds,
+                         torch_peer=not a.no_torch, **(dict(torch_device="cuda", tf32=a.tf32) if a.gpu
+                                                       else dict(blas_names=a.blas)))
     print(benchmark.markdown(rows))
     if a.out:
         name = a.name or ("gpu" if a.gpu else "cpu")
@@ -220,6 +217,7 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     follow only to another folder of images."""
     from . import datasets
     from .config import DataConfig
+    from .evaluate import binarized_splits
     from .training import data_change_note
     recorded = DataConfig.from_dict(model.checkpoint["data"])
     cfg = datasets.given(dataset, recorded)[1] if dataset else recorded
@@ -228,6 +226,8 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     note = data_change_note(model.checkpoint, data) if cfg.dataset == recorded.dataset else ""   # the run's data
     if note:
         print(f"fastvae: note: {note}", file=sys.stderr)
+    if model.checkpoint.get("train", {}).get("binarize"):      # scored as it trained: on binary images
+        data = binarized_splits(data, model.config)
     return data
 
 

@@ -109,7 +109,7 @@ class Trainer:
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes,
                                  units=units(model_config.likelihood), axis_units=units(model_config.likelihood, True))
-        self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed)
+        self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed, tc.binarize)
         self.checkpointer = Checkpointer(out)
         self.epoch, self.step, self.history = 0, 0, []
         self.position: Optional[EpochPosition] = None     # inside an unfinished epoch

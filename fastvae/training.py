@@ -27,7 +27,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
-from .evaluate import EVAL_ROWS, evaluate
+from .evaluate import EVAL_ROWS, binarized, evaluate
 from .distributed import AllReduceGrads, shard
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
@@ -248,14 +248,18 @@ class Reporter:
 class Evaluator:
     """``{"test_neg_elbo", "test_recon", "test_kl"}`` (nats per image) of the
     test split after an epoch, on its own seeded stream (never shifts
-    training); all None when there is no test split."""
+    training); all None when there is no test split. ``binarize``: a run
+    trained with dynamic binarization is scored on one fixed binary draw of
+    the split (:func:`fastvae.evaluate.binarized`), made at the first call."""
 
-    def __init__(self, x_test, seed: int):
-        self.x_test, self.seed = x_test, seed
+    def __init__(self, x_test, seed: int, binarize: bool = False):
+        self.x_test, self.seed, self.binarize = x_test, seed, binarize
 
     def __call__(self, model) -> dict:
         if self.x_test is None:
             return {"test_neg_elbo": None, "test_recon": None, "test_kl": None}
+        if self.binarize and isinstance(self.x_test, np.ndarray):     # (a streamed split would be read whole)
+            self.x_test, self.binarize = binarized(self.x_test, model.config), False
         ev = evaluate(model, self.x_test, seed=self.seed)
         return {"test_neg_elbo": ev["neg_elbo"], "test_recon": ev["recon"], "test_kl": ev["kl"]}
 

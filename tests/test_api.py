@@ -1,4 +1,6 @@
+import json
 import re
+
 import numpy as np
 import pytest
 
@@ -483,3 +485,46 @@ def test_a_trainer_takes_a_path_or_images_as_its_data(tmp_path):
     f = Trainer.from_checkpoint(tmp_path / "frun" / "checkpoint.h5", epochs=2, dataset=str(tmp_path / "x.npy"),
                                 progress=False)
     assert (f.data_config.image_size, f.data_config.color) == (None, "grayscale") and f.data.x_train.shape == (36, 64)
+
+
+def test_binarized_evaluation_images_are_one_fixed_draw():
+    from fastvae import ModelConfig
+    from fastvae.evaluate import binarized
+    cfg = ModelConfig(input_dim=400, hidden=[8], latent_dim=2)
+    x = np.random.default_rng(0).random((50, 400)).astype(np.float32)
+    x[0], x[1] = 0.0, 1.0
+    a, b = binarized(x, cfg), binarized(x.astype(np.float64), cfg)
+    assert a.dtype == np.float32 and set(np.unique(a)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(a, b)                      # the same draw for every call and dtype
+    assert not a[0].any() and a[1].all()
+    # 20,000 Bernoulli pixels: the mean's standard error is about 0.0035; 0.02 is over 5 of them
+    assert abs(float(a[2:].mean()) - float(x[2:].mean())) < 0.02
+    np.testing.assert_array_equal(binarized(x[:7], cfg), a[:7])   # row chunks: the same draw for a prefix
+    with pytest.raises(fastvae.DataError, match=r"\[0, 1\]"):
+        binarized(x * 2, cfg)
+
+
+def test_a_run_trained_on_binarized_images_is_scored_on_binarized_test_images(tmp_path):
+    """--binarize trained on binary draws but every test -ELBO (per epoch,
+    `fastvae eval`, IWAE, plots) scored the grey test images: neither the
+    likelihood of the binary data the model describes nor comparable between
+    runs. Now one fixed binary draw of the split (evaluate.binarized)."""
+    from fastvae.evaluate import binarized, evaluate
+    from conftest import fv
+    x = np.random.default_rng(1).random((300, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "grey.npy", x)
+    fv("train", "--dataset", "grey.npy", "--binarize", "--hidden", "16", "--latent", "2", "--epochs", "2",
+       "--batch-size", "30", "--no-progress", "--out", "run", cwd=tmp_path)
+    model = fastvae.load(tmp_path / "run")
+    data = fastvae.datasets.load(fastvae.DataConfig(dataset=str(tmp_path / "grey.npy")))
+    on_binary = evaluate(model, binarized(data.x_test, model.config))
+    assert model.checkpoint["history"][-1]["test_neg_elbo"] == pytest.approx(on_binary["neg_elbo"], rel=1e-9)
+    assert evaluate(model, data.x_test)["neg_elbo"] != pytest.approx(on_binary["neg_elbo"], rel=1e-6)   # grey
+    r = json.loads(fv("eval", "run", "--json", cwd=tmp_path).stdout)
+    assert r["binarized"] is True and r["neg_elbo"] == pytest.approx(on_binary["neg_elbo"], rel=1e-9)
+    fv("train", "--dataset", "grey.npy", "--hidden", "16", "--latent", "2", "--epochs", "1", "--batch-size", "30",
+       "--no-progress", "--out", "plain", cwd=tmp_path)                 # without --binarize: the grey images
+    plain = fastvae.load(tmp_path / "plain")
+    r = json.loads(fv("eval", "plain", "--json", cwd=tmp_path).stdout)
+    assert r["binarized"] is False and r["neg_elbo"] == pytest.approx(evaluate(plain, data.x_test)["neg_elbo"],
+                                                                      rel=1e-9)
