@@ -124,7 +124,7 @@ def _cmd_eval(a):
     res = evaluate(model, x, batch_size=a.batch_size, seed=a.seed)
     kl = explore.kl_per_dim(model, x)
     au, _ = explore.active_units(model, x)
-    res.update(active_units=au, kl_per_dim=[float(v) for v in kl])
+    res.update({"active_units": au, ("base_kl_per_dim" if model.config.flows else "kl_per_dim"): kl.tolist()})
     if a.iwae_k is not None:
         xi = x[:a.iwae_images] if a.iwae_images else x
         iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
@@ -290,7 +290,7 @@ def _cmd_plot(a):
          marks={"best": losses[best[0]], "median": float(np.median(losses)), "worst": losses[worst[0]]})
     kld = explore.kl_per_dim(model, x)
     _, var = explore.active_units(model, x)
-    save("kl_per_dim.png", explore.plot_kl_per_dim, kld, var)
+    save("kl_per_dim.png", explore.plot_kl_per_dim, kld, var, flows=model.config.flows)
     if model.checkpoint["history"]:
         save("loss_curves.png", explore.plot_loss, model.checkpoint["history"], units=per)
     if len(x) >= 2:

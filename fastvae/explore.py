@@ -225,14 +225,17 @@ def traversal_codes(model, center, n_values=9, span=3.0, order=None):
 
 
 def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.0, max_dims=None, path=None):
-    """One row per latent dimension, sorted by its KL over ``X`` (largest first),
-    decoding -span..span with the other coordinates fixed at ``center`` (default:
-    the mean code of X, or 0) -- the beta-VAE picture (Higgins et al. 2017).
-    ``max_dims`` keeps that many rows (the title then says how many of L)."""
+    """One row per latent dimension, sorted by its KL over ``X`` (largest first;
+    with IAF steps, which mix the dimensions, by the variance of the codes
+    they output), decoding -span..span with the other coordinates fixed at
+    ``center`` (default: the mean code of X, or 0) -- the beta-VAE picture
+    (Higgins et al. 2017). ``max_dims`` keeps that many rows (the title then
+    says how many of L)."""
     L = model.config.latent_dim
     n_values = check_count("n_values", n_values)
+    by = "Var" if model.config.flows else "KL"
     if X is not None:
-        kl = kl_per_dim(model, X)
+        kl = model.codes(X).astype(np.float64).var(0) if model.config.flows else kl_per_dim(model, X)
         order = list(np.argsort(-kl))
         if center is None:
             center = model.codes(np.asarray(X[:1]))[0]
@@ -249,10 +252,12 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
     _show(ax, tile(imgs, image_shape, n_values))
     H = image_shape[0] + 1
     for r, j in enumerate(order):
-        lab = f"z[{j}]" + ("" if kl is None else f" KL {kl[j]:.2f}")
+        lab = f"z[{j}]" + ("" if kl is None else f" {by} {kl[j]:.2f}")
         ax.text(-2, r * H + H / 2, lab, ha="right", va="center", fontsize=6)
-    shown = "" if len(order) == L else f"; the {len(order)} of {L} dims with the highest KL"
-    ax.set_title(f"traversals from {-span:g} to {span:g}, rows sorted by KL{shown}", fontsize=8)
+    shown = "" if len(order) == L else (f"; the {len(order)} of {L} dims with the highest {by}" if kl is not None
+                                        else f"; the first {len(order)} of {L} dims")
+    sort = "" if kl is None else ", rows sorted by " + ("the codes' variance" if model.config.flows else "KL")
+    ax.set_title(f"traversals from {-span:g} to {span:g}{sort}{shown}", fontsize=8)
     return _save(fig, path)
 
 
@@ -344,9 +349,10 @@ def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
     return _save(fig, path)
 
 
-def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None):
+def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None, flows: int = 0):
     """Bar chart of KL per latent dimension (nats); active units (Var_x(mu_j) >
-    threshold) in colour, inactive in grey."""
+    threshold) in colour, inactive in grey. ``flows``: the model's IAF steps,
+    named in the title (the bars are then the Gaussian's before them)."""
     from matplotlib.ticker import MaxNLocator
     kl = np.asarray(kl)
     active = np.ones(len(kl), bool) if variances is None else np.asarray(variances) > threshold
@@ -356,6 +362,6 @@ def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))           # dimensions 0, 1, ...
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
-    ax.set_title(f"KL per dimension; {int(active.sum())} active units (Var(mu) > {threshold:g}) in colour",
-                 fontsize=8)
+    what = f"of the Gaussian before the {flows} IAF steps (they mix dimensions)" if flows else "per dimension"
+    ax.set_title(f"KL {what}; {int(active.sum())} active units (Var(mu) > {threshold:g}) in colour", fontsize=8)
     return _save(fig, path)

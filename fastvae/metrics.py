@@ -86,7 +86,10 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
 
 def kl_per_dim(model, X) -> np.ndarray:
     """Mean over images of each latent dimension's KL to N(0, 1), ``(L,)`` nats
-    (Kingma & Welling 2014, App. B, not summed over j), in float64. DataError for no images."""
+    (Kingma & Welling 2014, App. B, not summed over j), in float64. With an
+    IAF posterior (``model.config.flows > 0``) these are the Gaussian's before
+    the flow steps, which mix the dimensions: they do not sum to the model's
+    KL (``fastvae eval`` names them ``base_kl_per_dim``). DataError for no images."""
     X = check_images(X, model.config, min_rows=1)
     mu, lv = (a.astype(np.float64) for a in model.encode(X))
     return (0.5 * (mu * mu + np.exp(lv) - lv - 1.0)).mean(0)
