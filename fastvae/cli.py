@@ -132,8 +132,7 @@ def _cmd_eval(a):
     res.update(objectives.eval_terms(model, x, len(data.x_train) or len(x), seed=a.seed))  # beta-TCVAE terms
     split_factors = data.factors_test if a.split == "test" else data.factors_train
     if split_factors is not None:
-        mu, _ = model.encode(x)
-        res["mig"] = explore.mig(mu, split_factors)["mig"]
+        res["mig"] = explore.mig(model.codes(x), split_factors)["mig"]    # the codes the decoder reads
     units = evaluate_units(model.config.likelihood)
     res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units,
                binarized=bool(model.checkpoint.get("train", {}).get("binarize")))   # one fixed draw (--binarize)

@@ -245,4 +245,8 @@ def test_eval_names_a_flow_runs_per_dimension_kl_base(tmp_path):
     fv("train", *args, "--out", "g", cwd=tmp_path)
     f, g = (json.loads(fv("eval", r, "--json", cwd=tmp_path).stdout) for r in "fg")
     assert "kl_per_dim" not in f and len(f["base_kl_per_dim"]) == 2
+    data = fastvae.datasets.load(fastvae.DataConfig(n_sprites=100))          # MIG of the codes the decoder reads
+    model = fastvae.load(tmp_path / "f")
+    assert f["mig"] == pytest.approx(metrics.mig(model.codes(data.x_test), data.factors_test)["mig"], rel=1e-12)
+    assert f["mig"] != pytest.approx(metrics.mig(model.encode(data.x_test)[0], data.factors_test)["mig"], rel=1e-6)
     assert "base_kl_per_dim" not in g and sum(g["kl_per_dim"]) == pytest.approx(g["kl"], rel=1e-5)   # float32
