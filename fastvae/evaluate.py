@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from .checks import check_count, check_images
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 
 
 EVAL_ROWS = 1000      # images per evaluation batch at most (fewer when their work buffers pass 1 GiB)
@@ -47,34 +47,42 @@ def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
 BINARIZE_SEED = 0x62696E    # the one draw of binary evaluation images, the same for every run
 
 
-def binarized(X, cfg, seed: int = BINARIZE_SEED, chunk_rows: int = 8192) -> np.ndarray:
-    """One fixed draw of binary images from pixel probabilities ``X (N, D)``
-    in [0, 1]: float32 0/1, ``u < x`` with ``u ~ U[0, 1)`` from
-    ``PCG64(seed)`` in float64, row chunk by row chunk, so every run, backend
-    and machine gets the same images. How a run trained with dynamic
-    binarization (``--binarize``) is evaluated: its Bernoulli likelihood is a
-    probability of binary images, and its encoder never saw grey ones (they
-    were scored as given: neither the -ELBO of the binary data it models nor
-    comparable with other runs'). ``cfg``: the model's config. Raises
-    DataError as :func:`~fastvae.checks.check_images` (a streamed split too:
-    it would be read into memory)."""
-    X = check_images(X, cfg)
-    if not isinstance(X, np.ndarray):
-        raise DataError("a streamed split cannot be binarized in memory; evaluate a split that fits in memory")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    out = np.empty(X.shape, np.float32)
-    for i in range(0, X.shape[0], chunk_rows):
-        out[i:i + chunk_rows] = rng.random(out[i:i + chunk_rows].shape) < X[i:i + chunk_rows]
+def binarize_rows(x, rows, seed: int = BINARIZE_SEED) -> np.ndarray:
+    """Row ``rows[i]`` of a split, with pixel probabilities ``x[i]`` (host
+    ``(n, D)`` in [0, 1]), as its fixed binary draw: float32 0/1, ``u < x``
+    with ``u ~ U[0, 1)`` in float64 from ``Philox(key=seed)`` started at
+    counter ``(0, row, 0, 0)``. A row's draw depends on its place in the split
+    alone, so a split read whole, in chunks, or streamed from disk gets the
+    same images, on every machine and backend."""
+    out = np.empty(x.shape, np.float32)
+    for i, r in enumerate(np.asarray(rows, np.int64).reshape(-1)):
+        u = np.random.Generator(np.random.Philox(key=seed, counter=[0, int(r), 0, 0])).random(x.shape[1])
+        out[i] = u < x[i]
     return out
 
 
+def binarized(X, cfg, seed: int = BINARIZE_SEED):
+    """A split's fixed draw of binary images (:func:`binarize_rows`) from its
+    pixel probabilities ``X (N, D)`` in [0, 1]: a float32 0/1 array, or for a
+    streamed split (:class:`~fastvae.streaming.StreamedImages`) one that draws
+    each row as it is read. How a run trained with dynamic binarization
+    (``--binarize``) is evaluated: its Bernoulli likelihood is a probability
+    of binary images, and its encoder never saw grey ones (they were scored
+    as given: neither the -ELBO of the binary data it models nor comparable
+    with other runs'). ``cfg``: the model's config. Raises DataError as
+    :func:`~fastvae.checks.check_images`."""
+    X = check_images(X, cfg)
+    if not isinstance(X, np.ndarray):
+        return X.binarized(seed)
+    return binarize_rows(X, np.arange(len(X)), seed)
+
+
 def binarized_splits(data, cfg):
-    """``data`` (a :class:`~fastvae.data.Dataset`) with its in-memory splits
-    as :func:`binarized` draws them (a streamed split is kept as it is);
-    ``cfg``: the model's config."""
+    """``data`` (a :class:`~fastvae.data.Dataset`) with both splits as
+    :func:`binarized` draws them; ``cfg``: the model's config."""
     import dataclasses
     return dataclasses.replace(data, **{k: binarized(x, cfg) for k in ("x_train", "x_test")
-                                        if isinstance(x := getattr(data, k), np.ndarray)})
+                                        if (x := getattr(data, k)) is not None and len(x)})
 
 
 def units(likelihood: str, short: bool = False) -> str:

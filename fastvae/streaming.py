@@ -15,15 +15,16 @@ Data-parallel ranks read only their rows of each global batch. The test split
 is the one the file would have loaded in memory (:func:`fastvae.arrayfiles.held_out_rows`:
 the seeded random ``test_fraction`` of the rows), so a run's split does not
 depend on whether its file streamed; the training split skips those rows, and
-the test rows are kept in memory, as many as fit in half the budget (all of
-them unless the file is several times the budget: then a subset of them; it was
-the last rows of the file, at most 10,000, which a run loaded in memory had
-partly trained on).
+the test rows are kept in memory when they fit in half the budget, else
+streamed as well (all of them: a subset that fitted was kept, so a run's test
+split depended on the free memory; before that it was the last rows of the
+file, at most 10,000, which a run loaded in memory had partly trained on).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import math
 import operator
 import os
@@ -35,6 +36,7 @@ from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of, same_
 from .checks import unit_pixels
 from .distributed import shard
 from .errors import DataError
+from .evaluate import binarize_rows
 from .training import EpochPosition
 
 
@@ -51,7 +53,7 @@ class StreamedImages:
         self.path, self.n, self.D, self.image_shape = path, n, D, tuple(image_shape)
         self._reader, self.chunk_rows = reader, chunk_rows
         self.shape, self.ndim, self.dtype = (n, D), 2, np.dtype(np.float32)
-        self._index = index
+        self._index, self._binarize_seed = index, None
         # row p of a split with holes t_0 < t_1 < ... is file row p + #{j: t_j - j <= p}
         # (t_j - j rows of the split come before hole j): no N-long index is held
         self._gaps = None if holes is None else np.asarray(holes, np.int64) - np.arange(len(holes))
@@ -77,6 +79,13 @@ class StreamedImages:
         out[order] = unit_pixels(raw)
         if not np.all(np.isfinite(out)):
             raise DataError(f"{self.path}: rows hold NaN or infinite values; clean the data first")
+        return out if self._binarize_seed is None else binarize_rows(out, idx, self._binarize_seed)
+
+    def binarized(self, seed: int):
+        """This split with every row read as its fixed binary draw
+        (:func:`fastvae.evaluate.binarize_rows`; the file is not touched)."""
+        out = copy.copy(self)
+        out._binarize_seed = seed
         return out
 
     def __getitem__(self, key):
@@ -127,7 +136,8 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
     image_shape = image_shape_of(shape, path)
     row_bytes = D * 4
     chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
-    given = _given_test(path, ext, image_shape, max(1, (budget_bytes // 2) // row_bytes))
+    fits = (budget_bytes // 2) // row_bytes          # test rows held in memory; more are streamed too
+    given = _given_test(path, ext, image_shape, fits, chunk_rows)
     if given is not None:           # an HDF5 file's own x_test beside x_train, as when it loads
         return StreamedImages(path, N, D, image_shape, reader, chunk_rows), given
     test = held_out_rows(N, test_fraction, seed)
@@ -135,9 +145,8 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
                            holes=test)
     if test is None:
         return train, None
-    keep = test[:max(1, min(len(test), (budget_bytes // 2) // row_bytes))]       # the test rows that fit
-    return train, StreamedImages(path, len(keep), D, image_shape, reader, chunk_rows, index=keep).rows(
-        np.arange(len(keep)))
+    x_test = StreamedImages(path, len(test), D, image_shape, reader, chunk_rows, index=test)
+    return train, x_test.rows(np.arange(len(test))) if len(test) <= fits else x_test
 
 
 def _mb(shape, dtype) -> str:
@@ -173,22 +182,26 @@ def _open_rows(path: str, ext: str):
     return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
 
 
-def _given_test(path: str, ext: str, image_shape, max_rows: int):
-    """The first ``max_rows`` test images of an HDF5 file holding ``x_test``
-    beside ``x_train`` (:func:`fastvae.arrayfiles._keys`), ``(n, D)`` float32
-    in memory; None for other files. DataError for test images of another shape."""
+def _given_test(path: str, ext: str, image_shape, max_rows: int, chunk_rows: int):
+    """The test images of an HDF5 file holding ``x_test`` beside ``x_train``
+    (:func:`fastvae.arrayfiles._keys`): ``(n, D)`` float32 in memory when
+    they are ``max_rows`` or fewer, else streamed (:class:`StreamedImages`);
+    None for other files. DataError for test images of another shape."""
     if ext == ".npy":
         return None
     import h5py
     from .safe_files import h5_dataset
-    with h5py.File(path, "r") as f:
-        key = _keys(list(f.keys()), path, False)[2]
-        if key is None:
-            return None
-        d = h5_dataset(f, key, path, DataError, os.path.getsize(path), compressed_ok=True)
-        same_image_shape(path, tuple(image_shape), image_shape_of(d.shape, f"{path}[{key}]"))
-        raw = d[:max_rows].reshape(min(len(d), max_rows), -1)
-    out = unit_pixels(raw)
+    f = h5py.File(path, "r")
+    key = _keys(list(f.keys()), path, False)[2]
+    if key is None:
+        f.close()
+        return None
+    d = h5_dataset(f, key, path, DataError, os.path.getsize(path), compressed_ok=True)
+    same_image_shape(path, tuple(image_shape), image_shape_of(d.shape, f"{path}[{key}]"))
+    if len(d) > max_rows:           # read as it is used (the file stays open for it)
+        return StreamedImages(path, len(d), int(np.prod(d.shape[1:])), image_shape, lambda idx: d[idx], chunk_rows)
+    with f:
+        out = unit_pixels(d[()].reshape(len(d), -1))
     if not np.all(np.isfinite(out)):
         raise DataError(f"{path}[{key}] holds NaN or infinite values; clean the data first")
     return out

@@ -258,7 +258,7 @@ class Evaluator:
     def __call__(self, model) -> dict:
         if self.x_test is None:
             return {"test_neg_elbo": None, "test_recon": None, "test_kl": None}
-        if self.binarize and isinstance(self.x_test, np.ndarray):     # (a streamed split would be read whole)
+        if self.binarize:
             self.x_test, self.binarize = binarized(self.x_test, model.config), False
         ev = evaluate(model, self.x_test, seed=self.seed)
         return {"test_neg_elbo": ev["neg_elbo"], "test_recon": ev["recon"], "test_kl": ev["kl"]}

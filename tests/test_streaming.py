@@ -45,8 +45,9 @@ def test_a_streamed_file_splits_as_it_would_loaded(tmp_path):
     """A streamed file held out its last rows as the test split, a loaded one
     a seeded random 10%: the same run evaluated where the file loaded (more
     free memory, or another rank) scored a "test" split of images it had
-    trained on. Both take the same rows now (data_seed decides); the test
-    rows a small budget cannot hold are left out of both splits."""
+    trained on. Both take the same rows now (data_seed decides), all of them:
+    test rows a small budget cannot hold are streamed too (a subset that fitted
+    was kept, 51 of 100 here, so the split depended on the free memory)."""
     x = _npy(tmp_path / "a.npy", 1000)
     flat = x.reshape(1000, -1) / np.float32(255)
     for seed in (0, 5):
@@ -58,9 +59,9 @@ def test_a_streamed_file_splits_as_it_would_loaded(tmp_path):
             np.testing.assert_array_equal(np.asarray(ds.x_train), loaded.x_train)
             for rows in ([0, 1], [898, 899], [17, 450, 3]):
                 np.testing.assert_array_equal(ds.x_train[rows], loaded.x_train[rows])
-            n = len(ds.x_test)
-            assert n == (100 if budget == 0.5 else 51)
-            np.testing.assert_array_equal(ds.x_test, loaded.x_test[:n])
+            assert isinstance(ds.x_test, np.ndarray if budget == 0.5 else StreamedImages)
+            np.testing.assert_array_equal(np.asarray(ds.x_test), loaded.x_test)
+            np.testing.assert_array_equal(ds.x_test[[99, 0, 7]], loaded.x_test[[99, 0, 7]])
 
 
 def test_a_streamed_split_never_reads_the_rows_of_the_other(tmp_path):
@@ -282,22 +283,49 @@ def test_a_files_own_test_split_is_used_loaded_or_streamed(tmp_path):
     assert isinstance(streamed.x_train, StreamedImages) and streamed.x_train.shape == (600, 256)
     np.testing.assert_array_equal(np.asarray(streamed.x_train), unit(xtr))
     np.testing.assert_array_equal(streamed.x_test, unit(xte))
+    tiny = datasets.load(DataConfig(dataset=str(tmp_path / "k.h5"), memory_budget_mb=0.01))   # 40 rows over half of it
+    assert isinstance(tiny.x_test, StreamedImages)                   # were its first 20 rows
+    np.testing.assert_array_equal(np.asarray(tiny.x_test), unit(xte))
     np.savez(tmp_path / "bad.npz", x_train=xtr, x_test=xte[:, :8])
     with pytest.raises(fastvae.DataError, match=r"x_train holds \(16, 16\) images but x_test \(8, 16\)"):
         datasets.load(DataConfig(dataset=str(tmp_path / "bad.npz")))
 
 
 def test_a_streamed_run_evaluated_loaded_is_not_called_changed_data(tmp_path):
-    """A file streamed under a small budget keeps part of its held-out rows
-    in memory (51 of 100 here); loaded later it has all 100. Same training
-    rows, so no "the data has changed" note; a file that gained rows gets one."""
+    """A file streamed under a small budget (its test rows streamed too)
+    and loaded later: same training rows, so no "the data has changed" note;
+    a file that gained rows gets one."""
     from fastvae.training import data_change_note, data_rows
     _npy(tmp_path / "a.npy", 1000)
     streamed = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
     loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
     state = {"data_rows": data_rows(streamed)}
-    assert state["data_rows"] == [900, 51] and data_rows(loaded) == [900, 100]
+    assert state["data_rows"] == [900, 100] and data_rows(loaded) == [900, 100]
     assert data_change_note(state, loaded) == ""
     _npy(tmp_path / "a.npy", 1100)
     grown = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
     assert "990 and 110 now" in data_change_note(state, grown)
+
+
+def test_a_binarized_streamed_split_draws_what_the_loaded_one_does(tmp_path):
+    """A run trained with --binarize is scored on one fixed binary draw of its
+    test split: the same images whether the split is in memory or streamed,
+    read whole or in any rows (a row's draw depends on its place alone)."""
+    from fastvae import ModelConfig
+    from fastvae.evaluate import binarized, evaluate
+    from fastvae.training import Evaluator
+    r = np.random.default_rng(3)
+    np.save(tmp_path / "g.npy", (r.random((1000, 16, 16)) * 255).astype(np.uint8))        # grey pixels
+    loaded = datasets.load(DataConfig(dataset=str(tmp_path / "g.npy")))
+    streamed = datasets.load(DataConfig(dataset=str(tmp_path / "g.npy"), memory_budget_mb=0.1))
+    assert isinstance(streamed.x_test, StreamedImages)
+    cfg = ModelConfig(input_dim=256, hidden=[8], latent_dim=2)
+    a, b = binarized(loaded.x_test, cfg), binarized(streamed.x_test, cfg)
+    assert set(np.unique(a)) == {0.0, 1.0} and 0.3 < a.mean() < 0.7
+    np.testing.assert_array_equal(np.asarray(b), a)
+    np.testing.assert_array_equal(b[[5, 2, 99]], a[[5, 2, 99]])
+    np.testing.assert_array_equal(b[40:60], a[40:60])
+    assert not np.array_equal(np.asarray(streamed.x_test), a)        # the split itself is left grey
+    model = fastvae.VAE(cfg, seed=0)
+    ev = Evaluator(streamed.x_test, 0, binarize=True)(model)
+    assert ev["test_neg_elbo"] == pytest.approx(evaluate(model, a)["neg_elbo"], rel=1e-12)
