@@ -118,6 +118,7 @@ def _cmd_eval(a):
         _positive(flag, value)                      # before the checkpoint and the data load
     a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
+    a.seed = model.checkpoint.get("train", {}).get("seed", 0) if a.seed is None else a.seed    # as training scored
     data = _run_data(model, a.dataset, a.data_dir, splits=(a.split,))
     x, _ = data.split(a.split)
     check_images(x, model.config, f"{a.split} images")

@@ -109,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--batch-size", type=int, help="images per evaluation batch (default: up to 1000 whose work "
                    "buffers fit in 1 GiB)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the z samples")
+    e.add_argument("--seed", type=int, help="seed of the z samples (default: the run's --seed, whose test -ELBO "
+                   "per epoch it reproduces)")
     e.add_argument("--backend", help="default: the one that wrote the checkpoint, else numpy")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--iwae-k", type=int, nargs="?", const=5000, default=None, metavar="K",

@@ -265,3 +265,15 @@ def test_eval_of_a_dataset_with_its_own_test_files_notes_no_change(tmp_path):
     assert json.loads(r.stdout)["n"] == 20 and "note" not in r.stderr, r.stderr
     for cmd in (["plot", "run"], ["interpolate", "run", "0", "1", "--png", "i.png"]):
         assert "note" not in fv(*cmd, cwd=tmp_path).stderr
+
+
+def test_eval_reproduces_the_recorded_test_elbo_of_a_run_with_another_seed(tmp_path):
+    """The per-epoch test -ELBO draws its z samples from the run's --seed;
+    `fastvae eval RUN` drew them from seed 0, so a --seed 3 run's checkpoint
+    scored 2517.4 where its metrics said 2508.8. The run's seed is the default."""
+    fv("train", *TINY, "--epochs", "1", "--seed", "3", "--out", "run", cwd=tmp_path)
+    recorded = fastvae.load(tmp_path / "run").checkpoint["history"][-1]["test_neg_elbo"]
+    res = json.loads(fv("eval", "run", "--json", cwd=tmp_path).stdout)
+    assert res["neg_elbo"] == pytest.approx(recorded, rel=1e-9)
+    other = json.loads(fv("eval", "run", "--json", "--seed", "0", cwd=tmp_path).stdout)
+    assert other["neg_elbo"] != pytest.approx(recorded, rel=1e-6) and other["kl"] == pytest.approx(res["kl"])
