@@ -281,7 +281,7 @@ def _cmd_plot(a):
         save("latent_grid.png", explore.plot_latent_grid, model, shape, n=a.grid, dims=dims, spacing=a.spacing,
              pca_codes=pca)
     save("traversals.png", explore.plot_traversals, model, shape, X=x[:5000], max_dims=min(L, a.max_dims))
-    recon, kl = explore.per_image_elbo(model, x)
+    recon, kl = explore.per_image_elbo(model, x, seed=model.checkpoint.get("train", {}).get("seed", 0))  # as eval
     losses = recon + kl
     best, worst = explore.best_and_worst(losses, a.n)
     save("best_worst.png", explore.plot_best_worst, model, x, losses, shape, n=a.n)

@@ -277,3 +277,23 @@ def test_eval_reproduces_the_recorded_test_elbo_of_a_run_with_another_seed(tmp_p
     assert res["neg_elbo"] == pytest.approx(recorded, rel=1e-9)
     other = json.loads(fv("eval", "run", "--json", "--seed", "0", cwd=tmp_path).stdout)
     assert other["neg_elbo"] != pytest.approx(recorded, rel=1e-6) and other["kl"] == pytest.approx(res["kl"])
+
+
+def test_plot_scores_the_images_with_the_runs_seed_as_eval_does(tmp_path, monkeypatch):
+    """The loss histogram and best/worst of `plot` drew z from seed 0: their
+    mean was not the run's recorded test -ELBO for a run of another --seed."""
+    from fastvae import explore
+    from fastvae.cli import main
+    fv("train", *TINY, "--epochs", "1", "--seed", "3", "--out", "run", cwd=tmp_path)
+    recorded = fastvae.load(tmp_path / "run").checkpoint["history"][-1]["test_neg_elbo"]
+    seen = []
+    real = explore.per_image_elbo
+
+    def spy(model, X, *args, **kw):
+        recon, kl = real(model, X, *args, **kw)
+        seen.append(float((recon + kl).mean()))
+        return recon, kl
+    monkeypatch.setattr(explore, "per_image_elbo", spy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "run"]) == 0
+    assert seen and seen[0] == pytest.approx(recorded, rel=1e-9)
