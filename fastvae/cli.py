@@ -186,7 +186,7 @@ def _cmd_info(a):
         print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
     if info["last_metrics"]:
         lm = info["last_metrics"]
-        s = f"last epoch: train -ELBO {lm['train_neg_elbo']:.3f}"
+        s = f"last epoch: train {'-ELBO' if lm.get('train_kl') is not None else 'loss'} {lm['train_neg_elbo']:.3f}"
         if lm.get("test_neg_elbo") is not None:
             s += f", test -ELBO {lm['test_neg_elbo']:.3f}"
         print(s + " nats per image")

@@ -117,7 +117,9 @@ def plot_loss(history, path: Optional[str] = None, units: str = "nats per image"
     ax = fig.add_subplot(1, 1, 1)
     ep = [h["epoch"] for h in history]
     low = np.inf
-    for key, label in (("train_neg_elbo", "train -ELBO"), ("test_neg_elbo", "test -ELBO"),
+    elbo = any(h.get("train_kl") is not None for h in history)        # else the IWAE bound -L_K: no KL term
+    for key, label in (("train_neg_elbo", "train -ELBO" if elbo else "train loss (-L_K)"),
+                       ("test_neg_elbo", "test -ELBO"),
                        ("train_recon", "train recon"), ("train_kl", "train KL")):
         ys = np.array([np.nan if h.get(key) is None else h[key] for h in history], float)
         if not np.isnan(ys).all():

@@ -346,9 +346,9 @@ class Trainer:
         recon_m, kl_m = recon_s / counted, kl_s / counted
         self.reporter.check_finite(recon_m + kl_m, "loss", self.step, self.epoch, self.checkpointer)
         self.epoch += 1
-        row = {"epoch": self.epoch, "step": self.step,
-               "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,
-               "train_recon": recon_m, "train_kl": kl_m, "beta": beta, "lr": lr,
+        bound = self.train_config.objective == "iwae"         # -L_K: no recon and KL terms (its KL was 0)
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": loss_s / counted, "train_neg_elbo": recon_m + kl_m,
+               "train_recon": None if bound else recon_m, "train_kl": None if bound else kl_m, "beta": beta, "lr": lr,
                "images_per_s": pos.throughput(N), "seconds": pos.seconds,
                "warmup_s": pos.warmup if pos.warmup_images else None, "rss_mb": Reporter.rss_mb()}
         self.position = None

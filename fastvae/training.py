@@ -199,7 +199,8 @@ class Reporter:
     def epoch_line(self, row: dict, total: int) -> None:
         if self.bar is None and not self.verbose:
             return
-        msg = f"epoch {row['epoch']}/{total}: train -ELBO {row['train_neg_elbo']:.2f}"
+        msg = (f"epoch {row['epoch']}/{total}: train " + ("-ELBO" if row.get("train_kl") is not None else "loss")
+               + f" {row['train_neg_elbo']:.2f}")                  # (the IWAE bound -L_K has no KL term)
         if row["test_neg_elbo"] is not None:
             msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
         ips = row["images_per_s"]
@@ -247,10 +248,9 @@ class Reporter:
 
 class Evaluator:
     """``{"test_neg_elbo", "test_recon", "test_kl"}`` (nats per image) of the
-    test split after an epoch, on its own seeded stream (never shifts
-    training); all None when there is no test split. ``binarize``: a run
-    trained with dynamic binarization is scored on one fixed binary draw of
-    the split (:func:`fastvae.evaluate.binarized`), made at the first call."""
+    test split after an epoch, on its own seeded stream (never shifts training); all None when there
+    is no test split. ``binarize``: a run trained with dynamic binarization is scored on one fixed
+    binary draw of the split (:func:`fastvae.evaluate.binarized`), made at the first call."""
 
     def __init__(self, x_test, seed: int, binarize: bool = False):
         self.x_test, self.seed, self.binarize = x_test, seed, binarize

@@ -281,3 +281,29 @@ def test_a_btcvae_batch_whose_pairwise_terms_would_not_fit_is_refused(monkeypatc
         tiny_trainer(None, objective="btcvae", batch_size=256)       # 6.8 MiB, + 4.5 MiB of (256, 256, 3) arrays
     if "numba" in [b["name"] for b in backends.available() if b["available"]]:
         tiny_trainer(None, "numba", objective="btcvae", batch_size=256)
+
+
+def test_an_iwae_run_reports_its_bound_without_recon_and_kl_columns(tmp_path, capsys):
+    """The IWAE bound -L_K has no reconstruction and KL terms: metrics put all
+    of it in train_recon and 0.0 in train_kl (read as a collapsed posterior),
+    and the epoch line, `info` and the loss curves called it -ELBO."""
+    import csv
+    from conftest import fv
+    from fastvae import plots
+    t = tiny_trainer(tmp_path / "run", epochs=2, objective="iwae", iwae_k=3)
+    t.verbose = True
+    t.fit(pictures=False)
+    out = capsys.readouterr().out
+    assert "epoch 2/2: train loss " in out and "train -ELBO" not in out
+    for h in t.history:
+        assert h["train_recon"] is None and h["train_kl"] is None and h["train_neg_elbo"] == h["train_loss"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [(r["train_recon"], r["train_kl"]) for r in rows] == [("", "")] * 2 and float(rows[-1]["train_loss"]) > 0
+    assert "last epoch: train loss " in fv("info", tmp_path / "run", cwd=tmp_path).stdout
+    labels = plots.plot_loss(t.history).axes[0].get_legend_handles_labels()[1]
+    assert labels[:2] == ["train loss (-L_K)", "test -ELBO"]
+    elbo = tiny_trainer(None, epochs=1)
+    elbo.fit(pictures=False)
+    assert elbo.history[-1]["train_kl"] > 0
+    assert plots.plot_loss(elbo.history).axes[0].get_legend_handles_labels()[1][:4] == [
+        "train -ELBO", "test -ELBO", "train recon", "train KL"]
