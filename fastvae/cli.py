@@ -227,7 +227,7 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     if note:
         print(f"fastvae: note: {note}", file=sys.stderr)
     if model.checkpoint.get("train", {}).get("binarize"):      # scored as it trained: on binary images
-        data = binarized_splits(data, model.config)
+        data = binarized_splits(data, model.config, splits)
     return data
 
 

@@ -77,12 +77,12 @@ def binarized(X, cfg, seed: int = BINARIZE_SEED):
     return binarize_rows(X, np.arange(len(X)), seed)
 
 
-def binarized_splits(data, cfg):
-    """``data`` (a :class:`~fastvae.data.Dataset`) with both splits as
+def binarized_splits(data, cfg, splits=("train", "test")):
+    """``data`` (a :class:`~fastvae.data.Dataset`) with its ``splits`` as
     :func:`binarized` draws them; ``cfg``: the model's config."""
     import dataclasses
-    return dataclasses.replace(data, **{k: binarized(x, cfg) for k in ("x_train", "x_test")
-                                        if (x := getattr(data, k)) is not None and len(x)})
+    return dataclasses.replace(data, **{f"x_{k}": binarized(x, cfg) for k in splits
+                                        if (x := getattr(data, f"x_{k}")) is not None and len(x)})
 
 
 def units(likelihood: str, short: bool = False) -> str:
