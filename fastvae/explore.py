@@ -301,10 +301,12 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
                           f"65535 a side: use --scale {65535 // max(H, W)} or less")
     preflight(2 * len(seq) * int(np.prod(image_shape)) * scale * scale, None,
               f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels", "use a smaller --scale or fewer --steps")
+    from .safe_files import on_white
     imgs = []
-    for f in seq:
+    for f in seq:                  # L, RGB or RGBA (then on white, as the PNG figures show it): from the shape
         a = (f.reshape(image_shape) * 255 + 0.5).astype(np.uint8)
-        im = Image.fromarray(a, mode="RGB" if a.ndim == 3 else "L")
+        im = on_white(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)).convert(
+            "L" if a.ndim == 2 or a.shape[2] == 1 else "RGB")
         imgs.append(im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST))
     from .runfolder import atomic_write
     atomic_write(path, lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:],

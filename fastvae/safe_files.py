@@ -198,7 +198,7 @@ def _upright(im):
         return im
 
 
-def _on_white(im):
+def on_white(im):
     """``im`` with any transparency (an alpha band, a palette's or a colour
     key's ``transparency``) composited onto white, as a viewer shows it.
     Dropping the alpha band kept whatever colour the file stores under
@@ -214,7 +214,7 @@ def _on_white(im):
 def read_image(path, mode: str, size=None, fix: str = "remove or replace it", error=DataError) -> np.ndarray:
     """An image file (PNG, JPEG, ... through Pillow) as a ``uint8`` array
     ``(H, W)`` for ``mode="L"``, ``(H, W, 3)`` for ``"RGB"`` (transparent pixels on white:
-    :func:`_on_white`), ``(H, W, 4)`` for ``"RGBA"``, upright as its EXIF orientation says,
+    :func:`on_white`), ``(H, W, 4)`` for ``"RGBA"``, upright as its EXIF orientation says,
     centre-cropped to the aspect ratio of ``size = (H, W)`` and resized to it
     when given.
 
@@ -237,7 +237,7 @@ def read_image(path, mode: str, size=None, fix: str = "remove or replace it", er
                 im = _upright(im)
                 if im.mode in ("I", "F") or im.mode.startswith("I;16"):
                     im = Image.fromarray(_deep_to_8bit(np.asarray(im), path, fix, error))
-                im = (im if mode == "RGBA" else _on_white(im)).convert(mode)
+                im = (im if mode == "RGBA" else on_white(im)).convert(mode)
                 if size is not None:
                     im = ImageOps.fit(im, (int(size[1]), int(size[0])), method=Image.Resampling.BILINEAR)
                 return np.asarray(im, dtype=np.uint8)

@@ -358,3 +358,23 @@ def test_evaluation_batches_are_bounded_by_their_work_buffers(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "GROWTH_MB" in out.stdout, out.stderr
     assert float(out.stdout.split("GROWTH_MB")[1]) < 1200          # 2,675 MB before (2,000 rows at once); ~290 now
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1), (6, 5, 3), (6, 5, 4)])
+def test_gif_frames_of_every_channel_count(tmp_path, shape):
+    """A model of 4-channel (RGBA) images ended `fastvae plot` in a
+    traceback at the GIF ("Invalid mode for data type"); RGBA frames are
+    drawn on white, as the PNG figures show them."""
+    from PIL import Image
+    from fastvae import explore
+    D = int(np.prod(shape))
+    frames = np.random.default_rng(0).random((3, D))
+    if shape[-1] == 4:
+        frames.reshape(3, *shape)[0, ..., 3] = 0.0          # the first frame fully transparent
+    n = explore.save_gif(frames, shape, tmp_path / "a.gif", scale=2, bounce=False)
+    assert n == 3
+    with Image.open(tmp_path / "a.gif") as im:
+        assert im.n_frames == 3 and im.size == (10, 12)
+        first = np.asarray(im.convert("RGB"))
+    if shape[-1] == 4:
+        assert (first == 255).all()
