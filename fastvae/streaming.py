@@ -130,7 +130,7 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
     if reader is None:
         raise DataError(f"{path} is Fortran-ordered and too large to load ({_mb(shape, dtype)} loaded, over the "
                         f"{budget_bytes / 2 ** 20:.0f} MB budget); write it C-ordered with numpy.save to stream it")
-    if len(shape) < 2 or dtype.kind not in "uif":
+    if len(shape) < 2 or dtype.kind not in "buif":            # bool too, as when it loads
         raise DataError(f"{path}: expected images (N, H, W[, C]) or (N, D) of numbers, got {shape} {dtype}")
     N, D = int(shape[0]), int(np.prod(shape[1:]))
     image_shape = image_shape_of(shape, path)

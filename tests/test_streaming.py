@@ -329,3 +329,17 @@ def test_a_binarized_streamed_split_draws_what_the_loaded_one_does(tmp_path):
     model = fastvae.VAE(cfg, seed=0)
     ev = Evaluator(streamed.x_test, 0, binarize=True)(model)
     assert ev["test_neg_elbo"] == pytest.approx(evaluate(model, a)["neg_elbo"], rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.float16, np.int16])
+def test_every_pixel_type_that_loads_also_streams(tmp_path, dtype):
+    """A bool .npy loaded (0/1) but streaming refused it ("of numbers, got
+    bool"): whether a file fits in memory decided whether it could train."""
+    r = np.random.default_rng(4)
+    x = (r.random((1000, 16, 16)) < 0.4).astype(dtype)
+    np.save(tmp_path / "a.npy", x)
+    loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
+    streamed = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
+    assert isinstance(streamed.x_train, StreamedImages)
+    np.testing.assert_array_equal(np.asarray(streamed.x_train), loaded.x_train)
+    np.testing.assert_array_equal(np.asarray(streamed.x_test), loaded.x_test)
