@@ -20,9 +20,7 @@ bit-identical.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Optional
 
@@ -41,6 +39,7 @@ from .model import VAE
 from .optim import Adam, ClipGradNorm
 from .restore import choose_backend, choose_blas
 from .schedules import beta_at, lr_at, resume_note
+from .stopping import StopSignals
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
 from .evaluate import units
@@ -114,6 +113,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.position: Optional[EpochPosition] = None     # inside an unfinished epoch
         self.stop_requested, self.stop_signal = False, None
+        self._signals = StopSignals(self)     # Ctrl-C and SIGTERM while fitting
 
     # ---- parts kept reachable under their old names ----------------------------
     @property
@@ -230,27 +230,6 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return self.batches.steps_per_epoch
 
-    def _install_sigint(self):
-        """Ctrl-C and SIGTERM set ``stop_requested``: the loop finishes the
-        step, saves, stops (TrainingInterrupted carries the signal). A second
-        signal stops at once (KeyboardInterrupt), except during a save, which
-        always completes. Returns the previous handlers."""
-        if self.out is None or threading.current_thread() is not threading.main_thread():
-            return None
-        self.stop_requested, self.stop_signal = False, None
-
-        def handler(signum, frame):
-            if self.stop_requested and not self.checkpointer.saving:
-                raise KeyboardInterrupt                   # a second signal: stop at once
-            self.stop_requested = True
-            self.stop_signal = self.stop_signal or signum
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def _restore_signals(previous) -> None:
-        for s, h in (previous or {}).items():
-            signal.signal(s, h)
-
     def train_step(self, ws, beta: float, lr: float, need_loss: bool):
         """One optimisation step on the batch in ``ws`` (this rank's shard; None
         when it is empty): forward and backward walks, optimizer hooks (the
@@ -303,7 +282,8 @@ class Trainer:
             lr = lr_at(tc, self.step, spe, total)
             need = b % tc.loss_every == 0 or b == spe - 1
             warming = self.warmup.next_step()
-            recon, kl = self.train_step(ws, beta, lr, need)
+            with self._signals.hold():              # a second Ctrl-C waits for the step's end (milliseconds)
+                recon, kl = self.train_step(ws, beta, lr, need)
             if warming:                           # compilation, first allocations, graph capture: timed apart
                 self.backend.synchronize()
                 self.warmup.add(pos, time.perf_counter() - ts, min(tc.batch_size, N - b * tc.batch_size))
@@ -380,7 +360,7 @@ class Trainer:
             self.reporter.write_run_files(self.config_dict(), self.history)
         spe = self.steps_per_epoch()
         self.reporter.open((total - self.epoch) * spe - (self.position.batch if self.position else 0))
-        previous_handler = self._install_sigint()
+        self._signals = StopSignals(self).install()
         try:
             while self.epoch < total:
                 if self.position is None:
@@ -391,7 +371,7 @@ class Trainer:
                     raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total, self.stop_signal)
         finally:
             self.reporter.close()
-            self._restore_signals(previous_handler)
+            self._signals.restore()
         if self.out is not None and self.writes and not self.checkpointer.ours:
             self.save()                 # nothing trained (epochs=0): the folder still holds this run to load
         if pictures and self.writes:

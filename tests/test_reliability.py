@@ -366,3 +366,40 @@ def test_every_numeric_option_of_the_exploring_commands_at_zero_and_below(tmp_pa
                          (["train", *TINY, "--n-sprites", "0", "--out", "z"], "n_sprites must be a positive integer")]:
         rc, line = call(argv)
         assert rc == 2 and needle in line, (argv, line)
+
+
+def test_a_second_signal_inside_a_step_stops_at_its_end(tmp_path):
+    """A second Ctrl-C raised KeyboardInterrupt wherever the main thread was:
+    inside the NumPy backend's wait for its Adam worker it left the worker
+    writing and surfaced as "RuntimeError: cannot release un-acquired lock",
+    a traceback (once in a signal storm test). Inside a step it now waits for
+    the step's end; outside one it stops at once, and a save is never cut."""
+    import os
+    import signal as sig
+    from fastvae.stopping import StopSignals
+
+    class FakeTrainer:
+        out, stop_requested, stop_signal = str(tmp_path), False, None
+
+        class checkpointer:
+            saving = False
+    t = FakeTrainer()
+    s = StopSignals(t).install()
+    try:
+        os.kill(os.getpid(), sig.SIGTERM)                   # the first: a request, no exception
+        assert t.stop_requested and t.stop_signal == sig.SIGTERM
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with s.hold():
+                os.kill(os.getpid(), sig.SIGINT)            # the second, inside a step
+                done.append("the step went on")
+        assert done == ["the step went on"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig.SIGINT)                # outside a step: at once
+            time.sleep(1)
+        t.checkpointer.saving = True                        # during a save: nothing is raised
+        os.kill(os.getpid(), sig.SIGINT)
+        t.checkpointer.saving = False
+    finally:
+        s.restore()
+    assert sig.getsignal(sig.SIGINT) is sig.default_int_handler
