@@ -277,12 +277,12 @@ class Trainer:
         beta = lr = None
         for b in range(pos.batch, spe):
             ts = time.perf_counter()
-            ws = self.batches.fill(self.model, pos, b)
             beta = beta_at(tc, self.step / spe, total)
             lr = lr_at(tc, self.step, spe, total)
             need = b % tc.loss_every == 0 or b == spe - 1
             warming = self.warmup.next_step()
-            with self._signals.hold():              # a second Ctrl-C waits for the step's end (milliseconds)
+            with self._signals.hold():     # a second Ctrl-C waits for the step's end (the batch's prefetch too)
+                ws = self.batches.fill(self.model, pos, b)
                 recon, kl = self.train_step(ws, beta, lr, need)
             if warming:                           # compilation, first allocations, graph capture: timed apart
                 self.backend.synchronize()
