@@ -355,6 +355,9 @@ class Trainer:
 
     def _fit(self, epochs, pictures):
         total = self.train_config.epochs if epochs is None else check_count("epochs", epochs, minimum=0)
+        if total < self.epoch:          # it rewrote the run's files and pictures, trained nothing, and said nothing
+            raise ConfigError(f"the trainer is at epoch {self.epoch}; fit(epochs=N) trains up to N epochs in "
+                              f"total: pass N > {self.epoch} to train on")
         if self.out is not None and self.writes:
             self.checkpointer.clean_debris()
             self.reporter.write_run_files(self.config_dict(), self.history)

@@ -528,3 +528,19 @@ def test_a_run_trained_on_binarized_images_is_scored_on_binarized_test_images(tm
     r = json.loads(fv("eval", "plain", "--json", cwd=tmp_path).stdout)
     assert r["binarized"] is False and r["neg_elbo"] == pytest.approx(evaluate(plain, data.x_test)["neg_elbo"],
                                                                       rel=1e-9)
+
+
+def test_fit_to_fewer_epochs_than_done_is_refused_before_writing(tmp_path):
+    """fit(epochs=N) trains up to N epochs in total; asked for fewer than the
+    trainer had done, it rewrote the run's files, trained nothing and said
+    nothing (a Keras habit: epochs as the number to add)."""
+    t = tiny_trainer(tmp_path / "run", epochs=2)
+    t.fit(pictures=False)
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir() if p.name != ".lock"}
+    before = files()
+    with pytest.raises(ConfigError, match="at epoch 2; fit.epochs=N. trains up to N epochs in total: pass N > 2"):
+        t.fit(epochs=1)
+    assert files() == before and len(before) >= 3
+    assert t.fit(epochs=2) == t.history and len(t.history) == 2      # already there: nothing to do
+    t.fit(epochs=3, pictures=False)
+    assert t.epoch == 3
