@@ -167,9 +167,11 @@ class Trainer:
         threads: a thread count or ``"auto"`` for the continued run; blas: its
         GEMM library (:func:`fastvae.restore.choose_blas` decides when None).
         out (default: the checkpoint's folder) is checked as ``--out`` is: another
-        run or other files there raise RunFolderError unless ``force``. Raises
-        CheckpointError for a bad file.
+        run or other files there raise RunFolderError unless ``force``. ``path``:
+        the checkpoint or its run folder (as :func:`fastvae.load` takes it).
+        Raises CheckpointError for a bad file.
         """
+        path = runfolder.checkpoint_path(path)
         out = runfolder.check_out(out if out is not None else os.path.dirname(os.path.abspath(path)),
                                   resume=path, force=force)
         data = ckpt.read_checkpoint(path)

@@ -544,3 +544,15 @@ def test_fit_to_fewer_epochs_than_done_is_refused_before_writing(tmp_path):
     assert t.fit(epochs=2) == t.history and len(t.history) == 2      # already there: nothing to do
     t.fit(epochs=3, pictures=False)
     assert t.epoch == 3
+
+
+def test_from_checkpoint_takes_the_run_folder_as_load_does(tmp_path):
+    """fastvae.load and every command take the run folder or its checkpoint;
+    Trainer.from_checkpoint(folder) said "is a folder, not a regular file"."""
+    data = datasets.make_sprites(400, seed=6, size=16)
+    t = tiny_trainer(tmp_path / "run", epochs=1, data=data)
+    t.fit(pictures=False)
+    a = fastvae.Trainer.from_checkpoint(tmp_path / "run", dataset=data, progress=False, epochs=2)
+    assert a.epoch == 1 and a.out == str(tmp_path / "run")
+    a.fit(pictures=False)
+    assert fastvae.load(tmp_path / "run").checkpoint["epoch"] == 2
