@@ -101,9 +101,6 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
     from . import __version__
     h5py = _h5py()
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"cannot save checkpoint: folder {folder} does not exist; create it first")
 
     def write(tmp):
         with h5py.File(tmp, "w", userblock_size=HEADER_SIZE) as f:

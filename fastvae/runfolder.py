@@ -92,7 +92,8 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     here = os.path.join(out, CHECKPOINT_NAME)
     if CHECKPOINT_NAME in names and not resume and not force:
         raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
-                             f"{shlex.quote(here)}, choose another --out, or pass --force (force=True in Python) to replace it")
+                             f"{shlex.quote(here)}, choose another --out, or pass --force (force=True in Python) "
+                             "to replace it")
     if CHECKPOINT_NAME in names and resumed and not force and not _same_file(here, resume):
         hint = ("leave out --out to continue in the resumed run's folder, "
                 if os.path.dirname(os.path.abspath(resume)) != out else "")
@@ -238,6 +239,11 @@ def atomic_write(path: str, write: Callable[[str], None], error=RunFolderError) 
     clean up and propagate."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    problem = ("it is a folder; name a file in it" if os.path.isdir(path) else None if os.path.isdir(folder) else
+               f"{folder} is a file, not a folder; fix the path" if os.path.lexists(folder) else
+               f"the folder {folder} does not exist; create it or fix the path")   # were called a full disk
+    if problem:
+        raise error(f"cannot write {path}: {problem}")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
@@ -255,9 +261,6 @@ def atomic_write(path: str, write: Callable[[str], None], error=RunFolderError) 
             finally:
                 os.close(dfd)
     except OSError as exc:
-        if not os.path.isdir(folder):       # a typo in the folder, not a full disk
-            raise error(f"cannot write {path}: the folder {folder} does not exist; create it or fix the "
-                        "path") from None
         raise error(f"cannot write {path}: {exc.strerror or exc}; free disk space or fix the folder's "
                     "permissions (the previous file is intact)") from None
     finally:

@@ -315,3 +315,17 @@ def test_a_default_folder_taken_meanwhile_by_another_run_is_passed_over(tmp_path
         holder.wait()
     runfolder.release(out)
     assert not os.path.exists(out)             # nothing written: the claimed folder goes again
+
+
+def test_a_write_to_a_folder_or_under_a_file_names_the_problem(tmp_path):
+    """Trainer.save(FOLDER) said "Is a directory; free disk space", and a
+    path under a file said its folder "does not exist; create it first"."""
+    t = tiny_trainer(tmp_path / "run", epochs=1)
+    t.fit(pictures=False)
+    with pytest.raises(FastVAEError, match=r"cannot write .*run: it is a folder; name a file in it"):
+        t.save(str(tmp_path / "run"))
+    with pytest.raises(FastVAEError, match=r"checkpoint.h5 is a file, not a folder; fix the path"):
+        t.save(str(tmp_path / "run" / "checkpoint.h5" / "x.h5"))
+    with pytest.raises(RunFolderError, match=r"the folder .*nope does not exist; create it or fix the path"):
+        runfolder.atomic_write(str(tmp_path / "nope" / "a.txt"), lambda tmp: open(tmp, "w").write("x"))
+    assert fastvae.load(tmp_path / "run").checkpoint["epoch"] == 1        # the run's own file untouched
