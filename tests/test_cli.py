@@ -52,6 +52,8 @@ def test_train_resume_eval_info(tmp_path):
     (["train", "--backend", "tpu"], "unknown backend 'tpu'"),
     (["train", "--dataset", "/no/such/folder"], "no such file or folder"),
     (["train", "--dataset", "mnist", "--data-dir", "EMPTY", "--no-download"], "not found in"),
+    (["train", "--dataset", "x.npy", "--data-dir", "EMPTY"], "x.npy does not read it: drop it, or give the data's"),
+    (["train", "--data-dir", "EMPTY"], "--data-dir is where a built-in dataset's files are (mnist, fashion-mnist"),
     (["train", "--batch-size", "100000", "--n-sprites", "100"], "larger than the 90 training images"),
     (["eval", "missing.h5"], "does not exist"),
     (["train", "--resume", "missing.h5", "--hidden", "8"], "cannot change --hidden when resuming"),
