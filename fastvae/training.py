@@ -353,8 +353,8 @@ def data_change_note(state: dict, data) -> str:
     random test split anew, so the split can hold images the model trained on
     (and the reverse). A test split alone of another size is no such change:
     a file's own ``x_test``, or the part of the held-out rows a streamed file
-    keeps in memory. Nor is a training split that was not loaded (0 rows:
-    ``fastvae eval`` of MNIST reads its test files alone)."""
+    once kept in memory (all are kept now). Nor is a training split that was not
+    loaded (0 rows: ``fastvae eval`` of MNIST reads its test files alone)."""
     then, now = state.get("data_rows"), data_rows(data)
     if then is None or now[0] in (0, then[0]):
         return ""
