@@ -105,7 +105,8 @@ class StreamedImages:
 
 
 def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed: int = 0):
-    """``(StreamedImages train, x_test host array or None)`` when loading the
+    """``(StreamedImages train, x_test or None)`` (x_test a host array when it
+    fits in half the budget, else streamed too) when loading the
     images in ``path`` would take more than ``budget_bytes`` (None: half the
     free memory): the array as stored plus its float32 copy, 5 bytes a uint8
     pixel, 8 a float32 one (comparing the file's size let a uint8 file at a
