@@ -130,7 +130,7 @@ def _cmd_eval(a):
         xi = x[:a.iwae_images] if a.iwae_images else x
         iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
         res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))
-    res.update(objectives.eval_terms(model, x, seed=a.seed))      # beta-TCVAE terms
+    res.update(objectives.eval_terms(model, x, len(data.x_train) or len(x), seed=a.seed))  # beta-TCVAE terms
     split_factors = data.factors_test if a.split == "test" else data.factors_train
     if split_factors is not None:
         res["mig"] = explore.mig(model.codes(x), split_factors)["mig"]    # the codes the decoder reads
