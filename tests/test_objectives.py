@@ -307,3 +307,28 @@ def test_an_iwae_run_reports_its_bound_without_recon_and_kl_columns(tmp_path, ca
     assert elbo.history[-1]["train_kl"] > 0
     assert plots.plot_loss(elbo.history).axes[0].get_legend_handles_labels()[1][:4] == [
         "train -ELBO", "test -ELBO", "train recon", "train KL"]
+
+
+def test_btcvae_eval_terms_do_not_depend_on_which_splits_were_loaded(tmp_path):
+    """The minibatch-weighted estimates of `eval` take N = the run's training
+    set size, as training does; MNIST's eval reads its test files alone and
+    took N from them, so the same images scored differently as idx files and
+    as an .npz with x_train/x_test (MI 3.20 against 4.12 here)."""
+    import json
+    from conftest import fv, write_mnist_like
+    arrays = write_mnist_like(tmp_path / "m", n_train=60, n_test=24)
+    np.savez(tmp_path / "k.npz", x_train=arrays["train-images-idx3-ubyte"], y_train=arrays["train-labels-idx1-ubyte"],
+             x_test=arrays["t10k-images-idx3-ubyte"], y_test=arrays["t10k-labels-idx1-ubyte"])
+    fv("train", "--dataset", "mnist", "--data-dir", "m", "--no-download", "--objective", "btcvae", "--beta", "4",
+       "--hidden", "8", "--latent", "3", "--epochs", "1", "--batch-size", "12", "--no-progress", "--out", "run",
+       cwd=tmp_path)
+    idx = json.loads(fv("eval", "run", "--json", cwd=tmp_path).stdout)
+    npz = json.loads(fv("eval", "run", "--json", "--dataset", "k.npz", cwd=tmp_path).stdout)
+    assert idx["n"] == npz["n"] == 24 and idx["neg_elbo"] == pytest.approx(npz["neg_elbo"], rel=1e-9)
+    for k in ("btcvae_mi", "btcvae_tc", "btcvae_dwkl"):
+        assert idx[k] == pytest.approx(npz[k], rel=1e-9, abs=1e-9), k
+    model = fastvae.load(tmp_path / "run")
+    x = fastvae.datasets.load(fastvae.DataConfig(dataset=str(tmp_path / "k.npz"))).x_test
+    from fastvae.objectives import BetaTCVAEObjective
+    want = BetaTCVAEObjective(model, 60).evaluate(x, batch_size=12, seed=0)      # N = the 60 training images
+    assert idx["btcvae_mi"] == pytest.approx(want["mi"], rel=1e-9)
