@@ -221,10 +221,11 @@ def class_labels(y, n: int, where: str, names=None):
     elif y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all():
         return y.argmax(1).astype(np.int64), None                  # one-hot rows
     y = y.reshape(n, -1)
-    if y.shape[1] == 1 and (y.dtype.kind in "iub" or (y.dtype.kind == "f" and np.isfinite(y).all()
-                                                   and (y == np.round(y)).all())):
+    whole = (y.dtype.kind in "ib" or y.dtype.kind == "u" and (not y.size or y.max() < 2 ** 63) or
+             y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all() and (abs(y) < 2 ** 53).all())
+    if y.shape[1] == 1 and whole:               # (int64 holds them: 1e300 or 2^63 + 5 became garbage)
         return y[:, 0].astype(np.int64), None
-    what = f"{y.shape[1]} values per image" if y.shape[1] > 1 else "values that are not whole numbers"
+    what = f"{y.shape[1]} values per image" if y.shape[1] > 1 else "values that are not class numbers"
     print(f"fastvae: note: {where}: the labels hold {what}, not one class per image; the images are used "
           "without labels (the latent map is drawn in one colour)", file=sys.stderr)
     return None, None

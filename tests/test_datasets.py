@@ -332,8 +332,10 @@ def test_one_class_per_image_in_any_common_layout_is_kept(tmp_path, y, want):
 
 @pytest.mark.parametrize("y,why", [
     (np.random.default_rng(3).integers(0, 2, (10, 40)), "40 values per image"),     # attributes (was refused)
-    (np.linspace(0, 1, 10), "not whole numbers"),
-    (np.array([np.nan] + [1.0] * 9), "not whole numbers"),
+    (np.linspace(0, 1, 10), "not class numbers"),
+    (np.array([np.nan] + [1.0] * 9), "not class numbers"),
+    (np.array([1e300] + [1.0] * 9), "not class numbers"),                           # was cast to -2^63, warning
+    (np.array([2 ** 63 + 5] + [1] * 9, dtype=np.uint64), "not class numbers"),       # was cast to a negative class
 ])
 def test_labels_that_are_not_classes_leave_the_images_unlabelled_with_a_note(tmp_path, capsys, y, why):
     x = np.random.default_rng(4).random((10, 4, 4))
