@@ -42,7 +42,7 @@ from .schedules import beta_at, lr_at, resume_note
 from .stopping import StopSignals
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
-from .evaluate import units
+from .evaluate import binarized, units
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
                        WarmUp, data_change_note, preflight_training, step_graphs)
 
@@ -226,6 +226,8 @@ class Trainer:
         """reconstructions.png, samples.png and loss.png into the run folder."""
         shape = self.model_config.image_shape or image_shape_of(self.data.x_train.shape, self.data.name)
         X = self.data.x_test if self.data.x_test is not None else self.data.x_train
+        if self.train_config.binarize:      # the images as they are scored: their binary draw (its first rows)
+            X = binarized(X[:16], self.model_config)
         self.reporter.write_pictures(self.model, X, shape, self.train_config.seed, self.history)
 
     # ---- the loop --------------------------------------------------------------

@@ -556,3 +556,21 @@ def test_from_checkpoint_takes_the_run_folder_as_load_does(tmp_path):
     assert a.epoch == 1 and a.out == str(tmp_path / "run")
     a.fit(pictures=False)
     assert fastvae.load(tmp_path / "run").checkpoint["epoch"] == 2
+
+
+def test_a_binarize_runs_reconstructions_show_the_images_it_is_scored_on(tmp_path, monkeypatch):
+    """The run folder's reconstructions.png of a --binarize run showed the grey
+    test images; `plot` and the scores use their fixed binary draw."""
+    from fastvae.evaluate import binarized
+    from fastvae.training import Reporter
+    x = np.random.default_rng(2).random((200, 16, 16)).astype(np.float32)
+    data = datasets.from_arrays(x)
+    shown = []
+    real = Reporter.write_pictures
+    monkeypatch.setattr(Reporter, "write_pictures", lambda self, model, X, *a: (shown.append(np.asarray(X)),
+                                                                                 real(self, model, X, *a)))
+    t = tiny_trainer(tmp_path / "run", data=data, epochs=1, binarize=True)
+    t.fit()
+    assert len(shown) == 1 and set(np.unique(shown[0])) == {0.0, 1.0}
+    np.testing.assert_array_equal(shown[0], binarized(data.x_test, t.model.config)[:16])
+    assert (tmp_path / "run" / "reconstructions.png").stat().st_size > 1000
