@@ -156,6 +156,7 @@ def _cmd_info(a):
     from .checkpoint import read_checkpoint
     from .config import ModelConfig
     from .errors import CheckpointError, ConfigError
+    from .evaluate import train_loss_name
     a.checkpoint = checkpoint_arg(a.checkpoint)
     d = read_checkpoint(a.checkpoint)
     try:
@@ -186,7 +187,7 @@ def _cmd_info(a):
         print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
     if info["last_metrics"]:
         lm = info["last_metrics"]
-        s = f"last epoch: train {'-ELBO' if lm.get('train_kl') is not None else 'loss'} {lm['train_neg_elbo']:.3f}"
+        s = f"last epoch: train {train_loss_name(lm)} {lm['train_neg_elbo']:.3f}"
         if lm.get("test_neg_elbo") is not None:
             s += f", test -ELBO {lm['test_neg_elbo']:.3f}"
         print(s + " nats per image")

@@ -85,6 +85,13 @@ def binarized_splits(data, cfg, splits=("train", "test")):
                                         if (x := getattr(data, f"x_{k}")) is not None and len(x)})
 
 
+def train_loss_name(row: dict) -> str:
+    """What a metrics row's ``train_neg_elbo`` holds: ``"-ELBO"``, or
+    ``"loss"`` for the IWAE bound -L_K (which has no KL term: its
+    ``train_kl`` is None)."""
+    return "-ELBO" if row.get("train_kl") is not None else "loss"
+
+
 def units(likelihood: str, short: bool = False) -> str:
     """The units of -ELBO, recon and IWAE numbers under ``likelihood``: nats
     per image, except for ``mse``, a sum of squared errors (no density);

@@ -15,6 +15,7 @@ import numpy as np
 
 from .checks import check_count, check_images
 from .errors import ConfigError
+from .evaluate import train_loss_name
 
 
 #: pixels a figure may render to (4 bytes each in Agg's buffer), and Agg's limit per side
@@ -117,7 +118,7 @@ def plot_loss(history, path: Optional[str] = None, units: str = "nats per image"
     ax = fig.add_subplot(1, 1, 1)
     ep = [h["epoch"] for h in history]
     low = np.inf
-    elbo = any(h.get("train_kl") is not None for h in history)        # else the IWAE bound -L_K: no KL term
+    elbo = any(train_loss_name(h) == "-ELBO" for h in history)        # else the IWAE bound -L_K
     for key, label in (("train_neg_elbo", "train -ELBO" if elbo else "train loss (-L_K)"),
                        ("test_neg_elbo", "test -ELBO"),
                        ("train_recon", "train recon"), ("train_kl", "train KL")):

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
-from .evaluate import EVAL_ROWS, binarized, evaluate
+from .evaluate import EVAL_ROWS, binarized, evaluate, train_loss_name
 from .distributed import AllReduceGrads, shard
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
@@ -199,8 +199,8 @@ class Reporter:
     def epoch_line(self, row: dict, total: int) -> None:
         if self.bar is None and not self.verbose:
             return
-        msg = (f"epoch {row['epoch']}/{total}: train " + ("-ELBO" if row.get("train_kl") is not None else "loss")
-               + f" {row['train_neg_elbo']:.2f}")                  # (the IWAE bound -L_K has no KL term)
+        msg = (f"epoch {row['epoch']}/{total}: train {train_loss_name(row)} "
+               f"{row['train_neg_elbo']:.2f}")
         if row["test_neg_elbo"] is not None:
             msg += f", test -ELBO {row['test_neg_elbo']:.2f}"
         ips = row["images_per_s"]
