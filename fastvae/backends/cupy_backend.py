@@ -156,12 +156,12 @@ class CupyRNG(BackendRNG):
         if not isinstance(state, dict) or state.get("kind") != "philox4x32-10":
             raise ForeignRNGState("not a philox4x32-10 state")
         key, counter = state.get("key"), state.get("counter")
-        words = key if isinstance(key, list) and len(key) == 2 else [None]
-        bad = ("key", key) if not all(type(k) is int and 0 <= k < 1 << 32 for k in words) else (
-            ("counter", counter) if type(counter) is not int or not 0 <= counter < 1 << 64 else None)
-        if bad:                      # the key is two 32-bit words, the counter a 64-bit count
-            raise ValueError(f"invalid philox4x32-10 random-number state ({bad[0]} {str(bad[1])[:60]})")
-        self.key, self.counter = tuple(words), counter
+        word = lambda v, bits: type(v) is int and 0 <= v < 1 << bits
+        for name, ok, value in (("key", isinstance(key, list) and len(key) == 2 and all(word(k, 32) for k in key), key),
+                                ("counter", word(counter, 64), counter)):
+            if not ok:               # the key is two 32-bit words, the counter a 64-bit count
+                raise ValueError(f"invalid philox4x32-10 random-number state ({name} {str(value)[:60]})")
+        self.key, self.counter = tuple(key), counter
 
 
 class CupyBackend(GraphSupport, Backend):
