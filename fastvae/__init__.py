@@ -79,7 +79,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
-    from .cli_args import FIELD_OF_FLAG
+    from .cli_args import FIELD_OF_FLAG, check_data_dir
     from .config import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
@@ -100,6 +100,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         from .runfolder import check_out
         out = check_out(out, force=force)
     data, dcfg = datasets.given(dataset, DataConfig(**pick(DataConfig)))     # a path, a Dataset, arrays, lists
+    check_data_dir(dcfg.dataset if data is None else data, dcfg.data_dir, flag=lambda name: name)
     if data is None:
         data = datasets.load(dcfg)
     else:

@@ -189,7 +189,7 @@ def check_train_flags(a) -> None:
     """Flags of `fastvae train` that cannot do what they say (``--sigma``
     without the gaussian likelihood, ``--lr-gamma`` without the step
     schedule, :data:`fastvae.config.OPTION_NEEDS`): ConfigError naming the fix."""
-    from .config import BUILTIN_DATASETS, idle_option
+    from .config import idle_option
     from .errors import ConfigError
     if a.hidden is not None and not a.hidden:
         raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
@@ -201,10 +201,7 @@ def check_train_flags(a) -> None:
     dataset = a.dataset or "sprites"
     if a.n_sprites is not None and dataset != "sprites":
         raise ConfigError(f"--n-sprites sizes the built-in sprites, not {dataset}; drop it")
-    stored = [d for d in BUILTIN_DATASETS if d != "sprites"]       # read from files in --data-dir
-    if a.data_dir is not None and dataset not in stored:             # sprites, or a path: it was not read
-        raise ConfigError(f"--data-dir is where a built-in dataset's files are ({', '.join(stored)}); "
-                          f"{dataset} does not read it: drop it, or give the data's path in --dataset")
+    check_data_dir(dataset, a.data_dir)
     if a.memory_budget is not None and not dataset.lower().endswith((".npy", ".npz", ".h5", ".hdf5")):
         raise ConfigError(f"--memory-budget decides whether an .npy/.h5 file streams from disk; {dataset} is "
                           "not one, so it would do nothing: drop it")
@@ -213,6 +210,21 @@ def check_train_flags(a) -> None:
     msg = idle_option(given, lambda field: "--" + flag_of.get(field, field).replace("_", "-"))
     if msg:
         raise ConfigError(msg)
+
+
+def check_data_dir(dataset, data_dir, flag=lambda name: "--" + name.replace("_", "-")) -> None:
+    """ConfigError when ``data_dir`` is given beside data that never reads it:
+    only the built-in datasets stored as files (MNIST family, Olivetti) are
+    read from a data folder, not the generated sprites, a path or images in
+    memory (``dataset`` not a string). ``flag(name)`` spells an option (a
+    command-line flag, or a keyword for :func:`fastvae.train`)."""
+    from .config import BUILTIN_DATASETS
+    from .errors import ConfigError
+    stored = [d for d in BUILTIN_DATASETS if d != "sprites"]
+    if data_dir is not None and not (isinstance(dataset, str) and dataset in stored):
+        what = dataset if isinstance(dataset, str) else "data given in memory"
+        raise ConfigError(f"{flag('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
+                          f"{what} does not read it: drop it, or give the data's path in {flag('dataset')}")
 
 
 def out_folder(path: str, what: str) -> str:

@@ -352,9 +352,10 @@ def test_a_library_run_records_its_data_paths_absolute(tmp_path, monkeypatch, ca
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     np.save("x.npy", np.random.default_rng(0).random((40, 8, 8)).astype(np.float32))
-    fastvae.train("x.npy", out="run", hidden=[4], latent_dim=2, epochs=1, batch_size=8, data_dir="d")
+    fastvae.train("x.npy", out="run", hidden=[4], latent_dim=2, epochs=1, batch_size=8)
     data = fastvae.load("run").checkpoint["data"]
-    assert data["dataset"] == str(tmp_path / "work" / "x.npy") and data["data_dir"] == str(tmp_path / "work" / "d")
+    assert data["dataset"] == str(tmp_path / "work" / "x.npy")
+    assert DataConfig(dataset="mnist", data_dir="d").data_dir == str(tmp_path / "work" / "d")
     assert DataConfig(dataset="mnist").dataset == "mnist" and DataConfig(dataset="in-memory:x").dataset == "in-memory:x"
     assert DataConfig(dataset="no-such-file.npy").dataset == "no-such-file.npy"     # named as given in its error
     monkeypatch.chdir(tmp_path)
@@ -574,3 +575,27 @@ def test_a_binarize_runs_reconstructions_show_the_images_it_is_scored_on(tmp_pat
     assert len(shown) == 1 and set(np.unique(shown[0])) == {0.0, 1.0}
     np.testing.assert_array_equal(shown[0], binarized(data.x_test, t.model.config)[:16])
     assert (tmp_path / "run" / "reconstructions.png").stat().st_size > 1000
+
+
+def test_a_data_folder_beside_data_that_never_reads_it_is_refused_everywhere(tmp_path, monkeypatch, capsys):
+    """`--data-dir` names where MNIST's or Olivetti's files are. `fastvae train`
+    refused it beside a path dataset, but `eval` and `plot` of a run trained
+    on an .npy file, and `fastvae.train("x.npy", data_dir=...)`, took it and
+    silently read the .npy (a user pointing eval at other data got the old)."""
+    from fastvae.cli import main
+    monkeypatch.chdir(tmp_path)
+    np.save("x.npy", np.random.default_rng(0).random((40, 8, 8)).astype(np.float32))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError, match="data_dir is where a built-in dataset's files are .*x.npy does not read it"):
+        fastvae.train("x.npy", hidden=[4], latent_dim=2, epochs=1, batch_size=8, data_dir="d")
+    with pytest.raises(ConfigError, match="data given in memory does not read it: drop it, or give the data's path in "
+                                          "dataset"):
+        fastvae.train(np.zeros((40, 4), np.float32), hidden=[4], latent_dim=2, epochs=1, batch_size=8, data_dir="d")
+    fastvae.train("x.npy", out="run", hidden=[4], latent_dim=2, epochs=1, batch_size=8)
+    capsys.readouterr()
+    for cmd in (["eval", "run"], ["plot", "run", "--out", "f"], ["interpolate", "run", "0", "1", "--png", "i.png"]):
+        assert main(cmd + ["--data-dir", "d"]) == 2
+        err = capsys.readouterr().err
+        assert "--data-dir is where a built-in dataset's files are" in err and "x.npy does not read it" in err, err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "i.png").exists()
+    assert main(["eval", "run", "--json"]) == 0            # without it, the run's own data
