@@ -32,6 +32,18 @@ def check_count(name, value, minimum: int = 1) -> int:
     return n
 
 
+def check_model(model, what: str) -> None:
+    """ConfigError naming the fix when ``model`` is not a trained model (a
+    :class:`fastvae.VAE`): a checkpoint's path or run folder, None, or
+    another library's model, which ``what`` (the function) cannot use."""
+    if not all(hasattr(model, name) for name in ("config", "backend", "forward", "workspace")):
+        kind = "None" if model is None else f"a {type(model).__name__}"
+        hint = ("load the checkpoint (or run folder) with fastvae.load(path) and pass the model"
+                if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else
+                "pass a fastvae.VAE (fastvae.load(path) loads one from a checkpoint; Trainer.model is one)")
+        raise ConfigError(f"{what} takes a fastvae.VAE as its model, not {kind}; {hint}")
+
+
 def _finite_nonneg(name, value, positive=False):
     try:
         v = float(value)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import check_count, check_images
+from .checks import check_count, check_images, check_model
 from .errors import ConfigError
 
 
@@ -25,7 +25,8 @@ def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     seeded by ``seed``; ``batch_size`` None: up to 1000 images in 1 GiB of work
     buffers (:meth:`fastvae.VAE.rows_within`). Raises DataError for images the
     model cannot score (:func:`fastvae.checks.check_images`), ConfigError for
-    ``batch_size`` < 1."""
+    ``batch_size`` < 1 or a ``model`` that is not a :class:`fastvae.VAE`."""
+    check_model(model, "evaluate")
     batch_size = model.rows_within(EVAL_ROWS) if batch_size is None else check_count("batch_size", batch_size)
     seed = check_count("seed", seed, minimum=0)
     X = check_images(X, model.config)

@@ -599,3 +599,19 @@ def test_a_data_folder_beside_data_that_never_reads_it_is_refused_everywhere(tmp
         assert "--data-dir is where a built-in dataset's files are" in err and "x.npy does not read it" in err, err
     assert not (tmp_path / "f").exists() and not (tmp_path / "i.png").exists()
     assert main(["eval", "run", "--json"]) == 0            # without it, the run's own data
+
+
+def test_evaluate_names_the_fix_for_a_path_or_none_given_as_its_model(tmp_path):
+    """fastvae.evaluate("run", x) (a run folder, as fastvae.load takes) and
+    evaluate(None, x) ended in "AttributeError: 'str' object has no attribute
+    'rows_within'"."""
+    x = np.random.default_rng(0).random((8, 16)).astype(np.float32)
+    with pytest.raises(ConfigError, match=r"evaluate takes a fastvae.VAE as its model, not a str; load the "
+                                          r"checkpoint \(or run folder\) with fastvae.load\(path\)"):
+        fastvae.evaluate(str(tmp_path), x)
+    with pytest.raises(ConfigError, match="not a PosixPath; load the checkpoint"):
+        fastvae.evaluate(tmp_path, x)
+    with pytest.raises(ConfigError, match=r"not None; pass a fastvae.VAE \(fastvae.load\(path\) loads one"):
+        fastvae.evaluate(None, x)
+    model = fastvae.VAE(ModelConfig(input_dim=16, hidden=[4], latent_dim=2), "numpy", seed=0)
+    assert fastvae.evaluate(model, x)["n"] == 8
