@@ -163,7 +163,7 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     size = float(np.clip(3000 / len(P), 3, 30))           # points a reader can see, 20 images or 5000
     sc = ax.scatter(P[:, 0], P[:, 1], c=c, s=size, cmap=cmap, norm=norm, alpha=0.7, linewidths=0)
     if c is not None:
-        cb = fig.colorbar(sc, ax=ax)
+        cb = fig.colorbar(sc, ax=ax, label="class" if c.dtype.kind in "iu" else "label")
         if label_names is not None and len(label_names) <= 20:
             cb.set_ticks(range(len(label_names)))
             cb.set_ticklabels(label_names)

@@ -154,6 +154,9 @@ def test_latent_map_gives_each_class_its_own_colour_and_a_band_of_the_colour_bar
     assert pts.get_sizes()[0] >= 20
     many = explore.plot_latent_map(model, data.x_test, np.arange(len(data.x_test)) % 13)   # > 10 classes
     assert many.axes[0].collections[0].get_cmap().name == "viridis"
+    assert bar.get_ylabel() == "class" and many.axes[1].get_ylabel() == "class"     # the bar said nothing
+    scores = explore.plot_latent_map(model, X, np.linspace(0, 1, len(X)))      # a value per image, no classes
+    assert scores.axes[1].get_ylabel() == "label"
 
 
 def test_loss_curves_show_negative_losses_and_their_units():
