@@ -257,11 +257,15 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
+TOP_LEVEL = "(top level)"    # the class of images beside class sub-folders, not in one
+
+
 def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color: str = "grayscale",
                       test_fraction: float = 0.1, seed: int = 0, skip_other_files: bool = False) -> Dataset:
     """Every image under ``path`` (PNG, JPEG, ... via Pillow), sorted by path.
 
-    Sub-folders become integer labels (sorted names); linked ones are
+    Sub-folders become integer labels (sorted names; images at the top beside
+    them are the class ``"(top level)"``); linked ones are
     followed, each real folder walked once; fastvae run folders (``--out``
     inside the data) are not data and are skipped. ``image_size=(H, W)``
     resizes after a centre crop to that aspect ratio; without it every image
@@ -290,7 +294,8 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
         from .memory import preflight
         preflight(5 * len(files) * image_size[0] * image_size[1] * (3 if color == "rgb" else 1), None,
                   f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}", "use a smaller --image-size")
-    classes = sorted({os.path.relpath(os.path.dirname(f), path) for f in files})
+    folder_of = lambda f: os.path.relpath(os.path.dirname(f), path)   # "." for images at the top
+    classes = sorted({folder_of(f) for f in files})
     use_labels = classes != ["."]
     mode = "L" if color == "grayscale" else "RGB"
     x, labels = None, []
@@ -306,11 +311,11 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
             raise DataError(f"images in {path} have different sizes ({x.shape[1:]} and {arr.shape} in "
                             f"{os.path.relpath(f, path)}); pass --image-size H W to resize them")
         x[i] = arr
-        labels.append(classes.index(os.path.relpath(os.path.dirname(f), path)))
+        labels.append(classes.index(folder_of(f)))
     y = np.asarray(labels, dtype=np.int64) if use_labels else None
     xtr, ytr, xte, yte = unit_split(x, y, test_fraction, seed)
     return Dataset(os.path.basename(os.path.normpath(path)), xtr, ytr, xte, yte, tuple(x.shape[1:]),
-                   label_names=classes if use_labels else None)
+                   label_names=[TOP_LEVEL if c == "." else c for c in classes] if use_labels else None)
 
 
 def _first_visit(folder: str, seen: set) -> bool:

@@ -92,6 +92,10 @@ def test_image_folder_labels_resize_rgb(tmp_path):
     assert sorted(np.concatenate([ds.y_train, ds.y_test]).tolist()) == [0] * 5 + [1] * 5
     ds = datasets.load_image_folder(tmp_path, image_size=(8, 8), color="rgb", test_fraction=0, skip_other_files=True)
     assert ds.x_train.shape == (10, 8 * 8 * 3) and ds.image_shape == (8, 8, 3) and ds.x_test is None
+    _save_png(str(tmp_path / "stray.png"), r.integers(0, 256, (12, 10), dtype=np.uint8))   # beside the classes
+    ds = datasets.load_image_folder(tmp_path, test_fraction=0, skip_other_files=True)
+    assert ds.label_names == ["(top level)", "cats", "dogs"]       # its class was named "." on the latent map
+    assert sorted(ds.y_train.tolist()) == [0] + [1] * 5 + [2] * 5
 
 
 def test_image_folder_follows_linked_class_folders_once(tmp_path):
