@@ -36,7 +36,8 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
     samples in chunks; None: up to 8192 in 1 GiB of work buffers,
     :meth:`fastvae.VAE.rows_within`); a running max keeps the log-sum-exp
     stable (float64).
-    ``progress`` shows a tqdm bar over the N k decoded samples (stderr).
+    ``progress`` shows a tqdm bar over the N k decoded samples on stderr when
+    it is a terminal (as training's bar: none in a log file).
     Raises ConfigError for k < 1 or a negative seed.
     """
     X = check_images(X, model.config)               # a streamed split stays on disk, read block by block
@@ -52,7 +53,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
     out = np.empty(len(X))
     per_block = max(1, batch_rows // k)
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(X) * k, unit="sample", unit_scale=True, desc=f"IWAE k={k}", disable=not progress,
+    bar = tqdm(total=len(X) * k, unit="sample", unit_scale=True, desc=f"IWAE k={k}", disable=None if progress else True,
                leave=False)
     for i0 in range(0, len(X), per_block):
         xb = X[i0:i0 + per_block]

@@ -130,11 +130,48 @@ def test_negative_interpolate_indices_count_from_the_end(run_dir, tmp_path):
     one_line(r, "index -21 is outside")
 
 
-def test_iwae_shows_progress(run_dir, tmp_path):
+def _stderr_on_a_terminal(*args, cwd):
+    """``fastvae ARGS`` with its stderr on a 100-column pseudo-terminal: what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    from conftest import PY
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # a bar takes the terminal's width
+    chunks = []
+
+    def read():                                  # while it runs: a full terminal would block the writer
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:                      # EIO: the terminal's other end is closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        p = subprocess.run(PY + [str(a) for a in args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=sub, timeout=600)
+    finally:
+        os.close(sub)
+        reader.join(10)
+        os.close(main)
+    assert p.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_iwae_shows_progress_on_a_terminal_only(run_dir, tmp_path):
+    """The IWAE bar filled a log file (stderr to a file or pipe) with its
+    carriage-return updates; training's bar shows on a terminal only, and so
+    does this one now."""
+    assert "IWAE k=50" in _stderr_on_a_terminal("eval", run_dir, "--iwae-k", "50", cwd=tmp_path)
+    assert "IWAE k=50" not in _stderr_on_a_terminal("eval", run_dir, "--iwae-k", "50", "--no-progress", cwd=tmp_path)
     r = fv("eval", run_dir, "--iwae-k", "50", cwd=tmp_path)
-    assert "IWAE k=50" in r.stderr
-    r = fv("eval", run_dir, "--iwae-k", "50", "--no-progress", cwd=tmp_path)
-    assert "IWAE k=50" not in r.stderr
+    assert "IWAE -log p(x), k=50" in r.stdout and "IWAE k=50" not in r.stderr, r.stderr
 
 
 def test_traversals_dims_is_an_option_and_said(run_dir, tmp_path):
