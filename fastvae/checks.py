@@ -93,6 +93,10 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     shape = tuple(getattr(cfg, "image_shape", None) or ())
     if X.ndim > 2 and isinstance(X, np.ndarray) and shape and tuple(X.shape[1:]) in (shape, shape + (1,)):
         X = X.reshape(len(X), -1)             # (N, *image_shape[, 1]): the model's own images, one row each
+    one = {(cfg.input_dim,)} | ({shape, shape + (1,)} if shape else set())     # a single image's shapes
+    if tuple(X.shape) in one and not (X.ndim == 2 and X.shape[1] == cfg.input_dim):
+        raise DataError(f"{what} must be a batch, one image per row; shape {tuple(X.shape)} is one image: pass "
+                        "a batch of one (x[None])")
     if X.ndim != 2:
         own = f", or (N, {', '.join(map(str, shape))})" if shape else ""
         raise DataError(f"{what} must be an (N, D) array, one flattened image per row{own}, got shape "

@@ -380,6 +380,12 @@ def test_the_library_takes_images_in_the_models_own_image_shape():
     for bad in (img[:, :8], np.repeat(img[..., None], 2, axis=3)):
         with pytest.raises(fastvae.DataError, match=r"one flattened image per row, or \(N, 16, 16\), got shape"):
             m.encode(bad)
+    for one in (img[0], img[0][..., None], x[0]):     # one image: it read (16, 16) as 16 images of 16 pixels
+        for f in (m.encode, m.reconstruct, lambda images: fastvae.evaluate(m, images)):
+            with pytest.raises(fastvae.DataError, match=re.escape(f"must be a batch, one image per row; shape "
+                                                                  f"{one.shape} is one image: pass a batch of one")):
+                f(one)
+    np.testing.assert_array_equal(m.encode(img[0][None])[0], m.encode(x[:1])[0])
 
 
 def test_the_library_takes_8_bit_pixels_as_fastvae_train_does():
