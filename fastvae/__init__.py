@@ -79,7 +79,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
-    from .cli_args import FIELD_OF_FLAG, check_data_dir
+    from .cli_args import FIELD_OF_FLAG, check_data_dir, default_batch_size
     from .config import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
@@ -105,6 +105,8 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         data = datasets.load(dcfg)
     else:
         dcfg = dcfg.replace(dataset=datasets.in_memory(data.name))
+    if "batch_size" not in kwargs:                  # the default, or every image of a small dataset
+        kwargs["batch_size"] = default_batch_size(len(data.x_train))
     mk = pick(ModelConfig)
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)

@@ -15,7 +15,7 @@ from shlex import quote
 
 from .errors import ConfigError, FastVAEError
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
-                       _positive, check_train_flags, checkpoint_arg, out_folder, parser)
+                       _positive, check_train_flags, checkpoint_arg, default_batch_size, out_folder, parser)
 from .cli_explore import _cmd_interpolate, _cmd_plot, _run_data, _trained
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
@@ -80,6 +80,8 @@ def _train_locked(a, out, progress, talk):
                            latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
                                                                                                20),
                            **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
+        if a.batch_size is None:                    # the default, or every image of a small dataset
+            a.batch_size = default_batch_size(len(data.x_train))
         tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
                                   **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress, force=True)   # checked

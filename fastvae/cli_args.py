@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     o = t.add_argument_group("optimisation")
     o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
     o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
-    o.add_argument("--batch-size", type=int, help="images per step (default 128)")
+    o.add_argument("--batch-size", type=int, help="images per step (default 128, or every training image when there are fewer)")
     o.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     o.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     o.add_argument("--adamw", action="store_true", default=None, help="decoupled weight decay (AdamW)")
@@ -225,6 +225,20 @@ def check_data_dir(dataset, data_dir, flag=lambda name: "--" + name.replace("_",
         what = dataset if isinstance(dataset, str) else "data given in memory"
         raise ConfigError(f"{flag('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
                           f"{what} does not read it: drop it, or give the data's path in {flag('dataset')}")
+
+
+def default_batch_size(n_train: int) -> int:
+    """The batch size of a run that names none: TrainConfig's 128, or all
+    ``n_train`` training images when there are fewer (one step an epoch; it
+    refused a small dataset over a setting the user never gave), said on stderr."""
+    import sys
+    from .config import TrainConfig
+    default = TrainConfig().batch_size
+    if 0 < n_train < default:
+        print(f"fastvae: note: batch_size {n_train}, every training image: the default {default} is more than the "
+              f"{n_train} there (set it with --batch-size)", file=sys.stderr)
+        return n_train
+    return default
 
 
 def out_folder(path: str, what: str) -> str:

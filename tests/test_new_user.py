@@ -232,3 +232,25 @@ def test_n_sprites_beside_another_dataset_is_refused(tmp_path):
            check=False)
     one_line(r, "--n-sprites sizes the built-in sprites, not mnist; drop it")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_dataset_smaller_than_the_default_batch_trains_on_all_its_images_a_step(tmp_path, capsys):
+    """`fastvae train --dataset x.npy` on 100 images (90 for training) stopped
+    with "batch_size 128 is larger than the 90 training images": a setting
+    the user never gave. Without --batch-size (batch_size= in Python) a step
+    now takes every training image, said in a note; a batch size the user
+    names is still checked."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 8, 8)).astype(np.float32))
+    r = fv("train", "--dataset", "x.npy", "--hidden", "8", "--latent", "2", "--epochs", "2", "--no-progress",
+           "--out", "run", cwd=tmp_path)
+    assert "note: batch_size 90, every training image: the default 128 is more than the 90 there" in r.stderr
+    ckpt = fastvae.load(tmp_path / "run").checkpoint
+    assert ckpt["train"]["batch_size"] == 90 and ckpt["step"] == 2          # one step an epoch
+    one_line(fv("train", "--dataset", "x.npy", "--batch-size", "128", "--out", "run2", cwd=tmp_path, check=False),
+             "batch_size 128 is larger than the 90 training images")
+    capsys.readouterr()
+    t = fastvae.train(np.random.default_rng(1).random((50, 16)), hidden=[4], latent_dim=2, epochs=1)
+    assert t.train_config.batch_size == 45 and t.step == 1
+    assert "batch_size 45, every training image" in capsys.readouterr().err
+    assert fastvae.train(np.random.default_rng(1).random((500, 16)), hidden=[4], latent_dim=2,
+                         epochs=1).train_config.batch_size == 128
