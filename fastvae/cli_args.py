@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     o = t.add_argument_group("optimisation")
     o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
     o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
-    o.add_argument("--batch-size", type=int, help="images per step (default 128, or every training image when there are fewer)")
+    o.add_argument("--batch-size", type=int,
+                   help="images per step (default 128, or every training image when there are fewer)")
     o.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     o.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     o.add_argument("--adamw", action="store_true", default=None, help="decoupled weight decay (AdamW)")
