@@ -238,8 +238,11 @@ def from_arrays(x, y=None, name: str = "arrays", test_fraction: float = 0.1, see
     ``label_names`` or their sorted set, one-hot rows; others are dropped with a
     note: :func:`fastvae.arrayfiles.class_labels`). A seeded random
     ``test_fraction`` of the rows is the test split (none when it rounds to 0
-    images). The rules of array files; raises DataError naming the problem."""
+    images). ``x`` may be the pair ``(images, labels)``. The rules of array
+    files; raises DataError naming the problem."""
     where = where or f"array {name!r}"
+    if y is None and isinstance(x, tuple) and len(x) == 2 and np.ndim(x[0]) >= 2 and np.ndim(x[1]) == 1:
+        x, y = x                                    # (images, labels): Keras's fit(x, y), TensorDataset(x, y)
     try:
         x = np.asarray(x)
     except (TypeError, ValueError) as exc:           # ragged lists, objects that are not numbers

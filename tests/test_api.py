@@ -137,7 +137,7 @@ def test_library_entry_points_refuse_bad_images_codes_and_counts_in_one_message(
     good = np.random.default_rng(0).random((5, 16)).astype(np.float32)
     readers = [model.encode, model.codes, model.reconstruct, lambda X: fastvae.evaluate(model, X)]
     bad = {"needs [0, 1]; rescale the data (8-bit pixels: x / 255)": good * 255, "NaN": np.where(good > 0.5, np.nan, good),
-           "NaN or infinite": np.where(good > 0.5, np.inf, good), "one flattened image per row": good[0],
+           "NaN or infinite": np.where(good > 0.5, np.inf, good), "(16,) is one image: pass a batch of one": good[0],
            "17 features": np.zeros((5, 17)), "real numbers": good.astype(str)}
     for f in readers:
         for needle, X in bad.items():
@@ -621,3 +621,19 @@ def test_evaluate_names_the_fix_for_a_path_or_none_given_as_its_model(tmp_path):
         fastvae.evaluate(None, x)
     model = fastvae.VAE(ModelConfig(input_dim=16, hidden=[4], latent_dim=2), "numpy", seed=0)
     assert fastvae.evaluate(model, x)["n"] == 8
+
+
+def test_train_takes_images_and_labels_as_a_pair():
+    """fastvae.train((x, y)), as Keras's fit(x, y) or TensorDataset(x, y) pair
+    them, was refused ("cannot be read as an array of images ... inhomogeneo"):
+    the labels now go with their images through both splits."""
+    x = np.random.default_rng(0).random((60, 4, 4)).astype(np.float32)
+    y = np.arange(60) % 3
+    t = fastvae.train((x, y), hidden=[4], latent_dim=2, epochs=1, batch_size=10)
+    d = t.data
+    assert d.x_train.shape == (54, 16) and d.y_train.shape == (54,) and d.y_test.shape == (6,)
+    rows = {tuple(r): c for r, c in zip(x.reshape(60, -1).tolist(), y.tolist())}   # each image keeps its label
+    assert all(rows[tuple(r)] == c for r, c in zip(d.x_train.tolist() + d.x_test.tolist(),
+                                                    d.y_train.tolist() + d.y_test.tolist()))
+    with pytest.raises(fastvae.DataError, match="60 images but 10 labels; they must match"):
+        fastvae.train((x, y[:10]), hidden=[4], latent_dim=2, epochs=1, batch_size=10)
