@@ -105,13 +105,17 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
         data = datasets.load(dcfg)
     else:
         dcfg = dcfg.replace(dataset=datasets.in_memory(data.name))
+    batch_note = ""
     if "batch_size" not in kwargs:                  # the default, or every image of a small dataset
-        kwargs["batch_size"] = default_batch_size(len(data.x_train))
+        kwargs["batch_size"], batch_note = default_batch_size(len(data.x_train))
     mk = pick(ModelConfig)
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
                       out=out, progress=progress, force=True)          # out was checked above
+    if batch_note:                                  # once the data passed its checks
+        import sys
+        print(batch_note, file=sys.stderr)
     trainer.fit(pictures=out is not None)
     return trainer
 

@@ -80,11 +80,14 @@ def _train_locked(a, out, progress, talk):
                            latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
                                                                                                20),
                            **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
+        batch_note = ""
         if a.batch_size is None:                    # the default, or every image of a small dataset
-            a.batch_size = default_batch_size(len(data.x_train))
+            a.batch_size, batch_note = default_batch_size(len(data.x_train))
         tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
                                   **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress, force=True)   # checked
+        if batch_note and talk:                     # once the data passed its checks
+            print(batch_note, file=sys.stderr)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
         if talk:
             print(f"training{ranks} {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"

@@ -228,18 +228,17 @@ def check_data_dir(dataset, data_dir, flag=lambda name: "--" + name.replace("_",
                           f"{what} does not read it: drop it, or give the data's path in {flag('dataset')}")
 
 
-def default_batch_size(n_train: int) -> int:
-    """The batch size of a run that names none: TrainConfig's 128, or all
-    ``n_train`` training images when there are fewer (one step an epoch; it
-    refused a small dataset over a setting the user never gave), said on stderr."""
-    import sys
+def default_batch_size(n_train: int):
+    """``(batch_size, note)`` of a run that names none: TrainConfig's 128, or
+    all ``n_train`` training images when there are fewer (one step an epoch;
+    it refused a small dataset over a setting the user never gave), with a
+    note to print once the data passed its checks ('' for the default)."""
     from .config import TrainConfig
     default = TrainConfig().batch_size
     if 0 < n_train < default:
-        print(f"fastvae: note: batch_size {n_train}, every training image: the default {default} is more than the "
-              f"{n_train} there (set it with --batch-size)", file=sys.stderr)
-        return n_train
-    return default
+        return n_train, (f"fastvae: note: batch_size {n_train}, every training image: the default {default} is "
+                         f"more than the {n_train} there (set it with --batch-size)")
+    return default, ""
 
 
 def out_folder(path: str, what: str) -> str:
