@@ -89,7 +89,8 @@ def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: b
     if link is None:
         raise error(f"{where} has no dataset {name!r}")
     if not isinstance(link, h5py.HardLink):
-        raise error(f"{where}: {name!r} is a {type(link).__name__}, which would read another object or file; "
+        kind = {"SoftLink": "soft link", "ExternalLink": "link to another file"}.get(type(link).__name__, "link")
+        raise error(f"{where}: {name!r} is a {kind}, which would read another object or file; "
                     "fastvae reads only data stored in the file itself")
     d = f[name]
     if not isinstance(d, h5py.Dataset):

@@ -85,14 +85,14 @@ def test_external_and_soft_links_are_refused(tmp_path, good):
         f.create_dataset("params", data=good["params"])
     p = craft(tmp_path / "xl.h5", good, params=lambda f, _: f.__setitem__("params", h5py.ExternalLink(str(other),
                                                                                                    "/params")))
-    with pytest.raises(CheckpointError, match="ExternalLink"):
+    with pytest.raises(CheckpointError, match="is a link to another file, which would read another object or file"):
         ckpt.read_checkpoint(p)
 
     def soft(f, p):
         f.create_dataset("hidden", data=p)
         f["params"] = h5py.SoftLink("/hidden")
     p = craft(tmp_path / "sl.h5", good, params=soft)
-    with pytest.raises(CheckpointError, match="SoftLink|unexpected members"):
+    with pytest.raises(CheckpointError, match="is a soft link, which would read|unexpected members"):
         ckpt.read_checkpoint(p)
 
 
