@@ -149,7 +149,8 @@ def _cmd_eval(a):
               f"-ELBO {res['neg_elbo']:.3f}, "
               f"recon {res['recon']:.3f}, KL {res['kl']:.3f} {units}; {res['active_units']} active units")
         if "iwae_neg_log_likelihood" in res:
-            print(f"IWAE -log p(x), k={res['iwae_k']}, {res['iwae_n']} images: "
+            what = "-log p(x)" if model.config.likelihood != "mse" else "bound (mse: no density)"
+            print(f"IWAE {what}, k={res['iwae_k']}, {res['iwae_n']} images: "
                   f"{res['iwae_neg_log_likelihood']:.3f} {units}")
         if "mig" in res:
             print(f"MIG (Chen et al. 2018): {res['mig']:.3f}")

@@ -144,6 +144,8 @@ def test_eval_of_an_mse_run_does_not_call_its_numbers_nats(tmp_path, monkeypatch
         assert main(["eval", lik, "--iwae-k", "2", "--no-progress"]) == 0
         text = capsys.readouterr().out
         assert ("nats per image" in text) == (lik == "bernoulli") and text.count(units) == 2, text
+        iwae_line = "IWAE -log p(x), k=2" if lik == "bernoulli" else "IWAE bound (mse: no density), k=2"
+        assert iwae_line in text and text.count("-log p(x)") == (lik == "bernoulli"), text   # mse has no p(x)
 
 
 def test_a_run_folder_holding_plot_figures_still_resumes(tmp_path, monkeypatch, capsys):
