@@ -169,7 +169,8 @@ class Trainer:
         out (default: the checkpoint's folder) is checked as ``--out`` is: another
         run or other files there raise RunFolderError unless ``force``. ``path``:
         the checkpoint or its run folder (as :func:`fastvae.load` takes it).
-        Raises CheckpointError for a bad file.
+        Raises CheckpointError for a bad file, ConfigError for a ``data_dir``
+        beside data that never reads it.
         """
         path = runfolder.checkpoint_path(path)
         out = runfolder.check_out(out if out is not None else os.path.dirname(os.path.abspath(path)),
@@ -188,7 +189,10 @@ class Trainer:
             changes.update(tf32=False, cuda_graph=False)
         changes["blas"] = choose_blas(blas, tc.blas, changes["backend"])
         tc = tc.replace(**changes)
-        dc = dc.replace(data_dir=data_dir) if data_dir is not None else dc
+        if data_dir is not None:                          # only files of a built-in dataset are found there
+            from .cli_args import check_data_dir
+            check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
+            dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
         self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None

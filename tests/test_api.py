@@ -604,6 +604,11 @@ def test_a_data_folder_beside_data_that_never_reads_it_is_refused_everywhere(tmp
         err = capsys.readouterr().err
         assert "--data-dir is where a built-in dataset's files are" in err and "x.npy does not read it" in err, err
     assert not (tmp_path / "f").exists() and not (tmp_path / "i.png").exists()
+    assert main(["train", "--resume", "run", "--epochs", "2", "--data-dir", "d", "--out", "run"]) == 2   # resumed
+    assert "x.npy does not read it" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="x.npy does not read it"):
+        fastvae.Trainer.from_checkpoint("run", epochs=2, data_dir="d")
+    assert fastvae.load("run").checkpoint["epoch"] == 1
     assert main(["eval", "run", "--json"]) == 0            # without it, the run's own data
 
 
