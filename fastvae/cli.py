@@ -153,7 +153,8 @@ def _cmd_eval(a):
             print(f"IWAE {what}, k={res['iwae_k']}, {res['iwae_n']} images: "
                   f"{res['iwae_neg_log_likelihood']:.3f} {units}")
         if "mig" in res:
-            print(f"MIG (Chen et al. 2018): {res['mig']:.3f}")
+            print(f"MIG (Chen et al. 2018): {res['mig']:.3f}" if res["mig"] == res["mig"] else
+                  "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more")
     return 0
 
 

@@ -129,11 +129,16 @@ def mig(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> dict:
     factor values. Each code dimension is discretised into ``bins`` equal-width
     bins (as in Locatello et al. 2019); for each factor v_k the gap between the
     two largest I(z_j; v_k), divided by H(v_k), is averaged over factors with
-    more than one value. Returns ``{"mig", "per_factor"}`` (each in [0, 1]).
+    more than one value. Returns ``{"mig", "per_factor"}`` (each in [0, 1]),
+    NaN for fewer than two code dimensions: the gap needs a second latent
+    (with one, the binned MI's upward bias was the whole score: 0.66 for
+    random codes of 30 sprites, 0.05 of 1200, against 0.03 and 0.004 with 4 latents).
     """
     codes, factors = np.asarray(codes), np.asarray(factors)
     if codes.shape[0] != factors.shape[0]:
         raise ConfigError("codes and factors must have the same number of rows")
+    if codes.ndim != 2 or codes.shape[1] < 2:
+        return {"mig": float("nan"), "per_factor": [float("nan")] * factors.shape[1]}
     disc = np.empty(codes.shape, dtype=np.int64)
     for j in range(codes.shape[1]):
         edges = np.histogram_bin_edges(codes[:, j], bins=bins)

@@ -301,3 +301,17 @@ def test_plot_scores_the_images_with_the_runs_seed_as_eval_does(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert main(["plot", "run"]) == 0
     assert seen and seen[0] == pytest.approx(recorded, rel=1e-9)
+
+
+def test_eval_of_a_one_latent_run_gives_no_mig(tmp_path, monkeypatch, capsys):
+    """A latent_dim 1 sprites run printed "MIG 0.640" after one epoch: with
+    no second latent, the score was the binned MI's bias (random codes of 30
+    images score 0.66). MIG needs two latents; eval says so (JSON: null)."""
+    from fastvae.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, "--epochs", "1", "--latent", "1", "--out", "one"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "one"]) == 0
+    assert "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more" in capsys.readouterr().out
+    assert main(["eval", "one", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mig"] is None
