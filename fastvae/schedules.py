@@ -10,8 +10,8 @@ beta schedules (``beta_max`` is the final or peak weight):
   ``warmup`` epochs (the "KL warm-up" of Bowman et al. 2016 and Sønderby et al.
   2016; the seeds' "delayed ramp").
 * ``sigmoid``: 0 for ``delay`` epochs, then ``beta_max * sigmoid(12 (t - 1/2))``
-  with ``t`` the fraction of ``warmup`` elapsed (clamped), so the ramp is 0.25 %
-  done at its start and 99.75 % at its end.
+  with ``t`` the fraction of ``warmup`` elapsed, so the ramp is 0.25 % done at
+  its start and 99.75 % at its end; ``beta_max`` from then on.
 * ``cyclical``: Fu et al. 2019 ("Cyclical Annealing Schedule", eq. 2 with a
   linear f): the run is split into ``cycles`` periods; in each, beta rises
   linearly from 0 to ``beta_max`` over the first ``ratio`` of the period and
@@ -37,9 +37,9 @@ def beta_at(cfg: TrainConfig, epoch_float: float, total_epochs: int) -> float:
     t = e - cfg.beta_delay
     if t < 0:
         return 0.0
-    if cfg.beta_warmup <= 0:
+    if t >= cfg.beta_warmup:           # after the ramp: the final weight itself (sigmoid's ramp ends at 99.75 %)
         return bmax
-    frac = min(t / cfg.beta_warmup, 1.0)
+    frac = t / cfg.beta_warmup          # in [0, 1)
     if kind == "linear":
         return bmax * frac
     if kind == "sigmoid":

@@ -55,6 +55,7 @@ def test_beta_schedules():
     assert beta_at(c, 1.0, 10) == pytest.approx(0.5)
     assert beta_at(c, 0.0, 10) < 0.003 and beta_at(c, 2.0, 10) > 0.997
     assert beta_at(c, 0.5, 10) < beta_at(c, 1.5, 10)
+    assert beta_at(c, 2.0, 10) == 1 and beta_at(c, 9.9, 10) == 1     # the final weight: it stayed at 0.9975
     c = cfg(beta_schedule="cyclical", beta_max=1, beta_cycles=2, beta_ratio=0.5)
     # 10 epochs, 2 cycles of 5 epochs: ramp over 2.5 epochs then flat
     assert beta_at(c, 0, 10) == 0
