@@ -228,7 +228,7 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
     """One row per latent dimension, sorted by its KL over ``X`` (largest first;
     with IAF steps, which mix the dimensions, by the variance of the codes
     they output), decoding -span..span with the other coordinates fixed at
-    ``center`` (default: the mean code of X, or 0) -- the beta-VAE picture
+    ``center`` (default: the code of X's first image, or 0 without X) -- the beta-VAE picture
     (Higgins et al. 2017). ``max_dims`` keeps that many rows (the title then
     says how many of L)."""
     L = model.config.latent_dim
