@@ -103,9 +103,16 @@ def units(likelihood: str, short: bool = False) -> str:
     return "nats per image"
 
 
-def evaluate(model, X, batch_size: Optional[int] = None, seed: int = 0) -> dict:
+def evaluate(model, X, batch_size: Optional[int] = None, seed: Optional[int] = None) -> dict:
     """``{"neg_elbo", "recon", "kl", "n"}``: means over the ``n`` images of X,
-    in nats per image (see :func:`per_image_losses`)."""
+    in nats per image (see :func:`per_image_losses`). ``seed`` None: the
+    run's own seed for a model from :func:`fastvae.load` (so the last test
+    -ELBO in its metrics is reproduced, as ``fastvae eval`` does), else 0.
+    X is scored as given: a ``--binarize`` run's metrics were taken on
+    :func:`binarized` test images."""
+    check_model(model, "evaluate")
+    if seed is None:
+        seed = ((getattr(model, "checkpoint", None) or {}).get("train") or {}).get("seed", 0)
     recon, kl = per_image_losses(model, X, batch_size, seed)
     n = int(len(recon))
     if n == 0:

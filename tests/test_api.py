@@ -642,3 +642,17 @@ def test_train_takes_images_and_labels_as_a_pair():
                                                     d.y_train.tolist() + d.y_test.tolist()))
     with pytest.raises(fastvae.DataError, match="60 images but 10 labels; they must match"):
         fastvae.train((x, y[:10]), hidden=[4], latent_dim=2, epochs=1, batch_size=10)
+
+
+def test_evaluate_of_a_loaded_run_reproduces_its_last_test_elbo(tmp_path):
+    """fastvae.evaluate(fastvae.load(RUN), x_test) drew its z with seed 0,
+    while the run (and `fastvae eval`) used the run's --seed: a seed-3 run's
+    metrics and the library disagreed. The run's seed is the default now."""
+    x = np.random.default_rng(0).random((200, 16)).astype(np.float32)
+    t = fastvae.train(x, out=str(tmp_path / "run"), hidden=[8], latent_dim=2, epochs=1, batch_size=20, seed=3)
+    m = fastvae.load(tmp_path / "run")
+    last = t.history[-1]["test_neg_elbo"]
+    assert fastvae.evaluate(m, t.data.x_test)["neg_elbo"] == pytest.approx(last, rel=1e-6)
+    assert fastvae.evaluate(m, t.data.x_test, seed=0)["neg_elbo"] != pytest.approx(last, rel=1e-6)
+    fresh = fastvae.VAE(ModelConfig(input_dim=16, hidden=[8], latent_dim=2), "numpy", seed=0)   # no run: seed 0
+    assert fastvae.evaluate(fresh, x) == fastvae.evaluate(fresh, x, seed=0)
