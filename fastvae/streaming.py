@@ -7,10 +7,15 @@ memory) is not loaded: :class:`StreamedImages` stands in for ``x_train`` and
 rows read by a prefetch thread while the current step computes. RSS stays
 flat as the file grows (about two batches plus one chunk's index).
 
-Order: the rows form chunks of ``chunk_rows`` consecutive rows; each epoch
-draws a chunk order and one seed per chunk from the training stream, and
-visits the chunks in that order, each in the order of its own seeded
-permutation (shuffled by chunk and within chunk, never an N-long index).
+Order: the rows form chunks of ``chunk_rows`` consecutive rows (a function
+of the file's row count and row size alone, :func:`chunk_rows_for`, so a
+seed draws the same batches on any machine and a run stopped inside an epoch
+resumes where the free memory differs); each epoch draws a chunk order and
+one seed per chunk from the training stream and visits the chunks in that
+order, ``MIX`` at a time: the rows of a window of ``MIX`` chunks, which lie
+far apart in the file, in the order of a seeded permutation (a batch mixes
+rows from ``MIX`` places of the file: a file sorted by class or by factor, as
+3dshapes is, gave batches of one region; never an N-long index).
 Data-parallel ranks read only their rows of each global batch. The test split
 is the one the file would have loaded in memory (:func:`fastvae.arrayfiles.held_out_rows`:
 the seeded random ``test_fraction`` of the rows), so a run's split does not
@@ -136,7 +141,7 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
     N, D = int(shape[0]), int(np.prod(shape[1:]))
     image_shape = image_shape_of(shape, path)
     row_bytes = D * 4
-    chunk_rows = max(1, min(N, (budget_bytes // 8) // row_bytes))
+    chunk_rows = chunk_rows_for(N, row_bytes)
     fits = (budget_bytes // 2) // row_bytes          # test rows held in memory; more are streamed too
     given = _given_test(path, ext, image_shape, fits, chunk_rows)
     if given is not None:           # an HDF5 file's own x_test beside x_train, as when it loads
@@ -148,6 +153,18 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
         return train, None
     x_test = StreamedImages(path, len(test), D, image_shape, reader, chunk_rows, index=test)
     return train, x_test.rows(np.arange(len(test))) if len(test) <= fits else x_test
+
+
+CHUNK_BYTES = 16 * 2 ** 20     # a chunk's float32 rows at most (a window of MIX: the epoch's working set on disk)
+MIX = 16                       # chunks whose rows one window interleaves
+
+
+def chunk_rows_for(n: int, row_bytes: int) -> int:
+    """Rows per chunk of a streamed file of ``n`` rows of ``row_bytes``
+    (float32): about 1/64 of the rows, at most ``CHUNK_BYTES`` and 65,536
+    rows (a window's index stays small), at least 1. The file alone decides
+    it, never the free memory (a chunk is read from disk, not held)."""
+    return max(1, min(-(-n // 64), CHUNK_BYTES // max(row_bytes, 1), 65536))
 
 
 def _mb(shape, dtype) -> str:
@@ -238,16 +255,17 @@ class _NpyRows:
 
 class StreamBatchSource:
     """The :class:`~fastvae.training.BatchSource` interface over
-    :class:`StreamedImages`: chunk-shuffled order, rank shards, a prefetch
-    thread. ``pos.perm`` holds the epoch's chunk order then one seed per
-    chunk (``2 n_chunks`` int64), all a mid-epoch checkpoint needs."""
+    :class:`StreamedImages`: chunk-shuffled order in windows of ``MIX``
+    chunks, rank shards, a prefetch thread. ``pos.perm`` holds the epoch's
+    chunk order then one seed per chunk (``2 n_chunks`` int64; a window's
+    permutation is seeded by its first chunk's), all a mid-epoch checkpoint needs."""
 
     def __init__(self, backend, x: StreamedImages, batch_size: int, rng, binarize: bool, rank=0, world_size=1):
         self.backend, self.x_host, self.batch_size = backend, x, batch_size
         self.rng, self.binarize, self.rank, self.world_size = rng, binarize, rank, world_size
         self.n_chunks = math.ceil(x.n / x.chunk_rows)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-prefetch")
-        self._next = None
+        self._next, self._last_window = None, None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -275,16 +293,29 @@ class StreamBatchSource:
         k, C, n = self.n_chunks, self.x_host.chunk_rows, self.x_host.n
         order, seeds = perm[:k], perm[k:]
         sizes = np.minimum(C, n - order * C)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        first = np.arange(0, k, MIX)                             # each window's first place in the order
+        starts = np.concatenate([[0], np.cumsum(np.add.reduceat(sizes, first))])
         out = []
-        for j in range(np.searchsorted(starts, lo, "right") - 1, k):
-            if starts[j] >= hi:
+        for w in range(np.searchsorted(starts, lo, "right") - 1, len(first)):
+            if starts[w] >= hi:
                 break
-            c = int(order[j])
-            within = np.random.Generator(np.random.PCG64([int(seeds[j]), c])).permutation(int(sizes[j]))
-            a, b = max(lo, starts[j]) - starts[j], min(hi, starts[j + 1]) - starts[j]
-            out.append(c * C + within[a:b])
+            rows = self._window(order, seeds, sizes, int(first[w]), C)
+            a, b = max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
+            out.append(rows[a:b])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _window(self, order, seeds, sizes, j: int, C: int) -> np.ndarray:
+        """The rows of the window starting at place ``j`` of the chunk order,
+        in their seeded order (the last one kept: a batch and the prefetched
+        next one mostly fall in the same window)."""
+        key = (j, int(seeds[j]), tuple(order[j:j + MIX].tolist()))
+        cached = self._last_window
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows = np.concatenate([int(c) * C + np.arange(int(m)) for c, m in zip(order[j:j + MIX], sizes[j:j + MIX])])
+        rows = rows[np.random.Generator(np.random.PCG64([int(seeds[j]), int(order[j])])).permutation(len(rows))]
+        self._last_window = (key, rows)
+        return rows
 
     def _shard_rows(self, perm, b: int):
         n = min(self.batch_size, self.x_host.n - b * self.batch_size)

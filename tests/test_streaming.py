@@ -90,19 +90,71 @@ def test_a_streamed_split_never_reads_the_rows_of_the_other(tmp_path):
     assert main(["eval", str(out), "--split", "train", "--iwae-k", "2"]) == 0
 
 
-def test_every_row_once_per_epoch_shuffled_by_chunk(tmp_path):
+def test_every_row_once_per_epoch_shuffled_in_windows_of_chunks(tmp_path):
+    """Each epoch visits every row once, in windows of MIX chunks whose rows
+    are interleaved: a batch was one chunk's consecutive rows (of a file
+    sorted by class, one class), now rows from MIX places of the file."""
+    from fastvae.streaming import MIX
     _npy(tmp_path / "a.npy", 1000)
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.05))
     t = _trainer(ds)
     src = t.batches
-    assert isinstance(src, StreamBatchSource) and src.n_chunks > 3
+    assert isinstance(src, StreamBatchSource) and src.n_chunks > 3 * MIX
     pos = src.new_epoch()
     ids = src._row_ids(np.asarray(pos.perm), 0, 900)
     assert sorted(ids) == list(range(900))
     C = ds.x_train.chunk_rows
-    first = ids[:C] // C
-    assert len(set(first)) == 1 and not np.array_equal(ids[:C], np.sort(ids[:C]))    # one chunk, shuffled
+    window = ids[:MIX * C]
+    assert len(set((window // C).tolist())) == MIX and not np.array_equal(window, np.sort(window))
+    assert len(set((ids[:64] // C).tolist())) >= MIX - 2                  # one batch: rows of (nearly) all of them
+    for lo, hi in ((0, 900), (37, 301), (500, 501), (850, 900)):          # any stretch, as whole-epoch ids
+        np.testing.assert_array_equal(src._row_ids(np.asarray(pos.perm), lo, hi), ids[lo:hi])
     assert not np.array_equal(src._row_ids(np.asarray(src.new_epoch().perm), 0, 900), ids)
+
+
+def test_a_file_sorted_by_class_gives_batches_of_many_classes(tmp_path):
+    """A file sorted by class (or by factor, as 3dshapes is) streamed in
+    batches of one chunk each: 1 to 2 of 10 classes a batch. Now about
+    as many as a shuffle of the whole file gives."""
+    n = 4000
+    np.save(tmp_path / "s.npy", np.repeat(np.arange(10, dtype=np.uint8) * 25, n // 10)[:, None].repeat(64, 1))
+    ds = datasets.load(DataConfig(dataset=str(tmp_path / "s.npy"), memory_budget_mb=0.2, test_fraction=0))
+    assert isinstance(ds.x_train, StreamedImages)
+    src = StreamBatchSource(fastvae.backends.get("numpy", "float32"), ds.x_train, 64,
+                            fastvae.backends.get("numpy", "float32").new_rng([0, 1]), False)
+    ids = src._row_ids(np.asarray(src.new_epoch().perm), 0, n)
+    classes = [len(set((ids[b:b + 64] // (n // 10)).tolist())) for b in range(0, n, 64)]
+    assert np.median(classes) >= 7, classes      # a shuffle of the whole file: 10
+
+
+def test_the_batch_order_does_not_depend_on_the_free_memory(tmp_path):
+    """The chunk size came from the memory budget (half the free memory by
+    default): a streamed run drew other batches on a machine with other free
+    memory, and one stopped inside an epoch could not resume once the free
+    memory had changed ("its batch order does not fit"). The file decides it."""
+    _npy(tmp_path / "a.npy", 800)             # budgets as half the free memory sets them: both stream
+    load = lambda mb=0.05: datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=mb))
+    straight = _trainer(load(), epochs=2)
+    assert isinstance(straight.data.x_train, StreamedImages)
+    straight.fit(pictures=False)
+    t = _trainer(load(), out=str(tmp_path / "run"), epochs=2)
+    real = t.model.loss_and_grad
+    calls = {"n": 0}
+
+    def stop_after_17(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 17:
+            t.stop_requested = True
+        return real(*a, **k)
+    t.model.loss_and_grad = stop_after_17
+    with pytest.raises(fastvae.TrainingInterrupted):
+        t.fit(pictures=False)
+    data = load(0.2)                                  # more free memory: still streamed
+    assert data.x_train.chunk_rows == straight.data.x_train.chunk_rows
+    assert isinstance(data.x_train, StreamedImages)
+    r = fastvae.Trainer.from_checkpoint(tmp_path / "run" / "checkpoint.h5", dataset=data, progress=False)
+    r.fit(pictures=False)
+    np.testing.assert_array_equal(r.model.get_flat_params(), straight.model.get_flat_params())
 
 
 @pytest.mark.parametrize("binarize", [False, True])
