@@ -127,36 +127,6 @@ def test_a_file_sorted_by_class_gives_batches_of_many_classes(tmp_path):
     assert np.median(classes) >= 7, classes      # a shuffle of the whole file: 10
 
 
-def test_the_batch_order_does_not_depend_on_the_free_memory(tmp_path):
-    """The chunk size came from the memory budget (half the free memory by
-    default): a streamed run drew other batches on a machine with other free
-    memory, and one stopped inside an epoch could not resume once the free
-    memory had changed ("its batch order does not fit"). The file decides it."""
-    _npy(tmp_path / "a.npy", 800)             # budgets as half the free memory sets them: both stream
-    load = lambda mb=0.05: datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=mb))
-    straight = _trainer(load(), epochs=2)
-    assert isinstance(straight.data.x_train, StreamedImages)
-    straight.fit(pictures=False)
-    t = _trainer(load(), out=str(tmp_path / "run"), epochs=2)
-    real = t.model.loss_and_grad
-    calls = {"n": 0}
-
-    def stop_after_17(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 17:
-            t.stop_requested = True
-        return real(*a, **k)
-    t.model.loss_and_grad = stop_after_17
-    with pytest.raises(fastvae.TrainingInterrupted):
-        t.fit(pictures=False)
-    data = load(0.2)                                  # more free memory: still streamed
-    assert data.x_train.chunk_rows == straight.data.x_train.chunk_rows
-    assert isinstance(data.x_train, StreamedImages)
-    r = fastvae.Trainer.from_checkpoint(tmp_path / "run" / "checkpoint.h5", dataset=data, progress=False)
-    r.fit(pictures=False)
-    np.testing.assert_array_equal(r.model.get_flat_params(), straight.model.get_flat_params())
-
-
 @pytest.mark.parametrize("binarize", [False, True])
 def test_rank_shards_are_slices_of_the_one_process_batch(tmp_path, binarize):
     _npy(tmp_path / "a.npy", 700)
@@ -178,9 +148,14 @@ def test_rank_shards_are_slices_of_the_one_process_batch(tmp_path, binarize):
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), ref[1])
 
 
-def test_mid_epoch_interrupt_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("resume_budget", [0.05, 0.2])
+def test_mid_epoch_interrupt_resumes_bit_for_bit(tmp_path, resume_budget):
+    """Also where the free memory changed before the resume (budget 0.2 MB
+    instead of 0.05, both streaming): the chunk size came from the budget, so
+    the resume was refused ("its batch order does not fit") and a seed drew
+    other batches on another machine. The file decides it now."""
     _npy(tmp_path / "a.npy", 800)
-    load = lambda: datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.05))
+    load = lambda mb=0.05: datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=mb))
     straight = _trainer(load(), epochs=2)
     straight.fit(pictures=False)
     t = _trainer(load(), out=str(tmp_path / "run"), epochs=2)
@@ -195,7 +170,9 @@ def test_mid_epoch_interrupt_resumes_bit_for_bit(tmp_path):
     t.model.loss_and_grad = stop_after_17
     with pytest.raises(fastvae.TrainingInterrupted):
         t.fit(pictures=False)
-    r = fastvae.Trainer.from_checkpoint(tmp_path / "run" / "checkpoint.h5", dataset=load(), progress=False)
+    data = load(resume_budget)
+    assert isinstance(data.x_train, StreamedImages) and data.x_train.chunk_rows == straight.data.x_train.chunk_rows
+    r = fastvae.Trainer.from_checkpoint(tmp_path / "run" / "checkpoint.h5", dataset=data, progress=False)
     r.fit(pictures=False)
     np.testing.assert_array_equal(r.model.get_flat_params(), straight.model.get_flat_params())
 
