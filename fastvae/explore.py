@@ -286,7 +286,8 @@ def plot_interpolation(model, xa, xb, image_shape, steps=10, path=None):
 
 def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) -> int:
     """Write ``frames (T, D)`` as an animated GIF (Pillow), upscaled ``scale``x,
-    played forth and back when ``bounce``; returns the number of frames written.
+    played forth and back when ``bounce``; returns the number of frames in
+    the file (identical consecutive frames are one, shown for their sum of durations).
     ConfigError for a name not ending in .gif (it replaced a checkpoint.h5
     given by mistake), a scale below 1, frames past GIF's 65,535 pixels a side,
     or frames that would not fit in memory (checked before any is drawn)."""
@@ -311,7 +312,8 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
     from .runfolder import atomic_write
     atomic_write(path, lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:],
                                                 duration=duration_ms, loop=0, optimize=False))
-    return len(imgs)
+    with Image.open(path) as written:      # Pillow merges identical consecutive frames, adding their durations
+        return written.n_frames
 
 
 def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel="-ELBO (nats per image)"):

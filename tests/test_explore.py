@@ -205,6 +205,11 @@ def test_gif_has_the_expected_frames(trained, tmp_path):
     explore.save_gif(frames, (16, 16), p, bounce=False)
     with Image.open(p) as im:
         assert im.n_frames == 10
+    # identical consecutive frames are one in the file (Pillow adds their durations): it said 8 for 2
+    same = np.repeat(frames[:2], [5, 3], axis=0)
+    assert explore.save_gif(same, (16, 16), p, bounce=False) == 2
+    with Image.open(p) as im:
+        assert im.n_frames == 2
 
 
 def test_plot_and_interpolate_commands(tmp_path):
