@@ -79,7 +79,13 @@ class StreamedImages:
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"rows {idx.min()}..{idx.max()} of {self.path}: this split has rows 0..{self.n - 1}")
         order = np.argsort(idx, kind="stable")
-        raw = np.asarray(self._reader(self._file_rows(idx[order]))).reshape(len(idx), -1)
+        try:
+            raw = np.asarray(self._reader(self._file_rows(idx[order]))).reshape(len(idx), -1)
+        except (DataError, MemoryError):
+            raise
+        except Exception as exc:    # a damaged HDF5 chunk: h5py's OSError, RuntimeError, ...
+            raise DataError(f"{self.path}: rows {idx.min()}..{idx.max()} cannot be read ({type(exc).__name__}: "
+                            f"{str(exc)[:100]}); the file is damaged or changed since training started") from None
         out = np.empty((len(idx), self.D), np.float32)
         out[order] = unit_pixels(raw)
         if not np.all(np.isfinite(out)):
@@ -143,7 +149,13 @@ def open_streamed(path, budget_bytes: Optional[int], test_fraction: float, seed:
     row_bytes = D * 4
     chunk_rows = chunk_rows_for(N, row_bytes)
     fits = (budget_bytes // 2) // row_bytes          # test rows held in memory; more are streamed too
-    given = _given_test(path, ext, image_shape, fits, chunk_rows)
+    try:
+        given = _given_test(path, ext, image_shape, fits, chunk_rows)
+    except (DataError, MemoryError):
+        raise
+    except Exception as exc:        # damaged HDF5 metadata around x_test
+        raise DataError(f"cannot read {path}'s test images: {type(exc).__name__}: {str(exc)[:120]}; check the "
+                        "file") from None
     if given is not None:           # an HDF5 file's own x_test beside x_train, as when it loads
         return StreamedImages(path, N, D, image_shape, reader, chunk_rows), given
     test = held_out_rows(N, test_fraction, seed)
@@ -195,7 +207,7 @@ def _open_rows(path: str, ext: str):
     try:
         f = h5py.File(path, "r")
         arr = h5_dataset(f, _keys(list(f.keys()), path, False)[0], path, DataError, size, compressed_ok=True)
-    except (OSError, DataError):
+    except Exception:               # h5py raises RuntimeError, KeyError, ... on damaged metadata: the loader names it
         return None
     return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
 

@@ -142,6 +142,38 @@ def test_npy_header_that_numpys_parser_fails_on_with_a_tokenizer_error(tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "is not a valid .npy array" in r.stderr, r.stderr
 
 
+def test_a_damaged_hdf5_file_streams_into_a_data_error(tmp_path, monkeypatch):
+    """Mutated bytes of HDF5 files gave h5py's RuntimeError or KeyError when a
+    file was opened to stream (9 + 3 of 150), and a damaged gzip chunk its
+    OSError in the middle of training ("filter returned failure during
+    read"), which `fastvae train` blamed on paths and disk space. Both are
+    DataErrors naming the file now."""
+    import h5py
+    import fastvae
+    x = (np.random.default_rng(0).random((400, 64)) * 255).astype(np.uint8)
+    p = tmp_path / "d.h5"
+    with h5py.File(p, "w") as f:
+        f.create_dataset("x_train", data=x, chunks=(20, 64), compression="gzip")
+        f.create_dataset("x_test", data=x[:100], chunks=(20, 64), compression="gzip")
+    with h5py.File(p, "r") as f:
+        info = f["x_train"].id.get_chunk_info(7)              # rows 140..159, stored compressed
+    raw = bytearray(p.read_bytes())
+    raw[info.byte_offset + 2:info.byte_offset + info.size] = bytes(info.size - 2)
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"d.h5: rows .* cannot be read \(OSError: .*\); the file is damaged"):
+        fastvae.train(str(p), hidden=[4], latent_dim=2, epochs=1, batch_size=20, memory_budget_mb=0.05)
+    r = fv("train", "--dataset", p, "--memory-budget", "0.05", "--hidden", "4", "--latent", "2", "--epochs", "1",
+           "--batch-size", "20", "--no-progress", "--out", tmp_path / "run", cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "the file is damaged" in r.stderr and "disk space" not in r.stderr, r.stderr
+
+    def damaged(*a, **k):
+        raise RuntimeError("Link iteration failed (free block size is zero?)")
+    monkeypatch.setattr(h5py, "File", damaged)
+    for budget in (None, 0.05):
+        with pytest.raises(DataError, match="d.h5 is not a readable HDF5 file"):
+            datasets.load(datasets.DataConfig(dataset=str(p), memory_budget_mb=budget))
+
+
 def test_npz_member_compressed_beyond_plausibility(tmp_path):
     p = tmp_path / "bomb.npz"
     np.savez_compressed(p, images=np.zeros((20000, 784), np.uint8))     # 15.7 MB of zeros -> ~15 KB
