@@ -225,9 +225,11 @@ def read_image(path, mode: str, size=None, fix: str = "remove or replace it", er
     ``MAX_COMPRESSION`` times the file's size is refused as a decompression
     bomb (a 140 KB PNG can declare 12,000 x 12,000 pixels). Raises ``error``
     naming the file and ``fix`` for every failure."""
+    import warnings
     from PIL import Image, ImageOps
     path = os.fspath(path)
-    with open_regular(path, "image", fix, error) as fh:
+    with open_regular(path, "image", fix, error) as fh, warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # Pillow's notes on damaged metadata: pixels are read or refused here
         stored = os.fstat(fh.fileno()).st_size
         try:
             with Image.open(fh) as im:
