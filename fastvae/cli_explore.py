@@ -142,7 +142,8 @@ def _cmd_interpolate(a):
     if a.gif:
         frames = explore.interpolation_frames(model, xa, xb, a.steps, a.mode)
         n = explore.save_gif(frames, shape, a.gif, scale=a.scale)
-        print(f"wrote {a.gif}: {n} frames ({a.steps} steps, {a.mode}, played forth and back)")
+        merged = "; identical frames shown as one" if n < 2 * a.steps - 2 else ""      # Pillow merges them
+        print(f"wrote {a.gif}: {n} frame{'s' * (n != 1)} ({a.steps} steps, {a.mode}, played forth and back{merged})")
     if a.png:
         explore.plot_interpolation(model, xa, xb, shape, steps=min(a.steps, 12), path=a.png)
         print(f"wrote {a.png}")

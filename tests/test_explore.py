@@ -223,10 +223,13 @@ def test_plot_and_interpolate_commands(tmp_path):
               "interpolation.gif"):
         assert f in figs and (run / "figures" / f).stat().st_size > 1000, f
     Image.fromarray((np.random.default_rng(0).random((20, 30)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
-    fv("interpolate", run / "checkpoint.h5", tmp_path / "a.png", "3", "--steps", "6",
-       "--gif", tmp_path / "m.gif", cwd=tmp_path)
+    said = fv("interpolate", run / "checkpoint.h5", tmp_path / "a.png", "3", "--steps", "6",
+              "--gif", tmp_path / "m.gif", cwd=tmp_path).stdout
     with Image.open(tmp_path / "m.gif") as im:
-        assert im.n_frames == 10
+        assert im.n_frames == 10 and "m.gif: 10 frames (6 steps, spherical, played forth and back)" in said, said
+    said = fv("interpolate", run / "checkpoint.h5", "3", "3", "--steps", "6", "--gif", tmp_path / "m.gif",
+              cwd=tmp_path).stdout                       # an image to itself: every frame the same
+    assert "m.gif: 1 frame (6 steps, spherical, played forth and back; identical frames shown as one)" in said, said
     p = fv("interpolate", run / "checkpoint.h5", "0", "999", "--gif", "x.gif", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "outside the test split" in p.stderr
     out = fv("eval", run / "checkpoint.h5", "--json", "--iwae-k", "20", cwd=tmp_path).stdout
