@@ -54,6 +54,31 @@ def choose_blas(requested: Optional[str], written: Optional[str], backend: str) 
     return written
 
 
+def model_config(data: dict, path) -> ModelConfig:
+    """The model config of a checkpoint (``read_checkpoint`` output), checked
+    against the file before any model is built: it parses, its layers chain,
+    and their parameter layout is the file's. A crafted config met the
+    model's own checks only: a convolution wider than its input was called
+    a user's mistake ("use a smaller kernel"), and layer sizes claiming 260
+    billion parameters for a file of 165,000 were refused as too large for
+    memory. CheckpointError for each."""
+    from . import layers
+    from .layout import ParamLayout
+    try:
+        mc = ModelConfig.from_dict(data["config"]["model"])
+        stack = layers.build(mc)
+        layers.sampler_index(stack), layers.decoder_index(stack)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} holds an invalid model config ({exc}); use a checkpoint written "
+                              "by fastvae") from None
+    try:
+        ParamLayout.for_layers(stack).check_table(data["layout"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: its model config and its parameters disagree ({exc}); use a checkpoint "
+                              "written by fastvae") from None
+    return mc
+
+
 def load_model(path, backend: Optional[str] = None):
     """``(model, data)`` for ``path``, a checkpoint or the run folder holding
     one: a :class:`fastvae.VAE` built from the checkpoint's own
@@ -62,11 +87,6 @@ def load_model(path, backend: Optional[str] = None):
     file, BackendUnavailableError for a named backend that cannot run."""
     path = checkpoint_path(path)
     data = read_checkpoint(path)
-    try:
-        mc = ModelConfig.from_dict(data["config"]["model"])
-    except (ConfigError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} holds an invalid model config ({exc}); use a checkpoint written "
-                              "by fastvae") from None
-    model = VAE(mc, choose_backend(backend, data["meta"].get("backend")))
+    model = VAE(model_config(data, path), choose_backend(backend, data["meta"].get("backend")))
     load_params(model, data, path)
     return model, data

@@ -37,7 +37,7 @@ from .backends.base import ForeignRNGState
 from .checks import check_count, check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
-from .restore import choose_backend, choose_blas
+from .restore import choose_backend, choose_blas, model_config
 from .schedules import beta_at, lr_at, resume_note
 from .stopping import StopSignals
 from .streaming import StreamBatchSource, StreamedImages
@@ -177,9 +177,9 @@ class Trainer:
                                   resume=path, force=force)
         data = ckpt.read_checkpoint(path)
         cfg = data["config"]
+        mc = model_config(data, path)                    # checked against the file's parameters
         try:
-            mc, tc, dc = (c.from_dict(cfg[k]) for c, k in ((ModelConfig, "model"), (TrainConfig, "train"),
-                                                           (DataConfig, "data")))
+            tc, dc = (c.from_dict(cfg[k]) for c, k in ((TrainConfig, "train"), (DataConfig, "data")))
         except (ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} holds an invalid config ({exc}); use a checkpoint written "
                                   "by fastvae") from None

@@ -318,3 +318,28 @@ def test_config_flag_that_is_not_a_boolean_is_a_checkpoint_error(tmp_path, good,
     p = craft(tmp_path / "c.h5", good, texts={"config": json.dumps(cfg)})
     with pytest.raises(CheckpointError, match=f"invalid {section} config.*{field} must be true or false"):
         ckpt.read_checkpoint(p)
+
+
+def test_a_crafted_layer_stack_is_a_checkpoint_error_before_any_model_is_built(tmp_path, good):
+    """A re-signed config whose layers do not fit its input, or claim far more
+    parameters than the file holds, met only the model's own checks: "a
+    57x57 convolution ... does not fit its 8x8 input; use a smaller kernel"
+    (a ConfigError blaming the user), and 260 billion parameters of a file of
+    thousands refused as too large for memory after a memory estimate. Found
+    by mutating the layer specs of a conv checkpoint (7 of 300 were
+    ConfigErrors). Both are CheckpointErrors now, from load and resume alike."""
+    import copy
+    import fastvae
+    cases = []
+    wide = copy.deepcopy(good["config"])
+    wide["model"]["layers"][0]["units"] = 10 ** 9                   # encoder.0: 256 x 10^9 weights
+    cases.append((wide, "model config and its parameters disagree"))
+    broken = copy.deepcopy(good["config"])
+    broken["model"]["layers"][1]["units"] = 2                        # the head no longer feeds the sampler
+    cases.append((broken, "holds an invalid model config"))
+    for i, (cfg, needle) in enumerate(cases):
+        p = craft(tmp_path / f"c{i}.h5", good, texts={"config": json.dumps(cfg)})
+        with pytest.raises(CheckpointError, match=needle):
+            load_model(p)
+        with pytest.raises(CheckpointError, match=needle):
+            fastvae.Trainer.from_checkpoint(p, out=str(tmp_path / f"run{i}"), dataset=SPRITES16, progress=False)
