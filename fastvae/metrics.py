@@ -53,8 +53,8 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
     out = np.empty(len(X))
     per_block = max(1, batch_rows // k)
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(X) * k, unit="sample", unit_scale=True, desc=f"IWAE k={k}", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(total=len(X) * k, unit="sample", unit_scale=True, desc=f"IWAE k={k}",
+               disable=None if progress else True, leave=False)      # None: shown on a terminal only
     for i0 in range(0, len(X), per_block):
         xb = X[i0:i0 + per_block]
         nb = len(xb)

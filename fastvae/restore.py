@@ -67,7 +67,8 @@ def model_config(data: dict, path) -> ModelConfig:
     try:
         mc = ModelConfig.from_dict(data["config"]["model"])
         stack = layers.build(mc)
-        layers.sampler_index(stack), layers.decoder_index(stack)
+        layers.sampler_index(stack)                 # raise as VAE() would for a stack without them
+        layers.decoder_index(stack)
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} holds an invalid model config ({exc}); use a checkpoint written "
                               "by fastvae") from None
