@@ -116,8 +116,9 @@ def _npy_header(fp, where: str, text_ok: bool = False):
         if read is None:
             raise ValueError(f"unsupported .npy version {version}")
         shape, fortran, dtype = read(fp)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError, tokenize.TokenError) as exc:   # the last: numpy's
-        raise DataError(f"{where} is not a valid .npy array ({str(exc)[:80]}); {_FIX}") from None   # legacy-header retry
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError,
+            tokenize.TokenError) as exc:        # the last from numpy's legacy-header retry (mismatched brackets)
+        raise DataError(f"{where} is not a valid .npy array ({str(exc)[:80]}); {_FIX}") from None
     if dtype.hasobject or dtype.kind not in ("biufSU" if text_ok else "biuf"):
         raise DataError(f"{where} holds {dtype} values; " + ("labels must be numbers or text" if text_ok
                                                              else "images must be numbers (uint8 or float)"))

@@ -312,6 +312,7 @@ def test_eval_of_a_one_latent_run_gives_no_mig(tmp_path, monkeypatch, capsys):
     assert main(["train", *TINY, "--epochs", "1", "--latent", "1", "--out", "one"]) == 0
     capsys.readouterr()
     assert main(["eval", "one"]) == 0
-    assert "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more" in said, said
     assert main(["eval", "one", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mig"] is None
