@@ -28,12 +28,14 @@ _FIX = "pass an existing .npy, .npz or .h5 file of images"
 
 def held_out_rows(n: int, fraction: float, seed: int):
     """The rows of the seeded random test split of ``n`` images, sorted
-    (int64), or None when ``round(n * fraction)`` is 0 or all of them: the
-    first ``n_test`` of ``PCG64(seed).permutation(n)``. The one rule for
-    images loaded in memory and streamed from disk, so a run's test split
-    does not depend on the memory there is (the training rows are the others)."""
-    n_test = int(round(n * fraction))
-    if n_test == 0 or n_test >= n:
+    (int64), or None when ``round(n * fraction)`` is 0: the first ``n_test``
+    of ``PCG64(seed).permutation(n)``, at most ``n - 1`` (one image is left
+    to train on; a fraction that rounded to all of them gave no test split at
+    all). The one rule for images loaded in memory and streamed from disk, so
+    a run's test split does not depend on the memory there is (the training
+    rows are the others)."""
+    n_test = min(int(round(n * fraction)), n - 1)
+    if n_test <= 0:
         return None
     return np.sort(np.random.Generator(np.random.PCG64(seed)).permutation(n)[:n_test])
 

@@ -18,6 +18,11 @@ def _positive_int(name, value):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _seed(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 def check_count(name, value, minimum: int = 1) -> int:
     """``value`` as a Python int of at least ``minimum`` (any integer type,
     NumPy's included); raises ConfigError otherwise."""

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
                             mlp_layer_specs)
 from .blas import CHOICES as BLAS_CHOICES
-from .checks import _choice, _finite_nonneg, _positive_int
+from .checks import _choice, _finite_nonneg, _positive_int, _seed
 from .errors import ConfigError
 from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
 
@@ -279,8 +279,7 @@ class TrainConfig(_JSONMixin):
         _finite_nonneg("beta_ratio", self.beta_ratio, positive=True)
         if self.beta_ratio > 1:
             raise ConfigError(f"beta_ratio must be in (0, 1], got {self.beta_ratio!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        _seed("seed", self.seed)
         _positive_int("loss_every", self.loss_every)
         if self.clip_grad_norm is not None:
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
@@ -351,6 +350,7 @@ class DataConfig(_JSONMixin):
                 raise ConfigError(f"image_size must be two positive integers (H, W), got {self.image_size!r}")
         _choice("color", self.color, ("grayscale", "rgb"))
         _positive_int("n_sprites", self.n_sprites)
+        _seed("data_seed", self.data_seed)            # a negative one reached NumPy's ValueError
         _finite_nonneg("test_fraction", self.test_fraction)
         if self.test_fraction >= 1:
             raise ConfigError(f"test_fraction must be below 1, got {self.test_fraction!r}")

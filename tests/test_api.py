@@ -656,3 +656,21 @@ def test_evaluate_of_a_loaded_run_reproduces_its_last_test_elbo(tmp_path):
     assert fastvae.evaluate(m, t.data.x_test, seed=0)["neg_elbo"] != pytest.approx(last, rel=1e-6)
     fresh = fastvae.VAE(ModelConfig(input_dim=16, hidden=[8], latent_dim=2), "numpy", seed=0)   # no run: seed 0
     assert fastvae.evaluate(fresh, x) == fastvae.evaluate(fresh, x, seed=0)
+
+
+def test_data_settings_that_would_be_ignored_or_crash_are_refused():
+    """fastvae.train(x, image_size=(4, 4)) trained on x as it was (image_size
+    and color resize folders of images only); data_seed=-1 ended in NumPy's
+    "ValueError: expected non-negative integer"; test_fraction=0.99 of 20
+    images rounded to all 20 and gave no test split at all, silently."""
+    x = np.random.default_rng(0).random((20, 16)).astype(np.float32)
+    kw = dict(hidden=[4], latent_dim=2, epochs=1, batch_size=5)
+    for bad, needle in ((dict(image_size=(4, 4)), "image_size and color apply to folders of images, not to images "
+                                                  "given in memory"),
+                        (dict(color="rgb"), "apply to folders of images"),
+                        (dict(data_seed=-1), "data_seed must be a non-negative integer, got -1")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            fastvae.train(x, **kw, **bad)
+    t = fastvae.train(x, test_fraction=0.99, **dict(kw, batch_size=1))
+    assert t.data.x_train.shape == (1, 16) and t.data.x_test.shape == (19, 16)      # one image left to train on
+    assert fastvae.train(x, test_fraction=0.5, **kw).data.x_test.shape == (10, 16)      # as before
