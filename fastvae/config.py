@@ -132,13 +132,17 @@ class ModelConfig(_JSONMixin):
     def __post_init__(self):
         _positive_int("input_dim", self.input_dim)
         _positive_int("latent_dim", self.latent_dim)
-        self.hidden = list(self.hidden)
-        for h in self.hidden:
-            _positive_int("each hidden width", h)
-        if self.decoder_hidden is not None:
-            self.decoder_hidden = list(self.decoder_hidden)
-            for h in self.decoder_hidden:
-                _positive_int("each decoder_hidden width", h)
+        for name in ("hidden", "decoder_hidden"):     # a list of widths; a lone one was "'int' object is not iterable"
+            widths = getattr(self, name)
+            if widths is None and name == "decoder_hidden":
+                continue
+            if isinstance(widths, (str, bytes, bool)) or not hasattr(widths, "__iter__"):
+                raise ConfigError(f"{name} is a list of layer widths, got {widths!r}; e.g. {name}=[400] (one "
+                                  f"layer), [512, 256], or [] for none")
+            setattr(self, name, [h.__index__() if hasattr(h, "__index__") and not isinstance(h, bool) else h
+                                 for h in widths])            # NumPy integers as ints
+            for h in getattr(self, name):
+                _positive_int(f"each {name} width", h)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("likelihood", self.likelihood, LIKELIHOODS)
         _choice("dtype", self.dtype, DTYPES)

@@ -674,3 +674,16 @@ def test_data_settings_that_would_be_ignored_or_crash_are_refused():
     t = fastvae.train(x, test_fraction=0.99, **dict(kw, batch_size=1))
     assert t.data.x_train.shape == (1, 16) and t.data.x_test.shape == (19, 16)      # one image left to train on
     assert fastvae.train(x, test_fraction=0.5, **kw).data.x_test.shape == (10, 16)      # as before
+
+
+def test_a_lone_hidden_width_names_the_list_it_should_be():
+    """fastvae.train(x, hidden=400) ended in "TypeError: 'int' object is not
+    iterable" (ModelConfig too); a width list is asked for by name now."""
+    x = np.random.default_rng(0).random((40, 16)).astype(np.float32)
+    for name, value in (("hidden", 400), ("decoder_hidden", 8.0), ("hidden", True), ("hidden", "400")):
+        with pytest.raises(ConfigError, match=re.escape(f"{name} is a list of layer widths, got {value!r}; e.g. "
+                                                        f"{name}=[400] (one layer)")):
+            fastvae.train(x, latent_dim=2, epochs=1, batch_size=8, **{name: value})
+        with pytest.raises(ConfigError, match=f"{name} is a list of layer widths"):
+            ModelConfig(input_dim=16, **{name: value})
+    assert ModelConfig(input_dim=16, hidden=(8, 4), decoder_hidden=np.array([6])).hidden == [8, 4]
