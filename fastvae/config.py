@@ -132,10 +132,8 @@ class ModelConfig(_JSONMixin):
     def __post_init__(self):
         _positive_int("input_dim", self.input_dim)
         _positive_int("latent_dim", self.latent_dim)
-        for name in ("hidden", "decoder_hidden"):     # a list of widths; a lone one was "'int' object is not iterable"
-            widths = getattr(self, name)
-            if widths is None and name == "decoder_hidden":
-                continue
+        for name in ("hidden",) + (("decoder_hidden",) if self.decoder_hidden is not None else ()):
+            widths = getattr(self, name)          # a list of widths; a lone one was "'int' object is not iterable"
             if isinstance(widths, (str, bytes, bool)) or not hasattr(widths, "__iter__"):
                 raise ConfigError(f"{name} is a list of layer widths, got {widths!r}; e.g. {name}=[400] (one "
                                   f"layer), [512, 256], or [] for none")
@@ -266,9 +264,13 @@ class TrainConfig(_JSONMixin):
             raise ConfigError(f"epochs must be a non-negative integer, got {self.epochs!r}")
         _positive_int("batch_size", self.batch_size)
         _finite_nonneg("lr (learning rate)", self.lr, positive=True)
-        self.betas = tuple(float(b) for b in self.betas)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        try:                                      # one number was "'float' object is not iterable"
+            betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            betas = ()
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
         _finite_nonneg("adam_eps", self.adam_eps, positive=True)
         _finite_nonneg("weight_decay", self.weight_decay)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)

@@ -687,3 +687,5 @@ def test_a_lone_hidden_width_names_the_list_it_should_be():
         with pytest.raises(ConfigError, match=f"{name} is a list of layer widths"):
             ModelConfig(input_dim=16, **{name: value})
     assert ModelConfig(input_dim=16, hidden=(8, 4), decoder_hidden=np.array([6])).hidden == [8, 4]
+    with pytest.raises(ConfigError, match=re.escape("Adam betas must be two numbers in [0, 1), got 0.9")):
+        fastvae.train(x, hidden=[4], latent_dim=2, epochs=1, batch_size=8, betas=0.9)     # the same TypeError
