@@ -119,7 +119,7 @@ def check_layer_specs(cfg, specs) -> List[dict]:
     out, names = [], set()
     for i, spec in enumerate(specs):
         where = f"layer {i}"
-        if not isinstance(spec, dict) or spec.get("type") not in _SPEC_KEYS:
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec["type"] not in _SPEC_KEYS:
             raise ConfigError(f"{where} must be an object with type one of {', '.join(_SPEC_KEYS)}, got {spec!r:.80}")
         kind = spec["type"]
         extra = set(spec) - _SPEC_KEYS[kind]

@@ -159,6 +159,9 @@ def test_reshape_layers_before_the_sampler_and_the_likelihood_keep_every_view():
     (lambda s: s.pop(3), "exactly one gaussian sampler"),
     (lambda s: s.__setitem__(3, dict(s[3], latent_dim=3)), "differs from the config's latent_dim 2"),
     (lambda s: s.__setitem__(6, dict(s[6], kind="mse")), "differs from the config's likelihood"),
+    # a type that is not text ended in "TypeError: unhashable type: 'list'" (found by mutating specs)
+    (lambda s: s.__setitem__(2, dict(s[2], type=["dense"])), "layer 2 must be an object with type one of"),
+    (lambda s: s.__setitem__(2, dict(s[2], type={"dense": 1})), "layer 2 must be an object with type one of"),
 ])
 def test_bad_stacks_name_the_layer(change, message):
     specs = custom_specs()
