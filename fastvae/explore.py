@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import check_count, check_images
+from .checks import _finite_nonneg, check_count, check_images
 from .memory import preflight
 from .errors import ConfigError, DataError
 from .metrics import active_units, iwae, kl_per_dim, mig  # noqa: F401  (re-exported)
@@ -144,9 +144,12 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     """Test images' codes (``mu``; through the flow steps with an IAF
     posterior, see :meth:`VAE.codes`) as a scatter coloured by label: the latent
     plane itself when L = 2, else the first two principal components (named on the axes)."""
-    X = check_images(np.asarray(X[:max_points]), model.config, min_rows=1)   # the first rows, also of a streamed split
+    X = check_images(np.asarray(X[:check_count("max_points", max_points)]), model.config, min_rows=1)   # first rows
     if labels is not None and len(labels) < len(X):
         raise DataError(f"{len(labels)} labels for {len(X)} images; give one label per image")
+    if labels is not None and np.asarray(labels).dtype.kind in "USO":       # class names: numbered in sorted order
+        names, labels = np.unique(np.asarray(labels)[:len(X)].astype(str), return_inverse=True)
+        label_names = list(names) if label_names is None else label_names
     mu = model.codes(X)
     fig = _figure((6, 5))
     ax = fig.add_subplot(1, 1, 1)
@@ -217,7 +220,8 @@ def traversal_codes(model, center, n_values=9, span=3.0, order=None):
     with that coordinate swept over [-span, span]."""
     L = model.config.latent_dim
     order = list(range(L)) if order is None else list(order)
-    vals = np.linspace(-span, span, n_values)
+    _finite_nonneg("span", span, positive=True)
+    vals = np.linspace(-span, span, check_count("n_values", n_values))
     Z = np.repeat(np.asarray(center, float)[None], len(order) * n_values, axis=0)
     for r, j in enumerate(order):
         Z[r * n_values:(r + 1) * n_values, j] = vals
@@ -243,8 +247,8 @@ def plot_traversals(model, image_shape, X=None, center=None, n_values=9, span=3.
         kl, order = None, list(range(L))
     if center is None:
         center = np.zeros(L)
-    if max_dims:
-        order = order[:max_dims]
+    if max_dims is not None:
+        order = order[:check_count("max_dims", max_dims)]
     Z = traversal_codes(model, center, n_values, span, order)
     imgs = model.decode(Z)
     fig = _figure((n_values * 0.7 + 1.2, len(order) * 0.7 + 0.5))
@@ -266,7 +270,9 @@ def interpolation_frames(model, xa, xb, steps=24, mode="linear") -> np.ndarray:
     codes (:meth:`VAE.codes`); ConfigError when they would not fit in memory."""
     preflight(16 * check_count("steps", steps, minimum=2) * model.config.input_dim, None,
               f"{steps} interpolation frames", "use fewer --steps")       # the frames and their float64 copy
-    mu = model.codes(np.stack([np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)]))
+    xa, xb = (check_images(np.asarray(v).reshape(1, -1), model.config, what) for v, what in ((xa, "image a"),
+                                                                                            (xb, "image b")))
+    mu = model.codes(np.concatenate([xa, xb]))
     return model.decode(interpolate_codes(mu[0], mu[1], steps, mode))
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import check_count, check_images
+from .checks import _finite_nonneg, check_count, check_images
 from .errors import ConfigError
 
 
@@ -99,6 +99,7 @@ def kl_per_dim(model, X) -> np.ndarray:
 def active_units(model, X, threshold: float = 0.01):
     """``(count, variances)``: dimensions whose Var_x(mu_j) exceeds ``threshold``
     (Burda et al. 2016, Sec. 5.2). DataError for no images."""
+    _finite_nonneg("threshold", threshold)
     mu, _ = model.encode(check_images(X, model.config, min_rows=1))
     var = mu.astype(np.float64).var(0)
     return int((var > threshold).sum()), var

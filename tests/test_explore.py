@@ -392,3 +392,29 @@ def test_gif_frames_of_every_channel_count(tmp_path, shape):
         first = np.asarray(im.convert("RGB"))
     if shape[-1] == 4:
         assert (first == 255).all()
+
+
+def test_exploring_functions_name_bad_arguments_and_take_text_labels(trained):
+    """Found by calling the exploring functions with odd arguments: text
+    labels on the latent map ended in numpy's UFuncTypeError; max_points=0.5,
+    max_dims="x", span="x" and threshold=None in TypeErrors; two images of
+    other sizes to interpolate in "all input arrays must have the same
+    shape". Text labels are class names now (numbered in sorted order, on
+    the colour bar); the rest are ConfigErrors or DataErrors naming them."""
+    model, data = trained
+    X = data.x_test[:12]
+    names = np.array(["square", "heart", "ellipse"])[np.arange(12) % 3]
+    fig = explore.plot_latent_map(model, X, names)
+    bar = fig.axes[1]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["ellipse", "heart", "square"]
+    for call, err, needle in (
+            (lambda: explore.plot_latent_map(model, X, max_points=0.5), ConfigError, "max_points must be an integer"),
+            (lambda: explore.plot_traversals(model, (16, 16), X=X, max_dims="x"), ConfigError,
+             "max_dims must be an integer"),
+            (lambda: explore.plot_traversals(model, (16, 16), X=X, max_dims=0), ConfigError, "max_dims must be at least"),
+            (lambda: explore.plot_traversals(model, (16, 16), X=X, span="x"), ConfigError, "span must be a number"),
+            (lambda: explore.active_units(model, X, threshold=None), ConfigError, "threshold must be a number"),
+            (lambda: explore.interpolation_frames(model, X[0], X[1][:5]), fastvae.DataError,
+             "image b have 5 features")):
+        with pytest.raises(err, match=needle):
+            call()
