@@ -143,7 +143,11 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
 def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_points=5000):
     """Test images' codes (``mu``; through the flow steps with an IAF
     posterior, see :meth:`VAE.codes`) as a scatter coloured by label: the latent
-    plane itself when L = 2, else the first two principal components (named on the axes)."""
+    plane itself when L = 2, else the first two principal components (named on the axes).
+    labels: one per image: integer classes (``label_names`` names them),
+    text class names (numbered in sorted order, the names on the colour
+    bar), or values (a continuous colour bar). DataError for fewer labels
+    than images, ConfigError for a ``max_points`` that is not a count."""
     X = check_images(np.asarray(X[:check_count("max_points", max_points)]), model.config, min_rows=1)   # first rows
     if labels is not None and len(labels) < len(X):
         raise DataError(f"{len(labels)} labels for {len(X)} images; give one label per image")

@@ -98,7 +98,8 @@ def kl_per_dim(model, X) -> np.ndarray:
 
 def active_units(model, X, threshold: float = 0.01):
     """``(count, variances)``: dimensions whose Var_x(mu_j) exceeds ``threshold``
-    (Burda et al. 2016, Sec. 5.2). DataError for no images."""
+    (Burda et al. 2016, Sec. 5.2). DataError for no images, ConfigError for a
+    threshold that is not a finite non-negative number."""
     _finite_nonneg("threshold", threshold)
     mu, _ = model.encode(check_images(X, model.config, min_rows=1))
     var = mu.astype(np.float64).var(0)
