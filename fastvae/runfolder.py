@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
-from .errors import RunFolderError
+from .errors import ConfigError, RunFolderError
 
 CHECKPOINT_NAME = "checkpoint.h5"
 # what `fastvae plot` writes, here too when its --out is the run folder itself
@@ -55,7 +55,10 @@ def holds_run(folder: str) -> bool:
 
 def checkpoint_path(path) -> str:
     """A checkpoint argument (str or path-like, ``~`` expanded): a checkpoint
-    file, or the run folder holding one (then ``<folder>/checkpoint.h5``)."""
+    file, or the run folder holding one (then ``<folder>/checkpoint.h5``).
+    ConfigError for anything else (None, a number)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a checkpoint is given as its path or its run folder's (a str or path), not {path!r:.60}")
     path = os.path.expanduser(os.fspath(path))
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 

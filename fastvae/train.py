@@ -65,6 +65,9 @@ class Trainer:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
                  data_config: Optional[DataConfig] = None, dataset=None,
                  out: Optional[str] = None, progress: bool = True, force: bool = False):
+        if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
+            raise ConfigError("Trainer takes a fastvae.ModelConfig and a fastvae.TrainConfig (then a DataConfig "
+                              f"or None), got {type(model_config).__name__} and {type(train_config).__name__}")
         if out is not None and not force:          # as --out: never over another run or foreign files
             out = runfolder.check_out(out)
         self.model_config, self.train_config, tc = model_config, train_config, train_config
@@ -151,6 +154,8 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is None:
             raise ConfigError("no checkpoint path: give save() a path or the Trainer an out folder")
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"save() takes a checkpoint path (a str or path), not {path!r:.60}")
         return self.checkpointer.save(self, path) if self.writes else path   # data-parallel: rank 0 writes
 
     @classmethod

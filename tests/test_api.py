@@ -689,3 +689,22 @@ def test_a_lone_hidden_width_names_the_list_it_should_be():
     assert ModelConfig(input_dim=16, hidden=(8, 4), decoder_hidden=np.array([6])).hidden == [8, 4]
     with pytest.raises(ConfigError, match=re.escape("Adam betas must be two numbers in [0, 1), got 0.9")):
         fastvae.train(x, hidden=[4], latent_dim=2, epochs=1, batch_size=8, betas=0.9)     # the same TypeError
+
+
+def test_entry_points_name_arguments_of_the_wrong_kind():
+    """fastvae.load(None), Trainer.from_checkpoint(123) and save(123) ended in
+    os.fspath's TypeError, Trainer(None, ...) in "AttributeError: 'NoneType'
+    object has no attribute 'input_dim'"; each names what it takes now."""
+    x = np.random.default_rng(0).random((40, 16)).astype(np.float32)
+    for call in (lambda: fastvae.load(None), lambda: fastvae.load(123),
+                 lambda: fastvae.Trainer.from_checkpoint(None)):
+        with pytest.raises(ConfigError, match=r"a checkpoint is given as its path or its run folder's"):
+            call()
+    with pytest.raises(ConfigError, match="Trainer takes a fastvae.ModelConfig and a fastvae.TrainConfig"):
+        fastvae.Trainer(None, fastvae.TrainConfig(), dataset=x)
+    with pytest.raises(ConfigError, match="got ModelConfig and NoneType"):
+        fastvae.Trainer(ModelConfig(input_dim=16), None, dataset=x)
+    t = fastvae.Trainer(ModelConfig(input_dim=16, hidden=[4], latent_dim=2), fastvae.TrainConfig(batch_size=8),
+                        dataset=x, progress=False)
+    with pytest.raises(ConfigError, match=r"save\(\) takes a checkpoint path"):
+        t.save(123)
