@@ -204,10 +204,13 @@ def _open_rows(path: str, ext: str):
             return None
         return shape, dtype, None if fortran else _NpyRows(path, offset, dtype, shape)   # closes its file when unused
     import h5py
+    f = None
     try:
         f = h5py.File(path, "r")
         arr = h5_dataset(f, _keys(list(f.keys()), path, False)[0], path, DataError, size, compressed_ok=True)
     except Exception:               # h5py raises RuntimeError, KeyError, ... on damaged metadata: the loader names it
+        if f is not None:
+            f.close()               # it stayed open until garbage collection
         return None
     return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
 

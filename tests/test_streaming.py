@@ -372,3 +372,20 @@ def test_every_pixel_type_that_loads_also_streams(tmp_path, dtype):
     assert isinstance(streamed.x_train, StreamedImages)
     np.testing.assert_array_equal(np.asarray(streamed.x_train), loaded.x_train)
     np.testing.assert_array_equal(np.asarray(streamed.x_test), loaded.x_test)
+
+
+def test_an_hdf5_file_that_cannot_stream_is_closed(tmp_path, monkeypatch):
+    """An HDF5 file opened to stream whose images could not be found stayed
+    open until garbage collection (a file handle held by nothing)."""
+    import fastvae.streaming as streaming
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["nothing_known"] = np.zeros((10, 4), np.uint8)
+    opened = []
+    real = h5py.File
+
+    def spy(*a, **k):
+        opened.append(real(*a, **k))
+        return opened[-1]
+    monkeypatch.setattr(h5py, "File", spy)
+    assert streaming._open_rows(str(tmp_path / "d.h5"), ".h5") is None
+    assert opened and not opened[0].id.valid
