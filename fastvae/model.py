@@ -344,9 +344,14 @@ class VAE:
         return self.decode(self.codes(X, batch_size), batch_size)
 
     def sample(self, n: int, seed: int = 0):
-        """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means, model dtype)."""
+        """``n`` images decoded from z ~ N(0, I) (host ``(n, D)``, pixel means,
+        model dtype). ConfigError for ``n`` or ``seed`` not a count, or ``n``
+        images (with their codes) that would not fit in the free memory."""
         rng = np.random.Generator(np.random.PCG64(check_count("seed", seed, minimum=0)))
-        return self.decode(rng.standard_normal((check_count("n", n, minimum=0), self.config.latent_dim)))
+        n, c = check_count("n", n, minimum=0), self.config
+        _memory.preflight(n * (8 * c.latent_dim + 2 * c.input_dim * np.dtype(c.dtype).itemsize), None,
+                          f"sampling {n:,} images", "draw fewer at a time")     # it was numpy's MemoryError
+        return self.decode(rng.standard_normal((n, c.latent_dim)))
 
     def __repr__(self):
         c = self.config

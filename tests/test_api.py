@@ -708,3 +708,13 @@ def test_entry_points_name_arguments_of_the_wrong_kind():
                         dataset=x, progress=False)
     with pytest.raises(ConfigError, match=r"save\(\) takes a checkpoint path"):
         t.save(123)
+
+
+def test_sampling_more_images_than_memory_holds_is_refused_before_drawing():
+    """model.sample(10**12) ended in numpy's MemoryError ("Unable to allocate
+    21.8 TiB"); the sample count is checked against the free memory first."""
+    model = fastvae.VAE(ModelConfig(input_dim=16, hidden=[4], latent_dim=3), "numpy", seed=0)
+    with pytest.raises(ConfigError, match=r"sampling 1,000,000,000,000 images needs about .* GiB but the host has "
+                                          r".* free; draw fewer at a time"):
+        model.sample(10 ** 12)
+    assert model.sample(5).shape == (5, 16)
