@@ -316,6 +316,8 @@ class VAE:
         codes ``Z (N, L)``; DataError for codes not of that shape or not finite."""
         batch_size = self._batch_size(batch_size)
         Z = check_codes(Z, self.config.latent_dim)
+        _memory.preflight(2 * Z.shape[0] * self.config.input_dim * np.dtype(self.config.dtype).itemsize, None,
+                          f"decoding {Z.shape[0]:,} images", "decode fewer codes at a time")   # blocks, concatenated
         outs = []
         for i in range(0, Z.shape[0], batch_size):
             zb = self.backend.asarray(Z[i:i + batch_size])

@@ -718,3 +718,8 @@ def test_sampling_more_images_than_memory_holds_is_refused_before_drawing():
                                           r".* free; draw fewer at a time"):
         model.sample(10 ** 12)
     assert model.sample(5).shape == (5, 16)
+    wide = fastvae.VAE(ModelConfig(input_dim=4096, hidden=[4], latent_dim=3), "numpy", seed=0)
+    big = np.broadcast_to(np.zeros(3, np.float32), (10 ** 7, 3))       # 10^7 codes, 327 GB decoded
+    with pytest.raises(ConfigError, match=r"decoding 10,000,000 images needs about .* decode fewer codes at a time"):
+        wide.decode(big)
+    assert wide.decode(big[:4]).shape == (4, 4096)
