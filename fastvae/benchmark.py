@@ -59,13 +59,16 @@ WORKLOADS: Dict[str, dict] = {
 }
 
 
-def check_request(workloads: Optional[List[str]], backend_names: List[str], seconds: float = 3.0) -> None:
-    """Raise ConfigError for an unknown workload or a timing budget
+def check_request(workloads: Optional[List[str]], backend_names: List[str], seconds: float = 3.0,
+                  dtype: str = "float32") -> None:
+    """Raise ConfigError for an unknown workload or dtype or a timing budget
     ``seconds`` that is not a positive number, and BackendUnavailableError
     (with the reason) for a backend that cannot run here."""
-    from .checks import _finite_nonneg
+    from .checks import _choice, _finite_nonneg
+    from .config import DTYPES
     from .errors import BackendUnavailableError, ConfigError
     _finite_nonneg("--seconds", seconds, positive=True)
+    _choice("--dtype", dtype, DTYPES)             # a float16 bench timed for minutes before failing
     bad = [w for w in (workloads or []) if w not in WORKLOADS]
     if bad:
         raise ConfigError(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")

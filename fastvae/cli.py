@@ -205,7 +205,7 @@ def _cmd_bench(a):
     from . import benchmark
     from .threads import set_threads
     set_threads(a.threads)
-    benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds)
+    benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds, a.dtype)
     if a.out:                       # before the timing (minutes) rather than after it
         out_folder(a.out, "bench writes <name>.jsonl and .md")
     rows = benchmark.run(a.workloads, a.backends or (["cupy"] if a.gpu else None), a.dtype, a.seconds,

@@ -60,6 +60,8 @@ def test_train_resume_eval_info(tmp_path):
     (["train", "--cuda-graph"], "cuda_graph applies to the cupy backend only"),
     (["train", "--blas", "mkl", "--backend", "cupy"], "blas applies to the CPU backends only"),
     (["bench", "--blas", "mkl", "--workloads", "784-1000-2/b32"], "libmkl_rt.so does not load as a CBLAS library"),
+    # it timed every contender for minutes first (one failure per row)
+    (["bench", "--dtype", "float16", "--workloads", "784-1000-2/b32"], "unknown --dtype 'float16'; choose one of"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()
