@@ -110,8 +110,7 @@ def evaluate(model, X, batch_size: Optional[int] = None, seed: Optional[int] = N
     -ELBO in its metrics is reproduced, as ``fastvae eval`` does), else 0.
     X is scored as given: a ``--binarize`` run's metrics were taken on
     :func:`binarized` test images."""
-    check_model(model, "evaluate")
-    if seed is None:
+    if seed is None:                               # (per_image_losses checks the model)
         seed = ((getattr(model, "checkpoint", None) or {}).get("train") or {}).get("seed", 0)
     recon, kl = per_image_losses(model, X, batch_size, seed)
     n = int(len(recon))

@@ -152,8 +152,9 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     if labels is not None and len(labels) < len(X):
         raise DataError(f"{len(labels)} labels for {len(X)} images; give one label per image")
     if labels is not None and np.asarray(labels).dtype.kind in "USO":       # class names: numbered in sorted order
-        names, labels = np.unique(np.asarray(labels)[:len(X)].astype(str), return_inverse=True)
-        label_names = list(names) if label_names is None else label_names
+        from .arrayfiles import class_labels
+        labels, names = class_labels(np.asarray(labels)[:len(X)], len(X), "labels")
+        label_names = names if label_names is None else label_names
     mu = model.codes(X)
     fig = _figure((6, 5))
     ax = fig.add_subplot(1, 1, 1)
