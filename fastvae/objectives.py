@@ -85,11 +85,26 @@ class IWAEObjective:
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
         """One step's loss and gradient on the batch in workspace ``ws``: draws
-        the ``(B K, L)`` noise from the training stream ``rng`` (after the
-        batch's own draws), then :meth:`loss_and_grad`; ``beta`` is unused."""
-        eps = self.model.backend.scratch("iwae_eps", self.eps_shape(ws.B))
-        rng.normal_(eps)
+        the global batch's ``(n K, L)`` noise from the training stream ``rng``
+        (after the batch's own draws) and keeps the rows of this rank's images
+        ``ws.rows`` (all of them on one process), then :meth:`loss_and_grad`;
+        ``beta`` is unused."""
+        eps = self._noise(rng, ws.global_batch)
+        lo, hi = ws.rows
+        if hi - lo != ws.global_batch:
+            eps = eps[lo * self.k:hi * self.k]
         return self.loss_and_grad(ws.x, eps, grad_scale=grad_scale, need_loss=need_loss)
+
+    def idle_step(self, rng, n: int) -> None:
+        """A rank's step on an empty shard of a global batch of ``n`` images:
+        the batch's noise is drawn all the same (every rank's stream stays
+        where the others' are)."""
+        self._noise(rng, n)
+
+    def _noise(self, rng, n: int):
+        eps = self.model.backend.scratch("iwae_eps", self.eps_shape(n))
+        rng.normal_(eps)
+        return eps
 
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics (``-L_K`` summed over images)."""
@@ -207,12 +222,21 @@ class BetaTCVAEObjective:
     dlogvar = (eps^2 - 1)/2; -log p(z_i): dz = z) and the decoder's dz, then
     the reparameterization (dmu += dz, dlogvar += dz eps std / 2). All B x B x L
     terms are array operations on the backend (no Python loop over images).
+
+    Data-parallel (``comm``, a :class:`fastvae.distributed.World` of more than
+    one rank): the estimator needs every posterior of the GLOBAL batch, so the
+    ranks gather ``(z, mu, logvar)`` of its n rows (one sum over ranks of a
+    zero-padded ``(3, n, L)`` buffer, 12 n L bytes in float32) and each runs
+    the pairwise terms over all n (n^2 L work, small beside the layers) and
+    keeps its rows: the same numbers one process computes, with no second
+    exchange. Raises ConfigError for N < 1.
     """
 
-    def __init__(self, model, n_train: int):
+    def __init__(self, model, n_train: int, comm=None):
         if n_train < 1:
             raise ConfigError("beta-TCVAE needs the training set size N >= 1")
         self.model, self.n_train = model, int(n_train)
+        self.comm = comm if comm is not None and comm.size > 1 else None
 
     def terms(self, mu, logvar, z, coef: float = 0.0, dz=None, dmu=None, dlogvar=None):
         """Per-image ``(log q(z|x), log q(z), sum_d log q(z_d), log p(z))`` (B,)
@@ -229,13 +253,16 @@ class BetaTCVAEObjective:
         be.array_op(_tc_densities, z, mu, logvar, lse, lsed, math.log(self.n_train * B), dens)
         return dens
 
-    def loss_and_grad(self, x, eps, beta: float, grad_scale: Optional[float] = None, need_loss: bool = True):
+    def loss_and_grad(self, x, eps, beta: float, grad_scale: Optional[float] = None, need_loss: bool = True,
+                      rows=None):
         """Forward and backward for ``x (B, D)``, ``eps (B, L)``. Writes every
         gradient into ``model.grads``; returns device sums ``(recon, kl)``
         (nats; kl = MI + TC + DWKL, the sampled KL) and, in ``last_terms``,
         the sums of MI, TC and DWKL and of the weighted loss. The arithmetic
         between the layer walks runs as backend ``array_op`` calls on cached
-        buffers, beta as a per-step scalar (so a CUDA graph can hold the step)."""
+        buffers, beta as a per-step scalar (so a CUDA graph can hold the step).
+        rows: ``(lo, n)`` when ``x`` is rows ``lo .. lo + B - 1`` of a global
+        batch of ``n`` split over the ranks of ``comm`` (None: all of it)."""
         m, be = self.model, self.model.backend
         s, n = m.sampler_at, len(m.layers)
         B, L = x.shape[0], m.config.latent_dim
@@ -252,7 +279,10 @@ class BetaTCVAEObjective:
             d = m.layers[i].backward(be, ws.states[i], d, step)
         dz, dmu, dlv = buf("dz", B, L), buf("dmu", B, L), buf("dlv", B, L)
         be.array_op(_tc_direct, d, z, eps, ws.std, c, dz, dmu, dlv)
-        dens = self.terms(head[:, :L], head[:, L:], z, c * (beta - 1.0), dz, dmu, dlv)
+        if self.comm is None or rows is None:
+            dens = self.terms(head[:, :L], head[:, L:], z, c * (beta - 1.0), dz, dmu, dlv)
+        else:
+            dens = self._global_terms(rows, z, head[:, :L], head[:, L:], c * (beta - 1.0), dz, dmu, dlv)
         dhead = ws.states[s].dx
         be.array_op(_tc_dhead, dz, dmu, dlv, eps, ws.std, dhead)
         d = dhead
@@ -266,10 +296,47 @@ class BetaTCVAEObjective:
             return None, None
         return be.sum(nll), be.sum(per[4])
 
+    def _gather(self, n: int, lo: int, *parts):
+        """The global batch's ``(n, L)`` rows of each part ``(B, L)`` (this
+        rank's rows ``lo .. lo + B - 1``; none on an empty shard), from every
+        rank: one sum over ranks of a zero-padded buffer."""
+        be, L = self.model.backend, self.model.config.latent_dim
+        g = be.scratch(("btcvae", "gathered"), (3, n, L))
+        g[...] = 0
+        for k, a in enumerate(parts):
+            g[k, lo:lo + a.shape[0]] = a
+        self.comm.allreduce_(g)
+        return g[0], g[1], g[2]
+
+    def _global_terms(self, rows, z, mu, logvar, coef, dz, dmu, dlogvar):
+        """:meth:`terms` of this rank's rows over the global batch (gathered):
+        the pairwise gradients of the rows ``rows = (lo, n)`` are added to
+        ``dz, dmu, dlogvar (B, L)`` as one process adds them."""
+        be, (lo, n), B = self.model.backend, rows, z.shape[0]
+        zg, mug, lvg = self._gather(n, lo, z, mu, logvar)
+        grads = []
+        for name, a in (("dz", dz), ("dmu", dmu), ("dlv", dlogvar)):
+            g = be.scratch(("btcvae", "global_" + name), zg.shape)
+            g[...] = 0
+            g[lo:lo + B] = a
+            grads.append(g)
+        dens = self.terms(mug, lvg, zg, coef, *grads)
+        for a, g in zip((dz, dmu, dlogvar), grads):
+            a[...] = g[lo:lo + B]
+        return dens[:, lo:lo + B]
+
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
         """One step's loss and gradient on the batch in workspace ``ws`` (its
-        ``x`` and ``eps``; ``rng`` is unused): :meth:`loss_and_grad`."""
-        return self.loss_and_grad(ws.x, ws.eps, beta, grad_scale=grad_scale, need_loss=need_loss)
+        ``x`` and ``eps``, this rank's ``ws.rows`` of the global batch;
+        ``rng`` is unused): :meth:`loss_and_grad`."""
+        return self.loss_and_grad(ws.x, ws.eps, beta, grad_scale=grad_scale, need_loss=need_loss,
+                                  rows=(ws.rows[0], ws.global_batch))
+
+    def idle_step(self, rng, n: int) -> None:
+        """A rank's step on an empty shard of a global batch of ``n`` images:
+        it joins the gather of the batch's posteriors (the others wait for it)."""
+        if self.comm is not None:
+            self._gather(n, 0)
 
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics: nll + MI + beta TC + DWKL."""
@@ -300,17 +367,18 @@ def train_rows(train_config) -> int:
     return B * (1 + train_config.iwae_k) if train_config.objective == "iwae" else B
 
 
-def make(train_config, model, n_train: int):
+def make(train_config, model, n_train: int, comm=None):
     """The objective a :class:`~fastvae.config.TrainConfig` names: None for the
     ELBO (the model's own loss), else an :class:`IWAEObjective` or a
-    :class:`BetaTCVAEObjective`."""
+    :class:`BetaTCVAEObjective` (``comm``: the data-parallel
+    :class:`fastvae.distributed.World`, None for one process)."""
     if train_config.objective != "elbo" and model.decoder_at != model.sampler_at + 1:
         raise ConfigError(f"--objective {train_config.objective} is written for the Gaussian posterior; "
                           "train an IAF posterior (--posterior iaf) with the ELBO, or drop the flows")
     if train_config.objective == "iwae":
         return IWAEObjective(model, train_config.iwae_k)
     if train_config.objective == "btcvae":
-        return BetaTCVAEObjective(model, n_train)
+        return BetaTCVAEObjective(model, n_train, comm)
     return None
 
 

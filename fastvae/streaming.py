@@ -351,6 +351,7 @@ class StreamBatchSource:
             self.rng.uniform_(u)
         epsg = be.scratch("global_eps", (n, model.config.latent_dim))
         self.rng.normal_(epsg)
+        self.last_global_batch = n
         if hi == lo:
             return None
         if model.config.likelihood == "bernoulli" and (host.min() < 0 or host.max() > 1):
@@ -361,5 +362,5 @@ class StreamBatchSource:
         if self.binarize:
             ws.x[...] = (u[lo:hi] < ws.x).astype(ws.x.dtype)
         ws.eps[...] = epsg[lo:hi]
-        ws.global_batch = n
+        ws.global_batch, ws.rows = n, (lo, hi)
         return ws

@@ -103,9 +103,7 @@ class Trainer:
         source = StreamBatchSource if streamed else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
                               tc.binarize, self.world.rank, self.world.size)
-        self.objective = objectives.make(tc, self.model, n)
-        if self.objective is not None and self.world.size > 1:
-            raise ConfigError(f"--objective {tc.objective} runs on one process for now; start it without mpiexec")
+        self.objective = objectives.make(tc, self.model, n, self.world)
         self.graphs = step_graphs(tc, self.model, self.optimizer)
         self.warmup = WarmUp(self.graphs)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
@@ -250,6 +248,8 @@ class Trainer:
         ``(recon_sum, kl_sum)`` of the shard, or ``(None, None)`` when
         ``need_loss`` is False."""
         if ws is None:
+            if self.objective is not None:            # its draws and gathers, as the other ranks make them
+                self.objective.idle_step(self.rng, self.batches.last_global_batch)
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
             self.optimizer.step(lr)

@@ -121,15 +121,14 @@ class BatchSource:
     def fill(self, model, pos: EpochPosition, b: int):
         """Batch ``b`` of the epoch (this rank's rows of it) into
         ``model.workspace(n)``: ``ws.x`` (binarized when asked) and ``ws.eps``
-        ~ N(0, 1); ``ws.global_batch`` is the global batch's size. Returns the
-        workspace, or None when this rank's shard is empty."""
+        ~ N(0, 1); ``ws.global_batch``: the global batch's size n, ``ws.rows``: this rank's
+        ``(lo, hi)`` of it. Returns the workspace, or None for an empty shard (n: ``last_global_batch``)."""
         be = self.backend
         if self._x is None:                # read only: on the CPU in the model dtype, the data itself, no copy
             x = self.x_host
             same = isinstance(x, be.array_type) and x.dtype == be.dtype and x.flags.c_contiguous
             self._x = x if same else be.asarray(x)
-        B = self.batch_size
-        idx = pos.perm[b * B:(b + 1) * B]
+        idx = pos.perm[b * self.batch_size:(b + 1) * self.batch_size]
         n = idx.shape[0]
         if self.world_size == 1:
             ws = model.workspace(n)
@@ -137,7 +136,7 @@ class BatchSource:
             if self.binarize:
                 be.bernoulli_(ws.x, ws.x, self.rng)
             self.rng.normal_(ws.eps)
-            ws.global_batch = n
+            ws.global_batch, ws.rows = n, (0, n)
             return ws
         lo, hi = shard(n, self.rank, self.world_size)
         if self.binarize:                 # the global batch's uniforms, then this rank's rows
@@ -146,6 +145,7 @@ class BatchSource:
             be.bernoulli_(xg, xg, self.rng)
         epsg = be.scratch("global_eps", (n, model.config.latent_dim))
         self.rng.normal_(epsg)
+        self.last_global_batch = n
         if hi == lo:
             return None
         ws = model.workspace(hi - lo)
@@ -154,7 +154,7 @@ class BatchSource:
         else:
             be.gather_rows(ws.x, self._x, idx[lo:hi])
         ws.eps[...] = epsg[lo:hi]
-        ws.global_batch = n
+        ws.global_batch, ws.rows = n, (lo, hi)
         return ws
 
 

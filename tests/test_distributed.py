@@ -2,6 +2,7 @@
 one process trains, up to summation order; rank 0 writes; checkpoints move
 between world sizes; a signal stops every rank at the same step."""
 
+import csv
 import os
 import shutil
 import signal
@@ -157,6 +158,27 @@ def test_odd_batches_binarize_clip_and_float32(tmp_path):
     # float32, 22 Adam steps: reordered sums differ by ~1e-7 relative per step; Adam's normalised
     # steps of size lr = 1e-3 keep the parameter difference near lr * steps * 1e-3
     assert np.max(np.abs(a - b)) <= 1e-3 * np.max(np.abs(a))
+
+
+@needs_mpi
+@pytest.mark.parametrize("objective", [["--objective", "iwae", "--iwae-k", "3"],
+                                       ["--objective", "btcvae", "--beta", "6"]])
+def test_iwae_and_btcvae_on_three_ranks_train_the_one_process_model(tmp_path, objective):
+    """IWAE draws the global batch's K samples per image on every rank and
+    keeps its rows; beta-TCVAE's estimator gathers the global batch's
+    posteriors. Batches of 89 of 180 images: shards of 29-30 rows, and a last
+    batch of 2 that leaves rank 0 with none (it still draws and gathers:
+    without that the job hangs or its stream falls behind). Both used to be
+    refused on more than one process."""
+    args = ["train", "--n-sprites", "200", "--hidden", "16", "--latent", "3", "--epochs", "2", "--batch-size", "89",
+            "--seed", "1", "--dtype", "float64", "--no-progress", *objective]
+    mpirun(3, args + ["--out", tmp_path / "three"], tmp_path)
+    single(args + ["--out", tmp_path / "one"], tmp_path)
+    a, b = params(tmp_path / "one"), params(tmp_path / "three")
+    assert np.max(np.abs(a - b)) <= 1e-9 * np.max(np.abs(a))
+    last = [list(csv.DictReader(open(tmp_path / r / "metrics.csv")))[-1] for r in ("one", "three")]
+    for k in ("train_loss", "train_neg_elbo", "test_neg_elbo"):        # the metrics, summed over ranks
+        assert float(last[1][k]) == pytest.approx(float(last[0][k]), rel=1e-9), k
 
 
 @needs_mpi
