@@ -218,7 +218,7 @@ class TrainConfig(_JSONMixin):
     objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
         importance-weighted bound of Burda et al. 2016; beta does not apply) or
         ``btcvae`` (Chen et al. 2018: beta weighs only the total correlation);
-        see :mod:`fastvae.objectives`.
+        see :mod:`fastvae.objectives` and :mod:`fastvae.btcvae`.
     iwae_k: K, the samples per image of the ``iwae`` objective.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).

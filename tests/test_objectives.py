@@ -111,7 +111,7 @@ def test_bad_k_and_training_with_iwae(tmp_path):
 
 
 # ------------------------------------------------------------------ beta-TCVAE
-from fastvae.objectives import BetaTCVAEObjective  # noqa: E402
+from fastvae.btcvae import BetaTCVAEObjective  # noqa: E402
 
 
 def _tc_loss_reference(model, x, eps, beta, N):
@@ -235,7 +235,8 @@ def test_objectives_agree_across_backends(objective, other):
     (float64, 1e-12 relative: only summation order differs)."""
     if other == "numba":
         pytest.importorskip("numba")
-    from fastvae.objectives import BetaTCVAEObjective, IWAEObjective
+    from fastvae.btcvae import BetaTCVAEObjective
+    from fastvae.objectives import IWAEObjective
     cfg = CFGS["mlp-relu-bernoulli"]
     r = np.random.default_rng(9)
     x = r.random((6, cfg.input_dim))
@@ -329,6 +330,16 @@ def test_btcvae_eval_terms_do_not_depend_on_which_splits_were_loaded(tmp_path):
         assert idx[k] == pytest.approx(npz[k], rel=1e-9, abs=1e-9), k
     model = fastvae.load(tmp_path / "run")
     x = fastvae.datasets.load(fastvae.DataConfig(dataset=str(tmp_path / "k.npz"))).x_test
-    from fastvae.objectives import BetaTCVAEObjective
+    from fastvae.btcvae import BetaTCVAEObjective
     want = BetaTCVAEObjective(model, 60).evaluate(x, batch_size=12, seed=0)      # N = the 60 training images
     assert idx["btcvae_mi"] == pytest.approx(want["mi"], rel=1e-9)
+
+
+def test_btcvae_refuses_batches_of_one():
+    """Minibatch-weighted sampling estimates log q(z_i) from the batch's
+    posteriors; with one image the TC term is the constant (L - 1) log N with
+    no gradient, so beta-TCVAE at --batch-size 1 trained the plain VAE
+    whatever beta said (two runs at beta 1 and 6 ended on the same weights)."""
+    with pytest.raises(ConfigError, match="batch of 1 has none"):
+        tiny_trainer(objective="btcvae", batch_size=1)
+    tiny_trainer(objective="btcvae", batch_size=2)
