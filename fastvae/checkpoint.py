@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 from typing import Optional
 
@@ -38,7 +37,7 @@ import numpy as np
 from . import checkpoint_schema as schema
 from .errors import CheckpointError
 from .runfolder import atomic_write
-from .safe_files import h5_dataset, h5_only, open_regular, parse_json
+from .safe_files import dump_json, h5_dataset, h5_only, open_regular, parse_json
 
 _TEXTS = ("layout", "config", "state", "history")
 FORMAT_NAME = "fastvae-checkpoint"
@@ -110,7 +109,7 @@ def save_checkpoint(path, *, params, adam_state: Optional[dict], layout_table, c
             f.attrs["backend"] = backend
             f.attrs["dtype"] = dtype
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            texts = [json.dumps(layout_table), json.dumps(config), json.dumps(state), json.dumps(history)]
+            texts = [dump_json(t) for t in (layout_table, config, state, history)]
             f.create_dataset("params", data=np.asarray(params))
             if adam_state is not None:
                 g = f.create_group("adam")

@@ -14,6 +14,7 @@ Three rules, shared by :mod:`fastvae.checkpoint` and the dataset loaders:
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from typing import Optional
@@ -136,6 +137,20 @@ def _depth(obj, limit: int, level: int = 0) -> int:
     if isinstance(obj, list):
         return max([_depth(v, limit, level + 1) for v in obj] + [level + 1])
     return level
+
+
+def dump_json(obj) -> str:
+    """``json.dumps`` of what :func:`parse_json` reads back: a non-finite float
+    (an epoch's NaN metric) is written as null, never as the non-standard
+    ``NaN`` that the reader refuses (a checkpoint that held one could not be
+    loaded, resumed or evaluated)."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), allow_nan=False)
 
 
 def parse_json(text: str, where: str, error, max_depth: int = MAX_JSON_DEPTH):

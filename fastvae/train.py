@@ -346,6 +346,8 @@ class Trainer:
                "warmup_s": pos.warmup if pos.warmup_images else None, "rss_mb": Reporter.rss_mb()}
         self.position = None
         row.update(self.evaluator(self.model))
+        if row["test_neg_elbo"] is not None:     # finite weights can still overflow (exp(logvar) past float32's range)
+            self.reporter.check_finite(row["test_neg_elbo"], "test -ELBO", self.step, self.epoch - 1, self.checkpointer)
         self.history.append(row)
         if self.out is not None and self.writes:
             self.save()

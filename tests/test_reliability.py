@@ -280,6 +280,27 @@ def test_a_divergence_between_loss_checks_never_replaces_the_good_checkpoint(tmp
     assert not (tmp_path / "other.h5").exists()
 
 
+def test_an_epoch_whose_test_loss_overflows_is_a_divergence_and_nan_metrics_stay_loadable(tmp_path, capsys):
+    """At --lr 10 the first epoch's weights stayed finite (train -ELBO 1.1e13)
+    but the test split's KL overflowed (exp(logvar) past float32): the epoch
+    was saved with test -ELBO NaN, as the "last good checkpoint", and written
+    as JSON's non-standard NaN, which the checkpoint reader refuses: eval,
+    info and --resume all failed on it ("'history' is not valid JSON"). Such an
+    epoch is a divergence now (nothing saved); and a checkpoint writes a
+    non-finite metric as null."""
+    from fastvae.cli import main
+    out = tmp_path / "r"
+    assert main(["train", "--n-sprites", "300", "--epochs", "2", "--lr", "10", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the test -ELBO became nan" in err and "no checkpoint was written yet" in err, err
+    assert not (out / "checkpoint.h5").exists()
+    t = _tiny(tmp_path / "n", epochs=1)
+    t.fit(pictures=False)
+    t.history[-1]["test_kl"] = float("inf")
+    t.save()
+    assert fastvae.load(tmp_path / "n" / "checkpoint.h5").checkpoint["history"][-1]["test_kl"] is None
+
+
 def test_a_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, recwarn):
     from fastvae.cli import main
     assert main(["train", *TINY, "--lr", "1e6", "--epochs", "2", "--out", str(tmp_path / "r")]) == 2
