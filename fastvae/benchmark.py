@@ -31,58 +31,41 @@ import json
 import os
 import platform
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
 from . import backends as _backends
 from . import blas as _blas
-from .config import ModelConfig
 from .model import VAE
 from .optim import Adam
 from .threads import fit_backend
 from .timing import (Contender, CoreProbe, GemmRecorder, gemm_flops, gpu_peak_gemm_gflops, measure,
                      peak_gemm_gflops)
+from .workloads import WORKLOADS, workload  # noqa: F401  (fastvae.benchmark.WORKLOADS: the bench scripts')
+from .workloads import config as workload_config
 
 CPU_BACKENDS = ("numpy", "numba")
-WORKLOADS: Dict[str, dict] = {
-    "784-400-20/b128": dict(input_dim=784, hidden=[400], latent_dim=20, batch_size=128,
-                            note="the PyTorch VAE example"),
-    "784-1000-2/b32": dict(input_dim=784, hidden=[1000], latent_dim=2, batch_size=32,
-                           note="the seed's MNIST setting"),
-    "784-1000-50/b4096": dict(input_dim=784, hidden=[1000], latent_dim=50, batch_size=4096,
-                              note="large batch"),
-    "4096-1000-50/b128": dict(input_dim=4096, hidden=[1000], latent_dim=50, batch_size=128,
-                              note="64x64 faces"),
-    "conv28-20/b128": dict(input_dim=784, hidden=[], latent_dim=20, batch_size=128, arch="conv",
-                           image_shape=(28, 28), note="the seed's ConvNet on MNIST"),
-}
 
 
 def check_request(workloads: Optional[List[str]], backend_names: List[str], seconds: float = 3.0,
                   dtype: str = "float32") -> None:
-    """Raise ConfigError for an unknown workload or dtype or a timing budget
+    """Raise ConfigError for a workload it cannot read or build here
+    (:func:`fastvae.workloads.workload`), an unknown dtype or a timing budget
     ``seconds`` that is not a positive number, and BackendUnavailableError
     (with the reason) for a backend that cannot run here."""
     from .checks import _choice, _finite_nonneg
     from .config import DTYPES
-    from .errors import BackendUnavailableError, ConfigError
+    from .errors import BackendUnavailableError
     _finite_nonneg("--seconds", seconds, positive=True)
     _choice("--dtype", dtype, DTYPES)             # a float16 bench timed for minutes before failing
-    bad = [w for w in (workloads or []) if w not in WORKLOADS]
-    if bad:
-        raise ConfigError(f"unknown workload(s) {bad}; choose from {list(WORKLOADS)}")
+    for w in workloads or []:
+        workload(w)                               # a name it cannot read, or a model that cannot be built here
     ok = {b["name"]: b for b in _backends.available()}
     for name in backend_names:
         if name not in ok or not ok[name]["available"]:
             why = ok[name]["reason"] if name in ok else f"unknown; choose from {sorted(ok)}"
             raise BackendUnavailableError(f"cannot benchmark backend {name!r}: {why}")
-
-
-def workload_config(wl: dict, dtype="float32") -> ModelConfig:
-    """The model config of a workload (an MLP, or ``arch`` with ``image_shape``)."""
-    return ModelConfig(input_dim=wl["input_dim"], hidden=wl["hidden"], latent_dim=wl["latent_dim"], dtype=dtype,
-                       arch=wl.get("arch", "mlp"), image_shape=wl.get("image_shape"))
 
 
 def training_step(name: str, wl: dict, dtype="float32", tf32=False, graph=False):
@@ -280,7 +263,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
     done, queue = {}, [(w, 0) for w in workloads]
     while queue:
         wname, attempt = queue.pop(0)
-        wl = WORKLOADS[wname]
+        wl = workload(wname)
         B = wl["batch_size"]
         cs = []
         for n, graph in [(n, g) for n in names for g in (False, True) if not g or n == "cupy"]:

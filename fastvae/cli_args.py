@@ -156,8 +156,9 @@ def parser() -> argparse.ArgumentParser:
     ip.add_argument("--backend")
 
     b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
-    from .benchmark import WORKLOADS
-    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(WORKLOADS))
+    from .workloads import WORKLOADS
+    b.add_argument("--workloads", nargs="*", help="default: all of " + ", ".join(WORKLOADS) + "; or your own: "
+                   "D-H-...-L/bB (an MLP, e.g. 3072-512-64/b256) or convS-L/bB (e.g. conv64-10/b64)")
     b.add_argument("--backends", nargs="*", help="default: every available backend")
     b.add_argument("--dtype", default="float32")
     b.add_argument("--seconds", type=float, default=3.0, help="timing budget per measurement")

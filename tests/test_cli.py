@@ -318,3 +318,24 @@ def test_eval_of_a_one_latent_run_gives_no_mig(tmp_path, monkeypatch, capsys):
     assert "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more" in said, said
     assert main(["eval", "one", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mig"] is None
+
+
+def test_bench_times_a_workload_written_as_a_name(tmp_path):
+    """`fastvae bench` timed five fixed workloads and refused any other
+    ("unknown workload(s)"): a model of your own could not be compared with
+    PyTorch. An MLP ``D-H-...-L/bB`` or a ConvNet ``convS-L/bB`` is built
+    from its name now; a name it cannot read or a model that cannot be built
+    or would not fit is refused before anything is timed."""
+    import json
+    from fastvae.workloads import workload
+    fv("bench", "--workloads", "100-24-12-5/b16", "conv16-4/b8", "--backends", "numpy", "--no-torch", "--blas",
+       "numpy", "--seconds", "0.1", "--out", "o", cwd=tmp_path)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "cpu.jsonl")]
+    got = {(r["workload"], r["backend"]) for r in rows if r.get("ms_per_step")}
+    assert got == {("100-24-12-5/b16", "numpy"), ("conv16-4/b8", "numpy")}, rows
+    assert workload("100-24-12-5/b16")["hidden"] == [24, 12] and workload("conv16-4/b8")["image_shape"] == (16, 16)
+    for name, why in [("nonsense", "write your own as D-H-...-L/bB"), ("784-0-20/b8", "hidden width"),
+                      ("conv30-10/b4", "got 30x30"), ("784-400-20/b0", "at least 1"),
+                      ("200000-200000-10/b100000", "free; make the layers or the batch (/bB) smaller")]:
+        r = fv("bench", "--workloads", name, "--no-torch", cwd=tmp_path, check=False)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
