@@ -37,8 +37,14 @@ from .layers.base import Step
 
 class IWAEObjective:
     """The K-sample importance-weighted bound as a loss on ``model`` (a
-    :class:`fastvae.VAE` whose stack is encoder -> Gaussian sampler ->
-    decoder -> likelihood). Raises ConfigError for K < 1."""
+    :class:`fastvae.VAE` whose stack is encoder -> Gaussian sampler -> [IAF
+    steps] -> decoder -> likelihood). Raises ConfigError for K < 1.
+
+    With inverse autoregressive flow steps (Kingma et al. 2016) the K samples
+    run through them too, and ``log q(z_T|x) - log p(z_T)`` gains each step's
+    ``-sum log sig + (|z_t|^2 - |z_{t-1}|^2) / 2`` (:meth:`Backend.iaf_gate`):
+    ``log w_k = -nll_k - kl_k``; the steps' backward weighs those terms by each
+    row's ``c w~_k`` (``Step.row_scale``) as the decoder's rows are weighed."""
 
     def __init__(self, model, k: int):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -68,12 +74,24 @@ class IWAEObjective:
         std = buf("std", B, L)
         be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
         step_d = Step(dec.x, None, grad_scale=1.0, train=True, need_loss=True)
-        nll = m._walk(dec, s + 1, n, dec.z, step_d)
+        f = m.decoder_at                                    # s + 1 .. f - 1: the IAF steps, if any
+        z, step_f = dec.z, None
+        if f > s + 1:
+            flow_kl = buf("flow_kl", B * K)
+            be.array_op(_zero, flow_kl)
+            step_f = Step(dec.x, None, train=True, need_loss=True, kl=flow_kl)
+            z = m._walk(dec, s + 1, f, dec.z, step_f)
+        nll = m._walk(dec, f, n, z, step_d)
         top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
+        if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
+            be.array_op(_add, buf("nll_flows", B * K), nll, flow_kl)
+            nll, step_f.row_scale = buf("nll_flows", B * K), r
         d = dec.states[n - 1].dx                            # dnll/dlogits rows, scale 1
         be.array_op(_weights, nll, dec.z, eps, head, c, buf("logw", B, K), top, total, r, d)
-        for i in range(n - 2, s, -1):
+        for i in range(n - 2, f - 1, -1):
             d = m.layers[i].backward(be, dec.states[i], d, step_d)
+        for i in range(f - 1, s, -1):
+            d = m.layers[i].backward(be, dec.states[i], d, step_f)
         dhead = enc.states[s].dx if enc.states[s].dx is not None else buf("dhead", B, 2 * L)
         be.array_op(_dhead, d, r, dec.z, eps, std, c, dhead)
         d = dhead
@@ -111,6 +129,14 @@ class IWAEObjective:
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics (``-L_K`` summed over images)."""
         return recon
+
+
+def _zero(xp, a):
+    a[...] = 0
+
+
+def _add(xp, out, a, b):
+    xp.add(a, b, out=out)
 
 
 def _sample(xp, head, eps, x, std, z, xrep):
@@ -167,9 +193,9 @@ def make(train_config, model, n_train: int, comm=None):
     ELBO (the model's own loss), else an :class:`IWAEObjective` or a
     :class:`BetaTCVAEObjective` (``comm``: the data-parallel
     :class:`fastvae.distributed.World`, None for one process)."""
-    if train_config.objective != "elbo" and model.decoder_at != model.sampler_at + 1:
-        raise ConfigError(f"--objective {train_config.objective} is written for the Gaussian posterior; "
-                          "train an IAF posterior (--posterior iaf) with the ELBO, or drop the flows")
+    if train_config.objective == "btcvae" and model.decoder_at != model.sampler_at + 1:
+        raise ConfigError("--objective btcvae is written for the Gaussian posterior; train an IAF posterior "
+                          "(--posterior iaf) with the ELBO or IWAE, or drop the flows")
     if train_config.objective == "iwae":
         return IWAEObjective(model, train_config.iwae_k)
     if train_config.objective == "btcvae":

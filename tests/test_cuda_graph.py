@@ -169,7 +169,7 @@ def cupy_registry(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("objective", ["elbo", "iwae", "btcvae"])
+@pytest.mark.parametrize("objective", ["elbo", "iwae", "btcvae", "iwae-iaf"])
 @pytest.mark.parametrize("cupy_registry", BACKENDS, indirect=True)
 def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registry, objective):
     """Two epochs with a KL warm-up, a cosine learning rate, gradient
@@ -178,15 +178,18 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     checkpoint as eager steps,
     for the ELBO, the IWAE objective (K = 3: its noise drawn inside the step)
     and beta-TCVAE (beta in its pairwise kernels and its loss, changing every
-    step): the objectives' arithmetic runs as array operations."""
+    step): the objectives' arithmetic runs as array operations. IWAE through
+    IAF steps: their backward weighs each row by its importance weight (an
+    array in place of the per-step scalar)."""
     data = datasets.make_sprites(78, seed=2, size=4)
-    mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
+    flows = dict(posterior="iaf", flows=2, flow_hidden=5) if objective == "iwae-iaf" else {}
+    mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64", **flows)
     runs = {}
     for graph in (False, True):
         tc = TrainConfig(epochs=2, batch_size=16, backend="cupy", cuda_graph=graph, binarize=True, loss_every=3,
                          beta_schedule="linear", beta_warmup=1.5, beta_max=4.0, lr_schedule="cosine", lr=3e-3,
                          clip_grad_norm=0.5,
-                         objective=objective, iwae_k=3)
+                         objective=objective.split("-")[0], iwae_k=3)
         t = Trainer(mc, tc, DataConfig(), dataset=data, out=str(tmp_path / str(graph)), progress=False)
         t.fit(pictures=False)
         runs[graph] = t

@@ -21,6 +21,8 @@ CFGS = {
                                      likelihood="gaussian", sigma=0.7, dtype="float64"),
     "conv-small": small_cfg(),
 }
+IAF = ModelConfig(input_dim=12, hidden=[7], latent_dim=3, dtype="float64", posterior="iaf", flows=2, flow_hidden=5)
+IWAE_CFGS = {**CFGS, "mlp-iaf": IAF}       # IWAE through inverse autoregressive flow steps too
 
 
 def _setup(cfg, B=3, K=4, seed=0):
@@ -33,22 +35,24 @@ def _setup(cfg, B=3, K=4, seed=0):
 
 
 def _loss(model, obj, x, eps):
-    """-L_K averaged over images, from an independent NumPy forward (no backward)."""
+    """-L_K averaged over images, from an independent NumPy forward (no
+    backward): the model's own sampler and flow steps on the repeated heads,
+    log w = -nll - (log q(z|x) - log p(z)) of each sample."""
     B, K, L = x.shape[0], obj.k, model.config.latent_dim
     mu, logvar = model.encode(x)
-    std = np.exp(0.5 * logvar)
-    z = (mu[:, None] + std[:, None] * eps.reshape(B, K, L)).reshape(B * K, L)
-    ws = model.forward(np.repeat(x, K, axis=0), np.zeros((B * K, L)))     # only its decoder part is used
+    xr = np.repeat(x, K, axis=0)
+    ws = model.forward(xr, np.zeros((B * K, L)))     # a workspace of B K rows; its buffers are refilled below
+    z = model.sample_posterior_into(ws, np.repeat(np.hstack([mu, logvar]), K, axis=0), eps, sampled_kl=True)
     model.decode_into(ws, z)
-    nll = model.nll_into(ws, np.repeat(x, K, axis=0)).copy()
-    logw = (-nll - 0.5 * (z ** 2).sum(1) + 0.5 * (eps ** 2).sum(1)).reshape(B, K) + 0.5 * logvar.sum(1)[:, None]
+    nll = model.nll_into(ws, xr).copy()
+    logw = -(nll + ws.kl).reshape(B, K)
     top = logw.max(1)
     return float(-(top + np.log(np.exp(logw - top[:, None]).sum(1)) - math.log(K)).mean())
 
 
-@pytest.mark.parametrize("name", list(CFGS))
+@pytest.mark.parametrize("name", list(IWAE_CFGS))
 def test_iwae_gradient_matches_central_differences(name):
-    model, obj, x, eps = _setup(CFGS[name])
+    model, obj, x, eps = _setup(IWAE_CFGS[name])
     total, _ = obj.loss_and_grad(x, eps)
     ana = model.grads.copy()
     f = lambda: _loss(model, obj, x, eps)
@@ -57,11 +61,11 @@ def test_iwae_gradient_matches_central_differences(name):
     assert_grad(ana, num, f())
 
 
-@pytest.mark.parametrize("name", ["mlp-relu-bernoulli", "mlp-tanh-gaussian", "conv-small"])
+@pytest.mark.parametrize("name", ["mlp-relu-bernoulli", "mlp-tanh-gaussian", "conv-small", "mlp-iaf"])
 def test_iwae_matches_pytorch_autograd(name):
     torch = pytest.importorskip("torch")
     from fastvae import torch_ref
-    cfg = CFGS[name]
+    cfg = IWAE_CFGS[name]
     model, obj, x, eps = _setup(cfg, B=4, K=3, seed=2)
     total, _ = obj.loss_and_grad(x, eps)
     tm = torch_ref.build(cfg)
@@ -69,10 +73,11 @@ def test_iwae_matches_pytorch_autograd(name):
     B, K = x.shape[0], obj.k
     xt = torch.tensor(np.repeat(x, K, axis=0))
     et = torch.tensor(eps)
-    out, mu, logvar, _ = tm(xt, et)
-    z = mu + torch.exp(0.5 * logvar) * et
+    out, mu, logvar, log_sig = tm(xt, et)
+    z = tm.z                                                          # after the flow steps, if any
     rec, _ = tm.losses(xt, et)
-    logw = (-rec - 0.5 * (z ** 2).sum(1) + 0.5 * (et ** 2).sum(1) + 0.5 * logvar.sum(1)).view(B, K)
+    log_det = log_sig if cfg.posterior == "iaf" else 0.0              # sum of the steps' log sig
+    logw = (-rec - 0.5 * (z ** 2).sum(1) + 0.5 * (et ** 2).sum(1) + 0.5 * logvar.sum(1) + log_det).view(B, K)
     loss = -(torch.logsumexp(logw, 1) - math.log(K)).mean()
     loss.backward()
     assert abs(float(total) / B - loss.item()) <= 1e-10 * abs(loss.item())
@@ -229,7 +234,7 @@ def test_tc_pairwise_kernels_match_the_array_expressions(other):
 
 
 @pytest.mark.parametrize("other", ["numba", emu_param()])
-@pytest.mark.parametrize("objective", ["iwae", "btcvae"])
+@pytest.mark.parametrize("objective", ["iwae", "btcvae", "iwae-iaf"])
 def test_objectives_agree_across_backends(objective, other):
     """The same step on numba (or the emulated CUDA kernels) as on numpy
     (float64, 1e-12 relative: only summation order differs)."""
@@ -237,13 +242,13 @@ def test_objectives_agree_across_backends(objective, other):
         pytest.importorskip("numba")
     from fastvae.btcvae import BetaTCVAEObjective
     from fastvae.objectives import IWAEObjective
-    cfg = CFGS["mlp-relu-bernoulli"]
+    cfg = IAF if objective == "iwae-iaf" else CFGS["mlp-relu-bernoulli"]
     r = np.random.default_rng(9)
     x = r.random((6, cfg.input_dim))
     grads = []
     for be in ("numpy", other):
         model = VAE(cfg, make_backend(be, "float64"), seed=1)
-        if objective == "iwae":
+        if objective.startswith("iwae"):
             obj = IWAEObjective(model, 4)
             eps = np.random.default_rng(10).normal(size=obj.eps_shape(6))
             obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps))

@@ -110,7 +110,7 @@ class GraphSupport:
 
     def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
         self._op(_composite, self, Backend.iaf_gate_backward, dz_in, dhead, dz, z, z_in, head, bias,
-                 self.step_scalar(kl_scale))
+                 kl_scale if getattr(kl_scale, "ndim", 0) else self.step_scalar(kl_scale))   # IWAE: per-row weights
         return dz_in
 
     def array_op(self, fn, *args):

@@ -19,7 +19,9 @@ class Step:
     kl: the per-image KL buffer ``(B,)`` the sampler fills and flow steps
     after it add to (set during the forward walk); sampled_kl: the sampler
     gives the single-sample estimate ``log q(z|x) - log p(z)`` even without
-    flows (importance weights need it).
+    flows (importance weights need it); row_scale: ``(B, 1)`` per-row weights
+    of the KL terms in the backward of flow steps, in place of ``beta *
+    grad_scale`` (IWAE's normalised importance weights, scaled).
     """
     x: object
     eps: object
@@ -29,6 +31,7 @@ class Step:
     need_loss: bool = True
     kl: object = None
     sampled_kl: bool = False
+    row_scale: object = None
 
 
 class State:

@@ -83,7 +83,7 @@ class IAFStep(Layer):
 
     def backward(self, be, st, dy, step):
         """dLoss/dz_{t-1}: the gate's direct path plus the path through the MADE."""
-        k = step.beta * step.grad_scale
+        k = step.beta * step.grad_scale if step.row_scale is None else step.row_scale
         be.iaf_gate_backward(st.dx, st.dhead, dy, st.y, st.x, st.o.y, FORGET_BIAS, k)
         dx_made = self.hidden.backward(be, st.h, self.out.backward(be, st.o, st.dhead, step), step)
         return be.add_(st.dx, dx_made)
