@@ -131,8 +131,8 @@ def test_failed_save_keeps_previous_file(tiny_data, tmp_path, monkeypatch, fail_
     if fail_at == "replace":
         monkeypatch.setattr(ckpt.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     else:
-        real = ckpt.json.dumps
-        monkeypatch.setattr(ckpt.json, "dumps",
+        real = ckpt.dump_json                     # a crash while writing the history's text
+        monkeypatch.setattr(ckpt, "dump_json",
                             lambda obj, *a, **k: (_ for _ in ()).throw(RuntimeError("crash"))
                             if isinstance(obj, list) and obj and "epoch" in obj[0] else real(obj, *a, **k))
     # an OS error becomes one CheckpointError line; anything else propagates; both clean up
