@@ -192,7 +192,8 @@ def test_config_and_cli_checks(tmp_path):
     moved.insert(len(moved) - 1, step)                                 # between the decoder and the likelihood
     with pytest.raises(ConfigError, match="directly follow the gaussian sampler"):
         ModelConfig(**{**cfg.to_dict(), "layers": moved})
-    p = fv("train", "--posterior", "iaf", "--flows", "1", "--objective", "iwae", "--n-sprites", "60",
+    # (IWAE trains through the flow steps: tests/test_objectives.py)
+    p = fv("train", "--posterior", "iaf", "--flows", "1", "--objective", "btcvae", "--n-sprites", "60",
            "--batch-size", "20", "--out", tmp_path / "x", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "written for the Gaussian posterior" in p.stderr
 
