@@ -59,6 +59,19 @@ def _finite_nonneg(name, value, positive=False):
         raise ConfigError(f"{name} must be a finite {kind} number, got {value!r}")
 
 
+def _sigma(value, dtype):
+    """The Gaussian likelihood's sigma (pixel units): finite, positive, and
+    such that ``1 / sigma^2``, its gradient's factor, is a finite nonzero
+    number in ``dtype`` (1e-200 in float64 was a ZeroDivisionError traceback,
+    1e-30 in float32 an infinite gradient called a divergence)."""
+    _finite_nonneg("sigma", value, positive=True)
+    fi = np.finfo(dtype)
+    lo, hi = 1 / math.sqrt(float(fi.max)), 1 / math.sqrt(float(fi.tiny))
+    if not lo <= float(value) <= hi:
+        raise ConfigError(f"sigma {value!r} is outside what {dtype} arithmetic can use ({lo:.2g} to {hi:.2g}: "
+                          "1/sigma^2 must be a finite nonzero number); sigma is in pixel units (default 0.1)")
+
+
 def _choice(name, value, choices):
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
                             mlp_layer_specs)
 from .blas import CHOICES as BLAS_CHOICES
-from .checks import _choice, _finite_nonneg, _positive_int, _seed
+from .checks import _choice, _finite_nonneg, _positive_int, _seed, _sigma
 from .errors import ConfigError
 from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
 
@@ -145,7 +145,7 @@ class ModelConfig(_JSONMixin):
         _choice("likelihood", self.likelihood, LIKELIHOODS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("init", self.init, INITS)
-        _finite_nonneg("sigma", self.sigma, positive=True)
+        _sigma(self.sigma, self.dtype)
         _finite_nonneg("leaky_slope", self.leaky_slope)
         _finite_nonneg("elu_alpha", self.elu_alpha, positive=True)
         if self.image_shape is not None:

@@ -83,6 +83,9 @@ def test_bad_data_gets_one_line(tmp_path):
     (["--lr", "-0.1"], "lr (learning rate)"),
     (["--backend", "gpu"], "unknown backend 'gpu'"),
     (["--epochs", "-1"], "epochs must be"),
+    # 1/sigma^2 underflowed to 0 in float64: a ZeroDivisionError traceback; in float32 it overflowed
+    (["--likelihood", "gaussian", "--sigma", "1e-200", "--dtype", "float64"], "outside what float64 arithmetic"),
+    (["--likelihood", "gaussian", "--sigma", "1e-30", "--backend", "numba"], "outside what float32 arithmetic"),
 ])
 def test_bad_config_gets_one_line(tmp_path, args, needle):
     one_line_error(run(["train", *TINY, *args], tmp_path), needle)
