@@ -162,7 +162,8 @@ def test_odd_batches_binarize_clip_and_float32(tmp_path):
 
 @needs_mpi
 @pytest.mark.parametrize("objective", [["--objective", "iwae", "--iwae-k", "3"],
-                                       ["--objective", "btcvae", "--beta", "6"]])
+                                       ["--objective", "btcvae", "--beta", "6"],
+                                       ["--objective", "iwae", "--iwae-k", "3", "--posterior", "iaf", "--flows", "2"]])
 def test_iwae_and_btcvae_on_three_ranks_train_the_one_process_model(tmp_path, objective):
     """IWAE draws the global batch's K samples per image on every rank and
     keeps its rows; beta-TCVAE's estimator gathers the global batch's
