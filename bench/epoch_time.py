@@ -5,6 +5,7 @@ the PyTorch twin, same data, same settings, same initial weights, same run.
                                [--backends numba numpy] [--settle 1.0] [--min-clean 3]
                                [--name epoch_time]
 
+Workloads: the standard MNIST MLPs, or one of your own written as 784-H-...-L/bB.
 Every contender trains its own model on the 24,000-image training file
 (../shared/data/mnist; skipped with a message when absent): Bernoulli
 likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
@@ -46,6 +47,8 @@ import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
 from fastvae.threads import fit_backend
 from fastvae.benchmark import WORKLOADS, environment, workload_config
+from fastvae.errors import ConfigError
+from fastvae.workloads import workload
 from fastvae.timing import CoreProbe, clean_intervals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,7 +129,7 @@ def typical(secs, clean):
 def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
     rows, probe = [], CoreProbe()
     for wname in workloads:
-        wl = WORKLOADS[wname]
+        wl = workload(wname)
         cands = [ours(b, wl, ds, data_dir) for b in backends]
         try:
             cands += [torch_twin(adam, wl, ds) for adam in ("fused", "foreach")]
@@ -179,11 +182,15 @@ def main():
     if not os.path.exists(a.data_dir):
         print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
         return 0
-    bad = [w for w in a.workloads if w not in WORKLOADS or WORKLOADS[w].get("arch", "mlp") != "mlp"
-           or WORKLOADS[w]["input_dim"] != 784]
+    try:                                  # the standard ones, or an MLP of your own (784-H-...-L/bB)
+        bad = [w for w in a.workloads if workload(w).get("arch", "mlp") != "mlp" or workload(w)["input_dim"] != 784]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if bad:
         print(f"error: {bad} are not MNIST MLP workloads; choose from "
-              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784 and 'arch' not in v]}", file=sys.stderr)
+              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784 and 'arch' not in v]} "
+              "or write your own as 784-H-...-L/bB", file=sys.stderr)
         return 2
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
     env = dict(environment(), date=datetime.datetime.now().isoformat(timespec="seconds"),
