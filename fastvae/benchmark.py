@@ -249,7 +249,7 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
     others, up to ``retries`` times; the last try is kept.
     ``blas_names``: the GEMM libraries each CPU backend is timed with
     (default: every one that loads, :func:`fastvae.blas.available`)."""
-    workloads = workloads or list(WORKLOADS)
+    workloads = list(dict.fromkeys(workloads or WORKLOADS))          # a name given twice is timed once
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
     libs = blas_names or _blas.available()
