@@ -190,6 +190,12 @@ def _cmd_info(a):
     rows = info["data_rows"]
     print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
           f"dataset {info['data']['dataset']}" + (f" ({rows[0]} training, {rows[1]} test images)" if rows else ""))
+    tr = info["train"] if isinstance(info["train"], dict) else {}
+    obj = str(tr.get("objective", "elbo"))
+    weight = {"iwae": f" (K {tr.get('iwae_k')})", "btcvae": f" (TC weight beta {tr.get('beta_max')})"}.get(
+        obj, f" (beta {tr.get('beta_max')}, {tr.get('beta_schedule', 'constant')})")
+    print(f"settings: {obj}{weight}, batch {tr.get('batch_size')}, lr {tr.get('lr')} "
+          f"({tr.get('lr_schedule', 'constant')}), seed {tr.get('seed')}")
     for t in d["layout"]:
         print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
     if info["last_metrics"]:

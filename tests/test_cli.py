@@ -42,6 +42,8 @@ def test_train_resume_eval_info(tmp_path):
 
     p = fv("info", run / "checkpoint.h5", cwd=tmp_path)
     assert "4096-32(relu)-8-z4-32(relu)-4096" in p.stdout and "epoch 3" in p.stdout and "encoder.mu.W" in p.stdout
+    # how it was trained (info named neither the objective nor the batch, lr or seed)
+    assert "settings: elbo (beta 1.0, constant), batch 64, lr 0.001 (constant), seed 0" in p.stdout, p.stdout
     info = json.loads(fv("info", run / "checkpoint.h5", "--json", cwd=tmp_path).stdout)
     assert info["format"] == "fastvae-checkpoint" and info["epoch"] == 3
 

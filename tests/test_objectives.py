@@ -305,7 +305,8 @@ def test_an_iwae_run_reports_its_bound_without_recon_and_kl_columns(tmp_path, ca
         assert h["train_recon"] is None and h["train_kl"] is None and h["train_neg_elbo"] == h["train_loss"] > 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [(r["train_recon"], r["train_kl"]) for r in rows] == [("", "")] * 2 and float(rows[-1]["train_loss"]) > 0
-    assert "last epoch: train loss " in fv("info", tmp_path / "run", cwd=tmp_path).stdout
+    info = fv("info", tmp_path / "run", cwd=tmp_path).stdout
+    assert "last epoch: train loss " in info and "settings: iwae (K 3), batch 16" in info, info
     labels = plots.plot_loss(t.history).axes[0].get_legend_handles_labels()[1]
     assert labels[:2] == ["train loss (-L_K)", "test -ELBO"]
     elbo = tiny_trainer(None, epochs=1)
