@@ -152,6 +152,10 @@ def _cmd_eval(a):
             what = "-log p(x)" if model.config.likelihood != "mse" else "bound (mse: no density)"
             print(f"IWAE {what}, k={res['iwae_k']}, {res['iwae_n']} images: "
                   f"{res['iwae_neg_log_likelihood']:.3f} {units}")
+        if "btcvae_tc" in res:                      # printed by --json alone before
+            print(f"beta-TCVAE terms (minibatch-weighted sampling, batch {_trained(model, 'batch_size', 128)}): "
+                  f"MI {res['btcvae_mi']:.3f}, TC {res['btcvae_tc']:.3f}, dimension-wise KL "
+                  f"{res['btcvae_dwkl']:.3f} {units}")
         if "mig" in res:
             print(f"MIG (Chen et al. 2018): {res['mig']:.3f}" if res["mig"] == res["mig"] else
                   "MIG (Chen et al. 2018): none, the gap between two latents needs latent_dim 2 or more")

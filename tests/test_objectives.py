@@ -201,6 +201,9 @@ def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
     import json
     res = json.loads(fv("eval", tmp_path / "a", "--json", cwd=tmp_path).stdout)
     assert {"btcvae_mi", "btcvae_tc", "btcvae_dwkl", "mig"} <= set(res)
+    text = fv("eval", tmp_path / "a", cwd=tmp_path).stdout            # the terms were printed by --json alone
+    assert f"beta-TCVAE terms (minibatch-weighted sampling, batch 50): MI {res['btcvae_mi']:.3f}, " \
+           f"TC {res['btcvae_tc']:.3f}, dimension-wise KL {res['btcvae_dwkl']:.3f} nats per image" in text, text
     # the three terms add up to the sampled KL, whose mean over the split is the closed-form KL up to
     # sampling noise (std about sqrt(L / 2) nats per image over 30 test images: ~0.25 nats)
     sampled = res["btcvae_mi"] + res["btcvae_tc"] + res["btcvae_dwkl"]
