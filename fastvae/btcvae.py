@@ -89,7 +89,7 @@ class BetaTCVAEObjective:
     one rank): the estimator needs every posterior of the GLOBAL batch, so the
     ranks gather ``(z, mu, logvar)`` of its n rows (one sum over ranks of a
     zero-padded ``(3, n, L)`` buffer, 12 n L bytes in float32) and each runs
-    the pairwise terms over all n (n^2 L work, small beside the layers) and
+    the pairwise terms over all n (n^2 L work on every rank, not divided) and
     keeps its rows: the same numbers one process computes, with no second
     exchange. Raises ConfigError for N < 1.
     """
