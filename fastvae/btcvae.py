@@ -13,7 +13,6 @@ import numpy as np
 from .errors import ConfigError
 from .layers.base import Step
 
-
 _LOG_2PI = math.log(2 * math.pi)
 
 

@@ -30,8 +30,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ConfigError
 from .btcvae import BetaTCVAEObjective, eval_terms  # noqa: F401  (fastvae.objectives.eval_terms)
+from .errors import ConfigError
 from .layers.base import Step
 
 
@@ -84,8 +84,9 @@ class IWAEObjective:
         nll = m._walk(dec, f, n, z, step_d)
         top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
         if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
-            be.array_op(_add, buf("nll_flows", B * K), nll, flow_kl)
-            nll, step_f.row_scale = buf("nll_flows", B * K), r
+            nll_f = buf("nll_flows", B * K)
+            be.array_op(_add, nll_f, nll, flow_kl)
+            nll, step_f.row_scale = nll_f, r
         d = dec.states[n - 1].dx                            # dnll/dlogits rows, scale 1
         be.array_op(_weights, nll, dec.z, eps, head, c, buf("logw", B, K), top, total, r, d)
         for i in range(n - 2, f - 1, -1):
