@@ -183,7 +183,8 @@ def main():
         print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
         return 0
     try:                                  # the standard ones, or an MLP of your own (784-H-...-L/bB)
-        bad = [w for w in a.workloads if workload(w).get("arch", "mlp") != "mlp" or workload(w)["input_dim"] != 784]
+        wls = {w: workload(w) for w in a.workloads}
+        bad = [w for w, wl in wls.items() if wl.get("arch", "mlp") != "mlp" or wl["input_dim"] != 784]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
