@@ -165,22 +165,21 @@ def _cmd_eval(a):
 def _cmd_info(a):
     from . import layers
     from .checkpoint import read_checkpoint
-    from .config import ModelConfig
     from .errors import CheckpointError, ConfigError
-    from .evaluate import train_loss_name
+    from .evaluate import train_loss_name, units
     a.checkpoint = checkpoint_arg(a.checkpoint)
     d = read_checkpoint(a.checkpoint)
+    mcfg, tcfg, dcfg = d["configs"]     # checked by the reader; a part the file lacks reads as its defaults
     try:
-        mcfg = ModelConfig.from_dict(d["config"]["model"])
         arch = layers.describe(layers.build(mcfg))
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{a.checkpoint} holds an invalid model config ({exc}); use a checkpoint "
                               "written by fastvae") from None
-    mc = mcfg.to_dict()
+    mc, tr = mcfg.to_dict(), tcfg.to_dict()
     info = {
         "checkpoint": a.checkpoint, **d["meta"],
         "architecture": arch,
-        "model": mc, "train": d["config"]["train"], "data": d["config"]["data"],
+        "model": mc, "train": tr, "data": dcfg.to_dict(),
         "num_params": int(d["params"].shape[0]), "epoch": d["state"]["epoch"], "step": d["state"]["step"],
         "adam_t": None if d["adam"] is None else d["adam"]["t"], "data_rows": d["state"].get("data_rows"),
         "tensors": d["layout"], "last_metrics": d["history"][-1] if d["history"] else None,
@@ -188,27 +187,32 @@ def _cmd_info(a):
     if a.json:
         print(json.dumps(info, default=str))
         return 0
-    print(f"{a.checkpoint}: {info['format']} v{info['format_version']} written by fastvae "
-          f"{info['fastvae_version']} ({info['backend']}, {info['dtype']}) on {info['created']}")
+    meta = {k: info.get(k, "?") for k in ("format_version", "fastvae_version", "backend", "dtype", "created")}
+    print(f"{a.checkpoint}: {info['format']} v{meta['format_version']} written by fastvae "
+          f"{meta['fastvae_version']} ({meta['backend']}, {meta['dtype']}) on {meta['created']}")
     print(f"model: {info['architecture']}, {mc['likelihood']} likelihood, {info['num_params']} parameters")
     rows = info["data_rows"]
     print(f"trained: epoch {info['epoch']}, step {info['step']}, Adam t={info['adam_t']}, "
           f"dataset {info['data']['dataset']}" + (f" ({rows[0]} training, {rows[1]} test images)" if rows else ""))
-    tr = info["train"] if isinstance(info["train"], dict) else {}
-    obj = str(tr.get("objective", "elbo"))
-    weight = {"iwae": f" (K {tr.get('iwae_k')})", "btcvae": f" (TC weight beta {tr.get('beta_max')})"}.get(
-        obj, f" (beta {tr.get('beta_max')}, {tr.get('beta_schedule', 'constant')})")
-    print(f"settings: {obj}{weight}, batch {tr.get('batch_size')}, lr {tr.get('lr')} "
-          f"({tr.get('lr_schedule', 'constant')}), seed {tr.get('seed')}")
+    weight = {"iwae": f" (K {tr['iwae_k']})", "btcvae": f" (TC weight beta {tr['beta_max']})"}.get(
+        tr["objective"], f" (beta {tr['beta_max']}, {tr['beta_schedule']})")
+    print(f"settings: {tr['objective']}{weight}, batch {tr['batch_size']}, lr {tr['lr']} "
+          f"({tr['lr_schedule']}), seed {tr['seed']}")
     for t in d["layout"]:
         print(f"  {t['name']:<22} {str(tuple(t['shape'])):<14} offset {t['offset']}")
-    if info["last_metrics"]:
-        lm = info["last_metrics"]
-        s = f"last epoch: train {train_loss_name(lm)} {lm['train_neg_elbo']:.3f}"
-        if lm.get("test_neg_elbo") is not None:
-            s += f", test -ELBO {lm['test_neg_elbo']:.3f}"
-        print(s + " nats per image")
+    if info["last_metrics"] is not None:
+        print("last epoch: " + _last_epoch(info["last_metrics"], train_loss_name(info["last_metrics"]),
+                                          units(mc["likelihood"])))
     return 0
+
+
+def _last_epoch(row: dict, loss_name: str, unit: str) -> str:
+    """A history row's losses as one phrase (a row is checked to hold numbers,
+    texts or nulls only: a field it lacks is left out, a text shown as it is)."""
+    show = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else str(v)[:40]   # noqa: E731
+    parts = [f"{name} {show(row[k])}" for k, name in (("train_neg_elbo", f"train {loss_name}"),
+                                                       ("test_neg_elbo", "test -ELBO")) if row.get(k) is not None]
+    return f"{', '.join(parts)} {unit}" if parts else "nothing recorded"
 
 
 def _cmd_bench(a):

@@ -2,6 +2,8 @@
 SHA-256 header is VALID must still end in one CheckpointError line, read
 nothing from outside their own bytes and allocate nothing they cannot back."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 import fastvae
 from fastvae import CheckpointError
 from fastvae import checkpoint as ckpt
+from fastvae import cli
 from fastvae.restore import load_model
 
 from conftest import PEAK_RSS, PY, fv, tiny_trainer
@@ -45,7 +48,8 @@ def good(tmp_path_factory):
 def craft(path, good, params=None, texts=None, extra=None):
     """Write a checkpoint from ``good``'s parts; ``params(f, data)`` writes the
     params member (default: a plain dataset), ``texts`` overrides JSON texts,
-    ``extra(f)`` adds anything else; then seal it."""
+    ``extra(f)`` adds anything else (attributes too); then seal it. Its only
+    attributes are the format, its version, backend and dtype."""
     texts = dict({k: json.dumps(good[k]) for k in ("layout", "config", "state", "history")}, **(texts or {}))
     with h5py.File(path, "w", userblock_size=512) as f:
         f.attrs["format"] = ckpt.FORMAT_NAME
@@ -169,6 +173,32 @@ def test_json_parts_are_validated(tmp_path, good, key, text, needle):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def _without_train_part(cfg):
+    return {k: v for k, v in cfg.items() if k != "train"}
+
+
+@pytest.mark.parametrize("case,texts,needles", [
+    ("only the attributes a reader needs", {}, ["written by fastvae ? (numpy, float32) on ?"]),
+    ("no train and data parts", {"config": lambda g: {"model": g["config"]["model"]}},
+     ["settings: elbo (beta 1.0, constant), batch 128", "dataset sprites"]),
+    ("a history row of other fields", {"history": lambda g: [{"epoch": 1}]}, ["last epoch: nothing recorded"]),
+    ("texts where numbers belong", {"history": lambda g: [dict(g["history"][0], train_neg_elbo="x",
+                                                             test_neg_elbo="y")]},
+     ["last epoch: train -ELBO x, test -ELBO y"]),
+])
+def test_info_reads_every_file_the_checks_pass(tmp_path, good, case, texts, needles):
+    """`fastvae info` prints what such a file holds (KeyError or ValueError
+    tracebacks before: it read attributes, config parts and history fields
+    that the checks do not require); a missing part reads as what a resume
+    would use, its defaults."""
+    p = craft(tmp_path / "i.h5", good, texts={k: json.dumps(f(good)) for k, f in texts.items()})
+    r = fv("info", p, cwd=tmp_path, check=False)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in r.stdout, r.stdout
+    assert json.loads(fv("info", p, "--json", cwd=tmp_path).stdout)["num_params"] == good["params"].size
+
+
 def test_config_with_wrong_types_is_a_checkpoint_error(tmp_path, good):
     cfg = json.loads(json.dumps(good["config"]))
     cfg["model"]["hidden"] = "wide"
@@ -215,13 +245,16 @@ json_st = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70
        mutate=st.sampled_from(["replace", "merge"]))
 def test_crafted_json_with_a_valid_header_only_raises_checkpoint_error(tmp_path_factory, good, key, value, mutate):
     """Hypothesis: any JSON in any text part (whole, or merged into the real
-    object) either loads or raises CheckpointError; nothing else escapes."""
+    object) either loads or raises CheckpointError; nothing else escapes
+    (`fastvae info` prints it or refuses it)."""
     orig = good[key]
     if mutate == "merge" and isinstance(orig, dict) and isinstance(value, dict):
         value = dict(orig, **value)
     elif mutate == "merge" and isinstance(orig, list) and orig and isinstance(value, dict):
         value = [dict(orig[0], **value)] + orig[1:]
     p = craft(tmp_path_factory.mktemp("h") / "h.h5", good, texts={key: json.dumps(value)})
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["info", str(p)]) in (0, 2)      # printed, or refused in one line: no exception
     try:
         model, _ = load_model(p)
         fastvae.Trainer.from_checkpoint(p, out=str(p.parent), progress=False)
