@@ -11,7 +11,9 @@ line instead of a traceback deep in the trainer.
             through its dataclass (which checks every field's range);
 ``state``   ``{"epoch": int >= 0, "step": int >= 0, "rng": {...}?, "partial": {...}?,
             "data_rows": [int >= 1, int >= 0]?}``;
-``history`` list of flat objects whose values are numbers, strings or null.
+``history`` list of flat objects whose values are numbers or null, each with
+            an ``"epoch"`` int >= 0 (what fastvae writes: the plots and
+            metrics.csv read every row so).
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def check_history(history, path) -> None:
         _fail(path, f"the history has {len(history)} rows")
     for i, row in enumerate(history):
         check_type(row, dict, f"history row {i}", err)
-        for k, v in row.items():
-            check_type(v, (int, float, str, type(None)), f"history row {i} field {k[:30]!r}", err)
+        check_type(row.get("epoch"), int, f"history row {i} 'epoch'", err, minimum=0)
+        for k, v in row.items():       # the loss plot and metrics.csv read them as numbers
+            check_type(v, (int, float, type(None)), f"history row {i} field {k[:30]!r}", err)
 
 
 def check_config(config, path):

@@ -207,10 +207,9 @@ def _cmd_info(a):
 
 
 def _last_epoch(row: dict, loss_name: str, unit: str) -> str:
-    """A history row's losses as one phrase (a row is checked to hold numbers,
-    texts or nulls only: a field it lacks is left out, a text shown as it is)."""
-    show = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else str(v)[:40]   # noqa: E731
-    parts = [f"{name} {show(row[k])}" for k, name in (("train_neg_elbo", f"train {loss_name}"),
+    """A history row's losses as one phrase (the reader checks a row holds
+    numbers or nulls only; a loss it lacks is left out)."""
+    parts = [f"{name} {row[k]:.3f}" for k, name in (("train_neg_elbo", f"train {loss_name}"),
                                                        ("test_neg_elbo", "test -ELBO")) if row.get(k) is not None]
     return f"{', '.join(parts)} {unit}" if parts else "nothing recorded"
 

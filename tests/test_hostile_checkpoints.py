@@ -159,6 +159,10 @@ def test_a_small_file_declaring_a_huge_dataset_allocates_nothing(tmp_path, good)
     ("history", '{"epoch": 1}', "history must be list"),
     ("history", '[[1]]', "history row 0 must be dict"),
     ("history", '[{"x": NaN}]', "not valid JSON"),
+    ("history", '[{"train_neg_elbo": 3.0}]', "history row 0 'epoch' must be int >= 0, got None"),
+    ("history", '[{"epoch": null}]', "history row 0 'epoch' must be int"),
+    ("history", '[{"epoch": 1}, {"epoch": 2, "train_neg_elbo": "y"}]',
+     "history row 1 field 'train_neg_elbo' must be int/float/NoneType"),
     ("layout", '[{"name": "w", "shape": [-3], "offset": 0}]', "shape must be int >= 0"),
     ("layout", '"w"', "layout must be list"),
     ("config", "[" * 5000 + "]" * 5000, "not valid JSON|nests deeper"),
@@ -182,9 +186,6 @@ def _without_train_part(cfg):
     ("no train and data parts", {"config": lambda g: {"model": g["config"]["model"]}},
      ["settings: elbo (beta 1.0, constant), batch 128", "dataset sprites"]),
     ("a history row of other fields", {"history": lambda g: [{"epoch": 1}]}, ["last epoch: nothing recorded"]),
-    ("texts where numbers belong", {"history": lambda g: [dict(g["history"][0], train_neg_elbo="x",
-                                                             test_neg_elbo="y")]},
-     ["last epoch: train -ELBO x, test -ELBO y"]),
 ])
 def test_info_reads_every_file_the_checks_pass(tmp_path, good, case, texts, needles):
     """`fastvae info` prints what such a file holds (KeyError or ValueError
@@ -197,6 +198,17 @@ def test_info_reads_every_file_the_checks_pass(tmp_path, good, case, texts, need
     for needle in needles:
         assert needle in r.stdout, r.stdout
     assert json.loads(fv("info", p, "--json", cwd=tmp_path).stdout)["num_params"] == good["params"].size
+
+
+@pytest.mark.parametrize("history", ['[{"train_neg_elbo": 3.0}]', '[{"epoch": 1, "train_neg_elbo": "y"}]'])
+def test_a_history_the_loss_plot_cannot_read_is_refused_by_every_command(tmp_path, good, history):
+    """Rows without an epoch, or with a text for a loss, were tracebacks
+    (KeyError, ValueError) in `fastvae plot` and at the end of a resumed run."""
+    p = craft(tmp_path / "h.h5", good, texts={"history": history})
+    for cmd in (["plot", p, "--out", tmp_path / "plots"], ["train", "--resume", p, "--out", tmp_path / "r"]):
+        r = fv(*cmd, cwd=tmp_path, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "history row 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_config_with_wrong_types_is_a_checkpoint_error(tmp_path, good):
