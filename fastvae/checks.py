@@ -59,17 +59,22 @@ def _finite_nonneg(name, value, positive=False):
         raise ConfigError(f"{name} must be a finite {kind} number, got {value!r}")
 
 
-def _sigma(value, dtype):
+def _sigma(value, dtype, input_dim: int = 1):
     """The Gaussian likelihood's sigma (pixel units): finite, positive, and
     such that ``1 / sigma^2``, its gradient's factor, is a finite nonzero
     number in ``dtype`` (1e-200 in float64 was a ZeroDivisionError traceback,
-    1e-30 in float32 an infinite gradient called a divergence)."""
+    1e-30 in float32 an infinite gradient called a divergence), and that the
+    nll of an image whose ``input_dim`` pixels are each one unit off,
+    ``input_dim / (2 sigma^2)``, is finite (1e-19 in float32 at 784 pixels
+    overflowed at the first step)."""
     _finite_nonneg("sigma", value, positive=True)
     fi = np.finfo(dtype)
-    lo, hi = 1 / math.sqrt(float(fi.max)), 1 / math.sqrt(float(fi.tiny))
+    lo = math.sqrt(max(1.0, input_dim / 2) / float(fi.max))
+    hi = 1 / math.sqrt(float(fi.tiny))
     if not lo <= float(value) <= hi:
         raise ConfigError(f"sigma {value!r} is outside what {dtype} arithmetic can use ({lo:.2g} to {hi:.2g}: "
-                          "1/sigma^2 must be a finite nonzero number); sigma is in pixel units (default 0.1)")
+                          f"1/sigma^2 must be a finite nonzero number, and so must an image's nll over its "
+                          f"{input_dim} pixels); sigma is in pixel units (default 0.1)")
 
 
 def _choice(name, value, choices):

@@ -145,7 +145,7 @@ class ModelConfig(_JSONMixin):
         _choice("likelihood", self.likelihood, LIKELIHOODS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("init", self.init, INITS)
-        _sigma(self.sigma, self.dtype)
+        _sigma(self.sigma, self.dtype, self.input_dim)
         _finite_nonneg("leaky_slope", self.leaky_slope)
         _finite_nonneg("elu_alpha", self.elu_alpha, positive=True)
         if self.image_shape is not None:

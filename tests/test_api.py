@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import numpy as np
@@ -723,3 +724,18 @@ def test_sampling_more_images_than_memory_holds_is_refused_before_drawing():
     with pytest.raises(ConfigError, match=r"decoding 10,000,000 images needs about .* decode fewer codes at a time"):
         wide.decode(big)
     assert wide.decode(big[:4]).shape == (4, 4096)
+
+
+def test_sigma_is_checked_against_the_pixels_one_image_sums():
+    """The Gaussian nll sums (x - mean)^2 / (2 sigma^2) over D pixels: with
+    errors of one pixel unit it must stay finite in the dtype, D / (2 sigma^2)
+    <= its largest number. sigma 1e-19 in float32 passed the check of 1/sigma^2
+    alone and overflowed the nll at the first step at D 784 (a divergence that
+    did not name sigma); it is refused there, and kept where D is small."""
+    bound = lambda D: math.sqrt(D / (2 * float(np.finfo(np.float32).max)))   # noqa: E731
+    assert bound(784) > 1e-19 > bound(4)
+    with pytest.raises(fastvae.ConfigError, match=r"sigma 1e-19 is outside what float32 arithmetic can use "
+                                                  r"\(1\.1e-18 to"):
+        fastvae.ModelConfig(input_dim=784, likelihood="gaussian", sigma=1e-19)
+    fastvae.ModelConfig(input_dim=4, hidden=[3], likelihood="gaussian", sigma=1e-19)
+    fastvae.ModelConfig(input_dim=784, likelihood="gaussian", sigma=1e-19, dtype="float64")

@@ -86,6 +86,8 @@ def test_bad_data_gets_one_line(tmp_path):
     # 1/sigma^2 underflowed to 0 in float64: a ZeroDivisionError traceback; in float32 it overflowed
     (["--likelihood", "gaussian", "--sigma", "1e-200", "--dtype", "float64"], "outside what float64 arithmetic"),
     (["--likelihood", "gaussian", "--sigma", "1e-30", "--backend", "numba"], "outside what float32 arithmetic"),
+    # 1/sigma^2 finite, but an error of one pixel unit over 4096 pixels overflowed the nll: a divergence at step 1
+    (["--likelihood", "gaussian", "--sigma", "1e-19"], "outside what float32 arithmetic"),
 ])
 def test_bad_config_gets_one_line(tmp_path, args, needle):
     one_line_error(run(["train", *TINY, *args], tmp_path), needle)
