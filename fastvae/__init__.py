@@ -79,7 +79,6 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
-    import os
     from .cli_args import FIELD_OF_FLAG, check_data_dir, default_batch_size
     from .config import idle_option
     import numpy as np
@@ -100,11 +99,8 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)
-    folder = isinstance(dataset, (str, os.PathLike)) and datasets.is_image_folder(os.fspath(dataset))
-    if not folder and (kwargs.get("image_size") is not None or kwargs.get("color", "grayscale") != "grayscale"):
-        what = os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else "images given in memory"
-        raise ConfigError(f"image_size and color apply to folders of images, not to {what} (it would ignore them); "
-                          "resize or convert the images before training, or drop them")
+    datasets.check_folder_options(dataset, kwargs.get("image_size"), kwargs.get("color", "grayscale"),
+                                  ConfigError, ("image_size", "color"))
     data, dcfg = datasets.given(dataset, DataConfig(**pick(DataConfig)))     # a path, a Dataset, arrays, lists
     check_data_dir(dcfg.dataset if data is None else data, dcfg.data_dir, flag=lambda name: name)
     if data is None:

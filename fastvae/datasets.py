@@ -358,6 +358,17 @@ def is_image_folder(name) -> bool:
     return name not in BUILTIN_DATASETS and os.path.isdir(os.path.expanduser(name))
 
 
+def check_folder_options(dataset, image_size, color, error=DataError, names=("--image-size", "--color")) -> None:
+    """Raise ``error`` (options called ``names``) when ``image_size`` or ``color``, the options of
+    folders of image files, are set for other data (a name, a path, images in memory)."""
+    if isinstance(dataset, (str, os.PathLike)) and is_image_folder(os.fspath(dataset)):
+        return
+    if image_size is not None or color != "grayscale":
+        what = os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else "images given in memory"
+        raise error(f"{names[0]} and {names[1]} apply to folders of images, not to {what} (it would ignore them); "
+                    "resize or convert the images before training, or train on a folder of image files")
+
+
 def load(cfg, splits=("train", "test")) -> Dataset:
     """Load the dataset a :class:`DataConfig` (or a name/path string) describes.
 
@@ -367,10 +378,7 @@ def load(cfg, splits=("train", "test")) -> Dataset:
         cfg = DataConfig(dataset=cfg)
     name = cfg.dataset
     path = os.path.expanduser(name)
-    folder = is_image_folder(name)
-    if not folder and (cfg.image_size is not None or cfg.color != "grayscale"):
-        raise DataError(f"--image-size and --color apply to folders of images, not to {name}; resize or "
-                        "convert the images before training (or train on a folder of image files)")
+    check_folder_options(name, cfg.image_size, cfg.color)
     if name.startswith(IN_MEMORY):
         raise DataError(f"this run was trained on data given in memory ({name[len(IN_MEMORY):]!r}), so there is "
                         "nothing to load it from; name the data for eval and plot with --dataset (and --data-dir), "
@@ -381,7 +389,7 @@ def load(cfg, splits=("train", "test")) -> Dataset:
         return load_mnist_family(name, cfg.data_dir, cfg.download, splits=splits)
     if name == "olivetti":
         return load_olivetti(cfg.data_dir, cfg.test_fraction, cfg.data_seed)
-    if folder:
+    if is_image_folder(name):
         return load_image_folder(path, cfg.image_size, cfg.color, cfg.test_fraction, cfg.data_seed,
                                  cfg.skip_other_files)
     if os.path.splitext(path)[1].lower() in (".npy", ".npz", ".h5", ".hdf5"):
