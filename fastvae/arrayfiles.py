@@ -45,8 +45,10 @@ def image_shape_of(shape, where: str) -> tuple:
     for ``(N, H, W)``, ``(H, W, C)`` for ``(N, H, W, C)`` with C = 1, 3 or 4
     channels last, and for ``(N, D)`` a square ``(s, s)`` when D = s^2, else
     ``(1, D)``. Raises DataError for any other shape, naming the transpose
-    a channels-first ``(N, C, H, W)`` array needs."""
+    a channels-first ``(N, C, H, W)`` array needs, and for images of no pixels."""
     shape = tuple(int(s) for s in shape)
+    if len(shape) >= 2 and 0 in shape[1:]:
+        raise DataError(f"{where}: images of shape {shape} hold no pixels; store images of at least one pixel")
     if len(shape) == 2:
         s = math.isqrt(shape[1])
         return (s, s) if s * s == shape[1] else (1, shape[1])

@@ -79,7 +79,7 @@ def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: b
     the file can hold.
 
     Refused (``error`` raised, naming ``where``): a missing name, a soft or
-    external link, a group, a virtual dataset, external raw storage, and a
+    external link, a group, a dataset with no dataspace, a virtual dataset, external raw storage, and a
     declared size that the stored bytes cannot back: uncompressed data larger
     than the file, or (``compressed_ok``) chunks never written or a
     compression ratio above ``MAX_COMPRESSION``. Checkpoints are written
@@ -96,12 +96,14 @@ def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: b
     d = f[name]
     if not isinstance(d, h5py.Dataset):
         raise error(f"{where}: {name!r} is a group, not a dataset")
+    if d.shape is None:
+        raise error(f"{where}: {name!r} holds no values (an HDF5 dataset with a null dataspace); store the data in it")
     plist = d.id.get_create_plist()
     if d.is_virtual or plist.get_layout() == h5py.h5d.VIRTUAL:
         raise error(f"{where}: {name!r} is a virtual dataset mapping other files; store the data in the file")
     if plist.get_external_count() > 0:
         raise error(f"{where}: {name!r} keeps its bytes in an external file; store the data in the file")
-    declared = int(np.prod(d.shape, dtype=np.float64) * d.dtype.itemsize) if d.shape is not None else 0
+    declared = int(np.prod(d.shape, dtype=np.float64) * d.dtype.itemsize)
     stored = int(d.id.get_storage_size())
     if d.dtype.kind == "O":
         return d                                    # variable-length strings: their bytes live in the file's heap

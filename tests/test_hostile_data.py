@@ -422,3 +422,34 @@ def test_a_run_folder_inside_the_image_folder_is_not_data(tmp_path):
     assert after.label_names == ["a", "b"] == before.label_names
     np.testing.assert_array_equal(after.x_train, before.x_train)
     assert main(["eval", run]) == 0
+
+
+@pytest.mark.parametrize("where", ["x", "x_test"])
+def test_an_hdf5_dataset_without_a_dataspace_is_refused(tmp_path, where):
+    """An HDF5 dataset with a null dataspace (h5py shape None: no values at
+    all) as the images was a TypeError traceback from the streaming check."""
+    from fastvae import DataConfig
+    with h5py.File(tmp_path / "n.h5", "w") as f:
+        if where == "x":
+            f.create_dataset("x", shape=None, dtype="f4")
+        else:
+            f["x_train"] = np.zeros((20, 4, 4), np.float32)
+            f.create_dataset("x_test", shape=None, dtype="f4")
+    for budget in (None, 1e-4):             # loaded, or streamed past a tiny memory budget
+        with pytest.raises(DataError, match=f"'{where}' holds no values \\(an HDF5 dataset with a null dataspace\\)"):
+            datasets.load(DataConfig(dataset=str(tmp_path / "n.h5"), memory_budget_mb=budget))
+    r = fv("train", "--dataset", tmp_path / "n.h5", "--epochs", "1", "--out", tmp_path / "run", cwd=tmp_path,
+           check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "null dataspace" in r.stderr, r.stderr
+
+
+def test_images_without_pixels_are_named_as_such(tmp_path):
+    """An array of shape (60, 0, 8) passed the loader and failed later as
+    "input_dim must be a positive integer, got 0", naming neither the file
+    nor its shape."""
+    from fastvae import DataConfig
+    np.save(tmp_path / "z.npy", np.zeros((60, 0, 8), np.float32))
+    with pytest.raises(DataError, match=r"z.npy: images of shape \(60, 0, 8\) hold no pixels"):
+        datasets.load(DataConfig(dataset=str(tmp_path / "z.npy")))
+    with pytest.raises(DataError, match=r"images of shape \(5, 4, 0\) hold no pixels"):
+        datasets.from_arrays(np.zeros((5, 4, 0)))
