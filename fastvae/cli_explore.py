@@ -71,6 +71,8 @@ def _cmd_plot(a):
         if L < 2:
             raise ConfigError(f"--dims picks the latent grid's plane, but latent_dim is {L}: no grid; drop --dims")
         explore.check_grid_dims(a.dims, L)
+    if L >= 2:
+        explore.check_grid_memory(model, a.grid)
     shape = _image_shape(model, data)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
     out_folder(out, "plot writes its figures")

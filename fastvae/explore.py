@@ -196,21 +196,27 @@ def _label_colours(c, label_names):
     return ListedColormap(colormaps["tab10"].colors[:k]), BoundaryNorm(np.arange(k + 1) - 0.5, k)
 
 
+def check_grid_memory(model, n) -> None:
+    """ConfigError naming ``--grid`` when an ``n x n`` latent grid's figure
+    would not fit in host memory (before its codes are built)."""
+    n = check_count("n", n)
+    # measured: 91 bytes of peak memory per decoded pixel at --grid 400 on MNIST (11.4 GB; matplotlib's
+    # RGBA copies of the tiled image dominate); --grid 400 was killed for memory before the figure cap
+    preflight(96 * n * n * model.config.input_dim, None, f"a {n} x {n} latent grid", "use a smaller grid (--grid)")
+
+
 def plot_latent_grid(model, image_shape, n=15, dims=(0, 1), spacing="quantile", center=None, pca_codes=None,
                      path=None):
     """Decode an ``n x n`` grid over latent dims ``dims`` (or the PCA plane of
     ``pca_codes``), spaced ``even`` or by Gaussian ``quantile``, centred on
     ``center`` (an image's code) or 0."""
+    check_grid_memory(model, n)
     plane = None
     if pca_codes is not None:
         mean, axes, _ = pca_plane(pca_codes)
         std = np.sqrt(((np.asarray(pca_codes) - mean) @ axes.T).var(0)) + 1e-12
         plane = (mean, axes * std[:, None])
     Z = latent_grid_codes(model, n, dims, spacing, center, plane)
-    # measured: 91 bytes of peak memory per decoded pixel at --grid 400 on MNIST (11.4 GB; matplotlib's
-    # RGBA copies of the tiled image dominate); --grid 400 was killed for memory before the figure cap
-    preflight(96 * Z.shape[0] * model.config.input_dim, None, f"a {n} x {n} latent grid",
-              "use a smaller grid (--grid)")
     imgs = model.decode(Z)
     fig = _figure((n * 0.6 + 0.5, n * 0.6 + 0.5))
     ax = fig.add_subplot(1, 1, 1)

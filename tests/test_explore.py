@@ -255,6 +255,26 @@ def test_plot_refuses_bad_dims_before_writing_any_figure(tmp_path, capsys):
     assert not (tmp_path / "run3" / "figures").exists() and not (tmp_path / "run1" / "figures").exists()
 
 
+def test_a_grid_too_large_for_memory_is_refused_before_any_work(tmp_path, capsys):
+    """`plot RUN --grid 1000000` built the 10^12 grid codes in a Python loop
+    (killed after minutes, three figures written) before the memory check
+    of the decoded images refused it; now refused first, in a moment."""
+    import time
+    from fastvae.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--n-sprites", "100", "--hidden", "8", "--latent", "2", "--epochs", "1",
+                 "--batch-size", "30", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    t = time.perf_counter()
+    assert main(["plot", str(run), "--grid", "1000000"]) == 2
+    assert time.perf_counter() - t < 30           # the loop ran past 120 s
+    assert "a 1000000 x 1000000 latent grid needs about" in capsys.readouterr().err
+    assert not (run / "figures").exists()
+    model = fastvae.load(run)
+    with pytest.raises(ConfigError, match="a 1000000 x 1000000 latent grid needs about"):
+        explore.plot_latent_grid(model, (64, 64), n=10 ** 6)
+
+
 def test_picture_arguments_that_cannot_fit_get_a_named_error(trained):
     """Grid dimensions outside the latent space (or the same one twice, or a
     negative one that NumPy would count from the end), a grid of 0, a centre
