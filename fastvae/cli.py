@@ -218,6 +218,13 @@ def _cmd_bench(a):
     from . import benchmark
     from .threads import set_threads
     set_threads(a.threads)
+    for flag, given, needs in (("--tf32", a.tf32 and not a.gpu, "with --gpu"), ("--blas", a.blas and a.gpu,
+                                                                              "without --gpu (the CPU backends)")):
+        if given:
+            raise ConfigError(f"{flag} does something only {needs}; drop it")
+    if a.name is not None and (os.path.basename(a.name) != a.name or a.name in (".", "..")):
+        raise ConfigError(f"--name {a.name!r} is a file name for <name>.jsonl and .md inside --out; name the "
+                          "folder with --out")
     benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds, a.dtype)
     if a.out:                       # before the timing (minutes) rather than after it
         out_folder(a.out, "bench writes <name>.jsonl and .md")

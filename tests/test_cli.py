@@ -64,6 +64,12 @@ def test_train_resume_eval_info(tmp_path):
     (["bench", "--blas", "mkl", "--workloads", "784-1000-2/b32"], "libmkl_rt.so does not load as a CBLAS library"),
     # it timed every contender for minutes first (one failure per row)
     (["bench", "--dtype", "float16", "--workloads", "784-1000-2/b32"], "unknown --dtype 'float16'; choose one of"),
+    # timed the CPU without a word about the option it ignored
+    (["bench", "--tf32", "--workloads", "784-1000-2/b32"], "--tf32 does something only with --gpu"),
+    (["bench", "--gpu", "--blas", "numpy", "--workloads", "784-1000-2/b32"], "--blas does something only without --gpu"),
+    # wrote beside --out, or failed after the timing with "No such file or directory"
+    (["bench", "--name", "../x", "--out", "EMPTY", "--workloads", "784-1000-2/b32"], "--name '../x' is a file name"),
+    (["bench", "--name", "a/b", "--out", "EMPTY", "--workloads", "784-1000-2/b32"], "--name 'a/b' is a file name"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()
