@@ -111,11 +111,26 @@ def check_config(config, path):
     return tuple(out)
 
 
+def check_numbers(params, adam, path) -> None:
+    """Parameters and Adam first moments finite, second moments >= 0: what
+    every save writes (a diverged run is not saved). An infinite second
+    moment is kept: one gradient past sqrt(max) makes it, finite weights
+    with it, and its parameter only stops moving."""
+    import numpy as np
+    if not np.isfinite(params).all():
+        _fail(path, "the parameters hold NaN or infinite values (a run is saved only while they are finite)")
+    if adam is not None and not np.isfinite(adam["m"]).all():
+        _fail(path, "the Adam first moments hold NaN or infinite values")
+    if adam is not None and not (adam["v"] >= 0).all():
+        _fail(path, "the Adam second moments hold negative or NaN values")
+
+
 def check_all(data: dict, path) -> None:
     """Validate a ``read_checkpoint`` result in place (raises CheckpointError)."""
     n = check_layout(data["layout"], path)
     if data["params"].shape != (n,):
         _fail(path, f"the params hold {data['params'].shape} values but the layout describes {n}")
+    check_numbers(data["params"], data["adam"], path)
     check_state(data["state"], path)
     check_history(data["history"], path)
     data["configs"] = check_config(data["config"], path)

@@ -211,6 +211,46 @@ def test_a_history_the_loss_plot_cannot_read_is_refused_by_every_command(tmp_pat
         assert "history row 0" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def _adam(m, v, t=3):
+    def write(f):
+        g = f.create_group("adam")
+        g.attrs["t"] = t
+        g.create_dataset("m", data=m)
+        g.create_dataset("v", data=v)
+    return write
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("params nan", "the parameters hold NaN or infinite values"),
+    ("params inf", "the parameters hold NaN or infinite values"),
+    ("m nan", "the Adam first moments hold NaN or infinite values"),
+    ("v negative", "the Adam second moments hold negative or NaN values"),
+    ("v nan", "the Adam second moments hold negative or NaN values"),
+])
+def test_numbers_fastvae_never_saves_are_refused(tmp_path, good, case, needle):
+    """NaN parameters made `fastvae eval` a ValueError traceback (a histogram's
+    range) and a resume a "loss became nan ... lower --lr" at its first
+    steps; a NaN or negative Adam moment the same divergence message. No
+    save writes them (a diverged run is not saved), so such a file is a bad
+    one. (An infinite second moment can come from one huge gradient and is
+    kept: its parameter only stops moving.)"""
+    n = good["params"].size
+    bad = {"params nan": np.nan, "params inf": -np.inf}.get(case)
+    params = good["params"].copy()
+    if bad is not None:
+        params[n // 2] = bad
+    m, v = np.zeros(n, np.float32), np.ones(n, np.float32)
+    (m if case == "m nan" else v)[1] = {"m nan": np.nan, "v negative": -1.0, "v nan": np.nan}.get(case, 1.0)
+    p = craft(tmp_path / "n.h5", good, params=lambda f, _: f.create_dataset("params", data=params),
+              extra=_adam(m, v))
+    with pytest.raises(CheckpointError, match=needle):
+        ckpt.read_checkpoint(p)
+    r = fv("eval", p, cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+    v[1] = np.inf
+    ckpt.read_checkpoint(craft(tmp_path / "inf.h5", good, extra=_adam(np.zeros(n, np.float32), v)))
+
+
 def test_config_with_wrong_types_is_a_checkpoint_error(tmp_path, good):
     cfg = json.loads(json.dumps(good["config"]))
     cfg["model"]["hidden"] = "wide"
