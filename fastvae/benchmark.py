@@ -365,9 +365,9 @@ def _kept_note(rows: List[dict]) -> str:
 
 
 def save(rows: List[dict], folder: str, name: str = "cpu") -> None:
+    """``<name>.jsonl`` (a row a line) and ``<name>.md`` in ``folder``, each
+    written anew and renamed over the name (:func:`fastvae.runfolder.atomic_write`)."""
+    from .runfolder import atomic_write_text
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, name + ".jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
-    with open(os.path.join(folder, name + ".md"), "w") as f:
-        f.write(markdown(rows))
+    atomic_write_text(os.path.join(folder, name + ".jsonl"), "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    atomic_write_text(os.path.join(folder, name + ".md"), markdown(rows))

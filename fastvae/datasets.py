@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from typing import Dict, List, Optional, Tuple
@@ -74,32 +75,29 @@ def _md5(path):
 
 
 def download_file(fname: str, md5: str, mirrors: List[str], folder: str, timeout: float = 30.0) -> str:
-    """Fetch ``fname`` from the first mirror that serves it with the right md5.
-
-    The file is written to a temporary name and renamed once verified.
-    Raises DataError listing what each mirror answered when none succeeds.
-    """
-    dest = os.path.join(folder, fname)
-    errors = []
+    """Fetch ``fname`` from the first mirror that serves it with the right md5: written to a new
+    temporary file (no planted link is followed) and renamed once verified. Raises DataError
+    listing what each mirror answered when none succeeds."""
+    dest, errors = os.path.join(folder, fname), []
     for base in mirrors:
-        url = base + fname
-        tmp = dest + ".part"
+        url, tmp = base + fname, None
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 os.makedirs(folder, exist_ok=True)       # only once a mirror answers: no empty folders
-                with open(tmp, "wb") as out:
+                fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".part", dir=folder)
+                with os.fdopen(fd, "wb") as out:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
                         out.write(chunk)
+            got = _md5(tmp)
+            if got == md5:
+                os.replace(tmp, dest)
+                return dest
+            errors.append(f"{url}: md5 {got} != expected {md5}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
-            continue
-        got = _md5(tmp)
-        if got != md5:
-            os.unlink(tmp)
-            errors.append(f"{url}: md5 {got} != expected {md5}")
-            continue
-        os.replace(tmp, dest)
-        return dest
+        finally:
+            if tmp is not None and os.path.lexists(tmp):
+                os.unlink(tmp)
     raise DataError(f"could not download {fname} ({'; '.join(errors)})")
 
 

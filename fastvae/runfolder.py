@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -133,6 +134,29 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
+def _open_lock(path: str) -> int:
+    """The lock file's descriptor, created if missing. Raises RunFolderError
+    when ``path`` is anything but a regular file: fastvae writes its holder's
+    description into it, and a planted symbolic link had it write through
+    the link (no link is followed; a FIFO or device would take the text)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666 & ~_umask())
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = None
+    mode = os.lstat(path).st_mode if fd is None else os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        if fd is not None:
+            os.close(fd)
+        kind = ("symbolic link" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else
+                "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device")
+        raise RunFolderError(f"{path} is a {kind}, not a regular file; remove it (fastvae keeps its run lock "
+                             "there and follows no link)")
+    return fd
+
+
 def acquire(out: str) -> None:
     """Take (or re-enter, from the same thread) the run lock of ``out``,
     creating the folder. Raises RunFolderError naming the holder when another
@@ -153,8 +177,7 @@ def _acquire(out: str) -> None:
     created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
-        fd = os.open(os.path.join(out, LOCK_NAME), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                     0o666 & ~_umask())
+        fd = _open_lock(os.path.join(out, LOCK_NAME))
     except OSError as exc:
         raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable --out") from None
     try:

@@ -329,3 +329,52 @@ def test_a_write_to_a_folder_or_under_a_file_names_the_problem(tmp_path):
     with pytest.raises(RunFolderError, match=r"the folder .*nope does not exist; create it or fix the path"):
         runfolder.atomic_write(str(tmp_path / "nope" / "a.txt"), lambda tmp: open(tmp, "w").write("x"))
     assert fastvae.load(tmp_path / "run").checkpoint["epoch"] == 1        # the run's own file untouched
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "folder"])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_nothing_is_written_through_it(tmp_path, kind):
+    """A run folder's `.lock` planted as a symbolic link made fastvae write
+    its holder's description through it: `train --resume RUN` truncated the
+    file it pointed to (found when a link to /etc/passwd replaced that file
+    with one line of JSON). A FIFO took the description too. The lock is
+    refused, naming it, unless it is a regular file; the target is untouched."""
+    run = tmp_path / "run"
+    t = tiny_trainer(run, epochs=1)
+    t.fit(pictures=False)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    lock = run / runfolder.LOCK_NAME
+    lock.unlink()
+    {"symlink": lambda: lock.symlink_to(target), "fifo": lambda: os.mkfifo(lock),
+     "folder": lambda: lock.mkdir()}[kind]()
+    with pytest.raises(RunFolderError, match=r"\.lock is a (symbolic link|FIFO|folder), not a regular file; "
+                                             r"remove it"):
+        fastvae.Trainer.from_checkpoint(run / "checkpoint.h5", dataset=t.data, progress=False,
+                                        epochs=2).fit(pictures=False)
+    assert target.read_text() == "keep me\n"
+    assert not runfolder._HELD                              # no lock left held
+
+
+def test_a_link_planted_under_a_name_fastvae_writes_is_replaced_not_followed(tmp_path):
+    """`fastvae bench --out DIR` opened DIR/<name>.jsonl and .md for writing
+    (a link there was followed), and a dataset download wrote `<file>.part`
+    by name; both now write a fresh file and rename it over the name."""
+    from fastvae import benchmark
+    from fastvae.datasets import download_file
+    import hashlib
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "bench"
+    out.mkdir()
+    for ext in (".jsonl", ".md"):
+        (out / f"cpu{ext}").symlink_to(target)
+    benchmark.save([], str(out), "cpu")
+    assert target.read_text() == "keep me\n" and not (out / "cpu.md").is_symlink()
+    src = tmp_path / "mirror"
+    src.mkdir()
+    (src / "f.gz").write_bytes(b"data")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f.gz.part").symlink_to(target)
+    download_file("f.gz", hashlib.md5(b"data").hexdigest(), [src.as_uri() + "/"], str(data))
+    assert target.read_text() == "keep me\n" and (data / "f.gz").read_bytes() == b"data"
