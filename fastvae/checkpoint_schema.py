@@ -18,6 +18,8 @@ line instead of a traceback deep in the trainer.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .errors import CheckpointError
 from .safe_files import check_type
 
@@ -116,7 +118,6 @@ def check_numbers(params, adam, path) -> None:
     every save writes (a diverged run is not saved). An infinite second
     moment is kept: one gradient past sqrt(max) makes it, finite weights
     with it, and its parameter only stops moving."""
-    import numpy as np
     if not np.isfinite(params).all():
         _fail(path, "the parameters hold NaN or infinite values (a run is saved only while they are finite)")
     if adam is not None and not np.isfinite(adam["m"]).all():

@@ -218,10 +218,10 @@ def _cmd_bench(a):
     from . import benchmark
     from .threads import set_threads
     set_threads(a.threads)
-    for flag, given, needs in (("--tf32", a.tf32 and not a.gpu, "with --gpu"), ("--blas", a.blas and a.gpu,
-                                                                              "without --gpu (the CPU backends)")):
-        if given:
-            raise ConfigError(f"{flag} does something only {needs}; drop it")
+    if a.tf32 and not a.gpu:                # each was ignored
+        raise ConfigError("--tf32 does something only with --gpu; drop it")
+    if a.blas and a.gpu:
+        raise ConfigError("--blas does something only without --gpu (the CPU backends); drop it")
     if a.name is not None and (os.path.basename(a.name) != a.name or a.name in (".", "..")):
         raise ConfigError(f"--name {a.name!r} is a file name for <name>.jsonl and .md inside --out; name the "
                           "folder with --out")
