@@ -79,7 +79,8 @@ def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: b
     the file can hold.
 
     Refused (``error`` raised, naming ``where``): a missing name, a soft or
-    external link, a group, a dataset with no dataspace, a virtual dataset, external raw storage, and a
+    external link, a group, a dataset with a null dataspace, a virtual
+    dataset, external raw storage, and a
     declared size that the stored bytes cannot back: uncompressed data larger
     than the file, or (``compressed_ok``) chunks never written or a
     compression ratio above ``MAX_COMPRESSION``. Checkpoints are written
