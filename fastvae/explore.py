@@ -93,6 +93,7 @@ def interpolate_codes(za, zb, steps: int, mode: str = "linear") -> np.ndarray:
 def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndarray:
     """``n`` values along one latent axis: ``even`` in [-span, span], or
     ``quantile``: N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4)."""
+    n = check_count("n", n)
     if spacing == "even":
         return np.linspace(-span, span, n)
     if spacing == "quantile":
@@ -119,8 +120,9 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
     ``plane = (mean, axes)``), other coordinates at ``center`` (default 0).
     Raises ConfigError for ``n`` < 1, ``dims`` not two different dimensions
     in 0..L-1, or a ``center`` not of length L."""
-    L = model.config.latent_dim
-    vals = grid_values(check_count("n", n), spacing)
+    L, n = model.config.latent_dim, check_count("n", n)
+    preflight(8 * n * n * L, None, f"a {n} x {n} grid of codes", "use a smaller grid (n)")
+    vals = grid_values(n, spacing)
     if center is not None and np.shape(center) != (L,):
         raise ConfigError(f"center must be one code of length {L}, got shape {np.shape(center)}")
     if plane is None:

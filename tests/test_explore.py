@@ -438,3 +438,17 @@ def test_exploring_functions_name_bad_arguments_and_take_text_labels(trained):
              "image b have 5 features")):
         with pytest.raises(err, match=needle):
             call()
+
+
+def test_grid_helpers_refuse_counts_they_cannot_use(trained, monkeypatch):
+    """grid_values(2.5) was a TypeError from range(); latent_grid_codes(model,
+    10**6) looped over 10^12 codes in Python (never ended) where the figure's
+    check refuses the grid at once. Both name the count now."""
+    from fastvae import memory
+    model, _ = trained
+    with pytest.raises(ConfigError, match="n must be an integer, got 2.5"):
+        explore.grid_values(2.5)
+    monkeypatch.setattr(memory, "host_available", lambda: 64 * 2 ** 20)      # pretend 64 MiB free
+    with pytest.raises(ConfigError, match="a 1000000 x 1000000 grid of codes needs about"):
+        explore.latent_grid_codes(model, 10 ** 6)
+    assert explore.latent_grid_codes(model, 20).shape == (400, model.config.latent_dim)
