@@ -94,6 +94,7 @@ def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndar
     """``n`` values along one latent axis: ``even`` in [-span, span], or
     ``quantile``: N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4)."""
     n = check_count("n", n)
+    preflight(40 * n, None, f"a grid of {n} values", "use a smaller n")     # quantiles: a Python float each, then 8 B
     if spacing == "even":
         return np.linspace(-span, span, n)
     if spacing == "quantile":

@@ -449,6 +449,8 @@ def test_grid_helpers_refuse_counts_they_cannot_use(trained, monkeypatch):
     with pytest.raises(ConfigError, match="n must be an integer, got 2.5"):
         explore.grid_values(2.5)
     monkeypatch.setattr(memory, "host_available", lambda: 64 * 2 ** 20)      # pretend 64 MiB free
+    with pytest.raises(ConfigError, match="a grid of 1000000000000 values needs about"):  # a list of 10^12 floats: killed
+        explore.grid_values(10 ** 12)
     with pytest.raises(ConfigError, match="a 1000000 x 1000000 grid of codes needs about"):
         explore.latent_grid_codes(model, 10 ** 6)
     assert explore.latent_grid_codes(model, 20).shape == (400, model.config.latent_dim)
