@@ -312,6 +312,7 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
     given by mistake), a scale below 1, frames past GIF's 65,535 pixels a side,
     or frames that would not fit in memory (checked before any is drawn)."""
     from PIL import Image
+    _finite_nonneg("duration_ms", duration_ms, positive=True)
     if os.path.splitext(os.fspath(path))[1].lower() != ".gif":
         raise ConfigError(f"an animation is written as .gif, not to {path}; name the file OUT.gif")
     frames = np.clip(np.asarray(frames, dtype=np.float64), 0, 1)
@@ -337,20 +338,28 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
 
 
 def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel="-ELBO (nats per image)"):
-    """Histogram of per-image losses; ``marks = {label: loss}`` drawn as vertical lines."""
+    """Histogram of per-image losses; ``marks = {label: loss}`` drawn as vertical lines. Losses (and
+    marks) that are not finite are left out, counted in the title; DataError when none is finite."""
     from matplotlib.ticker import MaxNLocator
-    losses = np.asarray(losses)
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(losses)
+    if not finite.any():
+        raise DataError(f"no finite loss to draw among {losses.size} images; a model whose every -ELBO is NaN "
+                        "or infinite has diverged: use an earlier checkpoint")
+    left, losses = losses.size - int(finite.sum()), losses[finite]
     fig = _figure((6, 3.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.hist(losses, bins=60, color="tab:blue", alpha=0.8)
     for i, (lab, v) in enumerate((marks or {}).items()):
-        ax.axvline(v, color=f"C{(i % 9) + 1}", ls="--", label=f"{lab}: {v:.1f}")
-    if marks:
+        if math.isfinite(v):
+            ax.axvline(v, color=f"C{(i % 9) + 1}", ls="--", label=f"{lab}: {v:.1f}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))           # counts
-    ax.set_title(f"per-image loss over {len(losses)} images (mean {losses.mean():.2f})")
+    ax.set_title(f"per-image loss over {len(losses)} images (mean {losses.mean():.2f})"
+                 + (f"; {left} not finite, left out" if left else ""))
     return _save(fig, path)
 
 

@@ -454,3 +454,31 @@ def test_grid_helpers_refuse_counts_they_cannot_use(trained, monkeypatch):
     with pytest.raises(ConfigError, match="a 1000000 x 1000000 grid of codes needs about"):
         explore.latent_grid_codes(model, 10 ** 6)
     assert explore.latent_grid_codes(model, 20).shape == (400, model.config.latent_dim)
+
+
+def test_a_loss_histogram_leaves_out_losses_that_are_not_finite(tmp_path):
+    """An image whose -ELBO overflows (exp(logvar) past float32's range on
+    one test image) made the histogram a ValueError traceback ("supplied
+    range of [...] is not finite"), so `fastvae plot` failed on such a model;
+    the finite ones are drawn and the others counted in the title."""
+    import matplotlib.pyplot as plt
+    fig = explore.plot_loss_histogram(np.array([1.0, 2.0, np.inf, np.nan, 3.0]), marks={"worst": np.inf})
+    title = fig.axes[0].get_title()
+    assert "over 3 images (mean 2.00); 2 not finite, left out" in title, title
+    plt.close(fig)
+    with pytest.raises(fastvae.DataError, match="no finite loss to draw"):
+        explore.plot_loss_histogram(np.array([np.nan, np.inf]))
+
+
+def test_picture_helpers_name_counts_they_cannot_use(tmp_path):
+    """tile(ncol=0) was a ZeroDivisionError, save_gif(duration_ms=nan) a
+    ValueError from Pillow's int conversion; each is a ConfigError naming it."""
+    from fastvae.plots import tile
+    x = np.zeros((4, 16))
+    with pytest.raises(ConfigError, match="ncol must be at least 1, got 0"):
+        tile(x, (4, 4), 0)
+    with pytest.raises(ConfigError, match="pad must be at least 0, got -1"):
+        tile(x, (4, 4), 2, pad=-1)
+    for bad in (float("nan"), 0, -5):
+        with pytest.raises(ConfigError, match="duration_ms must be a finite positive number"):
+            explore.save_gif(x, (4, 4), str(tmp_path / "a.gif"), duration_ms=bad)
