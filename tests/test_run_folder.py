@@ -359,9 +359,9 @@ def test_a_link_planted_under_a_name_fastvae_writes_is_replaced_not_followed(tmp
     """`fastvae bench --out DIR` opened DIR/<name>.jsonl and .md for writing
     (a link there was followed), and a dataset download wrote `<file>.part`
     by name; both now write a fresh file and rename it over the name."""
+    import hashlib
     from fastvae import benchmark
     from fastvae.datasets import download_file
-    import hashlib
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")
     out = tmp_path / "bench"
