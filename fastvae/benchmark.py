@@ -366,7 +366,8 @@ def _kept_note(rows: List[dict]) -> str:
 
 def save(rows: List[dict], folder: str, name: str = "cpu") -> None:
     """``<name>.jsonl`` (a row a line) and ``<name>.md`` in ``folder``, each
-    written anew and renamed over the name (:func:`fastvae.runfolder.atomic_write`)."""
+    written anew and renamed over the name (:func:`fastvae.runfolder.atomic_write`;
+    RunFolderError in one line when it cannot be written, the previous file kept)."""
     from .runfolder import atomic_write_text
     os.makedirs(folder, exist_ok=True)
     atomic_write_text(os.path.join(folder, name + ".jsonl"), "".join(json.dumps(r, default=str) + "\n" for r in rows))

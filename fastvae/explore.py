@@ -91,8 +91,9 @@ def interpolate_codes(za, zb, steps: int, mode: str = "linear") -> np.ndarray:
 
 
 def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndarray:
-    """``n`` values along one latent axis: ``even`` in [-span, span], or
-    ``quantile``: N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4)."""
+    """``(n,)`` float64 values along one latent axis: ``even`` in [-span, span], or ``quantile``:
+    N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4). ConfigError for an ``n``
+    that is not a count >= 1 or whose values would not fit in host memory."""
     n = check_count("n", n)
     preflight(40 * n, None, f"a grid of {n} values", "use a smaller n")     # quantiles: a Python float each, then 8 B
     if spacing == "even":
@@ -117,10 +118,10 @@ def check_grid_dims(dims, L):
 
 
 def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", center=None, plane=None):
-    """``(n*n, L)`` codes on a grid over latent dims ``dims`` (or over a PCA
-    ``plane = (mean, axes)``), other coordinates at ``center`` (default 0).
-    Raises ConfigError for ``n`` < 1, ``dims`` not two different dimensions
-    in 0..L-1, or a ``center`` not of length L."""
+    """``(n*n, L)`` float64 codes on a grid over latent dims ``dims`` (or a PCA ``plane = (mean,
+    axes)``), other coordinates at ``center`` (default 0). ConfigError for ``n`` < 1 or codes that
+    would not fit in host memory, ``dims`` not two different dimensions in 0..L-1, or a ``center``
+    not of length L."""
     L, n = model.config.latent_dim, check_count("n", n)
     preflight(8 * n * n * L, None, f"a {n} x {n} grid of codes", "use a smaller grid (n)")
     vals = grid_values(n, spacing)
@@ -305,12 +306,11 @@ def plot_interpolation(model, xa, xb, image_shape, steps=10, path=None):
 
 
 def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) -> int:
-    """Write ``frames (T, D)`` as an animated GIF (Pillow), upscaled ``scale``x,
-    played forth and back when ``bounce``; returns the number of frames in
-    the file (identical consecutive frames are one, shown for their sum of durations).
-    ConfigError for a name not ending in .gif (it replaced a checkpoint.h5
-    given by mistake), a scale below 1, frames past GIF's 65,535 pixels a side,
-    or frames that would not fit in memory (checked before any is drawn)."""
+    """Write ``frames (T, D)`` as an animated GIF (Pillow), ``duration_ms`` milliseconds a frame, upscaled
+    ``scale``x, played forth and back when ``bounce``; returns the number of frames in the file (identical
+    consecutive frames are one, shown for their sum of durations). ConfigError for a name not ending in .gif
+    (it replaced a checkpoint.h5 given by mistake), a duration that is not finite and positive, a scale
+    below 1, frames past GIF's 65,535 pixels a side, or frames that would not fit in memory (checked first)."""
     from PIL import Image
     _finite_nonneg("duration_ms", duration_ms, positive=True)
     if os.path.splitext(os.fspath(path))[1].lower() != ".gif":

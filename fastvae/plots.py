@@ -48,8 +48,9 @@ def _save(fig, path):
 def tile(images, image_shape: Sequence[int], ncol: int, pad: int = 1) -> np.ndarray:
     """Tile ``images (N, D)`` into one ``(rows*(H+pad), ncol*(W+pad)[, C])``
     array in [0, 1]; ``image_shape`` is ``(H, W)`` or ``(H, W, C)`` with
-    ``H W C = D`` (ConfigError otherwise). Channels other than 1 (gray), 3
-    (RGB) or 4 (RGBA) are drawn side by side in gray, ``(H, C W)`` per image."""
+    ``H W C = D`` (ConfigError otherwise, and for ``ncol`` < 1 or ``pad`` < 0).
+    Channels other than 1 (gray), 3 (RGB) or 4 (RGBA) are drawn side by side
+    in gray, ``(H, C W)`` per image."""
     ncol, pad = check_count("ncol", ncol), check_count("pad", pad, minimum=0)
     image_shape = tuple(int(s) for s in image_shape)
     images = np.clip(np.asarray(images, dtype=np.float64), 0, 1)
