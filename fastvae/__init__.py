@@ -72,7 +72,10 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
     :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
     epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
-    ``input_dim`` and ``image_shape`` default to the data's. ``out``: the
+    ``input_dim`` and ``image_shape`` default to the data's; ``layers`` (a
+    stack of your own, :class:`ModelConfig`) sets ``latent_dim``, the likelihood
+    and the flows unless given, and refuses ``hidden``, ``arch`` and the other
+    fields that only shape the built-in stacks (ConfigError). ``out``: the
     run folder, checked as ``fastvae train --out`` checks it before any data
     loads (:func:`fastvae.runfolder.check_out`): a folder already holding a
     run or other files raises RunFolderError unless ``force``.
@@ -80,7 +83,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     import dataclasses as dc
     import difflib
     from .cli_args import FIELD_OF_FLAG, check_data_dir, default_batch_size
-    from .config import idle_option
+    from .options import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())
@@ -96,6 +99,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     idle = idle_option(kwargs)
     if idle:
         raise ConfigError(idle)
+    if kwargs.get("layers") is not None:            # the stack's latent_dim, likelihood and flows, unless given
+        from .architectures import fields_of_layers
+        kwargs = {**fields_of_layers(kwargs["layers"]), **kwargs}
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)

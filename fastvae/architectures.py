@@ -12,6 +12,7 @@ from typing import List
 from .checks import _choice, _positive_int
 from .errors import ConfigError
 from .ops import ACTIVATION_CODES
+from .safe_files import open_regular, parse_json
 
 ARCHS = ("mlp", "conv")
 POSTERIORS = ("gaussian", "iaf")
@@ -24,6 +25,60 @@ _SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
               "gaussian": {"type", "name", "latent_dim"},
               "iaf": {"type", "name", "hidden", "activation", "reverse"},
               "likelihood": {"type", "name", "kind", "sigma"}}
+#: ModelConfig fields that only derive the built-in stacks: they do nothing beside given layers
+STACK_ONLY_FIELDS = ("arch", "hidden", "decoder_hidden", "activation", "flow_hidden")
+MAX_LAYERS_FILE = 1 << 20           # bytes; 1000 specs of ~200 characters each take a fifth of it
+_LAYERS_FIX = "give a JSON file holding a list of layer specs (ModelConfig.layers), or a run's config.json"
+
+
+def fields_of_layers(specs) -> dict:
+    """The :class:`~fastvae.config.ModelConfig` fields that a layer list fixes,
+    read off its specs: ``latent_dim`` (its gaussian sampler), ``likelihood``
+    and ``sigma`` (its likelihood layer; sigma only where the spec gives one),
+    ``posterior`` and ``flows`` (its iaf steps). What a malformed list does not
+    say is left out, for :func:`check_layer_specs` to name. So ``fastvae train
+    --layers`` and ``fastvae.train(layers=...)`` need no ``latent_dim`` beside
+    the stack that already holds it."""
+    out: dict = {}
+    if not isinstance(specs, (list, tuple)):
+        return out
+    specs = [s for s in specs if isinstance(s, dict)]
+    for s in specs:
+        if s.get("type") == "gaussian" and "latent_dim" in s:
+            out.setdefault("latent_dim", s["latent_dim"])
+        elif s.get("type") == "likelihood":
+            out.update({k: s[f] for k, f in (("likelihood", "kind"), ("sigma", "sigma")) if f in s and k not in out})
+    n_iaf = sum(s.get("type") == "iaf" for s in specs)
+    out["posterior"], out["flows"] = ("iaf", n_iaf) if n_iaf else ("gaussian", 0)
+    return out
+
+
+def read_layer_specs(path) -> list:
+    """The layer specs in the JSON file ``path`` (``fastvae train --layers``):
+    a list of specs as :class:`~fastvae.config.ModelConfig` ``layers`` takes,
+    an object holding one under ``"layers"``, or a run's ``config.json`` (its
+    ``"model"``'s). The file is untrusted: a regular file of at most
+    :data:`MAX_LAYERS_FILE` bytes of UTF-8, standard JSON (no NaN) nested at
+    most 16 deep. Returns the list unchecked (``ModelConfig`` checks each
+    spec); raises ConfigError naming the file, the problem and the fix."""
+    with open_regular(path, "layers file", _LAYERS_FIX, ConfigError) as fh:
+        raw = fh.read(MAX_LAYERS_FILE + 1)
+    if len(raw) > MAX_LAYERS_FILE:
+        raise ConfigError(f"layers file {path} is over {MAX_LAYERS_FILE >> 20} MiB, far more than any stack of "
+                          f"at most 1000 layers takes; {_LAYERS_FIX}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"layers file {path} is not UTF-8 text; {_LAYERS_FIX}") from None
+    obj = parse_json(text, f"layers file {path}", ConfigError)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and "layers" in obj:
+        obj = obj["layers"]
+    if not isinstance(obj, list):
+        raise ConfigError(f"layers file {path} holds a JSON {type(obj).__name__.replace('dict', 'object')}, not a "
+                          f"list of layer specs; {_LAYERS_FIX}")
+    return obj
 
 
 def mlp_layer_specs(cfg) -> List[dict]:
@@ -104,7 +159,7 @@ def conv_layer_specs(cfg) -> List[dict]:
     else:
         raise ConfigError(f"arch 'conv' is defined for 28x28 images and sides that are powers of two from 16 to "
                           f"1024 (64x64 as in Burgess et al. 2018), got {H}x{W}; resize the images (a folder of "
-                          "image files: --image-size 64 64) or describe your own stack in ModelConfig.layers")
+                          "image files: --image-size 64 64) or describe your own stack (--layers FILE, ModelConfig.layers)")
     return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 
@@ -166,7 +221,7 @@ def check_layer_specs(cfg, specs) -> List[dict]:
             if spec.get("latent_dim") != cfg.latent_dim:
                 raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "
                                   f"latent_dim {cfg.latent_dim}")
-        elif spec.get("kind") != cfg.likelihood or spec.get("sigma") != cfg.sigma:
+        elif spec.setdefault("sigma", cfg.sigma) != cfg.sigma or spec.get("kind") != cfg.likelihood:
             raise ConfigError(f"{where} (kind {spec.get('kind')!r}, sigma {spec.get('sigma')!r}) differs from the "
                               f"config's likelihood {cfg.likelihood!r}, sigma {cfg.sigma!r}")
         out.append(spec)

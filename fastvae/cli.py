@@ -27,6 +27,8 @@ def _cmd_train(a):
 
     progress = not a.no_progress
     _positive("--epochs", a.epochs)
+    if a.layers is not None and not a.resume:         # read and checked before any data loads
+        a.layers = _layer_specs(a)
     check_train_flags(a)
     if a.resume:
         a.resume = checkpoint_arg(a.resume)
@@ -58,8 +60,26 @@ def _cmd_train(a):
             runfolder.release(claimed)
 
 
+def _layer_specs(a):
+    """``--layers FILE``: its specs, checked as far as they can be without the data (their values, one sampler,
+    the likelihood last, agreeing with --latent, --likelihood, --sigma, --posterior and --flows where given);
+    ConfigError naming the file. Sizes are checked when the layers are built."""
+    from .architectures import fields_of_layers, read_layer_specs
+    from .config import ModelConfig
+    specs = read_layer_specs(a.layers)
+    flags = {FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in ("latent", "likelihood", "sigma", "posterior", "flows",
+                                                              "dtype")}
+    try:
+        ModelConfig(**{"input_dim": 1, **fields_of_layers(specs), "layers": specs,
+                       **{k: v for k, v in flags.items() if v is not None}})
+    except ConfigError as exc:
+        raise ConfigError(f"--layers {a.layers}: {exc}") from None
+    return specs
+
+
 def _train_locked(a, out, progress, talk):
     from . import datasets
+    from .architectures import fields_of_layers
     from .config import DataConfig, ModelConfig, TrainConfig
     from .train import Trainer, TrainingInterrupted
     if a.resume:
@@ -76,10 +96,11 @@ def _train_locked(a, out, progress, talk):
                           skip_other_files=bool(a.skip_other_files), memory_budget_mb=a.memory_budget)
         data = datasets.load(dcfg)
         pick = lambda **kw: {k: v for k, v in kw.items() if v is not None}
-        mcfg = ModelConfig(input_dim=data.input_dim, image_shape=data.image_shape,
-                           latent_dim=a.latent if a.latent is not None else DEFAULT_LATENT.get(a.dataset or "sprites",
-                                                                                               20),
-                           **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"}))
+        fixed = fields_of_layers(a.layers) if a.layers is not None else {}      # what a --layers stack fixes
+        latent = a.latent if a.latent is not None else fixed.get("latent_dim",
+                                                                 DEFAULT_LATENT.get(a.dataset or "sprites", 20))
+        mcfg = ModelConfig(**{"input_dim": data.input_dim, "image_shape": data.image_shape, **fixed,
+                              "latent_dim": latent, **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"})})
         batch_note = ""
         if a.batch_size is None:                    # the default, or every image of a small dataset
             a.batch_size, batch_note = default_batch_size(len(data.x_train))

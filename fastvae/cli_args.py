@@ -13,7 +13,7 @@ import math
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
 MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init",
-              "posterior", "flows", "flow_hidden")
+              "posterior", "flows", "flow_hidden", "layers")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_step_epochs", "lr_gamma", "lr_min",
               "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
               "loss_every", "tf32", "cuda_graph", "clip_grad_norm", "objective", "iwae_k")
@@ -61,6 +61,10 @@ def parser() -> argparse.ArgumentParser:
                         "(Kingma et al. 2016); needs --flows")
     m.add_argument("--flows", type=int, metavar="N", help="number of IAF steps of --posterior iaf")
     m.add_argument("--flow-hidden", type=int, metavar="H", help="hidden units of each IAF step's MADE (default 200)")
+    m.add_argument("--layers", metavar="FILE",
+                   help="a stack of your own: a JSON list of layer specs (dense, conv2d, conv_transpose2d, reshape, "
+                        "gaussian, iaf, likelihood; see the README), or a run's config.json; it fixes latent_dim, "
+                        "the likelihood and the flows, in place of --arch, --hidden and the other shape flags")
     o = t.add_argument_group("optimisation")
     o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
     o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
@@ -190,14 +194,14 @@ def checkpoint_arg(path) -> str:
 def check_train_flags(a) -> None:
     """Flags of `fastvae train` that cannot do what they say (``--sigma``
     without the gaussian likelihood, ``--lr-gamma`` without the step
-    schedule, :data:`fastvae.config.OPTION_NEEDS`): ConfigError naming the fix."""
-    from .config import idle_option
+    schedule, :data:`fastvae.options.OPTION_NEEDS`): ConfigError naming the fix."""
+    from .options import idle_option
     from .errors import ConfigError
     if a.hidden is not None and not a.hidden:
         raise ConfigError("--hidden needs at least one width (e.g. --hidden 400 or --hidden 512 256)")
     if a.arch == "conv" and (a.hidden is not None or a.decoder_hidden is not None):
         raise ConfigError("--hidden and --decoder-hidden shape the mlp; --arch conv has its own stack "
-                          "(or describe one in ModelConfig.layers)")
+                          "(or describe one with --layers FILE)")
     if a.resume:
         return                                      # flags given on resume are refused by name
     dataset = a.dataset or "sprites"

@@ -107,8 +107,12 @@ class ModelConfig(_JSONMixin):
         (the reparameterized sampler and its KL), ``{"type": "iaf", "hidden":
         H, "activation": A, "reverse": bool}`` (a flow step, right after the
         sampler) and ``{"type": "likelihood",
-        "kind": K, "sigma": S}``. Checked here for types and values; shapes
-        are checked when the layers are built (``fastvae.layers.build``).
+        "kind": K, "sigma": S}`` (sigma may be left out: the config's). Checked
+        here for types and values, and against ``latent_dim``, ``likelihood``,
+        ``sigma``, ``posterior`` and ``flows`` (``fastvae.train`` and ``fastvae
+        train --layers FILE`` read those off the stack:
+        :func:`~fastvae.architectures.fields_of_layers`); shapes are checked
+        when the layers are built (``fastvae.layers.build``).
     """
 
     input_dim: int = 784
@@ -360,40 +364,3 @@ class DataConfig(_JSONMixin):
         _finite_nonneg("test_fraction", self.test_fraction)
         if self.test_fraction >= 1:
             raise ConfigError(f"test_fraction must be below 1, got {self.test_fraction!r}")
-
-
-# options that do something only beside another setting: (options, the setting, its values that use them)
-OPTION_NEEDS = (
-    (("sigma",), "likelihood", ("gaussian",)),
-    (("iwae_k",), "objective", ("iwae",)),
-    (("beta_max", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"), "objective",
-     ("elbo", "btcvae")),                                       # a KL weight: the IWAE bound has none
-    (("beta_delay", "beta_warmup"), "beta_schedule", ("linear", "sigmoid")),
-    (("beta_cycles", "beta_ratio"), "beta_schedule", ("cyclical",)),
-    (("lr_step_epochs", "lr_gamma"), "lr_schedule", ("step",)),
-    (("lr_min",), "lr_schedule", ("cosine",)),
-    (("flow_hidden",), "posterior", ("iaf",)),
-)
-_DEFAULTS = {f.name: f.default for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
-
-
-def idle_option(given: dict, name=lambda field: field) -> str:
-    """'' when every option in ``given`` (config field -> value, the options a
-    user set) does what it says, else a message naming the first that would do
-    nothing (:data:`OPTION_NEEDS`; AdamW without weight decay) or the
-    reverse of its name (a cosine floor ``lr_min`` above ``lr``), and the fix;
-    ``name(field)`` spells an option or setting for the message (a flag, or a keyword)."""
-    for options, setting, values in OPTION_NEEDS:
-        have = given.get(setting, _DEFAULTS[setting])
-        idle = [o for o in options if o in given] if have not in values else []
-        if idle:
-            return (f"{name(idle[0])} does something only with {name(setting)} {' or '.join(values)} (here "
-                    f"{have}), so it would do nothing; drop it, or set {name(setting)}")
-    get = lambda field: given.get(field, _DEFAULTS[field])
-    if given.get("decoupled_weight_decay") and not get("weight_decay"):
-        return (f"{name('decoupled_weight_decay')} decouples {name('weight_decay')}, which is 0 here, so it would "
-                f"do nothing; set {name('weight_decay')} (e.g. 0.01), or drop it")
-    if "lr_min" in given and get("lr_min") > get("lr"):
-        return (f"{name('lr_min')} {get('lr_min'):g} is above {name('lr')} {get('lr'):g}: the cosine schedule would "
-                f"raise the learning rate to it; use {name('lr_min')} below {name('lr')}")
-    return ""

@@ -437,7 +437,7 @@ def test_zero_epochs_leave_a_run_folder_that_loads_and_resumes(tmp_path):
 def test_fastvae_train_refuses_options_that_would_do_nothing():
     """fastvae.train(X, lr_gamma=0.5) (constant schedule) or
     objective="iwae" with beta_max=4 took the option and ignored it; the
-    command line's rule (cli_args.OPTION_NEEDS) holds for the library too."""
+    command line's rule (fastvae.options.OPTION_NEEDS) holds for the library too."""
     X = np.random.default_rng(0).random((40, 8, 8))
     for kw, needle in ((dict(lr_gamma=0.5), "lr_gamma does something only with lr_schedule step (here constant)"),
                        (dict(objective="iwae", beta_max=4.0), "beta_max does something only with objective elbo"),
