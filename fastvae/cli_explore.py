@@ -26,7 +26,7 @@ def _run_data(model, dataset=None, data_dir=None, splits=("train", "test")):
     from . import datasets
     from .config import DataConfig
     from .evaluate import binarized_splits
-    from .training import data_change_note
+    from .restore import data_change_note
     recorded = DataConfig.from_dict(model.checkpoint["data"])
     check_data_dir(dataset or recorded.dataset, data_dir)     # before any data loads
     cfg = datasets.given(dataset, recorded)[1] if dataset else recorded

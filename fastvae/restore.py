@@ -91,3 +91,26 @@ def load_model(path, backend: Optional[str] = None):
     model = VAE(model_config(data, path), choose_backend(backend, data["meta"].get("backend")))
     load_params(model, data, path)
     return model, data
+
+
+def data_rows(data) -> list:
+    """``[training images, test images]`` of a Dataset (streamed splits included)."""
+    return [0 if x is None else int(x.shape[0]) for x in (data.x_train, data.x_test)]
+
+
+def data_change_note(state: dict, data) -> str:
+    """'' when ``data`` has the training split size the run recorded
+    (``state["data_rows"]``, absent in checkpoints before it was recorded),
+    else a note: data that gained or lost images since training draws its
+    random test split anew, so the split can hold images the model trained on
+    (and the reverse). A test split alone of another size is no such change:
+    a file's own ``x_test``, or the part of the held-out rows a streamed file
+    once kept in memory (all are kept now). Nor is a training split that was not
+    loaded (0 rows: ``fastvae eval`` of MNIST reads its test files alone)."""
+    then, now = state.get("data_rows"), data_rows(data)
+    if then is None or now[0] in (0, then[0]):
+        return ""
+    return (f"the data has changed since this run was trained: {then[0]} training and {then[1]} test images "
+            f"then, {now[0]} and {now[1]} now; a random test split is drawn again from the images there are, "
+            "so it may hold images the model trained on (evaluate on the data it was trained on, or on data "
+            "it never saw)")

@@ -37,14 +37,14 @@ from .backends.base import ForeignRNGState
 from .checks import check_count, check_images
 from .model import VAE
 from .optim import Adam, ClipGradNorm
-from .restore import choose_backend, choose_blas, model_config
+from .restore import choose_backend, choose_blas, data_change_note, model_config
 from .schedules import beta_at, lr_at, resume_note
 from .stopping import StopSignals
 from .streaming import StreamBatchSource, StreamedImages
 from .threads import autotune_model, fit_backend, set_threads
 from .evaluate import binarized, units
 from .training import (METRIC_FIELDS, BatchSource, Checkpointer, EpochPosition, Evaluator, Reporter,  # noqa: F401
-                       WarmUp, data_change_note, preflight_training, step_graphs)
+                       WarmUp, diverged_fixes, preflight_training, step_graphs)
 
 
 class Trainer:
@@ -110,7 +110,7 @@ class Trainer:
         self.reporter = Reporter(out if self.writes else None, progress and self.writes,
                                  units=units(model_config.likelihood), axis_units=units(model_config.likelihood, True))
         self.evaluator = Evaluator(self.data.x_test if self.writes else None, tc.seed, tc.binarize)
-        self.checkpointer = Checkpointer(out)
+        self.checkpointer = Checkpointer(out, diverged_fixes(model_config))
         self.epoch, self.step, self.history = 0, 0, []
         self.position: Optional[EpochPosition] = None     # inside an unfinished epoch
         self.stop_requested, self.stop_signal = False, None

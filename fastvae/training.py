@@ -29,10 +29,19 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
 from .evaluate import EVAL_ROWS, binarized, evaluate, train_loss_name
 from .distributed import AllReduceGrads, shard
+from .restore import data_rows
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
 DIVERGED_FIXES = ("lower --lr, add --clip-grad-norm 100, or warm beta up with --beta-schedule linear "
                   "--beta-warmup 5")
+
+
+def diverged_fixes(cfg) -> str:
+    """What a diverged run of ``cfg`` (a ModelConfig) can change: :data:`DIVERGED_FIXES`, and first a larger
+    sigma for a Gaussian likelihood (its gradient grows as 1/sigma^2: 1e4 per pixel at sigma 0.01)."""
+    sigma = f"raise --sigma (here {cfg.sigma:g}: the gradient grows as 1/sigma^2), " if cfg.likelihood == "gaussian" \
+        else ""
+    return sigma + DIVERGED_FIXES
 
 
 def _kept(path: Optional[str], ours: bool) -> str:
@@ -186,7 +195,7 @@ class Reporter:
         if not math.isfinite(value):
             raise TrainingDivergedError(
                 f"the {what} became {value} at step {step} (epoch {epoch + 1}); training stopped and "
-                f"{checkpointer.kept()}; {DIVERGED_FIXES}")
+                f"{checkpointer.kept()}; {checkpointer.fixes}")
 
     def progress_to(self, done: int, shown: int, epoch: int, running: float, beta: float) -> int:
         """Advance the bar to ``done`` steps of this epoch; returns the new mark."""
@@ -287,8 +296,8 @@ class Checkpointer:
     """Saves the whole training state to ``<out>/checkpoint.h5`` atomically
     (see :mod:`fastvae.checkpoint`), including a mid-epoch position."""
 
-    def __init__(self, out: Optional[str]):
-        self.out = out
+    def __init__(self, out: Optional[str], fixes: str = DIVERGED_FIXES):
+        self.out, self.fixes = out, fixes     # fixes: what a diverged run can change, for its error
         self.own: Optional[str] = None     # the checkpoint this run saved, or the one it resumed
 
     @property
@@ -334,34 +343,11 @@ class Checkpointer:
         if bad:       # diverged since the last loss check (which runs every 20 steps): never replace a good file
             raise TrainingDivergedError(
                 f"{bad} of {params.size} parameters are NaN or infinite at step {trainer.step} (training "
-                f"diverged); not saved, so {_kept(path, self.ours or path != self.path)}; {DIVERGED_FIXES}")
+                f"diverged); not saved, so {_kept(path, self.ours or path != self.path)}; {self.fixes}")
         ckpt.save_checkpoint(
             path, params=params, adam_state=trainer.optimizer.state_dict(),
             layout_table=trainer.model.layout.to_table(), config=trainer.config_dict(), state=state,
             history=trainer.history, backend=be.name, dtype=trainer.model_config.dtype, arrays=arrays)
-
-
-def data_rows(data) -> list:
-    """``[training images, test images]`` of a Dataset (streamed splits included)."""
-    return [0 if x is None else int(x.shape[0]) for x in (data.x_train, data.x_test)]
-
-
-def data_change_note(state: dict, data) -> str:
-    """'' when ``data`` has the training split size the run recorded
-    (``state["data_rows"]``, absent in checkpoints before it was recorded),
-    else a note: data that gained or lost images since training draws its
-    random test split anew, so the split can hold images the model trained on
-    (and the reverse). A test split alone of another size is no such change:
-    a file's own ``x_test``, or the part of the held-out rows a streamed file
-    once kept in memory (all are kept now). Nor is a training split that was not
-    loaded (0 rows: ``fastvae eval`` of MNIST reads its test files alone)."""
-    then, now = state.get("data_rows"), data_rows(data)
-    if then is None or now[0] in (0, then[0]):
-        return ""
-    return (f"the data has changed since this run was trained: {then[0]} training and {then[1]} test images "
-            f"then, {now[0]} and {now[1]} now; a random test split is drawn again from the images there are, "
-            "so it may hold images the model trained on (evaluate on the data it was trained on, or on data "
-            "it never saw)")
 
 
 class WarmUp:

@@ -255,6 +255,20 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     np.testing.assert_array_equal(kept.get_flat_params(), good)
 
 
+def test_a_gaussian_run_that_diverges_is_told_to_raise_sigma(tmp_path):
+    """At sigma 1e-17 (float32, above the overflow bound of the nll) the
+    gradient, 1e34 per unit of error, overflows within a few steps: the error
+    names sigma first, then the usual fixes; a Bernoulli run's does not."""
+    from fastvae.training import diverged_fixes
+    t = fastvae.Trainer(ModelConfig(input_dim=4096, hidden=[16], latent_dim=2, likelihood="gaussian", sigma=1e-17),
+                        TrainConfig(epochs=2, batch_size=50), fastvae.DataConfig(n_sprites=300), out=str(tmp_path),
+                        progress=False)
+    with pytest.raises(TrainingDivergedError, match=r"became inf at step \d+ .* raise --sigma \(here 1e-17: the "
+                                                    r"gradient grows as 1/sigma\^2\), lower --lr"):
+        t.fit(pictures=False)
+    assert "sigma" not in diverged_fixes(ModelConfig()) and "lower --lr" in diverged_fixes(ModelConfig())
+
+
 def test_a_divergence_between_loss_checks_never_replaces_the_good_checkpoint(tmp_path):
     """The loss is checked every 20 steps; Ctrl-C two steps after the weights
     turned NaN once saved them over the last good checkpoint (12,814 NaN

@@ -324,7 +324,7 @@ def test_a_streamed_run_evaluated_loaded_is_not_called_changed_data(tmp_path):
     """A file streamed under a small budget (its test rows streamed too)
     and loaded later: same training rows, so no "the data has changed" note;
     a file that gained rows gets one."""
-    from fastvae.training import data_change_note, data_rows
+    from fastvae.restore import data_change_note, data_rows
     _npy(tmp_path / "a.npy", 1000)
     streamed = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
     loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
