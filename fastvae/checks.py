@@ -37,6 +37,37 @@ def check_count(name, value, minimum: int = 1) -> int:
     return n
 
 
+def _shown(value) -> str:
+    """A short description of a bad argument: its array shape and dtype, or its repr."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def as_numbers(name, value, ndim: int, shape=(), finite: bool = True, want: str = "") -> np.ndarray:
+    """``value`` as a float64 array of ``ndim`` dimensions whose leading sizes
+    are ``shape`` (None: any), of real numbers (and finite unless ``finite``
+    is False). The check of the library's array arguments (codes, losses, KL
+    values): ConfigError naming ``name``, what it must be (``want``, else
+    its shape) and what it got."""
+    if not want:
+        dims = ["N" if s is None else str(s) for s in shape] + ["..."] * (ndim > len(shape))
+        want = (f"a {'vector' if ndim == 1 else f'{ndim}-d array'} of real numbers"
+                + (f" of shape ({', '.join(dims)}{',' * (len(dims) == 1)})" if shape else ""))
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError):
+        a = None
+    if (a is None or a.dtype.kind not in "fiub" or a.ndim != ndim
+            or any(s is not None and s != n for s, n in zip(shape, a.shape))):
+        raise ConfigError(f"{name} must be {want}, got {_shown(value)}")
+    a = a.astype(np.float64)
+    if finite and not np.isfinite(a).all():
+        raise ConfigError(f"{name} holds NaN or infinite values; pass finite ones")
+    return a
+
+
 def check_model(model, what: str) -> None:
     """ConfigError naming the fix when ``model`` is not a trained model (a
     :class:`fastvae.VAE`): a checkpoint's path or run folder, None, or

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .checks import _finite_nonneg, check_count, check_images
+from .checks import _finite_nonneg, as_numbers, check_count, check_images
 from .memory import preflight
 from .errors import ConfigError, DataError
 from .latent import (check_grid_dims, grid_values, interpolate_codes, latent_grid_codes, lerp,  # noqa: F401
@@ -43,9 +43,10 @@ def per_image_elbo(model, X, batch_size=None, seed=0):
 def best_and_worst(losses: np.ndarray, n: int):
     """Indices of the ``n`` lowest-loss (best) and ``n`` highest-loss (worst)
     images, each sorted from most extreme inwards: ``best[0]`` has the lowest
-    loss, ``worst[0]`` the highest."""
-    order = np.argsort(losses, kind="stable")
-    n = min(n, len(order))
+    loss, ``worst[0]`` the highest. ``losses``: ``(N,)`` numbers (NaN sorts
+    last); ConfigError for another shape or an ``n`` that is not a count >= 0."""
+    order = np.argsort(as_numbers("losses", losses, 1, finite=False), kind="stable")
+    n = min(check_count("n", n, minimum=0), len(order))
     return order[:n], order[::-1][:n]
 
 
@@ -59,6 +60,8 @@ def plot_latent_map(model, X, labels=None, label_names=None, path=None, max_poin
     bar), or values (a continuous colour bar). DataError for fewer labels
     than images, ConfigError for a ``max_points`` that is not a count."""
     X = check_images(np.asarray(X[:check_count("max_points", max_points)]), model.config, min_rows=1)   # first rows
+    if labels is not None and np.ndim(labels) != 1:
+        raise ConfigError(f"labels must be one value per image (N,), got {np.shape(labels)}; pass the split's labels")
     if labels is not None and len(labels) < len(X):
         raise DataError(f"{len(labels)} labels for {len(X)} images; give one label per image")
     if labels is not None and np.asarray(labels).dtype.kind in "USO":       # class names: numbered in sorted order
@@ -232,9 +235,13 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
 
 def plot_loss_histogram(losses, marks: Optional[dict] = None, path=None, xlabel="-ELBO (nats per image)"):
     """Histogram of per-image losses; ``marks = {label: loss}`` drawn as vertical lines. Losses (and
-    marks) that are not finite are left out, counted in the title; DataError when none is finite."""
+    marks) that are not finite are left out, counted in the title; DataError when none is finite,
+    ConfigError for losses that are not numbers or marks that are not ``{label: number}``."""
     from matplotlib.ticker import MaxNLocator
-    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    losses = as_numbers("losses", np.ravel(losses) if np.ndim(losses) > 1 else losses, 1, finite=False)
+    if marks is not None and (not isinstance(marks, dict) or not all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in marks.values())):
+        raise ConfigError(f"marks must be {{label: loss}}, e.g. {{'median': 98.5}}, got {marks!r:.40}")
     finite = np.isfinite(losses)
     if not finite.any():
         raise DataError(f"no finite loss to draw among {losses.size} images; a model whose every -ELBO is NaN "
@@ -260,6 +267,7 @@ def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
     """The ``n`` best (lowest loss) and ``n`` worst (highest loss) images of X,
     truly sorted, each above its reconstruction, with the loss on top."""
     X = X if hasattr(X, "shape") else np.asarray(X)      # arrays and streamed splits: only X[idx] is read
+    losses = as_numbers("losses", losses, 1, finite=False)
     if len(losses) != len(X):
         raise DataError(f"{len(losses)} losses for {len(X)} images; give one loss per image (per_image_elbo)")
     best, worst = best_and_worst(losses, check_count("n", n))
@@ -278,10 +286,15 @@ def plot_best_worst(model, X, losses, image_shape, n=8, path=None):
 def plot_kl_per_dim(kl, variances=None, threshold=0.01, path=None, flows: int = 0):
     """Bar chart of KL per latent dimension (nats); active units (Var_x(mu_j) >
     threshold) in colour, inactive in grey. ``flows``: the model's IAF steps,
-    named in the title (the bars are then the Gaussian's before them)."""
+    named in the title (the bars are then the Gaussian's before them). ``kl``
+    and ``variances``: finite ``(L,)``; ConfigError otherwise, and for a
+    threshold that is not a finite number >= 0 or ``flows`` not a count >= 0."""
     from matplotlib.ticker import MaxNLocator
-    kl = np.asarray(kl)
-    active = np.ones(len(kl), bool) if variances is None else np.asarray(variances) > threshold
+    kl = as_numbers("kl", kl, 1)
+    _finite_nonneg("threshold", threshold)
+    flows = check_count("flows", flows, minimum=0)
+    active = (np.ones(len(kl), bool) if variances is None
+              else as_numbers("variances", variances, 1, (len(kl),)) > threshold)
     fig = _figure((max(4, 0.25 * len(kl) + 1), 3))
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(kl)), kl, color=np.where(active, "tab:orange", "lightgray"))

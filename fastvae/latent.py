@@ -14,15 +14,18 @@ import statistics
 
 import numpy as np
 
-from .checks import _finite_nonneg, check_count
+from .checks import _finite_nonneg, as_numbers, check_count
 from .errors import ConfigError
 from .memory import preflight
 
 
 def pca_plane(codes: np.ndarray):
     """``(mean (L,), axes (2, L), explained variance ratio (2,))`` of the first
-    two principal components of ``codes``."""
-    codes = np.asarray(codes, dtype=np.float64)
+    two principal components of ``codes`` (N, L), N >= 1 finite rows
+    (ConfigError otherwise)."""
+    codes = as_numbers("codes", codes, 2)
+    if not len(codes):
+        raise ConfigError("codes holds no rows; pass at least one code (N, L)")
     mean = codes.mean(0)
     _, s, vt = np.linalg.svd(codes - mean, full_matrices=False)
     var = s ** 2
@@ -50,21 +53,29 @@ def slerp(a, b, t):
 
 
 def interpolate_codes(za, zb, steps: int, mode: str = "linear") -> np.ndarray:
-    """``(steps, L)`` codes from za to zb inclusive, ``linear`` or ``spherical``;
-    ConfigError for fewer than 2 steps or another mode."""
+    """``(steps, L)`` float64 codes from ``za`` to ``zb`` (finite ``(L,)``)
+    inclusive, ``linear`` or ``spherical``; ConfigError for codes of other
+    shapes, fewer than 2 steps, steps that would not fit in host memory, or
+    another mode."""
     steps = check_count("steps", steps, minimum=2)
-    f = {"linear": lerp, "spherical": slerp, "slerp": slerp}.get(mode)
+    f = {"linear": lerp, "spherical": slerp, "slerp": slerp}.get(mode) if isinstance(mode, str) else None
     if f is None:
         raise ConfigError(f"unknown interpolation {mode!r}; use linear or spherical")
-    return np.stack([f(np.asarray(za, float), np.asarray(zb, float), t) for t in np.linspace(0, 1, steps)])
+    za = as_numbers("za", za, 1)
+    zb = as_numbers("zb", zb, 1, (len(za),))
+    preflight(8 * steps * len(za), None, f"{steps} interpolated codes", "use fewer steps")
+    return np.stack([f(za, zb, t) for t in np.linspace(0, 1, steps)])
 
 
 def grid_values(n: int, spacing: str = "quantile", span: float = 3.0) -> np.ndarray:
     """``(n,)`` float64 values along one latent axis: ``even`` in [-span, span], or ``quantile``:
     N(0, 1) quantiles at (i + 1/2)/n (Kingma & Welling 2014, Fig. 4). ConfigError for an ``n``
-    that is not a count >= 1 or whose values would not fit in host memory."""
+    that is not a count >= 1 or whose values would not fit in host memory, a ``span`` that is not
+    a finite positive number, or another spacing."""
     n = check_count("n", n)
+    _finite_nonneg("span", span, positive=True)
     preflight(40 * n, None, f"a grid of {n} values", "use a smaller n")     # quantiles: a Python float each, then 8 B
+    spacing = spacing if isinstance(spacing, str) else repr(spacing)
     if spacing == "even":
         return np.linspace(-span, span, n)
     if spacing == "quantile":
@@ -89,21 +100,24 @@ def check_grid_dims(dims, L):
 def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", center=None, plane=None):
     """``(n*n, L)`` float64 codes on a grid over latent dims ``dims`` (or a PCA ``plane = (mean,
     axes)``), other coordinates at ``center`` (default 0). ConfigError for ``n`` < 1 or codes that
-    would not fit in host memory, ``dims`` not two different dimensions in 0..L-1, or a ``center``
-    not of length L."""
+    would not fit in host memory, ``dims`` not two different dimensions in 0..L-1, a ``center``
+    not a finite code of length L, or a ``plane`` not ``(mean (L,), axes (2, L))`` as
+    :func:`pca_plane` gives."""
     L, n = model.config.latent_dim, check_count("n", n)
     preflight(8 * n * n * L, None, f"a {n} x {n} grid of codes", "use a smaller grid (n)")
     vals = grid_values(n, spacing)
-    if center is not None and np.shape(center) != (L,):
-        raise ConfigError(f"center must be one code of length {L}, got shape {np.shape(center)}")
+    center = None if center is None else as_numbers("center", center, 1, (L,), want=f"one code of length {L}")
     if plane is None:
         dims = check_grid_dims(dims, L)
     if plane is not None:
-        mean, axes = plane
-        origin = mean if center is None else np.asarray(center, dtype=np.float64)
+        if not isinstance(plane, (tuple, list)) or len(plane) < 2:
+            raise ConfigError(f"plane must be (mean (L,), axes (2, L)), as pca_plane returns, got {plane!r:.40}")
+        mean = as_numbers("plane mean", plane[0], 1, (L,), want=f"one code of length {L}")
+        axes = as_numbers("plane axes", plane[1], 2, (2, L))
+        origin = mean if center is None else center
         u, v = axes[0], axes[1]
     else:
-        origin = np.zeros(L) if center is None else np.asarray(center, dtype=np.float64)
+        origin = np.zeros(L) if center is None else center
         u, v = np.zeros(L), np.zeros(L)
         u[dims[0]] = 1.0
         if L > 1:
@@ -113,13 +127,25 @@ def latent_grid_codes(model, n: int = 15, dims=(0, 1), spacing="quantile", cente
 
 
 def traversal_codes(model, center, n_values=9, span=3.0, order=None):
-    """``(L * n_values, L)``: for each latent dim (in ``order``) the center code
-    with that coordinate swept over [-span, span]."""
+    """``(len(order) * n_values, L)`` float64: for each latent dim in ``order``
+    (default: all L in turn) the ``center`` code (finite, ``(L,)``) with that
+    coordinate swept over [-span, span]. ConfigError for a center of another
+    shape, dims outside 0..L-1, a span that is not finite and positive, or
+    codes that would not fit in host memory."""
     L = model.config.latent_dim
-    order = list(range(L)) if order is None else list(order)
+    given = order
+    try:
+        order = list(range(L)) if order is None else [operator.index(j) for j in order]
+    except TypeError:
+        order = None
+    if order is None or not all(0 <= j < L for j in order):
+        raise ConfigError(f"order must list latent dimensions in 0..{L - 1}, e.g. [2, 0, 1], got {given!r:.40}")
+    center = as_numbers("center", center, 1, (L,), want=f"one code of length {L}")
     _finite_nonneg("span", span, positive=True)
-    vals = np.linspace(-span, span, check_count("n_values", n_values))
-    Z = np.repeat(np.asarray(center, float)[None], len(order) * n_values, axis=0)
+    n_values = check_count("n_values", n_values)
+    preflight(8 * len(order) * n_values * L, None, f"{len(order)} x {n_values} traversal codes", "use fewer n_values")
+    vals = np.linspace(-span, span, n_values)
+    Z = np.repeat(center[None], len(order) * n_values, axis=0)
     for r, j in enumerate(order):
         Z[r * n_values:(r + 1) * n_values, j] = vals
     return Z

@@ -6,15 +6,16 @@ pyplot state, Agg canvas) and writes a PNG when ``path`` is given.
 
 from __future__ import annotations
 
-import os
-
 import math
+import operator
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .checks import check_count, check_images
+from .checks import as_numbers, check_count, check_images
 from .errors import ConfigError
+from .memory import preflight
 from .evaluate import train_loss_name
 
 
@@ -52,11 +53,15 @@ def tile(images, image_shape: Sequence[int], ncol: int, pad: int = 1) -> np.ndar
     Channels other than 1 (gray), 3 (RGB) or 4 (RGBA) are drawn side by side
     in gray, ``(H, C W)`` per image."""
     ncol, pad = check_count("ncol", ncol), check_count("pad", pad, minimum=0)
-    image_shape = tuple(int(s) for s in image_shape)
-    images = np.clip(np.asarray(images, dtype=np.float64), 0, 1)
-    shape_ok = len(image_shape) in (2, 3) and all(int(s) > 0 for s in image_shape)
+    images = np.clip(as_numbers("images", images, np.ndim(images), finite=False), 0, 1)
+    given = image_shape
+    try:
+        image_shape = tuple(operator.index(s) for s in image_shape)
+    except TypeError:
+        image_shape = ()
+    shape_ok = len(image_shape) in (2, 3) and all(s > 0 for s in image_shape)
     if not shape_ok or (images.ndim == 2 and int(np.prod(image_shape)) != images.shape[1]):
-        raise ConfigError(f"image_shape {tuple(image_shape)} does not fit images of {images.shape[-1]} values; "
+        raise ConfigError(f"image_shape {given!r:.40} does not fit images of {images.shape[-1]} values; "
                           "pass (H, W) or (H, W, C) with H W C equal to it (the dataset's image_shape)")
     if len(image_shape) == 3 and image_shape[2] not in (1, 3, 4):
         H, W, C = image_shape
@@ -67,6 +72,8 @@ def tile(images, image_shape: Sequence[int], ncol: int, pad: int = 1) -> np.ndar
     n = images.shape[0]
     rows = max(1, math.ceil(n / ncol))
     shape = (rows * (H + pad) - pad, ncol * (W + pad) - pad) + ((C,) if C else ())
+    preflight(8 * math.prod(shape), None, f"a tiled picture of {shape[0]} x {shape[1]} pixels", "use a smaller pad "
+              "or fewer images")
     grid = np.ones(shape)
     for i in range(n):
         r, c = divmod(i, ncol)
@@ -116,6 +123,9 @@ def plot_loss(history, path: Optional[str] = None, units: str = "nats per image"
     (a Gaussian likelihood's -ELBO is a density's: it can be; on a log axis
     those curves vanished)."""
     from matplotlib.ticker import MaxNLocator
+    if not isinstance(history, (list, tuple)) or not all(isinstance(h, dict) and "epoch" in h for h in history):
+        raise ConfigError(f"history must be the per-epoch rows (dicts with an 'epoch') of Trainer.history or a "
+                          f"checkpoint's, got {history!r:.40}")
     fig = _figure((7, 4))
     ax = fig.add_subplot(1, 1, 1)
     ep = [h["epoch"] for h in history]

@@ -482,3 +482,60 @@ def test_picture_helpers_name_counts_they_cannot_use(tmp_path):
     for bad in (float("nan"), 0, -5):
         with pytest.raises(ConfigError, match="duration_ms must be a finite positive number"):
             explore.save_gif(x, (4, 4), str(tmp_path / "a.gif"), duration_ms=bad)
+
+
+def test_library_helpers_name_arguments_of_the_wrong_kind(trained, tmp_path):
+    """Found by calling every public exploring helper with None, numbers,
+    text, NaN, a 2-d array and 10^12: a traversal order of 0 was "'int'
+    object is not iterable", a centre of 3 numbers for 4 latents an
+    IndexError, a KL value of 3 "len() of unsized object", marks=[1, 2] an
+    AttributeError, 10^12 traversal values a MemoryError, an image shape of
+    None a TypeError, MIG's 10^12 bins a 7 TiB allocation. Each is now a
+    ConfigError naming the argument, before any work."""
+    from fastvae import latent, plots
+    model, data = trained                       # latent_dim 4, 16x16 images
+    X, z = data.x_test[:6], np.zeros(4)
+    cases = [
+        (lambda: latent.traversal_codes(model, z, order=0), "order must list latent dimensions in 0..3"),
+        (lambda: latent.traversal_codes(model, z, order=[4]), "order must list latent dimensions in 0..3"),
+        (lambda: latent.traversal_codes(model, np.zeros(3)), "center must be one code of length 4"),
+        (lambda: latent.traversal_codes(model, [0, 0, np.nan, 0]), "center holds NaN or infinite values"),
+        (lambda: latent.traversal_codes(model, z, n_values=10 ** 12), "traversal codes needs about"),
+        (lambda: explore.plot_traversals(model, (16, 16), center="x"), "center must be one code of length 4"),
+        (lambda: explore.plot_traversals(model, None, X=X), "image_shape None does not fit"),
+        (lambda: latent.interpolate_codes(z, np.zeros(3), 4), r"zb must be a vector of real numbers of shape \(4,\)"),
+        (lambda: latent.interpolate_codes(None, z, 4), "za must be a vector of real numbers, got None"),
+        (lambda: latent.interpolate_codes(z, z, 10 ** 12), "interpolated codes needs about"),
+        (lambda: latent.interpolate_codes(z, z, 4, ["linear"]), "unknown interpolation"),
+        (lambda: latent.grid_values(3, "even", float("nan")), "span must be"),
+        (lambda: latent.grid_values(3, np.zeros(2)), "unknown grid spacing"),
+        (lambda: latent.latent_grid_codes(model, 3, plane=5), r"plane must be \(mean \(L,\), axes \(2, L\)\)"),
+        (lambda: latent.latent_grid_codes(model, 3, plane=(z, np.zeros((3, 4)))),
+         r"plane axes must be a 2-d array of real numbers of shape \(2, 4\)"),
+        (lambda: latent.pca_plane(np.zeros((0, 4))), "codes holds no rows"),
+        (lambda: latent.pca_plane("x"), "codes must be a 2-d array of real numbers"),
+        (lambda: explore.best_and_worst(np.arange(5.0), 2.5), "n must be an integer"),
+        (lambda: explore.best_and_worst(3, 2), "losses must be a vector of real numbers, got 3"),
+        (lambda: explore.plot_kl_per_dim(3), "kl must be a vector of real numbers, got 3"),
+        (lambda: explore.plot_kl_per_dim(np.ones(4), np.ones(3)), r"variances must be .* of shape \(4,\)"),
+        (lambda: explore.plot_kl_per_dim(np.ones(4), threshold=None), "threshold must be a number"),
+        (lambda: explore.plot_kl_per_dim(np.ones(4), flows=-1), "flows must be at least 0"),
+        (lambda: explore.plot_loss_histogram(np.arange(5.0), marks=[1, 2]), r"marks must be \{label: loss\}"),
+        (lambda: explore.plot_loss_histogram(["a"]), "losses must be a vector of real numbers"),
+        (lambda: explore.plot_best_worst(model, X, None, (16, 16)), "losses must be a vector of real numbers"),
+        (lambda: explore.plot_latent_map(model, X, labels=3), r"labels must be one value per image \(N,\)"),
+        (lambda: plots.plot_loss(5), "history must be the per-epoch rows"),
+        (lambda: plots.tile(np.ones((2, 4)), (2, 2), 1, pad=10 ** 12), "a tiled picture of .* needs about"),
+        (lambda: explore.mig(np.zeros((5, 2)), np.zeros((4, 1))), r"factors must be .* of shape \(5, \.\.\.\)"),
+        (lambda: explore.mig(np.zeros((5, 2)), np.zeros((5, 1)), bins=10 ** 12), "bins must be at most 10\\^6"),
+        (lambda: explore.mig(None, np.zeros((5, 1))), "codes must be a 2-d array of real numbers, got None"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            call()
+    # what fits still works: a traversal in a given order, MIG on whole-number factors given as floats
+    Z = latent.traversal_codes(model, np.full(4, 0.5), n_values=3, span=1.0, order=[2])
+    np.testing.assert_array_equal(Z, [[0.5, 0.5, -1.0, 0.5], [0.5, 0.5, 0.0, 0.5], [0.5, 0.5, 1.0, 0.5]])
+    codes = np.repeat(np.eye(2), 10, axis=0) + np.linspace(0, 0.01, 20)[:, None]
+    factors = np.repeat([0.0, 1.0], 10)[:, None]
+    assert explore.mig(codes, factors)["mig"] == pytest.approx(explore.mig(codes, factors.astype(int))["mig"])
