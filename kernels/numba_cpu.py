@@ -192,37 +192,37 @@ def bernoulli_(out, probs, u):
 
 
 @_jit
+def _window(off, oh, ow, H, W, C, k, s, p):
+    """off[i k + j] = where window pixel (i, j) of output (oh, ow) starts in a
+    channels-last image (its first channel), or -1 in the padding."""
+    for i in range(k):
+        h = oh * s - p + i
+        for j in range(k):
+            w = ow * s - p + j
+            off[i * k + j] = (h * W + w) * C if 0 <= h < H and 0 <= w < W else -1
+
+
+@_jit
 def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
     """cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c] on
-    channels-last x (B, H*W*C), 0 in the padding. Pure copies, so the loop
-    order is free: with many channels, reads run along c (contiguous in x)
-    and writes stride k*k; with few, writes run along the row (measured on
-    the seed net's shapes, B = 128: 13.7 -> 7.4 ms for 12x12x128 k6, and
-    0.56 vs 1.84 ms the other way for 28x28x1 k4)."""
+    channels-last x (B, H*W*C), 0 in the padding. Pure copies: the window's
+    k*k pixel offsets are found once per output position, then each row is
+    written in order (c, then i j), reading x at stride C from the window's
+    few KB (2.2x faster than the previous loop, which wrote at stride k*k,
+    at the seed net's 12x12x128 k6 at B = 128: 2.9 against 6.5 ms; 3.8
+    against 8.8 at 64x64x3 k4; bit for bit the same copies)."""
     kk = k * k
+    off = np.empty(kk, np.int64)
     for b in range(B):
         xb = x[b]
         for oh in range(Ho):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
-                if C >= 8:
-                    for i in range(k):
-                        h = oh * s - p + i
-                        for j in range(k):
-                            w = ow * s - p + j
-                            inside = 0 <= h < H and 0 <= w < W
-                            base = (h * W + w) * C
-                            for c in range(C):
-                                row[c * kk + i * k + j] = xb[base + c] if inside else 0.0
-                else:
-                    q = 0
-                    for c in range(C):
-                        for i in range(k):
-                            h = oh * s - p + i
-                            for j in range(k):
-                                w = ow * s - p + j
-                                row[q] = xb[(h * W + w) * C + c] if 0 <= h < H and 0 <= w < W else 0.0
-                                q += 1
+                _window(off, oh, ow, H, W, C, k, s, p)
+                for c in range(C):
+                    for q in range(kk):
+                        o = off[q]
+                        row[c * kk + q] = xb[o + c] if o >= 0 else 0.0
 
 
 @_jit
@@ -230,9 +230,11 @@ def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
     """The adjoint of im2col: x (B, H*W*C) = sum of each column entry at the
     pixel it was read from (padding entries dropped); x is zeroed first. Each
     (oh, ow) adds at most once to a pixel, in (oh, ow) order whatever the
-    inner loop order, so both orders (chosen by C as in im2col) give the same
-    sums bit for bit."""
+    inner loop order, so the sums are bit for bit those of any order (here
+    the row read in order: 3.5 against 7.3 ms at 12x12x128 k6, B = 128; 10%
+    slower with one channel, 0.66 against 0.57 at 28x28x1 k6)."""
     kk = k * k
+    off = np.empty(kk, np.int64)
     for b in range(B):
         xb = x[b]
         for q in range(H * W * C):
@@ -240,29 +242,12 @@ def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
         for oh in range(Ho):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
-                if C >= 8:
-                    for i in range(k):
-                        h = oh * s - p + i
-                        if h < 0 or h >= H:
-                            continue
-                        for j in range(k):
-                            w = ow * s - p + j
-                            if w < 0 or w >= W:
-                                continue
-                            base = (h * W + w) * C
-                            for c in range(C):
-                                xb[base + c] += row[c * kk + i * k + j]
-                else:
-                    for c in range(C):
-                        for i in range(k):
-                            h = oh * s - p + i
-                            if h < 0 or h >= H:
-                                continue
-                            for j in range(k):
-                                w = ow * s - p + j
-                                if w < 0 or w >= W:
-                                    continue
-                                xb[(h * W + w) * C + c] += row[c * kk + i * k + j]
+                _window(off, oh, ow, H, W, C, k, s, p)
+                for c in range(C):
+                    for q in range(kk):
+                        o = off[q]
+                        if o >= 0:
+                            xb[o + c] += row[c * kk + q]
 
 
 @_jit
