@@ -307,3 +307,20 @@ def test_an_mkl_label_and_version_in_the_benchmark_rows():
     assert main.row["backend"] == "numba+mkl" and "Math Kernel Library" in main.row["blas"]
     main.step()
     gemms.step()
+
+
+def test_a_pin_to_narrower_openblas_kernels_on_an_avx512_cpu_is_named(monkeypatch):
+    """This workplace's machines set OPENBLAS_CORETYPE=Haswell; on a Zen 5
+    EPYC with AVX-512, OpenBLAS unpinned picks its SkylakeX kernels (2048^3
+    SGEMM 474 against 261 GFLOP/s). `fastvae backends` says so, only then."""
+    from fastvae.blas import pinned_kernels_note
+    avx512 = "fpu avx2 avx512f avx512cd avx512bw avx512dq avx512vl".split()
+    haswell = {"internal_api": "openblas", "architecture": "Haswell"}
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert "OPENBLAS_CORETYPE=Haswell pins these kernels on a CPU with AVX-512" in pinned_kernels_note(haswell, avx512)
+    assert pinned_kernels_note(haswell, ["fpu", "avx2", "avx512f"]) == ""          # no full AVX-512: nothing to gain
+    assert pinned_kernels_note({"internal_api": "openblas", "architecture": "SkylakeX"}, avx512) == ""
+    assert pinned_kernels_note({"internal_api": "mkl", "architecture": None}, avx512) == ""
+    assert pinned_kernels_note(None, avx512) == ""
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert pinned_kernels_note(haswell, avx512) == ""                              # OpenBLAS's own choice
