@@ -147,3 +147,26 @@ def test_library_takes_the_stacks_settings():
             fastvae.train("sprites", n_sprites=200, batch_size=50, epochs=1, layers=g, **kw)
     with pytest.raises(ConfigError, match=r"sigma does something only with likelihood gaussian \(here bernoulli\)"):
         fastvae.train("sprites", n_sprites=200, batch_size=50, epochs=1, layers=dense_stack(), sigma=0.05)
+
+
+def test_an_iaf_stack_too_large_for_memory_is_refused_before_its_masks_exist(tmp_path):
+    """A layers file (or a checkpoint's config) with an IAF step of 10^9
+    hidden units: building its layers, which every config and checkpoint
+    check does, made the MADE masks at once (22 GiB of float64) and the
+    process was killed by the kernel's OOM killer. The masks now wait until
+    the model's memory check, which refuses the 10^10 parameters by name."""
+    import subprocess
+    import sys
+    specs = dense_stack()
+    specs.insert(3, {"type": "iaf", "name": "flow.0", "hidden": 10 ** 9, "activation": "relu", "reverse": False})
+    stack = write(tmp_path / "huge.json", specs)
+    code = ("import resource\nfrom fastvae import ConfigError, VAE, ModelConfig, layers\n"
+            "from fastvae.architectures import fields_of_layers, read_layer_specs\n"
+            f"specs = read_layer_specs({str(stack)!r})\n"
+            "cfg = ModelConfig(input_dim=4096, layers=specs, **fields_of_layers(specs))\n"
+            "stack = layers.build(cfg)\n"
+            "try:\n    VAE(cfg)\nexcept ConfigError as e:\n    print('ERR', e)\n"
+            "print('RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ERR a model of 10,000," in out.stdout and "parameters needs about" in out.stdout, out.stdout + out.stderr
+    assert float(out.stdout.split("RSS_MB")[1]) < 500

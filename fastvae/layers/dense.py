@@ -82,13 +82,24 @@ class MaskedDense(Dense):
     also applies to the gradient, ``dW = (dpre^T x) * mask``, so masked
     entries never move and never act, whatever values a file gives them.
     ``dx = dpre (W * mask)``. The mask is host data fixed by the architecture
-    (not a parameter, not in checkpoints)."""
+    (not a parameter, not in checkpoints): an array, or a function that makes
+    it when first needed (an IAF step's masks are as large as its weights, so
+    they wait for the model's memory check: a crafted spec of 10^9 hidden
+    units was made to allocate 22 GiB of masks before it, while its layers
+    were only being checked)."""
 
     def __init__(self, name, in_features, out_features, activation, mask, parts=None, slope=0.01, alpha=1.0):
         super().__init__(name, in_features, out_features, activation, parts, slope, alpha)
-        if mask.shape != (out_features, in_features):
-            raise ValueError(f"mask of shape {mask.shape} for a {out_features} x {in_features} weight")
-        self.mask = mask
+        self._mask = mask
+
+    @property
+    def mask(self):
+        """The ``(out, in)`` 0/1 mask (made on first use when given as a function)."""
+        if callable(self._mask):
+            self._mask = self._mask()
+        if self._mask.shape != (self.out_features, self.in_features):
+            raise ValueError(f"mask of shape {self._mask.shape} for a {self.out_features} x {self.in_features} weight")
+        return self._mask
 
     def workspace(self, be, B, need_dx):
         st = super().workspace(be, B, need_dx)

@@ -15,6 +15,8 @@ The encoder context ``h`` of the paper is not used: the MADE sees z only.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .base import Layer, State
@@ -50,9 +52,10 @@ class IAFStep(Layer):
     def __init__(self, name, latent_dim, hidden, activation, reverse, slope=0.01, alpha=1.0):
         L = latent_dim
         self.name, self.in_features, self.out_features = name, L, L
-        m1, m2 = made_masks(L, hidden, reverse)
-        self.hidden = MaskedDense(f"{name}.hidden", L, hidden, activation, m1, slope=slope, alpha=alpha)
-        self.out = MaskedDense(f"{name}.out", hidden, 2 * L, "identity", m2, parts=["m", "s"])
+        masks = functools.lru_cache(maxsize=1)(lambda: made_masks(L, hidden, reverse))   # when first needed
+        self.hidden = MaskedDense(f"{name}.hidden", L, hidden, activation, lambda: masks()[0], slope=slope,
+                                  alpha=alpha)
+        self.out = MaskedDense(f"{name}.out", hidden, 2 * L, "identity", lambda: masks()[1], parts=["m", "s"])
         self.parts = (self.hidden, self.out)
 
     def param_entries(self):
