@@ -296,6 +296,9 @@ class Backend:
     # guide to convolution arithmetic", Sec. 2 and 4: Ho = (H + 2p - k) // s + 1).
     # Written with array slicing only, so every array module runs them.
 
+    #: bytes of the (i, j, c)-ordered staging buffer one chunk of images uses (:meth:`_staged`)
+    CONV_STAGE_BYTES = 1 << 21
+
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
         """Patches of ``x (B, H*W*C)`` into ``cols (B*Ho*Wo, C*k*k)``: row
         ``(b, oh, ow)`` holds ``x[b, oh*s - p + i, ow*s - p + j, c]`` at column
@@ -308,27 +311,64 @@ class Backend:
             pad = self._zero_border(("im2col_pad", p), (B, H + 2 * p, W + 2 * p, C))
             pad[:, p:p + H, p:p + W, :] = src
             src = pad
-        c6 = cols.reshape(B, Ho, Wo, C, k, k)
-        for i in range(k):
-            for j in range(k):
-                c6[:, :, :, :, i, j] = src[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        if C < 8:
+            c6 = cols.reshape(B, Ho, Wo, C, k, k)
+            for i in range(k):
+                for j in range(k):
+                    c6[:, :, :, :, i, j] = win(src, i, j)
+            return cols
+        rows = cols.reshape(B, Ho * Wo, C, k * k)
+        for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C)):
+            sb = src[b0:b0 + n]
+            for i in range(k):
+                for j in range(k):
+                    t6[:, :, :, i, j, :] = win(sb, i, j)
+            rows[b0:b0 + n] = t6.reshape(n, Ho * Wo, k * k, C).transpose(0, 1, 3, 2)
         return cols
 
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
         """The adjoint of :meth:`im2col`: ``x (B, H*W*C)`` = the sum of every
         patch entry of ``cols (B*Ho*Wo, C*k*k)`` at the pixel it was read
-        from (entries in the padding are dropped)."""
+        from (entries in the padding are dropped). Each pixel's sum runs over
+        (i, j) in order whichever path, so both give the same bits."""
         H, W, C = in_hwc
         Ho, Wo = out_hw
         B, s, p = x.shape[0], stride, padding
         acc = self.scratch("col2im_acc", (B, H + 2 * p, W + 2 * p, C))
         acc[...] = 0
-        c6 = cols.reshape(B, Ho, Wo, C, k, k)
-        for i in range(k):
-            for j in range(k):
-                acc[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :] += c6[:, :, :, :, i, j]
+        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        if C < 8:
+            c6 = cols.reshape(B, Ho, Wo, C, k, k)
+            for i in range(k):
+                for j in range(k):
+                    win(acc, i, j)[...] += c6[:, :, :, :, i, j]
+        else:
+            rows = cols.reshape(B, Ho * Wo, C, k * k)
+            for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C)):
+                t6.reshape(n, Ho * Wo, k * k, C)[...] = rows[b0:b0 + n].transpose(0, 1, 3, 2)
+                ab = acc[b0:b0 + n]
+                for i in range(k):
+                    for j in range(k):
+                        win(ab, i, j)[...] += t6[:, :, :, i, j, :]
         x.reshape(B, H, W, C)[...] = acc[:, p:p + H, p:p + W, :]
         return x
+
+    def _staged(self, B, shape):
+        """``(first image, images, staging view)`` for chunks of the batch that
+        fit :data:`CONV_STAGE_BYTES` in a ``(n, Ho, Wo, k, k, C)`` buffer: with
+        8 channels or more, im2col and col2im go through it, where each
+        window position is a run of C contiguous values, and one transposing
+        copy per chunk converts to the columns' (C, k, k) order (the direct
+        slices move C values k*k apart: 16.3 -> 6.2 ms for im2col and 34.6 ->
+        7.1 for col2im at 32x32x32 k4 s2, B = 64; with 1 or 3 channels the
+        direct slices stay faster)."""
+        per = int(np.prod(shape)) * self.dtype.itemsize
+        bc = max(1, min(B, self.CONV_STAGE_BYTES // per))
+        stage = self.scratch("conv_stage", (bc,) + tuple(shape))
+        for b0 in range(0, B, bc):
+            n = min(bc, B - b0)
+            yield b0, n, stage[:n]
 
     def _zero_border(self, key, shape):
         """A cached buffer whose border stays zero: callers write the interior only."""
