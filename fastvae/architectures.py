@@ -159,7 +159,8 @@ def conv_layer_specs(cfg) -> List[dict]:
     else:
         raise ConfigError(f"arch 'conv' is defined for 28x28 images and sides that are powers of two from 16 to "
                           f"1024 (64x64 as in Burgess et al. 2018), got {H}x{W}; resize the images (a folder of "
-                          "image files: --image-size 64 64) or describe your own stack (--layers FILE, ModelConfig.layers)")
+                          "image files: --image-size 64 64) or describe your own stack (--layers FILE, "
+                          "ModelConfig.layers)")
     return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 
