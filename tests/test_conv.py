@@ -38,8 +38,14 @@ def test_im2col_against_the_definition(rng):
     Ho, Wo = layers.conv.conv_out(H, k, s, p), layers.conv.conv_out(W, k, s, p)
     x = rng.normal(size=(2, H * W * C))
     cols = BE.im2col(np.full((2 * Ho * Wo, C * k * k), np.nan), x, hwc, k, s, p, (Ho, Wo))
-    img = x.reshape(2, H, W, C)
-    for b, oh, ow, c, i, j in np.ndindex(2, Ho, Wo, C, k, k):
+    _assert_is_the_definition(cols, x, hwc, k, s, p, (Ho, Wo))
+
+
+def _assert_is_the_definition(cols, x, hwc, k, s, p, out_hw):
+    """Every entry of ``cols`` is the pixel im2col's definition names, 0 in the padding."""
+    (H, W, C), (Ho, Wo) = hwc, out_hw
+    img = x.reshape(-1, H, W, C)
+    for b, oh, ow, c, i, j in np.ndindex(len(img), Ho, Wo, C, k, k):
         r, q = oh * s - p + i, ow * s - p + j
         want = img[b, r, q, c] if 0 <= r < H and 0 <= q < W else 0.0
         assert cols[(b * Ho + oh) * Wo + ow, (c * k + i) * k + j] == want
@@ -58,11 +64,7 @@ def test_im2col_and_col2im_in_chunks_with_many_channels(rng, monkeypatch):
     monkeypatch.setattr(be, "CONV_STAGE_BYTES", 2 * Ho * Wo * k * k * C * 8)
     x = rng.normal(size=(5, H * W * C))
     cols = be.im2col(np.full((5 * Ho * Wo, C * k * k), np.nan), x, hwc, k, s, p, (Ho, Wo))
-    img = x.reshape(5, H, W, C)
-    for b, oh, ow, c, i, j in np.ndindex(5, Ho, Wo, C, k, k):
-        r, q = oh * s - p + i, ow * s - p + j
-        want = img[b, r, q, c] if 0 <= r < H and 0 <= q < W else 0.0
-        assert cols[(b * Ho + oh) * Wo + ow, (c * k + i) * k + j] == want
+    _assert_is_the_definition(cols, x, hwc, k, s, p, (Ho, Wo))
     c = rng.normal(size=cols.shape)
     back = be.col2im(np.empty_like(x), c, hwc, k, s, p, (Ho, Wo))
     np.testing.assert_allclose((cols * c).sum(), (x * back).sum(), rtol=1e-12)
