@@ -58,7 +58,7 @@ def read_layer_specs(path) -> list:
     a list of specs as :class:`~fastvae.config.ModelConfig` ``layers`` takes,
     an object holding one under ``"layers"``, or a run's ``config.json`` (its
     ``"model"``'s). The file is untrusted: a regular file of at most
-    :data:`MAX_LAYERS_FILE` bytes of UTF-8, standard JSON (no NaN) nested at
+    :data:`MAX_LAYERS_FILE` bytes of UTF-8 (a byte-order mark allowed), standard JSON (no NaN) nested at
     most 16 deep. Returns the list unchecked (``ModelConfig`` checks each
     spec); raises ConfigError naming the file, the problem and the fix."""
     with open_regular(path, "layers file", _LAYERS_FIX, ConfigError) as fh:
@@ -67,7 +67,7 @@ def read_layer_specs(path) -> list:
         raise ConfigError(f"layers file {path} is over {MAX_LAYERS_FILE >> 20} MiB, far more than any stack of "
                           f"at most 1000 layers takes; {_LAYERS_FIX}")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")          # a byte-order mark, as some editors write, is not content
     except UnicodeDecodeError:
         raise ConfigError(f"layers file {path} is not UTF-8 text; {_LAYERS_FIX}") from None
     obj = parse_json(text, f"layers file {path}", ConfigError)

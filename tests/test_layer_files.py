@@ -120,6 +120,8 @@ def test_layers_files_that_cannot_be_read(tmp_path):
         fh.truncate(64 * MAX_LAYERS_FILE)
     refused(big, "is over 1 MiB")
     assert read_layer_specs(write(tmp_path / "ok.json", {"model": {"layers": dense_stack()}})) == dense_stack()
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(dense_stack()).encode())   # as Notepad saves
+    assert read_layer_specs(tmp_path / "bom.json") == dense_stack()
 
 
 def test_a_bad_spec_in_a_file_is_named_before_the_data_loads(tmp_path):
