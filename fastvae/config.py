@@ -192,7 +192,7 @@ class TrainConfig(_JSONMixin):
 
     epochs: number of passes over the training split (a total, also on resume).
     batch_size: images per step; the last partial batch is kept (as PyTorch's
-        ``DataLoader`` does by default).
+        ``DataLoader`` does by default), unless beta-TCVAE would get one image.
     lr, betas, adam_eps, weight_decay: Adam (Kingma & Ba 2015, Algorithm 1);
         ``decoupled_weight_decay=True`` gives AdamW (Loshchilov & Hutter 2019).
     lr_schedule: ``constant``, ``step`` (multiply by ``lr_gamma`` every

@@ -42,7 +42,7 @@ from .checks import unit_pixels
 from .distributed import shard
 from .errors import DataError
 from .evaluate import binarize_rows
-from .training import EpochPosition
+from .training import EpochPosition, epoch_steps
 
 
 class StreamedImages:
@@ -282,9 +282,11 @@ class StreamBatchSource:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-prefetch")
         self._next, self._last_window = None, None
 
+    min_last = 1           #: as :attr:`fastvae.training.BatchSource.min_last`
+
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.x_host.n / self.batch_size)
+        return epoch_steps(self.x_host.n, self.batch_size, self.min_last)
 
     def new_epoch(self) -> EpochPosition:
         order = self.backend.to_host(self.rng.permutation(self.n_chunks)).astype(np.int64)

@@ -103,6 +103,7 @@ class Trainer:
         source = StreamBatchSource if streamed else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
                               tc.binarize, self.world.rank, self.world.size)
+        self.batches.min_last = 2 if tc.objective == "btcvae" else 1    # a last batch of one has no TC term
         self.objective = objectives.make(tc, self.model, n, self.world)
         self.graphs = step_graphs(tc, self.model, self.optimizer)
         self.warmup = WarmUp(self.graphs)

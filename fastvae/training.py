@@ -92,6 +92,16 @@ class EpochPosition:
                 "loss": be.to_float(self.loss), "counted": self.counted, "seconds": self.seconds}
 
 
+def epoch_steps(n: int, batch_size: int, min_last: int = 1) -> int:
+    """Steps of an epoch over ``n`` images: ``ceil(n / batch_size)``, the last
+    partial batch kept, unless it would hold fewer than ``min_last`` images
+    (then they sit out this epoch; the shuffle changes who). beta-TCVAE asks
+    for 2: its TC term estimates log q(z) from the other images of a batch,
+    so a batch of one has none (a constant, no gradient: a plain VAE step)."""
+    full, last = divmod(n, batch_size)
+    return full + (last >= min_last) if full else min(n, 1)
+
+
 class BatchSource:
     """Batches of the training images on the backend's device.
 
@@ -111,9 +121,11 @@ class BatchSource:
         self.rank, self.world_size = rank, world_size
         self._x = None
 
+    min_last = 1           #: the smallest last batch kept (:func:`epoch_steps`; the trainer sets 2 for beta-TCVAE)
+
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.x_host.shape[0] / self.batch_size)
+        return epoch_steps(self.x_host.shape[0], self.batch_size, self.min_last)
 
     def new_epoch(self) -> EpochPosition:
         return EpochPosition(perm=self.rng.permutation(self.x_host.shape[0]))

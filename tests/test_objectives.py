@@ -352,3 +352,26 @@ def test_btcvae_refuses_batches_of_one():
     with pytest.raises(ConfigError, match="batch of 1 has none"):
         tiny_trainer(objective="btcvae", batch_size=1)
     tiny_trainer(objective="btcvae", batch_size=2)
+
+
+def test_btcvae_leaves_out_a_last_batch_of_one():
+    """The same holds for an epoch's last batch: with 36 training images in
+    batches of 5, the eighth step of each epoch was one image whose TC term
+    had no gradient. beta-TCVAE now runs 7 steps an epoch (the image left over
+    changes with the shuffle); the ELBO keeps its last partial batch."""
+    from fastvae.training import epoch_steps
+    assert [epoch_steps(n, 5, 2) for n in (0, 1, 4, 5, 6, 7, 36)] == [0, 1, 1, 1, 1, 2, 7]
+    assert [epoch_steps(n, 5) for n in (0, 1, 4, 5, 6, 7, 36)] == [0, 1, 1, 1, 2, 2, 8]
+    sizes = []
+    t = tiny_trainer(objective="btcvae", batch_size=5, n=40, epochs=2)
+    assert len(t.data.x_train) == 36 and t.steps_per_epoch() == 7
+    fill = t.batches.fill
+
+    def counted(model, pos, b):
+        ws = fill(model, pos, b)
+        sizes.append(ws.global_batch)
+        return ws
+    t.batches.fill = counted
+    t.fit(pictures=False)
+    assert sizes == [5] * 14 and t.step == 14
+    assert tiny_trainer(batch_size=5, n=40).steps_per_epoch() == 8
