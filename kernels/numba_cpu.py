@@ -118,6 +118,33 @@ def col_sum(out, a):
 
 
 @_jit
+def col_sum_narrow(out, flat, part):
+    """out[j] = sum_i a[i, j] for a C-contiguous ``a (B, H)`` of few columns
+    given as ``flat (B H,)``: ``part (G H,)`` holds G interleaved partial
+    sums of each column, so each block of G rows is one contiguous run that
+    vectorises (a row loop of one column is a chain of dependent scalar
+    adds: 0.71 ms for 262,144 rows); the rows past the last whole block go
+    to the first group, then each column's G partial sums are added in
+    order. Deterministic, but another summation order than :func:`col_sum`."""
+    H = out.shape[0]
+    GH = part.shape[0]
+    n = flat.shape[0] // GH
+    for m in range(GH):
+        part[m] = 0.0
+    for t in range(n):
+        base = t * GH
+        for m in range(GH):
+            part[m] += flat[base + m]
+    for m in range(n * GH, flat.shape[0]):
+        part[m - n * GH] += flat[m]
+    for j in range(H):
+        acc = part[j]
+        for g in range(1, GH // H):
+            acc += part[g * H + j]
+        out[j] = acc
+
+
+@_jit
 def reparam_kl(z, kl, std, head, eps, need_kl):
     """head = [mu | logvar] (B, 2L): std = exp(logvar/2), z = mu + std*eps,
     kl_i = 1/2 sum_j (mu^2 + std^2 - logvar - 1)."""
@@ -189,65 +216,6 @@ def bernoulli_(out, probs, u):
     for i in range(B):
         for j in range(D):
             out[i, j] = 1.0 if u[i, j] < probs[i, j] else 0.0
-
-
-@_jit
-def _window(off, oh, ow, H, W, C, k, s, p):
-    """off[i k + j] = where window pixel (i, j) of output (oh, ow) starts in a
-    channels-last image (its first channel), or -1 in the padding."""
-    for i in range(k):
-        h = oh * s - p + i
-        for j in range(k):
-            w = ow * s - p + j
-            off[i * k + j] = (h * W + w) * C if 0 <= h < H and 0 <= w < W else -1
-
-
-@_jit
-def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
-    """cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c] on
-    channels-last x (B, H*W*C), 0 in the padding. Pure copies: the window's
-    k*k pixel offsets are found once per output position, then each row is
-    written in order (c, then i j), reading x at stride C from the window's
-    few KB (2.2x faster than the previous loop, which wrote at stride k*k,
-    at the seed net's 12x12x128 k6 at B = 128: 2.9 against 6.5 ms; 3.8
-    against 8.8 at 64x64x3 k4; bit for bit the same copies)."""
-    kk = k * k
-    off = np.empty(kk, np.int64)
-    for b in range(B):
-        xb = x[b]
-        for oh in range(Ho):
-            for ow in range(Wo):
-                row = cols[(b * Ho + oh) * Wo + ow]
-                _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        row[c * kk + q] = xb[o + c] if o >= 0 else 0.0
-
-
-@_jit
-def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
-    """The adjoint of im2col: x (B, H*W*C) = sum of each column entry at the
-    pixel it was read from (padding entries dropped); x is zeroed first. Each
-    (oh, ow) adds at most once to a pixel, in (oh, ow) order whatever the
-    inner loop order, so the sums are bit for bit those of any order (here
-    the row read in order: 3.5 against 7.3 ms at 12x12x128 k6, B = 128; 10%
-    slower with one channel, 0.66 against 0.57 at 28x28x1 k6)."""
-    kk = k * k
-    off = np.empty(kk, np.int64)
-    for b in range(B):
-        xb = x[b]
-        for q in range(H * W * C):
-            xb[q] = 0.0
-        for oh in range(Ho):
-            for ow in range(Wo):
-                row = cols[(b * Ho + oh) * Wo + ow]
-                _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        if o >= 0:
-                            xb[o + c] += row[c * kk + q]
 
 
 @_jit

@@ -108,3 +108,74 @@ def test_adam_flushes_denormal_moments_to_zero_and_keeps_nan(dtype):
     assert np.all(m[9:] == 0) and np.all(v[20:] == 0)            # never a denormal
     assert np.isnan(m[8]) and np.isnan(v[8]) and np.isnan(p[8])
     assert np.all(m[:8] > 0.1 * 0.9 ** 11) and np.all(np.isfinite(p[9:]))
+
+
+# ---- convolution and bias-gradient kernels for few channels --------------------
+# (in (H, W, C), kernel, stride, padding): interior windows and windows in the padding, odd sizes
+NARROW_GEOMS = [((64, 64, 1), 4, 2, 1), ((9, 7, 3), 3, 1, 1), ((6, 5, 7), 4, 3, 2), ((5, 5, 2), 5, 1, 0),
+                ((28, 28, 1), 6, 2, 2)]
+
+
+@pytest.mark.parametrize("hwc, k, s, p", NARROW_GEOMS)
+def test_narrow_im2col_and_col2im_are_the_general_kernels_bit_for_bit(hwc, k, s, p):
+    """With fewer than 8 channels the backend skips the bounds checks of
+    windows inside the image: the same copies and the same additions in the
+    same order as the general kernels, so equal bit for bit, and every entry
+    is the one im2col's definition names."""
+    from fastvae.kernels import numba_conv as K
+    from tests.test_conv import _assert_is_the_definition
+    H, W, C = hwc
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    r = np.random.default_rng(7)
+    B = 3
+    x = r.normal(size=(B, H * W * C)).astype(np.float32)
+    general = np.full((B * Ho * Wo, C * k * k), np.nan, np.float32)
+    K.im2col(general, x, B, H, W, C, k, s, p, Ho, Wo)
+    cols = NumbaBackend("float32").im2col(np.full_like(general, np.nan), x, hwc, k, s, p, (Ho, Wo))
+    assert np.array_equal(cols, general)
+    if H * W <= 100:
+        _assert_is_the_definition(cols, x, hwc, k, s, p, (Ho, Wo))
+    c = r.normal(size=general.shape).astype(np.float32)
+    want = np.full_like(x, np.nan)
+    K.col2im(want, c, B, H, W, C, k, s, p, Ho, Wo)
+    got = NumbaBackend("float32").col2im(np.full_like(x, np.nan), c, hwc, k, s, p, (Ho, Wo))
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(262144, 1), (1000, 3), (67, 5), (3, 1), (129, 15), (50, 16)])
+def test_bias_gradient_of_few_columns(shape):
+    """Fewer than 16 columns: interleaved partial sums (another order than
+    the row loop). Integer values sum exactly in float32 in any order, so
+    the result must equal the exact sum; on random values it is within the
+    float32 rounding of a sum of n terms (n * 2^-24 of the sum of |a|; the
+    row loop's bound too)."""
+    be = NumbaBackend("float32")
+    r = np.random.default_rng(shape[0])
+    ints = r.integers(-8, 9, size=shape).astype(np.float32)
+    out = np.full(shape[1], np.nan, np.float32)
+    assert np.array_equal(be.col_sum(out, ints), ints.astype(np.int64).sum(0).astype(np.float32))
+    a = r.normal(size=shape).astype(np.float32)
+    got = be.col_sum(np.full(shape[1], np.nan, np.float32), a).astype(np.float64)
+    bound = shape[0] * 2.0 ** -24 * np.abs(a.astype(np.float64)).sum(0)
+    assert np.all(np.abs(got - a.astype(np.float64).sum(0)) <= bound)
+    assert np.array_equal(be.col_sum(out, a[:, :1].copy()), be.col_sum(out.copy(), a[:, :1].copy()))
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "leaky_relu", "elu", "softplus"])
+def test_activation_backward_on_one_long_row_is_the_row_loop(act):
+    """Contiguous (B, H) arrays go to the kernel as one row: elementwise, so
+    bit for bit the row loop, which a non-contiguous view still takes."""
+    from fastvae.kernels import numba_cpu as K
+    from fastvae.ops import ACTIVATION_CODES
+    be = NumbaBackend("float32")
+    r = np.random.default_rng(1)
+    pre = r.normal(size=(65, 32)).astype(np.float32)
+    out = np.empty_like(pre)
+    be.bias_act(out, pre, np.zeros(32, np.float32), act)
+    d = r.normal(size=pre.shape).astype(np.float32)
+    want = d.copy()
+    K.act_backward(want, pre, out, ACTIVATION_CODES[act], np.float32(0.01), np.float32(1.0))
+    assert np.array_equal(be.act_backward(d.copy(), pre, out, act), want)
+    wide = np.zeros((65, 64), np.float32)
+    wide[:, ::2] = d                                      # a strided view: the row loop
+    assert np.array_equal(be.act_backward(wide[:, ::2], pre, out, act), want)
