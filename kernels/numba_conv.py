@@ -21,6 +21,25 @@ def _window(off, oh, ow, H, W, C, k, s, p):
 
 
 @_jit
+def _gather(row, xb, off, C, kk):
+    """row[c kk + q] = xb[off[q] + c], 0 where off[q] < 0 (the padding)."""
+    for c in range(C):
+        for q in range(kk):
+            o = off[q]
+            row[c * kk + q] = xb[o + c] if o >= 0 else 0.0
+
+
+@_jit
+def _scatter_add(xb, row, off, C, kk):
+    """xb[off[q] + c] += row[c kk + q] where off[q] >= 0 (padding dropped)."""
+    for c in range(C):
+        for q in range(kk):
+            o = off[q]
+            if o >= 0:
+                xb[o + c] += row[c * kk + q]
+
+
+@_jit
 def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
     """cols[(b, oh, ow), (c, i, j)] = x[b, oh*s - p + i, ow*s - p + j, c] on
     channels-last x (B, H*W*C), 0 in the padding. Pure copies: the window's
@@ -37,10 +56,7 @@ def im2col(cols, x, B, H, W, C, k, s, p, Ho, Wo):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
                 _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        row[c * kk + q] = xb[o + c] if o >= 0 else 0.0
+                _gather(row, xb, off, C, kk)
 
 
 @_jit
@@ -61,11 +77,7 @@ def col2im(x, cols, B, H, W, C, k, s, p, Ho, Wo):
             for ow in range(Wo):
                 row = cols[(b * Ho + oh) * Wo + ow]
                 _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        if o >= 0:
-                            xb[o + c] += row[c * kk + q]
+                _scatter_add(xb, row, off, C, kk)
 
 
 @_jit
@@ -107,10 +119,7 @@ def im2col_narrow(cols, x, B, H, W, C, k, s, p, Ho, Wo):
                             row[c * kk + q] = xb[base + rel[q] + c]
                     continue
                 _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        row[c * kk + q] = xb[o + c] if o >= 0 else 0.0
+                _gather(row, xb, off, C, kk)
 
 
 @_jit
@@ -135,8 +144,4 @@ def col2im_narrow(x, cols, B, H, W, C, k, s, p, Ho, Wo):
                             xb[base + rel[q] + c] += row[c * kk + q]
                     continue
                 _window(off, oh, ow, H, W, C, k, s, p)
-                for c in range(C):
-                    for q in range(kk):
-                        o = off[q]
-                        if o >= 0:
-                            xb[o + c] += row[c * kk + q]
+                _scatter_add(xb, row, off, C, kk)
