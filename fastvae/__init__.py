@@ -105,10 +105,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if out is not None:
         from .runfolder import check_out
         out = check_out(out, force=force)
-    datasets.check_folder_options(dataset, kwargs.get("image_size"), kwargs.get("color", "grayscale"),
-                                  ConfigError, ("image_size", "color"))
+    datasets.check_folder_options(dataset, kwargs.get("image_size"), kwargs.get("color", "grayscale"), ConfigError)
     data, dcfg = datasets.given(dataset, DataConfig(**pick(DataConfig)))     # a path, a Dataset, arrays, lists
-    check_data_dir(dcfg.dataset if data is None else data, dcfg.data_dir, flag=lambda name: name)
+    check_data_dir(dcfg.dataset if data is None else data, dcfg.data_dir)
     if data is None:
         data = datasets.load(dcfg)
     else:

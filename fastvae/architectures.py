@@ -11,6 +11,7 @@ from typing import List
 
 from .checks import _choice, _positive_int
 from .errors import ConfigError
+from .naming import option
 from .ops import ACTIVATION_CODES
 from .safe_files import open_regular, parse_json
 
@@ -159,8 +160,8 @@ def conv_layer_specs(cfg) -> List[dict]:
     else:
         raise ConfigError(f"arch 'conv' is defined for 28x28 images and sides that are powers of two from 16 to "
                           f"1024 (64x64 as in Burgess et al. 2018), got {H}x{W}; resize the images (a folder of "
-                          "image files: --image-size 64 64) or describe your own stack (--layers FILE, "
-                          "ModelConfig.layers)")
+                          f"image files: {option('image_size', (64, 64))}) or describe your own stack "
+                          f"({option('layers')})")
     return enc + [head] + posterior_specs(cfg) + dec + [
         {"type": "likelihood", "name": "likelihood", "kind": cfg.likelihood, "sigma": cfg.sigma}]
 

@@ -57,8 +57,9 @@ def check_request(workloads: Optional[List[str]], backend_names: List[str], seco
     from .checks import _choice, _finite_nonneg
     from .config import DTYPES
     from .errors import BackendUnavailableError
-    _finite_nonneg("--seconds", seconds, positive=True)
-    _choice("--dtype", dtype, DTYPES)             # a float16 bench timed for minutes before failing
+    from .naming import option
+    _finite_nonneg(option("seconds"), seconds, positive=True)
+    _choice(option("dtype"), dtype, DTYPES)             # a float16 bench timed for minutes before failing
     for w in workloads or []:
         workload(w)                               # a name it cannot read, or a model that cannot be built here
     ok = {b["name"]: b for b in _backends.available()}

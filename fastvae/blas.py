@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .errors import ConfigError
+from .naming import option
 
 CHOICES = ("numpy", "mkl", "auto")
 LIBRARIES = ("numpy", "mkl")
@@ -174,13 +175,13 @@ def load(name: str):
     if name not in _loaded:
         path = _mkl_path()
         if not path:
-            raise ConfigError('--blas mkl: Intel MKL is not installed; pip install "fastvae[mkl]" '
-                              "(or set FASTVAE_MKL_LIB to a libmkl_rt), or use --blas numpy")
+            raise ConfigError(f'{option("blas", "mkl")}: Intel MKL is not installed; pip install "fastvae[mkl]" '
+                              f"(or set FASTVAE_MKL_LIB to a libmkl_rt), or use {option('blas', 'numpy')}")
         try:
             _loaded[name] = CblasGemm(name, path)
         except (OSError, AttributeError) as exc:
-            raise ConfigError(f"--blas mkl: {path} does not load as a CBLAS library ({exc}); "
-                              'reinstall it (pip install "fastvae[mkl]") or use --blas numpy') from None
+            raise ConfigError(f"{option('blas', 'mkl')}: {path} does not load as a CBLAS library ({exc}); "
+                              f'reinstall it (pip install "fastvae[mkl]") or use {option("blas", "numpy")}') from None
         from .threads import reapply
         reapply()                  # a thread limit set earlier covers the new library too
     return _loaded[name]
@@ -206,7 +207,8 @@ def use(backend, name: str) -> None:
     """Route ``backend``'s GEMMs through library ``name``. Raises ConfigError
     for a backend that does not run on the CPU (cupy uses cuBLAS)."""
     if not hasattr(backend, "blas"):
-        raise ConfigError(f"--blas applies to the CPU backends (numpy, numba), not {backend.name}; drop --blas")
+        raise ConfigError(f"{option('blas')} applies to the CPU backends (numpy, numba), not {backend.name}; "
+                          f"drop {option('blas')}")
     backend.blas = load(name)
 
 
@@ -297,7 +299,7 @@ def configure(model, choice: Optional[str], batch_size: int) -> str:
     if choice is None:
         return ""
     if choice not in CHOICES:
-        raise ConfigError(f"--blas must be one of {', '.join(CHOICES)}, got {choice!r}")
+        raise ConfigError(f"{option('blas')} must be one of {', '.join(CHOICES)}, got {choice!r}")
     be = model.backend
     if choice != "auto":
         use(be, choice)

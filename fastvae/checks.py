@@ -11,6 +11,7 @@ import operator
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .naming import option
 
 
 def _positive_int(name, value):
@@ -173,7 +174,7 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
         raise DataError(f"{what} contain NaN or infinite values; clean the data first")
     if cfg.likelihood == "bernoulli" and (lo < 0 or hi > 1):
         raise DataError(f"{what} have values in [{lo:g}, {hi:g}] but the bernoulli likelihood needs [0, 1]; "
-                        "rescale the data (8-bit pixels: x / 255) or use --likelihood gaussian")
+                        f"rescale the data (8-bit pixels: x / 255) or use {option('likelihood', 'gaussian')}")
     return X
 
 

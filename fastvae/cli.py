@@ -14,6 +14,7 @@ import sys
 from shlex import quote
 
 from .errors import ConfigError, FastVAEError
+from .naming import command_line
 from .cli_args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
                        _positive, check_train_flags, checkpoint_arg, default_batch_size, out_folder, parser)
 from .cli_explore import _cmd_interpolate, _cmd_plot, _run_data, _trained
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
            "bench": _cmd_bench, "plot": _cmd_plot, "interpolate": _cmd_interpolate}[a.cmd]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return cmd(a)
+        with command_line():                 # messages name flags, not keywords (fastvae.naming)
+            return cmd(a)
     except FastVAEError as exc:
         from .distributed import current
         comm = current()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .naming import FLAG_OF_FIELD, option
+
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
@@ -18,8 +20,7 @@ TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_st
               "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
               "loss_every", "tf32", "cuda_graph", "clip_grad_norm", "objective", "iwae_k")
 #: flags whose config field has another name (what ``fastvae.train`` takes)
-FIELD_OF_FLAG = {"latent": "latent_dim", "beta": "beta_max", "adamw": "decoupled_weight_decay",
-                 "memory_budget": "memory_budget_mb", "no_download": "download"}
+FIELD_OF_FLAG = {flag: field for field, flag in FLAG_OF_FIELD.items()}   # argparse dest -> config field
 DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 
 
@@ -211,26 +212,25 @@ def check_train_flags(a) -> None:
     if a.memory_budget is not None and not dataset.lower().endswith((".npy", ".npz", ".h5", ".hdf5")):
         raise ConfigError(f"--memory-budget decides whether an .npy/.h5 file streams from disk; {dataset} is "
                           "not one, so it would do nothing: drop it")
-    flag_of = {field: flag for flag, field in FIELD_OF_FLAG.items()}
     given = {FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in MODEL_ARGS + TRAIN_ARGS if getattr(a, n) is not None}
-    msg = idle_option(given, lambda field: "--" + flag_of.get(field, field).replace("_", "-"))
+    msg = idle_option(given)
     if msg:
         raise ConfigError(msg)
 
 
-def check_data_dir(dataset, data_dir, flag=lambda name: "--" + name.replace("_", "-")) -> None:
+def check_data_dir(dataset, data_dir) -> None:
     """ConfigError when ``data_dir`` is given beside data that never reads it:
     only the built-in datasets stored as files (MNIST family, Olivetti) are
     read from a data folder, not the generated sprites, a path or images in
-    memory (``dataset`` not a string). ``flag(name)`` spells an option (a
-    command-line flag, or a keyword for :func:`fastvae.train`)."""
+    memory (``dataset`` not a string). Options named as
+    :func:`fastvae.naming.option` spells them."""
     from .config import BUILTIN_DATASETS
     from .errors import ConfigError
     stored = [d for d in BUILTIN_DATASETS if d != "sprites"]
     if data_dir is not None and not (isinstance(dataset, str) and dataset in stored):
         what = dataset if isinstance(dataset, str) else "data given in memory"
-        raise ConfigError(f"{flag('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
-                          f"{what} does not read it: drop it, or give the data's path in {flag('dataset')}")
+        raise ConfigError(f"{option('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
+                          f"{what} does not read it: drop it, or give the data's path in {option('dataset')}")
 
 
 def default_batch_size(n_train: int):

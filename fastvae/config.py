@@ -22,6 +22,7 @@ from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_spec
 from .blas import CHOICES as BLAS_CHOICES
 from .checks import _choice, _finite_nonneg, _positive_int, _seed, _sigma
 from .errors import ConfigError
+from .naming import option
 from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
 
 DTYPES = ("float32", "float64")
@@ -164,8 +165,9 @@ class ModelConfig(_JSONMixin):
             raise ConfigError(f"flows must be a non-negative integer, got {self.flows!r}")
         _positive_int("flow_hidden", self.flow_hidden)
         if (self.posterior == "iaf") != (self.flows > 0):
-            raise ConfigError(f"posterior {self.posterior!r} with flows {self.flows}: --posterior iaf needs "
-                              "--flows N (N >= 1), and --flows needs --posterior iaf")
+            raise ConfigError(f"posterior {self.posterior!r} with flows {self.flows}: {option('posterior', 'iaf')} "
+                              f"needs {option('flows')} of 1 or more, and {option('flows')} needs "
+                              f"{option('posterior', 'iaf')}")
         if self.layers is None:
             self.layers = mlp_layer_specs(self) if self.arch == "mlp" else conv_layer_specs(self)
         else:
@@ -294,15 +296,17 @@ class TrainConfig(_JSONMixin):
         if self.clip_grad_norm is not None:
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
         if self.tf32 and self.backend != "cupy":
-            raise ConfigError("tf32 applies to the cupy backend only; drop --tf32 or use --backend cupy")
+            raise ConfigError(f"tf32 applies to the cupy backend only; drop {option('tf32')} or use "
+                              f"{option('backend', 'cupy')}")
         if self.cuda_graph and self.backend != "cupy":
-            raise ConfigError("cuda_graph applies to the cupy backend only; drop --cuda-graph or use --backend cupy")
+            raise ConfigError(f"cuda_graph applies to the cupy backend only; drop {option('cuda_graph')} or use "
+                              f"{option('backend', 'cupy')}")
         if self.threads is not None and self.threads != "auto":
             _positive_int("threads", self.threads)
         if self.blas is not None:
             _choice("blas", self.blas, BLAS_CHOICES)
             if self.backend == "cupy":
-                raise ConfigError("blas applies to the CPU backends only (cupy uses cuBLAS); drop --blas")
+                raise ConfigError(f"blas applies to the CPU backends only (cupy uses cuBLAS); drop {option('blas')}")
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a backend name, got {self.backend!r}")
 

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .errors import DataError
+from .naming import option
 
 
 @dataclass
@@ -65,6 +66,6 @@ class Dataset:
             return self.x_train, self.y_train
         if name == "test":
             if self.x_test is None:
-                raise DataError(f"dataset {self.name!r} has no test split; use --split train")
+                raise DataError(f"dataset {self.name!r} has no test split; use {option('split', 'train')}")
             return self.x_test, self.y_test
         raise DataError(f"unknown split {name!r}; use train or test")

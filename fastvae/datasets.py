@@ -21,6 +21,7 @@ import numpy as np
 from .config import BUILTIN_DATASETS, IN_MEMORY, DataConfig
 from .data import Dataset
 from .errors import DataError
+from .naming import option
 from .arrayfiles import class_labels, image_shape_of, read_arrays, same_image_shape, unit_split
 from .runfolder import holds_run
 from .safe_files import read_image
@@ -138,7 +139,7 @@ def load_mnist_family(name: str, data_dir: Optional[str] = None, download: bool 
             except DataError as exc:
                 raise DataError(f"{name} file {stem}.gz is not in {folder} and {exc}; "
                                 f"when offline, copy the four idx files ({', '.join(_IDX_FILES)}, "
-                                f"plain or .gz) into {folder} or pass --data-dir") from None
+                                f"plain or .gz) into {folder} or set {option('data_dir')}") from None
         paths[i] = p
     for split, i in (("train", 0), ("test", 2)):
         if i not in paths:
@@ -173,7 +174,7 @@ def load_olivetti(data_dir: Optional[str] = None, test_fraction: float = 0.1, se
     path = folder if folder.endswith(".npz") else os.path.join(folder, "olivetti_faces.npz")
     if not os.path.exists(path):
         raise DataError(f"{path} not found; put olivetti_faces.npz (arrays 'images' (400, 64, 64) "
-                        "and 'subject') there or pass --data-dir")
+                        f"and 'subject') there or set {option('data_dir')}")
     ds = load_array_file(path, test_fraction=test_fraction, seed=seed)
     ds.name = "olivetti"
     return ds
@@ -209,9 +210,9 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     x, y, xt, yt = read_arrays(path)
     need = sum(a.size * (a.itemsize + 4) for a in (x, xt) if a is not None)
     if budget_mb is not None and need > budget_mb * 2 ** 20:     # not .npy/.h5: it cannot be streamed
-        raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over --memory-budget {budget_mb:g} MB, "
-                        "and only .npy and HDF5 files stream; save the images with numpy.save as .npy, or raise "
-                        "--memory-budget")
+        raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over "
+                        f"{option('memory_budget_mb', budget_mb)} MB, and only .npy and HDF5 files stream; save the images with numpy.save as "
+                        f".npy, or raise {option('memory_budget_mb')}")
     from .memory import preflight                                 # the float32 copy still to come
     preflight(sum(a.size * 4 for a in (x, xt) if a is not None), None, f"the float32 images of {path}",
               "save them with numpy.save as .npy to stream them from disk")
@@ -288,13 +289,13 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
             (files if n.lower().endswith(IMAGE_EXTS) else others).append(os.path.join(root, n))
     if others and not skip_other_files:
         raise DataError(f"{path} holds files that are not images ({', '.join(os.path.relpath(o, path) for o in others[:3])}"
-                        f"{' ...' if len(others) > 3 else ''}); remove them or pass --skip-other-files")
+                        f"{' ...' if len(others) > 3 else ''}); remove them or set {option('skip_other_files', True)}")
     if not files:
         raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}); add images or fix the path")
     if image_size is not None:          # uint8 images, then float32: 5 bytes a value
         from .memory import preflight
         preflight(5 * len(files) * image_size[0] * image_size[1] * (3 if color == "rgb" else 1), None,
-                  f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}", "use a smaller --image-size")
+                  f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}", f"use a smaller {option('image_size')}")
     folder_of = lambda f: os.path.relpath(os.path.dirname(f), path)   # "." for images at the top
     classes = sorted({folder_of(f) for f in files})
     use_labels = classes != ["."]
@@ -306,11 +307,11 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
             if image_size is None:           # the first image tells the size of all: uint8 + float32
                 from .memory import preflight
                 preflight(5 * len(files) * arr.size, None, f"{len(files):,} images of {arr.shape}",
-                          "pass --image-size H W to shrink them, or train on a subset")
+                          f"set {option('image_size')} to shrink them, or train on a subset")
             x = np.empty((len(files),) + arr.shape, arr.dtype)
         elif arr.shape != x.shape[1:]:
             raise DataError(f"images in {path} have different sizes ({x.shape[1:]} and {arr.shape} in "
-                            f"{os.path.relpath(f, path)}); pass --image-size H W to resize them")
+                            f"{os.path.relpath(f, path)}); set {option('image_size')} to resize them")
         x[i] = arr
         labels.append(classes.index(folder_of(f)))
     y = np.asarray(labels, dtype=np.int64) if use_labels else None
@@ -356,15 +357,15 @@ def is_image_folder(name) -> bool:
     return name not in BUILTIN_DATASETS and os.path.isdir(os.path.expanduser(name))
 
 
-def check_folder_options(dataset, image_size, color, error=DataError, names=("--image-size", "--color")) -> None:
-    """Raise ``error`` (options called ``names``) when ``image_size`` or ``color``, the options of
-    folders of image files, are set for other data (a name, a path, images in memory)."""
+def check_folder_options(dataset, image_size, color, error=DataError) -> None:
+    """Raise ``error`` when ``image_size`` or ``color``, the options of folders of image files, are set
+    for other data (a name, a path, images in memory)."""
     if isinstance(dataset, (str, os.PathLike)) and is_image_folder(os.fspath(dataset)):
         return
     if image_size is not None or color != "grayscale":
         what = os.fspath(dataset) if isinstance(dataset, (str, os.PathLike)) else "images given in memory"
-        raise error(f"{names[0]} and {names[1]} apply to folders of images, not to {what} (it would ignore them); "
-                    "resize or convert the images before training, or train on a folder of image files")
+        raise error(f"{option('image_size')} and {option('color')} apply to folders of images, not to {what} (it "
+                    "would ignore them); resize or convert the images first, or train on a folder of image files")
 
 
 def load(cfg, splits=("train", "test")) -> Dataset:
@@ -379,7 +380,8 @@ def load(cfg, splits=("train", "test")) -> Dataset:
     check_folder_options(name, cfg.image_size, cfg.color)
     if name.startswith(IN_MEMORY):
         raise DataError(f"this run was trained on data given in memory ({name[len(IN_MEMORY):]!r}), so there is "
-                        "nothing to load it from; name the data for eval and plot with --dataset (and --data-dir), "
+                        f"nothing to load it from; name the data for eval and plot with {option('dataset')} (and "
+                        f"{option('data_dir')}), "
                         "and resume in Python with Trainer.from_checkpoint(..., dataset=)")
     if name == "sprites":
         return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import BackendUnavailableError, ConfigError
+from .naming import option
 
 # environment variables launchers set: (size variable, rank variable)
 _LAUNCHERS = (("PMI_SIZE", "PMI_RANK"),                       # MPICH / Hydra, Intel MPI
@@ -233,9 +234,8 @@ def agree_on_streaming(comm: World, streamed: bool) -> bool:
     (a default budget), and a rank that streamed drew other batches than one
     that loaded the file (the batch order of a chunked read), silently."""
     if comm.size > 1 and comm.any(streamed) and comm.any(not streamed):
-        raise ConfigError("the ranks disagree on streaming the data from disk (their free memory differs); pass "
-                          "--memory-budget MB (DataConfig.memory_budget_mb), the same for every rank, so that they all "
-                          "decide alike")
+        raise ConfigError("the ranks disagree on streaming the data from disk (their free memory differs); set "
+                          f"{option('memory_budget_mb')} (MB), the same for every rank, so that they all decide alike")
     return streamed
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .checks import _finite_nonneg, as_numbers, check_count, check_images
 from .memory import preflight
+from .naming import option
 from .errors import ConfigError, DataError
 from .latent import (check_grid_dims, grid_values, interpolate_codes, latent_grid_codes, lerp,  # noqa: F401
                      pca_plane, slerp, traversal_codes)                                     # (re-exported)
@@ -115,7 +116,7 @@ def check_grid_memory(model, n) -> None:
     n = check_count("n", n)
     # measured: 91 bytes of peak memory per decoded pixel at --grid 400 on MNIST (11.4 GB; matplotlib's
     # RGBA copies of the tiled image dominate); --grid 400 was killed for memory before the figure cap
-    preflight(96 * n * n * model.config.input_dim, None, f"a {n} x {n} latent grid", "use a smaller grid (--grid)")
+    preflight(96 * n * n * model.config.input_dim, None, f"a {n} x {n} latent grid", f"use a smaller grid ({option('n', flag='grid')})")
 
 
 def plot_latent_grid(model, image_shape, n=15, dims=(0, 1), spacing="quantile", center=None, pca_codes=None,
@@ -180,7 +181,7 @@ def interpolation_frames(model, xa, xb, steps=24, mode="linear") -> np.ndarray:
     """``(steps, D)`` decoded images morphing from image xa to xb through their
     codes (:meth:`VAE.codes`); ConfigError when they would not fit in memory."""
     preflight(16 * check_count("steps", steps, minimum=2) * model.config.input_dim, None,
-              f"{steps} interpolation frames", "use fewer --steps")       # the frames and their float64 copy
+              f"{steps} interpolation frames", f"use fewer {option('steps')}")       # the frames and their float64 copy
     xa, xb = (check_images(np.asarray(v).reshape(1, -1), model.config, what) for v, what in ((xa, "image a"),
                                                                                             (xb, "image b")))
     mu = model.codes(np.concatenate([xa, xb]))
@@ -215,10 +216,10 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
     seq = list(frames) + (list(frames[-2:0:-1]) if bounce and len(frames) > 2 else [])
     scale, (H, W) = check_count("scale", scale), image_shape[:2]
     if max(H, W) * scale > 65535:
-        raise ConfigError(f"--scale {scale} makes {W * scale} x {H * scale}-pixel frames; a GIF holds at most "
-                          f"65535 a side: use --scale {65535 // max(H, W)} or less")
+        raise ConfigError(f"{option('scale', scale)} makes {W * scale} x {H * scale}-pixel frames; a GIF holds at "
+                          f"most 65535 a side: use {option('scale', 65535 // max(H, W))} or less")
     preflight(2 * len(seq) * int(np.prod(image_shape)) * scale * scale, None,
-              f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels", "use a smaller --scale or fewer --steps")
+              f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels", f"use a smaller {option('scale')} or fewer {option('steps')}")
     from .safe_files import on_white
     imgs = []
     for f in seq:                  # L, RGB or RGBA (then on white, as the PNG figures show it): from the shape

@@ -17,6 +17,7 @@ import numpy as np
 from .checks import _finite_nonneg, as_numbers, check_count
 from .errors import ConfigError
 from .memory import preflight
+from .naming import option
 
 
 def pca_plane(codes: np.ndarray):
@@ -93,7 +94,7 @@ def check_grid_dims(dims, L):
         raise ConfigError(f"dims must be two latent dimensions (I, J), got {dims!r}") from None
     if not 0 <= i < L or (L > 1 and (not 0 <= j < L or i == j)):
         raise ConfigError(f"dims ({i}, {j}) must be two different latent dimensions in 0..{L - 1} "
-                          f"(the model has latent_dim {L}); pick them from that range (--dims I J)")
+                          f"(the model has latent_dim {L}); pick them from that range ({option('dims')})")
     return i, j
 
 

@@ -22,10 +22,13 @@ import os
 from typing import Optional
 
 from .errors import ConfigError
+from .naming import option
 
 HEADROOM = 0.9
-SMALLER_MODEL = ("use smaller layers (--hidden, --latent, or the layer specs), a smaller --batch-size, or a "
-                 "machine with more memory")
+def smaller_model() -> str:
+    """The fix for a model too large for memory (options spelled by :func:`fastvae.naming.option`)."""
+    return (f"use smaller layers ({option('hidden')}, {option('latent_dim')}, or the layer specs), a smaller "
+            f"{option('batch_size')}, or a machine with more memory")
 
 
 def _gib(n: float) -> str:

@@ -116,13 +116,13 @@ class VAE:
         be = self.backend
         P = self.layout.size
         _memory.preflight(_memory.estimate(self.layers, P, be.dtype.itemsize, host=be.device == "cpu"), be,
-                          f"a model of {P:,} parameters", _memory.SMALLER_MODEL)
+                          f"a model of {P:,} parameters", _memory.smaller_model())
         try:
             self.params = be.zeros((P,))
             self.grads = be.zeros((P,))
         except MemoryError:
             raise ConfigError(f"out of memory allocating a model of {P:,} parameters; "
-                              f"{_memory.SMALLER_MODEL}") from None
+                              f"{_memory.smaller_model()}") from None
         self.p = self.layout.views(self.params)
         self.g = self.layout.views(self.grads)
         for layer in self.layers:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .btcvae import BetaTCVAEObjective, eval_terms  # noqa: F401  (fastvae.objectives.eval_terms)
 from .errors import ConfigError
+from .naming import option
 from .layers.base import Step
 
 
@@ -195,13 +196,14 @@ def make(train_config, model, n_train: int, comm=None):
     :class:`BetaTCVAEObjective` (``comm``: the data-parallel
     :class:`fastvae.distributed.World`, None for one process)."""
     if train_config.objective == "btcvae" and model.decoder_at != model.sampler_at + 1:
-        raise ConfigError("--objective btcvae is written for the Gaussian posterior; train an IAF posterior "
-                          "(--posterior iaf) with the ELBO or IWAE, or drop the flows")
+        raise ConfigError(f"{option('objective', 'btcvae')} is written for the Gaussian posterior; train an IAF "
+                          f"posterior ({option('posterior', 'iaf')}) with the ELBO or IWAE, or drop the flows")
     if train_config.objective == "iwae":
         return IWAEObjective(model, train_config.iwae_k)
     if train_config.objective == "btcvae":
         if train_config.batch_size < 2:       # its TC term: the constant (L - 1) log N, no gradient
-            raise ConfigError("--objective btcvae estimates log q(z) from the other images of a batch, and a batch "
-                              "of 1 has none (beta would weigh a constant); use --batch-size 2 or more (64+ is usual)")
+            raise ConfigError(f"{option('objective', 'btcvae')} estimates log q(z) from the other images of a batch, "
+                              "and a batch of 1 has none (beta would weigh a constant); use "
+                              f"{option('batch_size', 2)} or more (64+ is usual)")
         return BetaTCVAEObjective(model, n_train, comm)
     return None

@@ -18,6 +18,7 @@ from .checkpoint import load_params, read_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import VAE
+from .naming import option
 from .runfolder import checkpoint_path
 
 
@@ -48,7 +49,7 @@ def choose_blas(requested: Optional[str], written: Optional[str], backend: str) 
     if written == "mkl":
         from .blas import available
         if "mkl" not in available():
-            print("fastvae: note: the checkpoint's run used --blas mkl, which is not installed here; "
+            print(f"fastvae: note: the checkpoint's run used {option('blas', 'mkl')}, which is not installed here; "
                   "using numpy's BLAS", file=sys.stderr)
             return None
     return written

@@ -31,6 +31,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from .errors import ConfigError, RunFolderError
+from .naming import on_command_line, option
 
 CHECKPOINT_NAME = "checkpoint.h5"
 # what `fastvae plot` writes, here too when its --out is the run folder itself
@@ -81,9 +82,10 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
             break
         probe = parent
     if not os.path.isdir(probe):
-        raise RunFolderError(f"--out {out}: {probe} is a file, not a folder; choose another --out")
+        raise RunFolderError(f"{option('out', out)}: {probe} is a file, not a folder; choose another {option('out')}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunFolderError(f"--out {out}: cannot write in {probe} (permission denied); choose a writable folder")
+        raise RunFolderError(f"{option('out', out)}: cannot write in {probe} (permission denied); choose a writable "
+                             "folder")
     if probe != out:
         return out                                      # will be created
     names = os.listdir(out)
@@ -91,18 +93,20 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX)
                    and not (resumed and _same_file(os.path.join(out, f), resume)))   # the resumed file itself
     if other and not force:
-        raise RunFolderError(f"--out {out} holds files that are not from a fastvae run ({', '.join(other[:3])}"
-                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass --force (force=True in Python)")
+        raise RunFolderError(f"{option('out', out)} holds files that are not from a fastvae run ({', '.join(other[:3])}"
+                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass {option('force', True)}")
     here = os.path.join(out, CHECKPOINT_NAME)
     if CHECKPOINT_NAME in names and not resume and not force:
-        raise RunFolderError(f"--out {out} already holds a run; continue it with fastvae train --resume "
-                             f"{shlex.quote(here)}, choose another --out, or pass --force (force=True in Python) "
-                             "to replace it")
+        resume_it = (f"fastvae train --resume {shlex.quote(here)}" if on_command_line()
+                     else f"Trainer.from_checkpoint({here!r})")
+        raise RunFolderError(f"{option('out', out)} already holds a run; continue it with {resume_it}, choose another "
+                             f"{option('out')}, or pass {option('force', True)} to replace it")
     if CHECKPOINT_NAME in names and resumed and not force and not _same_file(here, resume):
-        hint = ("leave out --out to continue in the resumed run's folder, "
+        hint = (f"leave out {option('out')} to continue in the resumed run's folder, "
                 if os.path.dirname(os.path.abspath(resume)) != out else "")
-        raise RunFolderError(f"--out {out} holds another run than the one resumed ({os.fspath(resume)}); {hint}"
-                             "choose an empty --out (out= in Python), or pass --force to replace that run")
+        raise RunFolderError(f"{option('out', out)} holds another run than the one resumed ({os.fspath(resume)}); "
+                             f"{hint}choose an empty {option('out')}, or pass {option('force', True)} to replace "
+                             "that run")
     return out
 
 
@@ -179,7 +183,7 @@ def _acquire(out: str) -> None:
         os.makedirs(out, exist_ok=True)
         fd = _open_lock(os.path.join(out, LOCK_NAME))
     except OSError as exc:
-        raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable --out") from None
+        raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable {option('out')}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -190,7 +194,7 @@ def _acquire(out: str) -> None:
             who = _holder(fd)
             os.close(fd)
             raise RunFolderError(f"run folder {out} is in use by {who}; wait for it to finish, stop it, or "
-                                 "choose another --out") from None
+                                 f"choose another {option('out')}") from None
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
@@ -240,7 +244,7 @@ def claim_new(base: str) -> str:
         except RunFolderError:
             if not os.path.isdir(out):             # not taken by another run: it cannot be created
                 raise
-    raise RunFolderError(f"{base} and 998 numbered folders beside it exist already; pass --out")
+    raise RunFolderError(f"{base} and 998 numbered folders beside it exist already; pass {option('out')}")
 
 
 @contextlib.contextmanager

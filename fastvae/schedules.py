@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 from .config import TrainConfig
+from .naming import option
 
 
 def beta_at(cfg: TrainConfig, epoch_float: float, total_epochs: int) -> float:
@@ -80,6 +81,6 @@ def resume_note(cfg: TrainConfig, step: int, steps_per_epoch: int, old_total: in
         jumps.append(f"the {cfg.beta_schedule} beta from {b0:.3g} to {b1:.3g}")
     if not jumps:
         return ""
-    keep = f"; resume with --epochs {old_total} to keep it" if step < old_total * steps_per_epoch else ""
-    return (f"--epochs {new_total} instead of the run's {old_total} stretches its schedule: at step {step} "
+    keep = f"; resume with {option('epochs', old_total)} to keep it" if step < old_total * steps_per_epoch else ""
+    return (f"{option('epochs', new_total)} instead of the run's {old_total} stretches its schedule: at step {step} "
             f"{' and '.join(jumps)} (a jump){keep}")

@@ -11,6 +11,7 @@ import numpy as np
 from .data import Dataset
 from .errors import DataError
 from .memory import preflight
+from .naming import option
 
 SPRITE_FACTORS = ["shape", "scale", "orientation", "pos_x", "pos_y"]
 SPRITE_SHAPES = ["square", "ellipse", "heart"]
@@ -64,7 +65,7 @@ def make_sprites(n: int = 12000, seed: int = 0, size: int = 64, test_fraction: f
     if n < 2:
         raise DataError(f"n_sprites must be at least 2, got {n}")
     preflight(n * (size * size * 5 + 6 * 8), None, f"{n:,} sprites of {size}x{size} pixels",
-              "use a smaller --n-sprites (n_sprites)")
+              f"use a smaller {option('n_sprites')}")
     rng = np.random.Generator(np.random.PCG64(seed))
     shape = rng.integers(0, 3, n)
     scale = np.linspace(0.5, 1.0, 6)[rng.integers(0, 6, n)]

@@ -41,6 +41,7 @@ from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of, same_
 from .checks import unit_pixels
 from .distributed import shard
 from .errors import DataError
+from .naming import option
 from .evaluate import binarize_rows
 from .training import EpochPosition, epoch_steps
 
@@ -358,7 +359,7 @@ class StreamBatchSource:
             return None
         if model.config.likelihood == "bernoulli" and (host.min() < 0 or host.max() > 1):
             raise DataError(f"{self.x_host.path}: values outside [0, 1] but the bernoulli likelihood needs "
-                            "[0, 1]; rescale the data or use --likelihood gaussian")
+                            f"[0, 1]; rescale the data or use {option('likelihood', 'gaussian')}")
         ws = model.workspace(hi - lo)
         ws.x[...] = be.asarray(host)
         if self.binarize:

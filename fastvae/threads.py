@@ -18,6 +18,7 @@ import os
 from typing import Callable, Optional
 
 from .errors import ConfigError
+from .naming import option
 
 _limiter = None
 _limit: Optional[int] = None
@@ -38,10 +39,10 @@ def set_threads(n: Optional[int]) -> dict:
     global _limiter, _limit
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"--threads must be a positive integer, got {n!r}")
+            raise ConfigError(f"{option('threads')} must be a positive integer, got {n!r}")
         import sys
         if n > usable_cores() and n != _limit:
-            print(f"fastvae: note: --threads {n} is more than the {usable_cores()} cores this process may use; "
+            print(f"fastvae: note: {option('threads', n)} is more than the {usable_cores()} cores this process may use; "
                   "threads beyond them share cores and run slower", file=sys.stderr)
         _limit = n
         from threadpoolctl import threadpool_limits

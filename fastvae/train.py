@@ -31,6 +31,7 @@ from . import datasets as _datasets
 from . import distributed, objectives, runfolder
 from .config import DataConfig, ModelConfig, TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
+from .naming import option
 from .blas import configure as configure_blas
 from .arrayfiles import image_shape_of
 from .backends.base import ForeignRNGState
@@ -81,7 +82,7 @@ class Trainer:
         n = self.data.x_train.shape[0]
         if tc.batch_size > n:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
-                              "images; use a smaller --batch-size")
+                              f"images; use a smaller {option('batch_size')}")
         self.world = distributed.world(tc.backend)
         streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
         threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)

@@ -27,21 +27,20 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, TrainingDivergedError
+from .naming import option
 from .evaluate import EVAL_ROWS, binarized, evaluate, train_loss_name
 from .distributed import AllReduceGrads, shard
 from .restore import data_rows
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
-DIVERGED_FIXES = ("lower --lr, add --clip-grad-norm 100, or warm beta up with --beta-schedule linear "
-                  "--beta-warmup 5")
-
-
-def diverged_fixes(cfg) -> str:
-    """What a diverged run of ``cfg`` (a ModelConfig) can change: :data:`DIVERGED_FIXES`, and first a larger
-    sigma for a Gaussian likelihood (its gradient grows as 1/sigma^2: 1e4 per pixel at sigma 0.01)."""
-    sigma = f"raise --sigma (here {cfg.sigma:g}: the gradient grows as 1/sigma^2), " if cfg.likelihood == "gaussian" \
-        else ""
-    return sigma + DIVERGED_FIXES
+def diverged_fixes(cfg=None) -> str:
+    """What a diverged run of ``cfg`` (a ModelConfig, or None) can change: a lower learning rate, gradient
+    clipping, a beta warm-up, and first a larger sigma for a Gaussian likelihood (its gradient grows as
+    1/sigma^2: 1e4 per pixel at sigma 0.01); options named as :func:`fastvae.naming.option` spells them."""
+    sigma = (f"raise {option('sigma')} (here {cfg.sigma:g}: the gradient grows as 1/sigma^2), "
+             if cfg is not None and cfg.likelihood == "gaussian" else "")
+    return (f"{sigma}lower {option('lr')}, add {option('clip_grad_norm', 100)}, or warm beta up with "
+            f"{option('beta_schedule', 'linear')} {option('beta_warmup', 5)}")
 
 
 def _kept(path: Optional[str], ours: bool) -> str:
@@ -301,15 +300,16 @@ def preflight_training(model, tc) -> None:
                      model.backend, f"training this model (Adam state and batch {tc.batch_size} buffers"
                      f"{f', {tc.iwae_k} IWAE samples an image' if iwae else ''}"
                      f"{', beta-TCVAE pairwise terms' if pairs else ''})",
-                     memory.SMALLER_MODEL + (" (or a smaller --iwae-k)" if iwae else ""))
+                     memory.smaller_model() + (f" (or a smaller {option('iwae_k')})" if iwae else ""))
 
 
 class Checkpointer:
     """Saves the whole training state to ``<out>/checkpoint.h5`` atomically
     (see :mod:`fastvae.checkpoint`), including a mid-epoch position."""
 
-    def __init__(self, out: Optional[str], fixes: str = DIVERGED_FIXES):
-        self.out, self.fixes = out, fixes     # fixes: what a diverged run can change, for its error
+    def __init__(self, out: Optional[str], fixes: Optional[str] = None):
+        self.out = out
+        self.fixes = fixes or diverged_fixes()      # what a diverged run can change, for its error
         self.own: Optional[str] = None     # the checkpoint this run saved, or the one it resumed
 
     @property
@@ -392,7 +392,7 @@ def step_graphs(tc, model, optimizer):
     if not tc.cuda_graph:
         return None
     if any(isinstance(h, AllReduceGrads) for h in optimizer.hooks):
-        raise ConfigError("--cuda-graph replays one process's step, not the all-reduce of several; "
-                          "drop --cuda-graph or run one process")
+        raise ConfigError(f"{option('cuda_graph')} replays one process's step, not the all-reduce of several; "
+                          f"drop {option('cuda_graph')} or run one process")
     from .backends.cuda_graph import StepGraphs
     return StepGraphs(model.backend)

@@ -100,7 +100,7 @@ def test_threads_setting(capsys):
         more = usable_cores() + 1                   # oversubscribed: said once, then kept quiet on re-applying
         set_threads(more)
         set_threads(more)
-        assert capsys.readouterr().err.count(f"--threads {more} is more than the {usable_cores()} cores") == 1
+        assert capsys.readouterr().err.count(f"threads={more} is more than the {usable_cores()} cores") == 1
     finally:
         set_threads(before)
     with pytest.raises(ConfigError, match="threads"):

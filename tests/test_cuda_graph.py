@@ -158,7 +158,7 @@ def test_direct_array_operations_are_refused_at_capture_and_turn_replays_eager()
 
 
 def test_step_graphs_need_a_graph_backend():
-    with pytest.raises(GraphUnsafeError, match="--backend cupy"):
+    with pytest.raises(GraphUnsafeError, match="has no CUDA graphs; use backend='cupy'"):
         StepGraphs(backends.get("numpy"))
 
 

@@ -84,7 +84,7 @@ def test_image_folder_labels_resize_rgb(tmp_path):
             _save_png(str(tmp_path / cls / f"{i}.png"), r.integers(0, 256, (12, 10), dtype=np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / ".DS_Store").write_text("hidden files are always skipped")
-    with pytest.raises(DataError, match=r"not images \(notes.txt\); remove them or pass --skip-other-files"):
+    with pytest.raises(DataError, match=r"not images \(notes.txt\); remove them or set skip_other_files=True"):
         datasets.load_image_folder(tmp_path)
     ds = datasets.load_image_folder(tmp_path, test_fraction=0.2, skip_other_files=True)
     assert ds.image_shape == (12, 10) and ds.x_train.shape == (8, 120) and ds.x_test.shape == (2, 120)
@@ -128,7 +128,7 @@ def test_an_image_folder_too_large_for_memory_is_refused_before_it_is_read(tmp_p
     read = []
     real = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda *a, **k: read.append(1) or real(*a, **k))
-    with pytest.raises(ConfigError, match=r"20 images of \(100, 100\) needs about .* pass --image-size H W"):
+    with pytest.raises(ConfigError, match=r"20 images of \(100, 100\) needs about .* set image_size to shrink them"):
         datasets.load_image_folder(tmp_path)
     assert len(read) == 1
     monkeypatch.setattr(memory, "host_available", lambda: 2 ** 30)
@@ -140,7 +140,7 @@ def test_image_folder_errors(tmp_path):
         datasets.load_image_folder(tmp_path)
     _save_png(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
     _save_png(str(tmp_path / "b.png"), np.zeros((9, 8), np.uint8))
-    with pytest.raises(DataError, match="different sizes.*--image-size"):
+    with pytest.raises(DataError, match="different sizes.*; set image_size to resize them"):
         datasets.load_image_folder(tmp_path)
     assert datasets.load_image_folder(tmp_path, image_size=(8, 8), test_fraction=0).x_train.shape == (2, 64)
     (tmp_path / "c.png").write_bytes(b"not a png")
@@ -257,7 +257,7 @@ def test_image_size_and_color_are_for_image_folders(tmp_path, monkeypatch):
     np.save(tmp_path / "a.npy", np.zeros((40, 32, 32), np.uint8))
     for name, kw in [(str(tmp_path / "a.npy"), {"image_size": (28, 28)}), (str(tmp_path / "a.npy"), {"color": "rgb"}),
                      ("sprites", {"image_size": (32, 32)})]:
-        with pytest.raises(DataError, match="--image-size and --color apply to folders of images"):
+        with pytest.raises(DataError, match="image_size and color apply to folders of images"):
             datasets.load(DataConfig(dataset=name, n_sprites=50, **kw))
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -353,7 +353,7 @@ def test_gif_and_picture_files_that_cannot_be_written_are_refused_first(trained,
     frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=5)
     with pytest.raises(ConfigError, match="scale must be at least 1"):
         explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=0)
-    with pytest.raises(ConfigError, match="a GIF holds at most 65535 a side: use --scale 4095 or less"):
+    with pytest.raises(ConfigError, match="a GIF holds at most 65535 a side: use scale=4095 or less"):
         explore.save_gif(frames, data.image_shape, tmp_path / "a.gif", scale=4096)
     monkeypatch.setattr(memory, "host_available", lambda: 64 * 2 ** 20)      # pretend 64 MiB free
     with pytest.raises(ConfigError, match="8 GIF frames of 4000 x 4000 pixels needs about"):
@@ -363,7 +363,7 @@ def test_gif_and_picture_files_that_cannot_be_written_are_refused_first(trained,
     with pytest.raises(ConfigError, match="an animation is written as .gif"):
         explore.save_gif(frames, data.image_shape, tmp_path / "checkpoint.h5")
     assert (tmp_path / "checkpoint.h5").read_bytes() == b"precious"
-    with pytest.raises(ConfigError, match="1000000 interpolation frames needs about .* use fewer --steps"):
+    with pytest.raises(ConfigError, match="1000000 interpolation frames needs about .* use fewer steps$"):
         explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=1_000_000)     # 3.8 GiB
     assert not (tmp_path / "b.xyz").exists()
     with pytest.raises(ConfigError, match=r"cannot write a picture as \.xyz .* use one of .*png"):

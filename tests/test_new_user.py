@@ -88,7 +88,7 @@ def test_memory_preflight_counts_the_built_in_sprites(monkeypatch):
     from fastvae import datasets, memory
     monkeypatch.setattr(memory, "host_available", lambda: 20 * 2 ** 20)       # pretend 20 MiB free
     assert datasets.make_sprites(500, size=32).x_train.shape == (450, 1024)  # 2.4 MiB: fine
-    with pytest.raises(ConfigError, match="5,000 sprites of 32x32 pixels needs about .* use a smaller --n-sprites"):
+    with pytest.raises(ConfigError, match="5,000 sprites of 32x32 pixels needs about .* use a smaller n_sprites$"):
         datasets.make_sprites(5000, size=32)                                  # 24 MiB: refused before drawing
 
 

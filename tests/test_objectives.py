@@ -273,7 +273,7 @@ def test_an_iwae_run_that_would_not_fit_is_refused_before_it_starts(monkeypatch)
     assert train_rows(TrainConfig(batch_size=16, objective="iwae", iwae_k=5)) == 96
     monkeypatch.setattr(memory, "host_available", lambda: 100 * 2 ** 20)        # pretend 100 MiB free
     with pytest.raises(ConfigError, match=r"batch 16 buffers, 5000 IWAE samples an image\) needs about .* smaller "
-                                          r"--iwae-k"):
+                                          r"batch_size, .* \(or a smaller iwae_k\)"):
         tiny_trainer(None, objective="iwae", iwae_k=5000)
     tiny_trainer(None, objective="iwae", iwae_k=5)                               # 96 rows fit
 

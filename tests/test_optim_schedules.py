@@ -84,7 +84,7 @@ def test_resuming_with_another_length_names_the_schedule_jump(tmp_path, capsys):
     c = cfg(lr=0.01, lr_schedule="cosine", lr_min=0.001)
     note = resume_note(c, 500, 100, 10, 20)           # half-way through a 10-epoch run, stretched to 20
     assert f"lr from {lr_at(c, 500, 100, 10):.3g} to {lr_at(c, 500, 100, 20):.3g}" in note
-    assert "resume with --epochs 10 to keep it" in note
+    assert "resume with epochs=10 to keep it" in note
     assert "keep it" not in resume_note(c, 1000, 100, 10, 20)        # a finished run: no way to keep it
     cy = cfg(beta_schedule="cyclical", beta_cycles=4)
     assert "cyclical beta from 1 to 0.5" in resume_note(cy, 125, 100, 10, 20)   # ratio 0.5: periods of 2.5 and 5 epochs
@@ -97,7 +97,7 @@ def test_resuming_with_another_length_names_the_schedule_jump(tmp_path, capsys):
     t.fit(pictures=False)
     capsys.readouterr()
     Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=4, dataset=t.data, progress=False)
-    assert "fastvae: note: --epochs 4 instead of the run's 2 stretches its schedule" in capsys.readouterr().err
+    assert "fastvae: note: epochs=4 instead of the run's 2 stretches its schedule" in capsys.readouterr().err
     Trainer.from_checkpoint(tmp_path / "checkpoint.h5", dataset=t.data, progress=False)
     assert capsys.readouterr().err == ""
 

@@ -243,7 +243,7 @@ def test_a_library_resume_is_checked_as_the_command_line_checks_it(tmp_path):
     latest = (tmp_path / "run" / "checkpoint.h5").read_bytes()
     copy = t.save(str(tmp_path / "run" / "epoch2.h5"))
     with pytest.raises(RunFolderError, match=r"holds another run than the one resumed .*epoch2.h5\); choose an "
-                                             r"empty --out \(out= in Python\), or pass --force"):
+                                             r"empty out, or pass force=True"):
         Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False)
     assert (tmp_path / "run" / "checkpoint.h5").read_bytes() == latest
     c = Trainer.from_checkpoint(copy, epochs=3, dataset=t.data, progress=False, out=str(tmp_path / "branch"))

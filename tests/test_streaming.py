@@ -225,7 +225,7 @@ def test_the_budget_counts_the_loaded_float32_images_not_the_file(tmp_path):
         datasets.load(DataConfig(dataset=str(tmp_path / "f.npy"), memory_budget_mb=0.5))
     assert datasets.load(DataConfig(dataset=str(tmp_path / "f.npy"), memory_budget_mb=3)).x_train.shape == (922, 256)
     np.savez(tmp_path / "z.npz", images=np.zeros((1024, 16, 16), np.uint8))
-    with pytest.raises(fastvae.DataError, match=r"over --memory-budget 0.5 MB, and only .npy and HDF5 files stream"):
+    with pytest.raises(fastvae.DataError, match=r"over memory_budget_mb=0.5 MB, and only .npy and HDF5 files stream"):
         datasets.load(DataConfig(dataset=str(tmp_path / "z.npz"), memory_budget_mb=0.5))   # it loaded, unbounded
     assert datasets.load(DataConfig(dataset=str(tmp_path / "z.npz"))).x_train.shape == (922, 256)
 
@@ -280,7 +280,7 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
     assert isinstance(ds.x_train, StreamedImages)
     assert distributed.agree_on_streaming(TwoRanks(other=True), True) is True
-    with pytest.raises(ConfigError, match="the ranks disagree on streaming the data from disk.*--memory-budget MB"):
+    with pytest.raises(ConfigError, match=r"the ranks disagree on streaming the data from disk.*set memory_budget_mb \(MB\), the same for every"):
         distributed.agree_on_streaming(TwoRanks(other=False), True)
     monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
     before = fastvae.threads.current()["blas"]

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 import numpy as np
 
 from ..errors import FastVAEError
+from ..naming import option
 
 #: 64-bit words of per-step values one graph may carry (float slots first, then counters)
 SLOT_WORDS = 64
@@ -157,12 +158,12 @@ class Recording:
         """A direct array operation or a host synchronisation inside the step."""
         if self._mode == "capture":
             raise GraphUnsafeError(f"{what} inside a captured step; a CUDA graph captures only the backend's "
-                                   "primitives (train without --cuda-graph)")
+                                   f"primitives (train without {option('cuda_graph')})")
         self._diverge()
 
     def _refuse(self, why):
         if self._mode == "capture":
-            raise GraphUnsafeError(f"the step needs {why}; train without --cuda-graph")
+            raise GraphUnsafeError(f"the step needs {why}; train without {option('cuda_graph')}")
         self._diverge()
         return None
 
@@ -235,7 +236,7 @@ class StepGraphs:
 
     def __init__(self, backend, warmup: int = 1, max_divergent: int = 3):
         if not getattr(backend, "supports_graphs", False):
-            raise GraphUnsafeError(f"backend {backend.name!r} has no CUDA graphs; use --backend cupy")
+            raise GraphUnsafeError(f"backend {backend.name!r} has no CUDA graphs; use {option('backend', 'cupy')}")
         self.be, self.warmup, self.max_divergent = backend, int(warmup), int(max_divergent)
         self.stats: Counter = Counter()
         self._graphs: Dict[Hashable, Recording] = {}
