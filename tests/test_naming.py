@@ -5,6 +5,7 @@ to pass ``--batch-size`` or ``--force`` (77 messages named flags)."""
 import ast
 import pathlib
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -36,13 +37,18 @@ def test_option_spells_a_flag_on_the_command_line_and_a_keyword_in_python():
         assert option(*args) == keyword
 
 
-def test_the_command_line_spelling_nests_and_ends_with_an_exception():
+def test_the_command_line_spelling_nests_holds_for_threads_and_ends_with_an_exception():
     assert not on_command_line()
     with pytest.raises(KeyError):
         with command_line():
             with command_line():
                 assert on_command_line()
             assert on_command_line()
+            seen = []                          # a thread the command starts (prefetch, Adam) writes for it too
+            worker = threading.Thread(target=lambda: seen.append(option("batch_size")))
+            worker.start()
+            worker.join()
+            assert seen == ["--batch-size"]
             raise KeyError("x")
     assert not on_command_line()
 
