@@ -210,9 +210,9 @@ def load_array_file(path, test_fraction: float = 0.1, seed: int = 0, budget_mb: 
     x, y, xt, yt = read_arrays(path)
     need = sum(a.size * (a.itemsize + 4) for a in (x, xt) if a is not None)
     if budget_mb is not None and need > budget_mb * 2 ** 20:     # not .npy/.h5: it cannot be streamed
-        raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over "
-                        f"{option('memory_budget_mb', budget_mb)} MB, and only .npy and HDF5 files stream; save the images with numpy.save as "
-                        f".npy, or raise {option('memory_budget_mb')}")
+        over = option("memory_budget_mb", budget_mb)
+        raise DataError(f"{path}: loading it takes {need / 2 ** 20:.0f} MB, over {over} MB, and only .npy and HDF5 "
+                        f"files stream; save the images with numpy.save as .npy, or raise {option('memory_budget_mb')}")
     from .memory import preflight                                 # the float32 copy still to come
     preflight(sum(a.size * 4 for a in (x, xt) if a is not None), None, f"the float32 images of {path}",
               "save them with numpy.save as .npy to stream them from disk")
@@ -294,8 +294,9 @@ def load_image_folder(path, image_size: Optional[Tuple[int, int]] = None, color:
         raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)}); add images or fix the path")
     if image_size is not None:          # uint8 images, then float32: 5 bytes a value
         from .memory import preflight
-        preflight(5 * len(files) * image_size[0] * image_size[1] * (3 if color == "rgb" else 1), None,
-                  f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}", f"use a smaller {option('image_size')}")
+        nbytes = 5 * len(files) * image_size[0] * image_size[1] * (3 if color == "rgb" else 1)
+        preflight(nbytes, None, f"{len(files):,} images resized to {image_size[0]} x {image_size[1]}",
+                  f"use a smaller {option('image_size')}")
     folder_of = lambda f: os.path.relpath(os.path.dirname(f), path)   # "." for images at the top
     classes = sorted({folder_of(f) for f in files})
     use_labels = classes != ["."]
@@ -381,8 +382,7 @@ def load(cfg, splits=("train", "test")) -> Dataset:
     if name.startswith(IN_MEMORY):
         raise DataError(f"this run was trained on data given in memory ({name[len(IN_MEMORY):]!r}), so there is "
                         f"nothing to load it from; name the data for eval and plot with {option('dataset')} (and "
-                        f"{option('data_dir')}), "
-                        "and resume in Python with Trainer.from_checkpoint(..., dataset=)")
+                        f"{option('data_dir')}), and resume in Python with Trainer.from_checkpoint(..., dataset=)")
     if name == "sprites":
         return make_sprites(cfg.n_sprites, cfg.data_seed, test_fraction=cfg.test_fraction)
     if name in BUILTIN:

@@ -116,7 +116,8 @@ def check_grid_memory(model, n) -> None:
     n = check_count("n", n)
     # measured: 91 bytes of peak memory per decoded pixel at --grid 400 on MNIST (11.4 GB; matplotlib's
     # RGBA copies of the tiled image dominate); --grid 400 was killed for memory before the figure cap
-    preflight(96 * n * n * model.config.input_dim, None, f"a {n} x {n} latent grid", f"use a smaller grid ({option('n', flag='grid')})")
+    preflight(96 * n * n * model.config.input_dim, None, f"a {n} x {n} latent grid",
+              f"use a smaller grid ({option('n', flag='grid')})")
 
 
 def plot_latent_grid(model, image_shape, n=15, dims=(0, 1), spacing="quantile", center=None, pca_codes=None,
@@ -219,7 +220,8 @@ def save_gif(frames, image_shape, path, duration_ms=80, scale=4, bounce=True) ->
         raise ConfigError(f"{option('scale', scale)} makes {W * scale} x {H * scale}-pixel frames; a GIF holds at "
                           f"most 65535 a side: use {option('scale', 65535 // max(H, W))} or less")
     preflight(2 * len(seq) * int(np.prod(image_shape)) * scale * scale, None,
-              f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels", f"use a smaller {option('scale')} or fewer {option('steps')}")
+              f"{len(seq)} GIF frames of {W * scale} x {H * scale} pixels",
+              f"use a smaller {option('scale')} or fewer {option('steps')}")
     from .safe_files import on_white
     imgs = []
     for f in seq:                  # L, RGB or RGBA (then on white, as the PNG figures show it): from the shape

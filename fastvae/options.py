@@ -52,6 +52,6 @@ def idle_option(given: dict) -> str:
         return (f"{option('decoupled_weight_decay')} decouples {option('weight_decay')}, which is 0 here, so it would "
                 f"do nothing; set {option('weight_decay')} (e.g. 0.01), or drop it")
     if "lr_min" in given and get("lr_min") > get("lr"):
-        return (f"{option('lr_min')} {get('lr_min'):g} is above {option('lr')} {get('lr'):g}: the cosine schedule would "
-                f"raise the learning rate to it; use {option('lr_min')} below {option('lr')}")
+        return (f"{option('lr_min')} {get('lr_min'):g} is above {option('lr')} {get('lr'):g}: the cosine schedule "
+                f"would raise the learning rate to it; use {option('lr_min')} below {option('lr')}")
     return ""

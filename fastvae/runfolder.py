@@ -93,8 +93,9 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
     other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX)
                    and not (resumed and _same_file(os.path.join(out, f), resume)))   # the resumed file itself
     if other and not force:
-        raise RunFolderError(f"{option('out', out)} holds files that are not from a fastvae run ({', '.join(other[:3])}"
-                             f"{' ...' if len(other) > 3 else ''}); choose another folder or pass {option('force', True)}")
+        raise RunFolderError(f"{option('out', out)} holds files that are not from a fastvae run "
+                             f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); choose another folder or "
+                             f"pass {option('force', True)}")
     here = os.path.join(out, CHECKPOINT_NAME)
     if CHECKPOINT_NAME in names and not resume and not force:
         resume_it = (f"fastvae train --resume {shlex.quote(here)}" if on_command_line()
@@ -183,7 +184,8 @@ def _acquire(out: str) -> None:
         os.makedirs(out, exist_ok=True)
         fd = _open_lock(os.path.join(out, LOCK_NAME))
     except OSError as exc:
-        raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable {option('out')}") from None
+        raise RunFolderError(f"cannot use run folder {out}: {exc.strerror}; choose a writable "
+                             f"{option('out')}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -42,8 +42,8 @@ def set_threads(n: Optional[int]) -> dict:
             raise ConfigError(f"{option('threads')} must be a positive integer, got {n!r}")
         import sys
         if n > usable_cores() and n != _limit:
-            print(f"fastvae: note: {option('threads', n)} is more than the {usable_cores()} cores this process may use; "
-                  "threads beyond them share cores and run slower", file=sys.stderr)
+            print(f"fastvae: note: {option('threads', n)} is more than the {usable_cores()} cores this process may "
+                  "use; threads beyond them share cores and run slower", file=sys.stderr)
         _limit = n
         from threadpoolctl import threadpool_limits
         _limiter = threadpool_limits(limits=n, user_api="blas")

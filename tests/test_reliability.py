@@ -247,7 +247,8 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         t2.model.grads[:] = np.nan
         return r
     t2.model.loss_and_grad = poisoned
-    with pytest.raises(TrainingDivergedError, match="last good checkpoint .* is kept; lower lr, add clip_grad_norm=100"):
+    with pytest.raises(TrainingDivergedError,
+                       match="last good checkpoint .* is kept; lower lr, add clip_grad_norm=100"):
         t2.fit(pictures=False)
     assert t2.step < t.step + 21                       # caught within one progress interval
     kept = fastvae.load(tmp_path / "checkpoint.h5")

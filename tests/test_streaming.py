@@ -280,7 +280,8 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
     assert isinstance(ds.x_train, StreamedImages)
     assert distributed.agree_on_streaming(TwoRanks(other=True), True) is True
-    with pytest.raises(ConfigError, match=r"the ranks disagree on streaming the data from disk.*set memory_budget_mb \(MB\), the same for every"):
+    with pytest.raises(ConfigError, match=r"the ranks disagree on streaming the data from disk.*set memory_budget_mb "
+                                          r"\(MB\), the same for every"):
         distributed.agree_on_streaming(TwoRanks(other=False), True)
     monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
     before = fastvae.threads.current()["blas"]
