@@ -25,6 +25,8 @@ from .errors import ConfigError
 from .naming import option
 
 HEADROOM = 0.9
+
+
 def smaller_model() -> str:
     """The fix for a model too large for memory (options spelled by :func:`fastvae.naming.option`)."""
     return (f"use smaller layers ({option('hidden')}, {option('latent_dim')}, or the layer specs), a smaller "

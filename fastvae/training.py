@@ -33,6 +33,7 @@ from .distributed import AllReduceGrads, shard
 from .restore import data_rows
 from .runfolder import CHECKPOINT_NAME, atomic_write_text, clean_debris
 
+
 def diverged_fixes(cfg=None) -> str:
     """What a diverged run of ``cfg`` (a ModelConfig, or None) can change: a lower learning rate, gradient
     clipping, a beta warm-up, and first a larger sigma for a Gaussian likelihood (its gradient grows as
