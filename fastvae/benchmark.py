@@ -31,7 +31,7 @@ import json
 import os
 import platform
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -239,7 +239,8 @@ def _cpu_name():
 def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]] = None,
         dtype="float32", seconds=3.0, torch_peer=True, log=print, torch_device="cpu",
         tf32=False, settle: Optional[float] = None, retries: int = 2,
-        blas_names: Optional[List[str]] = None) -> List[dict]:
+        blas_names: Optional[List[str]] = None, on_workload: Optional[Callable[[List[dict]], None]] = None,
+        ) -> List[dict]:
     """Measure everything asked for; returns the JSON rows (one per measurement).
     ``torch_device="cuda"`` compares against PyTorch on the GPU; ``tf32``
     enables TF32 GEMMs on both sides (GPU only); ``settle``: seconds of idle
@@ -249,7 +250,10 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
     chunks than needed, ``taken_core`` in its rows) is timed again after the
     others, up to ``retries`` times; the last try is kept.
     ``blas_names``: the GEMM libraries each CPU backend is timed with
-    (default: every one that loads, :func:`fastvae.blas.available`)."""
+    (default: every one that loads, :func:`fastvae.blas.available`).
+    ``on_workload(rows)``: called with the rows so far (in ``workloads``
+    order) as each workload is done, so that a run cut short (a time limit,
+    Ctrl-C) keeps what it measured (``fastvae bench --out`` saves them)."""
     workloads = list(dict.fromkeys(workloads or WORKLOADS))          # a name given twice is timed once
     avail = [b["name"] for b in _backends.available() if b["available"]]
     names = [n for n in (backend_names or avail) if n in avail]
@@ -318,6 +322,8 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
                 r["speedup_vs_torch_eager"] = eager_peer["ms_per_step"] / r["ms_per_step"]
             r["env"] = env
             rows.append(r)
+        if on_workload is not None:
+            on_workload([r for w in workloads if w in done for r in done[w]])
     return [r for w in workloads for r in done[w]]
 
 

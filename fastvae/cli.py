@@ -250,13 +250,14 @@ def _cmd_bench(a):
     benchmark.check_request(a.workloads, a.backends or (["cupy"] if a.gpu else []), a.seconds, a.dtype)
     if a.out:                       # before the timing (minutes) rather than after it
         out_folder(a.out, "bench writes <name>.jsonl and .md")
+    name = a.name or ("gpu" if a.gpu else "cpu")
+    save = (lambda rows: benchmark.save(rows, a.out, name)) if a.out else None     # after each workload too
     rows = benchmark.run(a.workloads, a.backends or (["cupy"] if a.gpu else None), a.dtype, a.seconds,
-                         torch_peer=not a.no_torch, **(dict(torch_device="cuda", tf32=a.tf32) if a.gpu
-                                                       else dict(blas_names=a.blas)))
+                         torch_peer=not a.no_torch, on_workload=save,
+                         **(dict(torch_device="cuda", tf32=a.tf32) if a.gpu else dict(blas_names=a.blas)))
     print(benchmark.markdown(rows))
     if a.out:
-        name = a.name or ("gpu" if a.gpu else "cpu")
-        benchmark.save(rows, a.out, name)
+        save(rows)
         print(f"wrote {os.path.join(a.out, name)}.jsonl and .md")
     return 0
 

@@ -328,6 +328,29 @@ def test_eval_of_a_one_latent_run_gives_no_mig(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["mig"] is None
 
 
+def test_bench_keeps_each_workload_it_finished_when_cut_short(tmp_path, monkeypatch):
+    """`fastvae bench --out` wrote its files once every workload was timed: a
+    run stopped by a time limit (a lent GPU's command is killed at 10
+    minutes) or Ctrl-C left nothing. The rows of each finished workload are
+    saved as it ends now."""
+    import json
+    from fastvae import benchmark
+    from fastvae.cli import main
+    real = benchmark._ours
+
+    def ours(name, wl, *args, **kw):
+        if wl["hidden"] == [8]:
+            raise KeyboardInterrupt                           # the second workload never finishes
+        return real(name, wl, *args, **kw)
+    monkeypatch.setattr(benchmark, "_ours", ours)
+    from fastvae.cli import EXIT_INTERRUPTED
+    assert main(["bench", "--workloads", "40-12-3/b8", "40-8-3/b8", "--backends", "numpy", "--no-torch", "--blas",
+                 "numpy", "--seconds", "0.05", "--out", str(tmp_path / "o")]) == EXIT_INTERRUPTED
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "cpu.jsonl")]
+    assert [(r["workload"], r["backend"]) for r in rows] == [("40-12-3/b8", "numpy")]
+    assert rows[0]["ms_per_step"] > 0 and "40-12-3/b8" in (tmp_path / "o" / "cpu.md").read_text()
+
+
 def test_bench_times_a_workload_written_as_a_name(tmp_path):
     """`fastvae bench` timed five fixed workloads and refused any other
     ("unknown workload(s)"): a model of your own could not be compared with
