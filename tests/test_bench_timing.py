@@ -98,14 +98,18 @@ def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
     assert "probe 1.40-1.95; chunks" in markdown(cpu) and "left out: 3 of 20." in markdown(cpu)
 
 
-def _epoch_time():
+def _bench_script(name):
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "epoch_time.py")
-    spec = importlib.util.spec_from_file_location("epoch_time", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _epoch_time():
+    return _bench_script("epoch_time")
 
 
 def test_epochs_are_interleaved_in_rotated_rounds_and_slow_phases_flagged():
@@ -220,3 +224,22 @@ def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkey
                  blas_names=["numpy"])
     assert [r["taken_core"] for r in rows] == [False, True, False]
     assert "1.000\u2020" in B.markdown(rows) and "not to be trusted" in B.markdown(rows)
+
+
+def test_the_readme_summary_table_comes_from_the_result_files(tmp_path):
+    """bench/summary_table.py: per workload the step ratios (the last file
+    naming it wins), the epoch ratios and Numba's step over its GEMMs alone;
+    PyTorch's own rows and failed rows are no columns, a missing one an empty cell."""
+    import json
+    mod = _bench_script("summary_table")
+    step = lambda w, b, x, g=None: {"bench": "step_time", "workload": w, "backend": b, "speedup_vs_torch": x,
+                                    **({"x_gemm_only": g} if g else {})}
+    first, again, epochs = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "e.json"
+    first.write_text("".join(json.dumps(r) + "\n" for r in [
+        step("m/b8", "numba", 1.2, 1.1), step("m/b8", "numpy", 0.9), step("m/b8", "torch-fused", 1.0),
+        step("c/b4", "numba", 0.5, 1.6), {"bench": "step_time", "workload": "c/b4", "backend": "numpy", "error": "x"}]))
+    again.write_text(json.dumps(step("m/b8", "numba", 1.25, 1.05)) + "\n")
+    epochs.write_text(json.dumps({"rows": [{"workload": "m/b8", "backend": "numba", "vs_torch_fused": 1.3},
+                                           {"workload": "m/b8", "backend": "torch-fused", "vs_torch_fused": 1.0}]}))
+    lines = mod.table([str(first), str(again)], [str(epochs)]).splitlines()
+    assert lines[2:] == ["| m/b8 | 1.25x | 0.90x | 1.30x |  | 1.05 |", "| c/b4 | 0.50x |  |  |  | 1.60 |"]
