@@ -113,7 +113,7 @@ def test_adam_flushes_denormal_moments_to_zero_and_keeps_nan(dtype):
 # ---- convolution and bias-gradient kernels for few channels --------------------
 # (in (H, W, C), kernel, stride, padding): interior windows and windows in the padding, odd sizes
 NARROW_GEOMS = [((64, 64, 1), 4, 2, 1), ((9, 7, 3), 3, 1, 1), ((6, 5, 7), 4, 3, 2), ((5, 5, 2), 5, 1, 0),
-                ((28, 28, 1), 6, 2, 2)]
+                ((28, 28, 1), 6, 2, 2), ((7, 6, 1), 2, 3, 1), ((4, 4, 3), 3, 1, 3)]    # stride > kernel; padding >= kernel
 
 
 @pytest.mark.parametrize("hwc, k, s, p", NARROW_GEOMS)
