@@ -1,6 +1,7 @@
 """Messages name options as the user wrote them: flags from the ``fastvae``
 command, keywords from Python (fastvae/naming.py). A library user was told
-to pass ``--batch-size`` or ``--force`` (77 messages named flags)."""
+to pass ``--batch-size`` or ``--force`` (about 40 messages outside the
+command-line modules wrote flags themselves)."""
 
 import ast
 import pathlib
