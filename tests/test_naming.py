@@ -1,6 +1,6 @@
 """Messages name options as the user wrote them: flags from the ``fastvae``
 command, keywords from Python (fastvae/naming.py). A library user was told
-to pass ``--batch-size`` or ``--force`` (about 40 messages outside the
+to pass ``--batch-size`` or ``--force`` (dozens of messages outside the
 command-line modules wrote flags themselves)."""
 
 import ast
