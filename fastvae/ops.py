@@ -5,7 +5,8 @@ Kernels select an activation or a likelihood by a small integer. The codes
 are written here once; ``fastvae.kernels.numba_cpu`` reads its constants from
 these dicts and the CUDA source receives them as preprocessor defines
 (:func:`cuda_defines`, passed to NVRTC by the cupy backend and to ``nvcc`` by
-CI), so the three can never disagree.
+CI: ``nvcc ... $(python -c "from fastvae.ops import cuda_defines;
+print(*cuda_defines())")``), so the three can never disagree.
 
 Changing a code: also touch ``kernels/numba_cpu.py``. Numba freezes globals
 into compiled code and keys its on-disk cache on that file's timestamp only,
@@ -37,7 +38,3 @@ def cuda_defines() -> List[str]:
     ``kernels/cuda_kernels.cu`` its op codes (NVRTC and ``nvcc`` alike)."""
     table = {**ACTIVATION_CODES, **LIKELIHOOD_CODES}
     return [f"-DFV_{name.upper()}={code}" for name, code in table.items()]
-
-
-if __name__ == "__main__":      # `python -m fastvae.ops`: the defines for nvcc
-    print(" ".join(cuda_defines()))
