@@ -46,7 +46,7 @@ import numpy as np
 import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
 from fastvae.threads import fit_backend
-from fastvae.benchmark import WORKLOADS, environment, workload_config
+from fastvae.benchmark import WORKLOADS, blas_line, environment, workload_config
 from fastvae.errors import ConfigError
 from fastvae.workloads import workload
 from fastvae.timing import CoreProbe, clean_intervals
@@ -158,8 +158,9 @@ def markdown(rows, env) -> str:
                    f"| {r['median_s']:.3f} | {r['images_per_s']:,.0f} | {vs} | {r['adam_m_denormals']:,} |")
     probes = [p for r in rows for p in r["probe_speedups"]]
     out.append("")
-    out.append(f"{env['processor']}, {env['cpus']} CPUs; numpy {env['numpy']}, numba {env.get('numba')}, "
-               f"torch {env.get('torch')}; {env['date']}. Real MNIST, {env['train_images']:,} training images, "
+    out.append(f"{env['processor']}, {env['cpus']} CPUs; {blas_line(env)}; numpy {env['numpy']}, "
+               f"numba {env.get('numba')}, torch {env.get('torch')}; {env['date']}. Real MNIST, "
+               f"{env['train_images']:,} training images, "
                f"{env['settle_s']} s settle before each epoch. * : the all-core GEMM speedup probed before or "
                f"after that epoch was under 0.9 of the run's typical best (the host held part of a core; probes "
                f"{min(probes):.2f}-{max(probes):.2f}); the median leaves those out when two or "

@@ -1,6 +1,6 @@
 """Where a training step's time goes, per backend primitive (ms per step).
 
-    python bench/profile_kernels.py [--backends numpy numba] [--steps 200]
+    python bench/profile_kernels.py [--backends numpy numba] [--steps 200] [--workloads conv64-10/b64 ...]
 
 Wraps every backend primitive with a timer (synchronising after each call, so
 GPU numbers include the sync), runs training steps on each standard workload
@@ -15,8 +15,9 @@ import os
 import time
 
 from fastvae import backends
-from fastvae.benchmark import WORKLOADS, environment, training_step
+from fastvae.benchmark import WORKLOADS, blas_line, environment, training_step
 from fastvae.threads import fit_backend
+from fastvae.workloads import workload
 
 PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward",
          "likelihood", "adam_update"]
@@ -55,12 +56,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", nargs="*")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS),
+                    help="standard workloads or your own (D-H-...-L/bB, convS-L/bB); default: the standard ones")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="cpu_profile")
     a = ap.parse_args()
     names = a.backends or [b["name"] for b in backends.available() if b["available"]]
     rows = []
-    for wname, wl in WORKLOADS.items():
+    for wname in a.workloads:
+        wl = workload(wname)
         for n in names:
             r = profile(n, wl, a.steps)
             rows.append({"workload": wname, "backend": n, "ms": r})
@@ -77,7 +81,7 @@ def main():
         for r in rows:
             f.write(f"| {r['workload']} | {r['backend']} | " + " | ".join(f"{r['ms'][c]:.3f}" for c in cols) + " |\n")
         f.write(f"\nms per training step, per primitive (timed individually, sync after each call); "
-                f"{env['processor']}, {env['cpus']} CPUs, {env['date']}.\n")
+                f"{env['processor']}, {env['cpus']} CPUs; {blas_line(env)}; {env['date']}.\n")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,14 @@ def environment() -> dict:
     return env
 
 
+def blas_line(env: dict) -> str:
+    """The BLAS libraries of an :func:`environment` record as a results
+    footer names them, e.g. ``openblas 2 threads (SkylakeX)``: the kernels a
+    library picked (``OPENBLAS_CORETYPE`` changes them) decide its GEMM speed."""
+    return ", ".join(f"{b['library']} {b['threads']} threads ({b['architecture']})"
+                     for b in (env.get("threads") or {}).get("blas", []))
+
+
 def _cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -348,8 +356,7 @@ def markdown(rows: List[dict]) -> str:
                      + f"{f(r.get('gemm_only_ms'), 3)} | {f(r.get('x_gemm_only'))} | "
                      f"{f(r.get('gflops_per_s'), 0)} | {f(r.get('flops_floor_ms'), 3)} | {f(r['warmup_s'])} |")
     env = rows[0]["env"] if rows else {}
-    blas = ", ".join(f"{b['library']} {b['threads']} threads ({b['architecture']})" for b in env.get("threads", {}).get("blas", []))
-    foot = (f"\n{env.get('processor')}, {env.get('cpus')} CPUs; {blas}; numpy {env.get('numpy')}, "
+    foot = (f"\n{env.get('processor')}, {env.get('cpus')} CPUs; {blas_line(env)}; numpy {env.get('numpy')}, "
             f"numba {env.get('numba')}, torch {env.get('torch')}; {env.get('date')}. "
             f"Peak GEMM (measured) {rows[0]['peak_gemm_gflops']:.0f} GFLOP/s; "
             f"devices: {sorted({r.get('device', '') for r in rows if 'error' not in r})}."
