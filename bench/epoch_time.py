@@ -67,7 +67,7 @@ def ours(name, wl, ds, data_dir):
                 DataConfig(dataset="mnist", data_dir=data_dir), dataset=ds, progress=False)
 
     def epoch():
-        fit_backend(t.backend, t.model.num_params)      # this backend's threads again, after the others' epochs (untimed)
+        fit_backend(t.backend, t.model)      # this backend's threads again, after the others' epochs (untimed)
         t.fit(epochs=t.epoch + 1, pictures=False)
         return t.history[-1]["seconds"]
     return {"backend": name}, epoch, lambda: denormals(t.optimizer.m)

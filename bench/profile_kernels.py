@@ -26,7 +26,7 @@ PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "rep
 def profile(name, wl, steps):
     be, model, step = training_step(name, wl)
     if be.device == "cpu":
-        fit_backend(be, model.num_params)         # the threads the trainer would give it
+        fit_backend(be, model)         # the threads the trainer would give it
     for _ in range(5):
         step()
     acc = collections.defaultdict(float)

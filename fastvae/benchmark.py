@@ -106,7 +106,7 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
     if blas is not None:
         _blas.use(be, blas)
     if be.device == "cpu":
-        fit_backend(be, model.num_params)
+        fit_backend(be, model)
     with GemmRecorder(be) as rec:
         step()
         be.synchronize()
@@ -121,9 +121,10 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
             be.gemm(*c)
 
     label = name + ("-graph" if graph else "") + (f"+{blas}" if blas not in (None, "numpy") else "")
-    enter = (lambda: fit_backend(be, model.num_params)) if be.device == "cpu" else None
+    enter = (lambda: fit_backend(be, model)) if be.device == "cpu" else None
     main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
                       "gemm_calls": len(calls), "device": be.device, "adam_threads": getattr(be, "adam_threads", None),
+                      "copy_threads": getattr(be, "copy_threads", None),
                       **({"blas": be.blas.version()} if hasattr(be, "blas") else {})}, step, be.synchronize, enter)
     return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize, enter)]
 

@@ -5,7 +5,8 @@ count is the one that matters. Measured on the 2-core development machines
 (``fastvae bench``): BLAS on both cores is fastest for every workload on an
 idle machine, which is also OpenBLAS's default, so fastvae changes nothing
 unless asked, except for OpenBLAS's idle spin when the NumPy backend runs
-its Adam on two threads (:func:`fit_backend`). With another process busy on
+its Adam, or the Numba backend its im2col/col2im, on two threads
+(:func:`fit_backend`). With another process busy on
 one of the two cores, OpenBLAS on both cores took the 784-400-20/b128 step
 from 5.7 ms (one thread) to 10.0 ms (``bench/results/cpu_busy_threads*.md``):
 ``--threads auto`` (:func:`autotune`) measures the choice instead of
@@ -28,6 +29,7 @@ SPIN_DEFAULT, SPIN_SHORT = 28, 4
 _spin: Optional[int] = None                                 # what fastvae set last (None: never touched)
 _USER_SPIN = os.environ.get("OPENBLAS_THREAD_TIMEOUT")      # the user's own setting is left alone
 ADAM_NOTE = "; Adam on 2 threads (OpenBLAS's idle threads sleep at once)"
+COPY_NOTE = "; im2col/col2im on 2 threads (OpenBLAS's idle threads sleep at once)"
 
 
 def set_threads(n: Optional[int]) -> dict:
@@ -144,28 +146,33 @@ def openblas_spin(log2_cycles: int) -> bool:
     return True
 
 
-def fit_backend(be, num_params: int) -> str:
-    """Fit the process's threads to CPU backend ``be`` before it trains a
-    model of ``num_params`` parameters (and before each benchmark chunk): the
-    NumPy backend runs its Adam update on two threads where the model has
-    ``be.ADAM_SPLIT_MIN`` parameters or more, two cores and two BLAS threads
-    are there, NumPy's BLAS is the GEMM library and its OpenBLAS can be told
-    to let its idle threads sleep at once (spinning, they hold the second
-    core: at 784-1000-2/b32 the step took 5.87 ms with two Adam threads
-    beside them, 5.44 on one thread; with the short spin 4.65 against 5.27,
-    interleaved, one process per spin). Anything else (the Numba backend,
-    MKL, one core or BLAS thread) runs it on one thread and gets OpenBLAS's
-    default spin back if fastvae changed it. Returns a note for the log."""
+def fit_backend(be, model) -> str:
+    """Fit the process's threads to CPU backend ``be`` before it trains
+    ``model`` (anything with ``num_params`` and ``layers``; before each
+    benchmark chunk too). Where two cores and two BLAS threads are there and
+    NumPy's OpenBLAS is the GEMM library, and it can be told to let its idle
+    threads sleep at once (spinning, they hold the second core): the NumPy
+    backend runs its Adam update on two threads for a model of
+    ``be.ADAM_SPLIT_MIN`` parameters or more (at 784-1000-2/b32 the step took
+    5.87 ms with two Adam threads beside spinning threads, 5.44 on one; with
+    the short spin 4.65 against 5.27, interleaved, one process per spin), and
+    the Numba backend its im2col/col2im for a model with convolutions
+    (``copy_threads``). Anything else (the Numba backend's MLPs, MKL, one
+    core or BLAS thread) runs them on one thread and gets OpenBLAS's default
+    spin back if fastvae changed it. Returns a note for the log."""
     cores = usable_cores()
     info = numpy_blas() if getattr(be, "device", None) == "cpu" else None
-    want = (getattr(be, "MAX_ADAM_THREADS", 1) >= 2 and num_params >= be.ADAM_SPLIT_MIN and cores >= 2
-            and info is not None
-            and (info.get("num_threads") or 1) >= 2 and getattr(be.blas, "name", None) == "numpy")
-    if want and openblas_spin(SPIN_SHORT):
-        be.adam_threads = 2
-        return ADAM_NOTE
-    if hasattr(be, "adam_threads"):
-        be.adam_threads = 1
+    two = (cores >= 2 and info is not None and (info.get("num_threads") or 1) >= 2
+           and getattr(be.blas, "name", None) == "numpy")
+    adam = two and getattr(be, "MAX_ADAM_THREADS", 1) >= 2 and model.num_params >= be.ADAM_SPLIT_MIN
+    copies = (two and getattr(be, "MAX_COPY_THREADS", 1) >= 2
+              and any(getattr(layer, "cols_per_image", 0) for layer in model.layers))
+    if (adam or copies) and openblas_spin(SPIN_SHORT):
+        be.adam_threads, be.copy_threads = (2 if adam else 1), (2 if copies else 1)
+        return ADAM_NOTE if adam else COPY_NOTE
+    for name in ("adam_threads", "copy_threads"):
+        if hasattr(be, name):
+            setattr(be, name, 1)
     if _spin not in (None, SPIN_DEFAULT) and info is not None:
         openblas_spin(SPIN_DEFAULT)
     return ""

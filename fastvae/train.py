@@ -92,7 +92,7 @@ class Trainer:
         self.backend = self.model.backend
         self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
                              + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size))
-                             + fit_backend(self.backend, self.model.num_params))
+                             + fit_backend(self.backend, self.model))
         preflight_training(self.model, tc)
         if self.backend.name == "cupy":
             self.backend.tf32 = tc.tf32

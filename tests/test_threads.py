@@ -13,6 +13,12 @@ from fastvae import threads as T
 from fastvae.backends.numpy_backend import NumpyBackend
 
 
+def _model(num_params, conv=False):
+    """What fit_backend reads of a model: its size and whether a layer has an im2col buffer."""
+    from types import SimpleNamespace
+    return SimpleNamespace(num_params=num_params, layers=[SimpleNamespace(cols_per_image=512 if conv else 0)])
+
+
 def _openblas_pthreads():
     info = T.numpy_blas()
     return (info is not None and info.get("internal_api") == "openblas"
@@ -99,19 +105,92 @@ def test_fit_backend_gives_numpy_two_adam_threads_and_numba_one(restore_spin):
     or the user's own OPENBLAS_THREAD_TIMEOUT, keep Adam on one thread."""
     before = T.current()["blas"]
     be = backends.get("numpy", "float32")
-    assert "Adam on 2 threads" in T.fit_backend(be, 10 ** 6) and be.adam_threads == 2 and T._spin == T.SPIN_SHORT
+    assert "Adam on 2 threads" in T.fit_backend(be, _model(10 ** 6))
+    assert be.adam_threads == 2 and T._spin == T.SPIN_SHORT
     assert T.current()["blas"] == before
     nb = backends.get("numba", "float32")
-    assert T.fit_backend(nb, 10 ** 6) == "" and nb.adam_threads == 1 and T._spin == T.SPIN_DEFAULT
+    assert T.fit_backend(nb, _model(10 ** 6)) == "" and nb.adam_threads == 1 and T._spin == T.SPIN_DEFAULT
     assert T.current()["blas"] == before
     a = np.random.default_rng(0).random((300, 200)).astype(np.float32)
     np.testing.assert_allclose(a @ a.T, (a.astype(np.float64) @ a.T.astype(np.float64)), rtol=1e-5)
 
     class OtherGemm:
         name = "mkl"
-    assert T.fit_backend(be, NumpyBackend.ADAM_SPLIT_MIN - 1) == "" and be.adam_threads == 1   # too small
+    assert T.fit_backend(be, _model(NumpyBackend.ADAM_SPLIT_MIN - 1)) == "" and be.adam_threads == 1   # too small
     be.blas = OtherGemm()
-    assert T.fit_backend(be, 10 ** 6) == "" and be.adam_threads == 1
+    assert T.fit_backend(be, _model(10 ** 6)) == "" and be.adam_threads == 1
+
+
+@needs_openblas
+def test_fit_backend_gives_the_numba_backend_two_copy_threads_for_a_model_with_convolutions(restore_spin):
+    """A model with im2col buffers: the Numba backend's im2col/col2im on two
+    threads and OpenBLAS's spin short (the log says so); an MLP, or MKL as
+    the GEMM library, keeps them on one and the default spin. Thread counts
+    never change; the NumPy backend's copies stay serial."""
+    pytest.importorskip("numba", reason="numba is not installed")
+    before = T.current()["blas"]
+    nb = backends.get("numba", "float32")
+    assert "im2col/col2im on 2 threads" in T.fit_backend(nb, _model(1000, conv=True))
+    assert nb.copy_threads == 2 and nb.adam_threads == 1 and T._spin == T.SPIN_SHORT
+    assert T.fit_backend(nb, _model(10 ** 6)) == "" and nb.copy_threads == 1 and T._spin == T.SPIN_DEFAULT
+    assert T.current()["blas"] == before
+
+    class OtherGemm:
+        name = "mkl"
+    nb.blas = OtherGemm()
+    assert T.fit_backend(nb, _model(1000, conv=True)) == "" and nb.copy_threads == 1
+    be = backends.get("numpy", "float32")
+    assert "im2col" not in T.fit_backend(be, _model(10 ** 6, conv=True)) and be.adam_threads == 2
+
+
+# (in (H, W, C), kernel, stride, padding, batch): few channels and many, odd batches, padding
+COPY_GEOMS = [((16, 16, 1), 4, 2, 1, 5), ((8, 8, 32), 4, 2, 1, 4), ((9, 7, 3), 3, 1, 1, 3), ((6, 5, 9), 4, 3, 2, 7)]
+
+
+@pytest.mark.parametrize("hwc, k, s, p, B", COPY_GEOMS)
+def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(hwc, k, s, p, B, monkeypatch):
+    """Each thread takes half the batch's images: every row of the column
+    buffer and every image is written as the serial kernel writes it (both
+    outputs start as NaN, so a row left out or written twice shows)."""
+    pytest.importorskip("numba", reason="numba is not installed")
+    from fastvae.backends.numba_backend import NumbaBackend
+    monkeypatch.setattr(NumbaBackend, "COPY_SPLIT_MIN", 0)
+    H, W, C = hwc
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    r = np.random.default_rng(3)
+    x = r.normal(size=(B, H * W * C)).astype(np.float32)
+    c = r.normal(size=(B * Ho * Wo, C * k * k)).astype(np.float32)
+    out = {}
+    for n in (1, 2):
+        be = NumbaBackend("float32")
+        be.copy_threads = n
+        cols = be.im2col(np.full_like(c, np.nan), x, hwc, k, s, p, (Ho, Wo))
+        img = be.col2im(np.full_like(x, np.nan), c, hwc, k, s, p, (Ho, Wo))
+        out[n] = cols, img
+        assert (getattr(be, "_pool", None) is not None) == (n == 2)      # the worker took its half
+    assert not np.isnan(out[2][0]).any() and not np.isnan(out[2][1]).any()
+    assert np.array_equal(out[2][0], out[1][0]) and np.array_equal(out[2][1], out[1][1])
+
+
+@needs_openblas
+def test_a_numba_conv_training_run_on_two_copy_threads_is_the_one_thread_run(tmp_path, monkeypatch, restore_spin):
+    """The trainer gives a ConvNet's copies two threads (its log says so) and
+    the run ends on the same bits as with them on one."""
+    pytest.importorskip("numba", reason="numba is not installed")
+    from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
+    from fastvae.backends.numba_backend import NumbaBackend
+    monkeypatch.setattr(NumbaBackend, "COPY_SPLIT_MIN", 0)
+    data = datasets.make_sprites(48, seed=6, size=16)
+    runs = []
+    for most in (2, 1):
+        monkeypatch.setattr(NumbaBackend, "MAX_COPY_THREADS", most)
+        t = Trainer(ModelConfig(input_dim=256, image_shape=(16, 16), arch="conv", latent_dim=3),
+                    TrainConfig(epochs=1, batch_size=16, seed=2, backend="numba"), DataConfig(), dataset=data,
+                    out=str(tmp_path / f"run{most}"), progress=False)
+        assert ("im2col/col2im on 2 threads" in t.threads_note) == (most == 2) and t.backend.copy_threads == most
+        t.fit()
+        runs.append(t.backend.to_host(t.model.params).copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_the_users_own_openblas_timeout_is_left_alone(monkeypatch):
@@ -120,7 +199,7 @@ def test_the_users_own_openblas_timeout_is_left_alone(monkeypatch):
     monkeypatch.setattr(T, "_spin", None)
     be = backends.get("numpy", "float32")
     assert T.openblas_spin(T.SPIN_SHORT) is False
-    assert T.fit_backend(be, 10 ** 6) == "" and be.adam_threads == 1 and T._spin is None
+    assert T.fit_backend(be, _model(10 ** 6)) == "" and be.adam_threads == 1 and T._spin is None
     assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "10"    # neither overwritten nor removed
 
 

@@ -247,12 +247,14 @@ class NumpyBackend(Backend):
             job.result()            # never return (or raise) while the worker still writes the buffers
 
     def _worker(self):
-        """The Adam worker thread of this backend in this process (a fork gets its own)."""
+        """The worker thread of this backend in this process (a fork gets its
+        own): the second half of a two-thread Adam update (and of the Numba
+        backend's two-thread im2col/col2im)."""
         import os
         pool = getattr(self, "_pool", None)
         if pool is None or pool[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
-            pool = self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastvae-adam"))
+            pool = self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastvae-worker"))
         return pool[1]
 
     def _adam_range(self, tid, start, stop, params, grads, m, v, *hyper, errstate=None):
