@@ -34,8 +34,8 @@ class NumbaBackend(NumpyBackend):
     #: threads im2col/col2im may use: 2 gives each of two threads half the batch's images (the same
     #: copies, bit for bit); set per process by :func:`fastvae.threads.fit_backend` for a model with
     #: convolutions, which also puts OpenBLAS's idle threads to sleep at once (spinning, they hold the
-    #: second core). Burgess net at b64: 40.0-42.1 ms per step against 48.2-50.4 on one thread
-    #: (alternating blocks in one process, the short spin in both)
+    #: second core). Burgess net at b64: 40.0-42.5 ms per step against 47.6-50.4 on one thread
+    #: (five runs of alternating blocks in one process, the short spin in both)
     MAX_COPY_THREADS = 2
     copy_threads = 1
     #: column buffers of fewer values stay on one thread (the handoff then costs what it saves)
