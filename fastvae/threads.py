@@ -163,7 +163,7 @@ def fit_backend(be, model) -> str:
     cores = usable_cores()
     info = numpy_blas() if getattr(be, "device", None) == "cpu" else None
     two = (cores >= 2 and info is not None and (info.get("num_threads") or 1) >= 2
-           and getattr(be.blas, "name", None) == "numpy")
+           and getattr(getattr(be, "blas", None), "name", None) == "numpy")
     adam = two and getattr(be, "MAX_ADAM_THREADS", 1) >= 2 and model.num_params >= be.ADAM_SPLIT_MIN
     copies = (two and getattr(be, "MAX_COPY_THREADS", 1) >= 2
               and any(getattr(layer, "cols_per_image", 0) for layer in model.layers))
