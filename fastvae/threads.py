@@ -5,7 +5,7 @@ count is the one that matters. Measured on the 2-core development machines
 (``fastvae bench``): BLAS on both cores is fastest for every workload on an
 idle machine, which is also OpenBLAS's default, so fastvae changes nothing
 unless asked, except for OpenBLAS's idle spin when the NumPy backend runs
-its Adam, or the Numba backend its im2col/col2im, on two threads
+its Adam, or a CPU backend its im2col/col2im, on two threads
 (:func:`fit_backend`). With another process busy on
 one of the two cores, OpenBLAS on both cores took the 784-400-20/b128 step
 from 5.7 ms (one thread) to 10.0 ms (``bench/results/cpu_busy_threads*.md``):
@@ -28,8 +28,8 @@ _limit: Optional[int] = None
 SPIN_DEFAULT, SPIN_SHORT = 28, 4
 _spin: Optional[int] = None                                 # what fastvae set last (None: never touched)
 _USER_SPIN = os.environ.get("OPENBLAS_THREAD_TIMEOUT")      # the user's own setting is left alone
-ADAM_NOTE = "; Adam on 2 threads (OpenBLAS's idle threads sleep at once)"
-COPY_NOTE = "; im2col/col2im on 2 threads (OpenBLAS's idle threads sleep at once)"
+_NOTE = "; {} on 2 threads (OpenBLAS's idle threads sleep at once)"
+ADAM_NOTE = _NOTE.format("Adam")
 
 
 def set_threads(n: Optional[int]) -> dict:
@@ -156,7 +156,7 @@ def fit_backend(be, model) -> str:
     ``be.ADAM_SPLIT_MIN`` parameters or more (at 784-1000-2/b32 the step took
     5.87 ms with two Adam threads beside spinning threads, 5.44 on one; with
     the short spin 4.65 against 5.27, interleaved, one process per spin), and
-    the Numba backend its im2col/col2im for a model with convolutions
+    both CPU backends their im2col/col2im for a model with convolutions
     (``copy_threads``). Anything else (the Numba backend's MLPs, MKL, one
     core or BLAS thread) runs them on one thread and gets OpenBLAS's default
     spin back if fastvae changed it. Returns a note for the log."""
@@ -169,7 +169,8 @@ def fit_backend(be, model) -> str:
               and any(getattr(layer, "cols_per_image", 0) for layer in model.layers))
     if (adam or copies) and openblas_spin(SPIN_SHORT):
         be.adam_threads, be.copy_threads = (2 if adam else 1), (2 if copies else 1)
-        return ADAM_NOTE if adam else COPY_NOTE
+        what = " and ".join(w for w, on in (("Adam", adam), ("im2col/col2im", copies)) if on)
+        return _NOTE.format(what)
     for name in ("adam_threads", "copy_threads"):
         if hasattr(be, name):
             setattr(be, name, 1)

@@ -122,11 +122,11 @@ def test_fit_backend_gives_numpy_two_adam_threads_and_numba_one(restore_spin):
 
 
 @needs_openblas
-def test_fit_backend_gives_the_numba_backend_two_copy_threads_for_a_model_with_convolutions(restore_spin):
+def test_fit_backend_gives_the_cpu_backends_two_copy_threads_for_a_model_with_convolutions(restore_spin):
     """A model with im2col buffers: the Numba backend's im2col/col2im on two
     threads and OpenBLAS's spin short (the log says so); an MLP, or MKL as
     the GEMM library, keeps them on one and the default spin. Thread counts
-    never change; the NumPy backend's copies stay serial."""
+    never change; the NumPy backend gets two copy threads beside its two Adam threads."""
     pytest.importorskip("numba", reason="numba is not installed")
     before = T.current()["blas"]
     nb = backends.get("numba", "float32")
@@ -140,21 +140,28 @@ def test_fit_backend_gives_the_numba_backend_two_copy_threads_for_a_model_with_c
     nb.blas = OtherGemm()
     assert T.fit_backend(nb, _model(1000, conv=True)) == "" and nb.copy_threads == 1
     be = backends.get("numpy", "float32")
-    assert "im2col" not in T.fit_backend(be, _model(10 ** 6, conv=True)) and be.adam_threads == 2
+    assert "Adam and im2col/col2im on 2 threads" in T.fit_backend(be, _model(10 ** 6, conv=True))
+    assert be.adam_threads == 2 and be.copy_threads == 2
 
 
 # (in (H, W, C), kernel, stride, padding, batch): few channels and many, odd batches, padding
 COPY_GEOMS = [((16, 16, 1), 4, 2, 1, 5), ((8, 8, 32), 4, 2, 1, 4), ((9, 7, 3), 3, 1, 1, 3), ((6, 5, 9), 4, 3, 2, 7)]
 
 
+def _cpu_backend(name):
+    if name == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    return backends.get(name, "float32")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("hwc, k, s, p, B", COPY_GEOMS)
-def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(hwc, k, s, p, B, monkeypatch):
-    """Each thread takes half the batch's images: every row of the column
-    buffer and every image is written as the serial kernel writes it (both
-    outputs start as NaN, so a row left out or written twice shows)."""
-    pytest.importorskip("numba", reason="numba is not installed")
-    from fastvae.backends.numba_backend import NumbaBackend
-    monkeypatch.setattr(NumbaBackend, "COPY_SPLIT_MIN", 0)
+def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(backend, hwc, k, s, p, B, monkeypatch):
+    """Each thread takes half the batch's images (and the NumPy backend's
+    worker its own staging buffers): every row of the column buffer and
+    every image is written as the serial copy writes it (both outputs start
+    as NaN, so a row left out or written twice shows)."""
+    monkeypatch.setattr(NumpyBackend, "COPY_SPLIT_MIN", 0)
     H, W, C = hwc
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     r = np.random.default_rng(3)
@@ -162,7 +169,7 @@ def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(hwc, k,
     c = r.normal(size=(B * Ho * Wo, C * k * k)).astype(np.float32)
     out = {}
     for n in (1, 2):
-        be = NumbaBackend("float32")
+        be = _cpu_backend(backend)
         be.copy_threads = n
         cols = be.im2col(np.full_like(c, np.nan), x, hwc, k, s, p, (Ho, Wo))
         img = be.col2im(np.full_like(x, np.nan), c, hwc, k, s, p, (Ho, Wo))
@@ -173,19 +180,19 @@ def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(hwc, k,
 
 
 @needs_openblas
-def test_a_numba_conv_training_run_on_two_copy_threads_is_the_one_thread_run(tmp_path, monkeypatch, restore_spin):
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_conv_training_run_on_two_copy_threads_is_the_one_thread_run(backend, tmp_path, monkeypatch, restore_spin):
     """The trainer gives a ConvNet's copies two threads (its log says so) and
     the run ends on the same bits as with them on one."""
-    pytest.importorskip("numba", reason="numba is not installed")
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
-    from fastvae.backends.numba_backend import NumbaBackend
-    monkeypatch.setattr(NumbaBackend, "COPY_SPLIT_MIN", 0)
+    _cpu_backend(backend)
+    monkeypatch.setattr(NumpyBackend, "COPY_SPLIT_MIN", 0)
     data = datasets.make_sprites(48, seed=6, size=16)
     runs = []
     for most in (2, 1):
-        monkeypatch.setattr(NumbaBackend, "MAX_COPY_THREADS", most)
+        monkeypatch.setattr(NumpyBackend, "MAX_COPY_THREADS", most)
         t = Trainer(ModelConfig(input_dim=256, image_shape=(16, 16), arch="conv", latent_dim=3),
-                    TrainConfig(epochs=1, batch_size=16, seed=2, backend="numba"), DataConfig(), dataset=data,
+                    TrainConfig(epochs=1, batch_size=16, seed=2, backend=backend), DataConfig(), dataset=data,
                     out=str(tmp_path / f"run{most}"), progress=False)
         assert ("im2col/col2im on 2 threads" in t.threads_note) == (most == 2) and t.backend.copy_threads == most
         t.fit()

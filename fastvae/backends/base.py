@@ -299,16 +299,17 @@ class Backend:
     #: bytes of the (i, j, c)-ordered staging buffer one chunk of images uses (:meth:`_staged`)
     CONV_STAGE_BYTES = 1 << 21
 
-    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw, tid=0):
         """Patches of ``x (B, H*W*C)`` into ``cols (B*Ho*Wo, C*k*k)``: row
         ``(b, oh, ow)`` holds ``x[b, oh*s - p + i, ow*s - p + j, c]`` at column
-        ``(c, i, j)``, zero where that falls in the padding."""
+        ``(c, i, j)``, zero where that falls in the padding. ``tid``: the
+        calling thread's number, whose own work buffers it uses."""
         H, W, C = in_hwc
         Ho, Wo = out_hw
         B, s, p = x.shape[0], stride, padding
         src = x.reshape(B, H, W, C)
         if p:
-            pad = self._zero_border(("im2col_pad", p), (B, H + 2 * p, W + 2 * p, C))
+            pad = self._zero_border(("im2col_pad", p, tid), (B, H + 2 * p, W + 2 * p, C))
             pad[:, p:p + H, p:p + W, :] = src
             src = pad
         win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
@@ -319,7 +320,7 @@ class Backend:
                     c6[:, :, :, :, i, j] = win(src, i, j)
             return cols
         rows = cols.reshape(B, Ho * Wo, C, k * k)
-        for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C)):
+        for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
             sb = src[b0:b0 + n]
             for i in range(k):
                 for j in range(k):
@@ -327,15 +328,16 @@ class Backend:
             rows[b0:b0 + n] = t6.reshape(n, Ho * Wo, k * k, C).transpose(0, 1, 3, 2)
         return cols
 
-    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw, tid=0):
         """The adjoint of :meth:`im2col`: ``x (B, H*W*C)`` = the sum of every
         patch entry of ``cols (B*Ho*Wo, C*k*k)`` at the pixel it was read
         from (entries in the padding are dropped). Each pixel's sum runs over
-        (i, j) in order whichever path, so both give the same bits."""
+        (i, j) in order whichever path, so both give the same bits. ``tid``
+        as :meth:`im2col`'s."""
         H, W, C = in_hwc
         Ho, Wo = out_hw
         B, s, p = x.shape[0], stride, padding
-        acc = self.scratch("col2im_acc", (B, H + 2 * p, W + 2 * p, C))
+        acc = self.scratch(("col2im_acc", tid), (B, H + 2 * p, W + 2 * p, C))
         acc[...] = 0
         win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
         if C < 8:
@@ -345,7 +347,7 @@ class Backend:
                     win(acc, i, j)[...] += c6[:, :, :, :, i, j]
         else:
             rows = cols.reshape(B, Ho * Wo, C, k * k)
-            for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C)):
+            for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
                 t6.reshape(n, Ho * Wo, k * k, C)[...] = rows[b0:b0 + n].transpose(0, 1, 3, 2)
                 ab = acc[b0:b0 + n]
                 for i in range(k):
@@ -354,7 +356,7 @@ class Backend:
         x.reshape(B, H, W, C)[...] = acc[:, p:p + H, p:p + W, :]
         return x
 
-    def _staged(self, B, shape):
+    def _staged(self, B, shape, tid=0):
         """``(first image, images, staging view)`` for chunks of the batch that
         fit :data:`CONV_STAGE_BYTES` in a ``(n, Ho, Wo, k, k, C)`` buffer: with
         8 channels or more, im2col and col2im go through it, where each
@@ -365,7 +367,7 @@ class Backend:
         direct slices stay faster)."""
         per = int(np.prod(shape)) * self.dtype.itemsize
         bc = max(1, min(B, self.CONV_STAGE_BYTES // per))
-        stage = self.scratch("conv_stage", (bc,) + tuple(shape))
+        stage = self.scratch(("conv_stage", tid), (bc,) + tuple(shape))
         for b0 in range(0, B, bc):
             n = min(bc, B - b0)
             yield b0, n, stage[:n]

@@ -31,15 +31,6 @@ class NumbaBackend(NumpyBackend):
     MAX_ADAM_THREADS = 1
     #: bias gradients of fewer columns sum interleaved rows (:func:`kernels.numba_cpu.col_sum_narrow`)
     NARROW_COLUMNS = 16
-    #: threads im2col/col2im may use: 2 gives each of two threads half the batch's images (the same
-    #: copies, bit for bit); set per process by :func:`fastvae.threads.fit_backend` for a model with
-    #: convolutions, which also puts OpenBLAS's idle threads to sleep at once (spinning, they hold the
-    #: second core). Burgess net at b64: 40.0-42.5 ms per step against 47.6-50.4 on one thread
-    #: (five runs of alternating blocks in one process, the short spin in both)
-    MAX_COPY_THREADS = 2
-    copy_threads = 1
-    #: column buffers of fewer values stay on one thread (the handoff then costs what it saves)
-    COPY_SPLIT_MIN = 1 << 18
 
     def __init__(self, dtype="float32"):
         super().__init__(dtype)
@@ -144,26 +135,12 @@ class NumbaBackend(NumpyBackend):
             # rounds; the seed net's 101.9 against 102.4). The kernel then writes every entry.
             cols.fill(0)
         im2col = KC.im2col_narrow if in_hwc[2] < 8 else KC.im2col
-        self._by_images(im2col, cols, x, x.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        self._by_images(lambda c, xs, tid: im2col(c, xs, xs.shape[0], *in_hwc, k, stride, padding, *out_hw),
+                        cols, x, x.shape[0])
         return cols
 
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
         col2im = KC.col2im_narrow if in_hwc[2] < 8 else KC.col2im
-        self._by_images(col2im, x, cols, x.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        self._by_images(lambda xs, c, tid: col2im(xs, c, xs.shape[0], *in_hwc, k, stride, padding, *out_hw),
+                        x, cols, x.shape[0])
         return x
-
-    def _by_images(self, kernel, a, b, B, *geometry):
-        """``kernel(a, b, B, *geometry)``, a conv kernel whose two arrays hold
-        ``B`` images' rows each (im2col: ``cols, x``; col2im: ``x, cols``),
-        whose images are independent: with ``copy_threads`` 2, the last half
-        of the images on the worker thread, the first half here."""
-        if self.copy_threads < 2 or B < 2 or max(a.size, b.size) < self.COPY_SPLIT_MIN:
-            kernel(a, b, B, *geometry)
-            return
-        h = B // 2
-        ra, rb = a.shape[0] // B * h, b.shape[0] // B * h
-        job = self._worker().submit(kernel, a[ra:], b[rb:], B - h, *geometry)
-        try:
-            kernel(a[:ra], b[:rb], h, *geometry)
-        finally:
-            job.result()            # never return (or raise) while the worker still writes

@@ -246,6 +246,49 @@ class NumpyBackend(Backend):
         finally:
             job.result()            # never return (or raise) while the worker still writes the buffers
 
+    #: threads im2col/col2im may use: 2 gives each of two threads half the batch's
+    #: images (the same copies, bit for bit); set per process by
+    #: :func:`fastvae.threads.fit_backend` for a model with convolutions, with
+    #: OpenBLAS's idle threads asleep at once. Burgess net at b64 (alternating
+    #: blocks in one process, the short spin in both): 78.4 ms per step against
+    #: 100.5, the Numba backend's 51.4 against 60.5; seed net at b128 113.3
+    #: against 125.4 and 98.9 against 103.8
+    MAX_COPY_THREADS = 2
+    copy_threads = 1
+    #: column buffers of fewer values stay on one thread (the handoff then costs what it saves)
+    COPY_SPLIT_MIN = 1 << 18
+
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
+        self._by_images(lambda c, xs, tid: Backend.im2col(self, c, xs, in_hwc, k, stride, padding, out_hw, tid),
+                        cols, x, x.shape[0])
+        return cols
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
+        self._by_images(lambda xs, c, tid: Backend.col2im(self, xs, c, in_hwc, k, stride, padding, out_hw, tid),
+                        x, cols, x.shape[0])
+        return x
+
+    def _by_images(self, run, a, b, B):
+        """``run(a, b, tid)`` for a convolution copy whose arrays ``a`` and
+        ``b`` hold ``B`` independent images' rows each (im2col: ``cols, x``;
+        col2im: ``x, cols``): with ``copy_threads`` 2, on the first half of
+        the images here (``tid`` 0) and the last half on the worker thread
+        (``tid`` 1, under the caller's NumPy error state)."""
+        if self.copy_threads < 2 or B < 2 or max(a.size, b.size) < self.COPY_SPLIT_MIN:
+            run(a, b, 0)
+            return
+        h = B // 2
+        ra, rb, err = a.shape[0] // B * h, b.shape[0] // B * h, np.geterr()
+
+        def second():
+            with np.errstate(**err):
+                run(a[ra:], b[rb:], 1)
+        job = self._worker().submit(second)
+        try:
+            run(a[:ra], b[:rb], 0)
+        finally:
+            job.result()            # never return (or raise) while the worker still writes
+
     def _worker(self):
         """The worker thread of this backend in this process (a fork gets its
         own): the second half of a two-thread Adam update (and of the Numba
