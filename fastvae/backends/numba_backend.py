@@ -132,11 +132,15 @@ class NumbaBackend(NumpyBackend):
             # last (the weight gradient's GEMM at the end of the previous step): 5.4 ms for the 64x64 input's
             # im2col at b64 against 1.4 alone; NumPy's fill, which claims the lines without fetching them,
             # first made it 1.9 in all, and the Burgess net's Numba step 64.8 ms against 71.2 (12 interleaved
-            # rounds; the seed net's 101.9 against 102.4). The kernel then writes every entry.
-            cols.fill(0)
-        im2col = KC.im2col_narrow if in_hwc[2] < 8 else KC.im2col
-        self._by_images(lambda c, xs, tid: im2col(c, xs, xs.shape[0], *in_hwc, k, stride, padding, *out_hw),
-                        cols, x, x.shape[0])
+            # rounds; the seed net's 101.9 against 102.4). The kernel then writes every entry; each
+            # thread fills its own rows.
+            def run(c, xs, tid):
+                c.fill(0)
+                KC.im2col_narrow(c, xs, xs.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        else:
+            def run(c, xs, tid):
+                KC.im2col(c, xs, xs.shape[0], *in_hwc, k, stride, padding, *out_hw)
+        self._by_images(run, cols, x, x.shape[0])
         return cols
 
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
