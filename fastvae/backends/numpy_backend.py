@@ -291,8 +291,8 @@ class NumpyBackend(Backend):
 
     def _worker(self):
         """The worker thread of this backend in this process (a fork gets its
-        own): the second half of a two-thread Adam update (and of the Numba
-        backend's two-thread im2col/col2im)."""
+        own): the second half of a two-thread Adam update, and of both CPU
+        backends' two-thread im2col/col2im."""
         import os
         pool = getattr(self, "_pool", None)
         if pool is None or pool[0] != os.getpid():
