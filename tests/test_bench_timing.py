@@ -227,19 +227,26 @@ def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkey
 
 
 def test_the_readme_summary_table_comes_from_the_result_files(tmp_path):
-    """bench/summary_table.py: per workload the step ratios (the last file
-    naming it wins), the epoch ratios and Numba's step over its GEMMs alone;
-    PyTorch's own rows and failed rows are no columns, a missing one an empty cell."""
+    """bench/summary_table.py: per workload Numba's and PyTorch's step times
+    (PyTorch's faster Adam), the step ratios (the last file naming it wins),
+    the epoch ratios, Numba's step over its GEMMs alone, their time, the FLOP
+    floor and the warm-up; failed rows are no columns, a missing one an empty cell."""
     import json
     mod = _bench_script("summary_table")
-    step = lambda w, b, x, g=None: {"bench": "step_time", "workload": w, "backend": b, "speedup_vs_torch": x,
-                                    **({"x_gemm_only": g} if g else {})}
+
+    def step(w, b, x, ms, g=None):
+        return {"bench": "step_time", "workload": w, "backend": b, "speedup_vs_torch": x, "ms_per_step": ms,
+                **({"x_gemm_only": g, "gemm_only_ms": ms / g, "flops_floor_ms": 0.5 * ms, "warmup_s": 0.25}
+                   if g else {})}
     first, again, epochs = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "e.json"
     first.write_text("".join(json.dumps(r) + "\n" for r in [
-        step("m/b8", "numba", 1.2, 1.1), step("m/b8", "numpy", 0.9), step("m/b8", "torch-fused", 1.0),
-        step("c/b4", "numba", 0.5, 1.6), {"bench": "step_time", "workload": "c/b4", "backend": "numpy", "error": "x"}]))
-    again.write_text(json.dumps(step("m/b8", "numba", 1.25, 1.05)) + "\n")
+        step("m/b8", "numba", 1.2, 2.5, 1.1), step("m/b8", "numpy", 0.9, 3.3), step("m/b8", "torch-fused", 1.0, 3.1),
+        step("m/b8", "torch-foreach", 0.97, 3.0), step("c/b4", "numba", 0.5, 40.0, 1.6),
+        {"bench": "step_time", "workload": "c/b4", "backend": "numpy", "error": "x"}]))
+    again.write_text(json.dumps(step("m/b8", "numba", 1.25, 2.4, 1.05)) + "\n")
     epochs.write_text(json.dumps({"rows": [{"workload": "m/b8", "backend": "numba", "vs_torch_fused": 1.3},
                                            {"workload": "m/b8", "backend": "torch-fused", "vs_torch_fused": 1.0}]}))
     lines = mod.table([str(first), str(again)], [str(epochs)]).splitlines()
-    assert lines[2:] == ["| m/b8 | 1.25x | 0.90x | 1.30x |  | 1.05 |", "| c/b4 | 0.50x |  |  |  | 1.60 |"]
+    assert lines[0].count("|") == lines[1].count("|") == 12
+    assert lines[2:] == ["| m/b8 | 2.40 | 3.00 | 1.25x | 0.90x | 1.30x |  | 1.05 | 2.29 | 1.20 | 0.25 |",
+                         "| c/b4 | 40.0 |  | 0.50x |  |  |  | 1.60 | 25.0 | 20.0 | 0.25 |"]
