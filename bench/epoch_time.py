@@ -5,7 +5,8 @@ the PyTorch twin, same data, same settings, same initial weights, same run.
                                [--backends numba numpy] [--settle 1.0] [--min-clean 3]
                                [--name epoch_time]
 
-Workloads: the standard MNIST MLPs, or one of your own written as 784-H-...-L/bB.
+Workloads: the standard MNIST MLPs, one of your own written as 784-H-...-L/bB,
+or the seed's ConvNet (conv28-L/bB, e.g. conv28-20/b128).
 Every contender trains its own model on the 24,000-image training file
 (../shared/data/mnist; skipped with a message when absent): Bernoulli
 likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
@@ -183,16 +184,16 @@ def main():
     if not os.path.exists(a.data_dir):
         print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
         return 0
-    try:                                  # the standard ones, or an MLP of your own (784-H-...-L/bB)
+    try:                                  # the standard ones, an MLP of your own (784-H-...-L/bB), conv28-L/bB
         wls = {w: workload(w) for w in a.workloads}
-        bad = [w for w, wl in wls.items() if wl.get("arch", "mlp") != "mlp" or wl["input_dim"] != 784]
+        bad = [w for w, wl in wls.items() if wl["input_dim"] != 784]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if bad:
-        print(f"error: {bad} are not MNIST MLP workloads; choose from "
-              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784 and 'arch' not in v]} "
-              "or write your own as 784-H-...-L/bB", file=sys.stderr)
+        print(f"error: {bad} are not MNIST workloads (784 inputs); choose from "
+              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784]} "
+              "or write your own as 784-H-...-L/bB or conv28-L/bB", file=sys.stderr)
         return 2
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
     env = dict(environment(), date=datetime.datetime.now().isoformat(timespec="seconds"),

@@ -163,6 +163,27 @@ def test_epoch_benchmark_on_real_mnist(tmp_path):
     assert md.count("| 784-400-20/b128 |") == len(rows)
 
 
+def test_epoch_benchmark_takes_the_mnist_workloads_the_convnet_included(tmp_path, monkeypatch, capsys):
+    """784-input workloads (the MLPs and the seed's ConvNet, conv28) reach
+    the data loading; another input size is refused with the choices."""
+    mod = _epoch_time()
+
+    class Loaded(Exception):
+        pass
+
+    def load(cfg):
+        raise Loaded
+    monkeypatch.setattr(mod.datasets, "load", load)
+    for w in ("conv28-20/b128", "784-400-20/b128"):
+        monkeypatch.setattr("sys.argv", ["epoch_time", "--data-dir", str(tmp_path), "--workloads", w])
+        with pytest.raises(Loaded):
+            mod.main()
+    monkeypatch.setattr("sys.argv", ["epoch_time", "--data-dir", str(tmp_path), "--workloads", "conv64-10/b64"])
+    assert mod.main() == 2
+    err = capsys.readouterr().err
+    assert "not MNIST workloads" in err and "conv28-20/b128" in err
+
+
 def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
     from fastvae.timing import CoreProbe, clean_intervals
     assert clean_intervals([1.9, 1.9, 1.4, 1.9, 1.8, 2.3]) == [True, False, False, True, True]
