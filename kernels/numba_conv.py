@@ -2,7 +2,8 @@
 and its adjoint col2im on channels-last images (the layout and formulas are
 documented on :class:`fastvae.backends.base.Backend` and in
 :mod:`fastvae.layers.conv`). Pure copies and additions, serial, compiled as
-the other kernels (:mod:`.numba_cpu`)."""
+the other kernels (:mod:`.numba_cpu`; ``nogil``, so the backend may run one on
+each half of a batch's images from two threads)."""
 
 import numpy as np
 
