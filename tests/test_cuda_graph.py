@@ -10,6 +10,7 @@ counts. Both are asserted. With a GPU (marker ``gpu``) the same tests run
 on CuPy's real stream capture.
 """
 
+import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -157,6 +158,27 @@ def test_direct_array_operations_are_refused_at_capture_and_turn_replays_eager()
     assert g.stats["diverged"] == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed (its GEMM mode setter)")
+def test_a_gemm_captured_in_one_tf32_mode_is_not_replayed_in_the_other(monkeypatch):
+    """A graph freezes the GEMM kernels cuBLAS picked at capture: after the
+    backend's ``tf32`` flag changes, the replay must turn eager and run the
+    GEMM in the new mode. (The emulated graph launch runs the captured
+    calls again, the mode setting with them; a GPU's does not.)"""
+    from cupy._core import _routines_linalg as lin
+    modes = []
+    monkeypatch.setattr(lin, "set_compute_type", lambda dtype, mode: modes.append(mode))
+    be = EmulatedCupyBackend("float32")
+    m, out = be.asarray(np.eye(2, dtype=np.float32) * 2), be.zeros((2, 2))
+    g = StepGraphs(be, warmup=0)
+    for _ in range(3):                       # capture, two replays
+        g("k", be.gemm, out, m, m)
+    assert g.stats["replayed"] == 2 and set(modes) == {lin.COMPUTE_TYPE_DEFAULT}
+    be.tf32 = True
+    g("k", be.gemm, out, m, m)
+    assert g.stats["diverged"] == 1 and g.stats["replayed"] == 2 and modes[-1] == lin.COMPUTE_TYPE_TF32
+    np.testing.assert_array_equal(out, np.eye(2) * 4)
+
+
 def test_step_graphs_need_a_graph_backend():
     with pytest.raises(GraphUnsafeError, match="has no CUDA graphs; use backend='cupy'"):
         StepGraphs(backends.get("numpy"))
@@ -295,3 +317,36 @@ def test_bench_gpu_mode_reports_eager_and_graph_rows(monkeypatch):
         has_cuda = None
     if has_cuda is False:
         assert "error" in by["torch"] and any("PyTorch on cuda unavailable" in line for line in lines)
+
+
+def test_the_graph_host_benchmark_times_replays_of_every_launch(tmp_path, monkeypatch):
+    """``bench/graph_host.py``: its launch count is the step's (every ``_op``
+    call of an eager step), its replays stayed replays, a row per workload."""
+    import json
+    import os
+    import sys
+    from fastvae.benchmark import workload_config
+    from fastvae.workloads import workload
+    from test_bench_timing import _bench_script
+    gh = _bench_script("graph_host")
+    names = ["12-8-3/b5", "conv28-4/b3"]
+    launches = []
+    for name in names:             # the step's device operations, counted, none run
+        wl, be = workload(name), EmulatedCupyBackend("float32")
+        calls = []
+        be._op = lambda f, *a, **k: calls.append(f)
+        model = VAE(workload_config(wl, "float32"), be, seed=0)
+        opt, rng, ws = Adam.for_model(model), be.new_rng([0, 1]), model.workspace(wl["batch_size"])
+        rng.normal_(ws.eps)
+        model.loss_and_grad(be.zeros((wl["batch_size"], model.config.input_dim)), ws.eps, 1.0)
+        opt.step()
+        launches.append(len(calls))
+    monkeypatch.setattr(sys, "argv", ["graph_host", "--workloads", *names, "--steps", "3",
+                                      "--out", str(tmp_path), "--name", "gh"])
+    gh.main()
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "gh.jsonl"))]
+    assert [r["workload"] for r in rows] == names
+    assert [r["ops"] for r in rows] == launches and launches[0] == 28 and launches[1] > 28
+    for r in rows:
+        assert 0 < r["python_us"] and 0 < r["replay_us"] < 1e6
+    assert "| conv28-4/b3 |" in open(os.path.join(tmp_path, "gh.md")).read()

@@ -22,6 +22,7 @@ Availability checks live in :mod:`fastvae.backends.cupy_probe`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,6 +48,9 @@ _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _MODULES = {}
+# Kernel arguments as CuPy passes them (numpy scalars give the C type), one object per value: a CUDA-graph
+# replay checks every launch against the captured one, and the same object passes at its first test (`is`)
+_i32, _i64, _u32 = (functools.lru_cache(maxsize=4096)(t) for t in (np.int32, np.int64, np.uint32))
 
 
 def ctype_of(dtype) -> str:
@@ -91,12 +95,18 @@ def _module(dtype):
     return mod
 
 
-def _matmul(xp, out, a, b, trans_a, trans_b):
-    """``out = op(a) @ op(b)`` through ``xp.matmul`` (cuBLAS); one function, so
-    a graph replay compares the operands themselves, not fresh transposed views."""
+def _matmul(xp, out, a, b, trans_a, trans_b, tf32=None):
+    """``out = op(a) @ op(b)`` through ``xp.matmul`` (cuBLAS), in TF32 or plain
+    float32 as ``tf32`` says (None: float64, no mode to set). One function, so
+    a graph replay compares the operands themselves, not fresh transposed
+    views, and the mode with them: a GEMM captured in the other mode turns the
+    replay eager."""
+    if tf32 is not None:
+        set_tf32(tf32)
     xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
+@functools.lru_cache(maxsize=4096)     # the same tuple for the same size (see _i32)
 def _blocks(n):
     return (max(1, min((int(n) + _THREADS - 1) // _THREADS, 65535)),)
 
@@ -120,8 +130,8 @@ class CupyRNG(BackendRNG):
         n = out.size
         c, base = self.be._counter(self._advance(n))
         self.be._op(self.be._fn(name), _blocks((n + 3) // 4), (_THREADS,),
-                    (out, *extra, np.int64(n), c, base, np.uint32(0), np.uint32(self.key[0]),
-                     np.uint32(self.key[1])))
+                    (out, *extra, _i64(n), c, base, _u32(0), _u32(self.key[0]),
+                     _u32(self.key[1])))
         return out
 
     def normal_(self, out):
@@ -145,8 +155,8 @@ class CupyRNG(BackendRNG):
         c = self._advance(words.size)
         self.be._fn("philox_bits")(
             _blocks((words.size + 3) // 4), (_THREADS,),
-            (words, np.int64(words.size), np.uint64(c), self.be._zero_counter, np.uint32(0),
-             np.uint32(self.key[0]), np.uint32(self.key[1])))
+            (words, _i64(words.size), np.uint64(c), self.be._zero_counter, _u32(0),
+             _u32(self.key[0]), _u32(self.key[1])))
         return xp.argsort(keys)
 
     def state(self):
@@ -252,9 +262,7 @@ class CupyBackend(GraphSupport, Backend):
 
     # ---- dense ---------------------------------------------------------------
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
-        if self.dtype == np.float32:
-            set_tf32(self.tf32)
-        self._op(_matmul, self._xp, out, a, b, trans_a, trans_b)
+        self._op(_matmul, self._xp, out, a, b, trans_a, trans_b, self.tf32 if self.dtype == np.float32 else None)
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
@@ -263,7 +271,7 @@ class CupyBackend(GraphSupport, Backend):
         n = pre.size
         if n:
             self._op(self._fn("bias_act"), _blocks(n), (_THREADS,),
-                     (pre, bias, out_, np.int64(n), np.int32(pre.shape[1]), np.int32(ACTIVATION_CODES[act]),
+                     (pre, bias, out_, _i64(n), _i32(pre.shape[1]), _i32(ACTIVATION_CODES[act]),
                       self._s(slope), self._s(alpha)))
         return out
 
@@ -274,7 +282,7 @@ class CupyBackend(GraphSupport, Backend):
         n = d.size
         if n:
             self._op(self._fn("act_backward"), _blocks(n), (_THREADS,),
-                     (d, pre, out, np.int64(n), np.int32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
+                     (d, pre, out, _i64(n), _i32(ACTIVATION_CODES[act]), self._s(slope), self._s(alpha)))
         return d
 
     def col_sum(self, out, a):
@@ -287,7 +295,7 @@ class CupyBackend(GraphSupport, Backend):
         self._check("reparam_kl", z, kl_, std, head, eps)
         if B:
             self._op(self._fn("reparam_kl"), _blocks(B), (_THREADS,),
-                     (z, kl_, std, head, eps, np.int32(B), np.int32(L), np.int32(kl is not None)))
+                     (z, kl_, std, head, eps, _i32(B), _i32(L), _i32(kl is not None)))
         return z
 
     def reparam_kl_backward(self, dhead, dz, head, std, eps, kl_scale):
@@ -296,7 +304,7 @@ class CupyBackend(GraphSupport, Backend):
         if B * L:
             (c,), scale = self._dynamic(kl_scale)       # the KL weight changes during warm-up
             self._op(self._fn("reparam_kl_backward"), _blocks(B * L), (_THREADS,),
-                     (dhead, dz, head, std, eps, np.int32(B), np.int32(L), c, scale))
+                     (dhead, dz, head, std, eps, _i32(B), _i32(L), c, scale))
         return dhead
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):
@@ -316,8 +324,8 @@ class CupyBackend(GraphSupport, Backend):
         threads = 256 if D >= 256 else max(32, 1 << (max(D, 1) - 1).bit_length())
         s = self._s
         self._op(self._fn("likelihood"), (B,), (threads,),
-                 (d_, nll_, logits, x, np.int32(B), np.int32(D), np.int32(k), s(inv_var), s(half), s(cnst),
-                  s(grad_scale), np.int32(dlogits is not None), np.int32(nll is not None)),
+                 (d_, nll_, logits, x, _i32(B), _i32(D), _i32(k), s(inv_var), s(half), s(cnst),
+                  s(grad_scale), _i32(dlogits is not None), _i32(nll is not None)),
                  shared_mem=threads * self.dtype.itemsize)
 
     def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
@@ -328,7 +336,7 @@ class CupyBackend(GraphSupport, Backend):
         if n:       # the bias corrections and the learning rate change every step
             (e, a, decay), dyn = self._dynamic(eps * bc2_sqrt, step_size * bc2_sqrt, decay_factor)
             self._op(self._fn("adam_update"), _blocks(n), (_THREADS,),
-                     (params, grads, m, v, np.int64(n), s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
+                     (params, grads, m, v, _i64(n), s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2),
                       e, a, s(weight_decay), decay, dyn))
 
     def tc_pairwise_bytes(self, B, L):
@@ -342,7 +350,7 @@ class CupyBackend(GraphSupport, Backend):
         lse, lsed = self._out((B,), z.dtype), self._out((B,), z.dtype)
         if B == 0:
             return lse, lsed
-        dims = (np.int32(B), np.int32(L))
+        dims = (_i32(B), _i32(L))
         self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar)
         self._op(self._fn("tc_rows"), _blocks(B), (_THREADS,),
                  (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
@@ -367,7 +375,7 @@ class CupyBackend(GraphSupport, Backend):
         self._check(name, out, src)
         if n:
             geom = (batch, *in_hwc, k, stride, padding, *out_hw)
-            self._op(self._fn(name), _blocks(n), (_THREADS,), (out, src, *(np.int32(v) for v in geom)))
+            self._op(self._fn(name), _blocks(n), (_THREADS,), (out, src, *(_i32(v) for v in geom)))
         return out
 
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
