@@ -87,6 +87,7 @@ class Recording:
         self.allocs: list = []
         self.graph = None
         self.slots = be._xp.zeros(SLOT_WORDS, np.uint64)
+        self._views: dict = {}
         self.ring = [be._pinned(SLOT_WORDS) for _ in range(_RING)]
         self.events: list = [None] * _RING
         self.replays = 0
@@ -143,7 +144,7 @@ class Recording:
             return self._refuse(f"more than {self._float.size} per-step values")
         self._float[k:k + n] = values
         self._nfloat += n
-        return self.slots[:_COUNTER_AT].view(self.be.dtype)[k:k + n]
+        return self._slot_view(True, k, n)
 
     def counter(self, c):
         """The device slot holding Philox counter ``c`` for this step (None as for :meth:`floats`)."""
@@ -152,7 +153,17 @@ class Recording:
             return self._refuse(f"more than {SLOT_WORDS - _COUNTER_AT} random draws")
         self.staging[k] = c
         self._ncounter += 1
-        return self.slots[k:k + 1]
+        return self._slot_view(False, k, 1)
+
+    def _slot_view(self, floats, k, n):
+        """Slots ``k:k+n``: of the float slots (the backend's dtype) or of the
+        64-bit words; one view object per place, so a replay's check of the
+        launch passes at its identity test."""
+        v = self._views.get((floats, k, n))
+        if v is None:
+            v = self._views[(floats, k, n)] = (self.slots[:_COUNTER_AT].view(self.be.dtype) if floats
+                                               else self.slots)[k:k + n]
+        return v
 
     def unsafe(self, what):
         """A direct array operation or a host synchronisation inside the step."""

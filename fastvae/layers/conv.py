@@ -54,14 +54,15 @@ class _ConvBase(Layer):
 
     def _bias_act(self, be, st):
         F = self.out_hwc[2]
-        be.bias_act(None if st.y is st.pre else st.y.reshape(-1, F), st.pre.reshape(-1, F), self.b,
+        be.bias_act(None if st.y is st.pre else st.view("y", st.y, -1, F), st.view("pre", st.pre, -1, F), self.b,
                     self.activation, self.slope, self.alpha)
 
     def _act_backward(self, be, st, dy):
         F = self.out_hwc[2]
-        d = dy.reshape(-1, F)
+        d = st.view("dy", dy, -1, F)
         if self.activation != "identity":
-            be.act_backward(d, st.pre.reshape(-1, F), st.y.reshape(-1, F), self.activation, self.slope, self.alpha)
+            be.act_backward(d, st.view("pre", st.pre, -1, F), st.view("y", st.y, -1, F), self.activation, self.slope,
+                            self.alpha)
         be.col_sum(self.db, d)
         return d
 
@@ -105,18 +106,20 @@ class Conv2d(_ConvBase):
     def forward(self, be, st, x, step):
         """``cols = im2col(x)``; ``pre = cols W^T`` (one GEMM, already channels-last); bias + act."""
         be.im2col(st.cols, x, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
-        be.gemm(st.pre.reshape(-1, self.channels), st.cols, self.W.reshape(self.channels, -1), trans_b=True)
+        F = self.channels
+        be.gemm(st.view("pre", st.pre, -1, F), st.cols, st.view("W", self.W, F, -1), trans_b=True)
         self._bias_act(be, st)
         return st.y
 
     def backward(self, be, st, dy, step):
         """``dW = dpre^T cols``, ``db = sum dpre``, ``dx = col2im(dpre W)`` (the
         column buffer is reused for ``dcols`` once dW is done)."""
+        F = self.channels
         d = self._act_backward(be, st, dy)
-        be.gemm(self.dW.reshape(self.channels, -1), d, st.cols, trans_a=True)
+        be.gemm(st.view("dW", self.dW, F, -1), d, st.cols, trans_a=True)
         if st.dx is None:
             return None
-        be.gemm(st.cols, d, self.W.reshape(self.channels, -1))
+        be.gemm(st.cols, d, st.view("W", self.W, F, -1))
         be.col2im(st.dx, st.cols, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
         return st.dx
 
@@ -167,7 +170,7 @@ class ConvTranspose2d(_ConvBase):
         """``cols = x W`` (one GEMM), ``pre = col2im(cols)``; bias + act."""
         Cin = self.in_hwc[2]
         st.x = x
-        be.gemm(st.cols, x.reshape(-1, Cin), self.W.reshape(Cin, -1))
+        be.gemm(st.cols, st.view("x", x, -1, Cin), st.view("W", self.W, Cin, -1))
         be.col2im(st.pre, st.cols, self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
         self._bias_act(be, st)
         return st.y
@@ -176,11 +179,11 @@ class ConvTranspose2d(_ConvBase):
         """``dcols = im2col(dpre)``, ``dW = x^T dcols``, ``dx = dcols W^T``."""
         Cin = self.in_hwc[2]
         d = self._act_backward(be, st, dy)
-        be.im2col(st.cols, d.reshape(dy.shape[0], -1), self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
-        be.gemm(self.dW.reshape(Cin, -1), st.x.reshape(-1, Cin), st.cols, trans_a=True)
+        be.im2col(st.cols, st.view("dpre", d, dy.shape[0], -1), self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
+        be.gemm(st.view("dW", self.dW, Cin, -1), st.view("x", st.x, -1, Cin), st.cols, trans_a=True)
         if st.dx is None:
             return None
-        be.gemm(st.dx.reshape(-1, Cin), st.cols, self.W.reshape(Cin, -1), trans_b=True)
+        be.gemm(st.view("dx", st.dx, -1, Cin), st.cols, st.view("W", self.W, Cin, -1), trans_b=True)
         return st.dx
 
 
