@@ -229,7 +229,8 @@ class TrainConfig(_JSONMixin):
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
     cuda_graph: replay each training step as one CUDA graph (cupy backend,
-        one process); same numbers as eager steps, see
+        one process, not with ``tf32``: its GEMMs run on fastvae's own kernel
+        in plain float32, as CuPy refuses cuBLAS inside a capture); see
         :mod:`fastvae.backends.cuda_graph`.
     """
 
@@ -301,6 +302,10 @@ class TrainConfig(_JSONMixin):
         if self.cuda_graph and self.backend != "cupy":
             raise ConfigError(f"cuda_graph applies to the cupy backend only; drop {option('cuda_graph')} or use "
                               f"{option('backend', 'cupy')}")
+        if self.cuda_graph and self.tf32:
+            raise ConfigError(f"tf32 applies to cuBLAS GEMMs, and the steps of {option('cuda_graph')} run on fastvae's "
+                              f"own GEMM kernel in plain float32 (CuPy refuses cuBLAS inside a graph capture); drop "
+                              f"{option('tf32')} or {option('cuda_graph')}")
         if self.threads is not None and self.threads != "auto":
             _positive_int("threads", self.threads)
         if self.blas is not None:

@@ -219,7 +219,7 @@ class EmulatedCupyBackend(cb.CupyBackend):
         return self._emu.kernel(full_name)
 
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
-        if not self._has_cupy:                             # the GEMM mode is CuPy's setting
+        if not self._has_cupy and not self.own_gemm:       # the GEMM mode is CuPy's setting
             self._op(cb._matmul, np, out, a, b, trans_a, trans_b)
             return out
         return super().gemm(out, a, b, trans_a, trans_b)
@@ -232,6 +232,8 @@ class EmulatedCupyBackend(cb.CupyBackend):
         return a.ctypes.data
 
     def _capture_op(self, f, args, kw):
+        if f is cb._matmul:           # as CuPy does: cuBLAS's setStream refuses a capturing stream
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
         self._captured.append((f, args, kw))
 
     @contextlib.contextmanager

@@ -73,11 +73,11 @@ def test_every_kernel_compiles_to_ptx(tmp_path):
                    check=True)
     ptx = out.read_text()
     for name in ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
-                 "im2col", "col2im",
+                 "im2col", "col2im", "gemm",
                  "philox_normal", "philox_uniform", "philox_bernoulli", "philox_bits",
                  "tc_rows", "tc_grad_z", "tc_grad_params"):
         assert name in ptx, name
-    assert ptx.count(".entry") == 29          # 14 templates x {float, double} + philox_bits
+    assert ptx.count(".entry") == 31          # 15 templates x {float, double} + philox_bits
 
 
 @needs_nvcc
@@ -163,6 +163,34 @@ def test_device_rng_matches_host_reference_and_resumes(name, dtype):
     be.bernoulli_(out, p, rng)
     h = be.to_host(out)
     assert set(np.unique(h)) == {0.0, 1.0} and abs(h.mean() - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("name", [GPU, emu_param()])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_own_gemm_kernel_matches_the_product_for_every_layout(name, dtype):
+    """fastvae's ``gemm`` kernel (the GEMM of CUDA-graph steps): out = op(a)
+    op(b) for both transposes, sizes off the 64 x 64 x 16 tiles, K = 0, a row
+    stride wider than the row (a column slice), one row or column. Each
+    element within K eps sum_k |a_ik b_kj| of the float64 product (the bound
+    of a K-term sum in the dtype's rounding), the output poisoned first."""
+    be = make_backend(name, dtype)
+    be.own_gemm = True
+    rng = np.random.default_rng(3)
+    eps = np.finfo(dtype).eps
+    for M, N, K in [(1, 1, 1), (70, 50, 37), (130, 65, 17), (5, 3, 0), (64, 64, 16), (3, 200, 129), (1, 97, 2)]:
+        for ta in (False, True):
+            for tb in (False, True):
+                A = rng.standard_normal((K, M) if ta else (M, K)).astype(dtype)
+                B = rng.standard_normal((N, K) if tb else (K, N)).astype(dtype)
+                wide = np.zeros((B.shape[0], B.shape[1] + 5), dtype)      # B as a column slice: row stride + 5
+                wide[:, 2:2 + B.shape[1]] = B
+                b_dev = be.asarray(wide)[:, 2:2 + B.shape[1]]
+                out = be.asarray(np.full((M, N), np.nan, dtype))
+                be.gemm(out, be.asarray(A), b_dev, trans_a=ta, trans_b=tb)
+                a64, b64 = (A.T if ta else A).astype(np.float64), (B.T if tb else B).astype(np.float64)
+                bound = K * eps * (np.abs(a64) @ np.abs(b64))
+                err = np.abs(be.to_host(out).astype(np.float64) - a64 @ b64)
+                assert np.all(err <= bound), (M, N, K, ta, tb, float(np.max(err - bound)))
 
 
 @pytest.fixture

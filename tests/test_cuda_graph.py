@@ -10,13 +10,13 @@ counts. Both are asserted. With a GPU (marker ``gpu``) the same tests run
 on CuPy's real stream capture.
 """
 
-import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
+from fastvae.backends import cupy_backend as cb
 from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs, _same
 from fastvae.distributed import AllReduceGrads
 from fastvae.errors import ConfigError
@@ -48,6 +48,7 @@ def _run(name, dtype, arch, graphs, steps=7):
     """``steps`` training steps, beta, lr and the loss flag changing every step;
     returns the host state and the StepGraphs (None when eager)."""
     be, model, opt, rng = _model(name, dtype, arch)
+    be.own_gemm = True                  # the GEMM kernel of graph steps (StepGraphs sets it), eager runs too
     x = be.asarray(np.random.default_rng(1).random((5, model.config.input_dim)))
     ws = model.workspace(5)
 
@@ -67,6 +68,20 @@ def _run(name, dtype, arch, graphs, steps=7):
             losses.append(tuple(be.to_float(v) for v in out))
     state = [be.to_host(a).copy() for a in (model.params, opt.m, opt.v)]
     return state, (opt.t, rng.counter), losses, g
+
+
+def _plain_step(name, arch):
+    """``(backend, step)``: a float32 training step (noise, forward, backward,
+    Adam at beta 0.5) of the ``arch`` model on a fixed batch of 5."""
+    be, model, opt, rng = _model(name, "float32", arch)
+    x = be.asarray(np.random.default_rng(1).random((5, model.config.input_dim)))
+    ws = model.workspace(5)
+
+    def step():
+        rng.normal_(ws.eps)
+        model.loss_and_grad(x, ws.eps, 0.5)
+        opt.step()
+    return be, step
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -100,6 +115,7 @@ def test_a_step_that_differs_from_its_capture_runs_eagerly(name):
     for i in range(8):
         g("k", step, i)
     eager = _model(name, "float64", "mlp")
+    eager[0].own_gemm = True
     e_model, e_opt, e_rng = eager[1:]
     e_ws = e_model.workspace(5)
     for i in range(8):
@@ -158,25 +174,27 @@ def test_direct_array_operations_are_refused_at_capture_and_turn_replays_eager()
     assert g.stats["diverged"] == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed (its GEMM mode setter)")
-def test_a_gemm_captured_in_one_tf32_mode_is_not_replayed_in_the_other(monkeypatch):
-    """A graph freezes the GEMM kernels cuBLAS picked at capture: after the
-    backend's ``tf32`` flag changes, the replay must turn eager and run the
-    GEMM in the new mode. (The emulated graph launch runs the captured
-    calls again, the mode setting with them; a GPU's does not.)"""
-    from cupy._core import _routines_linalg as lin
-    modes = []
-    monkeypatch.setattr(lin, "set_compute_type", lambda dtype, mode: modes.append(mode))
-    be = EmulatedCupyBackend("float32")
-    m, out = be.asarray(np.eye(2, dtype=np.float32) * 2), be.zeros((2, 2))
-    g = StepGraphs(be, warmup=0)
-    for _ in range(3):                       # capture, two replays
-        g("k", be.gemm, out, m, m)
-    assert g.stats["replayed"] == 2 and set(modes) == {lin.COMPUTE_TYPE_DEFAULT}
-    be.tf32 = True
-    g("k", be.gemm, out, m, m)
-    assert g.stats["diverged"] == 1 and g.stats["replayed"] == 2 and modes[-1] == lin.COMPUTE_TYPE_TF32
-    np.testing.assert_array_equal(out, np.eye(2) * 4)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_graph_steps_run_their_gemms_on_fastvaes_kernel(name):
+    """CuPy refuses cuBLAS calls on a capturing stream (``cublas.setStream``
+    raises NotImplementedError; the emulator's capture does the same), so a
+    backend with step graphs runs every GEMM on its own ``gemm`` kernel: the
+    captured MLP step holds its 11 GEMMs as launches of that kernel."""
+    from fastvae.backends.cuda_graph import capture
+    be, step = _plain_step(name, "mlp")
+    step()
+    assert not be.own_gemm
+    if name == "cupy-emu":
+        with pytest.raises(NotImplementedError, match="cuBLAS API during stream capture"):
+            capture(be, step)
+    g = StepGraphs(be)
+    assert be.own_gemm
+    for _ in range(3):
+        g("k", step)
+    assert g.stats["replayed"] == 1
+    if name == "cupy-emu":
+        ops = g._graphs["k"].ops
+        assert sum(f is be._fn("gemm") for f, _, _ in ops) == 11 and not any(f is cb._matmul for f, _, _ in ops)
 
 
 def test_step_graphs_need_a_graph_backend():
@@ -193,7 +211,7 @@ def cupy_registry(request, monkeypatch):
 
 @pytest.mark.parametrize("objective", ["elbo", "iwae", "btcvae", "iwae-iaf"])
 @pytest.mark.parametrize("cupy_registry", BACKENDS, indirect=True)
-def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registry, objective):
+def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registry, objective, monkeypatch):
     """Two epochs with a KL warm-up, a cosine learning rate, gradient
     clipping, dynamic binarization, the loss every 3 steps and a last partial
     batch (70 = 4 x 16 + 6 images): the same parameters, history and
@@ -203,6 +221,7 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     step): the objectives' arithmetic runs as array operations. IWAE through
     IAF steps: their backward weighs each row by its importance weight (an
     array in place of the per-step scalar)."""
+    monkeypatch.setattr(cb.CupyBackend, "own_gemm", True)     # the GEMM kernel of graph steps, eager run too
     data = datasets.make_sprites(78, seed=2, size=4)
     flows = dict(posterior="iaf", flows=2, flow_hidden=5) if objective == "iwae-iaf" else {}
     mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64", **flows)
@@ -231,6 +250,8 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
 def test_cuda_graph_is_refused_where_it_cannot_hold_the_step_and_allowed_with_clipping(monkeypatch):
     with pytest.raises(ConfigError, match="cupy backend only"):
         TrainConfig(cuda_graph=True, backend="numpy")
+    with pytest.raises(ConfigError, match="own GEMM kernel in plain float32 .* drop tf32 or cuda_graph"):
+        TrainConfig(cuda_graph=True, tf32=True, backend="cupy")
     monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
     data = datasets.make_sprites(40, seed=2, size=4)
     mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
@@ -380,14 +401,7 @@ def test_a_replay_meets_the_captured_arrays_themselves(arch, monkeypatch):
     check passes at its identity test instead of comparing pointers, shapes
     and strides: what keeps a replay's host time low."""
     from fastvae.backends.cuda_graph import Recording
-    be, model, opt, rng = _model("cupy-emu", "float32", arch)
-    x = be.asarray(np.random.default_rng(1).random((5, model.config.input_dim)))
-    ws = model.workspace(5)
-
-    def step():
-        rng.normal_(ws.eps)
-        model.loss_and_grad(x, ws.eps, 0.5)
-        opt.step()
+    be, step = _plain_step("cupy-emu", arch)
     g = StepGraphs(be)
     g("k", step)
     g("k", step)                         # eager, captured

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
 # and the runtime handed to the probe
 _ROOTS = {("self", "_xp"): "cupy", ("self", "xp"): "cupy", ("backend", "xp"): "cupy", ("self", "cupy"): "cupy",
           ("runtime",): "cupy.cuda.runtime"}
-_CUPY_FILES = ("backends/cupy_backend.py", "backends/graph_support.py", "backends/cupy_probe.py",
+_CUPY_FILES = ("backends/cupy_backend.py", "backends/cupy_kernels.py", "backends/graph_support.py", "backends/cupy_probe.py",
                "backends/cuda_graph.py", "distributed.py", "memory.py", "timing.py")
 _LOADS_A_LIBRARY = ("cupy.cuda.cublas", "cupy.cuda.nccl")
 

@@ -76,6 +76,17 @@ def _same(a: tuple, b: tuple, array, ptr) -> bool:
     return True
 
 
+def _same_kw(a: dict, b: dict, array, ptr) -> bool:
+    """:func:`_same` for keyword arguments (dicts): the same keys, each value the same."""
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if x is not y and not _same((x,), (y,), array, ptr):
+            return False
+    return True
+
+
 class Recording:
     """One captured step: its launch list (what replays are checked against),
     the arrays it allocated, and its per-step value slots."""
@@ -106,9 +117,8 @@ class Recording:
         """Device work ``f(*args, **kw)``: captured (and recorded), or in a
         replay checked against the captured one and suppressed (or, at the
         first difference, run eagerly after what was suppressed before it)."""
-        kwt = tuple(kw.items()) if kw else ()
         if self._mode == "capture":
-            self.ops.append((f, args, kwt))     # keeps the captured arrays alive
+            self.ops.append((f, args, kw))      # keeps the captured arrays alive
             self.be._capture_op(f, args, kw)
             return
         i = self._pos
@@ -116,7 +126,7 @@ class Recording:
         if i < len(self.ops):
             cf, cargs, ckw = self.ops[i]
             if (cf is f and _same(args, cargs, self._array, self.be._ptr)
-                    and (kwt is ckw or _same(kwt, ckw, self._array, self.be._ptr))):
+                    and (kw is ckw or _same_kw(kw, ckw, self._array, self.be._ptr))):
                 self._pending.append((f, args, kw))
                 return
         self._diverge()
@@ -243,11 +253,15 @@ class StepGraphs:
     eagerly (kernel compilation, workspace allocation), the next one is
     captured, later ones replay. A key whose replays differ from its capture
     ``max_divergent`` times runs eagerly from then on. ``stats`` counts
-    ``eager``, ``captured``, ``replayed`` and ``diverged`` calls."""
+    ``eager``, ``captured``, ``replayed`` and ``diverged`` calls. The
+    backend's GEMMs run on its own ``gemm`` kernel from here on (``own_gemm``),
+    eager steps too, so that they equal the replays bit for bit: CuPy refuses
+    cuBLAS calls while a stream is captured."""
 
     def __init__(self, backend, warmup: int = 1, max_divergent: int = 3):
         if not getattr(backend, "supports_graphs", False):
             raise GraphUnsafeError(f"backend {backend.name!r} has no CUDA graphs; use {option('backend', 'cupy')}")
+        backend.own_gemm = True
         self.be, self.warmup, self.max_divergent = backend, int(warmup), int(max_divergent)
         self.stats: Counter = Counter()
         self._graphs: Dict[Hashable, Recording] = {}

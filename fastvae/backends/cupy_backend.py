@@ -3,7 +3,9 @@
 Parameters, gradients, Adam state, the dataset, shuffling and noise all live
 on the device; the host launches work and reads metrics only when the trainer
 reports them. GEMMs go through cuBLAS (``cupy.matmul``; TF32 opt-in with
-the backend's ``tf32`` flag, set on every GEMM); everything else runs in the fused CUDA kernels of
+the backend's ``tf32`` flag, set on every GEMM), or, for a backend whose steps
+are CUDA graphs, through fastvae's own ``gemm`` kernel (CuPy refuses cuBLAS
+calls on a capturing stream); everything else runs in the fused CUDA kernels of
 ``fastvae/kernels/cuda_kernels.cu`` (bias + activation, activation gradient,
 reparameterization + KL, likelihood + gradient, ONE Adam kernel over the flat
 buffer), compiled by NVRTC once per process (CuPy >= 14 keeps the binary in
@@ -17,55 +19,23 @@ in checkpoints as JSON and independent of launch shapes.
 Every launch (kernels, GEMMs, reductions) goes through ``_op`` and every
 per-step value through ``_dynamic`` / ``_counter``, so that a step can be
 captured and replayed as a CUDA graph (:mod:`fastvae.backends.cuda_graph`).
-Availability checks live in :mod:`fastvae.backends.cupy_probe`.
+Availability checks live in :mod:`fastvae.backends.cupy_probe`, the kernel
+module and launch arguments in :mod:`fastvae.backends.cupy_kernels`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import numpy as np
 
 from ..errors import BackendUnavailableError
-from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES, cuda_defines
+from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES
 from .base import Backend, BackendRNG, ForeignRNGState
 from .graph_support import GraphSupport
+from .cupy_kernels import _GEMM_DEPTH, _GEMM_TILE, _THREADS, _blocks, _gemm_grid, _i32, _i64, _u32, _module, ctype_of
+from .cupy_kernels import COMPILE_OPTIONS, _MODULES, _TEMPLATED, _source_path, name_expressions  # noqa: F401
 from .cupy_probe import device_reason, probe, toolkit_reason  # noqa: F401 (this module's API)
-
-
-def _source_path() -> str:
-    from .. import kernels
-    return os.path.join(os.path.dirname(kernels.__file__), "cuda_kernels.cu")
-
-
-#: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
-COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
-_TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
-              "im2col", "col2im",
-              "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
-_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-_THREADS = 256
-_MODULES = {}
-# Kernel arguments as CuPy passes them (numpy scalars give the C type), one object per value: a CUDA-graph
-# replay checks every launch against the captured one, and the same object passes at its first test (`is`)
-_i32, _i64, _u32 = (functools.lru_cache(maxsize=4096)(t) for t in (np.int32, np.int64, np.uint32))
-
-
-def ctype_of(dtype) -> str:
-    """The kernels' C type for ``dtype``: ``"float"`` or ``"double"``.
-    Raises ValueError for any other dtype (the kernels exist for these two)."""
-    dt = np.dtype(dtype)
-    if dt not in _CTYPES:
-        raise ValueError(f"the CUDA kernels are built for float32 and float64, not {dt}; "
-                         "use dtype 'float32' or 'float64'")
-    return _CTYPES[dt]
-
-
-def name_expressions(ctype: str) -> list:
-    """Every kernel the backend launches, as NVRTC name expressions for ``ctype``."""
-    return [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
 
 
 def set_tf32(on: bool) -> None:
@@ -78,23 +48,6 @@ def set_tf32(on: bool) -> None:
     lin.set_compute_type(np.float32, lin.COMPUTE_TYPE_TF32 if on else lin.COMPUTE_TYPE_DEFAULT)
 
 
-def _module(dtype):
-    """The RawModule for ``dtype``, built once per process. NVRTC compiles it
-    on the first kernel lookup; CuPy >= 14 caches the binary on disk keyed by
-    source, options and name expressions, so later processes load it (CuPy 13
-    did not cache modules built with name expressions: 0.5-0.65 s per process).
-    Building it needs no device; compiling does."""
-    ctype = ctype_of(dtype)
-    mod = _MODULES.get(ctype)
-    if mod is None:
-        import cupy
-        with open(_source_path()) as f:
-            code = f.read()
-        mod = _MODULES[ctype] = cupy.RawModule(code=code, options=COMPILE_OPTIONS,
-                                               name_expressions=name_expressions(ctype))
-    return mod
-
-
 def _matmul(xp, out, a, b, trans_a, trans_b, tf32=None):
     """``out = op(a) @ op(b)`` through ``xp.matmul`` (cuBLAS), in TF32 or plain
     float32 as ``tf32`` says (None: float64, no mode to set). One function, so
@@ -104,11 +57,6 @@ def _matmul(xp, out, a, b, trans_a, trans_b, tf32=None):
     if tf32 is not None:
         set_tf32(tf32)
     xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
-
-
-@functools.lru_cache(maxsize=4096)     # the same tuple for the same size (see _i32)
-def _blocks(n):
-    return (max(1, min((int(n) + _THREADS - 1) // _THREADS, 65535)),)
 
 
 class CupyRNG(BackendRNG):
@@ -179,11 +127,15 @@ class CupyBackend(GraphSupport, Backend):
     ``tf32``: let float32 GEMMs use TF32 tensor cores (see :func:`set_tf32`).
     Raises BackendUnavailableError naming what is missing (CuPy, a device, a
     new enough driver, NVRTC, cuBLAS). Every kernel wrapper refuses arrays
-    that are not C-contiguous device arrays of the backend's dtype."""
+    that are not C-contiguous device arrays of the backend's dtype.
+    ``own_gemm``: GEMMs through fastvae's ``gemm`` kernel instead of cuBLAS
+    (plain float32/float64 products, no TF32); CUDA graphs set it, as CuPy
+    refuses cuBLAS calls while a stream is captured."""
 
     name = "cupy"
     device = "cuda"
     supports_graphs = True
+    own_gemm = False
 
     def __init__(self, dtype="float32", tf32: bool = False):
         reason = probe()
@@ -202,6 +154,7 @@ class CupyBackend(GraphSupport, Backend):
         self.tf32 = bool(tf32)
         self._fns = {}
         self._s = self.dtype.type
+        self._gemm_smem = 2 * _GEMM_DEPTH * _GEMM_TILE * self.dtype.itemsize     # the gemm kernel's two tiles
         self._graph_setup()
 
     def _kernel(self, full_name):
@@ -262,7 +215,17 @@ class CupyBackend(GraphSupport, Backend):
 
     # ---- dense ---------------------------------------------------------------
     def gemm(self, out, a, b, trans_a=False, trans_b=False):
-        self._op(_matmul, self._xp, out, a, b, trans_a, trans_b, self.tf32 if self.dtype == np.float32 else None)
+        if not self.own_gemm:
+            self._op(_matmul, self._xp, out, a, b, trans_a, trans_b, self.tf32 if self.dtype == np.float32 else None)
+            return out
+        if not (a.flags.c_contiguous and b.flags.c_contiguous):     # a strided view: copied
+            a, b = self._contiguous(a, "gemm_a"), self._contiguous(b, "gemm_b")
+        self._check("gemm", out, a, b)
+        M, N = out.shape
+        if M and N:
+            self._op(self._fn("gemm"), _gemm_grid(M, N), (256,),
+                     (out, a, b, _i32(M), _i32(N), _i32(a.shape[0] if trans_a else a.shape[1]), _i32(a.shape[1]),
+                      _i32(b.shape[1]), _i32(N), _i32(trans_a), _i32(trans_b)), shared_mem=self._gemm_smem)
         return out
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):

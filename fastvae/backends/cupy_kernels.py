@@ -1,0 +1,75 @@
+"""The CuPy backend's CUDA module and launch arguments: the kernel source,
+its NVRTC options and template names, the compiled module per dtype, and the
+launch grids and scalar arguments every wrapper passes (one object per value,
+so a CUDA-graph replay's check of a launch passes at its identity test)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from ..ops import cuda_defines
+
+
+def _source_path() -> str:
+    from .. import kernels
+    return os.path.join(os.path.dirname(kernels.__file__), "cuda_kernels.cu")
+
+
+#: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
+COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
+_TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
+              "im2col", "col2im", "gemm",
+              "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_THREADS = 256
+_GEMM_TILE, _GEMM_DEPTH = 64, 16            # the gemm kernel's tile (rows and columns) and depth (FV_GEMM_*)
+_MODULES = {}
+# Kernel arguments as CuPy passes them (numpy scalars give the C type), one object per value: a CUDA-graph
+# replay checks every launch against the captured one, and the same object passes at its first test (`is`)
+_i32, _i64, _u32 = (functools.lru_cache(maxsize=4096)(t) for t in (np.int32, np.int64, np.uint32))
+
+
+def ctype_of(dtype) -> str:
+    """The kernels' C type for ``dtype``: ``"float"`` or ``"double"``.
+    Raises ValueError for any other dtype (the kernels exist for these two)."""
+    dt = np.dtype(dtype)
+    if dt not in _CTYPES:
+        raise ValueError(f"the CUDA kernels are built for float32 and float64, not {dt}; "
+                         "use dtype 'float32' or 'float64'")
+    return _CTYPES[dt]
+
+
+def name_expressions(ctype: str) -> list:
+    """Every kernel the backend launches, as NVRTC name expressions for ``ctype``."""
+    return [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
+
+
+def _module(dtype):
+    """The RawModule for ``dtype``, built once per process. NVRTC compiles it
+    on the first kernel lookup; CuPy >= 14 caches the binary on disk keyed by
+    source, options and name expressions, so later processes load it (CuPy 13
+    did not cache modules built with name expressions: 0.5-0.65 s per process).
+    Building it needs no device; compiling does."""
+    ctype = ctype_of(dtype)
+    mod = _MODULES.get(ctype)
+    if mod is None:
+        import cupy
+        with open(_source_path()) as f:
+            code = f.read()
+        mod = _MODULES[ctype] = cupy.RawModule(code=code, options=COMPILE_OPTIONS,
+                                               name_expressions=name_expressions(ctype))
+    return mod
+
+
+@functools.lru_cache(maxsize=4096)     # the same tuple for the same size (see _i32)
+def _blocks(n):
+    return (max(1, min((int(n) + _THREADS - 1) // _THREADS, 65535)),)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemm_grid(M, N):
+    """The ``gemm`` kernel's grid for an (M, N) output: 64 x 64 tiles, rows on x (up to 2^31 - 1 blocks)."""
+    return ((M + _GEMM_TILE - 1) // _GEMM_TILE, (N + _GEMM_TILE - 1) // _GEMM_TILE)
