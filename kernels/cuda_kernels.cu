@@ -388,8 +388,10 @@ __global__ void gemm(T* out, const T* a, const T* b, int M, int N, int K, int ld
     T* bs = as + FV_GEMM_DEPTH * FV_GEMM_TILE;        // bs[k][n]
     const int t = threadIdx.x, tr = t / 16, tc = t % 16;
     const long long m0 = (long long)blockIdx.x * FV_GEMM_TILE, n0 = (long long)blockIdx.y * FV_GEMM_TILE;
-    T acc[4][4];
+    T acc[4][4];                                      // in registers: every loop over it is unrolled
+#pragma unroll
     for (int i = 0; i < 4; ++i)
+#pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
     for (int k0 = 0; k0 < K; k0 += FV_GEMM_DEPTH) {
         for (int e = t; e < FV_GEMM_DEPTH * FV_GEMM_TILE; e += 256) {
@@ -407,16 +409,22 @@ __global__ void gemm(T* out, const T* a, const T* b, int M, int N, int K, int ld
         const int depth = K - k0 < FV_GEMM_DEPTH ? K - k0 : FV_GEMM_DEPTH;
         for (int kk = 0; kk < depth; ++kk) {
             T x[4], y[4];
+#pragma unroll
             for (int i = 0; i < 4; ++i) x[i] = as[kk * FV_GEMM_TILE + tr + 16 * i];
+#pragma unroll
             for (int j = 0; j < 4; ++j) y[j] = bs[kk * FV_GEMM_TILE + tc + 16 * j];
+#pragma unroll
             for (int i = 0; i < 4; ++i)
+#pragma unroll
                 for (int j = 0; j < 4; ++j) acc[i][j] += x[i] * y[j];
         }
         __syncthreads();
     }
+#pragma unroll
     for (int i = 0; i < 4; ++i) {
         long long m = m0 + tr + 16 * i;
         if (m >= M) continue;
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
             long long n = n0 + tc + 16 * j;
             if (n < N) out[m * ldc + n] = acc[i][j];
