@@ -125,6 +125,7 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
     main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
                       "gemm_calls": len(calls), "device": be.device, "adam_threads": getattr(be, "adam_threads", None),
                       "copy_threads": getattr(be, "copy_threads", None),
+                      **({"gemm_kernel": "fastvae"} if getattr(be, "own_gemm", False) else {}),   # not cuBLAS
                       **({"blas": be.blas.version()} if hasattr(be, "blas") else {})}, step, be.synchronize, enter)
     return [main] if graph else [main, Contender({"gemms_of": label}, gemms, be.synchronize, enter)]
 

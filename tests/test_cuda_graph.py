@@ -270,6 +270,7 @@ def test_bench_times_the_graph_replay_with_its_capture_in_the_warm_up(monkeypatc
     rows = [benchmark.bench_backend("cupy", wl, "float64", seconds=0.01, graph=g, settle=0) for g in (False, True)]
     assert [r["backend"] for r in rows] == ["cupy", "cupy-graph"]
     assert rows[0]["gemm_calls"] == rows[1]["gemm_calls"] == 11        # 4 dense layers: 4 forward, 7 backward
+    assert "gemm_kernel" not in rows[0] and rows[1]["gemm_kernel"] == "fastvae"    # graph steps: not cuBLAS
     assert all(r["ms_per_step"] > 0 and r["chunks"] >= 5 and r["ms_p25"] <= r["ms_per_step"] <= r["ms_p75"]
                for r in rows)
 
