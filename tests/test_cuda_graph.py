@@ -434,3 +434,4 @@ def test_a_state_view_is_kept_while_its_array_is_the_same():
     w = st.view("x", b, 3, -1)
     assert w is not v and np.shares_memory(w, b) and st.view("x", b, 3, -1) is w
     assert len(st._views) == 2                  # one view per key, the old array let go
+    assert st.view("x", b, 4, 3).shape == (4, 3) and st.view("x", b, 3, -1) is w

@@ -50,10 +50,9 @@ def set_tf32(on: bool) -> None:
 
 def _matmul(xp, out, a, b, trans_a, trans_b, tf32=None):
     """``out = op(a) @ op(b)`` through ``xp.matmul`` (cuBLAS), in TF32 or plain
-    float32 as ``tf32`` says (None: float64, no mode to set). One function, so
-    a graph replay compares the operands themselves, not fresh transposed
-    views, and the mode with them: a GEMM captured in the other mode turns the
-    replay eager."""
+    float32 as ``tf32`` says, set right before the GEMM runs (None: float64,
+    no mode to set). Never in a CUDA graph: CuPy refuses cuBLAS calls on a
+    capturing stream, and a backend with step graphs uses its ``gemm`` kernel."""
     if tf32 is not None:
         set_tf32(tf32)
     xp.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)

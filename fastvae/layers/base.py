@@ -39,13 +39,13 @@ class State:
 
     def view(self, key, a, *shape):
         """``a.reshape(shape)``, the same view object on every call while
-        ``key`` meets the same array ``a`` (one view kept per key): a CUDA-graph
-        replay checks each launch's arrays by identity first, and a CuPy view
-        takes microseconds to build."""
+        ``key`` meets the same array ``a`` (one view kept per key and shape):
+        a CUDA-graph replay checks each launch's arrays by identity first, and
+        a CuPy view takes microseconds to build."""
         views = self.__dict__.setdefault("_views", {})
-        hit = views.get(key)
+        hit = views.get((key, shape))
         if hit is None or hit[0] is not a:
-            hit = views[key] = (a, a.reshape(shape))
+            hit = views[(key, shape)] = (a, a.reshape(shape))
         return hit[1]
 
 
