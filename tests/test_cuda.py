@@ -191,6 +191,15 @@ def test_own_gemm_kernel_matches_the_product_for_every_layout(name, dtype):
                 bound = K * eps * (np.abs(a64) @ np.abs(b64))
                 err = np.abs(be.to_host(out).astype(np.float64) - a64 @ b64)
                 assert np.all(err <= bound), (M, N, K, ta, tb, float(np.max(err - bound)))
+    # the same arrays again (their launch arguments kept), new contents, a strided operand copied anew
+    a, out = be.asarray(rng.standard_normal((6, 4)).astype(dtype)), be.zeros((6, 3))
+    wide = be.asarray(rng.standard_normal((4, 5)).astype(dtype))
+    for _ in range(2):
+        be.copy_(a, rng.standard_normal((6, 4)))
+        be.copy_(wide, rng.standard_normal((4, 5)))
+        be.gemm(out, a, wide[:, 1:4])
+        ref = be.to_host(a).astype(np.float64) @ be.to_host(wide)[:, 1:4].astype(np.float64)
+        np.testing.assert_allclose(be.to_host(out), ref, rtol=0, atol=8 * eps * np.abs(ref).max())
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ class Recording:
         if i < len(self.ops):
             cf, cargs, ckw = self.ops[i]
             if (cf is f and _same(args, cargs, self._array, self.be._ptr)
-                    and (kw is ckw or _same_kw(kw, ckw, self._array, self.be._ptr))):
+                    and ((not kw and not ckw) or _same_kw(kw, ckw, self._array, self.be._ptr))):
                 self._pending.append((f, args, kw))
                 return
         self._diverge()

@@ -154,6 +154,7 @@ class CupyBackend(GraphSupport, Backend):
         self._fns = {}
         self._s = self.dtype.type
         self._gemm_smem = 2 * _GEMM_DEPTH * _GEMM_TILE * self.dtype.itemsize     # the gemm kernel's two tiles
+        self._gemm_launches = {}
         self._graph_setup()
 
     def _kernel(self, full_name):
@@ -217,15 +218,29 @@ class CupyBackend(GraphSupport, Backend):
         if not self.own_gemm:
             self._op(_matmul, self._xp, out, a, b, trans_a, trans_b, self.tf32 if self.dtype == np.float32 else None)
             return out
+        key = (id(out), id(a), id(b), trans_a, trans_b)
+        launch = self._gemm_launches.get(key)            # the same arrays as before: checked, arguments built
+        if launch is None or launch[0] is not out or launch[1] is not a or launch[2] is not b:
+            launch = self._gemm_launch(out, a, b, trans_a, trans_b)
+            if launch[1] is a and launch[2] is b:        # (an operand copied into a buffer is copied at each call)
+                if len(self._gemm_launches) >= 256:    # it holds its arrays: a few steps' call sites, not more
+                    self._gemm_launches.clear()
+                self._gemm_launches[key] = launch
+        if launch[3] is not None:
+            self._op(self._fn("gemm"), launch[3], (256,), launch[4], shared_mem=self._gemm_smem)
+        return out
+
+    def _gemm_launch(self, out, a, b, trans_a, trans_b):
+        """``(out, a, b, grid, args)`` of the ``gemm`` kernel for ``out = op(a)
+        op(b)`` (grid None for an empty output); a strided operand is copied
+        into a cached contiguous buffer first. TypeError/ValueError as ``_check``."""
         if not (a.flags.c_contiguous and b.flags.c_contiguous):     # a strided view: copied
             a, b = self._contiguous(a, "gemm_a"), self._contiguous(b, "gemm_b")
         self._check("gemm", out, a, b)
         M, N = out.shape
-        if M and N:
-            self._op(self._fn("gemm"), _gemm_grid(M, N), (256,),
-                     (out, a, b, _i32(M), _i32(N), _i32(a.shape[0] if trans_a else a.shape[1]), _i32(a.shape[1]),
-                      _i32(b.shape[1]), _i32(N), _i32(trans_a), _i32(trans_b)), shared_mem=self._gemm_smem)
-        return out
+        args = (out, a, b, _i32(M), _i32(N), _i32(a.shape[0] if trans_a else a.shape[1]), _i32(a.shape[1]),
+                _i32(b.shape[1]), _i32(N), _i32(trans_a), _i32(trans_b))
+        return out, a, b, _gemm_grid(M, N) if M and N else None, args
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
         out_ = pre if out is None else out
