@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run for this project, in one device call
 # (about 6-8 minutes): install fastvae over the image's CuPy/Numba/h5py/PyTorch,
-# the gpu-marked tests, and `fastvae bench --gpu` (cupy eager, cupy CUDA graph,
-# PyTorch eager and torch.compile on the same GPU). Results land in $OUT
+# the gpu-marked tests, and `fastvae bench --gpu` (cupy eager on cuBLAS and on its
+# own GEMM kernel, cupy CUDA graph, PyTorch eager and torch.compile on the same
+# GPU). Results land in $OUT
 # (the device tool's folder; bench/results/gpu_session here otherwise):
 # setup.log, pytest_gpu.log, bench_gpu.log, gpu.jsonl, gpu.md. Copy gpu.* into
 # bench/results and the table into the README's GPU section.

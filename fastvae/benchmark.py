@@ -9,7 +9,9 @@ Adam and ``fused=True``, the faster one is the peer), all in one process:
 * ms per step: median over chunks of steps (each chunk timed as a whole and
   synchronised at its end), a step being ``eps`` draw + forward + backward +
   Adam on a resident batch; for the cupy backend also ``cupy-graph``, the
-  same step replayed as a CUDA graph (its capture counted as warm-up). All
+  same step replayed as a CUDA graph (its capture counted as warm-up), and
+  ``cupy-owngemm``, the eager step on the graph's own GEMM kernel (CuPy
+  refuses cuBLAS inside a capture), whose GEMMs alone are the graph's. All
   contenders of a workload (backends, their GEMM replays, PyTorch) are timed
   interleaved, chunk by chunk (:func:`measure`), so drift on a shared machine
   reaches them alike; the quartiles over chunks are reported with the median;
@@ -96,13 +98,15 @@ def training_step(name: str, wl: dict, dtype="float32", tf32=False, graph=False)
     return be, model, step
 
 
-def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=None) -> List[Contender]:
+def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=None, own_gemm=False) -> List[Contender]:
     """The training step of fastvae backend ``name`` (warmed up) and, for an
     eager step, the replay of its GEMMs (the exact calls, recorded); ``blas``:
     the GEMM library of a CPU backend (:mod:`fastvae.blas`; labelled
     ``name+blas`` unless it is NumPy's)."""
     t0 = time.perf_counter()
     be, model, step = training_step(name, wl, dtype, tf32, graph)
+    if own_gemm:
+        be.own_gemm = True            # the eager step on the GEMM kernel of graph steps (cupy)
     if blas is not None:
         _blas.use(be, blas)
     if be.device == "cpu":
@@ -120,7 +124,8 @@ def _ours(name: str, wl: dict, dtype="float32", tf32=False, graph=False, blas=No
         for c in calls:
             be.gemm(*c)
 
-    label = name + ("-graph" if graph else "") + (f"+{blas}" if blas not in (None, "numpy") else "")
+    label = (name + ("-graph" if graph else "-owngemm" if own_gemm else "")
+             + (f"+{blas}" if blas not in (None, "numpy") else ""))
     enter = (lambda: fit_backend(be, model)) if be.device == "cpu" else None
     main = Contender({"backend": label, "warmup_s": warmup, "step_gflop": gemm_flops(calls) / 1e9,
                       "gemm_calls": len(calls), "device": be.device, "adam_threads": getattr(be, "adam_threads", None),
@@ -281,9 +286,10 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
         wl = workload(wname)
         B = wl["batch_size"]
         cs = []
-        for n, graph in [(n, g) for n in names for g in (False, True) if not g or n == "cupy"]:
+        for n, graph, own in [(n, g, o) for n in names for g, o in ((False, False), (False, True), (True, False))
+                              if not (g or o) or n == "cupy"]:
             for lib in (libs if n in CPU_BACKENDS else [None]):
-                cs += _ours(n, wl, dtype, tf32, graph, lib)
+                cs += _ours(n, wl, dtype, tf32, graph, lib, own)
         if torch_peer:
             try:
                 cs += _torch(wl, dtype, torch_device, tf32)
@@ -303,8 +309,8 @@ def run(workloads: Optional[List[str]] = None, backend_names: Optional[List[str]
         rows = done[wname] = []
         eager = {r["backend"]: r for r in group}
         for r in group:
-            if r["backend"].endswith("-graph"):     # the GEMMs alone are the eager step's
-                r["gemm_only_ms"] = eager[r["backend"][:-len("-graph")]].get("gemm_only_ms")
+            if r["backend"].endswith("-graph"):     # the GEMMs alone are those of the eager step on its kernel
+                r["gemm_only_ms"] = eager[r["backend"][:-len("-graph")] + "-owngemm"].get("gemm_only_ms")
             if "error" not in r:
                 log(f"{wname:18s} {r['backend']:14s} {r['ms_per_step']:8.3f} ms/step "
                     f"(quartiles {r['ms_p25']:.3f}-{r['ms_p75']:.3f}; warm-up {r['warmup_s']:.2f} s)")

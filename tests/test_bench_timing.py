@@ -230,7 +230,7 @@ def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkey
                          probe_range=[1.9, 1.9, 1.9], taken_core=bad)
     current = {}
 
-    def ours(name, wl, dtype, tf32, graph, blas=None):
+    def ours(name, wl, dtype, tf32, graph, blas=None, own_gemm=False):
         current["wl"] = wl
         return fake_ours(name, wl, dtype, tf32, graph)
     monkeypatch.setattr(B, "_ours", ours)

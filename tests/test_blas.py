@@ -278,7 +278,7 @@ def test_the_benchmark_times_each_cpu_backend_with_each_library(monkeypatch):
     from fastvae.timing import Contender
     asked = []
 
-    def ours(name, wl, dtype, tf32, graph, blas=None):
+    def ours(name, wl, dtype, tf32, graph, blas=None, own_gemm=False):
         asked.append((name, blas))
         return [Contender({"backend": name + (f"+{blas}" if blas not in (None, "numpy") else ""), "warmup_s": 0.0},
                           step=lambda: None, sync=lambda: None)]

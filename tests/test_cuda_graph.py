@@ -329,9 +329,11 @@ def test_bench_gpu_mode_reports_eager_and_graph_rows(monkeypatch):
                          log=lines.append)
     by = {r["backend"]: r for r in rows}
     assert by["cupy"]["ms_per_step"] > 0 and by["cupy-graph"]["ms_per_step"] > 0
-    assert by["cupy-graph"]["gemm_only_ms"] == by["cupy"]["gemm_only_ms"] > 0       # the eager step's GEMMs
+    # the graph's GEMMs alone: those of the eager step on its own GEMM kernel, not cuBLAS's
+    assert by["cupy-graph"]["gemm_only_ms"] == by["cupy-owngemm"]["gemm_only_ms"] > 0
+    assert by["cupy-owngemm"]["gemm_kernel"] == "fastvae" and "gemm_kernel" not in by["cupy"]
     table = benchmark.markdown(rows)
-    assert "| tiny | cupy-graph |" in table and "| tiny | cupy |" in table
+    assert all(f"| tiny | {b} |" in table for b in ("cupy", "cupy-owngemm", "cupy-graph"))
     try:
         import torch
         has_cuda = torch.cuda.is_available()
