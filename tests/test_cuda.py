@@ -73,11 +73,11 @@ def test_every_kernel_compiles_to_ptx(tmp_path):
                    check=True)
     ptx = out.read_text()
     for name in ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
-                 "im2col", "col2im", "gemm",
+                 "im2col", "col2im", "gemm", "gemm_sum",
                  "philox_normal", "philox_uniform", "philox_bernoulli", "philox_bits",
                  "tc_rows", "tc_grad_z", "tc_grad_params"):
         assert name in ptx, name
-    assert ptx.count(".entry") == 31          # 15 templates x {float, double} + philox_bits
+    assert ptx.count(".entry") == 33          # 16 templates x {float, double} + philox_bits
 
 
 @needs_nvcc
@@ -170,14 +170,19 @@ def test_device_rng_matches_host_reference_and_resumes(name, dtype):
 def test_own_gemm_kernel_matches_the_product_for_every_layout(name, dtype):
     """fastvae's ``gemm`` kernel (the GEMM of CUDA-graph steps): out = op(a)
     op(b) for both transposes, sizes off the 64 x 64 x 16 tiles, K = 0, a row
-    stride wider than the row (a column slice), one row or column. Each
+    stride wider than the row (a column slice), one row or column, K split
+    into 4 and 13 slices summed by ``gemm_sum``. Each
     element within K eps sum_k |a_ik b_kj| of the float64 product (the bound
     of a K-term sum in the dtype's rounding), the output poisoned first."""
     be = make_backend(name, dtype)
     be.own_gemm = True
     rng = np.random.default_rng(3)
     eps = np.finfo(dtype).eps
-    for M, N, K in [(1, 1, 1), (70, 50, 37), (130, 65, 17), (5, 3, 0), (64, 64, 16), (3, 200, 129), (1, 97, 2)]:
+    from fastvae.backends.cupy_kernels import _gemm_grid
+    shapes = [(1, 1, 1), (70, 50, 37), (130, 65, 17), (5, 3, 0), (64, 64, 16), (3, 200, 129), (1, 97, 2),
+              (5, 3, 1000), (3, 200, 300)]
+    assert [_gemm_grid(*mnk)[0][2] for mnk in shapes] == [1, 1, 1, 1, 1, 1, 1, 13, 4]
+    for M, N, K in shapes:
         for ta in (False, True):
             for tb in (False, True):
                 A = rng.standard_normal((K, M) if ta else (M, K)).astype(dtype)

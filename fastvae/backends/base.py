@@ -95,8 +95,12 @@ class Backend:
         k = (key, tuple(shape), dtype.str)
         buf = self._scratch.get(k)
         if buf is None:
-            buf = self._scratch[k] = self.xp.empty(shape, dtype=dtype)
+            buf = self._scratch[k] = self._new_buffer(shape, dtype)
         return buf
+
+    def _new_buffer(self, shape, dtype):
+        """A new uninitialised array of the backend (a scratch buffer)."""
+        return self.xp.empty(shape, dtype=dtype)
 
     def synchronize(self):
         """Wait for queued device work (no-op on the CPU)."""

@@ -226,21 +226,30 @@ class CupyBackend(GraphSupport, Backend):
                 if len(self._gemm_launches) >= 256:    # it holds its arrays: a few steps' call sites, not more
                     self._gemm_launches.clear()
                 self._gemm_launches[key] = launch
-        if launch[3] is not None:
-            self._op(self._fn("gemm"), launch[3], (256,), launch[4], shared_mem=self._gemm_smem)
+        for fn, grid, block, args, smem in launch[3]:
+            self._op(self._fn(fn), grid, block, args, shared_mem=smem)
         return out
 
     def _gemm_launch(self, out, a, b, trans_a, trans_b):
-        """``(out, a, b, grid, args)`` of the ``gemm`` kernel for ``out = op(a)
-        op(b)`` (grid None for an empty output); a strided operand is copied
-        into a cached contiguous buffer first. TypeError/ValueError as ``_check``."""
+        """``(out, a, b, launches)`` for ``out = op(a) op(b)``: the ``gemm``
+        kernel's launch and, when it splits K, the ``gemm_sum`` of its slices
+        (none for an empty output); a strided operand is copied into a cached
+        contiguous buffer first. TypeError/ValueError as ``_check``."""
         if not (a.flags.c_contiguous and b.flags.c_contiguous):     # a strided view: copied
             a, b = self._contiguous(a, "gemm_a"), self._contiguous(b, "gemm_b")
         self._check("gemm", out, a, b)
         M, N = out.shape
-        args = (out, a, b, _i32(M), _i32(N), _i32(a.shape[0] if trans_a else a.shape[1]), _i32(a.shape[1]),
-                _i32(b.shape[1]), _i32(N), _i32(trans_a), _i32(trans_b))
-        return out, a, b, _gemm_grid(M, N) if M and N else None, args
+        K = a.shape[0] if trans_a else a.shape[1]
+        if not (M and N):
+            return out, a, b, ()
+        grid, kslice = _gemm_grid(M, N, K)
+        part = out if grid[2] == 1 else self.scratch("gemm_slices", (grid[2], M, N))
+        args = (part, a, b, _i32(M), _i32(N), _i32(K), _i32(a.shape[1]), _i32(b.shape[1]), _i32(N), _i32(trans_a),
+                _i32(trans_b), _i32(kslice))
+        launches = (("gemm", grid, (256,), args, self._gemm_smem),)
+        if part is not out:
+            launches += (("gemm_sum", _blocks(M * N), (_THREADS,), (out, part, _i64(M * N), _i32(grid[2])), 0),)
+        return out, a, b, launches
 
     def bias_act(self, out, pre, bias, act, slope=0.01, alpha=1.0):
         out_ = pre if out is None else out

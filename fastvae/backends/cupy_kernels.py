@@ -21,11 +21,12 @@ def _source_path() -> str:
 #: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
 COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
-              "im2col", "col2im", "gemm",
+              "im2col", "col2im", "gemm", "gemm_sum",
               "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _GEMM_TILE, _GEMM_DEPTH = 64, 16            # the gemm kernel's tile (rows and columns) and depth (FV_GEMM_*)
+_GEMM_SPLIT_BLOCKS = 256                    # blocks a split-K GEMM aims at (an H100 has 132 SMs)
 _MODULES = {}
 # Kernel arguments as CuPy passes them (numpy scalars give the C type), one object per value: a CUDA-graph
 # replay checks every launch against the captured one, and the same object passes at its first test (`is`)
@@ -70,6 +71,16 @@ def _blocks(n):
 
 
 @functools.lru_cache(maxsize=4096)
-def _gemm_grid(M, N):
-    """The ``gemm`` kernel's grid for an (M, N) output: 64 x 64 tiles, rows on x (up to 2^31 - 1 blocks)."""
-    return ((M + _GEMM_TILE - 1) // _GEMM_TILE, (N + _GEMM_TILE - 1) // _GEMM_TILE)
+def _gemm_grid(M, N, K):
+    """``(grid, kslice)`` of the ``gemm`` kernel for an (M, N) output and K
+    products each: 64 x 64 tiles (rows on x, up to 2^31 - 1 blocks), and on z
+    the K slices of ``kslice`` products (a multiple of 16) that give a small
+    output about :data:`_GEMM_SPLIT_BLOCKS` blocks, each slice 64 products or
+    more, for K of 256 or more (a block's 16-deep steps run one after another,
+    each waiting on its loads). From the shapes alone, so the rounding does
+    not depend on the device."""
+    tiles = -(-M // _GEMM_TILE) * -(-N // _GEMM_TILE)
+    depth = -(-K // _GEMM_DEPTH)
+    want = max(1, min(_GEMM_SPLIT_BLOCKS // tiles, depth // 4)) if depth >= 16 else 1
+    kslice = max(1, -(-depth // want)) * _GEMM_DEPTH
+    return (-(-M // _GEMM_TILE), -(-N // _GEMM_TILE), max(1, -(-K // kslice))), kslice

@@ -61,6 +61,11 @@ class GraphSupport:
         else:
             self._graph.op(f, args, kw)
 
+    def _new_buffer(self, shape, dtype):
+        """A scratch buffer first needed inside a capture is allocated there
+        (from the graph's pool; the cache keeps it), not refused as an array operation."""
+        return self._xp.empty(shape, dtype=dtype)
+
     def _out(self, shape, dtype):
         """A new array a primitive returns (the same one on every replay of a graph)."""
         return self._xp.empty(shape, dtype) if self._graph is None else self._graph.alloc(shape, dtype)
