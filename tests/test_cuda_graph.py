@@ -438,3 +438,24 @@ def test_a_state_view_is_kept_while_its_array_is_the_same():
     assert w is not v and np.shares_memory(w, b) and st.view("x", b, 3, -1) is w
     assert len(st._views) == 2                  # one view per key, the old array let go
     assert st.view("x", b, 4, 3).shape == (4, 3) and st.view("x", b, 3, -1) is w
+
+
+def test_a_split_gemm_captured_first_thing_allocates_its_slices_inside_the_capture():
+    """A GEMM whose K is split needs a (slices, M, N) buffer: first needed
+    inside a capture (no eager step before), it comes from the graph's pool
+    instead of being refused as an array operation; replays give the eager
+    product, bit for bit."""
+    be = EmulatedCupyBackend("float64")
+    rng = np.random.default_rng(0)
+    a, b = be.asarray(rng.standard_normal((3, 300))), be.asarray(rng.standard_normal((300, 200)))
+    out = be.zeros((3, 200))
+    g = StepGraphs(be, warmup=0)
+    for _ in range(3):
+        g("k", be.gemm, out, a, b)
+    assert dict(g.stats) == {"captured": 1, "replayed": 2}
+    assert sum(f is be._fn("gemm_sum") for f, _, _ in g._graphs["k"].ops) == 1
+    replayed = be.to_host(out).copy()
+    out[...] = np.nan
+    be.gemm(out, a, b)                       # eager, on the same kernel (StepGraphs set own_gemm)
+    np.testing.assert_array_equal(be.to_host(out), replayed)
+    np.testing.assert_allclose(replayed, be.to_host(a) @ be.to_host(b), rtol=1e-12, atol=1e-12)
