@@ -57,13 +57,20 @@ def compiler_reason() -> str:
 
 
 def _build() -> str:
-    src = cb._source_path()
+    sources = [cb._source_path(), cb._source_path("cuda_gemm.cu")]
+    src = os.path.join(tempfile.gettempdir(), "fastvae-cuda-emu-sources.cu")        # both, in one unit
+    text = "".join(f'#include "{p}"\n' for p in sources)
+    if not os.path.exists(src) or open(src).read() != text:
+        tmp = src + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, src)
     templates = "".join(f"X({k})" for k in cb._TEMPLATED)
     flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare",
              "-Wl,--no-undefined", f"-I{HERE}", f'-DFV_EMU_SOURCE="{src}"',
              f"-DFV_EMU_TEMPLATES={templates}", "-DFV_EMU_PLAIN=X(philox_bits)", *cuda_defines()]
     h = hashlib.sha256(" ".join(flags).encode())
-    for p in (src, os.path.join(HERE, "shim.h"), os.path.join(HERE, "launch.cpp")):
+    for p in (*sources, os.path.join(HERE, "shim.h"), os.path.join(HERE, "launch.cpp")):
         with open(p, "rb") as f:
             h.update(f.read())
     out = os.path.join(tempfile.gettempdir(), f"fastvae-cuda-emu-{h.hexdigest()[:16]}.so")

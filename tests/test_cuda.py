@@ -34,10 +34,10 @@ KAT = [
 ]
 
 
-def kernel_source():
+def kernel_source(name="cuda_kernels.cu"):
     import importlib
     k = importlib.import_module("fastvae.kernels")
-    return os.path.join(os.path.dirname(k.__file__), "cuda_kernels.cu")
+    return os.path.join(os.path.dirname(k.__file__), name)
 
 
 def test_host_philox_matches_known_answers():
@@ -68,10 +68,12 @@ def test_op_codes_come_from_the_one_table():
 
 @needs_nvcc
 def test_every_kernel_compiles_to_ptx(tmp_path):
-    out = tmp_path / "k.ptx"
-    subprocess.run(["nvcc", "-ptx", "-DFASTVAE_INSTANTIATE", *cuda_defines(), "-o", str(out), kernel_source()],
-                   check=True)
-    ptx = out.read_text()
+    ptx = ""
+    for src in ("cuda_kernels.cu", "cuda_gemm.cu"):
+        out = tmp_path / (src + ".ptx")
+        subprocess.run(["nvcc", "-ptx", "-DFASTVAE_INSTANTIATE", *cuda_defines(), "-o", str(out), kernel_source(src)],
+                       check=True)
+        ptx += out.read_text()
     for name in ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
                  "im2col", "col2im", "gemm", "gemm_sum",
                  "philox_normal", "philox_uniform", "philox_bernoulli", "philox_bits",
@@ -116,21 +118,24 @@ def test_kernels_compile_with_nvrtc_as_the_backend_names_them(ctype):
     NVRTC with the backend's template name expressions (needs no GPU)."""
     nvrtc = _nvrtc()
     from fastvae.backends import cupy_backend as cb
-    with open(kernel_source()) as f:
-        src = f.read()
-    names = [f"{k}<{ctype}>" for k in cb._TEMPLATED] + ["philox_bits"]
-    prog = nvrtc.createProgram(src, "cuda_kernels.cu", [], [])
-    for n in names:
-        nvrtc.addNameExpression(prog, n)
-    try:
-        nvrtc.compileProgram(prog, [*cb.COMPILE_OPTIONS, "-arch=compute_80"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(prog))
-    lowered = [nvrtc.getLoweredName(prog, n) for n in names]
-    assert len(set(lowered)) == len(names)
-    ptx = nvrtc.getPTX(prog)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert all(name in ptx for name in lowered)
+    assert sorted(cb.name_expressions(ctype, "cuda_kernels.cu") + cb.name_expressions(ctype, "cuda_gemm.cu")) == \
+        sorted(cb.name_expressions(ctype))                      # each kernel in one module
+    for source in ("cuda_kernels.cu", "cuda_gemm.cu"):
+        with open(kernel_source(source)) as f:
+            src = f.read()
+        names = cb.name_expressions(ctype, source)
+        prog = nvrtc.createProgram(src, source, [], [])
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        try:
+            nvrtc.compileProgram(prog, [*cb.COMPILE_OPTIONS, "-arch=compute_80"])
+        except Exception:
+            pytest.fail(nvrtc.getProgramLog(prog))
+        lowered = [nvrtc.getLoweredName(prog, n) for n in names]
+        assert len(set(lowered)) == len(names)
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        assert all(name in ptx for name in lowered)
 
 
 # ---------------------------------------------------------------- on a GPU (or the emulator)

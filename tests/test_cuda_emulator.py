@@ -35,6 +35,8 @@ def test_raw_modules_build_without_a_device(dtype):
     mod = cb._module(dtype)
     assert isinstance(mod, cupy.RawModule) and cb._module(dtype) is mod
     assert cb._module("float32") is not cb._module("float64")
+    gemm = cb._module(dtype, "cuda_gemm.cu")
+    assert isinstance(gemm, cupy.RawModule) and gemm is not mod and cb._module(dtype, "cuda_gemm.cu") is gemm
 
 
 def test_only_float32_and_float64_have_kernels():

@@ -33,7 +33,8 @@ from ..errors import BackendUnavailableError
 from ..ops import ACTIVATION_CODES, LIKELIHOOD_CODES
 from .base import Backend, BackendRNG, ForeignRNGState
 from .graph_support import GraphSupport
-from .cupy_kernels import _GEMM_DEPTH, _GEMM_TILE, _THREADS, _blocks, _gemm_grid, _i32, _i64, _u32, _module, ctype_of
+from .cupy_kernels import (_GEMM_DEPTH, _GEMM_TILE, _THREADS, _blocks, _gemm_grid, _i32, _i64, _u32, _module,
+                           ctype_of, source_of)
 from .cupy_kernels import COMPILE_OPTIONS, _MODULES, _TEMPLATED, _source_path, name_expressions  # noqa: F401
 from .cupy_probe import device_reason, probe, toolkit_reason  # noqa: F401 (this module's API)
 
@@ -158,7 +159,7 @@ class CupyBackend(GraphSupport, Backend):
         self._graph_setup()
 
     def _kernel(self, full_name):
-        return _module(self.dtype).get_function(full_name)
+        return _module(self.dtype, source_of(full_name)).get_function(full_name)
 
     def _fn(self, name):
         f = self._fns.get(name)

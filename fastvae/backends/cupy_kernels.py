@@ -13,9 +13,10 @@ import numpy as np
 from ..ops import cuda_defines
 
 
-def _source_path() -> str:
+def _source_path(source: str = "cuda_kernels.cu") -> str:
+    """Where a CUDA source of the package is (``cuda_kernels.cu`` or ``cuda_gemm.cu``)."""
     from .. import kernels
-    return os.path.join(os.path.dirname(kernels.__file__), "cuda_kernels.cu")
+    return os.path.join(os.path.dirname(kernels.__file__), source)
 
 
 #: NVRTC options: C++14 and the op codes of the one table in fastvae.ops
@@ -23,6 +24,7 @@ COMPILE_OPTIONS = ("-std=c++14", *cuda_defines())
 _TEMPLATED = ("bias_act", "act_backward", "reparam_kl", "reparam_kl_backward", "likelihood", "adam_update",
               "im2col", "col2im", "gemm", "gemm_sum",
               "philox_normal", "philox_uniform", "philox_bernoulli", "tc_rows", "tc_grad_z", "tc_grad_params")
+_GEMM_KERNELS = ("gemm", "gemm_sum")        # in cuda_gemm.cu, a module of its own; the rest in cuda_kernels.cu
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 _GEMM_TILE, _GEMM_DEPTH = 64, 16            # the gemm kernel's tile (rows and columns) and depth (FV_GEMM_*)
@@ -43,25 +45,34 @@ def ctype_of(dtype) -> str:
     return _CTYPES[dt]
 
 
-def name_expressions(ctype: str) -> list:
-    """Every kernel the backend launches, as NVRTC name expressions for ``ctype``."""
-    return [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
+def name_expressions(ctype: str, source=None) -> list:
+    """Every kernel the backend launches, as NVRTC name expressions for
+    ``ctype``; those of one CUDA source when ``source`` names it."""
+    if source == "cuda_gemm.cu":
+        return [f"{k}<{ctype}>" for k in _GEMM_KERNELS]
+    names = [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
+    return names if source is None else [n for n in names if n.split("<")[0] not in _GEMM_KERNELS]
 
 
-def _module(dtype):
-    """The RawModule for ``dtype``, built once per process. NVRTC compiles it
-    on the first kernel lookup; CuPy >= 14 caches the binary on disk keyed by
-    source, options and name expressions, so later processes load it (CuPy 13
-    did not cache modules built with name expressions: 0.5-0.65 s per process).
-    Building it needs no device; compiling does."""
+def source_of(name: str) -> str:
+    """The CUDA source that holds kernel ``name`` (``"gemm"`` or ``"gemm<float>"``)."""
+    return "cuda_gemm.cu" if name.split("<")[0] in _GEMM_KERNELS else "cuda_kernels.cu"
+
+
+def _module(dtype, source: str = "cuda_kernels.cu"):
+    """The RawModule of CUDA source ``source`` for ``dtype``, built once per
+    process. NVRTC compiles it on the first kernel lookup; CuPy >= 14 caches
+    the binary on disk keyed by source, options and name expressions, so later
+    processes load it (CuPy 13 did not cache modules built with name
+    expressions: 0.5-0.65 s per process). Building it needs no device; compiling does."""
     ctype = ctype_of(dtype)
-    mod = _MODULES.get(ctype)
+    mod = _MODULES.get((ctype, source))
     if mod is None:
         import cupy
-        with open(_source_path()) as f:
+        with open(_source_path(source)) as f:
             code = f.read()
-        mod = _MODULES[ctype] = cupy.RawModule(code=code, options=COMPILE_OPTIONS,
-                                               name_expressions=name_expressions(ctype))
+        mod = _MODULES[(ctype, source)] = cupy.RawModule(code=code, options=COMPILE_OPTIONS,
+                                                         name_expressions=name_expressions(ctype, source))
     return mod
 
 
