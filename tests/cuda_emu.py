@@ -58,9 +58,10 @@ def compiler_reason() -> str:
 
 def _build() -> str:
     sources = [cb._source_path(), cb._source_path("cuda_gemm.cu")]
-    src = os.path.join(tempfile.gettempdir(), "fastvae-cuda-emu-sources.cu")        # both, in one unit
-    text = "".join(f'#include "{p}"\n' for p in sources)
-    if not os.path.exists(src) or open(src).read() != text:
+    text = "".join(f'#include "{p}"\n' for p in sources)                # both, in one unit
+    src = os.path.join(tempfile.gettempdir(),                          # named by the paths it includes
+                       f"fastvae-cuda-emu-sources-{hashlib.sha256(text.encode()).hexdigest()[:12]}.cu")
+    if not os.path.exists(src):
         tmp = src + f".{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(text)

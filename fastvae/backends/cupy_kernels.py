@@ -48,10 +48,8 @@ def ctype_of(dtype) -> str:
 def name_expressions(ctype: str, source=None) -> list:
     """Every kernel the backend launches, as NVRTC name expressions for
     ``ctype``; those of one CUDA source when ``source`` names it."""
-    if source == "cuda_gemm.cu":
-        return [f"{k}<{ctype}>" for k in _GEMM_KERNELS]
     names = [f"{k}<{ctype}>" for k in _TEMPLATED] + ["philox_bits"]
-    return names if source is None else [n for n in names if n.split("<")[0] not in _GEMM_KERNELS]
+    return [n for n in names if source is None or source_of(n) == source]
 
 
 def source_of(name: str) -> str:
