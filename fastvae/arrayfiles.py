@@ -4,7 +4,8 @@ Every declared shape is compared with the bytes present before an array is
 allocated (rules in :mod:`fastvae.safe_files`): ``.npy`` headers against the
 file size, ``.npz`` members against their stored (compressed) size, HDF5
 datasets against their allocated storage (unwritten chunks and implausible
-compression refused, no external storage, links or virtual datasets).
+compression refused, no external storage, links or virtual datasets), HDF5
+parsed only in a sandboxed child process (:mod:`fastvae.untrusted_hdf5`).
 Memory stays within a small multiple of the data's real size. Never unpickles.
 """
 
@@ -19,7 +20,8 @@ import zipfile
 import numpy as np
 
 from .errors import DataError
-from .safe_files import MAX_COMPRESSION, h5_dataset, open_regular
+from .safe_files import MAX_COMPRESSION, open_regular
+from .untrusted_hdf5 import SandboxedH5
 
 X_KEYS = ("images", "x", "X", "data", "x_train")
 Y_KEYS = ("labels", "y", "subject", "targets", "y_train")
@@ -189,22 +191,19 @@ def _npz(fh, path):
         return [read(k, i % 2 == 1) if k else None for i, k in enumerate(_keys(names, path, True))]
 
 
-def _h5(fh, path, size):
-    import h5py
-    try:
-        f = h5py.File(fh, "r")
-    except Exception:
-        raise DataError(f"{path} is not a readable HDF5 file; {_FIX}") from None
+def _h5(fh, path):
+    with SandboxedH5(fh, path, DataError, _FIX, compressed_ok=True, max_compression=MAX_COMPRESSION) as f:
+        keys = _keys(list(f.members("/")), path, False)
 
-    def read(k, labels):
-        d = h5_dataset(f, k, path, DataError, size, compressed_ok=True)
-        text = labels and (d.dtype.kind == "S" or h5py.check_string_dtype(d.dtype) is not None)
-        if d.dtype.kind not in "biuf" and not text:
-            raise DataError(f"{path}: {k!r} holds {d.dtype} values; " + ("labels must be numbers or text" if labels
+        def read(k, labels):
+            dtype = f.dataset(k)["dtype"]
+            text = labels and (dtype == "text" or dtype[1] == "S")
+            if dtype in ("text", "object") and not text or dtype not in ("text", "object") and \
+                    np.dtype(dtype).kind not in "biuf" and not text:
+                raise DataError(f"{path}: {k!r} holds {dtype} values; " + ("labels must be numbers or text" if labels
                                                                          else "images must be numbers"))
-        return d.asstr()[()] if text and d.dtype.kind == "O" else d[()]
-    with f:
-        return [read(k, i % 2 == 1) if k else None for i, k in enumerate(_keys(list(f.keys()), path, False))]
+            return f.read(k)
+        return [read(k, i % 2 == 1) if k else None for i, k in enumerate(keys)]
 
 
 def class_labels(y, n: int, where: str, names=None):
@@ -255,7 +254,7 @@ def read_arrays(path):
                 return _read_npy(fh, path, size, 1), None, None, None
             if ext == ".npz":
                 return tuple(_npz(fh, path))
-            return tuple(_h5(fh, path, size))
+            return tuple(_h5(fh, path))
         except DataError:
             raise
         except MemoryError:

@@ -17,12 +17,15 @@ read as the MLP its ``hidden``/``latent_dim`` describe)::
 Only numbers and JSON text are stored: nothing is ever unpickled. The first
 512 bytes are an HDF5 user block (ignored by HDF5) holding the line
 ``fastvae-checkpoint <version> sha256 <hex digest of every later byte>``;
-it is checked before HDF5 parses anything, so a corrupted or truncated file
-is refused with a clear error instead of loading wrong numbers or crashing
-the HDF5 library. Files are
-written from host copies and load into any backend. Saving is atomic: the
-file is written to a temporary name in the same folder, flushed and fsynced,
-then renamed over the target, so a crash leaves the previous file intact.
+it is checked before anything parses the file, so a corrupted or truncated
+file is refused with a clear error instead of loading wrong numbers. A
+checksum proves the file intact, not benign (anyone can write a valid one):
+the HDF5 structure is parsed only in a sandboxed child process
+(:mod:`fastvae.untrusted_hdf5`), never by libhdf5 in the fastvae process.
+Files are written from host copies and load into any backend. Saving is
+atomic: the file is written to a temporary name in the same folder, flushed
+and fsynced, then renamed over the target, so a crash leaves the previous
+file intact.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import numpy as np
 from . import checkpoint_schema as schema
 from .errors import CheckpointError
 from .runfolder import atomic_write
-from .safe_files import dump_json, h5_dataset, h5_only, open_regular, parse_json
+from .safe_files import dump_json, open_regular, parse_json
+from .untrusted_hdf5 import SandboxedH5
 
 _TEXTS = ("layout", "config", "state", "history")
 FORMAT_NAME = "fastvae-checkpoint"
@@ -46,6 +50,7 @@ READABLE_VERSIONS = (1, 2)         # read
 
 
 HEADER_SIZE = 512      # an HDF5 "user block": bytes HDF5 itself ignores
+CHILD_CPU_S = 120      # CPU seconds the sandboxed parse of one checkpoint may take
 
 
 def _file_digest(fh) -> str:
@@ -133,31 +138,35 @@ MAX_TEXT = 64 * 2 ** 20          # bytes of one JSON text (a history of a millio
 _FIX = "pass a checkpoint.h5 written by fastvae"
 
 
-def _text(f, key, where, size) -> str:
-    d = h5_dataset(f, key, where, CheckpointError, size)
-    if d.shape != () or d.dtype.kind not in "OSU":
+def _text(f, key, where) -> str:
+    """The scalar JSON text ``key`` of sandboxed file ``f``."""
+    info = f.dataset(key)
+    if info["shape"] != () or info["dtype"] not in ("text",) and info["dtype"][1] not in "SU":
         raise CheckpointError(f"{where}: {key!r} is not a JSON text; {_FIX}")
-    raw = d[()]
+    raw = f.read(key)
     if len(raw) > MAX_TEXT:
         raise CheckpointError(f"{where}: {key!r} is {len(raw):,} bytes, more than fastvae ever writes; {_FIX}")
     try:
-        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CheckpointError(f"{where}: {key!r} is not UTF-8 text; {_FIX}") from None
 
 
-def _vector(f, key, where, size, n, kinds):
+def _vector(f, key, where, n, kinds):
     """Dataset ``key`` as a host (n,) array after checking dtype and shape before reading."""
-    d = h5_dataset(f, key, where, CheckpointError, size)
-    if d.dtype.kind not in kinds or d.dtype.itemsize not in (4, 8) or d.shape != (n,):
-        raise CheckpointError(f"{where}: {key!r} holds {d.dtype} {d.shape}, expected a vector of {n} "
-                              f"{'floats' if kinds == 'f' else 'integers'}; {_FIX}")
-    return np.asarray(d[()])
+    info = f.dataset(key)
+    dtype = None if info["dtype"] in ("text", "object") else np.dtype(info["dtype"])
+    if dtype is None or dtype.kind not in kinds or dtype.itemsize not in (4, 8) or info["shape"] != (n,):
+        raise CheckpointError(f"{where}: {key!r} holds {dtype or info['dtype']} {info['shape']}, expected a vector "
+                              f"of {n} {'floats' if kinds == 'f' else 'integers'}; {_FIX}")
+    out = f.read(key)
+    if out.dtype != dtype or out.shape != (n,):
+        raise CheckpointError(f"{where}: {key!r} did not read back as {n} values of {dtype}; {_FIX}")
+    return out
 
 
 def _verify_bytes(fh, path) -> None:
-    """The header and SHA-256 of an open file (before HDF5 parses anything:
-    the HDF5 library can crash, not raise, on corrupted files)."""
+    """The header and SHA-256 of an open file (before anything parses it)."""
     head = _parse_header(fh.read(HEADER_SIZE))
     if head is None:
         fh.seek(0)
@@ -172,48 +181,47 @@ def _verify_bytes(fh, path) -> None:
                               "previous checkpoint)")
 
 
-def _read_h5(f, path, size) -> dict:
-    """Every part of an open checkpoint, each checked before it is read."""
-    fmt = f.attrs.get("format")
-    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+def _only(f, group, allowed, where) -> dict:
+    """Members of ``group``, refusing any not in ``allowed`` and any that is not a dataset or group."""
+    members = f.members(group)
+    extra = sorted(set(members) - set(allowed))
+    if extra:
+        raise CheckpointError(f"{where} holds unexpected members {extra[:4]}; use a file written by fastvae")
+    return members
+
+
+def _read_h5(f, path) -> dict:
+    """Every part of a checkpoint opened in the sandbox (:class:`~fastvae.untrusted_hdf5.SandboxedH5`),
+    each checked before it is read."""
+    meta = f.attrs("/")
+    fmt = meta.get("format")
     if fmt != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a fastvae checkpoint (format attribute {str(fmt)[:40]!r}); {_FIX}")
-    try:
-        ver = int(f.attrs.get("format_version", -1))
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{path} has an unreadable format_version; {_FIX}") from None
-    _check_version(path, ver)
-    h5_only(f, ("params", "adam", "arrays") + _TEXTS, path, CheckpointError)
-    meta = {}
-    for k, v in f.attrs.items():
-        v = v.decode() if isinstance(v, bytes) else v
-        v = v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
-        if not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > 200):
-            raise CheckpointError(f"{path}: attribute {k[:40]!r} is not a short text or number; {_FIX}")
-        meta[k] = v
-    texts = {k: parse_json(_text(f, k, path, size), f"{path}: {k!r}", CheckpointError) for k in _TEXTS}
+    ver = meta.get("format_version", -1)
+    if isinstance(ver, bool) or not isinstance(ver, (int, float)) or ver != int(ver):
+        raise CheckpointError(f"{path} has an unreadable format_version; {_FIX}")
+    _check_version(path, int(ver))
+    members = _only(f, "/", ("params", "adam", "arrays") + _TEXTS, path)
+    texts = {k: parse_json(_text(f, k, path), f"{path}: {k!r}", CheckpointError) for k in _TEXTS}
     n = schema.check_layout(texts["layout"], path)
-    want = "f"
-    out = dict(texts, meta=meta, params=_vector(f, "params", path, size, n, want), adam=None, arrays={})
-    if "adam" in f:
-        g = f.get("adam", getlink=True)
-        if not isinstance(g, _h5py().HardLink) or not isinstance(f["adam"], _h5py().Group):
+    out = dict(texts, meta=meta, params=_vector(f, "params", path, n, "f"), adam=None, arrays={})
+    if "adam" in members:
+        where = f"{path}: 'adam'"
+        if members["adam"] != "group":
             raise CheckpointError(f"{path}: 'adam' is not a group; {_FIX}")
-        h5_only(f["adam"], ("m", "v"), f"{path}: 'adam'", CheckpointError)
-        t = f["adam"].attrs.get("t")
-        if not isinstance(t, (int, np.integer)) or t < 0:
+        _only(f, "adam", ("m", "v"), where)
+        t = f.attrs("adam").get("t")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
             raise CheckpointError(f"{path}: the Adam step count is not a non-negative integer; {_FIX}")
-        out["adam"] = {"m": _vector(f["adam"], "m", f"{path}: 'adam'", size, n, want),
-                       "v": _vector(f["adam"], "v", f"{path}: 'adam'", size, n, want), "t": int(t)}
-    if "arrays" in f:
-        if not isinstance(f.get("arrays", getlink=True), _h5py().HardLink) or \
-                not isinstance(f["arrays"], _h5py().Group):
+        out["adam"] = {"m": _vector(f, "adam/m", where, n, "f"), "v": _vector(f, "adam/v", where, n, "f"), "t": t}
+    if "arrays" in members:
+        where = f"{path}: 'arrays'"
+        if members["arrays"] != "group":
             raise CheckpointError(f"{path}: 'arrays' is not a group; {_FIX}")
-        h5_only(f["arrays"], ("epoch_perm",), f"{path}: 'arrays'", CheckpointError)
-        if "epoch_perm" in f["arrays"]:
-            d = h5_dataset(f["arrays"], "epoch_perm", f"{path}: 'arrays'", CheckpointError, size)
-            out["arrays"]["epoch_perm"] = _vector(f["arrays"], "epoch_perm", f"{path}: 'arrays'", size,
-                                                  d.shape[0] if d.ndim == 1 else -1, "iu")
+        if "epoch_perm" in _only(f, "arrays", ("epoch_perm",), where):
+            shape = f.dataset("arrays/epoch_perm")["shape"]
+            out["arrays"]["epoch_perm"] = _vector(f, "arrays/epoch_perm", where,
+                                                  shape[0] if len(shape) == 1 else -1, "iu")
     return out
 
 
@@ -223,37 +231,28 @@ def read_checkpoint(path) -> dict:
     Returns ``{"params", "adam" (dict or None), "layout", "config", "state",
     "history", "arrays", "meta", "configs"}`` (``configs``: the model, train
     and data config objects). A checkpoint is untrusted input: the SHA-256
-    header is checked before HDF5 parses the file, the same open file is then
-    parsed (nothing is re-opened by name), only the members, dtypes and ranks
-    this format defines are accepted, nothing is read from outside the file
-    (no external links, external storage, virtual datasets or filters), every
-    declared size is checked against the layout and the file size before it
-    is read, and the JSON texts pass :mod:`fastvae.checkpoint_schema`.
-    Raises CheckpointError (one line: the problem and the fix) for a missing
-    or special file, another format version, corruption, or any of the above.
+    header is checked first (it proves the file is intact, not that it is
+    benign); the HDF5 structure is then parsed only in a resource-limited
+    child process (:mod:`fastvae.untrusted_hdf5`), which receives the same
+    open file and returns plain numbers and text; only the members, dtypes
+    and ranks this format defines are accepted, nothing is read from outside
+    the file (no external links, external storage, virtual datasets or
+    filters), every declared size is checked against the layout and the file
+    size before it is read, and the JSON texts pass
+    :mod:`fastvae.checkpoint_schema`. Raises CheckpointError (one line: the
+    problem and the fix) for a missing or special file, another format
+    version, corruption, a file that crashes or stalls the HDF5 reader, or
+    any of the above.
     """
-    h5py = _h5py()
     path = os.fspath(path)
     with open_regular(path, "checkpoint", _FIX, CheckpointError) as fh:
         try:
             _verify_bytes(fh, path)
-            size = os.fstat(fh.fileno()).st_size
             fh.seek(0)
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-        try:
-            f = h5py.File(fh, "r")
-        except Exception:
-            raise CheckpointError(f"{path} is not a readable HDF5 file (truncated or not a checkpoint); "
-                                  f"{_FIX}") from None
-        try:
-            with f:
-                out = _read_h5(f, path, size)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # h5py raises OSError, RuntimeError, KeyError, ... on damage
-            raise CheckpointError(f"{path} is damaged or incomplete ({type(exc).__name__}); use an intact "
-                                  "checkpoint (a failed save always leaves the previous one)") from None
+        with SandboxedH5(fh, path, CheckpointError, _FIX, compressed_ok=False, cpu_s=CHILD_CPU_S) as f:
+            out = _read_h5(f, path)
     schema.check_all(out, path)
     return out
 

@@ -4,9 +4,8 @@ Three rules, shared by :mod:`fastvae.checkpoint` and the dataset loaders:
 
 * only regular files are opened, and opening never blocks (a FIFO, a device
   or a folder gets a one-line error instead of a hang);
-* nothing is read from outside the file's own bytes: HDF5 external links,
-  soft links, external raw storage and virtual datasets are refused
-  (each can make HDF5 read another file, ``/etc/passwd`` say, as data);
+* HDF5 files are parsed only in a sandboxed child process, where nothing is
+  read from outside the file's own bytes (:mod:`fastvae.untrusted_hdf5`);
 * declared sizes are compared with the bytes present *before* anything is
   allocated, so a small file cannot announce gigabytes.
 """
@@ -70,65 +69,6 @@ def require_regular(path, what: str, fix: str, error=OSError) -> int:
     """The size in bytes of regular file ``path`` (see :func:`open_regular`)."""
     with open_regular(path, what, fix, error) as fh:
         return os.fstat(fh.fileno()).st_size
-
-
-# ------------------------------------------------------------------ HDF5
-def h5_dataset(f, name: str, where: str, error, file_size: int, compressed_ok: bool = False):
-    """The HDF5 dataset ``name`` of open file ``f``, after checking that
-    reading it touches nothing outside the file and allocates no more than
-    the file can hold.
-
-    Refused (``error`` raised, naming ``where``): a missing name, a soft or
-    external link, a group, a dataset with a null dataspace, a virtual
-    dataset, external raw storage, and a
-    declared size that the stored bytes cannot back: uncompressed data larger
-    than the file, or (``compressed_ok``) chunks never written or a
-    compression ratio above ``MAX_COMPRESSION``. Checkpoints are written
-    uncompressed, so for them any filter is refused.
-    """
-    import h5py
-    link = f.get(name, getlink=True)
-    if link is None:
-        raise error(f"{where} has no dataset {name!r}")
-    if not isinstance(link, h5py.HardLink):
-        kind = {"SoftLink": "soft link", "ExternalLink": "link to another file"}.get(type(link).__name__, "link")
-        raise error(f"{where}: {name!r} is a {kind}, which would read another object or file; "
-                    "fastvae reads only data stored in the file itself")
-    d = f[name]
-    if not isinstance(d, h5py.Dataset):
-        raise error(f"{where}: {name!r} is a group, not a dataset")
-    if d.shape is None:
-        raise error(f"{where}: {name!r} holds no values (an HDF5 dataset with a null dataspace); store the data in it")
-    plist = d.id.get_create_plist()
-    if d.is_virtual or plist.get_layout() == h5py.h5d.VIRTUAL:
-        raise error(f"{where}: {name!r} is a virtual dataset mapping other files; store the data in the file")
-    if plist.get_external_count() > 0:
-        raise error(f"{where}: {name!r} keeps its bytes in an external file; store the data in the file")
-    declared = int(np.prod(d.shape, dtype=np.float64) * d.dtype.itemsize)
-    stored = int(d.id.get_storage_size())
-    if d.dtype.kind == "O":
-        return d                                    # variable-length strings: their bytes live in the file's heap
-    if plist.get_nfilters() > 0 and not compressed_ok:
-        raise error(f"{where}: {name!r} uses an HDF5 filter fastvae never writes; use a file written by fastvae")
-    if plist.get_layout() == h5py.h5d.CHUNKED and declared:
-        chunks = int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)], dtype=np.float64))
-        if d.id.get_num_chunks() < chunks or (plist.get_nfilters() == 0 and stored < declared):
-            raise error(f"{where}: {name!r} declares {d.shape} but {chunks - d.id.get_num_chunks()} of its "
-                        f"{chunks} chunks were never written (they would read as zeros); write the whole dataset")
-    if declared > file_size and plist.get_nfilters() == 0:
-        raise error(f"{where}: {name!r} declares {d.shape} ({declared:,} bytes), more than the whole file "
-                    f"({file_size:,} bytes); the file is crafted or damaged")
-    if declared and stored * MAX_COMPRESSION < declared:
-        raise error(f"{where}: {name!r} declares {d.shape} ({declared:,} bytes) but stores {stored:,} bytes "
-                    "(unwritten chunks or implausible compression); the file is crafted or damaged")
-    return d
-
-
-def h5_only(group, allowed, where: str, error) -> None:
-    """Refuse members of an HDF5 group that are not in ``allowed``."""
-    extra = sorted(set(group.keys()) - set(allowed))
-    if extra:
-        raise error(f"{where} holds unexpected members {extra[:4]}; use a file written by fastvae")
 
 
 # ------------------------------------------------------------------ JSON

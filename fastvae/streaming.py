@@ -37,11 +37,13 @@ from typing import Optional
 
 import numpy as np
 
-from .arrayfiles import _keys, _npy_header, held_out_rows, image_shape_of, same_image_shape
+from .arrayfiles import _FIX, _keys, _npy_header, held_out_rows, image_shape_of, same_image_shape
 from .checks import unit_pixels
 from .distributed import shard
 from .errors import DataError
 from .naming import option
+from .safe_files import MAX_COMPRESSION, open_regular
+from .untrusted_hdf5 import SandboxedH5
 from .evaluate import binarize_rows
 from .training import EpochPosition, epoch_steps
 
@@ -82,11 +84,11 @@ class StreamedImages:
         order = np.argsort(idx, kind="stable")
         try:
             raw = np.asarray(self._reader(self._file_rows(idx[order]))).reshape(len(idx), -1)
-        except (DataError, MemoryError):
-            raise
-        except Exception as exc:    # a damaged HDF5 chunk: h5py's OSError, RuntimeError, ...
-            raise DataError(f"{self.path}: rows {idx.min()}..{idx.max()} cannot be read ({type(exc).__name__}: "
-                            f"{str(exc)[:100]}); the file is damaged or changed since training started") from None
+        except DataError as exc:    # the HDF5 reader refused a damaged chunk
+            if not hasattr(exc, "detail"):
+                raise
+            raise DataError(f"{self.path}: rows {idx.min()}..{idx.max()} cannot be read ({exc.detail}); the file is "
+                            "damaged or changed since training started") from None
         out = np.empty((len(idx), self.D), np.float32)
         out[order] = unit_pixels(raw)
         if not np.all(np.isfinite(out)):
@@ -189,7 +191,6 @@ def _open_rows(path: str, ext: str):
     from its header; ``reader(idx)`` reads rows ``idx`` (increasing). None
     for a file that is not valid or whose header does not fit its bytes (the
     loader then names the problem); reader None for a Fortran-ordered ``.npy``."""
-    from .safe_files import h5_dataset, open_regular
     try:
         size = os.path.getsize(path)
     except OSError:                 # missing or unreadable: the loader names it ("does not exist; ...")
@@ -204,16 +205,30 @@ def _open_rows(path: str, ext: str):
         if offset + int(np.prod(shape)) * dtype.itemsize > size:
             return None
         return shape, dtype, None if fortran else _NpyRows(path, offset, dtype, shape)   # closes its file when unused
-    import h5py
-    f = None
     try:
-        f = h5py.File(path, "r")
-        arr = h5_dataset(f, _keys(list(f.keys()), path, False)[0], path, DataError, size, compressed_ok=True)
-    except Exception:               # h5py raises RuntimeError, KeyError, ... on damaged metadata: the loader names it
-        if f is not None:
-            f.close()               # it stayed open until garbage collection
+        with open_regular(path, "data file", _FIX, DataError) as fh:
+            f = SandboxedH5(fh, path, DataError, _FIX, compressed_ok=True, max_compression=MAX_COMPRESSION)
+    except DataError:               # the loader names the problem ("does not exist; ...", a crash in the reader)
         return None
-    return arr.shape, arr.dtype, lambda idx: arr[idx]     # h5py: increasing, unique indices (rows() sorts them)
+    try:
+        key = _keys(list(f.members("/")), path, False)[0]
+        shape = f.dataset(key)["shape"]
+        dtype = np.dtype(f.dataset(key)["dtype"])
+    except (DataError, TypeError):  # damaged metadata, or text/object values: the loader names it
+        f.close()
+        return None
+    return shape, dtype, _H5Rows(f, key)
+
+
+class _H5Rows:
+    """Rows of one dataset of a sandboxed HDF5 file (the child process stays
+    open while the rows are used, and stops when this object is dropped)."""
+
+    def __init__(self, f, key):
+        self.f, self.key = f, key
+
+    def __call__(self, idx):
+        return self.f.read(self.key, rows=idx)      # increasing, unique indices (rows() sorts them)
 
 
 def _given_test(path: str, ext: str, image_shape, max_rows: int, chunk_rows: int):
@@ -223,19 +238,18 @@ def _given_test(path: str, ext: str, image_shape, max_rows: int, chunk_rows: int
     None for other files. DataError for test images of another shape."""
     if ext == ".npy":
         return None
-    import h5py
-    from .safe_files import h5_dataset
-    f = h5py.File(path, "r")
-    key = _keys(list(f.keys()), path, False)[2]
+    with open_regular(path, "data file", _FIX, DataError) as fh:
+        f = SandboxedH5(fh, path, DataError, _FIX, compressed_ok=True, max_compression=MAX_COMPRESSION)
+    key = _keys(list(f.members("/")), path, False)[2]
     if key is None:
         f.close()
         return None
-    d = h5_dataset(f, key, path, DataError, os.path.getsize(path), compressed_ok=True)
-    same_image_shape(path, tuple(image_shape), image_shape_of(d.shape, f"{path}[{key}]"))
-    if len(d) > max_rows:           # read as it is used (the file stays open for it)
-        return StreamedImages(path, len(d), int(np.prod(d.shape[1:])), image_shape, lambda idx: d[idx], chunk_rows)
+    shape = f.dataset(key)["shape"]
+    same_image_shape(path, tuple(image_shape), image_shape_of(shape, f"{path}[{key}]"))
+    if len(shape) and shape[0] > max_rows:          # read as it is used (the child stays open for it)
+        return StreamedImages(path, shape[0], int(np.prod(shape[1:])), image_shape, _H5Rows(f, key), chunk_rows)
     with f:
-        out = unit_pixels(d[()].reshape(len(d), -1))
+        out = unit_pixels(f.read(key).reshape(shape[0] if shape else 1, -1))
     if not np.all(np.isfinite(out)):
         raise DataError(f"{path}[{key}] holds NaN or infinite values; clean the data first")
     return out
