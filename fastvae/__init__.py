@@ -82,7 +82,8 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     """
     import dataclasses as dc
     import difflib
-    from .cli_args import FIELD_OF_FLAG, check_data_dir, default_batch_size
+    from .config import check_data_dir, default_batch_size
+    from .naming import FIELD_OF_FLAG
     from .options import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}

@@ -10,12 +10,10 @@ library that loads, interleaved (:func:`measure`), keeps the fastest and
 caches the choice per machine, library versions, thread count and model
 shape (:func:`choose`), so later runs start at once.
 
-Why: MKL ran the step's GEMMs 1.2-1.4x faster than OpenBLAS on a 2-core Xeon
-(issue 14); on the 2-core AMD EPYC of ``bench/results/cpu.md`` its GEMMs take
-as long to 16% longer and the whole Numba step 8-25% longer. The first
-``auto`` run of a model spends about 3 s measuring (0.3 s settle per timing).
-Results differ between libraries in the last float32 bits (another summation
-order), so a bit-for-bit resume needs the same library.
+Why measure: which library is faster depends on the CPU (figures per machine
+in ``bench/RESULTS.md``). Results differ between libraries in the last
+float32 bits (another summation order), so a bit-for-bit resume needs the
+same library.
 """
 
 from __future__ import annotations
@@ -64,8 +62,7 @@ def pinned_kernels_note(info: Optional[dict], flags=None) -> str:
     """'' unless ``OPENBLAS_CORETYPE`` pins NumPy's OpenBLAS (threadpoolctl's
     ``info``) to kernels without AVX-512 on a CPU that has it (``flags``:
     ``/proc/cpuinfo``'s): then a note that unpinned, OpenBLAS picks its
-    AVX-512 kernels, 1.6-1.9x faster at the MLP steps' GEMMs on a 2-core
-    Zen 5 EPYC (2048^3 SGEMM 474 against 261 GFLOP/s), rounding differently."""
+    AVX-512 kernels, faster and rounding differently (``bench/RESULTS.md``)."""
     pinned = os.environ.get("OPENBLAS_CORETYPE")
     arch = str((info or {}).get("architecture", "")).lower()
     if not pinned or (info or {}).get("internal_api") != "openblas" or arch not in _NARROW:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from .naming import FLAG_OF_FIELD, option
+from .config import check_data_dir, default_batch_size  # noqa: F401  (the commands use them from here)
+from .naming import FIELD_OF_FLAG, option  # noqa: F401
 
 # per-dataset defaults for options left unset
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
@@ -20,7 +21,6 @@ TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_st
               "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
               "loss_every", "tf32", "cuda_graph", "clip_grad_norm", "objective", "iwae_k")
 #: flags whose config field has another name (what ``fastvae.train`` takes)
-FIELD_OF_FLAG = {flag: field for field, flag in FLAG_OF_FIELD.items()}   # argparse dest -> config field
 DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 
 
@@ -216,34 +216,6 @@ def check_train_flags(a) -> None:
     msg = idle_option(given)
     if msg:
         raise ConfigError(msg)
-
-
-def check_data_dir(dataset, data_dir) -> None:
-    """ConfigError when ``data_dir`` is given beside data that never reads it:
-    only the built-in datasets stored as files (MNIST family, Olivetti) are
-    read from a data folder, not the generated sprites, a path or images in
-    memory (``dataset`` not a string). Options named as
-    :func:`fastvae.naming.option` spells them."""
-    from .config import BUILTIN_DATASETS
-    from .errors import ConfigError
-    stored = [d for d in BUILTIN_DATASETS if d != "sprites"]
-    if data_dir is not None and not (isinstance(dataset, str) and dataset in stored):
-        what = dataset if isinstance(dataset, str) else "data given in memory"
-        raise ConfigError(f"{option('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
-                          f"{what} does not read it: drop it, or give the data's path in {option('dataset')}")
-
-
-def default_batch_size(n_train: int):
-    """``(batch_size, note)`` of a run that names none: TrainConfig's 128, or
-    all ``n_train`` training images when there are fewer (one step an epoch;
-    it refused a small dataset over a setting the user never gave), with a
-    note to print once the data passed its checks ('' for the default)."""
-    from .config import TrainConfig
-    default = TrainConfig().batch_size
-    if 0 < n_train < default:
-        return n_train, (f"fastvae: note: batch_size {n_train}, every training image: the default {default} is "
-                         f"more than the {n_train} there (set it with --batch-size)")
-    return default, ""
 
 
 def out_folder(path: str, what: str) -> str:

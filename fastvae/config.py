@@ -373,3 +373,28 @@ class DataConfig(_JSONMixin):
         _finite_nonneg("test_fraction", self.test_fraction)
         if self.test_fraction >= 1:
             raise ConfigError(f"test_fraction must be below 1, got {self.test_fraction!r}")
+
+
+def check_data_dir(dataset, data_dir) -> None:
+    """ConfigError when ``data_dir`` is given beside data that never reads it:
+    only the built-in datasets stored as files (MNIST family, Olivetti) are
+    read from a data folder, not the generated sprites, a path or images in
+    memory (``dataset`` not a string). Options named as
+    :func:`fastvae.naming.option` spells them."""
+    stored = [d for d in BUILTIN_DATASETS if d != "sprites"]
+    if data_dir is not None and not (isinstance(dataset, str) and dataset in stored):
+        what = dataset if isinstance(dataset, str) else "data given in memory"
+        raise ConfigError(f"{option('data_dir')} is where a built-in dataset's files are ({', '.join(stored)}); "
+                          f"{what} does not read it: drop it, or give the data's path in {option('dataset')}")
+
+
+def default_batch_size(n_train: int):
+    """``(batch_size, note)`` of a run that names none: TrainConfig's 128, or
+    all ``n_train`` training images when there are fewer (one step an epoch;
+    it refused a small dataset over a setting the user never gave), with a
+    note to print once the data passed its checks ('' for the default)."""
+    default = TrainConfig().batch_size
+    if 0 < n_train < default:
+        return n_train, (f"fastvae: note: batch_size {n_train}, every training image: the default {default} is "
+                         f"more than the {n_train} there (set it with --batch-size)")
+    return default, ""

@@ -22,7 +22,7 @@ EVAL_ROWS = 1000      # images per evaluation batch at most (fewer when their wo
 def per_image_losses(model, X, batch_size: Optional[int] = None, seed: int = 0):
     """Per-image ``(recon, kl)`` host float64 arrays ``(N,)`` in nats for host
     images ``X (N, D)`` in [0, 1], one z sample per image drawn from a stream
-    seeded by ``seed``; ``batch_size`` None: up to 1000 images in 1 GiB of work
+    seeded by ``seed``; ``batch_size`` None: up to 1000 images in ``memory.WORK_BYTES`` of work
     buffers (:meth:`fastvae.VAE.rows_within`). Raises DataError for images the
     model cannot score (:func:`fastvae.checks.check_images`), ConfigError for
     ``batch_size`` < 1 or a ``model`` that is not a :class:`fastvae.VAE`."""

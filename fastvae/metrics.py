@@ -33,7 +33,7 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
     z_i and log q(z_i|x) come through the flow steps (their log-determinants
     included). The samples run through the model's own sampler. Decodes at most
     ``batch_rows`` rows at a time (many images x few samples, or one image's
-    samples in chunks; None: up to 8192 in 1 GiB of work buffers,
+    samples in chunks; None: up to 8192 within ``memory.WORK_BYTES`` of work buffers,
     :meth:`fastvae.VAE.rows_within`); a running max keeps the log-sum-exp
     stable (float64).
     ``progress`` shows a tqdm bar over the N k decoded samples on stderr when

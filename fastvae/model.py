@@ -269,7 +269,7 @@ class VAE:
     # ---- convenience (host in, host out) -------------------------------------
     def rows_within(self, cap: int) -> int:
         """The batch the host-in, host-out calls use when given none: up to
-        ``cap`` images whose work buffers fit in 1 GiB (:func:`fastvae.memory.rows_within`)."""
+        ``cap`` images whose work buffers fit in ``fastvae.memory.WORK_BYTES`` (:func:`fastvae.memory.rows_within`)."""
         return _memory.rows_within(self.layers, self.backend.dtype.itemsize, cap)
 
     def _batch_size(self, batch_size: Optional[int]) -> int:
@@ -290,7 +290,8 @@ class VAE:
         Every method here taking images raises DataError for images that are
         not an (N, D) array of finite numbers (in [0, 1] for the bernoulli
         likelihood; :func:`fastvae.checks.check_images`) and ConfigError for
-        a ``batch_size`` below 1 (None: up to 1024 images in 1 GiB of buffers, :meth:`rows_within`)."""
+        a ``batch_size`` below 1 (None: up to 1024 images within
+        ``memory.WORK_BYTES`` of buffers, :meth:`rows_within`)."""
         mus, lvs = [], []
         for xb in self._batches(X, batch_size):
             ws = self.workspace(xb.shape[0])

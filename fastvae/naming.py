@@ -14,6 +14,8 @@ from typing import Optional
 #: config fields whose command-line flag is not the field's name in kebab case
 FLAG_OF_FIELD = {"latent_dim": "latent", "beta_max": "beta", "decoupled_weight_decay": "adamw",
                  "memory_budget_mb": "memory_budget", "download": "no_download"}
+#: the inverse: a flag's argparse dest -> its config field
+FIELD_OF_FLAG = {flag: field for field, flag in FLAG_OF_FIELD.items()}
 
 _cli = False          # a process-wide setting: threads the command starts (prefetch, Adam) write for it too
 

@@ -1,16 +1,12 @@
 """CPU thread control for BLAS and Numba together (via threadpoolctl).
 
 The Numba kernels are serial and run between BLAS calls, so the BLAS thread
-count is the one that matters. Measured on the 2-core development machines
-(``fastvae bench``): BLAS on both cores is fastest for every workload on an
-idle machine, which is also OpenBLAS's default, so fastvae changes nothing
-unless asked, except for OpenBLAS's idle spin when the NumPy backend runs
-its Adam, or a CPU backend its im2col/col2im, on two threads
-(:func:`fit_backend`). With another process busy on
-one of the two cores, OpenBLAS on both cores took the 784-400-20/b128 step
-from 5.7 ms (one thread) to 10.0 ms (``bench/results/cpu_busy_threads*.md``):
-``--threads auto`` (:func:`autotune`) measures the choice instead of
-assuming it.
+count is the one that matters. BLAS on every core is OpenBLAS's default,
+and fastvae changes nothing unless asked, except for OpenBLAS's idle spin
+when the NumPy backend runs its Adam, or a CPU backend its im2col/col2im, on
+two threads (:func:`fit_backend`). With another process busy on a core, one
+BLAS thread can beat two (``bench/RESULTS.md``): ``--threads auto``
+(:func:`autotune`) measures the choice instead of assuming it.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ def set_threads(n: Optional[int]) -> dict:
     the libraries' defaults. Returns ``{"blas": [...], "numba": int or None}``
     as in force afterwards. Raises ConfigError for ``n < 1``; a note on
     stderr when ``n`` exceeds the cores this process may use (oversubscribed
-    BLAS threads wait for each other: 64 on 2 cores trained 45x slower)."""
+    BLAS threads wait for each other)."""
     global _limiter, _limit
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -153,9 +149,8 @@ def fit_backend(be, model) -> str:
     NumPy's OpenBLAS is the GEMM library, and it can be told to let its idle
     threads sleep at once (spinning, they hold the second core): the NumPy
     backend runs its Adam update on two threads for a model of
-    ``be.ADAM_SPLIT_MIN`` parameters or more (at 784-1000-2/b32 the step took
-    5.87 ms with two Adam threads beside spinning threads, 5.44 on one; with
-    the short spin 4.65 against 5.27, interleaved, one process per spin), and
+    ``be.ADAM_SPLIT_MIN`` parameters or more (two Adam threads win only
+    beside BLAS threads that sleep at once: ``bench/RESULTS.md``), and
     both CPU backends their im2col/col2im for a model with convolutions
     (``copy_threads``). Anything else (the Numba backend's MLPs, MKL, one
     core or BLAS thread) runs them on one thread and gets OpenBLAS's default

@@ -29,11 +29,10 @@ def measure(contenders: List[Contender], seconds: float, min_chunks: int = 5, se
     load, clocks) reaches each of them in as many chunks: rounds in which each one, in an
     order rotated every round, sleeps ``settle`` seconds (the previous one's
     spinning BLAS/OpenMP threads go idle), runs untimed steps for ``warm``
-    seconds, at least one (wakes its own threads: after a 0.15 s sleep the
-    NumPy backend's two-thread Adam took 8-16 steps, 50-80 ms, to come back
-    to its back-to-back speed, 2.2 against 1.4 ms at 784-1000-2/b32; why was
-    not found) and times a chunk of ``k`` steps (about ``seconds / 10``, at
-    least 25 ms) synchronised at its end. Rounds go on until each has had about
+    seconds, at least one (wakes its own threads, which come back to their
+    back-to-back speed only after several steps: ``bench/RESULTS.md``) and
+    times a chunk of ``k`` steps (about ``seconds / 10``, at least 0.025 s)
+    synchronised at its end. Rounds go on until each has had about
     ``seconds`` and at least ``min_chunks`` chunks.
 
     ``probe`` (a :class:`CoreProbe`) runs before the first round and after
@@ -165,11 +164,9 @@ def peak_gemm_gflops(dtype="float32", n=2048) -> float:
 def blas_parallel_speedup(n=512, repeats=5) -> float:
     """How much faster an n^3 float32 GEMM runs on all BLAS threads than on
     one (best of ``repeats`` each): a probe of whether every core is really
-    ours right now. On the 2-core development VMs it reads 1.82-2.00 most of
-    the time and 1.08-1.58 during phases (tens of seconds to many minutes) in
-    which the host takes part of the second core away, unseen in the steal
-    counter; a one-thread job runs at full speed then, every two-thread
-    training step up to 2x slower. 1.0 when BLAS has one thread."""
+    ours right now (a shared host can take part of a core away, unseen in the
+    steal counter; readings per machine in ``bench/RESULTS.md``). 1.0 when
+    BLAS has one thread."""
     from threadpoolctl import ThreadpoolController
     r = np.random.default_rng(0)
     a, b = r.random((n, n), np.float32), r.random((n, n), np.float32)

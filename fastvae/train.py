@@ -195,7 +195,7 @@ class Trainer:
         changes["blas"] = choose_blas(blas, tc.blas, changes["backend"])
         tc = tc.replace(**changes)
         if data_dir is not None:                          # only files of a built-in dataset are found there
-            from .cli_args import check_data_dir
+            from .config import check_data_dir
             check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
             dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above

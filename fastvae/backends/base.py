@@ -365,10 +365,9 @@ class Backend:
         fit :data:`CONV_STAGE_BYTES` in a ``(n, Ho, Wo, k, k, C)`` buffer: with
         8 channels or more, im2col and col2im go through it, where each
         window position is a run of C contiguous values, and one transposing
-        copy per chunk converts to the columns' (C, k, k) order (the direct
-        slices move C values k*k apart: 16.3 -> 6.2 ms for im2col and 34.6 ->
-        7.1 for col2im at 32x32x32 k4 s2, B = 64; with 1 or 3 channels the
-        direct slices stay faster). Thread ``tid`` gets a buffer of its own."""
+        copy per chunk converts to the columns' (C, k, k) order (direct slices
+        would move C values k*k apart; with 1 or 3 channels they stay faster:
+        ``bench/RESULTS.md``). Thread ``tid`` gets a buffer of its own."""
         per = int(np.prod(shape)) * self.dtype.itemsize
         bc = max(1, min(B, self.CONV_STAGE_BYTES // per))
         stage = self.scratch(("conv_stage", tid), (bc,) + tuple(shape))

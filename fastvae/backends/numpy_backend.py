@@ -19,7 +19,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 def _softplus(out, a, tmp):
     """out = log(1 + exp(a)) = max(a, 0) + log1p(exp(-|a|)), stable for any a.
-    (``np.logaddexp(a, 0)`` is the same function but ~10x slower: not vectorised.)"""
+    (``np.logaddexp(a, 0)`` is the same function, not vectorised: slower.)"""
     np.abs(a, out=tmp)
     np.negative(tmp, out=tmp)
     np.exp(tmp, out=tmp)

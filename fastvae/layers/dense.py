@@ -84,9 +84,8 @@ class MaskedDense(Dense):
     ``dx = dpre (W * mask)``. The mask is host data fixed by the architecture
     (not a parameter, not in checkpoints): an array, or a function that makes
     it when first needed (an IAF step's masks are as large as its weights, so
-    they wait for the model's memory check: a crafted spec of 10^9 hidden
-    units was made to allocate 22 GiB of masks before it, while its layers
-    were only being checked)."""
+    they wait for the model's memory check, never allocated while a spec is
+    only being checked)."""
 
     def __init__(self, name, in_features, out_features, activation, mask, parts=None, slope=0.01, alpha=1.0):
         super().__init__(name, in_features, out_features, activation, parts, slope, alpha)
