@@ -396,5 +396,5 @@ def default_batch_size(n_train: int):
     default = TrainConfig().batch_size
     if 0 < n_train < default:
         return n_train, (f"fastvae: note: batch_size {n_train}, every training image: the default {default} is "
-                         f"more than the {n_train} there (set it with --batch-size)")
+                         f"more than the {n_train} there (set it with {option('batch_size')})")
     return default, ""
