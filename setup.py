@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 version = re.search(r'__version__ = "([^"]+)"', (here / "fastvae" / "__init__.py").read_text()).group(1)
@@ -13,7 +13,7 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastvae", "fastvae.backends", "fastvae.layers", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.backends", "fastvae.nn.layers", "fastvae.kernels"],
     package_dir={"fastvae.kernels": "kernels"},
     package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
     install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
@@ -25,7 +25,9 @@ setup(
         "cuda13": ["cupy-cuda13x[ctk]>=14"],
         # CuPy and NVRTC only: builds and compiles the CUDA kernels on a machine with no GPU (CI)
         "nvrtc": ["cupy-cuda12x>=14", "nvidia-cuda-nvrtc-cu12>=12.2"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "tensorboardX>=2.6"],
+        # TensorBoard logging of the epoch metrics (fastvae.training.extensions.TensorBoardWriter); no PyTorch
+        "tensorboard": ["tensorboardX>=2.6"],
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
         # Intel MKL as a second GEMM library for the CPU backends (--blas mkl / auto)
         "mkl": ["mkl>=2023"],

@@ -27,7 +27,7 @@ WORKLOADS = {"784-400-20/b128": dict(hidden=[400], latent=20, D=784, B=128),
 def worker(a):
     import numpy as np
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
-    from fastvae.data import Dataset
+    from fastvae.datasets.dataset import Dataset
     wl = WORKLOADS[a.workload]
     x = np.random.default_rng(0).random((wl["B"] * (a.steps + 10), wl["D"]), dtype=np.float32)
     data = Dataset("bench", x, None, None, None, (28, 28))

@@ -13,7 +13,7 @@ likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
 interleaved: epoch k of each contender runs (rotated order, ``--settle``
 seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
 reach them alike, and between epochs a probe measures how much faster a GEMM
-runs on all cores than on one (``fastvae.timing.blas_parallel_speedup``): an
+runs on all cores than on one (``fastvae.bench.timing.blas_parallel_speedup``): an
 epoch with a probe on either side under 0.9 of the run's typical best (the
 median of the top half of probes), or under 1.7, ran while the host held part
 of a core and is left out of the median (marked * in the table; here the
@@ -46,11 +46,11 @@ import numpy as np
 
 import fastvae
 from fastvae import DataConfig, TrainConfig, Trainer, datasets
-from fastvae.threads import fit_backend
-from fastvae.benchmark import WORKLOADS, blas_line, environment, workload_config
+from fastvae.backends.cpu.threads import fit_backend
+from fastvae.bench.harness import WORKLOADS, blas_line, environment, workload_config
 from fastvae.errors import ConfigError
-from fastvae.workloads import workload
-from fastvae.timing import CoreProbe, clean_intervals
+from fastvae.bench.workloads import workload
+from fastvae.bench.timing import CoreProbe, clean_intervals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "mnist"))
@@ -76,7 +76,7 @@ def ours(name, wl, ds, data_dir):
 
 def torch_twin(adam, wl, ds):
     import torch
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     tm, opt, run_epoch = torch_ref.epoch_runner(workload_config(wl), ds.x_train, wl["batch_size"], 1e-3, 0,
                                                 init_from=fastvae.VAE(workload_config(wl), seed=0), adam=adam)
 

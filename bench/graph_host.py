@@ -2,7 +2,7 @@
 
     python bench/graph_host.py [--workloads 784-400-20/b128 conv28-20/b128 ...] [--steps 2000]
 
-A replayed step (``--cuda-graph``, fastvae/backends/cuda_graph.py) still
+A replayed step (``--cuda-graph``, fastvae/backends/cupy/cuda_graph.py) still
 runs the step's Python: Adam's step count, the RNG counters and the
 schedules advance on the host, and every launch, suppressed, is checked
 against the captured one before one ``cudaGraphLaunch``. The device runs the
@@ -38,11 +38,11 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from fastvae.backends.cuda_graph import StepGraphs  # noqa: E402
-from fastvae.benchmark import environment, workload_config  # noqa: E402
-from fastvae.model import VAE  # noqa: E402
-from fastvae.optim import Adam  # noqa: E402
-from fastvae.workloads import workload  # noqa: E402
+from fastvae.backends.cupy.cuda_graph import StepGraphs  # noqa: E402
+from fastvae.bench.harness import environment, workload_config  # noqa: E402
+from fastvae.nn.model import VAE  # noqa: E402
+from fastvae.optim.adam import Adam  # noqa: E402
+from fastvae.bench.workloads import workload  # noqa: E402
 
 DEFAULT = ["784-400-20/b128", "784-1000-2/b32", "4096-1000-50/b128", "conv28-20/b128", "conv64-10/b64"]
 

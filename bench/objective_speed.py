@@ -7,7 +7,7 @@ Trainer on resident synthetic data, for 784-400-20/b128 and the seed ConvNet
 (conv28-20/b128): ``elbo``, ``iwae`` with K = 5, ``btcvae`` and the ELBO with
 an IAF posterior of 2 steps (``iaf2``, MADE hidden 200) and IWAE through it
 (``iaf2_iwae``), timed interleaved
-(:func:`fastvae.timing.measure` with the two-core probe, quartiles reported). Warm-up (building the
+(:func:`fastvae.bench.timing.measure` with the two-core probe, quartiles reported). Warm-up (building the
 Trainer and its first 5 steps, Numba compilation included) is excluded and
 reported.
 Writes ``bench/results/objective_speed.json``.
@@ -29,10 +29,10 @@ VARIANTS = {"elbo": ("elbo", {}), "iwae": ("iwae", {}), "btcvae": ("btcvae", {})
 
 def contender(arch, variant, backend):
     """A warmed-up Trainer's step (batch fill, forward, backward, Adam) as a
-    :class:`fastvae.timing.Contender`; its first 5 steps are the warm-up."""
+    :class:`fastvae.bench.timing.Contender`; its first 5 steps are the warm-up."""
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
-    from fastvae.data import Dataset
-    from fastvae.timing import Contender
+    from fastvae.datasets.dataset import Dataset
+    from fastvae.bench.timing import Contender
     objective, extra = VARIANTS[variant]
     x = np.random.default_rng(0).random((128 * 40, 784), dtype=np.float32)
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=20, arch=arch,
@@ -56,7 +56,7 @@ def contender(arch, variant, backend):
 
 
 def main():
-    from fastvae.timing import CoreProbe, measure
+    from fastvae.bench.timing import CoreProbe, measure
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--seconds", type=float, default=3.0)

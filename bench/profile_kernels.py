@@ -15,9 +15,9 @@ import os
 import time
 
 from fastvae import backends
-from fastvae.benchmark import WORKLOADS, blas_line, environment, training_step
-from fastvae.threads import fit_backend
-from fastvae.workloads import workload
+from fastvae.bench.harness import WORKLOADS, blas_line, environment, training_step
+from fastvae.backends.cpu.threads import fit_backend
+from fastvae.bench.workloads import workload
 
 PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "reparam_kl", "reparam_kl_backward",
          "likelihood", "adam_update"]

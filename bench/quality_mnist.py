@@ -43,7 +43,7 @@ def main():
         print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
         return 0
     import torch
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28), arch=a.arch)
     tc = TrainConfig(epochs=a.epochs, batch_size=128, lr=1e-3, seed=a.seed, backend=a.backend)

@@ -1,5 +1,5 @@
 """Training-step speed of every available backend against PyTorch, with the
-GEMM-only floor, on the five standard workloads or your own (see fastvae/workloads.py).
+GEMM-only floor, on the five standard workloads or your own (see fastvae/bench/workloads.py).
 
     python bench/step_time.py [--seconds 3] [--threads N] [--workloads ...] [--name cpu]
 

@@ -11,31 +11,48 @@ Public API::
     fastvae.backends       the backend registry (available(), get())
     fastvae.datasets       loaders and the built-in sprites
     ModelConfig, TrainConfig, DataConfig, Adam, ParamLayout, errors
+
+Layout (each package's docstring says what lives there and what it may import)::
+
+    errors, config, naming, checks, options   the shared vocabulary: errors, the
+                                              config dataclasses, option spelling,
+                                              value checks
+    nn/          the model: walk, flat layout, layers/ (one file per layer type),
+                 architectures, op codes
+    objectives/  training objectives beyond the ELBO (IWAE, beta-TCVAE)
+    optim/       Adam over the flat buffer, schedules
+    backends/    the primitive contract, NumPy reference, Numba, cupy/, cpu/ tuning
+    training/    the Trainer and its parts, run folder, signals, MPI, memory
+    datasets/    loaders, sprites, idx, array files, streaming
+    io/          untrusted files (HDF5 in a sandboxed child), the checkpoint format
+    explore/     evaluation, metrics, latent arithmetic, pictures
+    bench/       the benchmark harness, timing, workloads, PyTorch twin
+    cli/         the command line (the library never imports it)
+    kernels/     compute kernels only (Numba, CUDA C): installed as fastvae.kernels
 """
 
 __version__ = "0.2.0"
 
 from typing import Optional  # noqa: E402
 
-from . import backends, datasets  # noqa: E402
-from .config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from .errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
+from fastvae import backends, datasets  # noqa: E402
+from fastvae.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from fastvae.errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
                      DataError, FastVAEError, RunFolderError, TrainingDivergedError, TrainingInterrupted)
-from .evaluate import evaluate  # noqa: E402
-from .layout import ParamLayout  # noqa: E402
-from .model import VAE  # noqa: E402
-from .optim import Adam  # noqa: E402
-from .train import Trainer  # noqa: E402
+from fastvae.explore.evaluation import evaluate  # noqa: E402
+from fastvae.nn.layout import ParamLayout  # noqa: E402
+from fastvae.nn.model import VAE  # noqa: E402
+from fastvae.optim.adam import Adam  # noqa: E402
+from fastvae.training.trainer import Trainer  # noqa: E402
 
 
-_SUBMODULES = ("explore", "metrics", "plots", "checkpoint", "runfolder", "memory", "benchmark", "layers",
-               "restore", "torch_ref", "arrayfiles", "safe_files")
+_SUBPACKAGES = ("explore", "nn", "objectives", "optim", "training", "io", "bench")
 
 
 def __getattr__(name):
-    """``fastvae.explore`` and the other submodules, imported on first use
+    """``fastvae.explore`` and the other packages, imported on first use
     (PEP 562) so that ``import fastvae`` stays light."""
-    if name in _SUBMODULES:
+    if name in _SUBPACKAGES:
         import importlib
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fastvae' has no attribute {name!r}")
@@ -45,14 +62,14 @@ def load(path, backend=None) -> VAE:
     """Load a checkpoint (``path``: the file, or the run folder holding
     ``checkpoint.h5``) into a :class:`VAE` on ``backend`` (default: the
     backend that wrote it, or ``numpy`` when that one cannot run here; see
-    :mod:`fastvae.restore`).
+    :mod:`fastvae.io.restore`).
 
     The returned model carries ``model.checkpoint``: ``{"train", "data",
     "history", "epoch", "step", "data_rows", "meta", "adam_t"}`` from the file
     (``data_rows``: training and test images of the run, None in older files). Raises
     CheckpointError for a missing, foreign, damaged or other-version file.
     """
-    from .restore import load_model
+    from fastvae.io.restore import load_model
     model, data = load_model(path, backend)
     model.checkpoint = {"train": data["config"].get("train"), "data": data["config"].get("data"),
                         "history": data["history"], "epoch": data["state"].get("epoch"),
@@ -63,7 +80,7 @@ def load(path, backend=None) -> VAE:
 
 
 def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, force: bool = False,
-          **kwargs) -> Trainer:
+          extensions=None, **kwargs) -> Trainer:
     """Train a VAE in one call and return the finished :class:`Trainer`.
 
     ``dataset``: a name/path, a loaded :class:`~fastvae.datasets.Dataset`, or
@@ -77,14 +94,17 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     and the flows unless given, and refuses ``hidden``, ``arch`` and the other
     fields that only shape the built-in stacks (ConfigError). ``out``: the
     run folder, checked as ``fastvae train --out`` checks it before any data
-    loads (:func:`fastvae.runfolder.check_out`): a folder already holding a
-    run or other files raises RunFolderError unless ``force``.
+    loads (:func:`fastvae.training.runfolder.check_out`): a folder already holding a
+    run or other files raises RunFolderError unless ``force``. ``extensions``:
+    objects called every N epochs or steps, e.g. a
+    :class:`~fastvae.training.extensions.TensorBoardWriter`
+    (:mod:`fastvae.training.extensions`).
     """
     import dataclasses as dc
     import difflib
-    from .config import check_data_dir, default_batch_size
-    from .naming import FIELD_OF_FLAG
-    from .options import idle_option
+    from fastvae.config import check_data_dir, default_batch_size
+    from fastvae.naming import FIELD_OF_FLAG
+    from fastvae.options import idle_option
     import numpy as np
     fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
     unknown = set(kwargs) - set().union(*fields.values())
@@ -101,10 +121,10 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     if idle:
         raise ConfigError(idle)
     if kwargs.get("layers") is not None:            # the stack's latent_dim, likelihood and flows, unless given
-        from .architectures import fields_of_layers
+        from fastvae.nn.architectures import fields_of_layers
         kwargs = {**fields_of_layers(kwargs["layers"]), **kwargs}
     if out is not None:
-        from .runfolder import check_out
+        from fastvae.training.runfolder import check_out
         out = check_out(out, force=force)
     datasets.check_folder_options(dataset, kwargs.get("image_size"), kwargs.get("color", "grayscale"), ConfigError)
     data, dcfg = datasets.given(dataset, DataConfig(**pick(DataConfig)))     # a path, a Dataset, arrays, lists
@@ -120,7 +140,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
-                      out=out, progress=progress, force=True)          # out was checked above
+                      out=out, progress=progress, force=True, extensions=extensions)    # out was checked above
     if batch_note:                                  # once the data passed its checks
         import sys
         print(batch_note, file=sys.stderr)

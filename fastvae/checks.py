@@ -10,8 +10,8 @@ import operator
 
 import numpy as np
 
-from .errors import ConfigError, DataError
-from .naming import option
+from fastvae.errors import ConfigError, DataError
+from fastvae.naming import option
 
 
 def _positive_int(name, value):
@@ -131,7 +131,7 @@ def check_images(X, cfg, what: str = "images", min_rows: int = 0):
     bernoulli likelihood (whose recon term, Kingma & Welling 2014 App. C.1,
     is defined only there). Array-likes (lists, CPU tensors; a CuPy array
     is copied to the host) are converted and checked; a streamed
-    dataset (``fastvae.streaming.StreamedImages``, checked row by row as it
+    dataset (``fastvae.datasets.streaming.StreamedImages``, checked row by row as it
     is read) is checked for its shape only and returned as is. ``what``
     names them in messages ("training images"); fewer than ``min_rows``
     images are refused (a picture of none). Cost: two

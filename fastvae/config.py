@@ -17,13 +17,13 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
+from fastvae.nn.architectures import (ARCHS, DERIVING_FIELDS, POSTERIORS, check_layer_specs, conv_layer_specs,
                             mlp_layer_specs)
-from .blas import CHOICES as BLAS_CHOICES
-from .checks import _choice, _finite_nonneg, _positive_int, _seed, _sigma
-from .errors import ConfigError
-from .naming import option
-from .ops import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
+from fastvae.backends.cpu.gemm_library import CHOICES as BLAS_CHOICES
+from fastvae.checks import _choice, _finite_nonneg, _positive_int, _seed, _sigma
+from fastvae.errors import ConfigError
+from fastvae.naming import option
+from fastvae.nn.opcodes import ACTIVATIONS, LIKELIHOODS  # noqa: F401  (re-exported: the names users choose from)
 
 DTYPES = ("float32", "float64")
 INITS = ("pytorch", "xavier")
@@ -92,7 +92,7 @@ class ModelConfig(_JSONMixin):
     posterior: ``gaussian`` (default) or ``iaf``: ``flows`` inverse
         autoregressive flow steps after the sampler (Kingma et al. 2016), each
         a MADE with one hidden layer of ``flow_hidden`` units; the KL is then
-        the single-sample estimate (see :mod:`fastvae.layers.flow`).
+        the single-sample estimate (see :mod:`fastvae.nn.layers.flow`).
     layers: the architecture as data, a list of layer specs (JSON objects)
         walked in order from image to likelihood; ``None`` (default) derives
         the ``arch`` stack from ``hidden``, ``latent_dim``, ``decoder_hidden``,
@@ -112,8 +112,8 @@ class ModelConfig(_JSONMixin):
         here for types and values, and against ``latent_dim``, ``likelihood``,
         ``sigma``, ``posterior`` and ``flows`` (``fastvae.train`` and ``fastvae
         train --layers FILE`` read those off the stack:
-        :func:`~fastvae.architectures.fields_of_layers`); shapes are checked
-        when the layers are built (``fastvae.layers.build``).
+        :func:`~fastvae.nn.architectures.fields_of_layers`); shapes are checked
+        when the layers are built (``fastvae.nn.layers.build``).
     """
 
     input_dim: int = 784
@@ -199,7 +199,7 @@ class TrainConfig(_JSONMixin):
         ``decoupled_weight_decay=True`` gives AdamW (Loshchilov & Hutter 2019).
     lr_schedule: ``constant``, ``step`` (multiply by ``lr_gamma`` every
         ``lr_step_epochs``) or ``cosine`` (to ``lr_min`` at the last step).
-    beta_schedule: KL weight schedule, see :mod:`fastvae.schedules`;
+    beta_schedule: KL weight schedule, see :mod:`fastvae.optim.schedules`;
         ``beta_max`` the final/peak weight; ``beta_delay`` and ``beta_warmup``
         in epochs (fractions allowed); ``beta_cycles`` and ``beta_ratio`` for the
         cyclical schedule (Fu et al. 2019).
@@ -212,26 +212,26 @@ class TrainConfig(_JSONMixin):
         reductions on the other steps (the gradient is the same).
     threads: BLAS/Numba threads (None: the libraries' defaults, measured
         fastest on an idle 2-core machine; ``"auto"``: measured at the start
-        of training on the model's own step, see :func:`fastvae.threads.autotune`;
+        of training on the model's own step, see :func:`fastvae.backends.cpu.threads.autotune`;
         OpenBLAS splits some GEMMs differently by thread count, so the float32
         rounding, and a bit-for-bit resume, then depend on the choice).
     blas: the CPU backends' GEMM library: None or ``numpy`` (NumPy's BLAS),
         ``mkl`` (Intel MKL, the ``mkl`` extra) or ``auto`` (the faster one on
         the model's own step, measured once per machine and cached); see
-        :mod:`fastvae.blas`. Libraries round differently in the last bits.
+        :mod:`fastvae.backends.cpu.gemm_library`. Libraries round differently in the last bits.
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
     objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
         importance-weighted bound of Burda et al. 2016; beta does not apply) or
         ``btcvae`` (Chen et al. 2018: beta weighs only the total correlation);
-        see :mod:`fastvae.objectives` and :mod:`fastvae.btcvae`.
+        see :mod:`fastvae.objectives.iwae` and :mod:`fastvae.objectives.btcvae`.
     iwae_k: K, the samples per image of the ``iwae`` objective.
     tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
         only; faster, ~1e-3 relative error per product instead of ~1e-7).
     cuda_graph: replay each training step as one CUDA graph (cupy backend,
         one process, not with ``tf32``: its GEMMs run on fastvae's own kernel
         in plain float32, as CuPy refuses cuBLAS inside a capture); see
-        :mod:`fastvae.backends.cuda_graph`.
+        :mod:`fastvae.backends.cupy.cuda_graph`.
     """
 
     epochs: int = 10
@@ -338,7 +338,7 @@ class DataConfig(_JSONMixin):
     skip_other_files: ignore non-image files in an image folder (else an error).
     memory_budget_mb: an ``.npy``/HDF5 file whose loading (the array and its
         float32 copy) takes more than this (MiB) is streamed from disk in chunks
-        (:mod:`fastvae.streaming`); None: half the free memory.
+        (:mod:`fastvae.datasets.streaming`); None: half the free memory.
     """
 
     dataset: str = "sprites"

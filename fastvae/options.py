@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .architectures import STACK_ONLY_FIELDS, fields_of_layers
-from .config import ModelConfig, TrainConfig
-from .naming import option
+from fastvae.nn.architectures import STACK_ONLY_FIELDS, fields_of_layers
+from fastvae.config import ModelConfig, TrainConfig
+from fastvae.naming import option
 
 # options that do something only beside another setting: (options, the setting, its values that use them)
 OPTION_NEEDS = (
@@ -33,7 +33,7 @@ def idle_option(given: dict) -> str:
     reverse of its name (a cosine floor ``lr_min`` above ``lr``), and the fix,
     naming options as :func:`fastvae.naming.option` spells them.
     Beside given ``layers`` (a list of specs), the settings the stack fixes
-    (:func:`~fastvae.architectures.fields_of_layers`) count as set, and the
+    (:func:`~fastvae.nn.architectures.fields_of_layers`) count as set, and the
     fields that only derive the built-in stacks would do nothing."""
     layers = given.get("layers")
     fixed = fields_of_layers(layers) if layers is not None else {}

@@ -1,7 +1,7 @@
 // fastvae's own GEMM for the cupy backend (loaded with cupy.RawModule, a module of its own beside
 // cuda_kernels.cu's): CUDA graphs need it, as CuPy refuses cuBLAS calls on a capturing stream
 // (cupy_backends/cuda/libs/cublas.pyx, setStream). Templates over T = float or double, as in
-// cuda_kernels.cu; the backend's wrapper is CupyBackend.gemm (fastvae/backends/cupy_backend.py).
+// cuda_kernels.cu; the backend's wrapper is CupyBackend.gemm (fastvae/backends/cupy/backend.py).
 //
 // Compile check without a GPU:  nvcc -ptx -DFASTVAE_INSTANTIATE kernels/cuda_gemm.cu
 

@@ -8,17 +8,17 @@
 // arrive through device pointers (dyn, scale, base) combined with the scalar argument:
 // eager launches pass the value and a neutral 1 (0 for counters); a CUDA graph, whose
 // scalar arguments are frozen at capture, passes the neutral scalar and a slot that the
-// host rewrites before each replay (fastvae/backends/cuda_graph.py). Both give the same bits.
+// host rewrites before each replay (fastvae/backends/cupy/cuda_graph.py). Both give the same bits.
 //
 // The activation and likelihood codes (FV_RELU, FV_BERNOULLI, ...) come from the
-// one table in fastvae/ops.py as compiler defines (fastvae.ops.cuda_defines()).
+// one table in fastvae/nn/opcodes.py as compiler defines (fastvae.nn.opcodes.cuda_defines()).
 //
 // Compile check without a GPU:
-//   nvcc -ptx -DFASTVAE_INSTANTIATE $(python -c "from fastvae.ops import cuda_defines; print(*cuda_defines())")
+//   nvcc -ptx -DFASTVAE_INSTANTIATE $(python -c "from fastvae.nn.opcodes import cuda_defines; print(*cuda_defines())")
 //       kernels/cuda_kernels.cu      (kernels/cuda_gemm.cu, fastvae's own GEMM, is a module of its own)
 
 #if !defined(FV_IDENTITY) || !defined(FV_SOFTPLUS) || !defined(FV_BERNOULLI) || !defined(FV_MSE)
-#error "compile with the op-code defines of fastvae.ops.cuda_defines()"
+#error "compile with the op-code defines of fastvae.nn.opcodes.cuda_defines()"
 #endif
 
 #define FV_GRID_STRIDE(i, n) \

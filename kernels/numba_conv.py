@@ -1,13 +1,13 @@
 """Numba CPU kernels of the convolutions for the ``numba`` backend: im2col
 and its adjoint col2im on channels-last images (the layout and formulas are
 documented on :class:`fastvae.backends.base.Backend` and in
-:mod:`fastvae.layers.conv`). Pure copies and additions, serial, compiled as
+:mod:`fastvae.nn.layers.conv`). Pure copies and additions, serial, compiled as
 the other kernels (:mod:`.numba_cpu`; ``nogil``, so the backend may run one on
 each half of a batch's images from two threads)."""
 
 import numpy as np
 
-from .numba_cpu import _jit
+from fastvae.kernels.numba_cpu import _jit
 
 
 @_jit

@@ -16,12 +16,12 @@ import numpy as np
 
 from numba import njit
 
-from ..ops import ACTIVATION_CODES
+from fastvae.nn.opcodes import ACTIVATION_CODES
 
 _FM = {"reassoc", "contract", "nsz"}
 _jit = njit(cache=True, fastmath=_FM, error_model="numpy", nogil=True)
 
-# activation codes from the one table in fastvae.ops (frozen into the kernels at compile time)
+# activation codes from the one table in fastvae.nn.opcodes (frozen into the kernels at compile time)
 IDENTITY, RELU, TANH, SIGMOID = (ACTIVATION_CODES[k] for k in ("identity", "relu", "tanh", "sigmoid"))
 LEAKY_RELU, ELU, SOFTPLUS = (ACTIVATION_CODES[k] for k in ("leaky_relu", "elu", "softplus"))
 

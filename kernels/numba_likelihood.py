@@ -17,7 +17,7 @@ NumPy's SIMD ufuncs (:func:`neg_abs` then ``np.exp``/``np.log1p``, then
 
 import numpy as np
 
-from .numba_cpu import _jit
+from fastvae.kernels.numba_cpu import _jit
 
 _F = np.float32
 # Cephes expf: log2(e); ln 2 = C1 + C2 (C1 exact in 9 bits, C2 < 0); the polynomial for e^r - 1 - r, |r| <= ln2/2

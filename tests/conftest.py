@@ -81,14 +81,14 @@ def write_mnist_like(folder, n_train=50, n_test=20, gz=True, seed=0):
 
 
 def tiny_trainer(out=None, backend="numpy", *, data=None, n=400, data_seed=6, hidden=(24,), latent=3,
-                 epochs=3, batch_size=16, seed=2, data_config=None, **train_kw):
+                 epochs=3, batch_size=16, seed=2, data_config=None, extensions=None, **train_kw):
     """A Trainer of a small MLP on 16x16 sprites (``n`` images, or ``data``)."""
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
     data = data if data is not None else datasets.make_sprites(n, seed=data_seed, size=16)
     mc = ModelConfig(input_dim=256, hidden=list(hidden), latent_dim=latent, image_shape=(16, 16))
     tc = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, backend=backend, **train_kw)
     return Trainer(mc, tc, data_config or DataConfig(), dataset=data, out=str(out) if out else None,
-                   progress=False)
+                   progress=False, extensions=extensions)
 
 
 # ------------------------------------------------- numeric gradients (float64)

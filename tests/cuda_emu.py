@@ -31,8 +31,8 @@ import tempfile
 
 import numpy as np
 
-from fastvae.backends import cupy_backend as cb
-from fastvae.ops import cuda_defines
+from fastvae.backends.cupy import backend as cb
+from fastvae.nn.opcodes import cuda_defines
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emu")
 _CTYPES = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,

@@ -92,7 +92,7 @@ def test_loss_every_keeps_gradients_and_estimates_the_loss():
 
 
 def test_threads_setting(capsys):
-    from fastvae.threads import current, set_threads, usable_cores
+    from fastvae.backends.cpu.threads import current, set_threads, usable_cores
     before = current()["blas"][0]["threads"]
     try:
         assert set_threads(1)["blas"][0]["threads"] == 1
@@ -113,7 +113,7 @@ def test_threads_auto_picks_the_fastest_measured_count(tmp_path):
     --threads auto tunes on the model's own step when training starts."""
     import time as _time
     from fastvae import TrainConfig
-    from fastvae.threads import autotune, current, set_threads
+    from fastvae.backends.cpu.threads import autotune, current, set_threads
     before = current()["blas"][0]["threads"]
     try:
         res = autotune(lambda: _time.sleep(0.004 if current()["blas"][0]["threads"] == 2 else 0.001),
@@ -169,7 +169,7 @@ def test_an_unknown_train_option_names_the_field_meant():
     at the config field fastvae.train takes; the table of spellings names real
     flags and real fields."""
     import dataclasses as dc
-    from fastvae.cli_args import parser
+    from fastvae.cli.args import parser
     for kw, hint in [({"beta": 4.0}, "'beta' (did you mean beta_max=?)"),
                      ({"adamw": True}, "'adamw' (did you mean decoupled_weight_decay=?)"),
                      ({"latnt_dim": 3}, "'latnt_dim' (did you mean latent_dim=?)"),
@@ -180,7 +180,7 @@ def test_an_unknown_train_option_names_the_field_meant():
     flags = {a.dest for a in train._actions}
     fields = set().union(*({f.name for f in dc.fields(c)} for c in (ModelConfig, fastvae.TrainConfig,
                                                                    fastvae.DataConfig)))
-    from fastvae.cli_args import FIELD_OF_FLAG
+    from fastvae.cli.args import FIELD_OF_FLAG
     assert set(FIELD_OF_FLAG) <= flags - fields and set(FIELD_OF_FLAG.values()) <= fields
 
 
@@ -191,7 +191,7 @@ def test_warm_up_is_timed_apart_from_the_epoch_throughput(tmp_path):
     eager and capture steps before the first replay count too, at most one
     of each per loss flag."""
     import csv
-    from fastvae.training import EpochPosition, WarmUp
+    from fastvae.training.parts import EpochPosition, WarmUp
     data = datasets.make_sprites(130, seed=1, size=8, test_fraction=0.0)      # 130 = 2 x 50 + 30
     t = fastvae.train(data, out=str(tmp_path), hidden=[8], latent_dim=2, epochs=2, batch_size=50)
     first, second = t.history
@@ -268,7 +268,7 @@ def test_threads_sharing_a_model_get_the_answers_one_thread_gets(backend):
     if backend not in [b["name"] for b in backends.available() if b["available"]]:
         pytest.skip(f"{backend} backend unavailable here")
     import threading
-    from fastvae.metrics import iwae
+    from fastvae.explore.metrics import iwae
     m = fastvae.VAE(ModelConfig(input_dim=784, hidden=[200], latent_dim=8), backend, seed=0)
     r = np.random.default_rng(0)
     xs = [r.random((48 + 16 * i, 784), dtype=np.float32) for i in range(3)]   # three batch sizes
@@ -369,7 +369,7 @@ def test_the_library_takes_images_in_the_models_own_image_shape():
     """model.encode(x) of (N, H, W) images, the shape the model was trained
     on, was refused ("must be an (N, D) array"); it now reads them as rows,
     without a copy, as (N, D) does. Other shapes are refused, naming both."""
-    from fastvae.metrics import iwae
+    from fastvae.explore.metrics import iwae
     t = tiny_trainer(None, epochs=1)
     m, x = t.model, t.data.x_test[:6]
     img = x.reshape(6, 16, 16)
@@ -395,7 +395,7 @@ def test_the_library_takes_8_bit_pixels_as_fastvae_train_does():
     the bernoulli likelihood needs [0, 1]"). Library calls now divide uint8
     by 255 as the loaders do (float32, exactly rounded), so the numbers are
     those of the float images."""
-    from fastvae.metrics import iwae
+    from fastvae.explore.metrics import iwae
     t = tiny_trainer(None, epochs=1)
     m = t.model
     pixels = np.random.default_rng(3).integers(0, 256, (6, 256)).astype(np.uint8)
@@ -497,7 +497,7 @@ def test_a_trainer_takes_a_path_or_images_as_its_data(tmp_path):
 
 def test_binarized_evaluation_images_are_one_fixed_draw():
     from fastvae import ModelConfig
-    from fastvae.evaluate import binarized
+    from fastvae.explore.evaluation import binarized
     cfg = ModelConfig(input_dim=400, hidden=[8], latent_dim=2)
     x = np.random.default_rng(0).random((50, 400)).astype(np.float32)
     x[0], x[1] = 0.0, 1.0
@@ -517,7 +517,7 @@ def test_a_run_trained_on_binarized_images_is_scored_on_binarized_test_images(tm
     `fastvae eval`, IWAE, plots) scored the grey test images: neither the
     likelihood of the binary data the model describes nor comparable between
     runs. Now one fixed binary draw of the split (evaluate.binarized)."""
-    from fastvae.evaluate import binarized, evaluate
+    from fastvae.explore.evaluation import binarized, evaluate
     from conftest import fv
     x = np.random.default_rng(1).random((300, 8, 8)).astype(np.float32)
     np.save(tmp_path / "grey.npy", x)
@@ -569,8 +569,8 @@ def test_from_checkpoint_takes_the_run_folder_as_load_does(tmp_path):
 def test_a_binarize_runs_reconstructions_show_the_images_it_is_scored_on(tmp_path, monkeypatch):
     """The run folder's reconstructions.png of a --binarize run showed the grey
     test images; `plot` and the scores use their fixed binary draw."""
-    from fastvae.evaluate import binarized
-    from fastvae.training import Reporter
+    from fastvae.explore.evaluation import binarized
+    from fastvae.training.parts import Reporter
     x = np.random.default_rng(2).random((200, 16, 16)).astype(np.float32)
     data = datasets.from_arrays(x)
     shown = []

@@ -1,10 +1,10 @@
-"""How the benchmark times its contenders (fastvae/timing.py): interleaved
+"""How the benchmark times its contenders (fastvae/bench/timing.py): interleaved
 chunks, rotated order, an untimed step before each chunk, quartiles."""
 
 import pytest
 
-from fastvae.choice import compare
-from fastvae.timing import Contender, measure
+from fastvae.backends.cpu.compare import compare
+from fastvae.bench.timing import Contender, measure
 
 from conftest import MNIST_DIR, needs_mnist
 
@@ -40,7 +40,7 @@ def test_each_chunk_runs_its_enter_hook_then_untimed_steps_for_the_warm_time():
     """``enter`` (the contender's own settings) runs before its calibration
     step and before each chunk, untimed; then untimed steps go on until
     ``warm`` seconds have passed, and only then is the chunk timed."""
-    import fastvae.timing as T
+    import fastvae.bench.timing as T
     clock, log = {"t": 0.0}, []
 
     def step():
@@ -76,7 +76,7 @@ def test_compare_puts_each_option_in_force_in_rotated_rounds_and_takes_medians()
 
 
 def test_markdown_adds_the_eager_pytorch_ratio_only_when_compile_was_faster():
-    from fastvae.benchmark import markdown
+    from fastvae.bench.harness import markdown
 
     def row(backend, ms, **kw):
         return dict(workload="w", backend=backend, ms_per_step=ms, images_per_s=1e3 / ms, warmup_s=0.1,
@@ -185,7 +185,7 @@ def test_epoch_benchmark_takes_the_mnist_workloads_the_convnet_included(tmp_path
 
 
 def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
-    from fastvae.timing import CoreProbe, clean_intervals
+    from fastvae.bench.timing import CoreProbe, clean_intervals
     assert clean_intervals([1.9, 1.9, 1.4, 1.9, 1.8, 2.3]) == [True, False, False, True, True]
     # readings from earlier in the run set the bar for a call spent wholly in a taken-core phase
     assert clean_intervals([1.4, 1.45, 1.4]) == [True, True]
@@ -199,7 +199,7 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
 
     def step():
         clock["t"] += next(times)
-    import fastvae.timing as T
+    import fastvae.bench.timing as T
     real = T.time.perf_counter
     T.time.perf_counter = lambda: clock["t"]
     try:
@@ -215,7 +215,7 @@ def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
 
 
 def test_a_workload_timed_on_a_taken_core_is_timed_again_after_the_others(monkeypatch):
-    import fastvae.benchmark as B
+    import fastvae.bench.harness as B
     tries = []
 
     def fake_ours(name, wl, dtype, tf32, graph, blas=None):

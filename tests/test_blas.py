@@ -1,4 +1,4 @@
-"""GEMM libraries (fastvae.blas): the CBLAS binding against a real CBLAS
+"""GEMM libraries (fastvae.backends.cpu.gemm_library): the CBLAS binding against a real CBLAS
 library (NumPy's own OpenBLAS, through its exported CBLAS symbols; Intel MKL
 where the ``mkl`` extra is installed), the fallbacks to np.matmul, the
 measured choice and its cache, and the wiring into the config, the Trainer,
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import blas
+from fastvae.backends.cpu import gemm_library as blas
 from fastvae.backends import get as get_backend
 from fastvae.config import ModelConfig, TrainConfig
 from fastvae.errors import ConfigError
@@ -101,8 +101,8 @@ def test_cblas_gemm_falls_back_to_numpy_where_blas_cannot_go(cblas):
 
 def test_a_step_through_cblas_gives_the_numpy_step_within_rounding():
     """The numba backend's exact GEMM calls of one MLP and one conv training step."""
-    from fastvae.benchmark import WORKLOADS, training_step
-    from fastvae.timing import GemmRecorder
+    from fastvae.bench.harness import WORKLOADS, training_step
+    from fastvae.bench.timing import GemmRecorder
     lib = _numpy_openblas()
     for w in ("784-400-20/b128", "conv28-20/b128"):
         be, model, step = training_step("numpy", WORKLOADS[w])
@@ -210,7 +210,7 @@ def test_a_cache_that_cannot_be_written_costs_only_the_measurement(two_libraries
 
 
 def test_the_cache_key_ignores_the_order_threadpoolctl_lists_libraries_in(monkeypatch):
-    import fastvae.threads as T
+    import fastvae.backends.cpu.threads as T
     libs = [{"library": "openblas", "threads": 2}, {"library": "mkl", "threads": 2}]
     monkeypatch.setattr(T, "current", lambda: {"blas": libs, "numba": None})
     key = blas.cache_key(["numpy"], "sig")
@@ -251,14 +251,14 @@ def test_trainer_applies_blas_and_resume_falls_back_when_mkl_is_gone(monkeypatch
     plain = fastvae.train("sprites", **common)
     named = fastvae.train("sprites", blas="numpy", **common)
     auto = fastvae.train("sprites", blas="auto", out=str(tmp_path / "run"), **common)
-    from fastvae.threads import ADAM_NOTE       # the 4096-16-2 model's 135k parameters get two Adam threads
+    from fastvae.backends.cpu.threads import ADAM_NOTE       # the 4096-16-2 model's 135k parameters get two Adam threads
     assert named.threads_note.replace(ADAM_NOTE, "") == "; blas numpy"
     assert auto.threads_note.startswith("; blas auto: numpy (numpy: ")
     assert named.history[-1]["train_neg_elbo"] == plain.history[-1]["train_neg_elbo"]    # same library, same bits
     assert auto.history[-1]["train_neg_elbo"] == plain.history[-1]["train_neg_elbo"]
     assert os.path.exists(tmp_path / "cache" / "blas.json")
     # a checkpoint written with --blas mkl resumes on NumPy's BLAS where MKL does not load
-    from fastvae.train import Trainer
+    from fastvae.training.trainer import Trainer
     t = fastvae.train("sprites", out=str(tmp_path / "run2"), **common)
     t.train_config = t.train_config.replace(blas="mkl")
     t.save()
@@ -274,8 +274,8 @@ def test_trainer_applies_blas_and_resume_falls_back_when_mkl_is_gone(monkeypatch
 
 
 def test_the_benchmark_times_each_cpu_backend_with_each_library(monkeypatch):
-    import fastvae.benchmark as B
-    from fastvae.timing import Contender
+    import fastvae.bench.harness as B
+    from fastvae.bench.timing import Contender
     asked = []
 
     def ours(name, wl, dtype, tf32, graph, blas=None, own_gemm=False):
@@ -302,7 +302,7 @@ def test_the_benchmark_times_each_cpu_backend_with_each_library(monkeypatch):
 
 def test_an_mkl_label_and_version_in_the_benchmark_rows():
     _mkl()
-    from fastvae.benchmark import WORKLOADS, _ours
+    from fastvae.bench.harness import WORKLOADS, _ours
     main, gemms = _ours("numba", WORKLOADS["784-1000-2/b32"], blas="mkl")
     assert main.row["backend"] == "numba+mkl" and "Math Kernel Library" in main.row["blas"]
     main.step()
@@ -313,7 +313,7 @@ def test_a_pin_to_narrower_openblas_kernels_on_an_avx512_cpu_is_named(monkeypatc
     """This workplace's machines set OPENBLAS_CORETYPE=Haswell; on a Zen 5
     EPYC with AVX-512, OpenBLAS unpinned picks its SkylakeX kernels (2048^3
     SGEMM 474 against 261 GFLOP/s). `fastvae backends` says so, only then."""
-    from fastvae.blas import pinned_kernels_note
+    from fastvae.backends.cpu.gemm_library import pinned_kernels_note
     avx512 = "fpu avx2 avx512f avx512cd avx512bw avx512dq avx512vl".split()
     haswell = {"internal_api": "openblas", "architecture": "Haswell"}
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")

@@ -6,7 +6,7 @@ import pytest
 
 import fastvae
 from fastvae import CheckpointError, DataConfig, ModelConfig, Trainer
-from fastvae import checkpoint as ckpt
+from fastvae.io import checkpoint as ckpt
 from fastvae import datasets
 
 from conftest import tiny_trainer

@@ -88,7 +88,7 @@ def test_backends_listing(tmp_path):
     p = fv("backends", cwd=tmp_path)
     lines = p.stdout.strip().splitlines()
     want = fastvae.backends.available()
-    from fastvae.blas import libraries
+    from fastvae.backends.cpu.gemm_library import libraries
     libs = libraries()
     lines, lib_lines = lines[:len(want)], lines[len(want):]
     assert [ln.split()[:2] for ln in lib_lines] == [["--blas", lib["name"]] for lib in libs]
@@ -104,7 +104,7 @@ def test_blas_auto_is_measured_logged_and_cached_and_resume_may_change_it(tmp_pa
     env = dict(os.environ, FASTVAE_CACHE_DIR=str(tmp_path / "cache"))
     run = tmp_path / "RUN"
     p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", run, cwd=tmp_path, env=env)
-    from fastvae.blas import available
+    from fastvae.backends.cpu.gemm_library import available
     if len(available()) > 1:                 # measured: each library's ms in the note
         assert "; blas auto: numpy (numpy: " in p.stdout or "; blas auto: mkl (numpy: " in p.stdout, p.stdout
     else:                                    # NumPy's BLAS alone: nothing to measure
@@ -123,7 +123,7 @@ def test_every_schedule_setting_has_a_flag(tmp_path, monkeypatch):
     flag; they are fixed on --resume like the other training settings."""
     import dataclasses
     from fastvae.cli import main
-    from fastvae.cli_args import FIELD_OF_FLAG, TRAIN_ARGS
+    from fastvae.cli.args import FIELD_OF_FLAG, TRAIN_ARGS
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY, "--epochs", "3", "--out", "r", "--lr-schedule", "step", "--lr-step-epochs", "1",
                  "--lr-gamma", "0.1", "--beta-schedule", "cyclical", "--beta-ratio", "0.25"]) == 0
@@ -163,7 +163,7 @@ def test_a_run_folder_holding_plot_figures_still_resumes(tmp_path, monkeypatch, 
     `fastvae train --resume RUN` then refused the folder as holding "files
     that are not from a fastvae run"."""
     from fastvae.cli import main
-    from fastvae.runfolder import PLOT_FILES
+    from fastvae.training.runfolder import PLOT_FILES
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY, "--epochs", "1", "--out", "r"]) == 0
     assert main(["plot", "r", "--out", "r"]) == 0
@@ -217,7 +217,7 @@ def test_data_that_changed_since_training_is_noted_on_eval_and_resume(tmp_path):
 def test_bench_help_lists_every_workload(tmp_path):
     """`fastvae bench --help` named four workloads from a list of its own;
     the ConvNet's, timed by default, was missing. It reads the table now."""
-    from fastvae.benchmark import WORKLOADS
+    from fastvae.bench.harness import WORKLOADS
     text = " ".join(fv("bench", "--help", cwd=tmp_path).stdout.split())
     assert "default: all of " + ", ".join(WORKLOADS) in text and "conv28-20/b128" in WORKLOADS
 
@@ -239,7 +239,7 @@ def test_resuming_a_run_already_at_its_epochs_is_refused_before_writing(tmp_path
 def test_bench_out_is_checked_before_the_timing(tmp_path, monkeypatch, capsys):
     """`fastvae bench --out FILE` timed every workload (minutes; on a lent GPU
     its budget) and then failed with "File exists". --out is checked first."""
-    from fastvae import benchmark
+    from fastvae.bench import harness as benchmark
     from fastvae.cli import main
     monkeypatch.setattr(benchmark, "run", lambda *a, **k: pytest.fail("timed before --out was checked"))
     (tmp_path / "file").write_text("x")
@@ -334,9 +334,9 @@ def test_bench_keeps_each_workload_it_finished_when_cut_short(tmp_path, monkeypa
     minutes) or Ctrl-C left nothing. The rows of each finished workload are
     saved as it ends now."""
     import json
-    from fastvae import benchmark
+    from fastvae.bench import harness as benchmark
     from fastvae.cli import main
-    from fastvae.timing import CoreProbe
+    from fastvae.bench.timing import CoreProbe
     real = benchmark._ours
 
     def ours(name, wl, *args, **kw):
@@ -361,7 +361,7 @@ def test_bench_times_a_workload_written_as_a_name(tmp_path):
     from its name now; a name it cannot read or a model that cannot be built
     or would not fit is refused before anything is timed."""
     import json
-    from fastvae.workloads import workload
+    from fastvae.bench.workloads import workload
     fv("bench", "--workloads", "100-24-12-5/b16", "conv16-4/b8", "100-24-12-5/b16", "--backends", "numpy",
        "--no-torch", "--blas", "numpy", "--seconds", "0.1", "--out", "o", cwd=tmp_path)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "cpu.jsonl")]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import ConfigError, ModelConfig, VAE, backends, layers
-from fastvae.layout import ParamLayout
+from fastvae import ConfigError, ModelConfig, VAE, backends
+from fastvae.nn import layers
+from fastvae.nn.layout import ParamLayout
 
 from conftest import assert_grad, fv, full_gradient_check, numgrad
 from cuda_emu import emu_param, make_backend
@@ -150,7 +151,7 @@ def test_shapes_that_do_not_chain_name_the_layer():
 
 def _torch_compare(cfg, B, seed=0):
     torch = pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     m = VAE(cfg, "numpy", seed=seed)
     r = np.random.default_rng(seed + 1)
     x, eps = r.random((B, cfg.input_dim)), r.normal(size=(B, cfg.latent_dim))

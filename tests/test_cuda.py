@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets, ops, philox
-from fastvae.ops import cuda_defines
+from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
+from fastvae.nn import opcodes as ops
+from fastvae.backends import philox
+from fastvae.nn.opcodes import cuda_defines
 
 from conftest import MNIST_DIR, needs_mnist
 from cuda_emu import emu_param, make_backend
@@ -55,7 +57,7 @@ def test_host_normals_are_standard_normal():
 
 def test_op_codes_come_from_the_one_table():
     """No hand-kept copy of the codes: the CUDA source only reads the defines
-    that fastvae.ops generates, and the Numba kernels' constants are the table's."""
+    that fastvae.nn.opcodes generates, and the Numba kernels' constants are the table's."""
     numba_cpu = pytest.importorskip("fastvae.kernels.numba_cpu", reason="numba is not installed")
     with open(kernel_source()) as f:
         src = f.read()
@@ -117,7 +119,7 @@ def test_kernels_compile_with_nvrtc_as_the_backend_names_them(ctype):
     """The exact RawModule compile the cupy backend does, minus the device:
     NVRTC with the backend's template name expressions (needs no GPU)."""
     nvrtc = _nvrtc()
-    from fastvae.backends import cupy_backend as cb
+    from fastvae.backends.cupy import backend as cb
     assert sorted(cb.name_expressions(ctype, "cuda_kernels.cu") + cb.name_expressions(ctype, "cuda_gemm.cu")) == \
         sorted(cb.name_expressions(ctype))                      # each kernel in one module
     for source in ("cuda_kernels.cu", "cuda_gemm.cu"):
@@ -183,7 +185,7 @@ def test_own_gemm_kernel_matches_the_product_for_every_layout(name, dtype):
     be.own_gemm = True
     rng = np.random.default_rng(3)
     eps = np.finfo(dtype).eps
-    from fastvae.backends.cupy_kernels import _gemm_grid
+    from fastvae.backends.cupy.kernels import _gemm_grid
     shapes = [(1, 1, 1), (70, 50, 37), (130, 65, 17), (5, 3, 0), (64, 64, 16), (3, 200, 129), (1, 97, 2),
               (5, 3, 1000), (3, 200, 300)]
     assert [_gemm_grid(*mnk)[0][2] for mnk in shapes] == [1, 1, 1, 1, 1, 1, 1, 13, 4]

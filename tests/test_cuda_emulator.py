@@ -13,8 +13,8 @@ import types
 import numpy as np
 import pytest
 
-from fastvae import philox
-from fastvae.backends import cupy_backend as cb
+from fastvae.backends import philox
+from fastvae.backends.cupy import backend as cb
 
 from conftest import ROOT
 from cuda_emu import EmulatedCupyBackend, LaunchError, compiler_reason, emulator

@@ -1,4 +1,4 @@
-"""CUDA graphs (``--cuda-graph``, fastvae/backends/cuda_graph.py).
+"""CUDA graphs (``--cuda-graph``, fastvae/backends/cupy/cuda_graph.py).
 
 On the CPU the emulated backend stands in for the GPU: its "capture" records
 every launch with the arguments it was given and runs nothing; a "launch"
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
-from fastvae.backends import cupy_backend as cb
-from fastvae.backends.cuda_graph import GraphUnsafeError, StepGraphs, _same
-from fastvae.distributed import AllReduceGrads
+from fastvae.backends.cupy import backend as cb
+from fastvae.backends.cupy.cuda_graph import GraphUnsafeError, StepGraphs, _same
+from fastvae.training.distributed import AllReduceGrads
 from fastvae.errors import ConfigError
-from fastvae.model import VAE
-from fastvae.optim import Adam
-from fastvae.training import step_graphs
+from fastvae.nn.model import VAE
+from fastvae.optim.adam import Adam
+from fastvae.training.parts import step_graphs
 
 from cuda_emu import EmulatedCupyBackend, emu_param, make_backend
 from test_conv import small_cfg
@@ -180,7 +180,7 @@ def test_graph_steps_run_their_gemms_on_fastvaes_kernel(name):
     raises NotImplementedError; the emulator's capture does the same), so a
     backend with step graphs runs every GEMM on its own ``gemm`` kernel: the
     captured MLP step holds its 11 GEMMs as launches of that kernel."""
-    from fastvae.backends.cuda_graph import capture
+    from fastvae.backends.cupy.cuda_graph import capture
     be, step = _plain_step(name, "mlp")
     step()
     assert not be.own_gemm
@@ -264,7 +264,7 @@ def test_cuda_graph_is_refused_where_it_cannot_hold_the_step_and_allowed_with_cl
 
 
 def test_bench_times_the_graph_replay_with_its_capture_in_the_warm_up(monkeypatch):
-    from fastvae import benchmark
+    from fastvae.bench import harness as benchmark
     monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
     wl = dict(input_dim=12, hidden=[8], latent_dim=3, batch_size=5)
     rows = [benchmark.bench_backend("cupy", wl, "float64", seconds=0.01, graph=g, settle=0) for g in (False, True)]
@@ -320,7 +320,7 @@ def test_the_readme_loop_replays(monkeypatch):
 def test_bench_gpu_mode_reports_eager_and_graph_rows(monkeypatch):
     """``fastvae bench --gpu``'s code path on the emulated backend (a tiny
     workload; this PyTorch has no CUDA, which becomes an error row)."""
-    from fastvae import benchmark
+    from fastvae.bench import harness as benchmark
     monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
     monkeypatch.setitem(benchmark.WORKLOADS, "tiny", dict(input_dim=12, hidden=[8], latent_dim=3, batch_size=5))
     monkeypatch.setattr(benchmark, "gpu_peak_gemm_gflops", lambda dtype, tf32: 1000.0)
@@ -349,8 +349,8 @@ def test_the_graph_host_benchmark_times_replays_of_every_launch(tmp_path, monkey
     import json
     import os
     import sys
-    from fastvae.benchmark import workload_config
-    from fastvae.workloads import workload
+    from fastvae.bench.harness import workload_config
+    from fastvae.bench.workloads import workload
     from test_bench_timing import _bench_script
     gh = _bench_script("graph_host")
     names = ["12-8-3/b5", "conv28-4/b3"]
@@ -383,7 +383,7 @@ def test_per_step_values_reach_the_kernels_through_their_own_slots(dtype):
     :meth:`Recording.counter`) show, after the upload, exactly the values
     staged for them: float slots in the backend's dtype (64 of them in
     float32, past the first 32 words), counters in the words after those."""
-    from fastvae.backends.cuda_graph import Recording
+    from fastvae.backends.cupy.cuda_graph import Recording
     be = EmulatedCupyBackend(dtype)
     rec = Recording(be)
     n_float = rec._float.size
@@ -404,7 +404,7 @@ def test_a_replay_meets_the_captured_arrays_themselves(arch, monkeypatch):
     (the layers keep their reshaped views, the graph its slot views), so each
     check passes at its identity test instead of comparing pointers, shapes
     and strides: what keeps a replay's host time low."""
-    from fastvae.backends.cuda_graph import Recording
+    from fastvae.backends.cupy.cuda_graph import Recording
     be, step = _plain_step("cupy-emu", arch)
     g = StepGraphs(be)
     g("k", step)
@@ -429,7 +429,7 @@ def test_a_replay_meets_the_captured_arrays_themselves(arch, monkeypatch):
 
 
 def test_a_state_view_is_kept_while_its_array_is_the_same():
-    from fastvae.layers.base import State
+    from fastvae.nn.layers.base import State
     st, a, b = State(), np.zeros(12), np.zeros(12)
     v = st.view("x", a, 3, -1)
     assert v.shape == (3, 4) and np.shares_memory(v, a)

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
 # and the runtime handed to the probe
 _ROOTS = {("self", "_xp"): "cupy", ("self", "xp"): "cupy", ("backend", "xp"): "cupy", ("self", "cupy"): "cupy",
           ("runtime",): "cupy.cuda.runtime"}
-_CUPY_FILES = ("backends/cupy_backend.py", "backends/cupy_kernels.py", "backends/graph_support.py", "backends/cupy_probe.py",
-               "backends/cuda_graph.py", "distributed.py", "memory.py", "timing.py")
+_CUPY_FILES = ("backends/cupy/backend.py", "backends/cupy/kernels.py", "backends/cupy/graph_support.py",
+               "backends/cupy/probe.py", "backends/cupy/cuda_graph.py", "training/distributed.py", "training/memory.py",
+               "bench/timing.py")
 _LOADS_A_LIBRARY = ("cupy.cuda.cublas", "cupy.cuda.nccl")
 
 
@@ -73,7 +74,7 @@ def cupy_names():
                 root = next((r for r in _ROOTS if tuple(parts[:len(r)]) == r), None)
                 if root is None or (root != ("runtime",) and (len(parts) < 3 or parts[len(root)] != "cuda")):
                     continue                                # xp.<ufunc> is NumPy's API too; only xp.cuda.* is CuPy's
-                if root == ("runtime",) and rel != "backends/cupy_probe.py":
+                if root == ("runtime",) and rel != "backends/cupy/probe.py":
                     continue
                 name = ".".join([_ROOTS[root]] + parts[len(root):])
             found.setdefault(name, f"{rel}:{node.lineno}")

@@ -120,7 +120,8 @@ def test_an_image_folder_too_large_for_memory_is_refused_before_it_is_read(tmp_p
     pixel (uint8 and float32) are checked against free memory before the
     rest are read (only --image-size runs were checked; a folder too large
     was read until memory ran out)."""
-    from fastvae import ConfigError, memory
+    from fastvae import ConfigError
+    from fastvae.training import memory
     r = np.random.default_rng(2)
     for i in range(20):
         _save_png(str(tmp_path / f"{i}.png"), r.integers(0, 256, (100, 100), dtype=np.uint8))
@@ -368,7 +369,7 @@ def test_transparent_pixels_are_read_on_white_as_a_viewer_shows_them(tmp_path):
     image (Pillow's convert drops alpha, keeping the colour stored under
     transparent pixels); now composited onto white: grey = 255 - alpha, to
     Pillow's integer rounding (one 8-bit step)."""
-    from fastvae.safe_files import read_image
+    from fastvae.io.safe_files import read_image
     rng = np.random.default_rng(7)
     alpha = (rng.random((6, 12, 12)) * 255).astype(np.uint8)
     (tmp_path / "icons").mkdir()

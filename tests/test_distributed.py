@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import distributed
-from fastvae.training import BatchSource
+from fastvae.training import distributed
+from fastvae.training.parts import BatchSource
 
 from conftest import MNIST_DIR, PY, tiny_trainer, write_mnist_like
 

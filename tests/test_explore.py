@@ -168,8 +168,8 @@ def test_loss_curves_show_negative_losses_and_their_units():
     the KL. Those runs get a symmetric-log axis now; positive ones keep the log
     axis. Epochs are whole numbers on the axis, and an mse run's losses are
     not labelled nats."""
-    from fastvae import plots
-    from fastvae.evaluate import units
+    from fastvae.explore import plots
+    from fastvae.explore.evaluation import units
     hist = [{"epoch": e, "train_neg_elbo": -1000 + 300 / e, "test_neg_elbo": -950 + 300 / e,
              "train_recon": -1100 + 300 / e, "train_kl": 100 - 5 * e, "beta": 1.0} for e in range(1, 9)]
     ax = plots.plot_loss(hist).axes[0]
@@ -307,8 +307,8 @@ def test_big_pictures_stay_within_memory(trained, monkeypatch):
     pixels (the dpi drops, the layout stays); a latent grid whose decoded
     images would not fit in memory is refused before decoding (--grid 400 on
     MNIST took 24 GB and was killed by the OOM killer)."""
-    from fastvae import memory
-    from fastvae.plots import MAX_FIGURE_PIXELS, MAX_FIGURE_SIDE, _figure
+    from fastvae.training import memory
+    from fastvae.explore.plots import MAX_FIGURE_PIXELS, MAX_FIGURE_SIDE, _figure
     assert _figure((6, 5)).dpi == 100
     for size in [(240, 240), (7000, 1.9), (600, 0.5)]:
         fig = _figure(size)
@@ -325,7 +325,8 @@ def test_pictures_of_nothing_are_refused_by_name(trained):
     """Zero counts, no images, and losses or labels of another length than the
     images: a named error (they raised ZeroDivisionError, IndexError or
     "need at least one array", or drew a figure from mismatched losses)."""
-    from fastvae import DataError, plots
+    from fastvae import DataError
+    from fastvae.explore import plots
     model, data = trained
     X, shape = data.x_test[:6], data.image_shape
     for call, err, needle in [
@@ -348,7 +349,7 @@ def test_gif_and_picture_files_that_cannot_be_written_are_refused_first(trained,
     """--scale 1000 built 46 frames of 64,000^2 pixels until the OOM killer
     ended it at 24 GB; a .xyz picture name raised matplotlib's ValueError.
     Both are named errors now, before anything is drawn."""
-    from fastvae import memory
+    from fastvae.training import memory
     model, data = trained                       # 16 x 16 images
     frames = explore.interpolation_frames(model, data.x_test[0], data.x_test[1], steps=5)
     with pytest.raises(ConfigError, match="scale must be at least 1"):
@@ -385,7 +386,7 @@ def test_evaluation_batches_are_bounded_by_their_work_buffers(tmp_path):
     assert conv(64).rows_within(8192) == 355 and conv(256).rows_within(1000) == 22
     code = ("import re\nhwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())"
             ".group(1)) / 1024\nimport numpy as np\nfrom fastvae import ModelConfig, VAE\n"
-            "from fastvae.metrics import iwae\n"
+            "from fastvae.explore.metrics import iwae\n"
             "m = VAE(ModelConfig(input_dim=4096, image_shape=(64, 64), arch='conv', latent_dim=4), 'numpy', seed=0)\n"
             "x = np.random.default_rng(0).random((10, 4096)).astype(np.float32)\n"
             "b = hwm(); v = iwae(m, x, k=200); print('GROWTH_MB', hwm() - b)")
@@ -444,7 +445,7 @@ def test_grid_helpers_refuse_counts_they_cannot_use(trained, monkeypatch):
     """grid_values(2.5) was a TypeError from range(); latent_grid_codes(model,
     10**6) looped over 10^12 codes in Python (never ended) where the figure's
     check refuses the grid at once. Both name the count now."""
-    from fastvae import memory
+    from fastvae.training import memory
     model, _ = trained
     with pytest.raises(ConfigError, match="n must be an integer, got 2.5"):
         explore.grid_values(2.5)
@@ -473,7 +474,7 @@ def test_a_loss_histogram_leaves_out_losses_that_are_not_finite(tmp_path):
 def test_picture_helpers_name_counts_they_cannot_use(tmp_path):
     """tile(ncol=0) was a ZeroDivisionError, save_gif(duration_ms=nan) a
     ValueError from Pillow's int conversion; each is a ConfigError naming it."""
-    from fastvae.plots import tile
+    from fastvae.explore.plots import tile
     x = np.zeros((4, 16))
     with pytest.raises(ConfigError, match="ncol must be at least 1, got 0"):
         tile(x, (4, 4), 0)
@@ -492,7 +493,8 @@ def test_library_helpers_name_arguments_of_the_wrong_kind(trained, tmp_path):
     AttributeError, 10^12 traversal values a MemoryError, an image shape of
     None a TypeError, MIG's 10^12 bins a 7 TiB allocation. Each is now a
     ConfigError naming the argument, before any work."""
-    from fastvae import latent, plots
+    from fastvae.explore import latent
+    from fastvae.explore import plots
     model, data = trained                       # latent_dim 4, 16x16 images
     X, z = data.x_test[:6], np.zeros(4)
     cases = [

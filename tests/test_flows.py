@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import ConfigError, ModelConfig, VAE, metrics
-from fastvae.layers.flow import made_masks
+from fastvae import ConfigError, ModelConfig, VAE
+from fastvae.explore import metrics
+from fastvae.nn.layers.flow import made_masks
 
 from conftest import fv, full_gradient_check
 from cuda_emu import emu_param, make_backend
@@ -86,7 +87,7 @@ def test_iaf_gradient_matches_central_differences(name):
 
 def test_iaf_matches_pytorch_autograd():
     torch = pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     for cfg in (CFGS["mlp-tanh-gaussian"], CFGS["conv-small"]):
         model = VAE(cfg, seed=2)
         tm = torch_ref.build(cfg)
@@ -221,7 +222,7 @@ def test_per_dimension_kl_of_a_flow_posterior_is_named_for_what_it_is(tmp_path):
     kl_per_dim, the plot titled it "KL per dimension", and traversals sorted
     the flow's output dimensions by it (the steps mix dimensions)."""
     from fastvae import explore
-    from fastvae.evaluate import evaluate
+    from fastvae.explore.evaluation import evaluate
     x = np.random.default_rng(0).random((40, 9))
     flow = _iaf_model()
     plain = VAE(flow.config.replace(posterior="gaussian", flows=0), seed=1)

@@ -20,8 +20,8 @@ import pytest
 
 import fastvae
 from fastvae import CheckpointError, DataError, FastVAEError, Trainer, TrainingDivergedError
-from fastvae import checkpoint as ckpt
-from fastvae.arrayfiles import read_arrays
+from fastvae.io import checkpoint as ckpt
+from fastvae.datasets.arrayfiles import read_arrays
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_trainer  # noqa: E402

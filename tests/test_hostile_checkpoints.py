@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae import CheckpointError
-from fastvae import checkpoint as ckpt
+from fastvae.io import checkpoint as ckpt
 from fastvae import cli
-from fastvae.restore import load_model
+from fastvae.io.restore import load_model
 
 from conftest import PEAK_RSS, PY, fv, tiny_trainer
 from fastvae import datasets
@@ -138,7 +138,7 @@ def test_a_small_file_declaring_a_huge_dataset_allocates_nothing(tmp_path, good)
     p = craft(tmp_path / "huge.h5", good, params=lambda f, _: f.create_dataset("params", shape=(n,), dtype="f4"),
               texts={"layout": json.dumps(layout)})
     assert os.path.getsize(p) < 100_000
-    code = ("import fastvae.checkpoint as c\n"
+    code = ("import fastvae.io.checkpoint as c\n"
             "try:\n    c.read_checkpoint(%r)\nexcept c.CheckpointError as e:\n    print('ERR', e)\n" % str(p)) + PEAK_RSS
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "ERR" in out and "more than the whole file" in out
@@ -371,7 +371,7 @@ def test_another_backends_random_number_state_continues_from_the_step(tmp_path, 
 ])
 def test_the_gpu_stream_refuses_a_state_it_cannot_hold_and_keeps_its_own(state, needle):
     from fastvae.backends.base import ForeignRNGState
-    from fastvae.backends.cupy_backend import CupyRNG
+    from fastvae.backends.cupy.backend import CupyRNG
     rng = CupyRNG(None, 3)
     before = rng.state()
     with pytest.raises(ValueError, match=f"invalid philox4x32-10 random-number state \\({needle}") as info:
@@ -428,3 +428,18 @@ def test_a_crafted_layer_stack_is_a_checkpoint_error_before_any_model_is_built(t
             load_model(p)
         with pytest.raises(CheckpointError, match=needle):
             fastvae.Trainer.from_checkpoint(p, out=str(tmp_path / f"run{i}"), dataset=SPRITES16, progress=False)
+
+
+@pytest.mark.parametrize("part", ["train", "data"])
+def test_a_file_that_loads_also_resumes(tmp_path, good, part):
+    """The long fuzzing campaign found a checkpoint that fastvae.load accepted
+    (a missing config part is its default) and Trainer.from_checkpoint refused
+    ("invalid config ('data')"): resume now takes the configs load validated."""
+    config = {k: v for k, v in good["config"].items() if k != part}
+    (tmp_path / "run").mkdir()
+    p = craft(tmp_path / "run" / "checkpoint.h5", good, texts={"config": json.dumps(config)})
+    m = fastvae.load(p)
+    assert np.isfinite(fastvae.evaluate(m, SPRITES16.x_train[:32])["neg_elbo"])
+    t = fastvae.Trainer.from_checkpoint(p, epochs=m.checkpoint["epoch"] + 1, dataset=SPRITES16, progress=False)
+    t.fit(pictures=False)
+    assert t.epoch == m.checkpoint["epoch"] + 1

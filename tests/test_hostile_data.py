@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fastvae import DataError, datasets
-from fastvae.idx import load_idx
+from fastvae.datasets.idx import load_idx
 
 from conftest import PEAK_RSS, PY, fv, write_mnist_like
 
@@ -47,7 +47,7 @@ def test_gzip_idx_is_decompressed_no_further_than_the_header_promises(tmp_path):
 
 def test_counts_are_compared_before_decompression(tmp_path, monkeypatch):
     write_mnist_like(tmp_path, n_train=30, n_test=10)
-    from fastvae.idx import write_idx
+    from fastvae.datasets.idx import write_idx
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
     calls = []
     monkeypatch.setattr(datasets, "load_idx", lambda p: calls.append(p))
@@ -283,7 +283,7 @@ def test_image_files_declaring_far_more_pixels_than_they_hold_are_refused_before
     from its header (the image folder loader and `fastvae interpolate` share
     the reader), in a process that stays small. Pillow's own bomb error (a
     declared size past its pixel limit) is one line too, not a traceback."""
-    from fastvae.safe_files import read_image
+    from fastvae.io.safe_files import read_image
     folder = tmp_path / "imgs"
     folder.mkdir()
     _png(folder / "bomb.png", 9000, 9000)
@@ -307,7 +307,7 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     (0..65535 and 0..1 or 0..255 onto 0..255); values outside their pixel
     type's range are refused."""
     from PIL import Image
-    from fastvae.safe_files import read_image
+    from fastvae.io.safe_files import read_image
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     np.testing.assert_array_equal(read_image(tmp_path / "deep.png", "L"), np.round(ramp / 257.0).astype(np.uint8))
@@ -380,7 +380,7 @@ def test_images_are_read_upright_as_their_exif_orientation_says(tmp_path):
     leaves the pixels as stored."""
     from PIL import Image
     from fastvae import DataConfig, datasets
-    from fastvae.safe_files import read_image
+    from fastvae.io.safe_files import read_image
     a = np.zeros((20, 40), np.uint8)
     a[:, :10] = 255                                        # a wide image, its left band bright
     im = Image.fromarray(a)

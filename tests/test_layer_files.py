@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae.architectures import MAX_LAYERS_FILE, fields_of_layers, read_layer_specs
+from fastvae.nn.architectures import MAX_LAYERS_FILE, fields_of_layers, read_layer_specs
 from fastvae.errors import ConfigError
 
 from conftest import PEAK_RSS, fv
@@ -162,8 +162,8 @@ def test_an_iaf_stack_too_large_for_memory_is_refused_before_its_masks_exist(tmp
     specs = dense_stack()
     specs.insert(3, {"type": "iaf", "name": "flow.0", "hidden": 10 ** 9, "activation": "relu", "reverse": False})
     stack = write(tmp_path / "huge.json", specs)
-    code = ("from fastvae import ConfigError, VAE, ModelConfig, layers\n"
-            "from fastvae.architectures import fields_of_layers, read_layer_specs\n"
+    code = ("from fastvae import ConfigError, VAE, ModelConfig\nfrom fastvae.nn import layers\n"
+            "from fastvae.nn.architectures import fields_of_layers, read_layer_specs\n"
             f"specs = read_layer_specs({str(stack)!r})\n"
             "cfg = ModelConfig(input_dim=4096, layers=specs, **fields_of_layers(specs))\n"
             "stack = layers.build(cfg)\n"

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import fastvae
-from fastvae import ConfigError, ModelConfig, VAE, backends, layers
-from fastvae import checkpoint as ckpt
+from fastvae import ConfigError, ModelConfig, VAE, backends
+from fastvae.nn import layers
+from fastvae.io import checkpoint as ckpt
 from fastvae.config import ACTIVATIONS, mlp_layer_specs
-from fastvae.layout import ParamLayout
-from fastvae.restore import choose_backend
+from fastvae.nn.layout import ParamLayout
+from fastvae.io.restore import choose_backend
 
 from conftest import assert_grad, full_gradient_check, numgrad, tiny_trainer
 

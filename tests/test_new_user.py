@@ -12,7 +12,7 @@ import pytest
 
 import fastvae
 from fastvae import ConfigError
-from fastvae.cli_args import _finite, _one_line
+from fastvae.cli.args import _finite, _one_line
 
 from conftest import ROOT, fv, tiny_trainer, write_mnist_like
 
@@ -75,7 +75,7 @@ def test_memory_preflight_refuses_a_model_that_cannot_fit(tmp_path):
 
 def test_memory_preflight_counts_the_batch(monkeypatch):
     """A model that fits but whose batch buffers do not: refused by the trainer."""
-    from fastvae import memory
+    from fastvae.training import memory
     monkeypatch.setattr(memory, "host_available", lambda: 40 * 2 ** 20)       # pretend 40 MiB free
     tiny_trainer(batch_size=16)                                               # small: fine
     with pytest.raises(ConfigError, match="batch 4096 buffers"):
@@ -85,7 +85,8 @@ def test_memory_preflight_counts_the_batch(monkeypatch):
 def test_memory_preflight_counts_the_built_in_sprites(monkeypatch):
     """--n-sprites 100000000 drew 4.7 GB of images before running out of
     memory; the sprites' 5 bytes a pixel are checked against free memory first."""
-    from fastvae import datasets, memory
+    from fastvae import datasets
+    from fastvae.training import memory
     monkeypatch.setattr(memory, "host_available", lambda: 20 * 2 ** 20)       # pretend 20 MiB free
     assert datasets.make_sprites(500, size=32).x_train.shape == (450, 1024)  # 2.4 MiB: fine
     with pytest.raises(ConfigError, match="5,000 sprites of 32x32 pixels needs about .* use a smaller n_sprites$"):
@@ -206,7 +207,7 @@ def test_default_data_folder_is_documented(tmp_path):
 
 
 def test_explore_is_reachable_after_import_fastvae():
-    code = "import fastvae; print(fastvae.explore.iwae.__name__, fastvae.metrics.mig.__name__)"
+    code = "import fastvae; print(fastvae.explore.iwae.__name__, fastvae.explore.metrics.mig.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["iwae", "mig"]
 

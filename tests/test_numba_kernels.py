@@ -166,7 +166,7 @@ def test_activation_backward_on_one_long_row_is_the_row_loop(act):
     """Contiguous (B, H) arrays go to the kernel as one row: elementwise, so
     bit for bit the row loop, which a non-contiguous view still takes."""
     from fastvae.kernels import numba_cpu as K
-    from fastvae.ops import ACTIVATION_CODES
+    from fastvae.nn.opcodes import ACTIVATION_CODES
     be = NumbaBackend("float32")
     r = np.random.default_rng(1)
     pre = r.normal(size=(65, 32)).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 import fastvae
 from fastvae import ConfigError, ModelConfig, TrainConfig, VAE
-from fastvae.objectives import IWAEObjective
+from fastvae.objectives.iwae import IWAEObjective
 
 from conftest import assert_grad, numgrad, tiny_trainer
 from cuda_emu import emu_param, make_backend
@@ -64,7 +64,7 @@ def test_iwae_gradient_matches_central_differences(name):
 @pytest.mark.parametrize("name", ["mlp-relu-bernoulli", "mlp-tanh-gaussian", "conv-small", "mlp-iaf"])
 def test_iwae_matches_pytorch_autograd(name):
     torch = pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     cfg = IWAE_CFGS[name]
     model, obj, x, eps = _setup(cfg, B=4, K=3, seed=2)
     total, _ = obj.loss_and_grad(x, eps)
@@ -116,7 +116,7 @@ def test_bad_k_and_training_with_iwae(tmp_path):
 
 
 # ------------------------------------------------------------------ beta-TCVAE
-from fastvae.btcvae import BetaTCVAEObjective  # noqa: E402
+from fastvae.objectives.btcvae import BetaTCVAEObjective  # noqa: E402
 
 
 def _tc_loss_reference(model, x, eps, beta, N):
@@ -161,7 +161,7 @@ def test_btcvae_gradient_matches_central_differences(name, beta):
 
 def test_btcvae_matches_pytorch_autograd():
     torch = pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     cfg, beta, N, B = CFGS["mlp-tanh-gaussian"], 6.0, 500, 6
     model = VAE(cfg, "numpy", seed=5)
     r = np.random.default_rng(6)
@@ -243,8 +243,8 @@ def test_objectives_agree_across_backends(objective, other):
     (float64, 1e-12 relative: only summation order differs)."""
     if other == "numba":
         pytest.importorskip("numba")
-    from fastvae.btcvae import BetaTCVAEObjective
-    from fastvae.objectives import IWAEObjective
+    from fastvae.objectives.btcvae import BetaTCVAEObjective
+    from fastvae.objectives.iwae import IWAEObjective
     cfg = IAF if objective == "iwae-iaf" else CFGS["mlp-relu-bernoulli"]
     r = np.random.default_rng(9)
     x = r.random((6, cfg.input_dim))
@@ -267,8 +267,8 @@ def test_an_iwae_run_that_would_not_fit_is_refused_before_it_starts(monkeypatch)
     """IWAE's step holds B K rows of decoder buffers; the preflight counted
     B: 128 images x 2000 samples of the 4096-pixel sprites MLP grew to 24 GB
     and were killed by the kernel. Now refused with both sizes and --iwae-k."""
-    from fastvae import memory
-    from fastvae.objectives import train_rows
+    from fastvae.training import memory
+    from fastvae.objectives.iwae import train_rows
     assert train_rows(TrainConfig(batch_size=16)) == 16
     assert train_rows(TrainConfig(batch_size=16, objective="iwae", iwae_k=5)) == 96
     monkeypatch.setattr(memory, "host_available", lambda: 100 * 2 ** 20)        # pretend 100 MiB free
@@ -283,7 +283,8 @@ def test_a_btcvae_batch_whose_pairwise_terms_would_not_fit_is_refused(monkeypatc
     (B, B, L) arrays: 11.9 GB at B = 8192 with L = 10, and B = 12000 would
     have run out of memory unannounced. The preflight counts them; the Numba
     backend's fused kernel needs none."""
-    from fastvae import backends, memory
+    from fastvae import backends
+    from fastvae.training import memory
     assert backends.get("numpy").tc_pairwise_bytes(2048, 10) == 6 * 2048 * 2048 * 10 * 4
     monkeypatch.setattr(memory, "host_available", lambda: 10 * 2 ** 20)          # pretend 10 MiB free
     with pytest.raises(ConfigError, match=r"batch 256 buffers, beta-TCVAE pairwise terms\) needs about 11.3 MiB"):
@@ -298,7 +299,7 @@ def test_an_iwae_run_reports_its_bound_without_recon_and_kl_columns(tmp_path, ca
     and the epoch line, `info` and the loss curves called it -ELBO."""
     import csv
     from conftest import fv
-    from fastvae import plots
+    from fastvae.explore import plots
     t = tiny_trainer(tmp_path / "run", epochs=2, objective="iwae", iwae_k=3)
     t.verbose = True
     t.fit(pictures=False)
@@ -339,7 +340,7 @@ def test_btcvae_eval_terms_do_not_depend_on_which_splits_were_loaded(tmp_path):
         assert idx[k] == pytest.approx(npz[k], rel=1e-9, abs=1e-9), k
     model = fastvae.load(tmp_path / "run")
     x = fastvae.datasets.load(fastvae.DataConfig(dataset=str(tmp_path / "k.npz"))).x_test
-    from fastvae.btcvae import BetaTCVAEObjective
+    from fastvae.objectives.btcvae import BetaTCVAEObjective
     want = BetaTCVAEObjective(model, 60).evaluate(x, batch_size=12, seed=0)      # N = the 60 training images
     assert idx["btcvae_mi"] == pytest.approx(want["mi"], rel=1e-9)
 
@@ -359,7 +360,7 @@ def test_btcvae_leaves_out_a_last_batch_of_one():
     batches of 5, the eighth step of each epoch was one image whose TC term
     had no gradient. beta-TCVAE now runs 7 steps an epoch (the image left over
     changes with the shuffle); the ELBO keeps its last partial batch."""
-    from fastvae.training import epoch_steps
+    from fastvae.training.parts import epoch_steps
     assert [epoch_steps(n, 5, 2) for n in (0, 1, 4, 5, 6, 7, 36)] == [0, 1, 1, 1, 1, 2, 7]
     assert [epoch_steps(n, 5) for n in (0, 1, 4, 5, 6, 7, 36)] == [0, 1, 1, 1, 2, 2, 8]
     sizes = []

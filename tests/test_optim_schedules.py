@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastvae import Adam, ConfigError, TrainConfig, backends
-from fastvae.schedules import beta_at, lr_at
+from fastvae.optim.schedules import beta_at, lr_at
 
 
 def test_adam_matches_algorithm_1_by_hand():
@@ -80,7 +80,7 @@ def test_resuming_with_another_length_names_the_schedule_jump(tmp_path, capsys):
     """Cosine lr and cyclical beta are laid over the run's epochs: resumed
     with another --epochs they jumped without a word (a finished 2-epoch
     cosine run at lr 0 went on at 4.7e-4)."""
-    from fastvae.schedules import resume_note
+    from fastvae.optim.schedules import resume_note
     c = cfg(lr=0.01, lr_schedule="cosine", lr_min=0.001)
     note = resume_note(c, 500, 100, 10, 20)           # half-way through a 10-epoch run, stretched to 20
     assert f"lr from {lr_at(c, 500, 100, 10):.3g} to {lr_at(c, 500, 100, 20):.3g}" in note

@@ -33,7 +33,7 @@ def test_quality_matches_pytorch_within_one_nat():
     """784-400-20 ReLU, Bernoulli on continuous pixels, batch 128, Adam 1e-3,
     10 epochs, beta 1, same initial weights: test -ELBO within 1 nat of torch."""
     pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28))
     tc = TrainConfig(epochs=10, batch_size=128, lr=1e-3, seed=0)
@@ -54,7 +54,7 @@ def test_conv_quality_matches_pytorch_within_one_nat():
     initial weights: test -ELBO within 1 nat of the PyTorch twin (measured
     109.24 vs 109.30 nats; bench/results/conv_mnist.json). About 3 minutes."""
     pytest.importorskip("torch")
-    from fastvae import torch_ref
+    from fastvae.bench import torch_twin as torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     mc = ModelConfig(input_dim=784, latent_dim=20, image_shape=(28, 28), arch="conv")
     t = Trainer(mc, TrainConfig(epochs=3, batch_size=128, lr=1e-3, seed=0, backend="numba"),

@@ -103,7 +103,7 @@ def test_bad_checkpoints(tmp_path):
     # into a fresh folder: tmp_path holds other files, which the folder check names first
     one_line_error(run(["train", "--resume", tmp_path / "cut.h5", "--epochs", "2", "--out", tmp_path / "fresh"],
                        tmp_path), "cut.h5")
-    from fastvae import checkpoint as ckpt
+    from fastvae.io import checkpoint as ckpt
     newer = tmp_path / "newer.h5"
     head = ckpt._parse_header(raw[:ckpt.HEADER_SIZE])
     newer.write_bytes(ckpt._header(99, head[1]) + raw[ckpt.HEADER_SIZE:])
@@ -260,7 +260,7 @@ def test_a_gaussian_run_that_diverges_is_told_to_raise_sigma(tmp_path):
     """At sigma 1e-17 (float32, above the overflow bound of the nll) the
     gradient, 1e34 per unit of error, overflows within a few steps: the error
     names sigma first, then the usual fixes; a Bernoulli run's does not."""
-    from fastvae.training import diverged_fixes
+    from fastvae.training.parts import diverged_fixes
     t = fastvae.Trainer(ModelConfig(input_dim=4096, hidden=[16], latent_dim=2, likelihood="gaussian", sigma=1e-17),
                         TrainConfig(epochs=2, batch_size=50), fastvae.DataConfig(n_sprites=300), out=str(tmp_path),
                         progress=False)
@@ -373,7 +373,7 @@ def test_every_numeric_option_of_the_exploring_commands_at_zero_and_below(tmp_pa
     named: a negative seed, --iwae-images 0 (all images) and -1 (all but the
     last), plot --n 0, bench --seconds 0, train --n-sprites 0 (the default)."""
     from fastvae.cli import main
-    from fastvae.cli_args import parser
+    from fastvae.cli.args import parser
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY, "--epochs", "1", "--out", "r"]) == 0
     capsys.readouterr()
@@ -417,7 +417,7 @@ def test_a_second_signal_inside_a_step_stops_at_its_end(tmp_path):
     the step's end; outside one it stops at once, and a save is never cut."""
     import os
     import signal as sig
-    from fastvae.stopping import StopSignals
+    from fastvae.training.stopping import StopSignals
 
     class FakeTrainer:
         out, stop_requested, stop_signal = str(tmp_path), False, None

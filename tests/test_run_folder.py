@@ -13,7 +13,7 @@ import time
 import pytest
 
 import fastvae
-from fastvae import runfolder
+from fastvae.training import runfolder
 from fastvae.errors import FastVAEError, RunFolderError
 
 from conftest import PY, fv, tiny_trainer
@@ -276,7 +276,7 @@ def test_a_trainer_built_on_a_folder_holding_a_run_refuses_it(tmp_path):
 def test_writing_into_a_folder_that_does_not_exist_names_the_folder(tmp_path):
     """`interpolate ... --png typo/x.png` said "No such file or directory; free
     disk space or fix the folder's permissions"; it names the missing folder."""
-    from fastvae.runfolder import atomic_write
+    from fastvae.training.runfolder import atomic_write
     with pytest.raises(FastVAEError, match=r"cannot write .*x.png: the folder .*typo does not exist; create it"):
         atomic_write(str(tmp_path / "typo" / "x.png"), lambda tmp: open(tmp, "w").close())
 
@@ -302,7 +302,7 @@ def test_a_default_folder_taken_meanwhile_by_another_run_is_passed_over(tmp_path
     """Two runs that both found the name free: the one that locks it second
     takes the next name (a process holding the lock stands for the first)."""
     base = str(tmp_path / "runs" / "sprites-20260101-000000")
-    holder = subprocess.Popen(PY[:-2] + ["-c", "import sys, time; from fastvae import runfolder; "
+    holder = subprocess.Popen(PY[:-2] + ["-c", "import sys, time; from fastvae.training import runfolder; "
                                          f"runfolder.acquire({base!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -360,7 +360,7 @@ def test_a_link_planted_under_a_name_fastvae_writes_is_replaced_not_followed(tmp
     (a link there was followed), and a dataset download wrote `<file>.part`
     by name; both now write a fresh file and rename it over the name."""
     import hashlib
-    from fastvae import benchmark
+    from fastvae.bench import harness as benchmark
     from fastvae.datasets import download_file
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")

@@ -11,8 +11,8 @@ import pytest
 
 import fastvae
 from fastvae import DataConfig, datasets
-from fastvae.arrayfiles import held_out_rows
-from fastvae.streaming import StreamBatchSource, StreamedImages
+from fastvae.datasets.arrayfiles import held_out_rows
+from fastvae.datasets.streaming import StreamBatchSource, StreamedImages
 
 from conftest import PEAK_RSS
 
@@ -94,7 +94,7 @@ def test_every_row_once_per_epoch_shuffled_in_windows_of_chunks(tmp_path):
     """Each epoch visits every row once, in windows of MIX chunks whose rows
     are interleaved: a batch was one chunk's consecutive rows (of a file
     sorted by class, one class), now rows from MIX places of the file."""
-    from fastvae.streaming import MIX
+    from fastvae.datasets.streaming import MIX
     _npy(tmp_path / "a.npy", 1000)
     ds = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.05))
     t = _trainer(ds)
@@ -251,7 +251,8 @@ def test_loading_an_array_file_holds_the_file_and_its_float32_images_once(tmp_pa
 def test_an_npz_that_would_not_fit_is_refused_before_its_float32_copy(tmp_path, monkeypatch):
     """An .npz cannot stream: without a budget it was converted to float32
     whatever the free memory (4 bytes a pixel on top of the file's)."""
-    from fastvae import ConfigError, memory
+    from fastvae import ConfigError
+    from fastvae.training import memory
     np.savez(tmp_path / "z.npz", images=np.zeros((1000, 32, 32), np.uint8))
     monkeypatch.setattr(memory, "host_available", lambda: 2 ** 20)          # pretend 1 MiB free; 3.9 MiB needed
     with pytest.raises(ConfigError, match=r"float32 images of .*z.npz needs about 3.9 MiB .* save them with "
@@ -264,7 +265,8 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
     loaded the file drew other batches than one that streamed it (chunked
     order), and data-parallel training went on silently. Disagreeing ranks
     now stop with a named fix; agreeing ones (streamed or not) train."""
-    from fastvae import ConfigError, distributed
+    from fastvae import ConfigError
+    from fastvae.training import distributed
 
     class TwoRanks(distributed.World):                  # the other rank's data streamed (``other``) or not
         size = 2
@@ -284,10 +286,10 @@ def test_ranks_that_disagree_on_streaming_stop_with_the_fix(tmp_path, monkeypatc
                                           r"\(MB\), the same for every"):
         distributed.agree_on_streaming(TwoRanks(other=False), True)
     monkeypatch.setattr(distributed, "world", lambda backend=None: TwoRanks(other=False))
-    before = fastvae.threads.current()["blas"]
+    before = fastvae.backends.cpu.threads.current()["blas"]
     with pytest.raises(ConfigError, match="ranks disagree on streaming"):
         _trainer(ds)
-    assert fastvae.threads.current()["blas"] == before      # refused before the ranks' thread counts are set
+    assert fastvae.backends.cpu.threads.current()["blas"] == before      # refused before the ranks' thread counts are set
 
 
 def test_a_files_own_test_split_is_used_loaded_or_streamed(tmp_path):
@@ -325,7 +327,7 @@ def test_a_streamed_run_evaluated_loaded_is_not_called_changed_data(tmp_path):
     """A file streamed under a small budget (its test rows streamed too)
     and loaded later: same training rows, so no "the data has changed" note;
     a file that gained rows gets one."""
-    from fastvae.restore import data_change_note, data_rows
+    from fastvae.io.restore import data_change_note, data_rows
     _npy(tmp_path / "a.npy", 1000)
     streamed = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy"), memory_budget_mb=0.1))
     loaded = datasets.load(DataConfig(dataset=str(tmp_path / "a.npy")))
@@ -342,8 +344,8 @@ def test_a_binarized_streamed_split_draws_what_the_loaded_one_does(tmp_path):
     test split: the same images whether the split is in memory or streamed,
     read whole or in any rows (a row's draw depends on its place alone)."""
     from fastvae import ModelConfig
-    from fastvae.evaluate import binarized, evaluate
-    from fastvae.training import Evaluator
+    from fastvae.explore.evaluation import binarized, evaluate
+    from fastvae.training.parts import Evaluator
     r = np.random.default_rng(3)
     np.save(tmp_path / "g.npy", (r.random((1000, 16, 16)) * 255).astype(np.uint8))        # grey pixels
     loaded = datasets.load(DataConfig(dataset=str(tmp_path / "g.npy")))
@@ -378,7 +380,7 @@ def test_every_pixel_type_that_loads_also_streams(tmp_path, dtype):
 def test_an_hdf5_file_that_cannot_stream_is_closed(tmp_path, monkeypatch):
     """An HDF5 file opened to stream whose images could not be found stayed
     open until garbage collection (a file handle held by nothing)."""
-    import fastvae.streaming as streaming
+    import fastvae.datasets.streaming as streaming
     with h5py.File(tmp_path / "d.h5", "w") as f:
         f["nothing_known"] = np.zeros((10, 4), np.uint8)
     opened = []

@@ -7,7 +7,7 @@ import ast
 import os
 
 
-from fastvae import layers
+from fastvae.nn import layers
 
 from conftest import ROOT
 
@@ -23,26 +23,31 @@ def _modules():
 
 
 def _import_graph():
+    """{module: modules of the package it imports} (absolute or relative,
+    function-level imports included; ``from pkg import mod`` counts ``pkg.mod``)."""
     graph = {}
     for path in _modules():
         if not path.startswith(PKG + os.sep):
             continue
         rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
-        pkg = rel[:-1] if rel[-1] != "__init__" else rel[:-1]
+        pkg = rel[:-1]
         name = ".".join(rel if rel[-1] != "__init__" else rel[:-1])
         deps = set()
         for node in ast.walk(ast.parse(open(path).read())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                target = pkg[:len(pkg) - (node.level - 1)] + ([node.module] if node.module else [])
+            if isinstance(node, ast.ImportFrom):
+                target = (pkg[:len(pkg) - (node.level - 1)] if node.level else []) + \
+                    (node.module.split(".") if node.module else [])
                 deps.add(".".join(target))
                 deps.update(".".join(target + [a.name]) for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
         graph[name] = deps
     return {m: {d for d in ds if d in graph and d != m} for m, ds in graph.items()}
 
 
 def test_no_import_cycle():
     graph = _import_graph()
-    assert "fastvae.layers" in graph and "fastvae.model" in graph["fastvae.restore"]
+    assert "fastvae.nn.layers" in graph and "fastvae.nn.model" in graph["fastvae.io.restore"]
     # the package __init__ re-exports everything; cycles through it are by design
     graph = {m: ds - {"fastvae"} for m, ds in graph.items() if m != "fastvae"}
     state, cycles = {}, []
@@ -73,7 +78,20 @@ def test_every_layer_is_a_forward_backward_pair():
 def test_the_library_never_imports_the_command_line():
     """Only the command line's own modules (and ``python -m fastvae``) import
     it: the library works, and is importable, without it."""
-    cli = {"fastvae.cli", "fastvae.cli_args", "fastvae.cli_explore"}
+    cli = {"fastvae.cli", "fastvae.cli.args", "fastvae.cli.explore"}
     offenders = {m: sorted(ds & cli) for m, ds in _import_graph().items()
                  if m not in cli | {"fastvae.__main__"} and ds & cli}
     assert offenders == {}, offenders
+
+
+def test_each_spec_type_is_one_class_in_one_file():
+    """A layer type registers once (``LAYER_TYPES``): its class builds itself
+    from its spec and has its forward and backward beside each other; every
+    spec type the architectures validate has one."""
+    import inspect
+    from fastvae.nn.architectures import _SPEC_KEYS as SPEC_TYPES
+    assert set(layers.LAYER_TYPES) == set(SPEC_TYPES)
+    for kind, cls in layers.LAYER_TYPES.items():
+        assert cls.spec_type == kind and "from_spec" in vars(cls), kind
+        files = {inspect.getsourcefile(getattr(cls, m)) for m in ("from_spec", "forward", "backward")}
+        assert len(files) == 1, (kind, files)

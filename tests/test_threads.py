@@ -1,4 +1,4 @@
-"""Threads that do not fight (fastvae/threads.py fit_backend, openblas_spin):
+"""Threads that do not fight (fastvae/backends/cpu/threads.py fit_backend, openblas_spin):
 the NumPy backend's Adam on two threads, bit for bit the one-thread update,
 and OpenBLAS's idle threads made to sleep at once while it runs so."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastvae import backends
-from fastvae import threads as T
+from fastvae.backends.cpu import threads as T
 from fastvae.backends.numpy_backend import NumpyBackend
 
 

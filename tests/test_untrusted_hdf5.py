@@ -1,5 +1,5 @@
 """HDF5 files a user hands over are parsed only in a sandboxed child process
-(:mod:`fastvae.untrusted_hdf5`): a crash, hang or limit there is one error
+(:mod:`fastvae.io.untrusted_hdf5`): a crash, hang or limit there is one error
 line in the parent, never a signal; the parent never loads libhdf5 to read
 them; crafted files from ../shared/fixtures/hostile are refused cleanly."""
 
@@ -15,9 +15,9 @@ import pytest
 
 import fastvae
 from fastvae import CheckpointError, DataError
-from fastvae import checkpoint as ckpt
-from fastvae import untrusted_hdf5 as uh
-from fastvae.safe_files import open_regular
+from fastvae.io import checkpoint as ckpt
+from fastvae.io import untrusted_hdf5 as uh
+from fastvae.io.safe_files import open_regular
 
 from conftest import PY, tiny_trainer
 
@@ -119,7 +119,7 @@ def test_the_child_runs_under_resource_limits_with_only_the_file_inherited(run):
 
 
 def test_a_streaming_child_that_dies_mid_run_is_a_data_error(tmp_path):
-    from fastvae.streaming import open_streamed
+    from fastvae.datasets.streaming import open_streamed
     x = (np.random.default_rng(0).random((2000, 64)) * 255).astype(np.uint8)
     p = tmp_path / "d.h5"
     with h5py.File(p, "w") as f:
@@ -133,7 +133,7 @@ def test_a_streaming_child_that_dies_mid_run_is_a_data_error(tmp_path):
 
 
 def _held(n):
-    from fastvae.arrayfiles import held_out_rows
+    from fastvae.datasets.arrayfiles import held_out_rows
     return held_out_rows(n, 0.1, 0)
 
 
@@ -141,7 +141,7 @@ def test_a_streamed_file_rewritten_mid_run_never_crashes_the_process(tmp_path):
     """The file changes on disk while a run streams it: rows read after that
     are the old file's (the child holds the file it vetted), a DataError, or
     the new bytes' rows, never a crash of the trainer's process."""
-    from fastvae.streaming import open_streamed
+    from fastvae.datasets.streaming import open_streamed
     x = (np.random.default_rng(1).random((2000, 64)) * 255).astype(np.uint8)
     p = tmp_path / "d.h5"
     with h5py.File(p, "w") as f:

@@ -5,14 +5,22 @@ if not, why; ``get(name, dtype)`` returns a ready backend or raises
 :class:`~fastvae.errors.BackendUnavailableError` naming the missing package or
 device. Backends register a loader and a probe, so importing fastvae never
 imports Numba or CuPy.
+
+Package: ``base`` is the contract (every primitive declared once),
+``numpy_backend`` the plain NumPy reference of every primitive,
+``numba_backend`` the Numba-jitted CPU backend, ``cupy/`` the GPU backend
+and its CUDA graphs, ``cpu/`` the CPU tuning (threads, GEMM library) both
+CPU backends share, ``philox`` the host reference of the GPU generator.
+Backends hold no model logic. May import: fastvae.kernels,
+fastvae.nn.opcodes, fastvae.errors/naming/checks.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Tuple
 
-from ..errors import BackendUnavailableError
-from .base import Backend, BackendRNG
+from fastvae.errors import BackendUnavailableError
+from fastvae.backends.base import Backend, BackendRNG
 
 _REGISTRY: Dict[str, Tuple[Callable[[], type], Callable[[], str]]] = {}
 
@@ -58,7 +66,7 @@ def get(name: str = "numpy", dtype: str = "float32") -> Backend:
 
 
 def _numpy_loader():
-    from .numpy_backend import NumpyBackend
+    from fastvae.backends.numpy_backend import NumpyBackend
     return NumpyBackend
 
 
@@ -73,7 +81,7 @@ def _numba_probe():
 
 
 def _numba_loader():
-    from .numba_backend import NumbaBackend
+    from fastvae.backends.numba_backend import NumbaBackend
     return NumbaBackend
 
 
@@ -81,12 +89,12 @@ register("numba", _numba_loader, _numba_probe)
 
 
 def _cupy_probe():
-    from .cupy_backend import probe
+    from fastvae.backends.cupy.backend import probe
     return probe()
 
 
 def _cupy_loader():
-    from .cupy_backend import CupyBackend
+    from fastvae.backends.cupy.backend import CupyBackend
     return CupyBackend
 
 

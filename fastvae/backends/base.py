@@ -1,7 +1,7 @@
 """The backend interface: the small set of primitives the VAE is written in.
 
 A backend owns the array module (``xp``), memory, random numbers and the fused
-elementwise kernels. ``fastvae.model`` calls only these methods, so a new
+elementwise kernels. ``fastvae.nn.model`` calls only these methods, so a new
 backend (Numba, CuPy) adds kernels and nothing else.
 
 Conventions (llm.c style): outputs come first in the argument list; gradients

@@ -1,4 +1,4 @@
-"""Numba backend: BLAS for the GEMMs (NumPy's, or MKL: :mod:`fastvae.blas`), fused Numba kernels
+"""Numba backend: BLAS for the GEMMs (NumPy's, or MKL: :mod:`fastvae.backends.cpu.gemm_library`), fused Numba kernels
 (``fastvae.kernels.numba_cpu``, ``numba_conv``, ``numba_likelihood``) for everything around
 them.
 
@@ -14,11 +14,11 @@ import math
 
 import numpy as np
 
-from ..kernels import numba_conv as KC
-from ..kernels import numba_cpu as K
-from ..kernels import numba_likelihood as L
-from ..ops import ACTIVATION_CODES
-from .numpy_backend import NumpyBackend
+from fastvae.kernels import numba_conv as KC
+from fastvae.kernels import numba_cpu as K
+from fastvae.kernels import numba_likelihood as L
+from fastvae.nn.opcodes import ACTIVATION_CODES
+from fastvae.backends.numpy_backend import NumpyBackend
 
 
 class NumbaBackend(NumpyBackend):

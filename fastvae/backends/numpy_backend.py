@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from .. import blas as _blas
-from .base import Backend, BackendRNG, ForeignRNGState
+from fastvae.backends.cpu import gemm_library as _blas
+from fastvae.backends.base import Backend, BackendRNG, ForeignRNGState
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -64,7 +64,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
     device = "cpu"
-    blas = _blas.load("numpy")     # the GEMM library; fastvae.blas.use() switches it per backend
+    blas = _blas.load("numpy")     # the GEMM library; fastvae.backends.cpu.gemm_library.use() switches it per backend
 
     def new_rng(self, seed):
         return NumpyRNG(seed)
@@ -222,7 +222,7 @@ class NumpyBackend(Backend):
     ADAM_CHUNK_BYTES = 1 << 20
     #: threads the Adam update may use: 2 splits the buffer in halves, the second
     #: on a worker thread (NumPy's ufuncs release the GIL); set per process by
-    #: :func:`fastvae.threads.fit_backend`, which also puts OpenBLAS's idle
+    #: :func:`fastvae.backends.cpu.threads.fit_backend`, which also puts OpenBLAS's idle
     #: threads to sleep at once, or they hold the second core
     MAX_ADAM_THREADS = 2
     adam_threads = 1
@@ -248,7 +248,7 @@ class NumpyBackend(Backend):
 
     #: threads im2col/col2im may use: 2 gives each of two threads half the batch's
     #: images (the same copies, bit for bit); set per process by
-    #: :func:`fastvae.threads.fit_backend` for a model with convolutions, with
+    #: :func:`fastvae.backends.cpu.threads.fit_backend` for a model with convolutions, with
     #: OpenBLAS's idle threads asleep at once. Burgess net at b64 (alternating
     #: blocks in one process, the short spin in both): 78.4 ms per step against
     #: 100.5, the Numba backend's 51.4 against 60.5; seed net at b128 113.3

@@ -1,0 +1,102 @@
+"""Inverse autoregressive flow (Kingma, Salimans, Jozefowicz, Chen, Sutskever &
+Welling 2016, "Improved Variational Inference with Inverse Autoregressive
+Flow"): steps after the Gaussian sampler that make the posterior richer.
+
+Step t maps ``z_{t-1} (B, L)`` to ``z_t``: a MADE network (Germain, Gregor,
+Murray & Larochelle 2015) of two masked dense layers gives ``[m | s] (B, 2L)``
+where ``m_j``, ``s_j`` depend only on the coordinates before j in the step's
+order; then the gated update ``z_t = sig z_{t-1} + (1 - sig) m`` with
+``sig = sigmoid(s + 1)`` (Algorithm 1; the +1 starts each step near the
+identity, as Sec. 4 advises: s "sufficiently positive"). Its Jacobian is
+triangular with diagonal ``sig``, so ``log q(z_t|x) = log q(z_{t-1}|x) -
+sum_j log sig_j``. Consecutive steps reverse the order (the paper reverses z).
+The encoder context ``h`` of the paper is not used: the MADE sees z only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fastvae.nn.layers.base import Layer, State
+from fastvae.nn.layers.dense import MaskedDense
+
+#: added to s before the sigmoid (Kingma et al. 2016, Sec. 4)
+FORGET_BIAS = 1.0
+
+
+def made_masks(L: int, H: int, reverse: bool):
+    """MADE masks (Germain et al. 2015, eqs. 12-13) for ``L`` inputs, one
+    hidden layer of ``H`` units and the ``2L`` outputs ``[m | s]``: input j has
+    degree ``d_j`` (1..L, reversed when ``reverse``), hidden unit k degree
+    ``1 + k mod (L - 1)`` (0 when L = 1: no input), hidden k sees input j when
+    ``deg_k >= d_j`` and output j (of m and of s) sees hidden k when ``d_j >
+    deg_k``; so output j depends on exactly the inputs of lower degree.
+    Returns float64 ``(H, L)`` and ``(2L, H)`` 0/1 arrays."""
+    d = np.arange(L, 0, -1) if reverse else np.arange(1, L + 1)
+    deg = 1 + np.arange(H) % (L - 1) if L > 1 else np.zeros(H, dtype=int)
+    m1 = (deg[:, None] >= d[None, :]).astype(np.float64)
+    m2 = (d[:, None] > deg[None, :]).astype(np.float64)
+    return m1, np.vstack([m2, m2])
+
+
+class IAFStep(Layer):
+    """One IAF step on ``z (B, L)``: ``{name}.hidden`` (masked dense L -> H,
+    ``activation``) and ``{name}.out`` (masked dense H -> 2L stored as
+    ``{name}.m`` and ``{name}.s``), then the gate (:meth:`Backend.iaf_gate`).
+    Forward adds the step's terms to the per-image KL estimate that the
+    sampler started (``step.kl``); backward chains both paths, the gate's
+    direct one and the one through the MADE."""
+
+    spec_type = "iaf"
+
+    @classmethod
+    def from_spec(cls, spec, n, hwc, ctx):
+        return cls(spec["name"], n, spec["hidden"], spec["activation"], spec["reverse"], ctx.leaky_slope,
+                   ctx.elu_alpha)
+
+    def label(self) -> str:
+        return f"iaf({self.hidden.out_features})"
+
+    def __init__(self, name, latent_dim, hidden, activation, reverse, slope=0.01, alpha=1.0):
+        L = latent_dim
+        self.name, self.in_features, self.out_features = name, L, L
+        masks = functools.lru_cache(maxsize=1)(lambda: made_masks(L, hidden, reverse))   # when first needed
+        self.hidden = MaskedDense(f"{name}.hidden", L, hidden, activation, lambda: masks()[0], slope=slope,
+                                  alpha=alpha)
+        self.out = MaskedDense(f"{name}.out", hidden, 2 * L, "identity", lambda: masks()[1], parts=["m", "s"])
+        self.parts = (self.hidden, self.out)
+
+    def param_entries(self):
+        return [e for p in self.parts for e in p.param_entries()]
+
+    def bind(self, layout, params, grads):
+        for p in self.parts:
+            p.bind(layout, params, grads)
+
+    def init_params(self, host, layout, rng, scheme):
+        for p in self.parts:
+            p.init_params(host, layout, rng, scheme)
+
+    def workspace(self, be, B, need_dx):
+        st = State()
+        L = self.out_features
+        st.h, st.o = self.hidden.workspace(be, B, True), self.out.workspace(be, B, True)
+        st.y, st.dhead = be.empty((B, L)), be.empty((B, 2 * L))
+        st.dx = be.empty((B, L))
+        return st
+
+    def forward(self, be, st, x, step):
+        """``z_t (B, L)`` from ``x = z_{t-1}``; adds the step's KL terms to ``step.kl``."""
+        st.x = x
+        head = self.out.forward(be, st.o, self.hidden.forward(be, st.h, x, step), step)
+        be.iaf_gate(st.y, step.kl, x, head, FORGET_BIAS)      # step.kl: the sampler's buffer, None without loss
+        return st.y
+
+    def backward(self, be, st, dy, step):
+        """dLoss/dz_{t-1}: the gate's direct path plus the path through the MADE."""
+        k = step.beta * step.grad_scale if step.row_scale is None else step.row_scale
+        be.iaf_gate_backward(st.dx, st.dhead, dy, st.y, st.x, st.o.y, FORGET_BIAS, k)
+        dx_made = self.hidden.backward(be, st.h, self.out.backward(be, st.o, st.dhead, step), step)
+        return be.add_(st.dx, dx_made)

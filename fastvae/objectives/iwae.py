@@ -1,0 +1,209 @@
+"""Training objectives beyond the ELBO: the importance-weighted bound (IWAE)
+here, beta-TCVAE in :mod:`fastvae.objectives.btcvae`; :func:`make` builds the one a run names.
+
+Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders",
+eq. 8: with ``z_k = mu + std * eps_k`` (k = 1..K) from q(z|x),
+
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x)
+            = -nll_k - |z_k|^2 / 2 + |eps_k|^2 / 2 + sum_j logvar_j / 2
+              (the 2 pi terms cancel),
+    L_K(x)  = logsumexp_k log w_k - log K  <=  log p(x),
+
+and the training loss is ``mean_i -L_K(x_i)``. Gradient (ibid., eq. 13): with
+the self-normalised weights ``w~_k = softmax_k(log w_k)``,
+``d(-L_K) = -sum_k w~_k d log w_k``; per sample row (loss scale c = 1/B):
+
+    dL/dnll_k    = c w~_k                 (the decoder's rows, weighted)
+    dL/dz_k      = c w~_k z_k + (decoder's dz_k)   (from -log p(z_k))
+    dL/dmu       = sum_k dL/dz_k
+    dL/dlogvar   = sum_k dL/dz_k eps_k std / 2 - c / 2      (sum_k w~_k = 1)
+
+The K samples run as one batch of ``B K`` rows through the decoder; the
+encoder runs once on ``B`` rows. K = 1 is the single-sample ELBO with the
+KL estimated by sampling instead of in closed form (same expectation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from fastvae.objectives.btcvae import BetaTCVAEObjective, eval_terms  # noqa: F401  (fastvae.objectives.iwae.eval_terms)
+from fastvae.errors import ConfigError
+from fastvae.naming import option
+from fastvae.nn.layers.base import Step
+
+
+class IWAEObjective:
+    """The K-sample importance-weighted bound as a loss on ``model`` (a
+    :class:`fastvae.VAE` whose stack is encoder -> Gaussian sampler -> [IAF
+    steps] -> decoder -> likelihood). Raises ConfigError for K < 1.
+
+    With inverse autoregressive flow steps (Kingma et al. 2016) the K samples
+    run through them too, and ``log q(z_T|x) - log p(z_T)`` gains each step's
+    ``-sum log sig + (|z_t|^2 - |z_{t-1}|^2) / 2`` (:meth:`Backend.iaf_gate`):
+    ``log w_k = -nll_k - kl_k``; the steps' backward weighs those terms by each
+    row's ``c w~_k`` (``Step.row_scale``) as the decoder's rows are weighed."""
+
+    def __init__(self, model, k: int):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"iwae_k must be a positive integer, got {k!r}")
+        self.model, self.k = model, int(k)
+
+    def eps_shape(self, B: int):
+        """The noise one step needs: ``(B K, L)`` standard normal rows, image-major."""
+        return (B * self.k, self.model.config.latent_dim)
+
+    def loss_and_grad(self, x, eps, grad_scale: Optional[float] = None, need_loss: bool = True):
+        """Forward and backward of ``mean_i -L_K(x_i)`` for ``x (B, D)`` and
+        ``eps (B K, L)`` (rows ``i K .. i K + K - 1`` belong to image i).
+        Writes every gradient into ``model.grads``; returns the device sum over
+        images of ``-L_K`` (nats) and 0.0, in the ``(recon, kl)`` slots the
+        trainer reports (None, None when ``need_loss`` is False). The
+        arithmetic between the layer walks runs as backend ``array_op`` calls
+        on cached buffers (so a CUDA graph can hold the whole step)."""
+        m, be = self.model, self.model.backend
+        K, s, n = self.k, m.sampler_at, len(m.layers)
+        B, L = x.shape[0], m.config.latent_dim
+        c = 1.0 / B if grad_scale is None else grad_scale
+        buf = lambda name, *shape: be.scratch(("iwae", name), shape)      # noqa: E731
+        enc, dec = m.workspace(B), m.workspace(B * K)
+        step_e = Step(x, None, train=True, need_loss=False)
+        head = m._walk(enc, 0, s, x, step_e)
+        std = buf("std", B, L)
+        be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
+        step_d = Step(dec.x, None, grad_scale=1.0, train=True, need_loss=True)
+        f = m.decoder_at                                    # s + 1 .. f - 1: the IAF steps, if any
+        z, step_f = dec.z, None
+        if f > s + 1:
+            flow_kl = buf("flow_kl", B * K)
+            be.array_op(_zero, flow_kl)
+            step_f = Step(dec.x, None, train=True, need_loss=True, kl=flow_kl)
+            z = m._walk(dec, s + 1, f, dec.z, step_f)
+        nll = m._walk(dec, f, n, z, step_d)
+        top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
+        if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
+            nll_f = buf("nll_flows", B * K)
+            be.array_op(_add, nll_f, nll, flow_kl)
+            nll, step_f.row_scale = nll_f, r
+        d = dec.states[n - 1].dx                            # dnll/dlogits rows, scale 1
+        be.array_op(_weights, nll, dec.z, eps, head, c, buf("logw", B, K), top, total, r, d)
+        for i in range(n - 2, f - 1, -1):
+            d = m.layers[i].backward(be, dec.states[i], d, step_d)
+        for i in range(f - 1, s, -1):
+            d = m.layers[i].backward(be, dec.states[i], d, step_f)
+        dhead = enc.states[s].dx if enc.states[s].dx is not None else buf("dhead", B, 2 * L)
+        be.array_op(_dhead, d, r, dec.z, eps, std, c, dhead)
+        d = dhead
+        for i in range(s - 1, -1, -1):
+            d = m.layers[i].backward(be, enc.states[i], d, step_e)
+        if not need_loss:
+            return None, None
+        neg_bound = buf("neg_bound", B)
+        be.array_op(_neg_bound, top, total, K, neg_bound)
+        return be.sum(neg_bound), 0.0
+
+    def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
+        """One step's loss and gradient on the batch in workspace ``ws``: draws
+        the global batch's ``(n K, L)`` noise from the training stream ``rng``
+        (after the batch's own draws) and keeps the rows of this rank's images
+        ``ws.rows`` (all of them on one process), then :meth:`loss_and_grad`;
+        ``beta`` is unused."""
+        eps = self._noise(rng, ws.global_batch)
+        lo, hi = ws.rows
+        if hi - lo != ws.global_batch:
+            eps = eps[lo * self.k:hi * self.k]
+        return self.loss_and_grad(ws.x, eps, grad_scale=grad_scale, need_loss=need_loss)
+
+    def idle_step(self, rng, n: int) -> None:
+        """A rank's step on an empty shard of a global batch of ``n`` images:
+        the batch's noise is drawn all the same (every rank's stream stays
+        where the others' are)."""
+        self._noise(rng, n)
+
+    def _noise(self, rng, n: int):
+        eps = self.model.backend.scratch("iwae_eps", self.eps_shape(n))
+        rng.normal_(eps)
+        return eps
+
+    def weighted_loss(self, recon, kl, beta):
+        """The objective's sum for the metrics (``-L_K`` summed over images)."""
+        return recon
+
+
+def _zero(xp, a):
+    a[...] = 0
+
+
+def _add(xp, out, a, b):
+    xp.add(a, b, out=out)
+
+
+def _sample(xp, head, eps, x, std, z, xrep):
+    """IWAE: ``std = exp(logvar / 2)`` (B, L), the K samples ``z (B K, L)`` and
+    the images repeated K times ``xrep (B K, D)``, image-major."""
+    B, L = std.shape
+    K = eps.shape[0] // B
+    xp.exp(0.5 * head[:, L:], out=std)
+    z.reshape(B, K, L)[...] = head[:, None, :L] + std[:, None, :] * eps.reshape(B, K, L)
+    xrep.reshape(B, K, -1)[...] = x[:, None, :]
+
+
+def _weights(xp, nll, z, eps, head, c, logw, top, total, r, d):
+    """IWAE: ``log w (B, K)``, its row maxima ``top`` and ``total = sum_k
+    exp(log w - top)`` (B, 1), the rows' loss weights ``r = c w~ (B K, 1)``,
+    and the decoder's likelihood gradient rows ``d *= r``."""
+    B, K = logw.shape
+    L = z.shape[1]
+    logw[...] = (-nll - 0.5 * (z * z).sum(1) + 0.5 * (eps * eps).sum(1)).reshape(B, K) \
+        + 0.5 * head[:, L:].sum(1)[:, None]
+    logw.max(1, keepdims=True, out=top)
+    w = xp.exp(logw - top)
+    w.sum(1, keepdims=True, out=total)
+    w /= total                                          # self-normalised weights w~
+    r[...] = (c * w).reshape(B * K, 1)
+    d *= r
+
+
+def _dhead(xp, d, r, z, eps, std, c, dhead):
+    """IWAE: ``dhead = [dmu | dlogvar] (B, 2L)`` from the decoder's ``dz`` rows
+    ``d`` plus ``r z`` (from -log p(z)), summed over each image's K samples."""
+    B, L = std.shape
+    K = z.shape[0] // B
+    dz3 = (d + r * z).reshape(B, K, L)
+    dhead[:, :L] = dz3.sum(1)
+    dhead[:, L:] = 0.5 * std * (dz3 * eps.reshape(B, K, L)).sum(1) - 0.5 * c
+
+
+def _neg_bound(xp, top, total, K, out):
+    """IWAE: ``out = -L_K (B,)`` nats, ``L_K = top + log(total) - log K``."""
+    out[...] = -((top[:, 0] + xp.log(total[:, 0])) - math.log(K))
+
+
+def train_rows(train_config) -> int:
+    """Work-buffer rows one training step takes: the batch, and for IWAE also
+    its K samples of each image (workspaces of B and B K rows; 128 x 2000
+    samples of a 4096-pixel MLP were killed at 24 GB before any check)."""
+    B = train_config.batch_size
+    return B * (1 + train_config.iwae_k) if train_config.objective == "iwae" else B
+
+
+def make(train_config, model, n_train: int, comm=None):
+    """The objective a :class:`~fastvae.config.TrainConfig` names: None for the
+    ELBO (the model's own loss), else an :class:`IWAEObjective` or a
+    :class:`BetaTCVAEObjective` (``comm``: the data-parallel
+    :class:`fastvae.training.distributed.World`, None for one process)."""
+    if train_config.objective == "btcvae" and model.decoder_at != model.sampler_at + 1:
+        raise ConfigError(f"{option('objective', 'btcvae')} is written for the Gaussian posterior; train an IAF "
+                          f"posterior ({option('posterior', 'iaf')}) with the ELBO or IWAE, or drop the flows")
+    if train_config.objective == "iwae":
+        return IWAEObjective(model, train_config.iwae_k)
+    if train_config.objective == "btcvae":
+        if train_config.batch_size < 2:       # its TC term: the constant (L - 1) log N, no gradient
+            raise ConfigError(f"{option('objective', 'btcvae')} estimates log q(z) from the other images of a batch, "
+                              "and a batch of 1 has none (beta would weigh a constant); use "
+                              f"{option('batch_size', 2)} or more (64+ is usual)")
+        return BetaTCVAEObjective(model, n_train, comm)
+    return None
