@@ -268,7 +268,7 @@ def test_an_iwae_run_that_would_not_fit_is_refused_before_it_starts(monkeypatch)
     B: 128 images x 2000 samples of the 4096-pixel sprites MLP grew to 24 GB
     and were killed by the kernel. Now refused with both sizes and --iwae-k."""
     from fastvae.training import memory
-    from fastvae.objectives.iwae import train_rows
+    from fastvae.objectives import train_rows
     assert train_rows(TrainConfig(batch_size=16)) == 16
     assert train_rows(TrainConfig(batch_size=16, objective="iwae", iwae_k=5)) == 96
     monkeypatch.setattr(memory, "host_available", lambda: 100 * 2 ** 20)        # pretend 100 MiB free

@@ -95,3 +95,14 @@ def test_each_spec_type_is_one_class_in_one_file():
         assert cls.spec_type == kind and "from_spec" in vars(cls), kind
         files = {inspect.getsourcefile(getattr(cls, m)) for m in ("from_spec", "forward", "backward")}
         assert len(files) == 1, (kind, files)
+
+
+def test_every_objective_is_one_class_of_the_protocol():
+    """ELBO, IWAE and beta-TCVAE: each one class with the protocol's methods
+    (fastvae.objectives), so the trainer has no per-objective branch."""
+    from fastvae import objectives
+    for cls in (objectives.ELBOObjective, objectives.IWAEObjective, objectives.BetaTCVAEObjective):
+        assert cls.name and all(callable(getattr(cls, m, None)) for m in ("train_step", "idle_step", "weighted_loss"))
+    src = open(os.path.join(PKG, "training", "trainer.py")).read()
+    assert "objective is None" not in src and "objective is not None" not in src
+    assert not [p for p in _modules() if "._walk(" in open(p).read()]

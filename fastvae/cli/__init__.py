@@ -143,7 +143,7 @@ def _train_locked(a, out, progress, talk):
 
 def _cmd_eval(a):
     from fastvae import explore, load
-    from fastvae.objectives import iwae as objectives
+    from fastvae.objectives import btcvae as objectives
     from fastvae.explore.evaluation import evaluate, units as evaluate_units
     from fastvae.checks import check_images
 

@@ -182,7 +182,12 @@ class VAE:
         return ws
 
     # ---- the walks -----------------------------------------------------------
-    def _walk(self, ws, start, stop, a, step):
+    def walk(self, ws, start, stop, a, step):
+        """Layers ``start .. stop - 1`` forward on workspace ``ws`` from input
+        ``a`` with pass settings ``step`` (a :class:`~fastvae.nn.layers.Step`,
+        or None outside training); returns the last layer's output. Objectives
+        compose their passes from these spans (:attr:`sampler_at`,
+        :attr:`decoder_at`, the likelihood last)."""
         be = self.backend
         for i in range(start, stop):
             a = self.layers[i].forward(be, ws.states[i], a, step)
@@ -190,25 +195,25 @@ class VAE:
 
     def encode_into(self, ws: Workspace, x) -> None:
         """Fill ``ws.head`` (so ``ws.mu`` and ``ws.logvar``) from ``x (B, D)``."""
-        self._walk(ws, 0, self.sampler_at, x, None)
+        self.walk(ws, 0, self.sampler_at, x, None)
 
     def decode_into(self, ws: Workspace, z):
         """Fill ``ws.logits`` (decoder output before the likelihood's link)
         from ``z (B, L)`` (the code the decoder reads: after the flow steps); returns it."""
-        return self._walk(ws, self.decoder_at, len(self.layers) - 1, z, None)
+        return self.walk(ws, self.decoder_at, len(self.layers) - 1, z, None)
 
     def sample_posterior_into(self, ws: Workspace, head, eps, sampled_kl: bool = False):
         """``z (B, L)`` for the decoder from ``head = [mu | logvar] (B, 2L)``
         and noise ``eps (B, L)`` through the sampler and any flow steps;
         ``ws.kl`` then holds each image's KL: ``log q(z|x) - log p(z)`` of this
         z with flows or ``sampled_kl``, else the closed form."""
-        return self._walk(ws, self.sampler_at, self.decoder_at, head,
+        return self.walk(ws, self.sampler_at, self.decoder_at, head,
                           _layers.Step(None, eps, sampled_kl=sampled_kl))
 
     def nll_into(self, ws: Workspace, x):
         """Per-image ``ws.nll (B,)`` (nats) of targets ``x (B, D)`` under ``ws.logits``."""
         n = len(self.layers) - 1
-        return self._walk(ws, n, n + 1, ws.logits, _layers.Step(x, None))
+        return self.walk(ws, n, n + 1, ws.logits, _layers.Step(x, None))
 
     @_exclusive
     def forward(self, x, eps, need_nll: bool = True) -> Workspace:
@@ -223,7 +228,7 @@ class VAE:
         self._check_batch(x, eps)
         ws = self.workspace(x.shape[0])
         stop = len(self.layers) if need_nll else len(self.layers) - 1
-        self._walk(ws, 0, stop, x, _layers.Step(x, eps))
+        self.walk(ws, 0, stop, x, _layers.Step(x, eps))
         return ws
 
     def _check_batch(self, x, eps) -> None:
@@ -258,7 +263,7 @@ class VAE:
         ws = self.workspace(B)
         step = _layers.Step(x, eps, beta=beta, grad_scale=1.0 / B if grad_scale is None else grad_scale,
                             train=True, need_loss=need_loss)
-        self._walk(ws, 0, len(self.layers), x, step)
+        self.walk(ws, 0, len(self.layers), x, step)
         d = None
         for i in range(len(self.layers) - 1, -1, -1):
             d = self.layers[i].backward(be, ws.states[i], d, step)

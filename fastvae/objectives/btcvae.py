@@ -93,6 +93,8 @@ class BetaTCVAEObjective:
     exchange. Raises ConfigError for N < 1.
     """
 
+    name = "btcvae"
+
     def __init__(self, model, n_train: int, comm=None):
         if n_train < 1:
             raise ConfigError("beta-TCVAE needs the training set size N >= 1")
@@ -131,9 +133,9 @@ class BetaTCVAEObjective:
         buf = lambda name, *shape: be.scratch(("btcvae", name), shape)      # noqa: E731
         ws = m.workspace(B)
         step = Step(x, eps, beta=0.0, grad_scale=c, train=True, need_loss=True)
-        head = m._walk(ws, 0, s, x, step)
-        z = m._walk(ws, s, s + 1, head, step)                       # the sampler: z = mu + std eps
-        nll = m._walk(ws, s + 1, n, z, step)
+        head = m.walk(ws, 0, s, x, step)
+        z = m.walk(ws, s, s + 1, head, step)                       # the sampler: z = mu + std eps
+        nll = m.walk(ws, s + 1, n, z, step)
         # backward: decoder (scale c per image) down to dz
         d = ws.states[n - 1].dx
         for i in range(n - 2, s, -1):

@@ -1,5 +1,4 @@
-"""Training objectives beyond the ELBO: the importance-weighted bound (IWAE)
-here, beta-TCVAE in :mod:`fastvae.objectives.btcvae`; :func:`make` builds the one a run names.
+"""The importance-weighted bound (IWAE) as a training objective.
 
 Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders",
 eq. 8: with ``z_k = mu + std * eps_k`` (k = 1..K) from q(z|x),
@@ -30,9 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from fastvae.objectives.btcvae import BetaTCVAEObjective, eval_terms  # noqa: F401  (fastvae.objectives.iwae.eval_terms)
 from fastvae.errors import ConfigError
-from fastvae.naming import option
 from fastvae.nn.layers.base import Step
 
 
@@ -46,6 +43,8 @@ class IWAEObjective:
     ``-sum log sig + (|z_t|^2 - |z_{t-1}|^2) / 2`` (:meth:`Backend.iaf_gate`):
     ``log w_k = -nll_k - kl_k``; the steps' backward weighs those terms by each
     row's ``c w~_k`` (``Step.row_scale``) as the decoder's rows are weighed."""
+
+    name = "iwae"
 
     def __init__(self, model, k: int):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -71,7 +70,7 @@ class IWAEObjective:
         buf = lambda name, *shape: be.scratch(("iwae", name), shape)      # noqa: E731
         enc, dec = m.workspace(B), m.workspace(B * K)
         step_e = Step(x, None, train=True, need_loss=False)
-        head = m._walk(enc, 0, s, x, step_e)
+        head = m.walk(enc, 0, s, x, step_e)
         std = buf("std", B, L)
         be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
         step_d = Step(dec.x, None, grad_scale=1.0, train=True, need_loss=True)
@@ -81,8 +80,8 @@ class IWAEObjective:
             flow_kl = buf("flow_kl", B * K)
             be.array_op(_zero, flow_kl)
             step_f = Step(dec.x, None, train=True, need_loss=True, kl=flow_kl)
-            z = m._walk(dec, s + 1, f, dec.z, step_f)
-        nll = m._walk(dec, f, n, z, step_d)
+            z = m.walk(dec, s + 1, f, dec.z, step_f)
+        nll = m.walk(dec, f, n, z, step_d)
         top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
         if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
             nll_f = buf("nll_flows", B * K)
@@ -180,30 +179,3 @@ def _dhead(xp, d, r, z, eps, std, c, dhead):
 def _neg_bound(xp, top, total, K, out):
     """IWAE: ``out = -L_K (B,)`` nats, ``L_K = top + log(total) - log K``."""
     out[...] = -((top[:, 0] + xp.log(total[:, 0])) - math.log(K))
-
-
-def train_rows(train_config) -> int:
-    """Work-buffer rows one training step takes: the batch, and for IWAE also
-    its K samples of each image (workspaces of B and B K rows; 128 x 2000
-    samples of a 4096-pixel MLP were killed at 24 GB before any check)."""
-    B = train_config.batch_size
-    return B * (1 + train_config.iwae_k) if train_config.objective == "iwae" else B
-
-
-def make(train_config, model, n_train: int, comm=None):
-    """The objective a :class:`~fastvae.config.TrainConfig` names: None for the
-    ELBO (the model's own loss), else an :class:`IWAEObjective` or a
-    :class:`BetaTCVAEObjective` (``comm``: the data-parallel
-    :class:`fastvae.training.distributed.World`, None for one process)."""
-    if train_config.objective == "btcvae" and model.decoder_at != model.sampler_at + 1:
-        raise ConfigError(f"{option('objective', 'btcvae')} is written for the Gaussian posterior; train an IAF "
-                          f"posterior ({option('posterior', 'iaf')}) with the ELBO or IWAE, or drop the flows")
-    if train_config.objective == "iwae":
-        return IWAEObjective(model, train_config.iwae_k)
-    if train_config.objective == "btcvae":
-        if train_config.batch_size < 2:       # its TC term: the constant (L - 1) log N, no gradient
-            raise ConfigError(f"{option('objective', 'btcvae')} estimates log q(z) from the other images of a batch, "
-                              "and a batch of 1 has none (beta would weigh a constant); use "
-                              f"{option('batch_size', 2)} or more (64+ is usual)")
-        return BetaTCVAEObjective(model, n_train, comm)
-    return None

@@ -289,11 +289,11 @@ def preflight_training(model, tc) -> None:
     """Refuse (ConfigError, both sizes and the fix) a run whose Adam state and
     work buffers would not fit in the device's free memory, before they
     exist: the training batch (for IWAE also its K samples of each image,
-    :func:`fastvae.objectives.iwae.train_rows`) or the evaluation's batch
+    :func:`fastvae.objectives.train_rows`) or the evaluation's batch
     (:meth:`fastvae.VAE.rows_within`), whichever is larger, and beta-TCVAE's
     pairwise terms (``backend.tc_pairwise_bytes``)."""
     from fastvae.training import memory
-    from fastvae.objectives import iwae as objectives
+    from fastvae import objectives
     est = lambda **kw: memory.estimate(model.layers, model.num_params, model.backend.dtype.itemsize,  # noqa: E731
                                        host=False, **kw)
     iwae, pairs = tc.objective == "iwae", tc.objective == "btcvae"      # beta-TCVAE: B x B pairwise terms

@@ -29,7 +29,7 @@ import numpy as np
 from fastvae.io import checkpoint as ckpt
 from fastvae import datasets as _datasets
 from fastvae.training import distributed
-from fastvae.objectives import iwae as objectives
+from fastvae import objectives
 from fastvae.training import runfolder
 from fastvae.config import DataConfig, ModelConfig, TrainConfig
 from fastvae.errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -252,8 +252,7 @@ class Trainer:
         ``(recon_sum, kl_sum)`` of the shard, or ``(None, None)`` when
         ``need_loss`` is False."""
         if ws is None:
-            if self.objective is not None:            # its draws and gathers, as the other ranks make them
-                self.objective.idle_step(self.rng, self.batches.last_global_batch)
+            self.objective.idle_step(self.rng, self.batches.last_global_batch)   # the other ranks' draws
             self.model.grads[...] = 0                 # an empty shard adds nothing to the sum
             recon = kl = 0.0 if need_loss else None
             self.optimizer.step(lr)
@@ -265,11 +264,7 @@ class Trainer:
         return recon, kl
 
     def _step(self, ws, beta, lr, need_loss):
-        if self.objective is not None:             # IWAE or beta-TCVAE (fastvae.objectives.iwae)
-            out = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
-        else:
-            out = self.model.loss_and_grad(ws.x, ws.eps, beta, need_loss=need_loss,
-                                           grad_scale=1.0 / ws.global_batch)
+        out = self.objective.train_step(ws, self.rng, beta, 1.0 / ws.global_batch, need_loss)
         self.optimizer.step(lr)
         return out
 
@@ -311,8 +306,7 @@ class Trainer:
             if need and ws is not None:
                 pos.recon = pos.recon + recon
                 pos.kl = pos.kl + kl
-                pos.loss = pos.loss + (self.objective.weighted_loss(recon, kl, beta) if self.objective
-                                       else recon + beta * kl)
+                pos.loss = pos.loss + self.objective.weighted_loss(recon, kl, beta)
                 pos.counted += ws.B
             if b % 20 == 19 or b == spe - 1:
                 recon_s, kl_s, counted = self._sums(pos, "recon", "kl")
