@@ -443,3 +443,18 @@ def test_a_file_that_loads_also_resumes(tmp_path, good, part):
     t = fastvae.Trainer.from_checkpoint(p, epochs=m.checkpoint["epoch"] + 1, dataset=SPRITES16, progress=False)
     t.fit(pictures=False)
     assert t.epoch == m.checkpoint["epoch"] + 1
+
+
+@pytest.mark.parametrize("rng_state, needle", [
+    (lambda s: {k: v for k, v in s.items() if k != "has_uint32"}, "invalid PCG64 random-number state"),
+    (lambda s: dict(s, state={"state": -1, "inc": 3}), "invalid PCG64 random-number state"),
+    (lambda s: {"kind": "philox4x32-10", "key": [1, 2 ** 32], "counter": 0}, "invalid philox4x32-10"),
+])
+def test_a_random_number_state_resume_would_refuse_is_refused_by_load(tmp_path, good, rng_state, needle):
+    """The long fuzzing campaign found a checkpoint whose PCG64 state lost its
+    'has_uint32' key: fastvae.load accepted it, Trainer.from_checkpoint
+    refused it. The schema now checks the state as the stream's set_state does."""
+    state = dict(good["state"], rng=rng_state(good["state"]["rng"]))
+    p = craft(tmp_path / "rng.h5", good, texts={"state": json.dumps(state)})
+    with pytest.raises(CheckpointError, match=needle):
+        fastvae.load(p)

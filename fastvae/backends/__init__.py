@@ -100,4 +100,18 @@ def _cupy_loader():
 
 register("cupy", _cupy_loader, _cupy_probe)
 
-__all__ = ["Backend", "BackendRNG", "available", "get", "names", "register"]
+def check_rng_state(state) -> None:
+    """Raise ValueError when ``state`` (a checkpoint's saved random-number
+    state) is of a kind a backend continues, PCG64 (the CPU backends) or
+    philox4x32-10 (the GPU), but its stream cannot hold it; a state of
+    another kind passes (a resume then continues from a stream derived from
+    the step). What ``set_state`` of each backend's generator accepts."""
+    from fastvae.backends import philox
+    from fastvae.backends.numpy_backend import NumpyRNG
+    if isinstance(state, dict) and state.get("kind") == philox.STATE_KIND:
+        philox.check_state(state)
+    elif isinstance(state, dict) and state.get("bit_generator") == "PCG64":
+        NumpyRNG(0).set_state(state)
+
+
+__all__ = ["Backend", "BackendRNG", "available", "check_rng_state", "get", "names", "register"]

@@ -56,3 +56,20 @@ def normals(n: int, counter: int, key, stream: int = 0) -> np.ndarray:
     r0, t0 = np.sqrt(-2 * np.log(u[:, 0])), 2 * np.pi * u[:, 1]
     r1, t1 = np.sqrt(-2 * np.log(u[:, 2])), 2 * np.pi * u[:, 3]
     return np.stack([r0 * np.cos(t0), r0 * np.sin(t0), r1 * np.cos(t1), r1 * np.sin(t1)], axis=1).reshape(-1)[:n]
+
+
+STATE_KIND = "philox4x32-10"
+
+
+def check_state(state) -> tuple:
+    """``(key, counter)`` of a Philox stream's JSON state ``{"kind":
+    "philox4x32-10", "key": [k0, k1], "counter": c}``: the key two 32-bit
+    words, the counter a 64-bit block count. ValueError naming the part that
+    is not (the caller checked ``kind``)."""
+    key, counter = state.get("key"), state.get("counter")
+    word = lambda v, bits: type(v) is int and 0 <= v < 1 << bits
+    for name, ok, value in (("key", isinstance(key, list) and len(key) == 2 and all(word(k, 32) for k in key), key),
+                            ("counter", word(counter, 64), counter)):
+        if not ok:
+            raise ValueError(f"invalid philox4x32-10 random-number state ({name} {str(value)[:60]})")
+    return tuple(key), counter

@@ -69,6 +69,11 @@ def check_state(state, path) -> None:
         check_type(state[key], int, f"state {key!r}", err, minimum=0)
     if "rng" in state:              # absent: training continues from a stream derived from the step
         check_type(state["rng"], dict, "state 'rng'", err)
+        from fastvae.backends import check_rng_state
+        try:                        # as a resume's set_state would take it: a file load accepts, resume accepts
+            check_rng_state(state["rng"])
+        except ValueError as exc:
+            _fail(path, str(exc))
     if "partial" in state:
         part = check_type(state["partial"], dict, "state 'partial'", err)
         for key, types in (("batch", int), ("counted", int), ("recon", (int, float)), ("kl", (int, float)),

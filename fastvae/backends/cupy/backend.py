@@ -32,6 +32,7 @@ import numpy as np
 from fastvae.errors import BackendUnavailableError
 from fastvae.nn.opcodes import ACTIVATION_CODES, LIKELIHOOD_CODES
 from fastvae.backends.base import Backend, BackendRNG, ForeignRNGState
+from fastvae.backends import philox
 from fastvae.backends.cupy.graph_support import GraphSupport
 from fastvae.backends.cupy.kernels import (_GEMM_DEPTH, _GEMM_TILE, _THREADS, _blocks, _gemm_grid, _i32, _i64, _u32, _module,
                            ctype_of, source_of)
@@ -111,15 +112,9 @@ class CupyRNG(BackendRNG):
         return {"kind": "philox4x32-10", "key": list(self.key), "counter": int(self.counter)}
 
     def set_state(self, state):
-        if not isinstance(state, dict) or state.get("kind") != "philox4x32-10":
+        if not isinstance(state, dict) or state.get("kind") != philox.STATE_KIND:
             raise ForeignRNGState("not a philox4x32-10 state")
-        key, counter = state.get("key"), state.get("counter")
-        word = lambda v, bits: type(v) is int and 0 <= v < 1 << bits
-        for name, ok, value in (("key", isinstance(key, list) and len(key) == 2 and all(word(k, 32) for k in key), key),
-                                ("counter", word(counter, 64), counter)):
-            if not ok:               # the key is two 32-bit words, the counter a 64-bit count
-                raise ValueError(f"invalid philox4x32-10 random-number state ({name} {str(value)[:60]})")
-        self.key, self.counter = tuple(key), counter
+        self.key, self.counter = philox.check_state(state)
 
 
 class CupyBackend(GraphSupport, Backend):
