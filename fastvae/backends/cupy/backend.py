@@ -32,7 +32,7 @@ import numpy as np
 from fastvae.errors import BackendUnavailableError
 from fastvae.nn.opcodes import ACTIVATION_CODES, LIKELIHOOD_CODES
 from fastvae.backends.base import Backend, BackendRNG, ForeignRNGState
-from fastvae.backends import philox
+from fastvae.backends.philox import STATE_KIND as PHILOX_STATE, check_state as check_philox_state
 from fastvae.backends.cupy.graph_support import GraphSupport
 from fastvae.backends.cupy.kernels import (_GEMM_DEPTH, _GEMM_TILE, _THREADS, _blocks, _gemm_grid, _i32, _i64, _u32, _module,
                            ctype_of, source_of)
@@ -112,9 +112,9 @@ class CupyRNG(BackendRNG):
         return {"kind": "philox4x32-10", "key": list(self.key), "counter": int(self.counter)}
 
     def set_state(self, state):
-        if not isinstance(state, dict) or state.get("kind") != philox.STATE_KIND:
+        if not isinstance(state, dict) or state.get("kind") != PHILOX_STATE:
             raise ForeignRNGState("not a philox4x32-10 state")
-        self.key, self.counter = philox.check_state(state)
+        self.key, self.counter = check_philox_state(state)
 
 
 class CupyBackend(GraphSupport, Backend):
