@@ -196,3 +196,19 @@ def test_structural_checks_still_refuse_links_and_filters(tmp_path):
         np.testing.assert_array_equal(s.read("real", rows=[1, 3]), np.zeros((2, 4), np.float32))
         with pytest.raises(DataError, match="not increasing indices"):
             s.read("real", rows=[3, 1])
+
+
+def test_attribute_text_that_is_not_utf8_prints(run, tmp_path):
+    """A mutated attribute held invalid UTF-8, which h5py returns as lone
+    surrogates; printed by `fastvae info` to a UTF-8 stdout that was a
+    UnicodeEncodeError. The child hands text back as valid Unicode."""
+    p = tmp_path / "checkpoint.h5"
+    p.write_bytes((run / "checkpoint.h5").read_bytes())
+    with h5py.File(p, "r+") as f:
+        f.attrs.create("backend", b"nu\xff\xff", dtype=h5py.string_dtype("utf-8"))
+    from test_hostile_checkpoints import seal
+    seal(p)
+    assert fastvae.load(p).checkpoint["meta"]["backend"] == "nu\ufffd\ufffd"
+    r = subprocess.run(PY + ["info", str(p)], capture_output=True, timeout=120, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr.decode(), r.stderr.decode()

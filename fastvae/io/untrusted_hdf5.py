@@ -376,6 +376,8 @@ def _op_attrs(state, request):
         v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
         v = v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
         v = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+        if isinstance(v, str):          # h5py hands invalid UTF-8 back as lone surrogates: printing them fails
+            v = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         if not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > MAX_ATTR_TEXT):
             raise _Refused(f"attribute {k[:40]!r} is not a short text or number")
         out[k] = v
