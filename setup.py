@@ -13,7 +13,7 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastvae", "fastvae.backends", "fastvae.nn.layers", "fastvae.kernels"],
+    packages=find_packages(where=str(here), include=["fastvae", "fastvae.*"]) + ["fastvae.kernels"],
     package_dir={"fastvae.kernels": "kernels"},
     package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
     install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
