@@ -212,8 +212,8 @@ def _open_rows(path: str, ext: str):
         return None
     try:
         key = _keys(list(f.members("/")), path, False)[0]
-        shape = f.dataset(key)["shape"]
-        dtype = np.dtype(f.dataset(key)["dtype"])
+        info = f.dataset(key)
+        shape, dtype = info["shape"], np.dtype(info["dtype"])
     except (DataError, TypeError):  # damaged metadata, or text/object values: the loader names it
         f.close()
         return None
