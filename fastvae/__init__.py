@@ -140,7 +140,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
-                      out=out, progress=progress, force=True, extensions=extensions)    # out was checked above
+                      out=out, progress=progress, extensions=extensions)
     if batch_note:                                  # once the data passed its checks
         import sys
         print(batch_note, file=sys.stderr)

@@ -38,6 +38,28 @@ def test_epoch_and_step_extensions_fire_on_their_triggers(tmp_path):
     assert every_epoch.finalized == every_other.finalized == steps.finalized == 1
 
 
+def test_the_built_in_evaluator_checkpointer_and_reporter_are_extensions_of_the_same_protocol(tmp_path):
+    """They pass the protocol's check, run in order (scores, then the
+    checkpoint, then the epoch line) before the user's, which sees the epoch's
+    test score and its checkpoint on disk."""
+    from fastvae.training.extensions import check_extensions
+    seen = []
+
+    class Look:
+        trigger = ("epoch", 1)
+
+        def __call__(self, trainer, metrics):
+            from fastvae.io.checkpoint import read_checkpoint
+            seen.append((metrics["test_neg_elbo"], int(read_checkpoint(trainer.checkpoint_path)["state"]["epoch"]),
+                         metrics["epoch"]))
+
+    t = tiny_trainer(tmp_path / "run", epochs=2, extensions=[Look()])
+    assert check_extensions(t.builtin_extensions) == [t.evaluator, t.checkpointer, t.reporter]
+    t.fit(pictures=False)
+    assert len(seen) == 2 and all(s[0] is not None and np.isfinite(s[0]) and s[1] == s[2] for s in seen)
+    assert [row["test_neg_elbo"] for row in t.history] == [s[0] for s in seen]
+
+
 def test_extensions_do_not_change_training(tmp_path):
     a = tiny_trainer(tmp_path / "a", epochs=2)
     a.fit(pictures=False)

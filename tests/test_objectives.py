@@ -87,6 +87,20 @@ def test_iwae_matches_pytorch_autograd(name):
         assert err < 1e-10, (k, err)
 
 
+@pytest.mark.parametrize("name", ["mlp-relu-bernoulli", "mlp-iaf"])
+def test_iwae_evaluation_is_the_training_objectives_forward(name):
+    """metrics.iwae scores -log p(x) with IWAEObjective.log_weights: on the
+    same noise (its stream PCG64([seed, 3]), one block of all k samples) it is
+    the per-image -L_K the training loss sums, and the independent forward."""
+    from fastvae.explore import metrics
+    model, obj, x, _ = _setup(IWAE_CFGS[name], B=3, K=5)
+    eps = np.random.Generator(np.random.PCG64([7, 3])).standard_normal((3 * 5, model.config.latent_dim))
+    ours = metrics.iwae(model, x, k=5, seed=7)
+    total, _ = obj.loss_and_grad(x, eps)
+    assert np.isclose(ours.sum(), float(total), rtol=1e-12)
+    assert np.isclose(ours.mean(), _loss(model, obj, x, eps), rtol=1e-12)
+
+
 def test_bound_properties():
     """On the same samples: the bound lies above the mean log-weight (Jensen),
     and K = 1 is the single-sample ELBO with the KL estimated by sampling."""

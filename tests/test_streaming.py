@@ -359,7 +359,7 @@ def test_a_binarized_streamed_split_draws_what_the_loaded_one_does(tmp_path):
     np.testing.assert_array_equal(b[40:60], a[40:60])
     assert not np.array_equal(np.asarray(streamed.x_test), a)        # the split itself is left grey
     model = fastvae.VAE(cfg, seed=0)
-    ev = Evaluator(streamed.x_test, 0, binarize=True)(model)
+    ev = Evaluator(streamed.x_test, 0, binarize=True).scores(model)
     assert ev["test_neg_elbo"] == pytest.approx(evaluate(model, a)["neg_elbo"], rel=1e-12)
 
 

@@ -106,3 +106,21 @@ def test_every_objective_is_one_class_of_the_protocol():
     src = open(os.path.join(PKG, "training", "trainer.py")).read()
     assert "objective is None" not in src and "objective is not None" not in src
     assert not [p for p in _modules() if "._walk(" in open(p).read()]
+    metrics = open(os.path.join(PKG, "explore", "metrics.py")).read()      # IWAE written once
+    assert "log_weights(" in metrics and "sample_posterior_into" not in metrics
+
+
+def test_every_backend_primitive_is_declared_once_and_implemented_by_the_numpy_reference():
+    """The contract (backends/base.py) declares each primitive without a body;
+    the NumPy reference implements every one on one thread (the two-thread
+    passes live in backends/cpu/worker.py); a fast backend only overrides."""
+    import inspect
+    from fastvae.backends.base import Backend
+    from fastvae.backends.numpy_backend import NumpyBackend
+    declared = [n for n, f in vars(Backend).items() if inspect.isfunction(f) and not n.startswith("_")
+                and "raise NotImplementedError" in inspect.getsource(f)]
+    assert {"gemm", "tc_pairwise", "sampled_kl", "iaf_gate", "im2col", "col2im", "adam_update"} <= set(declared)
+    missing = [n for n in declared if n not in vars(NumpyBackend)]
+    assert not missing, f"the NumPy reference does not implement {missing}"
+    src = inspect.getsource(NumpyBackend)
+    assert "ThreadPool" not in src and "adam_threads" not in src and "copy_threads" not in src

@@ -11,6 +11,7 @@ import pytest
 from fastvae import backends
 from fastvae.backends.cpu import threads as T
 from fastvae.backends.numpy_backend import NumpyBackend
+from fastvae.backends.cpu.worker import TwoThreads
 
 
 def _model(num_params, conv=False):
@@ -45,7 +46,7 @@ def test_two_thread_adam_is_the_one_thread_update_bit_for_bit(dtype, wd, decay, 
     every element, so the same bits, over several steps."""
     monkeypatch.setattr(NumpyBackend, "ADAM_CHUNK_BYTES", 4096 * np.dtype(dtype).itemsize)
     r = np.random.default_rng(0)
-    n = NumpyBackend.ADAM_SPLIT_MIN + 12_345
+    n = TwoThreads.ADAM_SPLIT_MIN + 12_345
     init = [r.normal(size=n).astype(dtype) for _ in range(4)]
     init[3] = np.abs(init[3])
     out = []
@@ -74,7 +75,7 @@ def test_the_worker_half_of_adam_keeps_the_callers_numpy_error_state():
     import warnings
     be = backends.get("numpy", "float32")
     be.adam_threads = 2
-    n = NumpyBackend.ADAM_SPLIT_MIN * 2
+    n = TwoThreads.ADAM_SPLIT_MIN * 2
     p, m, v = (np.ones(n, np.float32) for _ in range(3))
     g = np.full(n, 3e30, np.float32)                      # g * g overflows float32 in both halves
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0, weight_decay=0.0, decay_factor=1.0)
@@ -90,7 +91,7 @@ def test_the_worker_half_of_adam_keeps_the_callers_numpy_error_state():
 def test_small_buffers_stay_on_one_thread():
     be = backends.get("numpy", "float32")
     be.adam_threads = 2
-    n = NumpyBackend.ADAM_SPLIT_MIN - 1
+    n = TwoThreads.ADAM_SPLIT_MIN - 1
     p, g, m, v = (np.ones(n, np.float32) for _ in range(4))
     be.adam_update(p, g, m, v, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0,
                    weight_decay=0.0, decay_factor=1.0)
@@ -116,7 +117,7 @@ def test_fit_backend_gives_numpy_two_adam_threads_and_numba_one(restore_spin):
 
     class OtherGemm:
         name = "mkl"
-    assert T.fit_backend(be, _model(NumpyBackend.ADAM_SPLIT_MIN - 1)) == "" and be.adam_threads == 1   # too small
+    assert T.fit_backend(be, _model(TwoThreads.ADAM_SPLIT_MIN - 1)) == "" and be.adam_threads == 1   # too small
     be.blas = OtherGemm()
     assert T.fit_backend(be, _model(10 ** 6)) == "" and be.adam_threads == 1
 
@@ -161,7 +162,7 @@ def test_two_thread_im2col_and_col2im_are_the_serial_kernels_bit_for_bit(backend
     worker its own staging buffers): every row of the column buffer and
     every image is written as the serial copy writes it (both outputs start
     as NaN, so a row left out or written twice shows)."""
-    monkeypatch.setattr(NumpyBackend, "COPY_SPLIT_MIN", 0)
+    monkeypatch.setattr(TwoThreads, "COPY_SPLIT_MIN", 0)
     H, W, C = hwc
     Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
     r = np.random.default_rng(3)
@@ -186,11 +187,11 @@ def test_a_conv_training_run_on_two_copy_threads_is_the_one_thread_run(backend, 
     the run ends on the same bits as with them on one."""
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
     _cpu_backend(backend)
-    monkeypatch.setattr(NumpyBackend, "COPY_SPLIT_MIN", 0)
+    monkeypatch.setattr(TwoThreads, "COPY_SPLIT_MIN", 0)
     data = datasets.make_sprites(48, seed=6, size=16)
     runs = []
     for most in (2, 1):
-        monkeypatch.setattr(NumpyBackend, "MAX_COPY_THREADS", most)
+        monkeypatch.setattr(TwoThreads, "MAX_COPY_THREADS", most)
         t = Trainer(ModelConfig(input_dim=256, image_shape=(16, 16), arch="conv", latent_dim=3),
                     TrainConfig(epochs=1, batch_size=16, seed=2, backend=backend), DataConfig(), dataset=data,
                     out=str(tmp_path / f"run{most}"), progress=False)
@@ -255,9 +256,9 @@ def test_a_numpy_training_run_on_two_adam_threads_is_the_one_thread_run(tmp_path
     from conftest import tiny_trainer
     runs = []
     for most in (2, 1):
-        monkeypatch.setattr(NumpyBackend, "MAX_ADAM_THREADS", most)
+        monkeypatch.setattr(TwoThreads, "MAX_ADAM_THREADS", most)
         t = tiny_trainer(tmp_path / f"run{most}", hidden=(512,), epochs=1, n=96, batch_size=32)
-        assert t.model.num_params >= NumpyBackend.ADAM_SPLIT_MIN     # the split happens
+        assert t.model.num_params >= TwoThreads.ADAM_SPLIT_MIN     # the split happens
         assert ("Adam on 2 threads" in t.threads_note) == (most == 2) and t.backend.adam_threads == most
         t.fit()
         runs.append(t.backend.to_host(t.model.params).copy())
@@ -271,7 +272,7 @@ def test_a_forked_child_gets_its_own_adam_worker():
     import multiprocessing as mp
     be = backends.get("numpy", "float32")
     be.adam_threads = 2
-    n = NumpyBackend.ADAM_SPLIT_MIN + 7
+    n = TwoThreads.ADAM_SPLIT_MIN + 7
     r = np.random.default_rng(1)
     p, g = r.normal(size=n).astype(np.float32), r.normal(size=n).astype(np.float32)
     kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bc2_sqrt=1.0, weight_decay=0.0,

@@ -66,8 +66,8 @@ def get(name: str = "numpy", dtype: str = "float32") -> Backend:
 
 
 def _numpy_loader():
-    from fastvae.backends.numpy_backend import NumpyBackend
-    return NumpyBackend
+    from fastvae.backends.cpu.worker import ThreadedNumpyBackend
+    return ThreadedNumpyBackend
 
 
 register("numpy", _numpy_loader, lambda: "")

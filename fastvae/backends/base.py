@@ -154,7 +154,7 @@ class Backend:
         ``kl_scale = beta / B`` is dLoss/dKL_i."""
         raise NotImplementedError
 
-    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):  # pragma: no cover
         """The beta-TCVAE pairwise terms (Chen et al. 2018, Sec. 4.1, minibatch-
         weighted sampling) for one sample ``z_i`` per image and the batch's
         posteriors ``(mu_j, logvar_j)``, all ``(B, L)``: with ``lq_ijd = log
@@ -165,57 +165,30 @@ class Backend:
         ``G_ijd = coef (A_ij - A_ijd)`` with ``A = softmax_j`` of the joint
         and per-dimension ``lq``; ``dz_id -= sum_j G v``, ``dmu_jd += sum_i G v``,
         ``dlogvar_jd += sum_i G (diff^2 / var - 1) / 2``, ``v = diff / var``,
-        ``diff = z_id - mu_jd``. Array expressions here (NumPy, CuPy); Numba
-        overrides with one fused kernel."""
-        xp = self.xp
-        var = xp.exp(logvar)
-        diff = z[:, None, :] - mu[None, :, :]
-        lq = -0.5 * (diff * diff / var[None] + logvar[None] + math.log(2 * math.pi))
-        S = lq.sum(2)
-        top = S.max(1, keepdims=True)
-        A = xp.exp(S - top)
-        sA = A.sum(1, keepdims=True)
-        A /= sA
-        topd = lq.max(1, keepdims=True)
-        Ad = xp.exp(lq - topd)
-        sAd = Ad.sum(1, keepdims=True)
-        Ad /= sAd
-        if coef:
-            G = coef * (A[:, :, None] - Ad)
-            Gv = G * diff / var[None]
-            dz -= Gv.sum(1)
-            dmu += Gv.sum(0)
-            dlogvar += 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
-        return top[:, 0] + xp.log(sA[:, 0]), (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1)
+        ``diff = z_id - mu_jd``."""
+        raise NotImplementedError
 
-    def tc_pairwise_bytes(self, B: int, L: int) -> int:
-        """Work memory (bytes) :meth:`tc_pairwise` allocates for a batch of
-        ``B`` codes of ``L`` dimensions: about six ``(B, B, L)`` arrays for the
-        array expressions above (1.0 GB measured at B = 2048, L = 10)."""
-        return 6 * B * B * L * self.dtype.itemsize
+    def tc_pairwise_bytes(self, B: int, L: int) -> int:  # pragma: no cover
+        """Work memory (bytes) this backend's :meth:`tc_pairwise` allocates for
+        a batch of ``B`` codes of ``L`` dimensions (the memory preflight adds it)."""
+        raise NotImplementedError
 
-    # ---- sampled KL and inverse autoregressive flow (array expressions: every backend) ----
-    def sampled_kl(self, kl, z, eps, head):
+    # ---- sampled KL and inverse autoregressive flow ----
+    def sampled_kl(self, kl, z, eps, head):  # pragma: no cover
         """The single-sample KL estimate ``kl_i = log q(z_i|x) - log p(z_i) =
         sum_j (z^2 - eps^2 - logvar) / 2`` (B,) nats for ``z, eps (B, L)``, ``z = mu + std eps`` (the
         2 pi terms cancel; its expectation is the closed form of Kingma &
         Welling 2014, App. B). ``head = [mu | logvar] (B, 2L)``."""
-        L = z.shape[1]
-        kl[...] = 0.5 * (z * z - eps * eps - head[:, L:]).sum(1)
-        return kl
+        raise NotImplementedError
 
-    def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):
+    def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):  # pragma: no cover
         """Backward of :meth:`sampled_kl` plus the reparameterization, for
         ``dz`` (B, L) from the layers after the sampler: with ``g = dz + k z``
         (``k = kl_scale``, the KL's weight), ``dmu = g`` and ``dlogvar =
         g eps std / 2 - k / 2``."""
-        L = dz.shape[1]
-        g = dz + kl_scale * z
-        dhead[:, :L] = g
-        dhead[:, L:] = 0.5 * g * eps * std - 0.5 * kl_scale
-        return dhead
+        raise NotImplementedError
 
-    def iaf_gate(self, z, kl, z_in, head, bias):
+    def iaf_gate(self, z, kl, z_in, head, bias):  # pragma: no cover
         """One inverse autoregressive flow step's update, in the numerically
         stable gated form (Kingma et al. 2016, "Improved variational inference
         with inverse autoregressive flow", Algorithm 1 and eqs. 14-15): with
@@ -225,39 +198,42 @@ class Backend:
         (B,) nats is given (``z, z_in (B, L)``) it gets ``-sum_j log sig_j`` (log q falls by the
         log-determinant) plus ``log p(z_in) - log p(z) = (|z|^2 - |z_in|^2) / 2``,
         which telescope over the steps to ``log q(z_T|x) - log p(z_T)``."""
-        xp, L = self.xp, z.shape[1]
-        m, a = head[:, :L], head[:, L:] + bias
-        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
-        z[...] = sig * z_in + (1.0 - sig) * m
-        if kl is not None:
-            log_sig = -(xp.maximum(-a, 0.0) + xp.log1p(xp.exp(-xp.abs(a))))     # -softplus(-a)
-            kl += (0.5 * (z * z - z_in * z_in) - log_sig).sum(1)
-        return z
+        raise NotImplementedError
 
-    def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
+    def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):  # pragma: no cover
         """Backward of :meth:`iaf_gate` (its KL terms weighted by ``k =
         kl_scale``): with ``g = dz + k z``, ``dm = (1 - sig) g``,
         ``ds = (z_in - m) sig (1 - sig) g - k (1 - sig)`` into ``dhead`` and the
         direct path ``dz_in = sig g - k z_in`` (the caller adds the path
         through the MADE)."""
-        xp, L = self.xp, z.shape[1]
-        m, a = head[:, :L], head[:, L:] + bias
-        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
-        g = dz + kl_scale * z
-        dhead[:, :L] = (1.0 - sig) * g
-        dhead[:, L:] = (z_in - m) * sig * (1.0 - sig) * g - kl_scale * (1.0 - sig)
-        dz_in[...] = sig * g - kl_scale * z_in
-        return dz_in
+        raise NotImplementedError
 
-    def mul_(self, out, a, b):
+    def mul_(self, out, a, b):  # pragma: no cover
         """``out = a * b`` elementwise (a mask on a weight or its gradient)."""
-        self.xp.multiply(a, b, out=out)
-        return out
+        raise NotImplementedError
 
-    def add_(self, out, a):
+    def add_(self, out, a):  # pragma: no cover
         """``out += a`` elementwise (two gradient paths into one buffer)."""
-        self.xp.add(out, a, out=out)
-        return out
+        raise NotImplementedError
+
+    # ---- convolution (im2col / col2im), channels-last ------------------------
+    # Images are (B, H*W*C) rows in channels-last (NHWC) order; a patch row
+    # holds (C, kH, kW) in PyTorch's weight order, so ``cols @ W.reshape(F, -1).T``
+    # is a convolution with a torch-layout weight (Dumoulin & Visin 2016, "A
+    # guide to convolution arithmetic", Sec. 2 and 4: Ho = (H + 2p - k) // s + 1).
+
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):  # pragma: no cover
+        """Patches of ``x (B, H*W*C)`` into ``cols (B*Ho*Wo, C*k*k)``: row
+        ``(b, oh, ow)`` holds ``x[b, oh*s - p + i, ow*s - p + j, c]`` at column
+        ``(c, i, j)``, zero where that falls in the padding."""
+        raise NotImplementedError
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):  # pragma: no cover
+        """The adjoint of :meth:`im2col`: ``x (B, H*W*C)`` = the sum of every
+        patch entry of ``cols (B*Ho*Wo, C*k*k)`` at the pixel it was read
+        from (entries in the padding are dropped), each pixel's sum taken
+        over (i, j) in order."""
+        raise NotImplementedError
 
     def step_scalar(self, value):
         """A float that changes from step to step (a KL weight), as
@@ -292,96 +268,6 @@ class Backend:
         ``v = b2 v + (1-b2) g^2``,
         ``params -= step_size * m / (sqrt(v)/bc2_sqrt + eps)``."""
         raise NotImplementedError
-
-    # ---- convolution (im2col / col2im), channels-last ------------------------
-    # Images are (B, H*W*C) rows in channels-last (NHWC) order; a patch row
-    # holds (C, kH, kW) in PyTorch's weight order, so ``cols @ W.reshape(F, -1).T``
-    # is a convolution with a torch-layout weight (Dumoulin & Visin 2016, "A
-    # guide to convolution arithmetic", Sec. 2 and 4: Ho = (H + 2p - k) // s + 1).
-    # Written with array slicing only, so every array module runs them.
-
-    #: bytes of the (i, j, c)-ordered staging buffer one chunk of images uses (:meth:`_staged`)
-    CONV_STAGE_BYTES = 1 << 21
-
-    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw, tid=0):
-        """Patches of ``x (B, H*W*C)`` into ``cols (B*Ho*Wo, C*k*k)``: row
-        ``(b, oh, ow)`` holds ``x[b, oh*s - p + i, ow*s - p + j, c]`` at column
-        ``(c, i, j)``, zero where that falls in the padding. ``tid``: the
-        calling thread's number, whose own work buffers it uses."""
-        H, W, C = in_hwc
-        Ho, Wo = out_hw
-        B, s, p = x.shape[0], stride, padding
-        src = x.reshape(B, H, W, C)
-        if p:
-            pad = self._zero_border(("im2col_pad", p, tid), (B, H + 2 * p, W + 2 * p, C))
-            pad[:, p:p + H, p:p + W, :] = src
-            src = pad
-        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
-        if C < 8:
-            c6 = cols.reshape(B, Ho, Wo, C, k, k)
-            for i in range(k):
-                for j in range(k):
-                    c6[:, :, :, :, i, j] = win(src, i, j)
-            return cols
-        rows = cols.reshape(B, Ho * Wo, C, k * k)
-        for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
-            sb = src[b0:b0 + n]
-            for i in range(k):
-                for j in range(k):
-                    t6[:, :, :, i, j, :] = win(sb, i, j)
-            rows[b0:b0 + n] = t6.reshape(n, Ho * Wo, k * k, C).transpose(0, 1, 3, 2)
-        return cols
-
-    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw, tid=0):
-        """The adjoint of :meth:`im2col`: ``x (B, H*W*C)`` = the sum of every
-        patch entry of ``cols (B*Ho*Wo, C*k*k)`` at the pixel it was read
-        from (entries in the padding are dropped). Each pixel's sum runs over
-        (i, j) in order whichever path, so both give the same bits. ``tid``
-        as :meth:`im2col`'s."""
-        H, W, C = in_hwc
-        Ho, Wo = out_hw
-        B, s, p = x.shape[0], stride, padding
-        acc = self.scratch(("col2im_acc", tid), (B, H + 2 * p, W + 2 * p, C))
-        acc[...] = 0
-        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
-        if C < 8:
-            c6 = cols.reshape(B, Ho, Wo, C, k, k)
-            for i in range(k):
-                for j in range(k):
-                    win(acc, i, j)[...] += c6[:, :, :, :, i, j]
-        else:
-            rows = cols.reshape(B, Ho * Wo, C, k * k)
-            for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
-                t6.reshape(n, Ho * Wo, k * k, C)[...] = rows[b0:b0 + n].transpose(0, 1, 3, 2)
-                ab = acc[b0:b0 + n]
-                for i in range(k):
-                    for j in range(k):
-                        win(ab, i, j)[...] += t6[:, :, :, i, j, :]
-        x.reshape(B, H, W, C)[...] = acc[:, p:p + H, p:p + W, :]
-        return x
-
-    def _staged(self, B, shape, tid=0):
-        """``(first image, images, staging view)`` for chunks of the batch that
-        fit :data:`CONV_STAGE_BYTES` in a ``(n, Ho, Wo, k, k, C)`` buffer: with
-        8 channels or more, im2col and col2im go through it, where each
-        window position is a run of C contiguous values, and one transposing
-        copy per chunk converts to the columns' (C, k, k) order (direct slices
-        would move C values k*k apart; with 1 or 3 channels they stay faster:
-        ``bench/RESULTS.md``). Thread ``tid`` gets a buffer of its own."""
-        per = int(np.prod(shape)) * self.dtype.itemsize
-        bc = max(1, min(B, self.CONV_STAGE_BYTES // per))
-        stage = self.scratch(("conv_stage", tid), (bc,) + tuple(shape))
-        for b0 in range(0, B, bc):
-            n = min(bc, B - b0)
-            yield b0, n, stage[:n]
-
-    def _zero_border(self, key, shape):
-        """A cached buffer whose border stays zero: callers write the interior only."""
-        k = ("zero_border", key, tuple(shape))
-        buf = self._scratch.get(k)
-        if buf is None:
-            buf = self._scratch[k] = self.xp.zeros(shape, dtype=self.dtype)
-        return buf
 
     def sum(self, a):
         """Sum of all elements as a device scalar (no host synchronisation)."""

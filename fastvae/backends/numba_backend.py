@@ -18,16 +18,13 @@ from fastvae.kernels import numba_conv as KC
 from fastvae.kernels import numba_cpu as K
 from fastvae.kernels import numba_likelihood as L
 from fastvae.nn.opcodes import ACTIVATION_CODES
+from fastvae.backends.cpu.worker import TwoThreads
 from fastvae.backends.numpy_backend import NumpyBackend
 
 
-class NumbaBackend(NumpyBackend):
+class NumbaBackend(TwoThreads, NumpyBackend):
     name = "numba"
-    #: the jitted Adam is one vectorised pass (0.19 ms for 648k parameters): split
-    #: over two threads, with OpenBLAS's idle threads made to sleep at once (each
-    #: GEMM then wakes them), the step took 3.27 ms against 3.18 serial with
-    #: OpenBLAS as it is at 784-400-20/b128, 2.86 against 2.92 at 784-1000-2/b32,
-    #: and gained nothing at 4096-1000-50/b128 (memory-bound): it stays serial
+    #: the jitted Adam is one vectorised pass and stays on one thread (two gained nothing: ``bench/RESULTS.md``)
     MAX_ADAM_THREADS = 1
     #: bias gradients of fewer columns sum interleaved rows (:func:`kernels.numba_cpu.col_sum_narrow`)
     NARROW_COLUMNS = 16
@@ -128,12 +125,8 @@ class NumbaBackend(NumpyBackend):
 
     def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
         if in_hwc[2] < 8:
-            # rows of a line or two written value by value into a buffer the other core's GEMM thread read
-            # last (the weight gradient's GEMM at the end of the previous step): 5.4 ms for the 64x64 input's
-            # im2col at b64 against 1.4 alone; NumPy's fill, which claims the lines without fetching them,
-            # first made it 1.9 in all, and the Burgess net's Numba step 64.8 ms against 71.2 (12 interleaved
-            # rounds; the seed net's 101.9 against 102.4). The kernel then writes every entry; each
-            # thread fills its own rows.
+            # NumPy's fill first claims the column lines without reading them, then the kernel writes
+            # every entry (faster than the kernel alone beside the other core's GEMM: bench/RESULTS.md)
             def run(c, xs, tid):
                 c.fill(0)
                 KC.im2col_narrow(c, xs, xs.shape[0], *in_hwc, k, stride, padding, *out_hw)

@@ -1,4 +1,4 @@
-"""NumPy backend: the reference implementation of every primitive.
+"""NumPy backend: the reference implementation of every primitive, on one thread.
 
 float32 or float64, preallocated buffers and ``out=`` everywhere in the hot
 path; temporaries come from the backend's scratch cache. Random numbers come
@@ -61,6 +61,10 @@ class NumpyRNG(BackendRNG):
 
 
 class NumpyBackend(Backend):
+    """The reference backend: every primitive of :class:`Backend` as plain
+    NumPy array expressions on one thread. The expressions that need no
+    NumPy-only call (the beta-TCVAE pairwise terms, the sampled KL, the IAF
+    gate, im2col/col2im) take ``self.xp``, so the cupy backend reuses them."""
     name = "numpy"
     xp = np
     device = "cpu"
@@ -216,94 +220,22 @@ class NumpyBackend(Backend):
         else:
             raise ValueError(f"unknown likelihood {kind!r}")
 
-    #: bytes of each buffer per Adam chunk: the chunk's p, g, m, v and temporaries
-    #: (~5 MiB) stay in the last-level cache across the update's 11 array passes;
-    #: one chunk of the 8.3M-parameter 4096-1000-50 model: 21.5 -> 15.0 ms per update
+    #: bytes of each buffer per Adam chunk: a chunk's p, g, m, v and temporaries
+    #: stay in the last-level cache across the update's array passes (``bench/RESULTS.md``)
     ADAM_CHUNK_BYTES = 1 << 20
-    #: threads the Adam update may use: 2 splits the buffer in halves, the second
-    #: on a worker thread (NumPy's ufuncs release the GIL); set per process by
-    #: :func:`fastvae.backends.cpu.threads.fit_backend`, which also puts OpenBLAS's idle
-    #: threads to sleep at once, or they hold the second core
-    MAX_ADAM_THREADS = 2
-    adam_threads = 1
-    #: below this many parameters the handoff to the worker costs what it saves
-    ADAM_SPLIT_MIN = 1 << 17
 
     def adam_update(self, params, grads, m, v, *, beta1, beta2, eps, step_size,
                     bc2_sqrt, weight_decay, decay_factor):
         """The Adam update as NumPy array passes, chunk by chunk (the same
-        operations on every element, so the result depends neither on the
-        chunking nor on ``adam_threads``)."""
-        args = (params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt, weight_decay, decay_factor)
-        N = params.shape[0]
-        if self.adam_threads < 2 or N < self.ADAM_SPLIT_MIN:
-            self._adam_range(0, 0, N, *args)
-            return
-        half = (N // 2) // 1024 * 1024
-        job = self._worker().submit(self._adam_range, 1, half, N, *args, errstate=np.geterr())
-        try:
-            self._adam_range(0, 0, half, *args)
-        finally:
-            job.result()            # never return (or raise) while the worker still writes the buffers
-
-    #: threads im2col/col2im may use: 2 gives each of two threads half the batch's
-    #: images (the same copies, bit for bit); set per process by
-    #: :func:`fastvae.backends.cpu.threads.fit_backend` for a model with convolutions, with
-    #: OpenBLAS's idle threads asleep at once. Burgess net at b64 (alternating
-    #: blocks in one process, the short spin in both): 78.4 ms per step against
-    #: 100.5, the Numba backend's 51.4 against 60.5; seed net at b128 113.3
-    #: against 125.4 and 98.9 against 103.8
-    MAX_COPY_THREADS = 2
-    copy_threads = 1
-    #: column buffers of fewer values stay on one thread (the handoff then costs what it saves)
-    COPY_SPLIT_MIN = 1 << 18
-
-    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw):
-        self._by_images(lambda c, xs, tid: Backend.im2col(self, c, xs, in_hwc, k, stride, padding, out_hw, tid),
-                        cols, x, x.shape[0])
-        return cols
-
-    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
-        self._by_images(lambda xs, c, tid: Backend.col2im(self, xs, c, in_hwc, k, stride, padding, out_hw, tid),
-                        x, cols, x.shape[0])
-        return x
-
-    def _by_images(self, run, a, b, B):
-        """``run(a, b, tid)`` for a convolution copy whose arrays ``a`` and
-        ``b`` hold ``B`` independent images' rows each (im2col: ``cols, x``;
-        col2im: ``x, cols``): with ``copy_threads`` 2, on the first half of
-        the images here (``tid`` 0) and the last half on the worker thread
-        (``tid`` 1, under the caller's NumPy error state)."""
-        if self.copy_threads < 2 or B < 2 or max(a.size, b.size) < self.COPY_SPLIT_MIN:
-            run(a, b, 0)
-            return
-        h = B // 2
-        ra, rb, err = a.shape[0] // B * h, b.shape[0] // B * h, np.geterr()
-
-        def second():
-            with np.errstate(**err):
-                run(a[ra:], b[rb:], 1)
-        job = self._worker().submit(second)
-        try:
-            run(a[:ra], b[:rb], 0)
-        finally:
-            job.result()            # never return (or raise) while the worker still writes
-
-    def _worker(self):
-        """The worker thread of this backend in this process (a fork gets its
-        own): the second half of a two-thread Adam update, and of both CPU
-        backends' two-thread im2col/col2im."""
-        import os
-        pool = getattr(self, "_pool", None)
-        if pool is None or pool[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-            pool = self._pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="fastvae-worker"))
-        return pool[1]
+        operations on every element, so the result does not depend on the
+        chunking)."""
+        self._adam_range(0, 0, params.shape[0], params, grads, m, v, beta1, beta2, eps, step_size, bc2_sqrt,
+                         weight_decay, decay_factor)
 
     def _adam_range(self, tid, start, stop, params, grads, m, v, *hyper, errstate=None):
-        """Adam over ``[start, stop)``; ``errstate``: the caller's ``np.geterr()``
-        for the worker thread (NumPy's error state is per thread: the trainer's
-        silenced overflow warnings showed up from the worker's half)."""
+        """Adam over ``[start, stop)`` with thread ``tid``'s temporaries;
+        ``errstate``: the calling thread's ``np.geterr()`` when this runs on
+        another thread (NumPy's error state is per thread)."""
         n = max(1, self.ADAM_CHUNK_BYTES // params.dtype.itemsize)
         with np.errstate(**(errstate or {})):
             for s in range(start, stop, n):
@@ -334,3 +266,154 @@ class NumpyBackend(Backend):
         np.divide(m, t, out=t)
         t *= step_size * bc2_sqrt
         params -= t
+
+    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.tc_pairwise`."""
+        xp = self.xp
+        var = xp.exp(logvar)
+        diff = z[:, None, :] - mu[None, :, :]
+        lq = -0.5 * (diff * diff / var[None] + logvar[None] + math.log(2 * math.pi))
+        S = lq.sum(2)
+        top = S.max(1, keepdims=True)
+        A = xp.exp(S - top)
+        sA = A.sum(1, keepdims=True)
+        A /= sA
+        topd = lq.max(1, keepdims=True)
+        Ad = xp.exp(lq - topd)
+        sAd = Ad.sum(1, keepdims=True)
+        Ad /= sAd
+        if coef:
+            G = coef * (A[:, :, None] - Ad)
+            Gv = G * diff / var[None]
+            dz -= Gv.sum(1)
+            dmu += Gv.sum(0)
+            dlogvar += 0.5 * (G * (diff * diff / var[None] - 1.0)).sum(0)
+        return top[:, 0] + xp.log(sA[:, 0]), (topd[:, 0, :] + xp.log(sAd[:, 0, :])).sum(1)
+
+    def tc_pairwise_bytes(self, B: int, L: int) -> int:
+        """About six ``(B, B, L)`` arrays: the array expressions of :meth:`tc_pairwise`."""
+        return 6 * B * B * L * self.dtype.itemsize
+
+    def sampled_kl(self, kl, z, eps, head):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.sampled_kl`."""
+        L = z.shape[1]
+        kl[...] = 0.5 * (z * z - eps * eps - head[:, L:]).sum(1)
+        return kl
+
+    def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.sampled_kl_backward`."""
+        L = dz.shape[1]
+        g = dz + kl_scale * z
+        dhead[:, :L] = g
+        dhead[:, L:] = 0.5 * g * eps * std - 0.5 * kl_scale
+        return dhead
+
+    def iaf_gate(self, z, kl, z_in, head, bias):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.iaf_gate`."""
+        xp, L = self.xp, z.shape[1]
+        m, a = head[:, :L], head[:, L:] + bias
+        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
+        z[...] = sig * z_in + (1.0 - sig) * m
+        if kl is not None:
+            log_sig = -(xp.maximum(-a, 0.0) + xp.log1p(xp.exp(-xp.abs(a))))     # -softplus(-a)
+            kl += (0.5 * (z * z - z_in * z_in) - log_sig).sum(1)
+        return z
+
+    def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.iaf_gate_backward`."""
+        xp, L = self.xp, z.shape[1]
+        m, a = head[:, :L], head[:, L:] + bias
+        sig = 0.5 + 0.5 * xp.tanh(0.5 * a)
+        g = dz + kl_scale * z
+        dhead[:, :L] = (1.0 - sig) * g
+        dhead[:, L:] = (z_in - m) * sig * (1.0 - sig) * g - kl_scale * (1.0 - sig)
+        dz_in[...] = sig * g - kl_scale * z_in
+        return dz_in
+
+    def mul_(self, out, a, b):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.mul_`."""
+        self.xp.multiply(a, b, out=out)
+        return out
+
+    def add_(self, out, a):
+        """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.add_`."""
+        self.xp.add(out, a, out=out)
+        return out
+
+
+    #: bytes of the (i, j, c)-ordered staging buffer one chunk of images uses (:meth:`_staged`)
+    CONV_STAGE_BYTES = 1 << 21
+
+    def im2col(self, cols, x, in_hwc, k, stride, padding, out_hw, tid=0):
+        """Array slicing (see :meth:`Backend.im2col`); ``tid``: the calling
+        thread's number, whose own work buffers it uses."""
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B, s, p = x.shape[0], stride, padding
+        src = x.reshape(B, H, W, C)
+        if p:
+            pad = self._zero_border(("im2col_pad", p, tid), (B, H + 2 * p, W + 2 * p, C))
+            pad[:, p:p + H, p:p + W, :] = src
+            src = pad
+        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        if C < 8:
+            c6 = cols.reshape(B, Ho, Wo, C, k, k)
+            for i in range(k):
+                for j in range(k):
+                    c6[:, :, :, :, i, j] = win(src, i, j)
+            return cols
+        rows = cols.reshape(B, Ho * Wo, C, k * k)
+        for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
+            sb = src[b0:b0 + n]
+            for i in range(k):
+                for j in range(k):
+                    t6[:, :, :, i, j, :] = win(sb, i, j)
+            rows[b0:b0 + n] = t6.reshape(n, Ho * Wo, k * k, C).transpose(0, 1, 3, 2)
+        return cols
+
+    def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw, tid=0):
+        """Array slicing (see :meth:`Backend.col2im`); ``tid`` as :meth:`im2col`'s."""
+        H, W, C = in_hwc
+        Ho, Wo = out_hw
+        B, s, p = x.shape[0], stride, padding
+        acc = self.scratch(("col2im_acc", tid), (B, H + 2 * p, W + 2 * p, C))
+        acc[...] = 0
+        win = lambda a, i, j: a[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s, :]
+        if C < 8:
+            c6 = cols.reshape(B, Ho, Wo, C, k, k)
+            for i in range(k):
+                for j in range(k):
+                    win(acc, i, j)[...] += c6[:, :, :, :, i, j]
+        else:
+            rows = cols.reshape(B, Ho * Wo, C, k * k)
+            for b0, n, t6 in self._staged(B, (Ho, Wo, k, k, C), tid):
+                t6.reshape(n, Ho * Wo, k * k, C)[...] = rows[b0:b0 + n].transpose(0, 1, 3, 2)
+                ab = acc[b0:b0 + n]
+                for i in range(k):
+                    for j in range(k):
+                        win(ab, i, j)[...] += t6[:, :, :, i, j, :]
+        x.reshape(B, H, W, C)[...] = acc[:, p:p + H, p:p + W, :]
+        return x
+
+    def _staged(self, B, shape, tid=0):
+        """``(first image, images, staging view)`` for chunks of the batch that
+        fit :data:`CONV_STAGE_BYTES` in a ``(n, Ho, Wo, k, k, C)`` buffer: with
+        8 channels or more, im2col and col2im go through it, where each
+        window position is a run of C contiguous values, and one transposing
+        copy per chunk converts to the columns' (C, k, k) order (direct slices
+        would move C values k*k apart; with 1 or 3 channels they stay faster:
+        ``bench/RESULTS.md``). Each ``tid`` gets a buffer of its own."""
+        per = int(np.prod(shape)) * self.dtype.itemsize
+        bc = max(1, min(B, self.CONV_STAGE_BYTES // per))
+        stage = self.scratch(("conv_stage", tid), (bc,) + tuple(shape))
+        for b0 in range(0, B, bc):
+            n = min(bc, B - b0)
+            yield b0, n, stage[:n]
+
+    def _zero_border(self, key, shape):
+        """A cached buffer whose border stays zero: callers write the interior only."""
+        k = ("zero_border", key, tuple(shape))
+        buf = self._scratch.get(k)
+        if buf is None:
+            buf = self._scratch[k] = self.xp.zeros(shape, dtype=self.dtype)
+        return buf

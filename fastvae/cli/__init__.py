@@ -112,7 +112,7 @@ def _train_locked(a, out, progress, talk):
             a.batch_size, batch_note = default_batch_size(len(data.x_train))
         tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
                                   **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
-        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress, force=True)   # checked
+        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
         if batch_note and talk:                     # once the data passed its checks
             print(batch_note, file=sys.stderr)
         ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""

@@ -17,7 +17,7 @@ Package: this module is the public ``fastvae.explore`` API; ``evaluation``
 (the -ELBO of a split), ``metrics`` (IWAE, KL per dimension, active units,
 MIG), ``latent`` (codes to decode: grids, traversals, interpolation) and
 ``plots`` (reconstructions, samples, loss curves) live beside it. May
-import: fastvae.nn, fastvae.backends, fastvae.datasets, fastvae.io,
+import: fastvae.nn, fastvae.objectives, fastvae.backends, fastvae.datasets, fastvae.io,
 fastvae.training.memory, fastvae.errors/naming/checks; never fastvae.cli.
 """
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from fastvae.checks import _finite_nonneg, as_numbers, check_count, check_images
 from fastvae.errors import ConfigError
+from fastvae.objectives.iwae import IWAEObjective
 
 
 def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = None,
@@ -31,7 +32,8 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
     -log p(x) ~= log k - logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)],
     z_i ~ q(z|x), i = 1..k (Burda et al. 2016, eq. 8); with an IAF posterior
     z_i and log q(z_i|x) come through the flow steps (their log-determinants
-    included). The samples run through the model's own sampler. Decodes at most
+    included). ``log w`` comes from :meth:`fastvae.objectives.IWAEObjective.log_weights`,
+    the training objective's own forward. Decodes at most
     ``batch_rows`` rows at a time (many images x few samples, or one image's
     samples in chunks; None: up to 8192 within ``memory.WORK_BYTES`` of work buffers,
     :meth:`fastvae.VAE.rows_within`); a running max keeps the log-sum-exp
@@ -45,10 +47,8 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
         raise ConfigError(f"iwae k must be a positive integer, got {k!r}")
     seed = check_count("seed", seed, minimum=0)
     batch_rows = model.rows_within(8192) if batch_rows is None else check_count("batch_rows", batch_rows)
-    be, c = model.backend, model.config
-    L = c.latent_dim
-    mu, logvar = model.encode(X)
-    head = np.concatenate([mu, logvar], axis=1)
+    be, L = model.backend, model.config.latent_dim
+    bound = IWAEObjective(model, k)                 # log w through the training objective's own forward
     rng = np.random.Generator(np.random.PCG64([seed, 3]))
     out = np.empty(len(X))
     per_block = max(1, batch_rows // k)
@@ -62,19 +62,12 @@ def iwae(model, X, k: int = 5000, seed: int = 0, batch_rows: Optional[int] = Non
         m = np.full(nb, -np.inf)
         acc = np.zeros(nb)
         done = 0
-        reps = {}
+        x_dev = be.asarray(np.asarray(xb))
         while done < k:
             tt = min(t, k - done)
-            if tt not in reps:
-                reps[tt] = (be.asarray(np.repeat(xb, tt, axis=0)), be.asarray(np.repeat(head[i0:i0 + nb], tt, axis=0)))
             eps = rng.standard_normal((nb * tt, L))
             with model.lock:                        # the workspace is the model's, shared with other threads
-                ws = model.workspace(nb * tt)
-                z = model.sample_posterior_into(ws, reps[tt][1], be.asarray(eps), sampled_kl=True)
-                model.decode_into(ws, z)
-                model.nll_into(ws, reps[tt][0])
-                # log w = log p(x|z) + log p(z) - log q(z|x) = -nll - (log q(z|x) - log p(z)), flows included
-                w = -(be.to_host(ws.nll).astype(np.float64) + be.to_host(ws.kl).astype(np.float64)).reshape(nb, tt)
+                w = be.to_host(bound.log_weights(x_dev, be.asarray(eps))).astype(np.float64)
             new_m = np.maximum(m, w.max(1))
             acc = acc * np.exp(m - new_m) + np.exp(w - new_m[:, None]).sum(1)
             m = new_m

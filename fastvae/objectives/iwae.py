@@ -55,6 +55,46 @@ class IWAEObjective:
         """The noise one step needs: ``(B K, L)`` standard normal rows, image-major."""
         return (B * self.k, self.model.config.latent_dim)
 
+    def _forward(self, x, eps, train: bool):
+        """The encoder on ``B`` rows, the ``B K`` samples, the flow steps and
+        the decoder with its likelihood; ``log w (B, K)`` into a cached
+        buffer. Returns what the backward needs."""
+        m, be = self.model, self.model.backend
+        s, n = m.sampler_at, len(m.layers)
+        B, L = x.shape[0], m.config.latent_dim
+        K = eps.shape[0] // B
+        buf = lambda name, *shape: be.scratch(("iwae", name), shape)      # noqa: E731
+        enc, dec = m.workspace(B), m.workspace(B * K)
+        step_e = Step(x, None, train=train, need_loss=False)
+        head = m.walk(enc, 0, s, x, step_e)
+        std = buf("std", B, L)
+        be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
+        step_d = Step(dec.x, None, grad_scale=1.0, train=train, need_loss=True)
+        f = m.decoder_at                                    # s + 1 .. f - 1: the IAF steps, if any
+        z, step_f = dec.z, None
+        if f > s + 1:
+            flow_kl = buf("flow_kl", B * K)
+            be.array_op(_zero, flow_kl)
+            step_f = Step(dec.x, None, train=train, need_loss=True, kl=flow_kl)
+            z = m.walk(dec, s + 1, f, dec.z, step_f)
+        nll = m.walk(dec, f, n, z, step_d)
+        if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
+            nll_f = buf("nll_flows", B * K)
+            be.array_op(_add, nll_f, nll, flow_kl)
+            nll = nll_f
+        logw = buf("logw", B, K)
+        be.array_op(_log_weights, nll, dec.z, eps, head, logw)
+        return enc, dec, head, std, logw, step_e, step_d, step_f
+
+    def log_weights(self, x, eps):
+        """Forward only: ``log w_ik = log p(x_i|z_ik) + log p(z_ik) - log
+        q(z_ik|x_i)`` (nats, ``(B, K)`` device array in the model dtype, a
+        cached buffer the next call overwrites) for ``x (B, D)`` and ``eps
+        (B K, L)`` image-major, any K (flow steps included). The IWAE
+        evaluation (:func:`fastvae.explore.metrics.iwae`) and the training
+        loss share it."""
+        return self._forward(x, eps, train=False)[4]
+
     def loss_and_grad(self, x, eps, grad_scale: Optional[float] = None, need_loss: bool = True):
         """Forward and backward of ``mean_i -L_K(x_i)`` for ``x (B, D)`` and
         ``eps (B K, L)`` (rows ``i K .. i K + K - 1`` belong to image i).
@@ -64,31 +104,16 @@ class IWAEObjective:
         arithmetic between the layer walks runs as backend ``array_op`` calls
         on cached buffers (so a CUDA graph can hold the whole step)."""
         m, be = self.model, self.model.backend
-        K, s, n = self.k, m.sampler_at, len(m.layers)
+        K, s, n, f = self.k, m.sampler_at, len(m.layers), m.decoder_at
         B, L = x.shape[0], m.config.latent_dim
         c = 1.0 / B if grad_scale is None else grad_scale
         buf = lambda name, *shape: be.scratch(("iwae", name), shape)      # noqa: E731
-        enc, dec = m.workspace(B), m.workspace(B * K)
-        step_e = Step(x, None, train=True, need_loss=False)
-        head = m.walk(enc, 0, s, x, step_e)
-        std = buf("std", B, L)
-        be.array_op(_sample, head, eps, x, std, dec.z, dec.x)
-        step_d = Step(dec.x, None, grad_scale=1.0, train=True, need_loss=True)
-        f = m.decoder_at                                    # s + 1 .. f - 1: the IAF steps, if any
-        z, step_f = dec.z, None
-        if f > s + 1:
-            flow_kl = buf("flow_kl", B * K)
-            be.array_op(_zero, flow_kl)
-            step_f = Step(dec.x, None, train=True, need_loss=True, kl=flow_kl)
-            z = m.walk(dec, s + 1, f, dec.z, step_f)
-        nll = m.walk(dec, f, n, z, step_d)
+        enc, dec, head, std, logw, step_e, step_d, step_f = self._forward(x, eps, train=True)
         top, total, r = buf("top", B, 1), buf("total", B, 1), buf("r", B * K, 1)
-        if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
-            nll_f = buf("nll_flows", B * K)
-            be.array_op(_add, nll_f, nll, flow_kl)
-            nll, step_f.row_scale = nll_f, r
+        if step_f is not None:
+            step_f.row_scale = r
         d = dec.states[n - 1].dx                            # dnll/dlogits rows, scale 1
-        be.array_op(_weights, nll, dec.z, eps, head, c, buf("logw", B, K), top, total, r, d)
+        be.array_op(_normalise, logw, c, top, total, r, d)
         for i in range(n - 2, f - 1, -1):
             d = m.layers[i].backward(be, dec.states[i], d, step_d)
         for i in range(f - 1, s, -1):
@@ -150,14 +175,20 @@ def _sample(xp, head, eps, x, std, z, xrep):
     xrep.reshape(B, K, -1)[...] = x[:, None, :]
 
 
-def _weights(xp, nll, z, eps, head, c, logw, top, total, r, d):
-    """IWAE: ``log w (B, K)``, its row maxima ``top`` and ``total = sum_k
-    exp(log w - top)`` (B, 1), the rows' loss weights ``r = c w~ (B K, 1)``,
-    and the decoder's likelihood gradient rows ``d *= r``."""
+def _log_weights(xp, nll, z, eps, head, logw):
+    """IWAE: ``log w (B, K) = -nll - |z|^2 / 2 + |eps|^2 / 2 + sum_j logvar_j / 2``
+    (Burda et al. 2016, eq. 8 with the Gaussian densities written out)."""
     B, K = logw.shape
     L = z.shape[1]
     logw[...] = (-nll - 0.5 * (z * z).sum(1) + 0.5 * (eps * eps).sum(1)).reshape(B, K) \
         + 0.5 * head[:, L:].sum(1)[:, None]
+
+
+def _normalise(xp, logw, c, top, total, r, d):
+    """IWAE: the row maxima ``top`` of ``log w`` and ``total = sum_k exp(log w
+    - top)`` (B, 1), the rows' loss weights ``r = c w~ (B K, 1)`` (``w~`` the
+    self-normalised weights), and the decoder's likelihood gradient rows ``d *= r``."""
+    B, K = logw.shape
     logw.max(1, keepdims=True, out=top)
     w = xp.exp(logw - top)
     w.sum(1, keepdims=True, out=total)

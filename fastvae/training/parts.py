@@ -217,6 +217,12 @@ class Reporter:
         self.bar.update(done - shown)
         return done
 
+    trigger = ("epoch", 1)
+
+    def __call__(self, trainer, metrics: dict) -> None:
+        """As a built-in trainer extension, after the checkpointer: the epoch's line."""
+        self.epoch_line(metrics, trainer.target_epochs)
+
     def epoch_line(self, row: dict, total: int) -> None:
         if self.bar is None and not self.verbose:
             return
@@ -268,21 +274,32 @@ class Reporter:
 
 
 class Evaluator:
-    """``{"test_neg_elbo", "test_recon", "test_kl"}`` (nats per image) of the
-    test split after an epoch, on its own seeded stream (never shifts training); all None when there
-    is no test split. ``binarize``: a run trained with dynamic binarization is scored on one fixed
-    binary draw of the split (:func:`fastvae.explore.evaluation.binarized`), made at the first call."""
+    """A built-in trainer extension (:mod:`fastvae.training.extensions`), first at
+    every epoch's end: adds ``{"test_neg_elbo", "test_recon", "test_kl"}`` (nats per
+    image) of the test split to the epoch's metrics, on its own seeded stream (never
+    shifts training); all None when there is no test split. ``binarize``: a run
+    trained with dynamic binarization is scored on one fixed binary draw of the split
+    (:func:`fastvae.explore.evaluation.binarized`), made at the first call. A
+    non-finite score raises TrainingDivergedError before the checkpointer saves."""
+
+    trigger = ("epoch", 1)
 
     def __init__(self, x_test, seed: int, binarize: bool = False):
         self.x_test, self.seed, self.binarize = x_test, seed, binarize
 
-    def __call__(self, model) -> dict:
+    def scores(self, model) -> dict:
         if self.x_test is None:
             return {"test_neg_elbo": None, "test_recon": None, "test_kl": None}
         if self.binarize:
             self.x_test, self.binarize = binarized(self.x_test, model.config), False
         ev = evaluate(model, self.x_test, seed=self.seed)
         return {"test_neg_elbo": ev["neg_elbo"], "test_recon": ev["recon"], "test_kl": ev["kl"]}
+
+    def __call__(self, trainer, metrics: dict) -> None:
+        metrics.update(self.scores(trainer.model))
+        if metrics["test_neg_elbo"] is not None:   # finite weights can still overflow (exp(logvar) past float32's range)
+            trainer.reporter.check_finite(metrics["test_neg_elbo"], "test -ELBO", trainer.step, trainer.epoch - 1,
+                                          trainer.checkpointer)
 
 
 def preflight_training(model, tc) -> None:
@@ -307,7 +324,16 @@ def preflight_training(model, tc) -> None:
 
 class Checkpointer:
     """Saves the whole training state to ``<out>/checkpoint.h5`` atomically
-    (see :mod:`fastvae.io.checkpoint`), including a mid-epoch position."""
+    (see :mod:`fastvae.io.checkpoint`), including a mid-epoch position. As a
+    built-in trainer extension, after the evaluator at every epoch's end: the
+    checkpoint and the run folder's text files (rank 0 of a run with a folder)."""
+
+    trigger = ("epoch", 1)
+
+    def __call__(self, trainer, metrics: dict) -> None:
+        if self.out is not None and trainer.writes:
+            trainer.save()
+            trainer.reporter.write_run_files(trainer.config_dict(), trainer.history)
 
     def __init__(self, out: Optional[str], fixes: Optional[str] = None):
         self.out = out

@@ -65,8 +65,15 @@ def checkpoint_path(path) -> str:
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
-def check_out(out: str, *, resume=False, force: bool = False) -> str:
-    """Validate ``out`` before anything is loaded; returns its absolute path.
+class CheckedFolder(str):
+    """The absolute path of a run folder that :func:`check_out` checked (or
+    :func:`claim_new` created): the one token that says so. A Trainer given
+    one uses it as it is; given a plain path it checks it itself."""
+
+
+def check_out(out: str, *, resume=False, force: bool = False) -> CheckedFolder:
+    """Validate ``out`` before anything is loaded; returns its absolute path
+    as a :class:`CheckedFolder`.
 
     Raises RunFolderError when ``out`` (or a folder on the way) is a file,
     when it cannot be created or written, when it holds files that are not
@@ -87,7 +94,7 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
         raise RunFolderError(f"{option('out', out)}: cannot write in {probe} (permission denied); choose a writable "
                              "folder")
     if probe != out:
-        return out                                      # will be created
+        return CheckedFolder(out)                       # will be created
     names = os.listdir(out)
     resumed = isinstance(resume, (str, os.PathLike))
     other = sorted(f for f in names if f not in RUN_FILES and not f.startswith(TMP_PREFIX)
@@ -108,7 +115,7 @@ def check_out(out: str, *, resume=False, force: bool = False) -> str:
         raise RunFolderError(f"{option('out', out)} holds another run than the one resumed ({os.fspath(resume)}); "
                              f"{hint}choose an empty {option('out')}, or pass {option('force', True)} to replace "
                              "that run")
-    return out
+    return CheckedFolder(out)
 
 
 def _same_file(a, b) -> bool:
@@ -229,7 +236,7 @@ def _release(out: str) -> None:
     os.close(lk.fd)
 
 
-def claim_new(base: str) -> str:
+def claim_new(base: str) -> CheckedFolder:
     """A new run folder for a run given no ``--out``: ``base``, else
     ``base-2``, ``base-3``, ... (the first that does not exist), created and
     locked (:func:`acquire`; the caller releases it), so that runs started in
@@ -242,7 +249,7 @@ def claim_new(base: str) -> str:
             continue
         try:
             acquire(out)
-            return out
+            return CheckedFolder(out)
         except RunFolderError:
             if not os.path.isdir(out):             # not taken by another run: it cannot be created
                 raise

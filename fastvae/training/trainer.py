@@ -64,8 +64,10 @@ class Trainer:
     extensions: objects called every N epochs or steps (:mod:`fastvae.training.extensions`; ConfigError
     for one without a valid trigger and call).
 
-    Parts: ``batches`` (:class:`~fastvae.training.parts.BatchSource`), ``reporter``, ``evaluator``, ``checkpointer``,
-    ``optimizer`` (with hooks). ``stop_requested = True`` (what Ctrl-C does) stops after the step, saving.
+    Parts: ``batches`` (:class:`~fastvae.training.parts.BatchSource`), ``optimizer`` (with hooks), and
+    the built-in extensions ``evaluator``, ``checkpointer`` and ``reporter`` (``builtin_extensions``: test
+    scores, checkpoint and run files, the epoch line; the same protocol as the user's ``extensions``,
+    which run after them). ``stop_requested = True`` (what Ctrl-C does) stops after the step, saving.
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
@@ -74,8 +76,8 @@ class Trainer:
         if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
             raise ConfigError("Trainer takes a fastvae.ModelConfig and a fastvae.TrainConfig (then a DataConfig "
                               f"or None), got {type(model_config).__name__} and {type(train_config).__name__}")
-        if out is not None and not force:          # as --out: never over another run or foreign files
-            out = runfolder.check_out(out)
+        if out is not None and not isinstance(out, runfolder.CheckedFolder):   # as --out: checked once
+            out = runfolder.check_out(out, force=force)
         self.model_config, self.train_config, tc = model_config, train_config, train_config
         dataset, data_config = _datasets.given(dataset, data_config)      # a path, arrays: as fastvae.train
         self.data_config = data_config or DataConfig(**({} if dataset is None else
@@ -123,6 +125,9 @@ class Trainer:
         self.stop_requested, self.stop_signal = False, None
         self._signals = StopSignals(self)     # Ctrl-C and SIGTERM while fitting
         self.extensions = check_extensions(extensions)
+        #: the built-in extensions, called at every epoch's end in this order before the user's
+        self.builtin_extensions = [self.evaluator, self.checkpointer, self.reporter]
+        self.target_epochs = tc.epochs
 
     # ---- parts kept reachable under their old names ----------------------------
     @property
@@ -184,8 +189,9 @@ class Trainer:
         beside data that never reads it.
         """
         path = runfolder.checkpoint_path(path)
-        out = runfolder.check_out(out if out is not None else os.path.dirname(os.path.abspath(path)),
-                                  resume=path, force=force)
+        if not isinstance(out, runfolder.CheckedFolder):
+            out = runfolder.check_out(out if out is not None else os.path.dirname(os.path.abspath(path)),
+                                      resume=path, force=force)
         data = ckpt.read_checkpoint(path)
         mc = model_config(data, path)                    # checked against the file's parameters
         _, tc, dc = data["configs"]                      # as read_checkpoint validated them: a file load
@@ -200,7 +206,7 @@ class Trainer:
             from fastvae.config import check_data_dir
             check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
             dc = dc.replace(data_dir=data_dir)
-        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, force=True)   # checked above
+        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress)
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
         self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None
         ckpt.load_params(self.model, data, path)
@@ -346,13 +352,7 @@ class Trainer:
                "images_per_s": pos.throughput(N), "seconds": pos.seconds,
                "warmup_s": pos.warmup if pos.warmup_images else None, "rss_mb": Reporter.rss_mb()}
         self.position = None
-        row.update(self.evaluator(self.model))
-        if row["test_neg_elbo"] is not None:     # finite weights can still overflow (exp(logvar) past float32's range)
-            self.reporter.check_finite(row["test_neg_elbo"], "test -ELBO", self.step, self.epoch - 1, self.checkpointer)
         self.history.append(row)
-        if self.out is not None and self.writes:
-            self.save()
-            self.reporter.write_run_files(self.config_dict(), self.history)
         return row
 
     def fit(self, epochs: Optional[int] = None, pictures: bool = True) -> list:
@@ -377,7 +377,7 @@ class Trainer:
         if self.out is not None and self.writes:
             self.checkpointer.clean_debris()
             self.reporter.write_run_files(self.config_dict(), self.history)
-        spe = self.steps_per_epoch()
+        spe, self.target_epochs = self.steps_per_epoch(), total
         self.reporter.open((total - self.epoch) * spe - (self.position.batch if self.position else 0))
         self._signals = StopSignals(self).install()
         try:
@@ -385,10 +385,8 @@ class Trainer:
                 if self.position is None:
                     self.position = self.batches.new_epoch()
                 row = self._finish_epoch(*self._run_epoch(total, spe))
-                self.reporter.epoch_line(row, total)
-                if self.writes:
-                    for ext in due(self.extensions, "epoch", self.epoch):
-                        ext(self, row)
+                for ext in self.builtin_extensions + (due(self.extensions, "epoch", self.epoch) if self.writes else []):
+                    ext(self, row)
                 if self._stop_agreed() and self.epoch < total:
                     raise TrainingInterrupted(self.checkpoint_path, self.epoch, 0, spe, total, self.stop_signal)
         finally:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from fastvae.backends.base import Backend
+from fastvae.backends.numpy_backend import NumpyBackend as Reference
 from fastvae.backends.cupy.cuda_graph import Recording
 
 
@@ -100,21 +100,21 @@ class GraphSupport:
         slot = self._slot((value,))
         return value if slot is None else slot
 
-    # ---- the primitives written as array expressions in Backend: one recorded op each ----
+    # ---- the reference backend's array expressions on CuPy arrays: one recorded op each ----
     def sampled_kl(self, kl, z, eps, head):
-        self._op(_composite, self, Backend.sampled_kl, kl, z, eps, head)
+        self._op(_composite, self, Reference.sampled_kl, kl, z, eps, head)
         return kl
 
     def sampled_kl_backward(self, dhead, dz, z, std, eps, kl_scale):
-        self._op(_composite, self, Backend.sampled_kl_backward, dhead, dz, z, std, eps, self.step_scalar(kl_scale))
+        self._op(_composite, self, Reference.sampled_kl_backward, dhead, dz, z, std, eps, self.step_scalar(kl_scale))
         return dhead
 
     def iaf_gate(self, z, kl, z_in, head, bias):
-        self._op(_composite, self, Backend.iaf_gate, z, kl, z_in, head, bias)
+        self._op(_composite, self, Reference.iaf_gate, z, kl, z_in, head, bias)
         return z
 
     def iaf_gate_backward(self, dz_in, dhead, dz, z, z_in, head, bias, kl_scale):
-        self._op(_composite, self, Backend.iaf_gate_backward, dz_in, dhead, dz, z, z_in, head, bias,
+        self._op(_composite, self, Reference.iaf_gate_backward, dz_in, dhead, dz, z, z_in, head, bias,
                  kl_scale if getattr(kl_scale, "ndim", 0) else self.step_scalar(kl_scale))   # IWAE: per-row weights
         return dz_in
 
