@@ -16,10 +16,11 @@ setup(
     packages=find_packages(where=str(here), include=["fastvae", "fastvae.*"]) + ["fastvae.kernels"],
     package_dir={"fastvae.kernels": "kernels"},
     package_data={"fastvae.kernels": ["*.cu", "*.cuh"]},
-    install_requires=["numpy>=1.22", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
+    # Numba is the CPU engine (--backend auto picks it without a GPU); CuPy stays an extra (wheels per CUDA major)
+    install_requires=["numpy>=1.22", "numba>=0.57", "h5py>=3.0", "matplotlib>=3.5", "tqdm>=4.60", "Pillow>=9.0",
                       "threadpoolctl>=3.1", "psutil>=5.8"],
     extras_require={
-        "numba": ["numba>=0.57"],
+        "numba": [],            # kept so that older install commands still work: Numba is a dependency now
         # CuPy with the CUDA toolkit wheels (NVRTC, cuBLAS, ...): a driver is all the host needs
         "cuda12": ["cupy-cuda12x[ctk]>=14"],
         "cuda13": ["cupy-cuda13x[ctk]>=14"],
@@ -31,6 +32,8 @@ setup(
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
         # Intel MKL as a second GEMM library for the CPU backends (--blas mkl / auto)
         "mkl": ["mkl>=2023"],
+        # the documentation site: mkdocs build --strict (docs/, mkdocs.yml)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": ["fastvae=fastvae.cli:main"]},
 )

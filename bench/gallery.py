@@ -8,7 +8,7 @@ Trains (unless the run folder already holds a checkpoint) and draws:
   * sprites, 4096-400-10, beta 1 and beta 4: traversals (rows sorted by KL) and MIG;
   * Olivetti faces, 4096-400-50: a spherical morph between two test faces (GIF);
   * the sprites and Olivetti runs again on the Burgess et al. 2018 ConvNet (--arch conv; names conv_*).
-Writes small PNG/GIF files to bench/results/gallery/ and prints each command.
+Writes small PNG/GIF files to docs/gallery/ (the documentation site shows them) and prints each command.
 """
 
 import argparse
@@ -25,7 +25,7 @@ def fv(*args, capture=False):
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
-OUT = os.path.join(HERE, "results", "gallery")
+OUT = os.path.join(HERE, os.pardir, "docs", "gallery")
 
 
 def main():

@@ -1,8 +1,6 @@
 """The README's table of the latest figures, from step_time and epoch_time runs.
 
-    python bench/summary_table.py --steps bench/results/cpu_zen5_session2.jsonl \\
-        bench/results/cpu_zen5_session2_4096.jsonl bench/results/conv_zen5_session2.jsonl \\
-        --epochs bench/results/epoch_zen5_session2.json
+    python bench/summary_table.py --steps bench/results/step_time.jsonl --epochs bench/results/epoch_time.json
 
 One row per workload, in the order the files name them: the Numba backend's
 milliseconds per training step and PyTorch's (its faster Adam, fused or

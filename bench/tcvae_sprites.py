@@ -6,7 +6,7 @@ Trains ``--arch conv --latent 10`` at the same beta, seed and epochs with the
 ELBO (beta-VAE) and with ``--objective btcvae``; reports test -ELBO, MIG
 (Chen et al. 2018) and, for beta-TCVAE, MI / TC / dimension-wise KL; writes
 ``bench/results/tcvae_sprites[_bB][_warmupW].json`` and both traversal figures to
-``bench/results/gallery/tcvae_traversals_{betavae,btcvae}[_bB][_warmup].png``
+``docs/gallery/tcvae_traversals_{betavae,btcvae}[_bB][_warmup].png``
 (``_bB`` when the batch size B is not 128).
 """
 
@@ -42,7 +42,7 @@ def main():
                      or k.startswith("btcvae_")}
         fv("plot", run, "--grid", "3", "--n", "2")
         shutil.copy(os.path.join(run, "figures", "traversals.png"),
-                    os.path.join(HERE, "results", "gallery", f"tcvae_traversals_{name}{btag}{'_warmup' if a.warmup else ''}.png"))
+                    os.path.join(HERE, os.pardir, "docs", "gallery", f"tcvae_traversals_{name}{btag}{'_warmup' if a.warmup else ''}.png"))
         print(name, out[name], flush=True)
     tag = btag + (f"_warmup{a.warmup:g}" if a.warmup else "")
     with open(os.path.join(HERE, "results", f"tcvae_sprites{tag}.json"), "w") as f:

@@ -88,7 +88,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     or ``(N, D)``, uint8 or float in [0, 1]; a seeded 10 % test split).
     Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
     :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
-    epochs=10, batch_size=128, lr=1e-3, backend="numpy", data_dir=...``).
+    epochs=10, batch_size=128, lr=1e-3, backend="numba", data_dir=...``); ``backend``
+    defaults to ``"auto"`` (cupy with a usable GPU, else numba, else numpy), and the
+    run's first line on stderr says which and why (:meth:`Trainer.start_line`).
     ``input_dim`` and ``image_shape`` default to the data's; ``layers`` (a
     stack of your own, :class:`ModelConfig`) sets ``latent_dim``, the likelihood
     and the flows unless given, and refuses ``hidden``, ``arch`` and the other
@@ -141,8 +143,9 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
                       out=out, progress=progress, extensions=extensions)
+    import sys
+    print(f"fastvae: {trainer.start_line()}", file=sys.stderr)
     if batch_note:                                  # once the data passed its checks
-        import sys
         print(batch_note, file=sys.stderr)
     trainer.fit(pictures=out is not None)
     return trainer

@@ -205,7 +205,9 @@ class TrainConfig(_JSONMixin):
         cyclical schedule (Fu et al. 2019).
     binarize: dynamic binarization (resample x ~ Bernoulli(pixel) every step).
     seed: seeds initialisation, shuffling, ``eps`` and binarization.
-    backend: compute backend name (see :func:`fastvae.backends.available`).
+    backend: compute backend name (see :func:`fastvae.backends.available`), or
+        ``"auto"`` (the default): ``cupy`` with a usable GPU, else ``numba``, else
+        ``numpy`` (:func:`fastvae.backends.resolve`); a Trainer records the backend it chose.
     loss_every: compute the scalar loss every N steps only (and at each epoch's
         last step); the epoch's train metrics are means over those steps.
         1 (default) gives exact epoch means; larger values skip the loss
@@ -253,7 +255,7 @@ class TrainConfig(_JSONMixin):
     beta_ratio: float = 0.5
     binarize: bool = False
     seed: int = 0
-    backend: str = "numpy"
+    backend: str = "auto"
     loss_every: int = 1
     threads: Optional[object] = None
     blas: Optional[str] = None
@@ -296,10 +298,10 @@ class TrainConfig(_JSONMixin):
         _positive_int("loss_every", self.loss_every)
         if self.clip_grad_norm is not None:
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
-        if self.tf32 and self.backend != "cupy":
+        if self.tf32 and self.backend not in ("cupy", "auto"):
             raise ConfigError(f"tf32 applies to the cupy backend only; drop {option('tf32')} or use "
                               f"{option('backend', 'cupy')}")
-        if self.cuda_graph and self.backend != "cupy":
+        if self.cuda_graph and self.backend not in ("cupy", "auto"):
             raise ConfigError(f"cuda_graph applies to the cupy backend only; drop {option('cuda_graph')} or use "
                               f"{option('backend', 'cupy')}")
         if self.cuda_graph and self.tf32:

@@ -7,6 +7,9 @@ import sys
 # kernels on AVX-512 CPUs (SkylakeX, Zen 4) whose GEMM sums round differently
 # (5.6e-17 after two epochs). Pinned before NumPy loads OpenBLAS; subprocesses inherit it.
 os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
+# Runs that name no backend train on the reference, as before --backend auto: the tests that
+# check what auto picks clear this (test_new_user.py); subprocesses inherit it.
+os.environ["FASTVAE_BACKEND"] = "numpy"
 
 import numpy as np  # noqa: E402
 import pytest
@@ -20,8 +23,10 @@ PY = [sys.executable, "-m", "fastvae"]
 _IMPORTED = os.path.dirname(os.path.abspath(fastvae.__file__)) if fastvae.__file__ else str(list(fastvae.__path__))
 if _IMPORTED != os.path.join(ROOT, "fastvae"):
     pytest.exit(f"the tests import fastvae from {_IMPORTED}, not from this checkout "
-                f"({ROOT}); install it editable: pip install -e '.[numba,test]'", returncode=4)
-SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+                f"({ROOT}); install it editable: pip install -e '.[test,mpi,nvrtc]'", returncode=4)
+#: the real-data folder (mnist/, olivetti/): $FASTVAE_TEST_DATA, else ../shared/data beside the checkout
+SHARED_DATA = os.path.normpath(os.path.expanduser(os.environ.get("FASTVAE_TEST_DATA")
+                                                  or os.path.join(ROOT, "..", "shared", "data")))
 MNIST_DIR = os.path.join(SHARED_DATA, "mnist")
 OLIVETTI_DIR = os.path.join(SHARED_DATA, "olivetti")
 
@@ -37,10 +42,10 @@ def pytest_report_header(config):
 
 needs_mnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
-    reason=f"real MNIST not found in {MNIST_DIR}")
+    reason=f"real MNIST not found in {MNIST_DIR} (set FASTVAE_TEST_DATA to the folder holding mnist/)")
 needs_olivetti = pytest.mark.skipif(
     not os.path.exists(os.path.join(OLIVETTI_DIR, "olivetti_faces.npz")),
-    reason=f"Olivetti faces not found in {OLIVETTI_DIR}")
+    reason=f"Olivetti faces not found in {OLIVETTI_DIR} (set FASTVAE_TEST_DATA to the folder holding olivetti/)")
 
 
 @pytest.fixture

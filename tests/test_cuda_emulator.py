@@ -71,8 +71,20 @@ def test_probe_accepts_an_older_driver_of_the_same_major_version():
     assert "CUDA 11.8" in msg and "12.x" in msg and "update the driver" in msg and "fastvae[" not in msg
     msg = cb.device_reason(_runtime(drv=12080, rt=13000))        # CuPy for CUDA 13 on a CUDA 12 driver
     assert "CUDA 12.8" in msg and "13.x" in msg and "fastvae[cuda12]" in msg
-    assert cb.device_reason(_runtime(count=0)) == "no CUDA device found"
-    assert "no usable CUDA device" in cb.device_reason(_runtime(fail=RuntimeError("cudaErrorNoDevice")))
+    assert cb.device_reason(_runtime(count=0)).startswith("no NVIDIA GPU found")
+    driver = lambda: True                                                      # noqa: E731
+    assert "no usable CUDA device" in cb.device_reason(_runtime(fail=RuntimeError("cudaErrorNoDevice")), driver)
+
+
+def test_probe_tells_no_gpu_from_an_old_driver():
+    """The CUDA runtime says "driver version is insufficient" both without a
+    driver and with an old one: only the second suggests a driver update."""
+    insufficient = RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime "
+                                "version")
+    msg = cb.device_reason(_runtime(fail=insufficient), lambda: False)
+    assert msg.startswith("no NVIDIA GPU found") and "driver version" not in msg and "backend='numba'" in msg
+    msg = cb.device_reason(_runtime(fail=insufficient), lambda: True)
+    assert "older than this CuPy" in msg and "update the driver" in msg
 
 
 def test_probe_names_a_missing_nvrtc_or_cublas():

@@ -192,6 +192,41 @@ def test_messages_are_bounded():
     assert _one_line("a\nb") == "a b"
 
 
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_words = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Zs", "Cc")), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.lists(_words, min_size=1, max_size=120).map(" ".join),
+       fix=st.lists(_words, min_size=1, max_size=40).map(" ".join))
+def test_a_long_message_keeps_its_fix_whole(head, fix):
+    """Messages read '<problem>; <fix>': past the cap the problem is cut,
+    never the fix (the text after the last '; ')."""
+    fix = fix.replace(";", ",")
+    msg = _one_line(f"{head}; {fix}")
+    assert msg.endswith(fix)
+    if len(head) + len(fix) + 2 > 400:
+        assert len(msg) <= max(400, len(fix) + 86)
+
+
+def test_the_offline_mnist_message_keeps_its_advice(tmp_path, monkeypatch, capsys):
+    """The download failure quotes both mirrors' errors; the advice to copy
+    the four idx files, at the end, survives the cap."""
+    from fastvae import datasets
+    from fastvae.cli import main
+    from fastvae.errors import DataError
+
+    def offline(name, md5, mirrors, folder):
+        raise DataError("could not download " + name + " (" + "; ".join(
+            f"{m}{name}: [Errno -2] Name or service not known" for m in mirrors) + ")")
+    monkeypatch.setattr(datasets, "download_file", offline)
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nope"), "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "copy the four idx files" in err and err.endswith("or set --data-dir")
+
+
 def test_bench_gpu_without_cupy_is_one_line(tmp_path):
     """As on a machine without CuPy (hidden from this process when installed)."""
     code = ("import sys; sys.modules['cupy'] = None; from fastvae.cli import main; "
@@ -255,3 +290,88 @@ def test_a_dataset_smaller_than_the_default_batch_trains_on_all_its_images_a_ste
     assert "batch_size 45, every training image" in capsys.readouterr().err
     assert fastvae.train(np.random.default_rng(1).random((500, 16)), hidden=[4], latent_dim=2,
                          epochs=1).train_config.batch_size == 128
+
+
+def test_numba_caches_its_kernels_in_the_user_cache_folder_never_in_the_install(tmp_path):
+    """pip's uninstall leaves files it did not install: Numba's cache written
+    into the package's kernels folder outlived it and shadowed the next
+    (editable) install. The kernels compile into $FASTVAE_CACHE_DIR/numba."""
+    import glob
+    import fastvae.kernels as K
+    kernels = os.path.dirname(K.__file__)
+    before = set(glob.glob(os.path.join(kernels, "**", "*.nb[ic]"), recursive=True))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["FASTVAE_CACHE_DIR"] = str(tmp_path / "cache")
+    code = ("import fastvae; t = fastvae.train('sprites', n_sprites=60, hidden=[8], latent_dim=2, epochs=1, "
+            "batch_size=30, backend='numba'); import numba.core.config as c; print(c.CACHE_DIR)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == str(tmp_path / "cache" / "numba")
+    assert glob.glob(str(tmp_path / "cache" / "numba" / "**" / "*.nbi"), recursive=True)
+    assert set(glob.glob(os.path.join(kernels, "**", "*.nb[ic]"), recursive=True)) <= before
+    assert "on numba (asked for)" in p.stderr.splitlines()[0]
+
+
+def test_auto_picks_the_fastest_backend_that_runs_here_and_says_why(tmp_path, monkeypatch):
+    from fastvae import backends
+    monkeypatch.delenv("FASTVAE_BACKEND")
+    ok = {b["name"]: b["available"] for b in backends.available()}
+    name, why = backends.resolve("auto")
+    assert name == ("cupy" if ok["cupy"] else "numba" if ok["numba"] else "numpy")
+    assert why.startswith("auto") and (ok["cupy"] or "not cupy: " in why)
+    assert backends.resolve("numpy") == ("numpy", "asked for")
+    t = fastvae.train("sprites", n_sprites=60, hidden=[8], latent_dim=2, epochs=1, batch_size=30)
+    assert t.train_config.backend == name and t.backend.name == name          # the run records what it ran on
+    assert fastvae.TrainConfig().backend == "auto"
+    monkeypatch.setenv("FASTVAE_BACKEND", "numpy")
+    assert backends.resolve("auto") == ("numpy", "FASTVAE_BACKEND")
+    monkeypatch.setenv("FASTVAE_BACKEND", "tpu")
+    with pytest.raises(fastvae.BackendUnavailableError, match="FASTVAE_BACKEND='tpu' names no backend"):
+        backends.resolve("auto")
+
+
+def test_the_command_line_defaults_to_auto_and_says_so_first(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "FASTVAE_BACKEND"}
+    import subprocess as sp
+    p = sp.run([sys.executable, "-m", "fastvae", "train", "--n-sprites", "60", "--hidden", "8", "--latent", "2",
+                "--epochs", "1", "--batch-size", "30", "--no-progress", "--out", "run"], cwd=tmp_path, env=env,
+               capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    from fastvae import backends
+    gpu = {b["name"]: b["available"] for b in backends.available()}["cupy"]
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("training VAE(") and first.split("; ")[-1].startswith(
+        "on cupy (auto" if gpu else "on numba (auto: not cupy: "), first
+
+
+def test_a_mistyped_flag_gets_the_subcommands_usage_and_the_closest_flag(tmp_path):
+    p = fv("train", "--epcohs", "3", cwd=tmp_path, check=False)
+    assert p.returncode == 2
+    assert "usage: fastvae train" in p.stderr and "did you mean --epochs?" in p.stderr
+    p = fv("eval", "RUN", "--jsn", cwd=tmp_path, check=False)
+    assert "usage: fastvae eval" in p.stderr and "did you mean --json?" in p.stderr
+
+
+def test_a_resumed_run_says_where_it_resumed_on_its_first_line(tmp_path):
+    fv("train", "--n-sprites", "60", "--hidden", "8", "--latent", "2", "--epochs", "1", "--batch-size", "20",
+       "--backend", "numpy", "--out", "run", cwd=tmp_path)
+    p = fv("train", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    first = (p.stdout + p.stderr).splitlines()[0]
+    assert first == f"resuming {tmp_path / 'run'} at epoch 2, step 0/3 (of 2 epochs) on numpy (the backend that wrote it)"
+
+
+def test_the_readme_names_every_file_a_finished_run_folder_holds(tmp_path):
+    fv("train", "--n-sprites", "60", "--hidden", "8", "--latent", "2", "--epochs", "1", "--batch-size", "20",
+       "--backend", "numpy", "--out", "run", cwd=tmp_path)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f"`{f}`" not in readme) == []
+
+
+def test_fastvae_test_data_names_the_real_data_folder(tmp_path):
+    code = "import conftest; print(conftest.MNIST_DIR)"
+    env = dict(os.environ, FASTVAE_TEST_DATA=str(tmp_path / "data"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tests"), capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "data" / "mnist")

@@ -47,6 +47,42 @@ def available() -> List[dict]:
     return out
 
 
+AUTO = "auto"
+#: the order ``auto`` tries the backends in: the GPU, then the jitted CPU kernels, then the reference
+AUTO_ORDER = ("cupy", "numba", "numpy")
+
+
+def resolve(name: str = AUTO) -> Tuple[str, str]:
+    """``(backend, why)`` for a backend name or ``"auto"``: ``auto`` is the
+    first of :data:`AUTO_ORDER` that can run here (``cupy`` with CuPy and a
+    usable NVIDIA GPU, else ``numba``, else ``numpy``), and ``why`` is one
+    short clause for the run's first line (the reason the faster ones were
+    passed over). ``$FASTVAE_BACKEND``, when set to a backend's name, is what
+    ``auto`` means on this machine (``why``: "FASTVAE_BACKEND"). Any other name
+    comes back as it is, ``why`` "asked for"."""
+    if name != AUTO:
+        return name, "asked for"
+    import os
+    chosen = os.environ.get("FASTVAE_BACKEND", AUTO)
+    if chosen != AUTO:
+        if chosen not in _REGISTRY:
+            raise BackendUnavailableError(f"FASTVAE_BACKEND={chosen!r} names no backend; set it to one of "
+                                          f"{', '.join(_REGISTRY)} or auto, or unset it")
+        return chosen, "FASTVAE_BACKEND"
+    passed = []
+    for candidate in AUTO_ORDER:
+        probe = _REGISTRY[candidate][1]
+        try:
+            reason = probe()
+        except Exception as exc:  # a probe must never break the choice
+            reason = f"{type(exc).__name__}: {exc}"
+        if not reason:
+            skipped = "; ".join(passed)
+            return candidate, "auto" + (f": {skipped}" if skipped else ": the fastest backend here")
+        passed.append(f"not {candidate}: {reason.split(';')[0]}")
+    return "numpy", "auto"                                  # unreachable: numpy always runs
+
+
 def get(name: str = "numpy", dtype: str = "float32") -> Backend:
     """A backend instance computing in ``dtype``.
 
@@ -55,6 +91,7 @@ def get(name: str = "numpy", dtype: str = "float32") -> Backend:
     """
     if isinstance(name, Backend):
         return name
+    name = resolve(name)[0]
     if name not in _REGISTRY:
         raise BackendUnavailableError(
             f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}")

@@ -20,8 +20,8 @@ from shlex import quote
 from fastvae.errors import ConfigError, FastVAEError
 from fastvae.naming import command_line
 from fastvae.cli.args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
-                       _positive, check_train_flags, checkpoint_arg, default_batch_size, out_folder, parser)
-from fastvae.cli.explore import _cmd_interpolate, _cmd_plot, _run_data, _trained
+                       _positive, check_train_flags, checkpoint_arg, default_batch_size, out_folder, parse, parser)
+from fastvae.cli.explore import _cmd_inpaint, _cmd_interpolate, _cmd_plot, _run_data, _trained
 
 EXIT_INTERRUPTED = 130     # 128 + SIGINT
 EXIT_TERMINATED = 143      # 128 + SIGTERM
@@ -113,13 +113,10 @@ def _train_locked(a, out, progress, talk):
         tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
                                   **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
         trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
-        if batch_note and talk:                     # once the data passed its checks
+    if talk:
+        print(trainer.start_line())
+        if not a.resume and batch_note:             # once the data passed its checks
             print(batch_note, file=sys.stderr)
-        ranks = f" on {trainer.world.size} ranks ({trainer.world.name})" if trainer.world.size > 1 else ""
-        if talk:
-            print(f"training{ranks} {trainer.model!r} on {data.name}: {data.x_train.shape[0]} train images"
-                  + (f", {data.x_test.shape[0]} test" if data.x_test is not None else "") + f" -> {out}"
-                  + trainer.threads_note)
     trainer.verbose = True
     try:
         trainer.fit()
@@ -289,12 +286,13 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> int:
     import signal
     p = parser()
-    a = p.parse_args(argv)
+    a = parse(p, argv)
     if a.cmd is None:
         p.print_help()
         return 0
     cmd = {"train": _cmd_train, "eval": _cmd_eval, "info": _cmd_info, "backends": _cmd_backends,
-           "bench": _cmd_bench, "plot": _cmd_plot, "interpolate": _cmd_interpolate}[a.cmd]
+           "bench": _cmd_bench, "plot": _cmd_plot, "interpolate": _cmd_interpolate,
+           "inpaint": _cmd_inpaint}[a.cmd]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with command_line():                 # messages name flags, not keywords (fastvae.naming)

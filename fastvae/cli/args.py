@@ -67,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
                         "gaussian, iaf, likelihood; see the README), or a run's config.json; it fixes latent_dim, "
                         "the likelihood and the flows, in place of --arch, --hidden and the other shape flags")
     o = t.add_argument_group("optimisation")
-    o.add_argument("--backend", help="numpy (default); see `fastvae backends`")
+    o.add_argument("--backend", help="auto (default: cupy with a usable GPU, else numba, else numpy), numpy, numba "
+                   "or cupy; see `fastvae backends`")
     o.add_argument("--epochs", type=int, help="total epochs (default 10; also the target on --resume)")
     o.add_argument("--batch-size", type=int,
                    help="images per step (default 128, or every training image when there are fewer)")
@@ -159,6 +160,27 @@ def parser() -> argparse.ArgumentParser:
     ip.add_argument("--data-dir")
     ip.add_argument("--split", default="test", choices=["train", "test"])
     ip.add_argument("--backend")
+
+    ir = sub.add_parser("inpaint", help="fill the missing part of images from the latent space")
+    ir.add_argument("run", help=CKPT_HELP)
+    ir.add_argument("images", nargs="+", help="image files, or indices into the dataset split (as interpolate)")
+    ir.add_argument("--mask", required=True,
+                    help="top, bottom, left, right (half), center[:F] (a square, F = 0.5), random:P (a fraction P "
+                         "of the pixels, seeded), box:r0,c0,r1,c1, or a mask image file (white = missing)")
+    ir.add_argument("--method", default="iw", choices=["iw", "gibbs", "mwg"],
+                    help="iw: importance-weighted (MIWAE, default); gibbs: pseudo-Gibbs; mwg: Metropolis-within-Gibbs")
+    ir.add_argument("--steps", type=int, default=50, help="iterations of gibbs and mwg (default 50)")
+    ir.add_argument("--samples", type=int, default=100, help="importance samples of iw (default 100)")
+    ir.add_argument("--seed", type=int, default=0, help="seeds the draws and a random mask (default 0)")
+    ir.add_argument("--json", action="store_true",
+                    help="print the masked-pixel NLL and MSE of the fill and of two baselines (mean image, nearest "
+                         "training image)")
+    ir.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
+    ir.add_argument("--out", help="default: RUN/figures")
+    ir.add_argument("--dataset")
+    ir.add_argument("--data-dir")
+    ir.add_argument("--split", default="test", choices=["train", "test"])
+    ir.add_argument("--backend")
 
     b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
     from fastvae.bench.workloads import WORKLOADS
@@ -256,9 +278,38 @@ def _finite(obj):
     return obj
 
 
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``p.parse_args(argv)``, but an unknown flag is reported by its
+    subcommand's parser (its usage, not the top level's) with the closest
+    flag it has: ``fastvae train --epcohs 3`` -> "did you mean --epochs?"."""
+    import difflib
+    a, extra = p.parse_known_args(argv)
+    if not extra:
+        return a
+    subs = next((act.choices for act in p._actions if isinstance(act, argparse._SubParsersAction)), {})
+    target = subs.get(getattr(a, "cmd", None)) or p
+    flag = next((x for x in extra if x.startswith("-")), extra[0]).split("=")[0]
+    flags = [o for act in target._actions for o in act.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+    target.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 MAX_MESSAGE = 400
 
 
 def _one_line(msg: str) -> str:
+    """An error message on one line of at most about :data:`MAX_MESSAGE`
+    characters that never loses its fix: messages read ``<problem>; <fix>``,
+    so a longer one keeps the start of its problem (its first clause, cut
+    where needed) and its whole fix, the text after the last ``"; "``."""
     msg = " ".join(str(msg).split())
-    return msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE - 60] + " ... " + msg[-55:]
+    if len(msg) <= MAX_MESSAGE:
+        return msg
+    head, sep, fix = msg.rpartition("; ")
+    if not sep:                                        # no fix part: the start and the end
+        return msg[:MAX_MESSAGE - 60] + " ... " + msg[-55:]
+    first = head.split("; ")[0]
+    room = max(80, MAX_MESSAGE - len(fix) - len(" ...; "))
+    if len(first) > room:
+        first = first[:room].rstrip()
+    return f"{first} ...; {fix}" if first != head else f"{first}; {fix}"

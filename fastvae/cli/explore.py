@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from fastvae.errors import ConfigError
-from fastvae.cli.args import _positive, check_data_dir, checkpoint_arg, out_folder
+from fastvae.cli.args import _finite, _positive, check_data_dir, checkpoint_arg, out_folder
 
 
 def _trained(model, setting, default=None):
@@ -109,6 +109,12 @@ def _cmd_plot(a):
         frames = explore.interpolation_frames(model, x[0], x[1], 24, "spherical")
         explore.save_gif(frames, shape, f("interpolation.gif"))
         written.append("interpolation.gif")
+    from fastvae.explore import inpainting
+    n = min(8, len(x))
+    mask = inpainting.make_mask("bottom", shape)
+    init = np.asarray(data.x_train[:], dtype=np.float64).mean(0) if data.x_train is not None else None
+    save("inpainting.png", inpainting.plot_inpainting, model, x[:n], mask, shape, init=init,
+         seed=_trained(model, "seed", 0))
     print(f"wrote {len(written)} figures to {out}: {', '.join(written)}")
     return 0
 
@@ -149,4 +155,43 @@ def _cmd_interpolate(a):
     if a.png:
         explore.plot_interpolation(model, xa, xb, shape, steps=min(a.steps, 12), path=a.png)
         print(f"wrote {a.png}")
+    return 0
+
+
+def _cmd_inpaint(a):
+    """``fastvae inpaint RUN IMAGE... --mask SPEC``: every input checked, the
+    fills computed, then the pictures written (nothing is written on an error)."""
+    import json
+    from fastvae import explore
+    from fastvae.explore import inpainting
+    for flag, value in (("--steps", a.steps), ("--samples", a.samples), ("--scale", a.scale)):
+        _positive(flag, value)
+    ckpt = checkpoint_arg(a.run)
+    model, data = _load_for_explore(ckpt, a.dataset, a.data_dir, a.backend)
+    shape = _image_shape(model, data)
+    mask = inpainting.make_mask(a.mask, shape, seed=a.seed)
+    x = np.stack([_pick_image(spec, data, a.split, shape) for spec in a.images])
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "figures")
+    mean_image = np.asarray(data.x_train[:], dtype=np.float64).mean(0)
+    kw = dict(steps=a.steps, samples=a.samples, seed=a.seed, init=mean_image)
+    fills = inpainting.inpaint(model, x, mask, method=a.method, **kw)
+    if a.json:
+        res = inpainting.scores(model, x, mask, fills, x_train=data.x_train[:])
+        res.update(method=a.method, mask=a.mask, images=list(a.images),
+                   units={"nll": "nats per image over the missing pixels", "mse": "per missing pixel"})
+        print(json.dumps(_finite(res), allow_nan=False))
+    out_folder(out, "inpaint writes its pictures")
+    written = []
+    for spec, xi in zip(a.images, x):
+        tag = os.path.splitext(os.path.basename(spec))[0] if not spec.lstrip("-").isdigit() else spec
+        name = f"inpaint_{a.method}_{tag}.png"
+        inpainting.plot_inpainting(model, xi[None, :], mask, shape, method=a.method, path=os.path.join(out, name),
+                                   **kw)
+        written.append(name)
+        if a.method == "gibbs":
+            frames = inpainting.chain_frames(model, xi, mask, steps=a.steps, seed=a.seed, init=mean_image)
+            explore.save_gif(frames, shape, os.path.join(out, f"inpaint_gibbs_{tag}.gif"), scale=a.scale,
+                             bounce=False)
+            written.append(f"inpaint_gibbs_{tag}.gif")
+    print(f"wrote {len(written)} pictures to {out}: {', '.join(written)}", file=sys.stderr if a.json else sys.stdout)
     return 0

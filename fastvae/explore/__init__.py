@@ -15,7 +15,8 @@ Numbers:
 
 Package: this module is the public ``fastvae.explore`` API; ``evaluation``
 (the -ELBO of a split), ``metrics`` (IWAE, KL per dimension, active units,
-MIG), ``latent`` (codes to decode: grids, traversals, interpolation) and
+MIG), ``inpainting`` (masks, the three fill methods, their scores and
+pictures), ``latent`` (codes to decode: grids, traversals, interpolation) and
 ``plots`` (reconstructions, samples, loss curves) live beside it. May
 import: fastvae.nn, fastvae.objectives, fastvae.backends, fastvae.datasets, fastvae.io,
 fastvae.training.memory, fastvae.errors/naming/checks; never fastvae.cli.
@@ -36,6 +37,7 @@ from fastvae.errors import ConfigError, DataError
 from fastvae.explore.latent import (check_grid_dims, grid_values, interpolate_codes, latent_grid_codes, lerp,  # noqa: F401
                      pca_plane, slerp, traversal_codes)                                     # (re-exported)
 from fastvae.explore.metrics import active_units, iwae, kl_per_dim, mig  # noqa: F401  (re-exported)
+from fastvae.explore.inpainting import inpaint, make_mask, plot_inpainting  # noqa: F401  (re-exported)
 from fastvae.explore.plots import _figure, _save, _show, tile, plot_loss, plot_reconstructions, plot_samples  # noqa: F401
 
 _LOG_2PI = math.log(2 * math.pi)

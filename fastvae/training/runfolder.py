@@ -37,7 +37,7 @@ CHECKPOINT_NAME = "checkpoint.h5"
 # what `fastvae plot` writes, here too when its --out is the run folder itself
 PLOT_FILES = {"reconstructions.png", "samples.png", "latent_map.png", "latent_grid.png", "traversals.png",
               "best_worst.png", "loss_histogram.png", "kl_per_dim.png", "loss_curves.png", "interpolation.png",
-              "interpolation.gif"}
+              "interpolation.gif", "inpainting.png"}
 RUN_FILES = {CHECKPOINT_NAME, "config.json", "metrics.csv", "reconstructions.png", "samples.png", "loss.png",
              "figures", ".lock"} | PLOT_FILES
 LOCK_NAME = ".lock"

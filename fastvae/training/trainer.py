@@ -29,6 +29,7 @@ import numpy as np
 from fastvae.io import checkpoint as ckpt
 from fastvae import datasets as _datasets
 from fastvae.training import distributed
+from fastvae import backends as _backends
 from fastvae import objectives
 from fastvae.training import runfolder
 from fastvae.config import DataConfig, ModelConfig, TrainConfig
@@ -90,6 +91,9 @@ class Trainer:
         if tc.batch_size > n:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
                               f"images; use a smaller {option('batch_size')}")
+        backend, self.backend_choice = _backends.resolve(tc.backend)     # "auto": the fastest that runs here
+        if backend != tc.backend:
+            tc = self.train_config = tc.replace(backend=backend)         # the run records what it ran on
         self.world = distributed.world(tc.backend)
         streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
         threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
@@ -152,6 +156,21 @@ class Trainer:
         self.reporter.verbose = on and self.writes
 
     # ---- checkpoints ---------------------------------------------------------
+    def start_line(self) -> str:
+        """The run's first line: what trains, on what data, where, on which
+        backend and why (``backend_choice``); for a resumed run, where it
+        resumed: ``resuming RUN at epoch 8, step 9/188 (of 10 epochs) on numba
+        (the backend that wrote it)``."""
+        on = f"on {self.backend.name} ({self.backend_choice})"
+        if self.epoch or self.step or self.position is not None:
+            b = self.position.batch if self.position is not None else 0
+            return (f"resuming {self.out or 'the run'} at epoch {self.epoch + 1}, step {b}/{self.steps_per_epoch()} "
+                    f"(of {self.train_config.epochs} epochs) {on}")
+        ranks = f" on {self.world.size} ranks ({self.world.name})" if self.world.size > 1 else ""
+        test = f", {self.data.x_test.shape[0]} test" if self.data.x_test is not None else ""
+        return (f"training{ranks} {self.model!r} on {self.data.name}: {self.data.x_train.shape[0]} train images{test}"
+                f" -> {self.out or 'memory'}; {on}{self.threads_note}")
+
     @property
     def checkpoint_path(self) -> Optional[str]:
         return self.checkpointer.path
@@ -207,6 +226,9 @@ class Trainer:
             check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
             dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress)
+        written = data["configs"][1].backend
+        self.backend_choice = ("asked for" if backend else "the backend that wrote it" if tc.backend == written
+                               else f"{written}, which wrote it, cannot run here")
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
         self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None
         ckpt.load_params(self.model, data, path)

@@ -231,11 +231,9 @@ def measure(backend, work: Callable[[], None], names: List[str], rounds: int = 5
 
 
 def cache_path() -> str:
-    """``$FASTVAE_CACHE_DIR/blas.json`` (default ``$XDG_CACHE_HOME/fastvae``,
-    else ``~/.cache/fastvae``)."""
-    root = os.environ.get("FASTVAE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvae")
-    return os.path.join(root, "blas.json")
+    """``blas.json`` in the user cache folder (:func:`fastvae.cache.cache_dir`)."""
+    from fastvae.cache import cache_dir
+    return os.path.join(cache_dir(), "blas.json")
 
 
 def _read_cache(path: str) -> dict:

@@ -12,7 +12,29 @@ def _first_line(exc) -> str:
     return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
 
 
-def device_reason(runtime) -> str:
+NO_GPU = "no NVIDIA GPU found"
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver: its kernel module's files
+    (``/proc/driver/nvidia``, ``/dev/nvidia*``) or a loadable ``libcuda``. The
+    CUDA runtime answers "driver version is insufficient" both for an old
+    driver and for none at all; without one there is no GPU to use."""
+    import ctypes
+    import glob
+    import os
+    if os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/nvidia[0-9]*"):
+        return True
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def device_reason(runtime, driver_present=nvidia_driver_present) -> str:
     """'' when ``runtime`` (``cupy.cuda.runtime``) sees a device whose driver
     runs this CuPy, else the reason. CUDA minor-version compatibility: a driver
     of the same major version as CuPy's runtime runs it (CuPy compiles kernels
@@ -20,9 +42,15 @@ def device_reason(runtime) -> str:
     try:
         n = runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError, missing libcuda, ...
+        if not driver_present():
+            from fastvae.naming import option
+            return f"{NO_GPU} (no NVIDIA driver on this machine); train on the CPU with {option('backend', 'numba')}"
+        if "InsufficientDriver" in type(exc).__name__ + str(exc):
+            return (f"the NVIDIA driver is older than this CuPy's CUDA runtime ({_first_line(exc)}); update the "
+                    f"driver or install the CuPy for it: {_FIX}")
         return f"no usable CUDA device ({_first_line(exc)})"
     if n < 1:
-        return "no CUDA device found"
+        return f"{NO_GPU} (the driver sees no device)"
     try:
         drv, rt = runtime.driverGetVersion(), runtime.runtimeGetVersion()
     except Exception as exc:
