@@ -26,15 +26,15 @@ WORKLOADS = {"784-400-20/b128": dict(hidden=[400], latent=20, D=784, B=128),
 
 def worker(a):
     import numpy as np
-    from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
+    from fastvae import DataConfig, ModelConfig, RunSettings, TrainConfig, Trainer
     from fastvae.datasets.dataset import Dataset
     wl = WORKLOADS[a.workload]
     x = np.random.default_rng(0).random((wl["B"] * (a.steps + 10), wl["D"]), dtype=np.float32)
     data = Dataset("bench", x, None, None, None, (28, 28))
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=wl["latent"], arch=wl.get("arch", "mlp"),
                      **({"hidden": wl["hidden"]} if "hidden" in wl else {}))
-    t = Trainer(mc, TrainConfig(batch_size=wl["B"], backend=a.backend, threads=a.threads), DataConfig(),
-                dataset=data, progress=False)
+    t = Trainer(mc, TrainConfig(batch_size=wl["B"]), DataConfig(), dataset=data, progress=False,
+                settings=RunSettings(backend=a.backend, threads=a.threads))
     comm = t.world
     hook = t.optimizer.hooks[0] if comm.size > 1 else None
     reduce_s = []

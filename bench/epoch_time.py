@@ -45,7 +45,7 @@ import time
 import numpy as np
 
 import fastvae
-from fastvae import DataConfig, TrainConfig, Trainer, datasets
+from fastvae import DataConfig, RunSettings, TrainConfig, Trainer, datasets
 from fastvae.backends.cpu.threads import fit_backend
 from fastvae.bench.harness import WORKLOADS, blas_line, environment, workload_config
 from fastvae.errors import ConfigError
@@ -63,9 +63,9 @@ def denormals(a) -> int:
 
 
 def ours(name, wl, ds, data_dir):
-    t = Trainer(workload_config(wl), TrainConfig(epochs=10 ** 6, batch_size=wl["batch_size"], lr=1e-3, seed=0,
-                                                 backend=name),
-                DataConfig(dataset="mnist", data_dir=data_dir), dataset=ds, progress=False)
+    t = Trainer(workload_config(wl), TrainConfig(epochs=10 ** 6, batch_size=wl["batch_size"], lr=1e-3, seed=0),
+                DataConfig(dataset="mnist", data_dir=data_dir), dataset=ds, progress=False,
+                settings=RunSettings(backend=name))
 
     def epoch():
         fit_backend(t.backend, t.model)      # this backend's threads again, after the others' epochs (untimed)

@@ -30,7 +30,7 @@ VARIANTS = {"elbo": ("elbo", {}), "iwae": ("iwae", {}), "btcvae": ("btcvae", {})
 def contender(arch, variant, backend):
     """A warmed-up Trainer's step (batch fill, forward, backward, Adam) as a
     :class:`fastvae.bench.timing.Contender`; its first 5 steps are the warm-up."""
-    from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer
+    from fastvae import DataConfig, ModelConfig, RunSettings, TrainConfig, Trainer
     from fastvae.datasets.dataset import Dataset
     from fastvae.bench.timing import Contender
     objective, extra = VARIANTS[variant]
@@ -38,8 +38,9 @@ def contender(arch, variant, backend):
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=20, arch=arch,
                      **({"hidden": [400]} if arch == "mlp" else {}), **extra)
     t0 = time.perf_counter()
-    t = Trainer(mc, TrainConfig(batch_size=128, backend=backend, objective=objective, iwae_k=5), DataConfig(),
-                dataset=Dataset("bench", x, None, None, None, (28, 28)), progress=False)
+    t = Trainer(mc, TrainConfig(batch_size=128, objective=objective, iwae_k=5), DataConfig(),
+                dataset=Dataset("bench", x, None, None, None, (28, 28)), progress=False,
+                settings=RunSettings(backend=backend))
     state = {"pos": t.batches.new_epoch(), "b": 0}
 
     def step():

@@ -46,8 +46,9 @@ def main():
     from fastvae.bench import torch_twin as torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28), arch=a.arch)
-    tc = TrainConfig(epochs=a.epochs, batch_size=128, lr=1e-3, seed=a.seed, backend=a.backend)
-    t = Trainer(mc, tc, DataConfig(dataset="mnist", data_dir=a.data_dir), dataset=ds, progress=False)
+    tc = TrainConfig(epochs=a.epochs, batch_size=128, lr=1e-3, seed=a.seed)
+    t = Trainer(mc, tc, DataConfig(dataset="mnist", data_dir=a.data_dir), dataset=ds, progress=False,
+                settings=fastvae.RunSettings(backend=a.backend))
     init = fastvae.VAE(mc, seed=a.seed)
     t.fit(pictures=False)
     ours = t.history[-1]

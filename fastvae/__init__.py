@@ -10,22 +10,24 @@ Public API::
     fastvae.evaluate(...)  -ELBO, reconstruction and KL over a split
     fastvae.backends       the backend registry (available(), get())
     fastvae.datasets       loaders and the built-in sprites
-    ModelConfig, TrainConfig, DataConfig, Adam, ParamLayout, errors
+    ModelConfig, TrainConfig, DataConfig   the experiment (saved in every checkpoint)
+    RunSettings            where one run computes (backend, threads, GEMM library, TF32, CUDA graphs)
+    Adam, ParamLayout, errors
 
 Layout (each package's docstring says what lives there and what it may import)::
 
-    errors, config, naming, checks, options   the shared vocabulary: errors, the
-                                              config dataclasses, option spelling,
-                                              value checks
+    errors, config, naming, checks, options, cache
+                 the shared vocabulary: errors, the config dataclasses, option
+                 spelling, value checks, the user cache folder
     nn/          the model: walk, flat layout, layers/ (one file per layer type),
                  architectures, op codes
-    objectives/  training objectives beyond the ELBO (IWAE, beta-TCVAE)
+    objectives/  the training objectives, one protocol (ELBO, IWAE, beta-TCVAE)
     optim/       Adam over the flat buffer, schedules
     backends/    the primitive contract, NumPy reference, Numba, cupy/, cpu/ tuning
     training/    the Trainer and its parts, run folder, signals, MPI, memory
     datasets/    loaders, sprites, idx, array files, streaming
     io/          untrusted files (HDF5 in a sandboxed child), the checkpoint format
-    explore/     evaluation, metrics, latent arithmetic, pictures
+    explore/     evaluation, metrics, latent arithmetic, inpainting, pictures
     bench/       the benchmark harness, timing, workloads, PyTorch twin
     cli/         the command line (the library never imports it)
     kernels/     compute kernels only (Numba, CUDA C): installed as fastvae.kernels
@@ -36,7 +38,7 @@ __version__ = "0.2.0"
 from typing import Optional  # noqa: E402
 
 from fastvae import backends, datasets  # noqa: E402
-from fastvae.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from fastvae.config import DataConfig, ModelConfig, RunSettings, TrainConfig  # noqa: E402
 from fastvae.errors import (BackendUnavailableError, CheckpointError, ConfigError,  # noqa: E402
                      DataError, FastVAEError, RunFolderError, TrainingDivergedError, TrainingInterrupted)
 from fastvae.explore.evaluation import evaluate  # noqa: E402
@@ -86,8 +88,8 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     ``dataset``: a name/path, a loaded :class:`~fastvae.datasets.Dataset`, or
     images as an array, tensor or list (:func:`fastvae.datasets.from_arrays`: ``(N, H, W[, C])``
     or ``(N, D)``, uint8 or float in [0, 1]; a seeded 10 % test split).
-    Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig` or
-    :class:`DataConfig` by name (e.g. ``hidden=[400], latent_dim=20,
+    Keyword arguments go to :class:`ModelConfig`, :class:`TrainConfig`,
+    :class:`DataConfig` or :class:`RunSettings` by name (e.g. ``hidden=[400], latent_dim=20,
     epochs=10, batch_size=128, lr=1e-3, backend="numba", data_dir=...``); ``backend``
     defaults to ``"auto"`` (cupy with a usable GPU, else numba, else numpy), and the
     run's first line on stderr says which and why (:meth:`Trainer.start_line`).
@@ -108,7 +110,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     from fastvae.naming import FIELD_OF_FLAG
     from fastvae.options import idle_option
     import numpy as np
-    fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig)}
+    fields = {c: {f.name for f in dc.fields(c)} for c in (ModelConfig, TrainConfig, DataConfig, RunSettings)}
     unknown = set(kwargs) - set().union(*fields.values())
     if unknown:
         known = sorted(set().union(*fields.values()))
@@ -117,7 +119,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
             near = [FIELD_OF_FLAG[name]] if name in FIELD_OF_FLAG else difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {near[0]}=?)" if near else ""))
         raise ConfigError(f"unknown option(s) {', '.join(hints)} for fastvae.train; it takes the fields of "
-                          "ModelConfig, TrainConfig and DataConfig")
+                          "ModelConfig, TrainConfig, DataConfig and RunSettings")
     pick = lambda c: {k: v for k, v in kwargs.items() if k in fields[c]}
     idle = idle_option(kwargs)
     if idle:
@@ -142,7 +144,7 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
     mk.setdefault("input_dim", data.input_dim)
     mk.setdefault("image_shape", data.image_shape if np.prod(data.image_shape) == data.input_dim else None)
     trainer = Trainer(ModelConfig(**mk), TrainConfig(**pick(TrainConfig)), dcfg, dataset=data,
-                      out=out, progress=progress, extensions=extensions)
+                      out=out, progress=progress, extensions=extensions, settings=RunSettings(**pick(RunSettings)))
     import sys
     print(f"fastvae: {trainer.start_line()}", file=sys.stderr)
     if batch_note:                                  # once the data passed its checks
@@ -152,6 +154,6 @@ def train(dataset="sprites", out: Optional[str] = None, progress: bool = False, 
 
 
 __all__ = ["VAE", "Trainer", "train", "load", "evaluate", "backends", "datasets", "Adam",
-           "ParamLayout", "ModelConfig", "TrainConfig", "DataConfig", "FastVAEError",
+           "ParamLayout", "ModelConfig", "TrainConfig", "DataConfig", "RunSettings", "FastVAEError",
            "ConfigError", "DataError", "CheckpointError", "BackendUnavailableError",
            "TrainingDivergedError", "TrainingInterrupted", "RunFolderError", "__version__"]

@@ -190,7 +190,9 @@ OBJECTIVES = ("elbo", "iwae", "btcvae")
 
 @dataclass
 class TrainConfig(_JSONMixin):
-    """Optimisation settings.
+    """Optimisation settings: the experiment, saved in every checkpoint. Where
+    it runs (backend, threads, GEMM library, TF32, CUDA graphs) is a
+    :class:`RunSettings`, chosen anew by each run, a resume included.
 
     epochs: number of passes over the training split (a total, also on resume).
     batch_size: images per step; the last partial batch is kept (as PyTorch's
@@ -205,22 +207,10 @@ class TrainConfig(_JSONMixin):
         cyclical schedule (Fu et al. 2019).
     binarize: dynamic binarization (resample x ~ Bernoulli(pixel) every step).
     seed: seeds initialisation, shuffling, ``eps`` and binarization.
-    backend: compute backend name (see :func:`fastvae.backends.available`), or
-        ``"auto"`` (the default): ``cupy`` with a usable GPU, else ``numba``, else
-        ``numpy`` (:func:`fastvae.backends.resolve`); a Trainer records the backend it chose.
     loss_every: compute the scalar loss every N steps only (and at each epoch's
         last step); the epoch's train metrics are means over those steps.
         1 (default) gives exact epoch means; larger values skip the loss
         reductions on the other steps (the gradient is the same).
-    threads: BLAS/Numba threads (None: the libraries' defaults, measured
-        fastest on an idle 2-core machine; ``"auto"``: measured at the start
-        of training on the model's own step, see :func:`fastvae.backends.cpu.threads.autotune`;
-        OpenBLAS splits some GEMMs differently by thread count, so the float32
-        rounding, and a bit-for-bit resume, then depend on the choice).
-    blas: the CPU backends' GEMM library: None or ``numpy`` (NumPy's BLAS),
-        ``mkl`` (Intel MKL, the ``mkl`` extra) or ``auto`` (the faster one on
-        the model's own step, measured once per machine and cached); see
-        :mod:`fastvae.backends.cpu.gemm_library`. Libraries round differently in the last bits.
     clip_grad_norm: rescale the whole gradient to this global L2 norm when it
         is larger (Pascanu et al. 2013); None (default) never clips.
     objective: ``elbo`` (the beta-weighted ELBO), ``iwae`` (the K-sample
@@ -228,12 +218,6 @@ class TrainConfig(_JSONMixin):
         ``btcvae`` (Chen et al. 2018: beta weighs only the total correlation);
         see :mod:`fastvae.objectives.iwae` and :mod:`fastvae.objectives.btcvae`.
     iwae_k: K, the samples per image of the ``iwae`` objective.
-    tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
-        only; faster, ~1e-3 relative error per product instead of ~1e-7).
-    cuda_graph: replay each training step as one CUDA graph (cupy backend,
-        one process, not with ``tf32``: its GEMMs run on fastvae's own kernel
-        in plain float32, as CuPy refuses cuBLAS inside a capture); see
-        :mod:`fastvae.backends.cupy.cuda_graph`.
     """
 
     epochs: int = 10
@@ -255,12 +239,7 @@ class TrainConfig(_JSONMixin):
     beta_ratio: float = 0.5
     binarize: bool = False
     seed: int = 0
-    backend: str = "auto"
     loss_every: int = 1
-    threads: Optional[object] = None
-    blas: Optional[str] = None
-    tf32: bool = False
-    cuda_graph: bool = False
     clip_grad_norm: Optional[float] = None
     objective: str = "elbo"
     iwae_k: int = 5
@@ -298,6 +277,55 @@ class TrainConfig(_JSONMixin):
         _positive_int("loss_every", self.loss_every)
         if self.clip_grad_norm is not None:
             _finite_nonneg("clip_grad_norm", self.clip_grad_norm, positive=True)
+
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """As the other configs; the run settings that files written before
+        :class:`RunSettings` hold among these fields are left out (they are
+        read by :meth:`RunSettings.from_legacy`)."""
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k not in RUN_SETTINGS}
+        return super().from_dict(d)
+
+
+RUN_SETTINGS = ("backend", "threads", "blas", "tf32", "cuda_graph")
+
+
+@dataclass
+class RunSettings(_JSONMixin):
+    """Where and how one run computes, apart from the experiment (:class:`TrainConfig`):
+    chosen by each run (a resume too) and recorded beside the experiment in
+    its checkpoint, never taken back from it.
+
+    backend: compute backend name (see :func:`fastvae.backends.available`), or
+        ``"auto"`` (the default): ``cupy`` with a usable GPU, else ``numba``, else
+        ``numpy`` (:func:`fastvae.backends.resolve`); a Trainer records the backend it chose.
+    threads: BLAS/Numba threads (None: the libraries' defaults, measured
+        fastest on an idle 2-core machine; ``"auto"``: measured at the start
+        of training on the model's own step, see :func:`fastvae.backends.cpu.threads.autotune`;
+        OpenBLAS splits some GEMMs differently by thread count, so the float32
+        rounding, and a bit-for-bit resume, then depend on the choice).
+    blas: the CPU backends' GEMM library: None or ``numpy`` (NumPy's BLAS),
+        ``mkl`` (Intel MKL, the ``mkl`` extra) or ``auto`` (the faster one on
+        the model's own step, measured once per machine and cached); see
+        :mod:`fastvae.backends.cpu.gemm_library`. Libraries round differently in the last bits.
+    tf32: let cuBLAS use TF32 tensor cores for float32 GEMMs (cupy backend
+        only; faster, ~1e-3 relative error per product instead of ~1e-7).
+    cuda_graph: replay each training step as one CUDA graph (cupy backend,
+        one process, not with ``tf32``: its GEMMs run on fastvae's own kernel
+        in plain float32, as CuPy refuses cuBLAS inside a capture); see
+        :mod:`fastvae.backends.cupy.cuda_graph`.
+    """
+
+    backend: str = "auto"
+    threads: Optional[object] = None
+    blas: Optional[str] = None
+    tf32: bool = False
+    cuda_graph: bool = False
+
+    def __post_init__(self):
+        self._check_flags()
         if self.tf32 and self.backend not in ("cupy", "auto"):
             raise ConfigError(f"tf32 applies to the cupy backend only; drop {option('tf32')} or use "
                               f"{option('backend', 'cupy')}")
@@ -316,6 +344,13 @@ class TrainConfig(_JSONMixin):
                 raise ConfigError(f"blas applies to the CPU backends only (cupy uses cuBLAS); drop {option('blas')}")
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError(f"backend must be a backend name, got {self.backend!r}")
+
+
+    @classmethod
+    def from_legacy(cls, train: dict) -> "RunSettings":
+        """The settings a checkpoint written before the split recorded in its
+        train config; ConfigError for an invalid one."""
+        return cls(**{k: train[k] for k in RUN_SETTINGS if k in train})
 
 
 BUILTIN_DATASETS = ("sprites", "mnist", "fashion-mnist", "kmnist", "olivetti")

@@ -91,9 +91,11 @@ def tiny_trainer(out=None, backend="numpy", *, data=None, n=400, data_seed=6, hi
     from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, datasets
     data = data if data is not None else datasets.make_sprites(n, seed=data_seed, size=16)
     mc = ModelConfig(input_dim=256, hidden=list(hidden), latent_dim=latent, image_shape=(16, 16))
-    tc = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, backend=backend, **train_kw)
+    from fastvae.config import RUN_SETTINGS, RunSettings
+    run = {k: train_kw.pop(k) for k in list(train_kw) if k in RUN_SETTINGS}
+    tc = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, **train_kw)
     return Trainer(mc, tc, data_config or DataConfig(), dataset=data, out=str(out) if out else None,
-                   progress=False, extensions=extensions)
+                   progress=False, extensions=extensions, settings=RunSettings(backend=backend, **run))
 
 
 # ------------------------------------------------- numeric gradients (float64)

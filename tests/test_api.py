@@ -119,9 +119,9 @@ def test_threads_auto_picks_the_fastest_measured_count(tmp_path):
         res = autotune(lambda: _time.sleep(0.004 if current()["blas"][0]["threads"] == 2 else 0.001),
                        candidates=[2, 1], repeats=3)
         assert res["threads"] == 1 and res["ms"][2] > res["ms"][1] and current()["blas"][0]["threads"] == 1
-        assert TrainConfig(threads="auto").threads == "auto"
+        assert fastvae.RunSettings(threads="auto").threads == "auto"
         with pytest.raises(ConfigError, match="threads"):
-            TrainConfig(threads="fast")
+            fastvae.RunSettings(threads="fast")
         t = tiny_trainer(tmp_path / "run", threads="auto")
         assert t.threads_note.startswith("; threads auto: ")
         t.fit(pictures=False)

@@ -231,7 +231,8 @@ def test_two_epochs_of_real_mnist_track_numpy(name):
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20)
     hist = {}
     for b in ("numpy", name):
-        t = Trainer(mc, TrainConfig(epochs=2, batch_size=128, backend=b), DataConfig(), dataset=ds, progress=False)
+        t = Trainer(mc, TrainConfig(epochs=2, batch_size=128), DataConfig(), dataset=ds, progress=False,
+                    settings=fastvae.RunSettings(backend=b))
         hist[b] = t.fit(pictures=False)
     for key in ("train_neg_elbo", "test_neg_elbo"):
         np.testing.assert_allclose([h[key] for h in hist[name]], [h[key] for h in hist["numpy"]], rtol=1e-3)

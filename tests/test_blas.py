@@ -232,9 +232,9 @@ def test_measure_rotates_the_order_and_restores_the_library(two_libraries):
 
 def test_blas_in_the_config_and_on_the_backends():
     with pytest.raises(ConfigError, match="unknown blas 'openblas'"):
-        TrainConfig(blas="openblas")
+        fastvae.RunSettings(blas="openblas")
     with pytest.raises(ConfigError, match="CPU backends only"):
-        TrainConfig(blas="mkl", backend="cupy")
+        fastvae.RunSettings(blas="mkl", backend="cupy")
 
     class GPU:
         name, device = "cupy", "cuda:0"
@@ -260,15 +260,15 @@ def test_trainer_applies_blas_and_resume_falls_back_when_mkl_is_gone(monkeypatch
     # a checkpoint written with --blas mkl resumes on NumPy's BLAS where MKL does not load
     from fastvae.training.trainer import Trainer
     t = fastvae.train("sprites", out=str(tmp_path / "run2"), **common)
-    t.train_config = t.train_config.replace(blas="mkl")
+    t.settings = t.settings.replace(blas="mkl")                      # as a run with --blas mkl records it
     t.save()
     monkeypatch.delitem(blas._loaded, "mkl", raising=False)
     monkeypatch.setattr(blas, "LIBRARIES", ("numpy", "mkl"))
     monkeypatch.setattr(blas, "_mkl_path", lambda: None)
     r = Trainer.from_checkpoint(str(tmp_path / "run2" / "checkpoint.h5"), epochs=2, progress=False)
-    assert r.train_config.blas is None and r.backend.blas.name == "numpy"
+    assert r.settings.blas is None and r.backend.blas.name == "numpy"
     r = Trainer.from_checkpoint(str(tmp_path / "run2" / "checkpoint.h5"), epochs=2, progress=False, blas="auto")
-    assert r.train_config.blas == "auto"
+    assert r.settings.blas == "auto"
     with pytest.raises(ConfigError, match=r'pip install "fastvae\[mkl\]"'):
         Trainer.from_checkpoint(str(tmp_path / "run2" / "checkpoint.h5"), epochs=2, progress=False, blas="mkl")
 

@@ -111,11 +111,11 @@ def test_blas_auto_is_measured_logged_and_cached_and_resume_may_change_it(tmp_pa
         assert "; blas auto: numpy (numpy: " in p.stdout or "; blas auto: mkl (numpy: " in p.stdout, p.stdout
     else:                                    # NumPy's BLAS alone: nothing to measure
         assert "; blas auto: numpy (numpy)" in p.stdout, p.stdout
-    assert json.load(open(run / "config.json"))["train"]["blas"] == "auto"
+    assert json.load(open(run / "config.json"))["run"]["blas"] == "auto"
     p = fv("train", *TINY, "--epochs", "1", "--blas", "auto", "--out", tmp_path / "RUN2", cwd=tmp_path, env=env)
     assert "(cached in " in p.stdout, p.stdout
     fv("train", "--resume", run, "--epochs", "2", "--blas", "numpy", "--no-progress", cwd=tmp_path, env=env)
-    assert json.load(open(run / "config.json"))["train"]["blas"] == "numpy"
+    assert json.load(open(run / "config.json"))["run"]["blas"] == "numpy"
 
 
 def test_every_schedule_setting_has_a_flag(tmp_path, monkeypatch):

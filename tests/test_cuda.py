@@ -229,8 +229,8 @@ def gpu_backend(request, monkeypatch):
 def test_gpu_and_cpu_checkpoints_resume_both_ways(tmp_path, gpu_backend):
     data = datasets.make_sprites(400, seed=2, size=16)
     mc = ModelConfig(input_dim=256, hidden=[32], latent_dim=4, image_shape=(16, 16))
-    g = Trainer(mc, TrainConfig(epochs=2, batch_size=32, backend="cupy"), DataConfig(), dataset=data,
-                out=str(tmp_path / "gpu"), progress=False)
+    g = Trainer(mc, TrainConfig(epochs=2, batch_size=32), DataConfig(), dataset=data,
+                out=str(tmp_path / "gpu"), progress=False, settings=fastvae.RunSettings(backend="cupy"))
     g.fit(pictures=False)
     assert fastvae.load(tmp_path / "gpu" / "checkpoint.h5", backend="numpy").backend.name == "numpy"
     c = Trainer.from_checkpoint(tmp_path / "gpu" / "checkpoint.h5", epochs=3, backend="numpy", dataset=data,
@@ -255,7 +255,8 @@ def test_mnist_quality_on_the_gpu():
     mc = ModelConfig(input_dim=784, hidden=[400], latent_dim=20)
     res = {}
     for b in ("cupy", "numpy"):
-        t = Trainer(mc, TrainConfig(epochs=10, batch_size=128, backend=b), DataConfig(), dataset=ds, progress=False)
+        t = Trainer(mc, TrainConfig(epochs=10, batch_size=128), DataConfig(), dataset=ds, progress=False,
+                    settings=fastvae.RunSettings(backend=b))
         res[b] = t.fit(pictures=False)[-1]["test_neg_elbo"]
     print(f"\n10-epoch test -ELBO: cupy {res['cupy']:.2f}, numpy {res['numpy']:.2f}")
     assert abs(res["cupy"] - res["numpy"]) < 1.0

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fastvae import DataConfig, ModelConfig, TrainConfig, Trainer, backends, datasets
+from fastvae import DataConfig, ModelConfig, RunSettings, TrainConfig, Trainer, backends, datasets
 from fastvae.backends.cupy import backend as cb
 from fastvae.backends.cupy.cuda_graph import GraphUnsafeError, StepGraphs, _same
 from fastvae.training.distributed import AllReduceGrads
@@ -227,11 +227,12 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64", **flows)
     runs = {}
     for graph in (False, True):
-        tc = TrainConfig(epochs=2, batch_size=16, backend="cupy", cuda_graph=graph, binarize=True, loss_every=3,
+        tc = TrainConfig(epochs=2, batch_size=16, binarize=True, loss_every=3,
                          beta_schedule="linear", beta_warmup=1.5, beta_max=4.0, lr_schedule="cosine", lr=3e-3,
                          clip_grad_norm=0.5,
                          objective=objective.split("-")[0], iwae_k=3)
-        t = Trainer(mc, tc, DataConfig(), dataset=data, out=str(tmp_path / str(graph)), progress=False)
+        t = Trainer(mc, tc, DataConfig(), dataset=data, out=str(tmp_path / str(graph)), progress=False,
+                    settings=RunSettings(backend="cupy", cuda_graph=graph))
         t.fit(pictures=False)
         runs[graph] = t
     a, b = runs[False], runs[True]
@@ -244,22 +245,26 @@ def test_training_with_cuda_graph_equals_training_without(tmp_path, cupy_registr
     assert b.graphs.stats["replayed"] >= 4 and b.graphs.stats["diverged"] == 0, b.graphs.stats
     r = Trainer.from_checkpoint(tmp_path / "True" / "checkpoint.h5", epochs=3, backend="numpy", dataset=data,
                                 progress=False)
-    assert not r.train_config.cuda_graph and r.graphs is None
+    assert not r.settings.cuda_graph and r.graphs is None
+    assert "cuda_graph" not in r.train_config.to_dict()           # a run setting, not part of the experiment
+    r = Trainer.from_checkpoint(tmp_path / "True" / "checkpoint.h5", epochs=3, dataset=data, progress=False,
+                                cuda_graph=True, out=str(tmp_path / "again"))
+    assert r.settings == RunSettings(backend="cupy", cuda_graph=True) and r.graphs is not None
 
 
 def test_cuda_graph_is_refused_where_it_cannot_hold_the_step_and_allowed_with_clipping(monkeypatch):
     with pytest.raises(ConfigError, match="cupy backend only"):
-        TrainConfig(cuda_graph=True, backend="numpy")
+        RunSettings(cuda_graph=True, backend="numpy")
     with pytest.raises(ConfigError, match="own GEMM kernel in plain float32 .* drop tf32 or cuda_graph"):
-        TrainConfig(cuda_graph=True, tf32=True, backend="cupy")
+        RunSettings(cuda_graph=True, tf32=True, backend="cupy")
     monkeypatch.setitem(backends._REGISTRY, "cupy", (lambda: EmulatedCupyBackend, lambda: ""))
     data = datasets.make_sprites(40, seed=2, size=4)
     mc = ModelConfig(input_dim=16, hidden=[6], latent_dim=2, image_shape=(4, 4), dtype="float64")
     model = VAE(mc, "cupy", seed=0)
     with pytest.raises(ConfigError, match="not the all-reduce"):
-        step_graphs(TrainConfig(backend="cupy", cuda_graph=True), model, SimpleNamespace(hooks=[AllReduceGrads(None)]))
-    t = Trainer(mc, TrainConfig(backend="cupy", cuda_graph=True, batch_size=8, clip_grad_norm=1.0), DataConfig(),
-                dataset=data, progress=False)
+        step_graphs(RunSettings(backend="cupy", cuda_graph=True), model, SimpleNamespace(hooks=[AllReduceGrads(None)]))
+    t = Trainer(mc, TrainConfig(batch_size=8, clip_grad_norm=1.0), DataConfig(),
+                dataset=data, progress=False, settings=RunSettings(backend="cupy", cuda_graph=True))
     assert t.graphs is not None
 
 

@@ -395,7 +395,8 @@ def test_the_cpu_stream_refuses_a_state_it_cannot_hold_and_keeps_its_own():
     assert a.gen.random() == b.gen.random()     # the refused states changed nothing
 
 
-@pytest.mark.parametrize("section,field", [("train", "binarize"), ("train", "cuda_graph"), ("data", "download")])
+@pytest.mark.parametrize("section,field", [("train", "binarize"), ("train", "cuda_graph"), ("run", "cuda_graph"),
+                                           ("data", "download")])
 def test_config_flag_that_is_not_a_boolean_is_a_checkpoint_error(tmp_path, good, section, field):
     """A flag written as "no" would be truthy: refused, naming the field."""
     cfg = json.loads(json.dumps(good["config"]))

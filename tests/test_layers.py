@@ -205,7 +205,7 @@ def test_resume_and_load_fall_back_when_the_writer_cannot_run(tmp_path):
                          backend=gone[0], dtype="float32")
     assert fastvae.load(tmp_path / "checkpoint.h5").backend.name == "numpy"
     r = fastvae.Trainer.from_checkpoint(tmp_path / "checkpoint.h5", epochs=2, dataset=t.data, progress=False)
-    assert r.backend.name == "numpy" and r.train_config.backend == "numpy"
+    assert r.backend.name == "numpy" and r.settings.backend == "numpy"
     r.fit(pictures=False)
     assert r.epoch == 2
     m = VAE(t.model_config)

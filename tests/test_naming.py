@@ -63,7 +63,7 @@ def test_one_mistake_named_each_way(tmp_path, capsys):
     assert capsys.readouterr().err.rstrip().endswith("images; use a smaller --batch-size")
 
     with pytest.raises(ConfigError, match=r"drop tf32 or use backend='cupy'$"):
-        TrainConfig(tf32=True, backend="numpy")
+        fastvae.RunSettings(tf32=True, backend="numpy")
     assert main(["train", "--tf32", "--n-sprites", "30", "--out", str(tmp_path / "b")]) == 2
     assert "drop --tf32 or use --backend cupy" in capsys.readouterr().err
 

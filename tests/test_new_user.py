@@ -322,8 +322,8 @@ def test_auto_picks_the_fastest_backend_that_runs_here_and_says_why(tmp_path, mo
     assert why.startswith("auto") and (ok["cupy"] or "not cupy: " in why)
     assert backends.resolve("numpy") == ("numpy", "asked for")
     t = fastvae.train("sprites", n_sprites=60, hidden=[8], latent_dim=2, epochs=1, batch_size=30)
-    assert t.train_config.backend == name and t.backend.name == name          # the run records what it ran on
-    assert fastvae.TrainConfig().backend == "auto"
+    assert t.settings.backend == name and t.backend.name == name              # the run records what it ran on
+    assert fastvae.RunSettings().backend == "auto"
     monkeypatch.setenv("FASTVAE_BACKEND", "numpy")
     assert backends.resolve("auto") == ("numpy", "FASTVAE_BACKEND")
     monkeypatch.setenv("FASTVAE_BACKEND", "tpu")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fastvae import Adam, ConfigError, TrainConfig, backends
+from fastvae import Adam, ConfigError, RunSettings, TrainConfig, backends
 from fastvae.optim.schedules import beta_at, lr_at
 
 
@@ -113,8 +113,8 @@ def test_train_config_validation(kw, match):
 
 def test_tf32_only_for_the_gpu_backend():
     with pytest.raises(ConfigError, match="tf32 applies to the cupy backend only"):
-        TrainConfig(tf32=True, backend="numpy")
-    assert TrainConfig(tf32=True, backend="cupy").tf32
+        RunSettings(tf32=True, backend="numpy")
+    assert RunSettings(tf32=True, backend="cupy").tf32
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

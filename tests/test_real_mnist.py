@@ -57,8 +57,9 @@ def test_conv_quality_matches_pytorch_within_one_nat():
     from fastvae.bench import torch_twin as torch_ref
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     mc = ModelConfig(input_dim=784, latent_dim=20, image_shape=(28, 28), arch="conv")
-    t = Trainer(mc, TrainConfig(epochs=3, batch_size=128, lr=1e-3, seed=0, backend="numba"),
-                DataConfig(dataset="mnist", data_dir=MNIST_DIR), dataset=ds, progress=False)
+    t = Trainer(mc, TrainConfig(epochs=3, batch_size=128, lr=1e-3, seed=0),
+                DataConfig(dataset="mnist", data_dir=MNIST_DIR), dataset=ds, progress=False,
+                settings=fastvae.RunSettings(backend="numba"))
     init = fastvae.VAE(mc, seed=0)
     t.fit(pictures=False)
     ref = torch_ref.train_reference(mc, ds.x_train, ds.x_test, epochs=3, batch_size=128, lr=1e-3, seed=0,

@@ -13,7 +13,7 @@ from conftest import MNIST_DIR, needs_mnist
 def test_fifty_epochs_of_mnist_hold_steady_memory(tmp_path):
     ds = datasets.load(DataConfig(dataset="mnist", data_dir=MNIST_DIR, download=False))
     t = Trainer(ModelConfig(input_dim=784, hidden=[400], latent_dim=20, image_shape=(28, 28)),
-                TrainConfig(epochs=50, batch_size=128, backend="numpy"), DataConfig(dataset="mnist",
+                TrainConfig(epochs=50, batch_size=128), DataConfig(dataset="mnist",
                                                                                    data_dir=MNIST_DIR),
                 dataset=ds, out=str(tmp_path), progress=False)
     hist = t.fit(pictures=False)

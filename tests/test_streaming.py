@@ -25,10 +25,10 @@ def _npy(path, n, seed=0):
 
 
 def _trainer(data, out=None, **kw):
-    from fastvae import ModelConfig, TrainConfig, Trainer
+    from fastvae import ModelConfig, RunSettings, TrainConfig, Trainer
     mc = ModelConfig(input_dim=256, hidden=[12], latent_dim=3, image_shape=(16, 16), dtype="float64")
-    tc = TrainConfig(epochs=kw.pop("epochs", 2), batch_size=kw.pop("batch_size", 64), seed=4, backend="numpy", **kw)
-    return Trainer(mc, tc, DataConfig(), dataset=data, out=out, progress=False)
+    tc = TrainConfig(epochs=kw.pop("epochs", 2), batch_size=kw.pop("batch_size", 64), seed=4, **kw)
+    return Trainer(mc, tc, DataConfig(), dataset=data, out=out, progress=False, settings=RunSettings(backend="numpy"))
 
 
 def test_a_file_over_the_budget_is_streamed_and_one_under_is_loaded(tmp_path):

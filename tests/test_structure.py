@@ -93,8 +93,12 @@ def test_each_spec_type_is_one_class_in_one_file():
     assert set(layers.LAYER_TYPES) == set(SPEC_TYPES)
     for kind, cls in layers.LAYER_TYPES.items():
         assert cls.spec_type == kind and "from_spec" in vars(cls), kind
-        files = {inspect.getsourcefile(getattr(cls, m)) for m in ("from_spec", "forward", "backward")}
+        files = {inspect.getsourcefile(getattr(cls, m))
+                 for m in ("from_spec", "forward", "backward", "torch_forward")}      # its PyTorch twin too
         assert len(files) == 1, (kind, files)
+        assert cls.torch_forward is not layers.Layer.torch_forward, kind
+    twin = open(os.path.join(PKG, "bench", "torch_twin.py")).read()
+    assert "isinstance(layer" not in twin                # no per-layer-type code left in the twin
 
 
 def test_every_objective_is_one_class_of_the_protocol():

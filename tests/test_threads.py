@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fastvae import backends
+from fastvae import RunSettings, backends
 from fastvae.backends.cpu import threads as T
 from fastvae.backends.numpy_backend import NumpyBackend
 from fastvae.backends.cpu.worker import TwoThreads
@@ -193,8 +193,8 @@ def test_a_conv_training_run_on_two_copy_threads_is_the_one_thread_run(backend, 
     for most in (2, 1):
         monkeypatch.setattr(TwoThreads, "MAX_COPY_THREADS", most)
         t = Trainer(ModelConfig(input_dim=256, image_shape=(16, 16), arch="conv", latent_dim=3),
-                    TrainConfig(epochs=1, batch_size=16, seed=2, backend=backend), DataConfig(), dataset=data,
-                    out=str(tmp_path / f"run{most}"), progress=False)
+                    TrainConfig(epochs=1, batch_size=16, seed=2), DataConfig(), dataset=data,
+                    out=str(tmp_path / f"run{most}"), progress=False, settings=RunSettings(backend=backend))
         assert ("im2col/col2im on 2 threads" in t.threads_note) == (most == 2) and t.backend.copy_threads == most
         t.fit()
         runs.append(t.backend.to_host(t.model.params).copy())

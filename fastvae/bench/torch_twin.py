@@ -7,11 +7,7 @@ engine never imports it; tests and ``bench/`` do, when torch is installed.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-from fastvae.nn.layers.flow import FORGET_BIAS
 
 
 def _torch():
@@ -22,85 +18,68 @@ def _torch():
     return torch
 
 
+class Twin:
+    """What the layers' PyTorch code needs (:meth:`fastvae.nn.layers.Layer.torch_forward`):
+    ``torch``, ``nn``, the activations by name, the converters between the
+    engine's channels-last rows and NCHW, the pass's noise ``eps``, and what
+    the sampler and the flow steps leave for the losses (``mu``, ``logvar``,
+    ``z``, ``log_sig``: the sum of the flow steps' log sig)."""
+
+    def __init__(self, torch, cfg):
+        nn = torch.nn
+        self.torch, self.nn = torch, nn
+        self.acts = {"identity": lambda h: h, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                     "leaky_relu": lambda h: nn.functional.leaky_relu(h, cfg.leaky_slope),
+                     "elu": lambda h: nn.functional.elu(h, cfg.elu_alpha), "softplus": nn.functional.softplus}
+        self.start(None)
+
+    def start(self, eps):
+        self.eps, self.mu, self.logvar, self.z, self.log_sig = eps, None, None, None, 0.0
+
+    @staticmethod
+    def nchw(h, hwc):
+        return h.reshape(h.shape[0], *hwc).permute(0, 3, 1, 2) if h.dim() == 2 else h
+
+    @staticmethod
+    def rows(h):
+        return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1) if h.dim() == 4 else h
+
+
 def build(cfg, device="cpu"):
     """A ``torch.nn.Module`` twin of the VAE that ``cfg.layers`` describes
-    (weights random): ``nn.Linear``, ``nn.Conv2d`` and ``nn.ConvTranspose2d``
-    in NCHW, with the permutes that reproduce the engine's channels-last rows
-    at every flatten and reshape."""
+    (weights random), each layer's module and forward from its own class
+    (``torch_module``, ``torch_forward``: ``nn.Linear``, ``nn.Conv2d`` and
+    ``nn.ConvTranspose2d`` in NCHW, with the permutes that reproduce the
+    engine's channels-last rows at every flatten and reshape)."""
     torch = _torch()
     nn = torch.nn
     from fastvae.nn import layers as L
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     stack = L.build(cfg)
-    acts = {"identity": lambda h: h, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-            "leaky_relu": lambda h: nn.functional.leaky_relu(h, cfg.leaky_slope),
-            "elu": lambda h: nn.functional.elu(h, cfg.elu_alpha), "softplus": nn.functional.softplus}
-
-    def module(layer):
-        if isinstance(layer, L.IAFStep):       # two masked Linear layers, masks as buffers
-            m = nn.ModuleDict({"hidden": module(layer.hidden), "out": module(layer.out)})
-            m.register_buffer("mask_hidden", torch.from_numpy(layer.hidden.mask))
-            m.register_buffer("mask_out", torch.from_numpy(layer.out.mask))
-            return m
-        if isinstance(layer, L.Dense):
-            return nn.Linear(layer.in_features, layer.out_features)
-        if isinstance(layer, L.Conv2d):
-            return nn.Conv2d(layer.in_hwc[2], layer.channels, layer.k, layer.s, layer.p)
-        if isinstance(layer, L.ConvTranspose2d):
-            return nn.ConvTranspose2d(layer.in_hwc[2], layer.channels, layer.k, layer.s, layer.p, layer.op)
-        return None
-
-    def nchw(h, hwc):
-        return h.reshape(h.shape[0], *hwc).permute(0, 3, 1, 2) if h.dim() == 2 else h
-
-    def rows(h):
-        return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1) if h.dim() == 4 else h
+    twin = Twin(torch, cfg)
 
     class TorchVAE(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stack = stack
+            self.stack, self.twin = stack, twin
             self.mods = nn.ModuleDict({layer.name.replace(".", "_"): m for layer in stack
-                                       if (m := module(layer)) is not None})
+                                       if (m := layer.torch_module(twin)) is not None})
 
         def forward(self, x, eps):
             """``(logits rows, mu, logvar, sum of the flow steps' log sig)``."""
-            h, mu, logvar, log_sig = x, None, None, 0.0
+            twin.start(eps)
+            h = x
             for layer in self.stack:
-                if isinstance(layer, L.IAFStep):    # Kingma et al. 2016, Algorithm 1
-                    m = self.mods[layer.name.replace(".", "_")]
-                    act = acts[layer.hidden.activation]
-                    u = act(nn.functional.linear(h, m["hidden"].weight * m.mask_hidden, m["hidden"].bias))
-                    head = nn.functional.linear(u, m["out"].weight * m.mask_out, m["out"].bias)
-                    n = layer.out_features
-                    sig = torch.sigmoid(head[:, n:] + FORGET_BIAS)
-                    h = sig * h + (1 - sig) * head[:, :n]
-                    log_sig = log_sig + torch.log(sig).sum(1)
-                    self.z = h
-                elif isinstance(layer, L.Dense):
-                    h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](rows(h)))
-                elif isinstance(layer, (L.Conv2d, L.ConvTranspose2d)):
-                    h = acts[layer.activation](self.mods[layer.name.replace(".", "_")](nchw(h, layer.in_hwc)))
-                elif isinstance(layer, L.Reshape):
-                    h = nchw(rows(h), layer.out_hwc)
-                elif isinstance(layer, L.GaussianSampler):
-                    n = layer.out_features
-                    mu, logvar = h[:, :n], h[:, n:]
-                    h = mu + torch.exp(0.5 * logvar) * eps
-                    self.z = h
-            return rows(h), mu, logvar, log_sig
+                key = layer.name.replace(".", "_")
+                h = layer.torch_forward(twin, self.mods[key] if key in self.mods else None, h)
+            self.z = twin.z                                # after the flow steps, if any
+            return twin.rows(h), twin.mu, twin.logvar, twin.log_sig
 
         def losses(self, x, eps):
             """Per-image ``(recon, kl)`` in nats, the engine's convention
             (with flows, kl is log q(z_T|x) - log p(z_T) of this sample)."""
             out, mu, logvar, log_sig = self(x, eps)
-            if cfg.likelihood == "bernoulli":
-                rec = nn.functional.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
-            elif cfg.likelihood == "gaussian":
-                s = cfg.sigma
-                rec = (0.5 * (out - x) ** 2 / s ** 2).sum(1) + cfg.input_dim * (math.log(s) + 0.5 * math.log(2 * math.pi))
-            else:
-                rec = ((out - x) ** 2).sum(1)
+            rec = self.stack[-1].torch_nll(twin, out, x)
             if cfg.posterior == "iaf":
                 kl = 0.5 * (self.z ** 2 - eps ** 2 - logvar).sum(1) - log_sig
             else:
@@ -111,28 +90,13 @@ def build(cfg, device="cpu"):
 
 
 def named_tensors(tm):
-    """``[(engine tensor name, torch parameter, row slice)]``: a Dense layer
-    stored in parts (the ``mu | logvar`` head) is one torch Linear whose rows
-    split into the engine's named tensors; an IAF step's two masked layers are
-    its ``hidden`` and ``out`` Linear."""
-    from fastvae.nn import layers as L
-    pairs = []
+    """``[(engine tensor name, torch parameter, row slice)]`` of every layer
+    (:meth:`fastvae.nn.layers.Layer.torch_tensors`)."""
+    out = []
     for layer in tm.stack:
         key = layer.name.replace(".", "_")
-        if key not in tm.mods:
-            continue
-        if isinstance(layer, L.IAFStep):
-            pairs += [(layer.hidden, tm.mods[key]["hidden"]), (layer.out, tm.mods[key]["out"])]
-        else:
-            pairs.append((layer, tm.mods[key]))
-    out = []
-    for layer, m in pairs:
-        if isinstance(layer, L.Dense):
-            r = layer.out_features // len(layer.tensors)
-            for i, t in enumerate(layer.tensors):
-                out += [(t + ".W", m.weight, slice(i * r, (i + 1) * r)), (t + ".b", m.bias, slice(i * r, (i + 1) * r))]
-        else:
-            out += [(layer.name + ".W", m.weight, slice(None)), (layer.name + ".b", m.bias, slice(None))]
+        if key in tm.mods:
+            out += layer.torch_tensors(tm.mods[key])
     return out
 
 

@@ -19,7 +19,7 @@ from shlex import quote
 
 from fastvae.errors import ConfigError, FastVAEError
 from fastvae.naming import command_line
-from fastvae.cli.args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, TRAIN_ARGS, _finite, _one_line,
+from fastvae.cli.args import (DATA_ARGS, DEFAULT_LATENT, FIELD_OF_FLAG, MODEL_ARGS, RUN_ARGS, TRAIN_ARGS, _finite, _one_line,
                        _positive, check_train_flags, checkpoint_arg, default_batch_size, out_folder, parse, parser)
 from fastvae.cli.explore import _cmd_inpaint, _cmd_interpolate, _cmd_plot, _run_data, _trained
 
@@ -41,7 +41,8 @@ def _cmd_train(a):
         given = [n for n in MODEL_ARGS + TRAIN_ARGS + DATA_ARGS if getattr(a, n) is not None]
         if given:
             raise ConfigError("cannot change " + ", ".join("--" + g.replace("_", "-") for g in given) +
-                              " when resuming; only --epochs, --out, --data-dir, --backend, --threads and --blas apply")
+                              " when resuming; only --epochs, --out, --data-dir and the run settings (--backend, "
+                              "--threads, --blas, --tf32, --cuda-graph) apply")
     backend = a.backend
     if backend is None and a.resume and distributed.launched_size() > 1:
         from fastvae import backends                               # the resumed backend decides MPI or NCCL
@@ -86,12 +87,13 @@ def _layer_specs(a):
 def _train_locked(a, out, progress, talk):
     from fastvae import datasets
     from fastvae.nn.architectures import fields_of_layers
-    from fastvae.config import DataConfig, ModelConfig, TrainConfig
+    from fastvae.config import DataConfig, ModelConfig, RunSettings, TrainConfig
     from fastvae.training.trainer import Trainer, TrainingInterrupted
     if a.resume:
         trainer = Trainer.from_checkpoint(a.resume, out=out, epochs=a.epochs, backend=a.backend,
                                           data_dir=a.data_dir, progress=progress, threads=a.threads,
-                                          blas=a.blas, force=bool(a.force))
+                                          blas=a.blas, force=bool(a.force), tf32=bool(a.tf32),
+                                          cuda_graph=bool(a.cuda_graph))
         if trainer.epoch >= trainer.train_config.epochs:        # before anything is written (exit 0 rewrote files)
             raise ConfigError(f"the checkpoint is already at epoch {trainer.epoch}; pass --epochs N with "
                               f"N > {trainer.epoch} to train on")
@@ -110,9 +112,9 @@ def _train_locked(a, out, progress, talk):
         batch_note = ""
         if a.batch_size is None:                    # the default, or every image of a small dataset
             a.batch_size, batch_note = default_batch_size(len(data.x_train))
-        tcfg = TrainConfig(**pick(epochs=a.epochs, backend=a.backend, threads=a.threads, blas=a.blas,
-                                  **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
-        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress)
+        tcfg = TrainConfig(**pick(epochs=a.epochs, **{FIELD_OF_FLAG.get(n, n): getattr(a, n) for n in TRAIN_ARGS}))
+        settings = RunSettings(**pick(**{n: getattr(a, n) for n in RUN_ARGS}))
+        trainer = Trainer(mcfg, tcfg, dcfg, dataset=data, out=out, progress=progress, settings=settings)
     if talk:
         print(trainer.start_line())
         if not a.resume and batch_note:             # once the data passed its checks
@@ -204,7 +206,7 @@ def _cmd_info(a):
     info = {
         "checkpoint": a.checkpoint, **d["meta"],
         "architecture": arch,
-        "model": mc, "train": tr, "data": dcfg.to_dict(),
+        "model": mc, "train": tr, "data": dcfg.to_dict(), "run": d["run_settings"].to_dict(),
         "num_params": int(d["params"].shape[0]), "epoch": d["state"]["epoch"], "step": d["state"]["step"],
         "adam_t": None if d["adam"] is None else d["adam"]["t"], "data_rows": d["state"].get("data_rows"),
         "tensors": d["layout"], "last_metrics": d["history"][-1] if d["history"] else None,

@@ -19,7 +19,9 @@ MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likel
               "posterior", "flows", "flow_hidden", "layers")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_step_epochs", "lr_gamma", "lr_min",
               "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
-              "loss_every", "tf32", "cuda_graph", "clip_grad_norm", "objective", "iwae_k")
+              "loss_every", "clip_grad_norm", "objective", "iwae_k")
+#: run settings (fastvae.RunSettings): chosen by every run, a resume too
+RUN_ARGS = ("backend", "threads", "blas", "tf32", "cuda_graph")
 #: flags whose config field has another name (what ``fastvae.train`` takes)
 DATA_ARGS = ("dataset", "image_size", "color", "n_sprites", "no_download", "skip_other_files", "memory_budget")
 

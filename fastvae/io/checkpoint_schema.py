@@ -118,6 +118,26 @@ def check_config(config, path):
     return tuple(out)
 
 
+def check_run_settings(config, path):
+    """The :class:`~fastvae.config.RunSettings` the file records (``"run"``;
+    in files written before the split, inside the train config): what the
+    run computed on, read for a resume's notes and choices, never applied."""
+    from fastvae.config import RunSettings
+    run = config.get("run")
+    for key, read in (("train", lambda: RunSettings.from_legacy(config.get("train") or {})),
+                      ("run", lambda: RunSettings.from_dict(run))):
+        if key == "run" and run is None:
+            break
+        if key == "run":
+            check_type(run, dict, "config 'run'", _error(path))
+        try:
+            settings = read()
+        except Exception as exc:       # ConfigError from the dataclass; odd types give TypeError etc.
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            _fail(path, f"invalid {key} config ({msg[:160]})")
+    return settings
+
+
 def check_numbers(params, adam, path) -> None:
     """Parameters and Adam first moments finite, second moments >= 0: what
     every save writes (a diverged run is not saved). An infinite second
@@ -140,3 +160,4 @@ def check_all(data: dict, path) -> None:
     check_state(data["state"], path)
     check_history(data["history"], path)
     data["configs"] = check_config(data["config"], path)
+    data["run_settings"] = check_run_settings(data["config"], path)

@@ -412,12 +412,13 @@ class WarmUp:
         pos.warmup_images += images
 
 
-def step_graphs(tc, model, optimizer):
+def step_graphs(settings, model, optimizer):
     """The :class:`~fastvae.backends.cupy.cuda_graph.StepGraphs` replaying the
-    training step (forward, backward, Adam) when ``tc.cuda_graph``, else None.
+    training step (forward, backward, Adam) when ``settings.cuda_graph`` (a
+    :class:`~fastvae.config.RunSettings`), else None.
     Raises ConfigError for a step a graph does not hold: the all-reduce of a
     multi-process run goes through MPI or NCCL, outside the backend."""
-    if not tc.cuda_graph:
+    if not settings.cuda_graph:
         return None
     if any(isinstance(h, AllReduceGrads) for h in optimizer.hooks):
         raise ConfigError(f"{option('cuda_graph')} replays one process's step, not the all-reduce of several; "

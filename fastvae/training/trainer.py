@@ -32,7 +32,7 @@ from fastvae.training import distributed
 from fastvae import backends as _backends
 from fastvae import objectives
 from fastvae.training import runfolder
-from fastvae.config import DataConfig, ModelConfig, TrainConfig
+from fastvae.config import DataConfig, ModelConfig, RunSettings, TrainConfig
 from fastvae.errors import CheckpointError, ConfigError, TrainingInterrupted
 from fastvae.naming import option
 from fastvae.backends.cpu.gemm_library import configure as configure_blas
@@ -73,7 +73,8 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig,
                  data_config: Optional[DataConfig] = None, dataset=None,
-                 out: Optional[str] = None, progress: bool = True, force: bool = False, extensions=None):
+                 out: Optional[str] = None, progress: bool = True, force: bool = False, extensions=None,
+                 settings: Optional[RunSettings] = None):
         if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
             raise ConfigError("Trainer takes a fastvae.ModelConfig and a fastvae.TrainConfig (then a DataConfig "
                               f"or None), got {type(model_config).__name__} and {type(train_config).__name__}")
@@ -91,22 +92,24 @@ class Trainer:
         if tc.batch_size > n:
             raise ConfigError(f"batch_size {tc.batch_size} is larger than the {n} training "
                               f"images; use a smaller {option('batch_size')}")
-        backend, self.backend_choice = _backends.resolve(tc.backend)     # "auto": the fastest that runs here
-        if backend != tc.backend:
-            tc = self.train_config = tc.replace(backend=backend)         # the run records what it ran on
-        self.world = distributed.world(tc.backend)
+        rs = settings if settings is not None else RunSettings()
+        if not isinstance(rs, RunSettings):
+            raise ConfigError(f"settings must be a fastvae.RunSettings, got {type(rs).__name__}")
+        backend, self.backend_choice = _backends.resolve(rs.backend)     # "auto": the fastest that runs here
+        rs = self.settings = rs.replace(backend=backend)                  # the run records what it ran on
+        self.world = distributed.world(rs.backend)
         streamed = distributed.agree_on_streaming(self.world, isinstance(self.data.x_train, StreamedImages))
-        threads = tc.threads if tc.threads is not None else distributed.threads_per_rank(self.world)
+        threads = rs.threads if rs.threads is not None else distributed.threads_per_rank(self.world)
         if threads is not None and threads != "auto":
             set_threads(threads)
-        self.model = VAE(model_config, tc.backend, seed=tc.seed)
+        self.model = VAE(model_config, rs.backend, seed=tc.seed)
         self.backend = self.model.backend
-        self.threads_note = (configure_blas(self.model, tc.blas, tc.batch_size)
+        self.threads_note = (configure_blas(self.model, rs.blas, tc.batch_size)
                              + ("" if threads != "auto" else autotune_model(self.model, tc.batch_size))
                              + fit_backend(self.backend, self.model))
         preflight_training(self.model, tc)
         if self.backend.name == "cupy":
-            self.backend.tf32 = tc.tf32
+            self.backend.tf32 = rs.tf32
         hooks = [distributed.AllReduceGrads(self.world)] if self.world.size > 1 else []
         hooks += [] if tc.clip_grad_norm is None else [ClipGradNorm(tc.clip_grad_norm)]
         self.optimizer = Adam.for_model(self.model, lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
@@ -117,7 +120,7 @@ class Trainer:
                               tc.binarize, self.world.rank, self.world.size)
         self.batches.min_last = 2 if tc.objective == "btcvae" else 1    # a last batch of one has no TC term
         self.objective = objectives.make(tc, self.model, n, self.world)
-        self.graphs = step_graphs(tc, self.model, self.optimizer)
+        self.graphs = step_graphs(rs, self.model, self.optimizer)
         self.warmup = WarmUp(self.graphs)
         self.writes = self.world.rank == 0        # rank 0 alone writes the run folder, prints and evaluates
         self.reporter = Reporter(out if self.writes else None, progress and self.writes,
@@ -176,8 +179,10 @@ class Trainer:
         return self.checkpointer.path
 
     def config_dict(self) -> dict:
+        """The checkpoint's and ``config.json``'s config: the experiment (model,
+        train, data) and, apart, the run settings it ran with (``run``)."""
         return {"model": self.model_config.to_dict(), "train": self.train_config.to_dict(),
-                "data": self.data_config.to_dict()}
+                "data": self.data_config.to_dict(), "run": self.settings.to_dict()}
 
     def save(self, path: Optional[str] = None) -> str:
         """Write the checkpoint (atomically) to ``path`` or the run folder."""
@@ -192,7 +197,7 @@ class Trainer:
     def from_checkpoint(cls, path, out: Optional[str] = None, epochs: Optional[int] = None,
                         backend: Optional[str] = None, data_dir: Optional[str] = None,
                         dataset=None, progress: bool = True, threads=None, blas=None,
-                        force: bool = False) -> "Trainer":
+                        force: bool = False, tf32: bool = False, cuda_graph: bool = False) -> "Trainer":
         """Rebuild a trainer exactly as it was saved, ready to continue.
 
         epochs: new total epoch count; backend: continue on another backend
@@ -200,7 +205,9 @@ class Trainer:
         :func:`fastvae.io.restore.choose_backend` decides; the RNG state carries
         over between the CPU backends); data_dir: where the data lives now;
         threads: a thread count or ``"auto"`` for the continued run; blas: its
-        GEMM library (:func:`fastvae.io.restore.choose_blas` decides when None).
+        GEMM library (:func:`fastvae.io.restore.choose_blas` decides when None);
+        tf32, cuda_graph: as :class:`~fastvae.config.RunSettings` (the settings
+        a run computed with are its own: none is taken back from the file).
         out (default: the checkpoint's folder) is checked as ``--out`` is: another
         run or other files there raise RunFolderError unless ``force``. ``path``:
         the checkpoint or its run folder (as :func:`fastvae.load` takes it).
@@ -215,20 +222,21 @@ class Trainer:
         mc = model_config(data, path)                    # checked against the file's parameters
         _, tc, dc = data["configs"]                      # as read_checkpoint validated them: a file load
         #                                                  accepts, resume accepts (a missing part is its default)
-        old_epochs, changes = tc.epochs, {"backend": choose_backend(backend, tc.backend)}
-        changes.update({k: v for k, v in (("epochs", epochs), ("threads", threads)) if v is not None})
-        if changes["backend"] != "cupy":        # GPU-only settings do not follow a run to the CPU
-            changes.update(tf32=False, cuda_graph=False)
-        changes["blas"] = choose_blas(blas, tc.blas, changes["backend"])
-        tc = tc.replace(**changes)
+        written = data["run_settings"]
+        chosen = choose_backend(backend, data["meta"].get("backend") or written.backend)
+        settings = RunSettings(backend=chosen, threads=threads, blas=choose_blas(blas, written.blas, chosen),
+                               tf32=tf32, cuda_graph=cuda_graph)
+        old_epochs = tc.epochs
+        if epochs is not None:
+            tc = tc.replace(epochs=epochs)
         if data_dir is not None:                          # only files of a built-in dataset are found there
             from fastvae.config import check_data_dir
             check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
             dc = dc.replace(data_dir=data_dir)
-        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress)
-        written = data["configs"][1].backend
-        self.backend_choice = ("asked for" if backend else "the backend that wrote it" if tc.backend == written
-                               else f"{written}, which wrote it, cannot run here")
+        self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, settings=settings)
+        wrote = data["meta"].get("backend") or written.backend
+        self.backend_choice = ("asked for" if backend else "the backend that wrote it" if chosen == wrote
+                               else f"{wrote}, which wrote it, cannot run here")
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
         self.checkpointer.own = own if os.path.exists(own) and os.path.samefile(own, path) else None
         ckpt.load_params(self.model, data, path)

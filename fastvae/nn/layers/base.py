@@ -113,6 +113,24 @@ class Layer:
         layer's parameter gradients into the flat gradient buffer."""
         raise NotImplementedError
 
+    # ---- the PyTorch twin (fastvae.bench.torch_twin: reference tests and benchmarks; torch is passed in)
+    def torch_module(self, twin):
+        """The ``torch.nn`` module holding this layer's parameters in PyTorch's
+        layout, or None for a layer without parameters. ``twin``: the twin's
+        context (``torch``, ``nn``, ``acts``, ``rows``, ``nchw``, ``eps``)."""
+        return None
+
+    def torch_forward(self, twin, mod, h):  # pragma: no cover - interface
+        """This layer's forward in PyTorch on ``h`` (rows ``(B, D)`` or NCHW),
+        which autograd differentiates: the reference its hand-written backward
+        is tested against. ``mod``: its :meth:`torch_module`."""
+        raise NotImplementedError
+
+    def torch_tensors(self, mod) -> List[tuple]:
+        """``[(engine tensor name, torch parameter, row slice)]``: where each of
+        this layer's flat-buffer tensors lives in ``mod``."""
+        return []
+
 
 def uniform_init(w, b, rng, scheme, fan_in, fan_out):
     """Fill host views ``w`` then ``b`` from ``rng``: ``pytorch`` is torch's

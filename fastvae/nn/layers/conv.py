@@ -78,6 +78,13 @@ class _ConvBase(Layer):
         return d
 
 
+    def torch_forward(self, twin, mod, h):
+        return twin.acts[self.activation](mod(twin.nchw(h, self.in_hwc)))
+
+    def torch_tensors(self, mod):
+        return [(self.name + ".W", mod.weight, slice(None)), (self.name + ".b", mod.bias, slice(None))]
+
+
 class Conv2d(_ConvBase):
     """``y = act(conv2d(x, W, stride, padding) + b)`` on ``x (B, H*W*C)``
     channels-last; ``W (F, C, k, k)``, ``b (F,)``, ``y (B, Ho*Wo*F)``."""
@@ -99,6 +106,9 @@ class Conv2d(_ConvBase):
                               f"{padding}) does not fit its {H}x{W} input; use a smaller kernel or more padding")
         self.out_hwc = (Ho, Wo, channels)
         self.out_features = Ho * Wo * channels
+
+    def torch_module(self, twin):
+        return twin.nn.Conv2d(self.in_hwc[2], self.channels, self.k, self.s, self.p)
 
     def param_entries(self):
         C = self.in_hwc[2]
@@ -168,6 +178,9 @@ class ConvTranspose2d(_ConvBase):
         self.op = output_padding
         self.out_hwc = (Ho, Wo, channels)
         self.out_features = Ho * Wo * channels
+
+    def torch_module(self, twin):
+        return twin.nn.ConvTranspose2d(self.in_hwc[2], self.channels, self.k, self.s, self.p, self.op)
 
     def param_entries(self):
         C = self.in_hwc[2]
@@ -245,3 +258,6 @@ class Reshape(Layer):
 
     def backward(self, be, st, dy, step):
         return dy
+
+    def torch_forward(self, twin, mod, h):
+        return twin.nchw(twin.rows(h), self.out_hwc)

@@ -83,6 +83,21 @@ class Dense(Layer):
         return st.dx
 
 
+    def torch_module(self, twin):
+        return twin.nn.Linear(self.in_features, self.out_features)
+
+    def torch_forward(self, twin, mod, h):
+        return twin.acts[self.activation](mod(twin.rows(h)))
+
+    def torch_tensors(self, mod):
+        """One torch Linear; a layer stored in parts (the ``mu | logvar`` head) splits its rows."""
+        r, out = self.out_features // len(self.tensors), []
+        for i, t in enumerate(self.tensors):
+            rows = slice(i * r, (i + 1) * r)
+            out += [(t + ".W", mod.weight, rows), (t + ".b", mod.bias, rows)]
+        return out
+
+
 class MaskedDense(Dense):
     """A dense layer with a fixed 0/1 ``mask (out, in)`` on its weight (MADE,
     Germain et al. 2015, eq. 9): ``y = act(x (W * mask)^T + b)``, and the mask

@@ -100,3 +100,25 @@ class IAFStep(Layer):
         be.iaf_gate_backward(st.dx, st.dhead, dy, st.y, st.x, st.o.y, FORGET_BIAS, k)
         dx_made = self.hidden.backward(be, st.h, self.out.backward(be, st.o, st.dhead, step), step)
         return be.add_(st.dx, dx_made)
+
+    def torch_module(self, twin):
+        """Its two masked Linear layers, the masks as buffers."""
+        m = twin.nn.ModuleDict({"hidden": self.hidden.torch_module(twin), "out": self.out.torch_module(twin)})
+        m.register_buffer("mask_hidden", twin.torch.from_numpy(self.hidden.mask))
+        m.register_buffer("mask_out", twin.torch.from_numpy(self.out.mask))
+        return m
+
+    def torch_forward(self, twin, mod, h):
+        """Kingma et al. 2016, Algorithm 1, as :meth:`forward` computes it."""
+        torch, F = twin.torch, twin.nn.functional
+        u = twin.acts[self.hidden.activation](F.linear(h, mod["hidden"].weight * mod.mask_hidden,
+                                                        mod["hidden"].bias))
+        head = F.linear(u, mod["out"].weight * mod.mask_out, mod["out"].bias)
+        n = self.out_features
+        sig = torch.sigmoid(head[:, n:] + FORGET_BIAS)
+        twin.z = sig * h + (1 - sig) * head[:, :n]
+        twin.log_sig = twin.log_sig + torch.log(sig).sum(1)
+        return twin.z
+
+    def torch_tensors(self, mod):
+        return self.hidden.torch_tensors(mod["hidden"]) + self.out.torch_tensors(mod["out"])

@@ -3,6 +3,8 @@ and the likelihood (reconstruction term)."""
 
 from __future__ import annotations
 
+import math
+
 from fastvae.errors import ConfigError
 from fastvae.nn.layers.base import Layer, State
 
@@ -65,6 +67,13 @@ class GaussianSampler(Layer):
         return st.dx
 
 
+    def torch_forward(self, twin, mod, h):
+        n = self.out_features
+        twin.mu, twin.logvar = h[:, :n], h[:, n:]
+        twin.z = twin.mu + twin.torch.exp(0.5 * twin.logvar) * twin.eps
+        return twin.z
+
+
 class Likelihood(Layer):
     """The reconstruction term: per-image negative log-likelihood ``nll (B,)``
     in nats, summed over pixels, of the targets ``step.x (B, D)`` under the
@@ -104,3 +113,16 @@ class Likelihood(Layer):
 
     def backward(self, be, st, dy, step):
         return st.dx
+
+    def torch_forward(self, twin, mod, h):
+        return h
+
+    def torch_nll(self, twin, logits, x):
+        """Per-image negative log-likelihood (nats) in PyTorch, as :meth:`forward` sums it."""
+        nn = twin.nn
+        if self.kind == "bernoulli":
+            return nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        if self.kind == "gaussian":
+            s = self.sigma
+            return (0.5 * (logits - x) ** 2 / s ** 2).sum(1) + x.shape[1] * (math.log(s) + 0.5 * math.log(2 * math.pi))
+        return ((logits - x) ** 2).sum(1)
