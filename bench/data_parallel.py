@@ -52,7 +52,7 @@ def worker(a):
             reduce_s.clear()
         comm.barrier()
         t0 = time.perf_counter()
-        t.train_step(t.batches.fill(t.model, pos, b), 1.0, 1e-3, False)
+        t.train_step(t.batches.next_batch(pos, b), 1.0, 1e-3, False)
         t.backend.synchronize()
         if b >= 10:
             steps.append(time.perf_counter() - t0)

@@ -46,7 +46,7 @@ def contender(arch, variant, backend):
     def step():
         if state["b"] == t.steps_per_epoch():
             state["pos"], state["b"] = t.batches.new_epoch(), 0
-        t.train_step(t.batches.fill(t.model, state["pos"], state["b"]), 6.0, 1e-3, False)
+        t.train_step(t.batches.next_batch(state["pos"], state["b"]), 6.0, 1e-3, False)
         state["b"] += 1
 
     for _ in range(5):

@@ -69,12 +69,12 @@ def test_rank_batches_are_slices_of_the_one_process_batch(binarize):
     be, x = t.backend, t.data.x_train
 
     def source(rank, size):
-        return BatchSource(be, x, 25, be.new_rng([9, 1]), binarize, rank, size)
+        return BatchSource(be, x, 25, be.new_rng([9, 1]), binarize, rank, size, latent_dim=3)
     one = source(0, 1)
     pos = one.new_epoch()
     for b in range(3):
-        one.fill(t.model, pos, b)
-    ref = one.fill(t.model, pos, 3)
+        one.next_batch(pos, b)
+    ref = one.next_batch(pos, 3)
     ref_x, ref_eps = ref.x.copy(), ref.eps.copy()
     for size in (2, 3):
         xs, es = [], []
@@ -82,8 +82,8 @@ def test_rank_batches_are_slices_of_the_one_process_batch(binarize):
             s = source(r, size)
             p = s.new_epoch()
             for b in range(3):                      # consume earlier batches' draws
-                s.fill(t.model, p, b)
-            ws = s.fill(t.model, p, 3)
+                s.next_batch(p, b)
+            ws = s.next_batch(p, 3)
             assert ws.global_batch == 25
             xs.append(ws.x.copy())
             es.append(ws.eps.copy())

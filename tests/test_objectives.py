@@ -380,13 +380,13 @@ def test_btcvae_leaves_out_a_last_batch_of_one():
     sizes = []
     t = tiny_trainer(objective="btcvae", batch_size=5, n=40, epochs=2)
     assert len(t.data.x_train) == 36 and t.steps_per_epoch() == 7
-    fill = t.batches.fill
+    next_batch = t.batches.next_batch
 
-    def counted(model, pos, b):
-        ws = fill(model, pos, b)
-        sizes.append(ws.global_batch)
-        return ws
-    t.batches.fill = counted
+    def counted(pos, b):
+        batch = next_batch(pos, b)
+        sizes.append(batch.global_batch)
+        return batch
+    t.batches.next_batch = counted
     t.fit(pictures=False)
     assert sizes == [5] * 14 and t.step == 14
     assert tiny_trainer(batch_size=5, n=40).steps_per_epoch() == 8

@@ -135,11 +135,11 @@ def test_rank_shards_are_slices_of_the_one_process_batch(tmp_path, binarize):
     be = t.backend
 
     def batch(rank, size, b=4):
-        s = StreamBatchSource(be, ds.x_train, 45, be.new_rng([3, 1]), binarize, rank, size)
+        s = StreamBatchSource(be, ds.x_train, 45, be.new_rng([3, 1]), binarize, rank, size, latent_dim=3)
         p = s.new_epoch()
         for i in range(b):
-            s.fill(t.model, p, i)
-        ws = s.fill(t.model, p, b)
+            s.next_batch(p, i)
+        ws = s.next_batch(p, b)
         return ws.x.copy(), ws.eps.copy()
     ref = batch(0, 1)
     for size in (2, 3):

@@ -156,12 +156,8 @@ def parser() -> argparse.ArgumentParser:
     ip.add_argument("--steps", type=int, default=24)
     ip.add_argument("--mode", default="spherical", choices=["linear", "spherical"])
     ip.add_argument("--gif", help="write an animated GIF here")
-    ip.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
     ip.add_argument("--png", help="write the strip (linear and spherical) here")
-    ip.add_argument("--dataset")
-    ip.add_argument("--data-dir")
-    ip.add_argument("--split", default="test", choices=["train", "test"])
-    ip.add_argument("--backend")
+    _image_picking(ip)
 
     ir = sub.add_parser("inpaint", help="fill the missing part of images from the latent space")
     ir.add_argument("run", help=CKPT_HELP)
@@ -177,12 +173,8 @@ def parser() -> argparse.ArgumentParser:
     ir.add_argument("--json", action="store_true",
                     help="print the masked-pixel NLL and MSE of the fill and of two baselines (mean image, nearest "
                          "training image)")
-    ir.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
     ir.add_argument("--out", help="default: RUN/figures")
-    ir.add_argument("--dataset")
-    ir.add_argument("--data-dir")
-    ir.add_argument("--split", default="test", choices=["train", "test"])
-    ir.add_argument("--backend")
+    _image_picking(ir)
 
     b = sub.add_parser("bench", help="time training steps of every backend against PyTorch")
     from fastvae.bench.workloads import WORKLOADS
@@ -278,6 +270,15 @@ def _finite(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def _image_picking(cmd) -> None:
+    """The options of a command that takes images by index or file and may write a GIF (interpolate, inpaint)."""
+    cmd.add_argument("--scale", type=int, default=4, help="GIF pixel upscaling (default 4)")
+    cmd.add_argument("--dataset")
+    cmd.add_argument("--data-dir")
+    cmd.add_argument("--split", default="test", choices=["train", "test"])
+    cmd.add_argument("--backend")
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -290,8 +290,10 @@ class StreamBatchSource:
     chunk order then one seed per chunk (``2 n_chunks`` int64; a window's
     permutation is seeded by its first chunk's), all a mid-epoch checkpoint needs."""
 
-    def __init__(self, backend, x: StreamedImages, batch_size: int, rng, binarize: bool, rank=0, world_size=1):
+    def __init__(self, backend, x: StreamedImages, batch_size: int, rng, binarize: bool, rank=0, world_size=1,
+                 latent_dim: int = 1, likelihood: str = "bernoulli"):
         self.backend, self.x_host, self.batch_size = backend, x, batch_size
+        self.latent_dim, self.likelihood = latent_dim, likelihood
         self.rng, self.binarize, self.rank, self.world_size = rng, binarize, rank, world_size
         self.n_chunks = math.ceil(x.n / x.chunk_rows)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastvae-prefetch")
@@ -355,8 +357,9 @@ class StreamBatchSource:
         ids = self._row_ids(perm, b * self.batch_size + lo, b * self.batch_size + hi)
         return n, lo, hi, (self.x_host.rows(ids) if len(ids) else None)
 
-    def fill(self, model, pos: EpochPosition, b: int):
-        """This rank's rows of batch ``b`` into ``model.workspace``; None for an empty shard."""
+    def next_batch(self, pos: EpochPosition, b: int):
+        """This rank's rows of batch ``b`` as a :class:`~fastvae.training.parts.Batch` in this
+        source's own buffers; None for an empty shard."""
         be, perm = self.backend, np.asarray(pos.perm)
         fut = self._next if self._next is not None and self._next[0] == b else None
         n, lo, hi, host = fut[1].result() if fut else self._shard_rows(perm, b)
@@ -366,18 +369,19 @@ class StreamBatchSource:
         if self.binarize:
             u = be.scratch("stream_u", (n, self.x_host.D))
             self.rng.uniform_(u)
-        epsg = be.scratch("global_eps", (n, model.config.latent_dim))
+        epsg = be.scratch("global_eps", (n, self.latent_dim))
         self.rng.normal_(epsg)
         self.last_global_batch = n
         if hi == lo:
             return None
-        if model.config.likelihood == "bernoulli" and (host.min() < 0 or host.max() > 1):
+        if self.likelihood == "bernoulli" and (host.min() < 0 or host.max() > 1):
             raise DataError(f"{self.x_host.path}: values outside [0, 1] but the bernoulli likelihood needs "
                             f"[0, 1]; rescale the data or use {option('likelihood', 'gaussian')}")
-        ws = model.workspace(hi - lo)
-        ws.x[...] = be.asarray(host)
+        from fastvae.training.parts import Batch
+        x = be.scratch(("batch_x",), (hi - lo, self.x_host.D))
+        eps = be.scratch(("batch_eps",), (hi - lo, self.latent_dim))
+        x[...] = be.asarray(host)
         if self.binarize:
-            ws.x[...] = (u[lo:hi] < ws.x).astype(ws.x.dtype)
-        ws.eps[...] = epsg[lo:hi]
-        ws.global_batch, ws.rows = n, (lo, hi)
-        return ws
+            x[...] = (u[lo:hi] < x).astype(x.dtype)
+        eps[...] = epsg[lo:hi]
+        return Batch(x, eps, n, (lo, hi))

@@ -189,7 +189,7 @@ class BetaTCVAEObjective:
         return dens[:, lo:lo + B]
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
-        """One step's loss and gradient on the batch in workspace ``ws`` (its
+        """One step's loss and gradient on the batch ``ws`` (a :class:`~fastvae.training.parts.Batch`) (its
         ``x`` and ``eps``, this rank's ``ws.rows`` of the global batch;
         ``rng`` is unused): :meth:`loss_and_grad`."""
         return self.loss_and_grad(ws.x, ws.eps, beta, grad_scale=grad_scale, need_loss=need_loss,

@@ -15,7 +15,7 @@ class ELBOObjective:
         self.model = model
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
-        """Loss and gradient of the batch in workspace ``ws`` (its ``x`` and
+        """Loss and gradient of the batch ``ws`` (a :class:`~fastvae.training.parts.Batch`) (its ``x`` and
         ``eps`` already drawn by the batch source; ``rng`` unused); returns
         the device ``(recon_sum, kl_sum)`` over its images (nats), or
         ``(None, None)`` when ``need_loss`` is False."""

@@ -130,7 +130,7 @@ class IWAEObjective:
         return be.sum(neg_bound), 0.0
 
     def train_step(self, ws, rng, beta: float, grad_scale: float, need_loss: bool):
-        """One step's loss and gradient on the batch in workspace ``ws``: draws
+        """One step's loss and gradient on the batch ``ws`` (a :class:`~fastvae.training.parts.Batch`): draws
         the global batch's ``(n K, L)`` noise from the training stream ``rng``
         (after the batch's own draws) and keeps the rows of this rank's images
         ``ws.rows`` (all of them on one process), then :meth:`loss_and_grad`;

@@ -15,6 +15,8 @@ how a finished epoch is evaluated, and how the run is saved.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import json
@@ -102,6 +104,24 @@ def epoch_steps(n: int, batch_size: int, min_last: int = 1) -> int:
     return full + (last >= min_last) if full else min(n, 1)
 
 
+@dataclasses.dataclass
+class Batch:
+    """One training step's inputs on the device, as a batch source returns
+    them: ``x (B, D)`` this rank's images (binarized when asked), ``eps (B, L)``
+    their N(0, 1) noise, ``global_batch`` the global batch's size and ``rows``
+    this rank's ``(lo, hi)`` of it. ``x`` and ``eps`` are the source's own
+    buffers, reused by its next batch of the same size (so a CUDA graph
+    replays on the same arrays); the step reads them in place."""
+    x: object
+    eps: object
+    global_batch: int
+    rows: tuple
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[0]
+
+
 class BatchSource:
     """Batches of the training images on the backend's device.
 
@@ -112,13 +132,18 @@ class BatchSource:
     a straight one does); rank, world_size: this process's shard of every
     batch (:func:`fastvae.training.distributed.shard`). Every rank draws the global
     batch's random numbers and keeps its rows, so the stream, and the model,
-    do not depend on the world size.
+    do not depend on the world size. latent_dim: ``L``, the width of ``eps``;
+    likelihood: the model's (the streamed source checks its pixel range).
+    :meth:`next_batch` returns a :class:`Batch` in the source's own buffers;
+    the source never touches the model.
     """
 
-    def __init__(self, backend, x_train, batch_size: int, rng, binarize: bool, rank: int = 0, world_size: int = 1):
+    def __init__(self, backend, x_train, batch_size: int, rng, binarize: bool, rank: int = 0, world_size: int = 1,
+                 latent_dim: int = 1, likelihood: str = "bernoulli"):
         self.backend, self.x_host, self.batch_size = backend, x_train, batch_size
         self.rng, self.binarize = rng, binarize
         self.rank, self.world_size = rank, world_size
+        self.latent_dim = latent_dim
         self._x = None
 
     min_last = 1           #: the smallest last batch kept (:func:`epoch_steps`; the trainer sets 2 for beta-TCVAE)
@@ -139,11 +164,15 @@ class BatchSource:
         """A checkpoint's ``epoch_perm`` on the device, as this source keeps it."""
         return self.backend.asarray(perm, dtype=np.int64)
 
-    def fill(self, model, pos: EpochPosition, b: int):
-        """Batch ``b`` of the epoch (this rank's rows of it) into
-        ``model.workspace(n)``: ``ws.x`` (binarized when asked) and ``ws.eps``
-        ~ N(0, 1); ``ws.global_batch``: the global batch's size n, ``ws.rows``: this rank's
-        ``(lo, hi)`` of it. Returns the workspace, or None for an empty shard (n: ``last_global_batch``)."""
+    def buffers(self, n: int):
+        """This source's ``(x (n, D), eps (n, L))`` device buffers for a batch of ``n`` rows."""
+        be = self.backend
+        return be.scratch(("batch_x",), (n, self.x_host.shape[1])), be.scratch(("batch_eps",), (n, self.latent_dim))
+
+    def next_batch(self, pos: EpochPosition, b: int) -> Optional[Batch]:
+        """Batch ``b`` of the epoch (this rank's rows of it), drawn as the
+        class docstring says; None for an empty shard (the global batch's
+        size is then ``last_global_batch``)."""
         be = self.backend
         if self._x is None:                # read only: on the CPU in the model dtype, the data itself, no copy
             x = self.x_host
@@ -152,31 +181,29 @@ class BatchSource:
         idx = pos.perm[b * self.batch_size:(b + 1) * self.batch_size]
         n = idx.shape[0]
         if self.world_size == 1:
-            ws = model.workspace(n)
-            be.gather_rows(ws.x, self._x, idx)
+            x, eps = self.buffers(n)
+            be.gather_rows(x, self._x, idx)
             if self.binarize:
-                be.bernoulli_(ws.x, ws.x, self.rng)
-            self.rng.normal_(ws.eps)
-            ws.global_batch, ws.rows = n, (0, n)
-            return ws
+                be.bernoulli_(x, x, self.rng)
+            self.rng.normal_(eps)
+            return Batch(x, eps, n, (0, n))
         lo, hi = shard(n, self.rank, self.world_size)
         if self.binarize:                 # the global batch's uniforms, then this rank's rows
             xg = be.scratch("global_x", (n, self.x_host.shape[1]))
             be.gather_rows(xg, self._x, idx)
             be.bernoulli_(xg, xg, self.rng)
-        epsg = be.scratch("global_eps", (n, model.config.latent_dim))
+        epsg = be.scratch("global_eps", (n, self.latent_dim))
         self.rng.normal_(epsg)
         self.last_global_batch = n
         if hi == lo:
             return None
-        ws = model.workspace(hi - lo)
+        x, eps = self.buffers(hi - lo)
         if self.binarize:
-            ws.x[...] = xg[lo:hi]
+            x[...] = xg[lo:hi]
         else:
-            be.gather_rows(ws.x, self._x, idx[lo:hi])
-        ws.eps[...] = epsg[lo:hi]
-        ws.global_batch, ws.rows = n, (lo, hi)
-        return ws
+            be.gather_rows(x, self._x, idx[lo:hi])
+        eps[...] = epsg[lo:hi]
+        return Batch(x, eps, n, (lo, hi))
 
 
 class Reporter:

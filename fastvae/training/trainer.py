@@ -117,7 +117,8 @@ class Trainer:
                                         hooks=hooks)
         source = StreamBatchSource if streamed else BatchSource
         self.batches = source(self.backend, self.data.x_train, tc.batch_size, self.backend.new_rng([tc.seed, 1]),
-                              tc.binarize, self.world.rank, self.world.size)
+                              tc.binarize, self.world.rank, self.world.size, latent_dim=model_config.latent_dim,
+                              likelihood=model_config.likelihood)
         self.batches.min_last = 2 if tc.objective == "btcvae" else 1    # a last batch of one has no TC term
         self.objective = objectives.make(tc, self.model, n, self.world)
         self.graphs = step_graphs(rs, self.model, self.optimizer)
@@ -282,8 +283,8 @@ class Trainer:
         return self.batches.steps_per_epoch
 
     def train_step(self, ws, beta: float, lr: float, need_loss: bool):
-        """One optimisation step on the batch in ``ws`` (this rank's shard; None
-        when it is empty): forward and backward walks, optimizer hooks (the
+        """One optimisation step on the :class:`~fastvae.training.parts.Batch` ``ws``
+        (this rank's shard; None when it is empty): forward and backward walks, optimizer hooks (the
         all-reduce first when data-parallel), Adam. Returns device
         ``(recon_sum, kl_sum)`` of the shard, or ``(None, None)`` when
         ``need_loss`` is False."""
@@ -293,7 +294,7 @@ class Trainer:
             recon = kl = 0.0 if need_loss else None
             self.optimizer.step(lr)
         elif self.graphs is not None:               # one CUDA graph per batch size and loss flag
-            recon, kl = self.graphs((ws.B, need_loss, id(ws)), self._step, ws, beta, lr, need_loss)
+            recon, kl = self.graphs((ws.B, need_loss, id(ws.x)), self._step, ws, beta, lr, need_loss)
         else:
             recon, kl = self._step(ws, beta, lr, need_loss)
         self.step += 1
@@ -330,7 +331,7 @@ class Trainer:
             need = b % tc.loss_every == 0 or b == spe - 1
             warming = self.warmup.next_step()
             with self._signals.hold():     # a second Ctrl-C waits for the step's end (the batch's prefetch too)
-                ws = self.batches.fill(self.model, pos, b)
+                ws = self.batches.next_batch(pos, b)
                 recon, kl = self.train_step(ws, beta, lr, need)
             if warming:                           # compilation, first allocations, graph capture: timed apart
                 self.backend.synchronize()
