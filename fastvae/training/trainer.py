@@ -207,8 +207,9 @@ class Trainer:
         over between the CPU backends); data_dir: where the data lives now;
         threads: a thread count or ``"auto"`` for the continued run; blas: its
         GEMM library (:func:`fastvae.io.restore.choose_blas` decides when None);
-        tf32, cuda_graph: as :class:`~fastvae.config.RunSettings` (the settings
-        a run computed with are its own: none is taken back from the file).
+        tf32, cuda_graph: as :class:`~fastvae.config.RunSettings`, off unless
+        asked (of the settings the file records, only the backend and the GEMM
+        library serve, as the defaults that continue the run bit for bit).
         out (default: the checkpoint's folder) is checked as ``--out`` is: another
         run or other files there raise RunFolderError unless ``force``. ``path``:
         the checkpoint or its run folder (as :func:`fastvae.load` takes it).
@@ -224,7 +225,8 @@ class Trainer:
         _, tc, dc = data["configs"]                      # as read_checkpoint validated them: a file load
         #                                                  accepts, resume accepts (a missing part is its default)
         written = data["run_settings"]
-        chosen = choose_backend(backend, data["meta"].get("backend") or written.backend)
+        wrote = data["meta"].get("backend") or written.backend
+        chosen = choose_backend(backend, wrote)
         settings = RunSettings(backend=chosen, threads=threads, blas=choose_blas(blas, written.blas, chosen),
                                tf32=tf32, cuda_graph=cuda_graph)
         old_epochs = tc.epochs
@@ -235,7 +237,6 @@ class Trainer:
             check_data_dir(dc.dataset if dataset is None else dataset, data_dir)
             dc = dc.replace(data_dir=data_dir)
         self = cls(mc, tc, dc, dataset=dataset, out=out, progress=progress, settings=settings)
-        wrote = data["meta"].get("backend") or written.backend
         self.backend_choice = ("asked for" if backend else "the backend that wrote it" if chosen == wrote
                                else f"{wrote}, which wrote it, cannot run here")
         own = self.checkpoint_path                       # resumed in its own folder: the file is this run's
