@@ -79,7 +79,22 @@ def main():
             fv("interpolate", os.path.join(R(f"{p}olivetti"), "checkpoint.h5"), "0", "7", "--steps", "16",
                "--scale", "2", "--gif", os.path.join(OUT, f"{p}olivetti_morph.gif"),
                "--png", os.path.join(OUT, f"{p}olivetti_morph.png"))
+            _inpainted_faces(R(f"{p}olivetti"), os.path.join(OUT, f"{p}olivetti_inpaint.png"))
     _shrink(OUT, PREFIXES)
+
+
+def _inpainted_faces(run, path, n=4):
+    """The first ``n`` test faces with their lower half filled by ``iw`` (fastvae.explore.inpainting),
+    the training mean image as the start."""
+    import numpy as np
+    import fastvae
+    from fastvae.explore import inpainting
+    model = fastvae.load(run)
+    data = fastvae.datasets.load(fastvae.DataConfig.from_dict(model.checkpoint["data"]))
+    shape = model.config.image_shape
+    inpainting.plot_inpainting(model, data.x_test[:n], inpainting.make_mask("bottom", shape), shape,
+                               init=np.asarray(data.x_train, dtype=np.float64).mean(0), path=path)
+    print("wrote", path)
 
 
 # the pictures this script writes; the folder also holds others' (tcvae_sprites.py), left as they are
