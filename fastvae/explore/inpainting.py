@@ -247,6 +247,7 @@ def _iw(model, x, m, start, *, samples, rng, marks, **_):
         eps = rng.standard_normal((n * K, L))
         with model.lock:
             logw = be.to_host(bound.log_weights(be.asarray(xs), be.asarray(eps))).astype(np.float64)   # (n, K)
+            # the decoder outputs of the samples just weighed: log_weights ran them on the model's B K-row workspace
             logits = be.to_host(model.workspace(n * K).logits).astype(np.float64).reshape(n, K, D)
         rep = np.repeat(xs, K, axis=0).reshape(n, K, D)
         logw = logw + (pixel_nll(model, logits, rep) * ms[:, None, :]).sum(2)      # drop the missing pixels' terms
