@@ -250,3 +250,11 @@ def test_a_mask_file_of_another_size_is_refused_by_the_command(run, tmp_path):
     p = fv("inpaint", run, "0", "--mask", "m.png", "--out", "pics", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "28 x 28 pixels but the images are 64 x 64" in p.stderr
     assert not (tmp_path / "pics").exists()
+
+
+def test_a_mask_path_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """The mask file is untrusted input: read through the safe reader, which
+    never blocks on a FIFO (opening one with Pillow directly waits forever)."""
+    os.mkfifo(tmp_path / "m.png")
+    with pytest.raises(DataError, match="is not an image"):
+        I.make_mask(str(tmp_path / "m.png"), SHAPE)

@@ -69,17 +69,12 @@ def resolve(name: str = AUTO) -> Tuple[str, str]:
             raise BackendUnavailableError(f"FASTVAE_BACKEND={chosen!r} names no backend; set it to one of "
                                           f"{', '.join(_REGISTRY)} or auto, or unset it")
         return chosen, "FASTVAE_BACKEND"
+    reasons = {b["name"]: b["reason"] for b in available()}
     passed = []
     for candidate in AUTO_ORDER:
-        probe = _REGISTRY[candidate][1]
-        try:
-            reason = probe()
-        except Exception as exc:  # a probe must never break the choice
-            reason = f"{type(exc).__name__}: {exc}"
-        if not reason:
-            skipped = "; ".join(passed)
-            return candidate, "auto" + (f": {skipped}" if skipped else ": the fastest backend here")
-        passed.append(f"not {candidate}: {reason.split(';')[0]}")
+        if not reasons[candidate]:
+            return candidate, "auto: " + ("; ".join(passed) or "the fastest backend here")
+        passed.append(f"not {candidate}: {reasons[candidate].split(';')[0]}")
     return "numpy", "auto"                                  # unreachable: numpy always runs
 
 

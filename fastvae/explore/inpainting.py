@@ -121,19 +121,19 @@ def _fraction(text: str, spec: str) -> float:
 
 
 def _mask_file(path: str, H: int, W: int) -> np.ndarray:
-    """A mask image, read as untrusted input: white (>= 128 in gray) = missing."""
-    from PIL import Image
+    """A mask image, read as untrusted input (:func:`fastvae.io.safe_files.read_image`:
+    a regular file, its declared size checked before decoding): white (>= 128
+    in gray) = missing. A mask of another size is refused, not resized."""
     from fastvae.io.safe_files import read_image
+    fix = "pass a mask image (PNG, JPEG, ...) or a mask name such as bottom"
     try:
-        with Image.open(path) as im:                 # the size first: a mask of another size is refused, not resized
-            size = im.size
-    except Exception:
-        raise DataError(f"mask file {path} is not an image (PNG, JPEG, ...); pass an image or a mask name such as "
-                        "bottom") from None
-    if size != (W, H):
-        raise ConfigError(f"mask file {path} is {size[0]} x {size[1]} pixels but the images are {W} x {H}; "
+        a = read_image(path, "L", None, fix, DataError)
+    except DataError as exc:                          # the reader's problem, without its own fix
+        raise DataError(f"mask file {path} is not an image ({str(exc).split('; ')[0]}); {fix}") from None
+    if a.shape != (H, W):
+        raise ConfigError(f"mask file {path} is {a.shape[1]} x {a.shape[0]} pixels but the images are {W} x {H}; "
                           f"draw the mask at {W} x {H}")
-    return read_image(path, "L", (H, W), "pass a mask image or a mask name such as bottom", DataError) >= 128
+    return a >= 128
 
 
 def _checked(mask: np.ndarray) -> np.ndarray:
