@@ -93,6 +93,10 @@ class ModelConfig(_JSONMixin):
         autoregressive flow steps after the sampler (Kingma et al. 2016), each
         a MADE with one hidden layer of ``flow_hidden`` units; the KL is then
         the single-sample estimate (see :mod:`fastvae.nn.layers.flow`).
+        ``flow_context`` (default true): the encoder also outputs a context
+        ``h`` of ``latent_dim`` units that every step's MADE reads (Kingma et
+        al. 2016, Sec. 4); false: the steps see z only (files written before
+        the context existed read as false).
     layers: the architecture as data, a list of layer specs (JSON objects)
         walked in order from image to likelihood; ``None`` (default) derives
         the ``arch`` stack from ``hidden``, ``latent_dim``, ``decoder_hidden``,
@@ -105,7 +109,8 @@ class ModelConfig(_JSONMixin):
         ``{"type": "conv_transpose2d", ..., "output_padding": op}`` (same keys
         plus output_padding), ``{"type": "reshape", "shape": [C, H, W]}``,
         ``{"type": "gaussian", "latent_dim": L}``
-        (the reparameterized sampler and its KL), ``{"type": "iaf", "hidden":
+        (the reparameterized sampler and its KL; ``"context": C`` when the
+        head after ``[mu | logvar]`` holds the IAF steps' context h of C units), ``{"type": "iaf", "hidden":
         H, "activation": A, "reverse": bool}`` (a flow step, right after the
         sampler) and ``{"type": "likelihood",
         "kind": K, "sigma": S}`` (sigma may be left out: the config's). Checked
@@ -132,6 +137,7 @@ class ModelConfig(_JSONMixin):
     posterior: str = "gaussian"
     flows: int = 0
     flow_hidden: int = 200
+    flow_context: bool = True
     layers: Optional[List[dict]] = None
 
     def __post_init__(self):
@@ -173,6 +179,14 @@ class ModelConfig(_JSONMixin):
         else:
             self.layers = check_layer_specs(self, self.layers)
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        """As the other configs; a file written before ``flow_context``
+        existed holds an IAF posterior without the context."""
+        if isinstance(d, dict) and "flow_context" not in d and d.get("posterior") == "iaf":
+            d = {**d, "flow_context": False}
+        return super().from_dict(d)
+
     @property
     def decoder_widths(self) -> List[int]:
         """Decoder hidden widths (mirror of the encoder unless given)."""
@@ -186,6 +200,7 @@ class ModelConfig(_JSONMixin):
 
 
 OBJECTIVES = ("elbo", "iwae", "btcvae")
+TC_ESTIMATORS = ("mss", "mws")
 
 
 @dataclass
@@ -218,6 +233,13 @@ class TrainConfig(_JSONMixin):
         ``btcvae`` (Chen et al. 2018: beta weighs only the total correlation);
         see :mod:`fastvae.objectives.iwae` and :mod:`fastvae.objectives.btcvae`.
     iwae_k: K, the samples per image of the ``iwae`` objective.
+    tc_estimator: beta-TCVAE's estimator of the aggregate posterior,
+        ``mss`` (minibatch-stratified sampling, the default) or ``mws``
+        (minibatch-weighted; Chen et al. 2018, Appendix C).
+    dwkl_warmup: beta-TCVAE's dimension-wise KL warm-up in epochs: its weight
+        rises linearly from 0.05 to 1 (the official code's ``--lambda-anneal``);
+        0 (default) keeps it at 1. With a linear beta warm-up over the same
+        time it is the annealing of the paper's code.
     """
 
     epochs: int = 10
@@ -243,11 +265,15 @@ class TrainConfig(_JSONMixin):
     clip_grad_norm: Optional[float] = None
     objective: str = "elbo"
     iwae_k: int = 5
+    tc_estimator: str = "mss"
+    dwkl_warmup: float = 0.0
 
     def __post_init__(self):
         self._check_flags()
         _choice("objective", self.objective, OBJECTIVES)
         _positive_int("iwae_k", self.iwae_k)
+        _choice("tc_estimator", self.tc_estimator, TC_ESTIMATORS)
+        _finite_nonneg("dwkl_warmup", self.dwkl_warmup)
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs must be a non-negative integer, got {self.epochs!r}")
         _positive_int("batch_size", self.batch_size)
@@ -286,6 +312,8 @@ class TrainConfig(_JSONMixin):
         read by :meth:`RunSettings.from_legacy`)."""
         if isinstance(d, dict):
             d = {k: v for k, v in d.items() if k not in RUN_SETTINGS}
+            if d.get("objective") == "btcvae":            # written before the choice: trained with MWS
+                d.setdefault("tc_estimator", "mws")
         return super().from_dict(d)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 #: config fields whose command-line flag is not the field's name in kebab case
 FLAG_OF_FIELD = {"latent_dim": "latent", "beta_max": "beta", "decoupled_weight_decay": "adamw",
-                 "memory_budget_mb": "memory_budget", "download": "no_download"}
+                 "memory_budget_mb": "memory_budget", "download": "no_download", "flow_context": "no_flow_context"}
 #: the inverse: a flag's argparse dest -> its config field
 FIELD_OF_FLAG = {flag: field for field, flag in FLAG_OF_FIELD.items()}
 

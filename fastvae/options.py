@@ -15,13 +15,14 @@ from fastvae.naming import option
 OPTION_NEEDS = (
     (("sigma",), "likelihood", ("gaussian",)),
     (("iwae_k",), "objective", ("iwae",)),
+    (("tc_estimator", "dwkl_warmup"), "objective", ("btcvae",)),
     (("beta_max", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio"), "objective",
      ("elbo", "btcvae")),                                       # a KL weight: the IWAE bound has none
     (("beta_delay", "beta_warmup"), "beta_schedule", ("linear", "sigmoid")),
     (("beta_cycles", "beta_ratio"), "beta_schedule", ("cyclical",)),
     (("lr_step_epochs", "lr_gamma"), "lr_schedule", ("step",)),
     (("lr_min",), "lr_schedule", ("cosine",)),
-    (("flow_hidden",), "posterior", ("iaf",)),
+    (("flow_hidden", "flow_context"), "posterior", ("iaf",)),
 )
 _DEFAULTS = {f.name: f.default for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
 

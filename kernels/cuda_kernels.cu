@@ -297,8 +297,8 @@ __global__ void philox_bits(unsigned int* out, long long n, unsigned long long c
     }
 }
 
-// ---- beta-TCVAE pairwise terms (Chen et al. 2018, minibatch-weighted sampling); formulas on
-// Backend.tc_pairwise. Three gather kernels, no atomics: rows (one thread per sample i: the joint
+// ---- beta-TCVAE pairwise terms (Chen et al. 2018, Sec. 4.1 and Appendix C) under the estimator's
+// log weights lw (B, B); formulas on Backend.tc_pairwise. Three gather kernels, no atomics: rows (one thread per sample i: the joint
 // log-sum-exp and its terms, the per-dimension maxima and sums), then dz (one thread per (i, d)) and
 // dmu / dlogvar (one thread per (j, d)), both reading the row statistics.
 template <typename T>
@@ -309,12 +309,13 @@ __device__ __forceinline__ T fv_lq(const T* z, const T* mu, const T* lv, int i, 
 
 template <typename T>
 __global__ void tc_rows(T* S, T* top, T* sum, T* topd, T* sumd, T* lse, T* lsed,
-                        const T* z, const T* mu, const T* lv, int B, int L) {
+                        const T* z, const T* mu, const T* lv, const T* lw, int B, int L) {
     FV_GRID_STRIDE(i, B) {
         T m = 0;
         for (int j = 0; j < B; ++j) {
             T acc = 0;
             for (int d = 0; d < L; ++d) acc += fv_lq(z, mu, lv, (int)i, j, d, L);
+            acc += lw[i * B + j];
             S[i * B + j] = acc;
             m = (j == 0 || acc > m) ? acc : m;
         }
@@ -323,10 +324,13 @@ __global__ void tc_rows(T* S, T* top, T* sum, T* topd, T* sumd, T* lse, T* lsed,
         top[i] = m; sum[i] = s; lse[i] = m + log(s);
         T total = 0;
         for (int d = 0; d < L; ++d) {
-            T md = fv_lq(z, mu, lv, (int)i, 0, d, L);
-            for (int j = 1; j < B; ++j) { T v = fv_lq(z, mu, lv, (int)i, j, d, L); md = v > md ? v : md; }
+            T md = fv_lq(z, mu, lv, (int)i, 0, d, L) + lw[i * B];
+            for (int j = 1; j < B; ++j) {
+                T v = fv_lq(z, mu, lv, (int)i, j, d, L) + lw[i * B + j];
+                md = v > md ? v : md;
+            }
             T sd = 0;
-            for (int j = 0; j < B; ++j) sd += exp(fv_lq(z, mu, lv, (int)i, j, d, L) - md);
+            for (int j = 0; j < B; ++j) sd += exp(fv_lq(z, mu, lv, (int)i, j, d, L) + lw[i * B + j] - md);
             topd[i * L + d] = md; sumd[i * L + d] = sd;
             total += md + log(sd);
         }
@@ -335,20 +339,23 @@ __global__ void tc_rows(T* S, T* top, T* sum, T* topd, T* sumd, T* lse, T* lsed,
 }
 
 template <typename T>
-__device__ __forceinline__ T fv_tc_g(const T* S, const T* top, const T* sum, const T* topd, const T* sumd, T lq,
-                                     T coef, int i, int j, int d, int B, int L) {
-    return coef * (exp(S[i * B + j] - top[i]) / sum[i] - exp(lq - topd[i * L + d]) / sumd[i * L + d]);
+__device__ __forceinline__ T fv_tc_g(const T* S, const T* top, const T* sum, const T* topd, const T* sumd,
+                                     const T* lw, T lq, T coef, T coef_dim, int i, int j, int d, int B, int L) {
+    return coef * exp(S[i * B + j] - top[i]) / sum[i]
+        + coef_dim * exp(lq + lw[i * B + j] - topd[i * L + d]) / sumd[i * L + d];
 }
 
 template <typename T>
 __global__ void tc_grad_z(T* dz, const T* S, const T* top, const T* sum, const T* topd, const T* sumd,
-                          const T* z, const T* mu, const T* lv, T coef, int B, int L, const T* scale) {
+                          const T* z, const T* mu, const T* lv, const T* lw, T coef, T coef_dim, int B, int L,
+                          const T* scale) {
     coef *= scale[0];
+    coef_dim *= scale[1];
     FV_GRID_STRIDE(q, (long long)B * L) {
         int i = (int)(q / L), d = (int)(q % L);
         T acc = 0;
         for (int j = 0; j < B; ++j) {
-            T g = fv_tc_g(S, top, sum, topd, sumd, fv_lq(z, mu, lv, i, j, d, L), coef, i, j, d, B, L);
+            T g = fv_tc_g(S, top, sum, topd, sumd, lw, fv_lq(z, mu, lv, i, j, d, L), coef, coef_dim, i, j, d, B, L);
             acc += g * (z[i * L + d] - mu[j * L + d]) * exp(-lv[j * L + d]);
         }
         dz[q] -= acc;
@@ -357,15 +364,16 @@ __global__ void tc_grad_z(T* dz, const T* S, const T* top, const T* sum, const T
 
 template <typename T>
 __global__ void tc_grad_params(T* dmu, T* dlv, const T* S, const T* top, const T* sum, const T* topd,
-                               const T* sumd, const T* z, const T* mu, const T* lv, T coef, int B, int L,
-                               const T* scale) {
+                               const T* sumd, const T* z, const T* mu, const T* lv, const T* lw, T coef,
+                               T coef_dim, int B, int L, const T* scale) {
     coef *= scale[0];
+    coef_dim *= scale[1];
     FV_GRID_STRIDE(q, (long long)B * L) {
         int j = (int)(q / L), d = (int)(q % L);
         T inv = exp(-lv[q]), am = 0, al = 0;
         for (int i = 0; i < B; ++i) {
             T t = z[i * L + d] - mu[q];
-            T g = fv_tc_g(S, top, sum, topd, sumd, fv_lq(z, mu, lv, i, j, d, L), coef, i, j, d, B, L);
+            T g = fv_tc_g(S, top, sum, topd, sumd, lw, fv_lq(z, mu, lv, i, j, d, L), coef, coef_dim, i, j, d, B, L);
             am += g * t * inv;
             al += (T)0.5 * g * (t * t * inv - (T)1);
         }
@@ -388,9 +396,9 @@ __global__ void tc_grad_params(T* dmu, T* dlv, const T* S, const T* top, const T
     template __global__ void philox_normal<T>(T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
     template __global__ void philox_uniform<T>(T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
     template __global__ void philox_bernoulli<T>(T*, const T*, long long, unsigned long long, const unsigned long long*, unsigned int, unsigned int, unsigned int); \
-    template __global__ void tc_rows<T>(T*, T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, int, int); \
-    template __global__ void tc_grad_z<T>(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int, const T*); \
-    template __global__ void tc_grad_params<T>(T*, T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, int, int, const T*);
+    template __global__ void tc_rows<T>(T*, T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*, int, int); \
+    template __global__ void tc_grad_z<T>(T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, T, int, int, const T*); \
+    template __global__ void tc_grad_params<T>(T*, T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T, T, int, int, const T*);
 FV_INST(float)
 FV_INST(double)
 #endif

@@ -219,11 +219,12 @@ def bernoulli_(out, probs, u):
 
 
 @_jit
-def tc_pairwise(z, mu, lv, coef, dz, dmu, dlv, lse, lsed):
+def tc_pairwise(z, mu, lv, logw, coef, coef_dim, dz, dmu, dlv, lse, lsed):
     """The beta-TCVAE pairwise terms in one pass per sample i (formulas on
     Backend.tc_pairwise): lq_ijd, the joint and per-dimension log-sum-exps
-    over j into lse[i], lsed[i], and, when coef != 0, the gradient of
-    coef (log q(z_i) - sum_d log q(z_id)) added to dz, dmu, dlv."""
+    over j under the log weights logw[i, j] into lse[i], lsed[i], and, when
+    a coefficient is non-zero, the gradient of coef log q(z_i) + coef_dim
+    sum_d log q(z_id) added to dz, dmu, dlv."""
     B, L = z.shape
     half_log_2pi = 0.5 * math.log(2.0 * math.pi)
     inv = np.exp(-lv)
@@ -237,9 +238,9 @@ def tc_pairwise(z, mu, lv, coef, dz, dmu, dlv, lse, lsed):
             for d in range(L):
                 t = z[i, d] - mu[j, d]
                 v = -0.5 * (t * t * inv[j, d] + lv[j, d]) - half_log_2pi
-                lq[j, d] = v
+                lq[j, d] = v + logw[i, j]
                 acc += v
-            S[j] = acc
+            S[j] = acc + logw[i, j]
         top = S.max()
         s = 0.0
         for j in range(B):
@@ -262,11 +263,11 @@ def tc_pairwise(z, mu, lv, coef, dz, dmu, dlv, lse, lsed):
         for d in range(L):
             acc += top_d[d] + math.log(sum_d[d])
         lsed[i] = acc
-        if coef != 0.0:
+        if coef != 0.0 or coef_dim != 0.0:
             for j in range(B):
                 a = math.exp(S[j] - top) / s
                 for d in range(L):
-                    g = coef * (a - lq[j, d] / sum_d[d])
+                    g = coef * a + coef_dim * (lq[j, d] / sum_d[d])
                     t = z[i, d] - mu[j, d]
                     gv = g * t * inv[j, d]
                     dz[i, d] -= gv

@@ -126,11 +126,27 @@ def assert_grad(ana, num, fval):
     assert err <= tol, f"max |analytic - numeric| = {err:.3e} > {tol:.3e}"
 
 
+def randomize_flows(model, seed=0, scale=0.5):
+    """Give a model's IAF output layers (``flow.t.m``, ``flow.t.s``: zero at
+    initialisation) random N(0, scale^2) values, as after training, so that
+    gradient paths through them are not zero; returns the model."""
+    r = np.random.default_rng([seed, 77])
+    host = model.get_flat_params()
+    for name in model.state_dict():
+        parts = name.split(".")
+        if parts[0] == "flow" and len(parts) == 4 and parts[2] in ("m", "s"):
+            v = model.layout.view(host, name)
+            v[...] = scale * r.normal(size=v.shape)
+    model.set_flat_params(host)
+    return model
+
+
 def full_gradient_check(cfg, beta=0.7, B=4, seed=0):
-    """The whole loss of a float64 VAE built from ``cfg``: loss_and_grad's
-    gradient against central differences through the sampler (fixed eps)."""
+    """The whole loss of a float64 VAE built from ``cfg`` (IAF output layers
+    made non-zero: :func:`randomize_flows`): loss_and_grad's gradient against
+    central differences through the sampler (fixed eps)."""
     from fastvae import VAE
-    model = VAE(cfg, "numpy", seed=seed)
+    model = randomize_flows(VAE(cfg, "numpy", seed=seed), seed)
     r = np.random.default_rng(seed + 1)
     x = r.random((B, cfg.input_dim))
     eps = r.normal(size=(B, cfg.latent_dim))

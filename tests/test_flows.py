@@ -12,7 +12,7 @@ from fastvae import ConfigError, ModelConfig, VAE
 from fastvae.explore import metrics
 from fastvae.nn.layers.flow import made_masks
 
-from conftest import fv, full_gradient_check
+from conftest import fv, full_gradient_check, randomize_flows
 from cuda_emu import emu_param, make_backend
 from test_conv import small_cfg
 
@@ -48,7 +48,7 @@ def test_made_masks_are_autoregressive(L, H, reverse):
 def _iaf_model(seed=0, **kw):
     cfg = ModelConfig(input_dim=9, hidden=[6], latent_dim=4, posterior="iaf", flows=2, flow_hidden=6,
                       dtype="float64", **kw)
-    return VAE(cfg, seed=seed)
+    return randomize_flows(VAE(cfg, seed=seed), seed)
 
 
 def test_flow_log_det_matches_the_numerical_jacobian():
@@ -57,7 +57,7 @@ def test_flow_log_det_matches_the_numerical_jacobian():
     model = _iaf_model()
     r = np.random.default_rng(3)
     B, L = 1, 4
-    head = np.concatenate([r.normal(size=(B, L)), 0.3 * r.normal(size=(B, L))], 1)
+    head = np.concatenate([r.normal(size=(B, L)), 0.3 * r.normal(size=(B, L)), r.normal(size=(B, L))], 1)
     eps = r.normal(size=(B, L))
     ws = model.workspace(B)
 
@@ -73,8 +73,8 @@ def test_flow_log_det_matches_the_numerical_jacobian():
         d = np.zeros((B, L))
         d[0, j] = 1e-6
         J[:, j] = ((flow(head[:, :L] + d) - flow(head[:, :L] - d)) / 2e-6)[0]
-    z0 = head[0, :L] + np.exp(0.5 * head[0, L:]) * eps[0]
-    log_q0 = -0.5 * (eps[0] ** 2 + head[0, L:]).sum()                # 2 pi terms cancel with log p
+    z0 = head[0, :L] + np.exp(0.5 * head[0, L:2 * L]) * eps[0]
+    log_q0 = -0.5 * (eps[0] ** 2 + head[0, L:2 * L]).sum()           # 2 pi terms cancel with log p
     expected = log_q0 - np.log(abs(np.linalg.det(J))) + 0.5 * (zT[0] ** 2).sum()
     assert abs(kl - expected) < 1e-8, (kl, expected)
     assert not np.allclose(zT[0], z0)                                  # the flow did something
@@ -88,8 +88,8 @@ def test_iaf_gradient_matches_central_differences(name):
 def test_iaf_matches_pytorch_autograd():
     torch = pytest.importorskip("torch")
     from fastvae.bench import torch_twin as torch_ref
-    for cfg in (CFGS["mlp-tanh-gaussian"], CFGS["conv-small"]):
-        model = VAE(cfg, seed=2)
+    for cfg in (CFGS["mlp-tanh-gaussian"], CFGS["conv-small"], CFGS["mlp-tanh-gaussian"].replace(flow_context=False)):
+        model = randomize_flows(VAE(cfg, seed=2))
         tm = torch_ref.build(cfg)
         torch_ref.copy_from(tm, model)
         r = np.random.default_rng(4)
@@ -146,13 +146,15 @@ def test_iwae_goes_through_the_flow():
     for name in pf:
         if name.startswith("flow."):
             flow.layout.view(host, name)[...] = 40.0 if name.endswith(".s.b") else 0.0
+        elif name.startswith("encoder.context."):                     # h: read only by the steps
+            flow.layout.view(host, name)[...] = 0.5
         else:
             flow.layout.view(host, name)[...] = pp[name]
     X = np.random.default_rng(6).random((7, 9))
     flow.set_flat_params(host)
     a, b = metrics.iwae(flow, X, k=30, seed=2), metrics.iwae(plain, X, k=30, seed=2)
     np.testing.assert_allclose(a, b, rtol=1e-12)
-    fresh = VAE(flow.config, seed=1).state_dict()
+    fresh = randomize_flows(VAE(flow.config, seed=1), 1).state_dict()
     for name in pf:
         if name.startswith("flow."):
             flow.layout.view(host, name)[...] = fresh[name]
@@ -170,7 +172,8 @@ def test_iaf_step_agrees_across_backends(name):
     for cfg in (CFGS["mlp-relu-bernoulli"], CFGS["conv-small"]):
         r = np.random.default_rng(7)
         x, eps = r.random((5, cfg.input_dim)), r.normal(size=(5, cfg.latent_dim))
-        ref, other = VAE(cfg, "numpy", seed=3), VAE(cfg, make_backend(name, "float64"), seed=3)
+        ref = randomize_flows(VAE(cfg, "numpy", seed=3))
+        other = randomize_flows(VAE(cfg, make_backend(name, "float64"), seed=3))
         other.grads[...] = np.nan
         la = ref.loss_and_grad(x, eps, 0.8)
         lb = other.loss_and_grad(other.backend.asarray(x), other.backend.asarray(eps), 0.8)
@@ -246,10 +249,68 @@ def test_eval_names_a_flow_runs_per_dimension_kl_base(tmp_path):
             "--no-progress"]
     fv("train", *args, "--posterior", "iaf", "--flows", "1", "--flow-hidden", "4", "--out", "f", cwd=tmp_path)
     fv("train", *args, "--out", "g", cwd=tmp_path)
-    f, g = (json.loads(fv("eval", r, "--json", cwd=tmp_path).stdout) for r in "fg")
+    f, g = (json.loads(fv("eval", r, "--json", "--mig-points", "700", cwd=tmp_path).stdout) for r in "fg")
     assert "kl_per_dim" not in f and len(f["base_kl_per_dim"]) == 2
-    data = fastvae.datasets.load(fastvae.DataConfig(n_sprites=100))          # MIG of the codes the decoder reads
+    # MIG of the codes the decoder reads, on 700 new sprites from the generator
+    assert f["mig_points"] == 700 and f["mig_source"] == "sprites generator, seed 1000000"
+    data = fastvae.datasets.make_sprites(700, seed=10 ** 6, test_fraction=0)
     model = fastvae.load(tmp_path / "f")
-    assert f["mig"] == pytest.approx(metrics.mig(model.codes(data.x_test), data.factors_test)["mig"], rel=1e-12)
-    assert f["mig"] != pytest.approx(metrics.mig(model.encode(data.x_test)[0], data.factors_test)["mig"], rel=1e-6)
+    assert f["mig"] == pytest.approx(metrics.mig(model.codes(data.x_train), data.factors_train)["mig"], rel=1e-12)
+    assert np.abs(model.codes(data.x_train) - model.encode(data.x_train)[0]).max() > 1e-2     # the flow moved them
     assert "base_kl_per_dim" not in g and sum(g["kl_per_dim"]) == pytest.approx(g["kl"], rel=1e-5)   # float32
+
+
+def test_a_new_flow_starts_as_the_gaussian_posterior():
+    """At initialisation (output layers zero) each step is z_t = sigmoid(1) z_{t-1}:
+    the flow's sample and its KL terms are those of the Gaussian posterior, rescaled."""
+    model = VAE(_iaf_model().config, seed=4)                         # as built, not randomized
+    r = np.random.default_rng(8)
+    L = 4
+    head = np.concatenate([r.normal(size=(3, L)), 0.3 * r.normal(size=(3, L)), r.normal(size=(3, L))], 1)
+    eps = r.normal(size=(3, L))
+    ws = model.workspace(3)
+    zT = model.sample_posterior_into(ws, head, eps).copy()
+    sig = 1.0 / (1.0 + np.exp(-1.0))
+    z0 = head[:, :L] + np.exp(0.5 * head[:, L:2 * L]) * eps
+    np.testing.assert_allclose(zT, sig ** 2 * z0, rtol=1e-14)
+    log_q = -0.5 * (eps ** 2 + head[:, L:2 * L]).sum(1) - 2 * L * np.log(sig)    # 2 pi terms cancel with log p
+    np.testing.assert_allclose(ws.kl, log_q + 0.5 * (zT ** 2).sum(1), rtol=1e-12)
+
+
+def test_the_encoder_context_reaches_every_step():
+    cfg = _iaf_model().config
+    L = cfg.latent_dim
+    head = next(s for s in cfg.layers if s["name"] == "encoder.head")
+    assert head["units"] == 3 * L and head["parts"] == ["mu", "logvar", "context"]
+    assert next(s for s in cfg.layers if s["type"] == "gaussian")["context"] == L
+    model = _iaf_model()
+    assert [step.hidden.in_features for step in model.layers[model.sampler_at + 1:model.decoder_at]] == [2 * L] * 2
+    x = np.random.default_rng(1).random((5, 9))
+    before = model.codes(x)
+    p = model.get_flat_params()
+    model.layout.view(p, "encoder.context.W")[...] += 0.5
+    model.set_flat_params(p)
+    mu_after = model.encode(x)[0]
+    assert np.abs(model.codes(x) - before).max() > 1e-3 and np.allclose(mu_after, model.encode(x)[0])
+    # without the context: the steps see z only, the head is [mu | logvar]
+    plain = cfg.replace(flow_context=False)
+    assert next(s for s in plain.layers if s["name"] == "encoder.head")["units"] == 2 * L
+    assert "context" not in next(s for s in plain.layers if s["type"] == "gaussian")
+
+
+def test_an_iaf_config_written_before_the_context_reads_without_it():
+    old = _iaf_model().config.replace(flow_context=False).to_dict()
+    del old["flow_context"]
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.flow_context is False and cfg.layers == ModelConfig.from_dict({**old, "flow_context": False}).layers
+    with pytest.raises(ConfigError, match="context 4: a context h is read by IAF steps only"):
+        ModelConfig.from_dict({**old, "posterior": "gaussian", "flows": 0,
+                               "layers": [s for s in _iaf_model().config.layers if s["type"] != "iaf"]})
+
+
+def test_flow_and_estimator_options_refuse_to_do_nothing(tmp_path):
+    base = ["train", "--n-sprites", "60", "--batch-size", "20", "--epochs", "1", "--no-progress"]
+    for extra, says in ((["--no-flow-context"], "--no-flow-context"), (["--tc-estimator", "mws"], "--tc-estimator"),
+                        (["--dwkl-warmup", "2"], "--dwkl-warmup")):
+        p = fv(*base, *extra, "--out", tmp_path / "x", cwd=tmp_path, check=False)
+        assert p.returncode == 2 and says in p.stderr, p.stderr

@@ -11,7 +11,7 @@ import fastvae
 from fastvae import ConfigError, ModelConfig, TrainConfig, VAE
 from fastvae.objectives.iwae import IWAEObjective
 
-from conftest import assert_grad, numgrad, tiny_trainer
+from conftest import assert_grad, numgrad, randomize_flows, tiny_trainer
 from cuda_emu import emu_param, make_backend
 from test_conv import small_cfg
 
@@ -26,7 +26,7 @@ IWAE_CFGS = {**CFGS, "mlp-iaf": IAF}       # IWAE through inverse autoregressive
 
 
 def _setup(cfg, B=3, K=4, seed=0):
-    model = VAE(cfg, "numpy", seed=seed)
+    model = randomize_flows(VAE(cfg, "numpy", seed=seed), seed)
     r = np.random.default_rng(seed + 1)
     x = r.random((B, cfg.input_dim))
     obj = IWAEObjective(model, K)
@@ -39,10 +39,12 @@ def _loss(model, obj, x, eps):
     backward): the model's own sampler and flow steps on the repeated heads,
     log w = -nll - (log q(z|x) - log p(z)) of each sample."""
     B, K, L = x.shape[0], obj.k, model.config.latent_dim
-    mu, logvar = model.encode(x)
+    enc = model.workspace(B)
+    model.encode_into(enc, x)
+    head = enc.head.copy()                           # [mu | logvar], and the flow steps' context h if any
     xr = np.repeat(x, K, axis=0)
     ws = model.forward(xr, np.zeros((B * K, L)))     # a workspace of B K rows; its buffers are refilled below
-    z = model.sample_posterior_into(ws, np.repeat(np.hstack([mu, logvar]), K, axis=0), eps, sampled_kl=True)
+    z = model.sample_posterior_into(ws, np.repeat(head, K, axis=0), eps, sampled_kl=True)
     model.decode_into(ws, z)
     nll = model.nll_into(ws, xr).copy()
     logw = -(nll + ws.kl).reshape(B, K)
@@ -133,11 +135,25 @@ def test_bad_k_and_training_with_iwae(tmp_path):
 from fastvae.objectives.btcvae import BetaTCVAEObjective  # noqa: E402
 
 
-def _tc_loss_reference(model, x, eps, beta, N):
-    """Per-batch mean beta-TCVAE loss by explicit loops over (i, j, d) (Chen et al. 2018, MWS)."""
+def _paper_log_weights(estimator, B, N):
+    """Chen et al. 2018, Appendix C, written out for the tests: MWS 1/(N B)
+    everywhere; MSS 1/N for the image's own posterior, (N - B + 2)/(N (B - 1))
+    for the next one (cyclically), 1/(B - 1) for the others."""
+    if estimator == "mws":
+        return np.full((B, B), -math.log(N * B))
+    w = np.empty((B, B))
+    for i in range(B):
+        for j in range(B):
+            w[i, j] = 1 / N if j == i else (N - B + 1) / (N * (B - 1)) if j == (i + 1) % B else 1 / (B - 1)
+    return np.log(w)
+
+
+def _tc_loss_reference(model, x, eps, beta, N, estimator="mws", gamma=1.0):
+    """Per-batch mean beta-TCVAE loss by explicit loops over (i, j, d) (Chen et al. 2018)."""
     B, L = x.shape[0], model.config.latent_dim
     ws = model.forward(x, eps)
     mu, lv, z, nll = ws.mu.copy(), ws.logvar.copy(), ws.z.copy(), ws.nll.copy()
+    logw = _paper_log_weights(estimator, B, N)
     lse = lambda a: a.max() + math.log(np.exp(a - a.max()).sum())
     lq = np.empty((B, B, L))
     for i in range(B):
@@ -147,25 +163,42 @@ def _tc_loss_reference(model, x, eps, beta, N):
     total = 0.0
     for i in range(B):
         log_qzx = lq[i, i].sum()
-        log_qz = lse(lq[i].sum(1)) - math.log(N * B)
-        log_qzd = sum(lse(lq[i, :, d]) - math.log(N * B) for d in range(L))
+        log_qz = lse(lq[i].sum(1) + logw[i])
+        log_qzd = sum(lse(lq[i, :, d] + logw[i]) for d in range(L))
         log_pz = -0.5 * (z[i] ** 2 + math.log(2 * math.pi)).sum()
-        total += nll[i] + (log_qzx - log_qz) + beta * (log_qz - log_qzd) + (log_qzd - log_pz)
+        total += nll[i] + (log_qzx - log_qz) + beta * (log_qz - log_qzd) + gamma * (log_qzd - log_pz)
     return total / B
 
 
+def test_log_weights_are_the_papers():
+    from fastvae.objectives.btcvae import log_weights
+    for est in ("mws", "mss"):
+        for B, N in ((2, 2), (5, 9), (7, 1000)):
+            np.testing.assert_allclose(log_weights(est, B, N), _paper_log_weights(est, B, N), rtol=1e-15)
+            assert np.allclose(np.exp(log_weights(est, B, N)).sum(1), 1.0 / N if est == "mws" else 1.0)
+    with pytest.raises(ConfigError, match="batch of 2 or more"):
+        log_weights("mss", 1, 10)
+    with pytest.raises(ConfigError, match="from a dataset of N"):
+        log_weights("mws", 11, 10)
+    with pytest.raises(ConfigError, match="unknown beta-TCVAE estimator 'x'"):
+        log_weights("x", 3, 10)
+
+
 @pytest.mark.parametrize("name", list(CFGS))
-@pytest.mark.parametrize("beta", [1.0, 6.0])
-def test_btcvae_gradient_matches_central_differences(name, beta):
+@pytest.mark.parametrize("beta,estimator,gamma", [(1.0, "mws", 1.0), (6.0, "mws", 1.0), (6.0, "mss", 1.0),
+                                                  (4.0, "mss", 0.3)])
+def test_btcvae_gradient_matches_central_differences(name, beta, estimator, gamma):
     cfg = CFGS[name]
     model = VAE(cfg, "numpy", seed=3)
     r = np.random.default_rng(4)
     B = 5
     x, eps = r.random((B, cfg.input_dim)), r.normal(size=(B, cfg.latent_dim))
-    obj = BetaTCVAEObjective(model, n_train=1000)
+    obj = BetaTCVAEObjective(model, n_train=1000, estimator=estimator, dwkl_warmup=1.0)
+    obj.set_time(gamma - 0.05)                  # gamma = min(1, 0.05 + epoch / warm-up)
+    assert obj.gamma == pytest.approx(gamma)
     recon, kl = obj.loss_and_grad(x, eps, beta)
     ana = model.grads.copy()
-    f = lambda: _tc_loss_reference(model, x, eps, beta, 1000)
+    f = lambda: _tc_loss_reference(model, x, eps, beta, 1000, estimator, obj.gamma)
     assert np.isclose(float(obj.last_terms["loss"]) / B, f(), rtol=1e-12)
     if beta == 1.0:       # beta 1: MI + TC + DWKL is the sampled KL, the plain VAE's loss in expectation
         assert np.isclose(float(recon + kl) / B, f(), rtol=1e-12)
@@ -173,14 +206,16 @@ def test_btcvae_gradient_matches_central_differences(name, beta):
     assert_grad(ana, num, f())
 
 
-def test_btcvae_matches_pytorch_autograd():
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_btcvae_matches_pytorch_autograd(estimator):
     torch = pytest.importorskip("torch")
     from fastvae.bench import torch_twin as torch_ref
-    cfg, beta, N, B = CFGS["mlp-tanh-gaussian"], 6.0, 500, 6
+    cfg, beta, N, B, gamma = CFGS["mlp-tanh-gaussian"], 6.0, 500, 6, 0.55
     model = VAE(cfg, "numpy", seed=5)
     r = np.random.default_rng(6)
     x, eps = r.random((B, cfg.input_dim)), r.normal(size=(B, cfg.latent_dim))
-    obj = BetaTCVAEObjective(model, n_train=N)
+    obj = BetaTCVAEObjective(model, n_train=N, estimator=estimator, dwkl_warmup=2.0)
+    obj.set_time(1.0)
     obj.loss_and_grad(x, eps, beta)
     tm = torch_ref.build(cfg)
     torch_ref.copy_from(tm, model)
@@ -188,18 +223,81 @@ def test_btcvae_matches_pytorch_autograd():
     out, mu, lv, _ = tm(xt, et)
     z = mu + torch.exp(0.5 * lv) * et
     rec, _ = tm.losses(xt, et)
+    logw = torch.tensor(_paper_log_weights(estimator, B, N))
     lq = -0.5 * ((z[:, None] - mu[None]) ** 2 / lv.exp()[None] + lv[None] + math.log(2 * math.pi))
     log_qzx = torch.diagonal(lq.sum(2))
-    log_qz = torch.logsumexp(lq.sum(2), 1) - math.log(N * B)
-    log_qzd = (torch.logsumexp(lq, 1) - math.log(N * B)).sum(1)
+    log_qz = torch.logsumexp(lq.sum(2) + logw, 1)
+    log_qzd = torch.logsumexp(lq + logw[:, :, None], 1).sum(1)
     log_pz = -0.5 * (z ** 2 + math.log(2 * math.pi)).sum(1)
-    loss = (rec + (log_qzx - log_qz) + beta * (log_qz - log_qzd) + (log_qzd - log_pz)).mean()
+    loss = (rec + (log_qzx - log_qz) + beta * (log_qz - log_qzd) + gamma * (log_qzd - log_pz)).mean()
     loss.backward()
     assert abs(float(obj.last_terms["loss"]) / B - loss.item()) <= 1e-10 * abs(loss.item())
     ours = {e.name: model.layout.view(model.grads, e.name) for e in model.layout}
     for k, g in torch_ref.grads_by_name(tm).items():
         err = np.max(np.abs(ours[k] - g)) / max(np.max(np.abs(g)), 1e-30)
         assert err < 1e-10, (k, err)
+
+
+def _official_decomposition(z, mu, logvar, N, mss):
+    """MI, TC and dimension-wise KL per image, transcribed into NumPy from
+    the formulas of the official code (rtqichen/beta-tcvae, vae_quant.py,
+    ``VAE.elbo``: ``_logqz`` of shape (B, B, L) from the Normal log-density,
+    then the minibatch-weighted or -stratified ``logqz`` and
+    ``logqz_prodmarginals``), its importance-weight matrix written with
+    the stride B + 1 (the diagonal: its open pull request #1 says that was
+    meant; the code's stride B walks down columns) and the wrap-around entry
+    on the last row."""
+    B, L = z.shape
+
+    def logsumexp(v, dim):
+        m = v.max(axis=dim, keepdims=True)
+        return (m + np.log(np.exp(v - m).sum(axis=dim, keepdims=True))).squeeze(dim)
+
+    def normal_log_density(x, mean, logsigma):      # lib/dist.py: Normal.log_density with logsigma = logvar / 2
+        c = math.log(2 * math.pi)
+        inv_sigma = np.exp(-logsigma)
+        tmp = (x - mean) * inv_sigma
+        return -0.5 * (tmp * tmp + 2 * logsigma + c)
+
+    logpz = normal_log_density(z, 0.0, 0.0).sum(1)
+    logqz_condx = normal_log_density(z, mu, 0.5 * logvar).sum(1)
+    _logqz = normal_log_density(z.reshape(B, 1, L), mu.reshape(1, B, L), 0.5 * logvar.reshape(1, B, L))
+    if not mss:
+        logqz_prodmarginals = (logsumexp(_logqz, 1) - math.log(B * N)).sum(1)
+        logqz = logsumexp(_logqz.sum(2), 1) - math.log(B * N)
+    else:
+        M = B - 1
+        strat_weight = (N - M) / (N * M)
+        W = np.full((B, B), 1 / M)
+        W.reshape(-1)[::M + 2] = 1 / N
+        W.reshape(-1)[1::M + 2] = strat_weight
+        W[M, 0] = strat_weight
+        logiw = np.log(W)
+        logqz = logsumexp(logiw + _logqz.sum(2), 1)
+        logqz_prodmarginals = logsumexp(logiw.reshape(B, B, 1) + _logqz, 1).sum(1)
+    return logqz_condx - logqz, logqz - logqz_prodmarginals, logqz_prodmarginals - logpz
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_btcvae_terms_match_the_official_codes_formulas(estimator):
+    """One batch's MI, TC and dimension-wise KL against the official code's formulas (float64, 1e-10)."""
+    cfg = CFGS["mlp-relu-bernoulli"]
+    model = VAE(cfg, "numpy", seed=8)
+    r = np.random.default_rng(12)
+    B, N = 16, 737280                                 # dSprites' size
+    x, eps = r.random((B, cfg.input_dim)), r.normal(size=(B, cfg.latent_dim))
+    obj = BetaTCVAEObjective(model, n_train=N, estimator=estimator)
+    obj.loss_and_grad(x, eps, 6.0)
+    mu, logvar = model.encode(x)
+    z = mu + np.exp(0.5 * logvar) * eps
+    want = _official_decomposition(z, mu, logvar, N, estimator == "mss")
+    for k, w in zip(("mi", "tc", "dwkl"), want):
+        assert abs(float(obj.last_terms[k]) - w.sum()) <= 1e-10 * max(1.0, abs(w.sum())), (k, obj.last_terms[k], w.sum())
+    ev = BetaTCVAEObjective(model, n_train=N, estimator=estimator)
+    dens = ev.terms(model.backend.asarray(mu), model.backend.asarray(logvar), model.backend.asarray(z))
+    np.testing.assert_allclose(dens[0] - dens[1], want[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dens[1] - dens[2], want[1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dens[2] - dens[3], want[2], rtol=1e-10, atol=1e-10)
 
 
 def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
@@ -216,7 +314,8 @@ def test_btcvae_trains_resumes_and_reports_its_terms(tmp_path):
     res = json.loads(fv("eval", tmp_path / "a", "--json", cwd=tmp_path).stdout)
     assert {"btcvae_mi", "btcvae_tc", "btcvae_dwkl", "mig"} <= set(res)
     text = fv("eval", tmp_path / "a", cwd=tmp_path).stdout            # the terms were printed by --json alone
-    assert f"beta-TCVAE terms (minibatch-weighted sampling, batch 50): MI {res['btcvae_mi']:.3f}, " \
+    assert res["btcvae_estimator"] == "mss"                            # the default
+    assert f"beta-TCVAE terms (minibatch-stratified sampling, batch 50): MI {res['btcvae_mi']:.3f}, " \
            f"TC {res['btcvae_tc']:.3f}, dimension-wise KL {res['btcvae_dwkl']:.3f} nats per image" in text, text
     # the three terms add up to the sampled KL, whose mean over the split is the closed-form KL up to
     # sampling noise (std about sqrt(L / 2) nats per image over 30 test images: ~0.25 nats)
@@ -240,11 +339,12 @@ def test_tc_pairwise_kernels_match_the_array_expressions(other):
     r = np.random.default_rng(11)
     B, L = 37, 5
     z, mu, lv = r.normal(size=(B, L)), r.normal(size=(B, L)), 0.3 * r.normal(size=(B, L))
+    logw = r.normal(size=(B, B)) - 5.0
     ref_be, be = backends.get("numpy", "float64"), make_backend(other, "float64")
     outs = []
     for b in (ref_be, be):
         g = [b.asarray(r2) for r2 in (np.ones((B, L)), np.zeros((B, L)), np.full((B, L), 2.0))]
-        lse, lsed = b.tc_pairwise(b.asarray(z), b.asarray(mu), b.asarray(lv), -0.7, *g)
+        lse, lsed = b.tc_pairwise(b.asarray(z), b.asarray(mu), b.asarray(lv), b.asarray(logw), -0.7, 0.4, *g)
         outs.append([b.to_host(a).copy() for a in (lse, lsed, *g)])
     for a, b in zip(*outs):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
@@ -270,7 +370,8 @@ def test_objectives_agree_across_backends(objective, other):
             eps = np.random.default_rng(10).normal(size=obj.eps_shape(6))
             obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps))
         else:
-            obj = BetaTCVAEObjective(model, 100)
+            obj = BetaTCVAEObjective(model, 100, estimator="mss", dwkl_warmup=3.0)
+            obj.set_time(1.0)
             eps = np.random.default_rng(10).normal(size=(6, cfg.latent_dim))
             obj.loss_and_grad(model.backend.asarray(x), model.backend.asarray(eps), 4.0)
         grads.append(model.backend.to_host(model.grads).copy())

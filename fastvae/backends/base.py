@@ -154,18 +154,23 @@ class Backend:
         ``kl_scale = beta / B`` is dLoss/dKL_i."""
         raise NotImplementedError
 
-    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):  # pragma: no cover
-        """The beta-TCVAE pairwise terms (Chen et al. 2018, Sec. 4.1, minibatch-
-        weighted sampling) for one sample ``z_i`` per image and the batch's
-        posteriors ``(mu_j, logvar_j)``, all ``(B, L)``: with ``lq_ijd = log
+    def tc_pairwise(self, z, mu, logvar, logw, coef, coef_dim, dz, dmu, dlogvar):  # pragma: no cover
+        """The beta-TCVAE pairwise terms (Chen et al. 2018, Sec. 4.1 and
+        Appendix C) for one sample ``z_i`` per image and the batch's posteriors
+        ``(mu_j, logvar_j)``, all ``(B, L)``, under the estimator's log
+        importance weights ``logw (B, B)`` (minibatch-weighted sampling:
+        ``-log(N B)`` everywhere; stratified: see
+        :func:`fastvae.objectives.btcvae.log_weights`): with ``lq_ijd = log
         N(z_id; mu_jd, exp(logvar_jd))``, returns ``(lse_i, lsed_i)`` (B,) =
-        ``logsumexp_j sum_d lq_ijd`` and ``sum_d logsumexp_j lq_ijd`` (the
-        caller subtracts log(N B)); and ADDS to ``dz``, ``dmu``, ``dlogvar`` the
-        gradient of ``coef * sum_i (log q(z_i) - sum_d log q(z_id))``:
-        ``G_ijd = coef (A_ij - A_ijd)`` with ``A = softmax_j`` of the joint
-        and per-dimension ``lq``; ``dz_id -= sum_j G v``, ``dmu_jd += sum_i G v``,
-        ``dlogvar_jd += sum_i G (diff^2 / var - 1) / 2``, ``v = diff / var``,
-        ``diff = z_id - mu_jd``."""
+        ``log q(z_i) ~ logsumexp_j (logw_ij + sum_d lq_ijd)`` and
+        ``sum_d log q(z_id) ~ sum_d logsumexp_j (logw_ij + lq_ijd)`` (nats);
+        and ADDS to ``dz``, ``dmu``, ``dlogvar`` the gradient of
+        ``sum_i (coef log q(z_i) + coef_dim sum_d log q(z_id))``:
+        ``G_ijd = coef A_ij + coef_dim A_ijd`` with ``A = softmax_j`` of the
+        weighted joint and per-dimension terms; ``dz_id -= sum_j G v``,
+        ``dmu_jd += sum_i G v``, ``dlogvar_jd += sum_i G (diff^2 / var - 1) / 2``,
+        ``v = diff / var``, ``diff = z_id - mu_jd``. Nothing is added when both
+        coefficients are 0."""
         raise NotImplementedError
 
     def tc_pairwise_bytes(self, B: int, L: int) -> int:  # pragma: no cover

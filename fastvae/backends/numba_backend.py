@@ -75,11 +75,12 @@ class NumbaBackend(TwoThreads, NumpyBackend):
     def tc_pairwise_bytes(self, B, L):
         return 2 * B * self.dtype.itemsize            # one fused kernel: the (B,) results
 
-    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+    def tc_pairwise(self, z, mu, logvar, logw, coef, coef_dim, dz, dmu, dlogvar):
         B = z.shape[0]
         lse, lsed = np.empty(B, z.dtype), np.empty(B, z.dtype)
         K.tc_pairwise(np.ascontiguousarray(z), np.ascontiguousarray(mu), np.ascontiguousarray(logvar),
-                      self._s(coef), dz, dmu, dlogvar, lse, lsed)
+                      np.ascontiguousarray(logw, dtype=z.dtype), self._s(coef), self._s(coef_dim), dz, dmu, dlogvar,
+                      lse, lsed)
         return lse, lsed
 
     def likelihood(self, dlogits, nll, logits, x, kind, sigma, grad_scale):

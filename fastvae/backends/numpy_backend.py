@@ -267,13 +267,14 @@ class NumpyBackend(Backend):
         t *= step_size * bc2_sqrt
         params -= t
 
-    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+    def tc_pairwise(self, z, mu, logvar, logw, coef, coef_dim, dz, dmu, dlogvar):
         """Array expressions (NumPy here; the cupy backend reuses them): see :meth:`Backend.tc_pairwise`."""
         xp = self.xp
         var = xp.exp(logvar)
         diff = z[:, None, :] - mu[None, :, :]
         lq = -0.5 * (diff * diff / var[None] + logvar[None] + math.log(2 * math.pi))
-        S = lq.sum(2)
+        S = lq.sum(2) + logw
+        lq += logw[:, :, None]
         top = S.max(1, keepdims=True)
         A = xp.exp(S - top)
         sA = A.sum(1, keepdims=True)
@@ -282,8 +283,8 @@ class NumpyBackend(Backend):
         Ad = xp.exp(lq - topd)
         sAd = Ad.sum(1, keepdims=True)
         Ad /= sAd
-        if coef:
-            G = coef * (A[:, :, None] - Ad)
+        if coef or coef_dim:
+            G = coef * A[:, :, None] + coef_dim * Ad
             Gv = G * diff / var[None]
             dz -= Gv.sum(1)
             dmu += Gv.sum(0)

@@ -108,7 +108,8 @@ def _train_locked(a, out, progress, talk):
         latent = a.latent if a.latent is not None else fixed.get("latent_dim",
                                                                  DEFAULT_LATENT.get(a.dataset or "sprites", 20))
         mcfg = ModelConfig(**{"input_dim": data.input_dim, "image_shape": data.image_shape, **fixed,
-                              "latent_dim": latent, **pick(**{k: getattr(a, k) for k in MODEL_ARGS if k != "latent"})})
+                              "latent_dim": latent, **pick(**{FIELD_OF_FLAG.get(k, k): getattr(a, k) for k in MODEL_ARGS
+                                                               if k != "latent"})})
         batch_note = ""
         if a.batch_size is None:                    # the default, or every image of a small dataset
             a.batch_size, batch_note = default_batch_size(len(data.x_train))
@@ -140,13 +141,30 @@ def _train_locked(a, out, progress, talk):
     return 0
 
 
+def _mig_points(model, data, n: int, seed: int):
+    """The images and factors MIG is scored on, and where they came from:
+    ``n`` new sprites from the generator (the run's image size, seed
+    ``10^6 + seed``: none of them a training image's draw) for the sprites, else the first
+    ``n`` training images of a dataset with factors (the test split's when only it has them); None without factors."""
+    from fastvae.datasets.sprites import make_sprites
+    if data.name == "sprites":
+        gseed = 10 ** 6 + seed
+        d = make_sprites(n, seed=gseed, size=model.config.image_shape[0], test_fraction=0.0)
+        return d.x_train, d.factors_train, f"sprites generator, seed {gseed}"
+    for x, f, split in ((data.x_train, data.factors_train, "train"), (data.x_test, data.factors_test, "test")):
+        if f is not None and x is not None and len(x):
+            return x[:n], f[:n], f"{split} split"
+    return None
+
+
 def _cmd_eval(a):
     from fastvae import explore, load
     from fastvae.objectives import btcvae as objectives
     from fastvae.explore.evaluation import evaluate, units as evaluate_units
     from fastvae.checks import check_images
 
-    for flag, value in (("--batch-size", a.batch_size), ("--iwae-k", a.iwae_k), ("--iwae-images", a.iwae_images)):
+    for flag, value in (("--batch-size", a.batch_size), ("--iwae-k", a.iwae_k), ("--iwae-images", a.iwae_images),
+                        ("--mig-points", a.mig_points)):
         _positive(flag, value)                      # before the checkpoint and the data load
     a.checkpoint = checkpoint_arg(a.checkpoint)
     model = load(a.checkpoint, backend=a.backend)
@@ -163,9 +181,11 @@ def _cmd_eval(a):
         iw = explore.iwae(model, xi, k=a.iwae_k, seed=a.seed, progress=not a.no_progress)
         res.update(iwae_neg_log_likelihood=float(iw.mean()), iwae_k=a.iwae_k, iwae_n=int(len(xi)))
     res.update(objectives.eval_terms(model, x, len(data.x_train) or len(x), seed=a.seed))  # beta-TCVAE terms
-    split_factors = data.factors_test if a.split == "test" else data.factors_train
-    if split_factors is not None:
-        res["mig"] = explore.mig(model.codes(x), split_factors)["mig"]    # the codes the decoder reads
+    points = _mig_points(model, data, a.mig_points, a.seed)
+    if points is not None:
+        xm, fm, source = points
+        res["mig"] = explore.mig(model.codes(xm), fm)["mig"]          # the codes the decoder reads
+        res.update(mig_points=int(len(xm)), mig_source=source)
     units = evaluate_units(model.config.likelihood)
     res.update(dataset=data.name, split=a.split, checkpoint=a.checkpoint, backend=model.backend.name, units=units,
                binarized=bool(_trained(model, "binarize")))   # one fixed draw (--binarize)
@@ -180,7 +200,8 @@ def _cmd_eval(a):
             print(f"IWAE {what}, k={res['iwae_k']}, {res['iwae_n']} images: "
                   f"{res['iwae_neg_log_likelihood']:.3f} {units}")
         if "btcvae_tc" in res:                      # printed by --json alone before
-            print(f"beta-TCVAE terms (minibatch-weighted sampling, batch {_trained(model, 'batch_size', 128)}): "
+            sampling = {"mss": "minibatch-stratified", "mws": "minibatch-weighted"}[res["btcvae_estimator"]]
+            print(f"beta-TCVAE terms ({sampling} sampling, batch {_trained(model, 'batch_size', 128)}): "
                   f"MI {res['btcvae_mi']:.3f}, TC {res['btcvae_tc']:.3f}, dimension-wise KL "
                   f"{res['btcvae_dwkl']:.3f} {units}")
         if "mig" in res:

@@ -16,10 +16,10 @@ from fastvae.naming import FIELD_OF_FLAG, option  # noqa: F401
 DEFAULT_LATENT = {"sprites": 10, "olivetti": 50}
 CKPT_HELP = "a checkpoint.h5, or the run folder holding one"
 MODEL_ARGS = ("arch", "hidden", "decoder_hidden", "latent", "activation", "likelihood", "sigma", "dtype", "init",
-              "posterior", "flows", "flow_hidden", "layers")
+              "posterior", "flows", "flow_hidden", "no_flow_context", "layers")
 TRAIN_ARGS = ("batch_size", "lr", "weight_decay", "adamw", "lr_schedule", "lr_step_epochs", "lr_gamma", "lr_min",
               "beta", "beta_schedule", "beta_delay", "beta_warmup", "beta_cycles", "beta_ratio", "binarize", "seed",
-              "loss_every", "clip_grad_norm", "objective", "iwae_k")
+              "loss_every", "clip_grad_norm", "objective", "iwae_k", "tc_estimator", "dwkl_warmup")
 #: run settings (fastvae.RunSettings): chosen by every run, a resume too
 RUN_ARGS = ("backend", "threads", "blas", "tf32", "cuda_graph")
 #: flags whose config field has another name (what ``fastvae.train`` takes)
@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
                         "(Kingma et al. 2016); needs --flows")
     m.add_argument("--flows", type=int, metavar="N", help="number of IAF steps of --posterior iaf")
     m.add_argument("--flow-hidden", type=int, metavar="H", help="hidden units of each IAF step's MADE (default 200)")
+    m.add_argument("--no-flow-context", action="store_const", const=False, default=None,
+                   help="IAF steps without the encoder's context h (Kingma et al. 2016 feed it to every step)")
     m.add_argument("--layers", metavar="FILE",
                    help="a stack of your own: a JSON list of layer specs (dense, conv2d, conv_transpose2d, reshape, "
                         "gaussian, iaf, likelihood; see the README), or a run's config.json; it fixes latent_dim, "
@@ -104,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
                    help="training loss: the ELBO (default), the importance-weighted bound (Burda et al. 2016) "
                         "or beta-TCVAE (Chen et al. 2018; --beta weighs the total correlation)")
     o.add_argument("--iwae-k", type=int, metavar="K", help="samples per image of --objective iwae (default 5)")
+    o.add_argument("--tc-estimator", choices=["mss", "mws"],
+                   help="--objective btcvae's estimator of q(z): minibatch-stratified (mss, default) or "
+                        "minibatch-weighted sampling (mws; Chen et al. 2018, Appendix C)")
+    o.add_argument("--dwkl-warmup", type=float, metavar="EPOCHS",
+                   help="--objective btcvae: raise the dimension-wise KL weight from 0.05 to 1 over EPOCHS "
+                        "(the paper code's --lambda-anneal; default 0: weight 1)")
     r = t.add_argument_group("run")
     r.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>, -2, -3, ... added when taken)")
     r.add_argument("--resume", metavar="CKPT", help="continue training from a checkpoint")
@@ -125,6 +133,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae-k", type=int, nargs="?", const=5000, default=None, metavar="K",
                    help="add the importance-weighted -log p(x) with K samples (default 5000 when given)")
     e.add_argument("--iwae-images", type=int, metavar="N", help="IWAE on the first N images only")
+    e.add_argument("--mig-points", type=int, default=10000, metavar="N",
+                   help="score MIG on N images (default 10000, as disentanglement_lib): new ones from the sprites "
+                        "generator, else the first N of the training split")
     e.add_argument("--no-progress", action="store_true", help="no IWAE progress bar")
 
     i = sub.add_parser("info", help="what a checkpoint holds")

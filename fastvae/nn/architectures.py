@@ -18,12 +18,12 @@ from fastvae.io.safe_files import open_regular, parse_json
 ARCHS = ("mlp", "conv")
 POSTERIORS = ("gaussian", "iaf")
 DERIVING_FIELDS = ("input_dim", "hidden", "latent_dim", "decoder_hidden", "activation", "likelihood", "sigma",
-                   "arch", "image_shape", "posterior", "flows", "flow_hidden")
+                   "arch", "image_shape", "posterior", "flows", "flow_hidden", "flow_context")
 _CONV_KEYS = {"type", "name", "channels", "kernel", "stride", "padding", "activation"}
 _SPEC_KEYS = {"dense": {"type", "name", "units", "activation", "parts"},
               "conv2d": _CONV_KEYS, "conv_transpose2d": _CONV_KEYS | {"output_padding"},
               "reshape": {"type", "name", "shape"},
-              "gaussian": {"type", "name", "latent_dim"},
+              "gaussian": {"type", "name", "latent_dim", "context"},
               "iaf": {"type", "name", "hidden", "activation", "reverse"},
               "likelihood": {"type", "name", "kind", "sigma"}}
 #: ModelConfig fields that only derive the built-in stacks: they do nothing beside given layers
@@ -36,7 +36,8 @@ def fields_of_layers(specs) -> dict:
     """The :class:`~fastvae.config.ModelConfig` fields that a layer list fixes,
     read off its specs: ``latent_dim`` (its gaussian sampler), ``likelihood``
     and ``sigma`` (its likelihood layer; sigma only where the spec gives one),
-    ``posterior`` and ``flows`` (its iaf steps). What a malformed list does not
+    ``posterior`` and ``flows`` (its iaf steps) and, with iaf steps,
+    ``flow_context`` (whether its sampler has a ``context``). What a malformed list does not
     say is left out, for :func:`check_layer_specs` to name. So ``fastvae train
     --layers`` and ``fastvae.train(layers=...)`` need no ``latent_dim`` beside
     the stack that already holds it."""
@@ -44,13 +45,17 @@ def fields_of_layers(specs) -> dict:
     if not isinstance(specs, (list, tuple)):
         return out
     specs = [s for s in specs if isinstance(s, dict)]
+    context = False
     for s in specs:
         if s.get("type") == "gaussian" and "latent_dim" in s:
             out.setdefault("latent_dim", s["latent_dim"])
+            context = bool(s.get("context", 0))
         elif s.get("type") == "likelihood":
             out.update({k: s[f] for k, f in (("likelihood", "kind"), ("sigma", "sigma")) if f in s and k not in out})
     n_iaf = sum(s.get("type") == "iaf" for s in specs)
     out["posterior"], out["flows"] = ("iaf", n_iaf) if n_iaf else ("gaussian", 0)
+    if n_iaf:
+        out["flow_context"] = context
     return out
 
 
@@ -84,13 +89,11 @@ def read_layer_specs(path) -> list:
 
 def mlp_layer_specs(cfg) -> List[dict]:
     """The layer specs of the MLP VAE that ``hidden``/``latent_dim`` describe:
-    dense ``encoder.i`` layers, the fused ``encoder.head`` (2L units stored as
-    ``encoder.mu`` and ``encoder.logvar``), the Gaussian sampler, dense
+    dense ``encoder.i`` layers, the fused ``encoder.head`` (:func:`head_spec`), the posterior, dense
     ``decoder.i`` layers, ``decoder.out`` (input_dim logits) and the likelihood."""
     specs = [{"type": "dense", "name": f"encoder.{i}", "units": h, "activation": cfg.activation}
              for i, h in enumerate(cfg.hidden)]
-    specs.append({"type": "dense", "name": "encoder.head", "units": 2 * cfg.latent_dim,
-                  "activation": "identity", "parts": ["mu", "logvar"]})
+    specs.append(head_spec(cfg))
     specs += posterior_specs(cfg)
     specs += [{"type": "dense", "name": f"decoder.{i}", "units": h, "activation": cfg.activation}
               for i, h in enumerate(cfg.decoder_widths)]
@@ -99,11 +102,30 @@ def mlp_layer_specs(cfg) -> List[dict]:
     return specs
 
 
+def _context(cfg) -> int:
+    """Units of the encoder's context h for the flow steps: L with IAF and ``flow_context``, else 0."""
+    return cfg.latent_dim if cfg.posterior == "iaf" and cfg.flow_context else 0
+
+
+def head_spec(cfg) -> dict:
+    """The encoder's last layer, one GEMM: ``2L`` units stored as
+    ``encoder.mu`` and ``encoder.logvar``, and with an IAF posterior's
+    context L more as ``encoder.context`` (Kingma et al. 2016, Sec. 4: the
+    encoder outputs mu, sigma and h)."""
+    C = _context(cfg)
+    return {"type": "dense", "name": "encoder.head", "units": 2 * cfg.latent_dim + C, "activation": "identity",
+            "parts": ["mu", "logvar", "context"] if C else ["mu", "logvar"]}
+
+
 def posterior_specs(cfg) -> List[dict]:
-    """The Gaussian sampler, then ``cfg.flows`` IAF steps ``flow.t`` (MADE
-    hidden width ``cfg.flow_hidden``, ``cfg.activation``, every other step in
-    reversed order) when ``cfg.posterior == "iaf"``."""
+    """The Gaussian sampler (with the context h of ``L`` units after
+    ``[mu | logvar]`` when the flow steps read one), then ``cfg.flows`` IAF
+    steps ``flow.t`` (MADE hidden width ``cfg.flow_hidden``,
+    ``cfg.activation``, every other step in reversed order) when
+    ``cfg.posterior == "iaf"``."""
     specs = [{"type": "gaussian", "name": "sampler", "latent_dim": cfg.latent_dim}]
+    if _context(cfg):
+        specs[0]["context"] = _context(cfg)
     if cfg.posterior == "iaf":
         specs += [{"type": "iaf", "name": f"flow.{t}", "hidden": cfg.flow_hidden, "activation": cfg.activation,
                    "reverse": t % 2 == 1} for t in range(cfg.flows)]
@@ -139,8 +161,7 @@ def conv_layer_specs(cfg) -> List[dict]:
     H, W = cfg.image_shape[:2]
     C = cfg.image_shape[2] if len(cfg.image_shape) == 3 else 1
     a, L = cfg.activation, cfg.latent_dim
-    head = {"type": "dense", "name": "encoder.head", "units": 2 * L, "activation": "identity",
-            "parts": ["mu", "logvar"]}
+    head = head_spec(cfg)
     dense = lambda name, units, act=a: {"type": "dense", "name": name, "units": units, "activation": act}
     if (H, W) == (28, 28):
         enc = [_conv("encoder.conv0", 32, 4, 2, 0, a), _conv("encoder.conv1", 64, 4, 2, 0, a),
@@ -223,6 +244,12 @@ def check_layer_specs(cfg, specs) -> List[dict]:
             if spec.get("latent_dim") != cfg.latent_dim:
                 raise ConfigError(f"{where} latent_dim {spec.get('latent_dim')!r} differs from the config's "
                                   f"latent_dim {cfg.latent_dim}")
+            if "context" in spec:
+                _positive_int(f"{where} context", spec["context"])
+            if bool(spec.get("context", 0)) != bool(cfg.posterior == "iaf" and cfg.flow_context):
+                raise ConfigError(f"{where} context {spec.get('context', 0)!r}: a context h is read by IAF steps "
+                                  f"only; give it with {option('posterior', 'iaf')} and flow_context true, "
+                                  f"and leave it out otherwise")
         elif spec.setdefault("sigma", cfg.sigma) != cfg.sigma or spec.get("kind") != cfg.likelihood:
             raise ConfigError(f"{where} (kind {spec.get('kind')!r}, sigma {spec.get('sigma')!r}) differs from the "
                               f"config's likelihood {cfg.likelihood!r}, sigma {cfg.sigma!r}")

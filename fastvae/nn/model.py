@@ -84,7 +84,8 @@ class Workspace:
 
     @property
     def logvar(self):
-        return self.head[:, self.z.shape[1]:]
+        L = self.z.shape[1]
+        return self.head[:, L:2 * L]
 
 
 class VAE:

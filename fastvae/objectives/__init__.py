@@ -13,7 +13,9 @@ An objective has ``name`` and:
   ``need_loss`` is False;
 * ``idle_step(rng, n)``: a data-parallel rank's step on an empty shard of a
   global batch of ``n`` images (the same draws as the other ranks);
-* ``weighted_loss(recon, kl, beta)``: the objective's loss sum from those two.
+* ``weighted_loss(recon, kl, beta)``: the objective's loss sum from those two;
+* ``set_time(epoch)``: the time of the next step (epochs, float), for
+  weights that follow a schedule of the objective's own.
 
 Adding an objective: one class of this protocol in a module here, and its
 name in :func:`make` (and in ``TrainConfig.objective``'s choices). May import:
@@ -53,7 +55,8 @@ def make(train_config, model, n_train: int, comm=None):
             raise ConfigError(f"{option('objective', 'btcvae')} estimates log q(z) from the other images of a batch, "
                               "and a batch of 1 has none (beta would weigh a constant); use "
                               f"{option('batch_size', 2)} or more (64+ is usual)")
-        return BetaTCVAEObjective(model, n_train, comm)
+        return BetaTCVAEObjective(model, n_train, comm, estimator=train_config.tc_estimator,
+                                  dwkl_warmup=train_config.dwkl_warmup)
     return ELBOObjective(model)
 
 

@@ -24,6 +24,9 @@ class ELBOObjective:
     def idle_step(self, rng, n: int) -> None:
         """A rank's step on an empty shard: the ELBO draws nothing beyond the batch's own noise."""
 
+    def set_time(self, epoch: float) -> None:
+        """No weights of its own to schedule."""
+
     def weighted_loss(self, recon, kl, beta):
         """The loss summed over images: ``recon + beta * kl``."""
         return recon + beta * kl

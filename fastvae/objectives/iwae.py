@@ -76,6 +76,11 @@ class IWAEObjective:
             flow_kl = buf("flow_kl", B * K)
             be.array_op(_zero, flow_kl)
             step_f = Step(dec.x, None, train=train, need_loss=True, kl=flow_kl)
+            C = head.shape[1] - 2 * L                       # the flow steps' context h, if any
+            if C:
+                step_f.context, step_f.dcontext = buf("context", B * K, C), buf("dcontext", B * K, C)
+                be.array_op(_repeat_context, head, L, step_f.context)
+                be.array_op(_zero, step_f.dcontext)
             z = m.walk(dec, s + 1, f, dec.z, step_f)
         nll = m.walk(dec, f, n, z, step_d)
         if step_f is not None:                              # log w = -(nll + the steps' terms) - ...
@@ -118,8 +123,10 @@ class IWAEObjective:
             d = m.layers[i].backward(be, dec.states[i], d, step_d)
         for i in range(f - 1, s, -1):
             d = m.layers[i].backward(be, dec.states[i], d, step_f)
-        dhead = enc.states[s].dx if enc.states[s].dx is not None else buf("dhead", B, 2 * L)
+        dhead = enc.states[s].dx if enc.states[s].dx is not None else buf("dhead", B, head.shape[1])
         be.array_op(_dhead, d, r, dec.z, eps, std, c, dhead)
+        if step_f is not None and step_f.context is not None:
+            be.array_op(_dcontext, step_f.dcontext, L, dhead)
         d = dhead
         for i in range(s - 1, -1, -1):
             d = m.layers[i].backward(be, enc.states[i], d, step_e)
@@ -152,6 +159,9 @@ class IWAEObjective:
         rng.normal_(eps)
         return eps
 
+    def set_time(self, epoch: float) -> None:
+        """No weights of its own to schedule."""
+
     def weighted_loss(self, recon, kl, beta):
         """The objective's sum for the metrics (``-L_K`` summed over images)."""
         return recon
@@ -170,7 +180,7 @@ def _sample(xp, head, eps, x, std, z, xrep):
     the images repeated K times ``xrep (B K, D)``, image-major."""
     B, L = std.shape
     K = eps.shape[0] // B
-    xp.exp(0.5 * head[:, L:], out=std)
+    xp.exp(0.5 * head[:, L:2 * L], out=std)
     z.reshape(B, K, L)[...] = head[:, None, :L] + std[:, None, :] * eps.reshape(B, K, L)
     xrep.reshape(B, K, -1)[...] = x[:, None, :]
 
@@ -181,7 +191,7 @@ def _log_weights(xp, nll, z, eps, head, logw):
     B, K = logw.shape
     L = z.shape[1]
     logw[...] = (-nll - 0.5 * (z * z).sum(1) + 0.5 * (eps * eps).sum(1)).reshape(B, K) \
-        + 0.5 * head[:, L:].sum(1)[:, None]
+        + 0.5 * head[:, L:2 * L].sum(1)[:, None]
 
 
 def _normalise(xp, logw, c, top, total, r, d):
@@ -204,7 +214,20 @@ def _dhead(xp, d, r, z, eps, std, c, dhead):
     K = z.shape[0] // B
     dz3 = (d + r * z).reshape(B, K, L)
     dhead[:, :L] = dz3.sum(1)
-    dhead[:, L:] = 0.5 * std * (dz3 * eps.reshape(B, K, L)).sum(1) - 0.5 * c
+    dhead[:, L:2 * L] = 0.5 * std * (dz3 * eps.reshape(B, K, L)).sum(1) - 0.5 * c
+
+
+def _repeat_context(xp, head, L, ctx):
+    """The context h of each image for its K sample rows: ``ctx (B K, C)``
+    from ``head[:, 2L:]``, image-major."""
+    B = head.shape[0]
+    ctx.reshape(B, -1, ctx.shape[1])[...] = head[:, None, 2 * L:]
+
+
+def _dcontext(xp, dctx, L, dhead):
+    """``dhead[:, 2L:]``: the context's gradient summed over each image's K rows."""
+    B = dhead.shape[0]
+    dhead[:, 2 * L:] = dctx.reshape(B, -1, dctx.shape[1]).sum(1)
 
 
 def _neg_bound(xp, top, total, K, out):

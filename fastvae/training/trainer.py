@@ -328,6 +328,7 @@ class Trainer:
         for b in range(pos.batch, spe):
             ts = time.perf_counter()
             beta = beta_at(tc, self.step / spe, total)
+            self.objective.set_time(self.step / spe)
             lr = lr_at(tc, self.step, spe, total)
             need = b % tc.loss_every == 0 or b == spe - 1
             warming = self.warmup.next_step()

@@ -324,22 +324,23 @@ class CupyBackend(GraphSupport, Backend):
     def tc_pairwise_bytes(self, B, L):
         return (B * B + 4 * B * L) * self.dtype.itemsize     # the (B, B) joint terms and (B, L) rows
 
-    def tc_pairwise(self, z, mu, logvar, coef, dz, dmu, dlogvar):
+    def tc_pairwise(self, z, mu, logvar, logw, coef, coef_dim, dz, dmu, dlogvar):
         B, L = z.shape
-        z, mu, logvar = (self._contiguous(a, k) for k, a in (("z", z), ("mu", mu), ("logvar", logvar)))
+        z, mu, logvar, logw = (self._contiguous(a, k) for k, a in (("z", z), ("mu", mu), ("logvar", logvar),
+                                                                    ("logw", logw)))
         S, top, tot = self.scratch("tc_S", (B, B)), self.scratch("tc_top", (B,)), self.scratch("tc_tot", (B,))
         topd, sumd = self.scratch("tc_topd", (B, L)), self.scratch("tc_sumd", (B, L))
         lse, lsed = self._out((B,), z.dtype), self._out((B,), z.dtype)
         if B == 0:
             return lse, lsed
         dims = (_i32(B), _i32(L))
-        self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar)
+        self._check("tc_pairwise", S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, logw)
         self._op(self._fn("tc_rows"), _blocks(B), (_THREADS,),
-                 (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, *dims))
-        if coef:            # c (beta - 1): changes during a beta warm-up
+                 (S, top, tot, topd, sumd, lse, lsed, z, mu, logvar, logw, *dims))
+        if coef or coef_dim or self._graph is not None:     # a graph holds them for every step's values
             self._check("tc_pairwise", dz, dmu, dlogvar)
-            (cf,), scale = self._dynamic(coef)
-            stats = (S, top, tot, topd, sumd, z, mu, logvar, cf, *dims, scale)
+            (cf, cd), scale = self._dynamic(coef, coef_dim)
+            stats = (S, top, tot, topd, sumd, z, mu, logvar, logw, cf, cd, *dims, scale)
             self._op(self._fn("tc_grad_z"), _blocks(B * L), (_THREADS,), (dz, *stats))
             self._op(self._fn("tc_grad_params"), _blocks(B * L), (_THREADS,), (dmu, dlogvar, *stats))
         return lse, lsed

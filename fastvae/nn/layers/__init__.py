@@ -52,7 +52,8 @@ def build(cfg) -> List[Layer]:
     layers: List[Layer] = []
     n, hwc = cfg.input_dim, _image_hwc(cfg)
     ctx = BuildContext(cfg.input_dim, cfg.leaky_slope, cfg.elu_alpha,
-                       flows=any(spec["type"] == "iaf" for spec in cfg.layers))
+                       flows=any(spec["type"] == "iaf" for spec in cfg.layers),
+                       context=next((spec.get("context", 0) for spec in cfg.layers if spec["type"] == "gaussian"), 0))
     for spec in cfg.layers:
         layer = LAYER_TYPES[spec["type"]].from_spec(spec, n, hwc, ctx)
         layers.append(layer)

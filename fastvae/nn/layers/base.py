@@ -21,7 +21,10 @@ class Step:
     gives the single-sample estimate ``log q(z|x) - log p(z)`` even without
     flows (importance weights need it); row_scale: ``(B, 1)`` per-row weights
     of the KL terms in the backward of flow steps, in place of ``beta *
-    grad_scale`` (IWAE's normalised importance weights, scaled).
+    grad_scale`` (IWAE's normalised importance weights, scaled);
+    context, dcontext: the encoder's context h ``(B, C)`` that flow steps
+    read, and its gradient, which their backward adds to (both set by whoever
+    starts the flow: the sampler, or an objective that samples itself).
     """
     x: object
     eps: object
@@ -32,6 +35,8 @@ class Step:
     kl: object = None
     sampled_kl: bool = False
     row_scale: object = None
+    context: object = None
+    dcontext: object = None
 
 
 class State:
@@ -54,11 +59,13 @@ class BuildContext:
     """What building one layer from its spec needs besides its input size:
     the model's ``input_dim`` (pixels per image), the ``leaky_slope`` and
     ``elu_alpha`` of its activations, and whether the stack has flow steps
-    (``flows``: the sampler then gives its sample's log-density terms)."""
+    (``flows``: the sampler then gives its sample's log-density terms) and
+    the width ``context`` of the encoder's context h for them (0: none)."""
     input_dim: int
     leaky_slope: float = 0.01
     elu_alpha: float = 1.0
     flows: bool = False
+    context: int = 0
 
 
 class Layer:

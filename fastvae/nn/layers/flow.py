@@ -5,12 +5,19 @@ Flow"): steps after the Gaussian sampler that make the posterior richer.
 Step t maps ``z_{t-1} (B, L)`` to ``z_t``: a MADE network (Germain, Gregor,
 Murray & Larochelle 2015) of two masked dense layers gives ``[m | s] (B, 2L)``
 where ``m_j``, ``s_j`` depend only on the coordinates before j in the step's
-order; then the gated update ``z_t = sig z_{t-1} + (1 - sig) m`` with
-``sig = sigmoid(s + 1)`` (Algorithm 1; the +1 starts each step near the
-identity, as Sec. 4 advises: s "sufficiently positive"). Its Jacobian is
-triangular with diagonal ``sig``, so ``log q(z_t|x) = log q(z_{t-1}|x) -
-sum_j log sig_j``. Consecutive steps reverse the order (the paper reverses z).
-The encoder context ``h`` of the paper is not used: the MADE sees z only.
+order and on the encoder's context ``h (B, C)`` (Kingma et al. 2016, Sec. 4
+and Algorithm 1: the encoder outputs mu, sigma and h, and every step's
+autoregressive network reads ``[z, h]``; here h enters the MADE's hidden
+layer, unmasked, as more inputs); then the gated update ``z_t = sig
+z_{t-1} + (1 - sig) m`` with ``sig = sigmoid(s + 1)`` (Algorithm 1; the +1
+keeps s "sufficiently positive", Sec. 4). Its Jacobian is triangular with
+diagonal ``sig``, so ``log q(z_t|x) = log q(z_{t-1}|x) - sum_j log sig_j``.
+Consecutive steps reverse the order (the paper reverses z).
+
+Initialisation: the MADE's output layer starts at zero (weights and
+biases), so at the first step every flow step is ``z_t = sigmoid(1)
+z_{t-1}``, a fixed elementwise scaling: the posterior starts as the
+Gaussian posterior (rescaled), and the steps depart from it as they learn.
 """
 
 from __future__ import annotations
@@ -41,29 +48,44 @@ def made_masks(L: int, H: int, reverse: bool):
     return m1, np.vstack([m2, m2])
 
 
+def _concat(xp, z, ctx, out):
+    """``out = [z | ctx]``."""
+    out[:, :z.shape[1]] = z
+    out[:, z.shape[1]:] = ctx
+
+
+def _split_add(xp, dzc, dz, dctx):
+    """``dz += dzc[:, :L]`` and ``dctx += dzc[:, L:]``."""
+    dz += dzc[:, :dz.shape[1]]
+    dctx += dzc[:, dz.shape[1]:]
+
+
 class IAFStep(Layer):
-    """One IAF step on ``z (B, L)``: ``{name}.hidden`` (masked dense L -> H,
-    ``activation``) and ``{name}.out`` (masked dense H -> 2L stored as
-    ``{name}.m`` and ``{name}.s``), then the gate (:meth:`Backend.iaf_gate`).
+    """One IAF step on ``z (B, L)``: ``{name}.hidden`` (masked dense L + C ->
+    H, ``activation``; the C context inputs ``step.context`` unmasked) and
+    ``{name}.out`` (masked dense H -> 2L stored as ``{name}.m`` and
+    ``{name}.s``, initialised to zero), then the gate (:meth:`Backend.iaf_gate`).
     Forward adds the step's terms to the per-image KL estimate that the
     sampler started (``step.kl``); backward chains both paths, the gate's
-    direct one and the one through the MADE."""
+    direct one and the one through the MADE, whose context part it adds to
+    ``step.dcontext``."""
 
     spec_type = "iaf"
 
     @classmethod
     def from_spec(cls, spec, n, hwc, ctx):
         return cls(spec["name"], n, spec["hidden"], spec["activation"], spec["reverse"], ctx.leaky_slope,
-                   ctx.elu_alpha)
+                   ctx.elu_alpha, context=ctx.context)
 
     def label(self) -> str:
         return f"iaf({self.hidden.out_features})"
 
-    def __init__(self, name, latent_dim, hidden, activation, reverse, slope=0.01, alpha=1.0):
-        L = latent_dim
-        self.name, self.in_features, self.out_features = name, L, L
+    def __init__(self, name, latent_dim, hidden, activation, reverse, slope=0.01, alpha=1.0, context=0):
+        L, C = latent_dim, context
+        self.name, self.in_features, self.out_features, self.context = name, L, L, C
         masks = functools.lru_cache(maxsize=1)(lambda: made_masks(L, hidden, reverse))   # when first needed
-        self.hidden = MaskedDense(f"{name}.hidden", L, hidden, activation, lambda: masks()[0], slope=slope,
+        hidden_mask = lambda: np.hstack([masks()[0], np.ones((hidden, C))])    # noqa: E731  (h: every unit)
+        self.hidden = MaskedDense(f"{name}.hidden", L + C, hidden, activation, hidden_mask, slope=slope,
                                   alpha=alpha)
         self.out = MaskedDense(f"{name}.out", hidden, 2 * L, "identity", lambda: masks()[1], parts=["m", "s"])
         self.parts = (self.hidden, self.out)
@@ -76,8 +98,12 @@ class IAFStep(Layer):
             p.bind(layout, params, grads)
 
     def init_params(self, host, layout, rng, scheme):
+        """The hidden layer by ``scheme``; the output layer zero (the module docstring)."""
         for p in self.parts:
             p.init_params(host, layout, rng, scheme)
+        for t in self.out.tensors:
+            layout.view(host, t + ".W")[...] = 0
+            layout.view(host, t + ".b")[...] = 0
 
     def workspace(self, be, B, need_dx):
         st = State()
@@ -85,12 +111,17 @@ class IAFStep(Layer):
         st.h, st.o = self.hidden.workspace(be, B, True), self.out.workspace(be, B, True)
         st.y, st.dhead = be.empty((B, L)), be.empty((B, 2 * L))
         st.dx = be.empty((B, L))
+        st.xc = be.empty((B, L + self.context)) if self.context else None
         return st
 
     def forward(self, be, st, x, step):
-        """``z_t (B, L)`` from ``x = z_{t-1}``; adds the step's KL terms to ``step.kl``."""
+        """``z_t (B, L)`` from ``x = z_{t-1}`` and ``step.context``; adds the step's KL terms to ``step.kl``."""
         st.x = x
-        head = self.out.forward(be, st.o, self.hidden.forward(be, st.h, x, step), step)
+        made_in = x
+        if self.context:
+            be.array_op(_concat, x, step.context, st.xc)
+            made_in = st.xc
+        head = self.out.forward(be, st.o, self.hidden.forward(be, st.h, made_in, step), step)
         be.iaf_gate(st.y, step.kl, x, head, FORGET_BIAS)      # step.kl: the sampler's buffer, None without loss
         return st.y
 
@@ -99,6 +130,9 @@ class IAFStep(Layer):
         k = step.beta * step.grad_scale if step.row_scale is None else step.row_scale
         be.iaf_gate_backward(st.dx, st.dhead, dy, st.y, st.x, st.o.y, FORGET_BIAS, k)
         dx_made = self.hidden.backward(be, st.h, self.out.backward(be, st.o, st.dhead, step), step)
+        if self.context:
+            be.array_op(_split_add, dx_made, st.dx, step.dcontext)
+            return st.dx
         return be.add_(st.dx, dx_made)
 
     def torch_module(self, twin):
@@ -111,7 +145,8 @@ class IAFStep(Layer):
     def torch_forward(self, twin, mod, h):
         """Kingma et al. 2016, Algorithm 1, as :meth:`forward` computes it."""
         torch, F = twin.torch, twin.nn.functional
-        u = twin.acts[self.hidden.activation](F.linear(h, mod["hidden"].weight * mod.mask_hidden,
+        made_in = torch.cat([h, twin.context], 1) if self.context else h
+        u = twin.acts[self.hidden.activation](F.linear(made_in, mod["hidden"].weight * mod.mask_hidden,
                                                         mod["hidden"].bias))
         head = F.linear(u, mod["out"].weight * mod.mask_out, mod["out"].bias)
         n = self.out_features

@@ -9,10 +9,29 @@ from fastvae.errors import ConfigError
 from fastvae.nn.layers.base import Layer, State
 
 
+def _split_head(xp, x, head, ctx):
+    """``head = x[:, :2L]`` and ``ctx = x[:, 2L:]``, both contiguous."""
+    head[...] = x[:, :head.shape[1]]
+    ctx[...] = x[:, head.shape[1]:]
+
+
+def _join_head(xp, dhead, dctx, dx):
+    """``dx = [dhead | dctx]``."""
+    dx[:, :dhead.shape[1]] = dhead
+    dx[:, dhead.shape[1]:] = dctx
+
+
+def _zero(xp, a):
+    a[...] = 0
+
+
 class GaussianSampler(Layer):
     """The reparameterized diagonal Gaussian posterior and its KL to N(0, I).
 
-    x: the encoder's head ``(B, 2L) = [mu | logvar]``; y: ``z (B, L)``.
+    x: the encoder's head ``(B, 2L) = [mu | logvar]``, or ``(B, 2L + C) =
+    [mu | logvar | h]`` with a context h for the flow steps after it
+    (``context = C``: the sampler hands h on in ``step.context`` and takes
+    its gradient from ``step.dcontext``, which the steps add to); y: ``z (B, L)``.
     Forward: ``std = exp(logvar/2)``, ``z = mu + std * eps`` (Kingma & Welling
     2014, Sec. 2.4) and per image ``kl = -1/2 sum_j (1 + logvar - mu^2 -
     exp(logvar))`` nats (ibid., Appendix B). Backward: ``dmu = dz + c mu``,
@@ -28,26 +47,35 @@ class GaussianSampler(Layer):
 
     @classmethod
     def from_spec(cls, spec, n, hwc, ctx):
-        return cls(spec["name"], n, spec["latent_dim"], sampled=ctx.flows)
+        return cls(spec["name"], n, spec["latent_dim"], sampled=ctx.flows, context=spec.get("context", 0))
 
     def label(self) -> str:
         return f"z{self.out_features}"
 
-    def __init__(self, name, in_features, latent_dim, sampled=False):
-        if in_features != 2 * latent_dim:
+    def __init__(self, name, in_features, latent_dim, sampled=False, context=0):
+        if in_features != 2 * latent_dim + context:
+            what = f"2 x {latent_dim}" + (f" + a context of {context}" if context else "")
             raise ConfigError(f"layer {name!r} samples latent_dim {latent_dim} and needs a head of "
-                              f"2 x {latent_dim} = {2 * latent_dim} units before it, got {in_features}")
+                              f"{what} = {2 * latent_dim + context} units before it, got {in_features}")
         self.name, self.in_features, self.out_features = name, in_features, latent_dim
-        self.sampled = sampled
+        self.sampled, self.context = sampled, context
 
     def workspace(self, be, B, need_dx):
         st = State()
-        L = self.out_features
+        L, C = self.out_features, self.context
         st.y, st.std, st.kl = be.empty((B, L)), be.empty((B, L)), be.empty((B,))
-        st.dx = be.empty((B, 2 * L)) if need_dx else None
+        st.dx = be.empty((B, 2 * L + C)) if need_dx else None
+        if C:
+            st.head, st.ctx, st.dctx = be.empty((B, 2 * L)), be.empty((B, C)), be.empty((B, C))
+            st.dhead = be.empty((B, 2 * L)) if need_dx else None
         return st
 
     def forward(self, be, st, x, step):
+        if self.context:
+            be.array_op(_split_head, x, st.head, st.ctx)
+            be.array_op(_zero, st.dctx)
+            step.context, step.dcontext = st.ctx, st.dctx
+            x = st.head
         st.x = x
         kl = st.kl if step.need_loss else None
         sampled = self.sampled or step.sampled_kl
@@ -61,15 +89,19 @@ class GaussianSampler(Layer):
         if st.dx is None:
             return None
         k = step.beta * step.grad_scale
+        dhead = st.dhead if self.context else st.dx
         if self.sampled or step.sampled_kl:
-            return be.sampled_kl_backward(st.dx, dy, st.y, st.std, step.eps, k)
-        be.reparam_kl_backward(st.dx, dy, st.x, st.std, step.eps, k)
+            be.sampled_kl_backward(dhead, dy, st.y, st.std, step.eps, k)
+        else:
+            be.reparam_kl_backward(dhead, dy, st.x, st.std, step.eps, k)
+        if self.context:
+            be.array_op(_join_head, dhead, st.dctx, st.dx)
         return st.dx
 
 
     def torch_forward(self, twin, mod, h):
         n = self.out_features
-        twin.mu, twin.logvar = h[:, :n], h[:, n:]
+        twin.mu, twin.logvar, twin.context = h[:, :n], h[:, n:2 * n], h[:, 2 * n:]
         twin.z = twin.mu + twin.torch.exp(0.5 * twin.logvar) * twin.eps
         return twin.z
 
