@@ -97,7 +97,7 @@ def _inpainted_faces(run, path, n=4):
     print("wrote", path)
 
 
-# the pictures this script writes; the folder also holds others' (tcvae_sprites.py), left as they are
+# the pictures this script writes; the folder also holds others' (tcvae_dsprites.py), left as they are
 PREFIXES = ("mnist_", "conv_mnist_", "sprites_", "conv_sprites_", "olivetti_", "conv_olivetti_")
 
 

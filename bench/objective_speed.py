@@ -4,9 +4,10 @@
 
 Median ms per training step (batch fill, forward, backward, Adam) of a
 Trainer on resident synthetic data, for 784-400-20/b128 and the seed ConvNet
-(conv28-20/b128): ``elbo``, ``iwae`` with K = 5, ``btcvae`` and the ELBO with
-an IAF posterior of 2 steps (``iaf2``, MADE hidden 200) and IWAE through it
-(``iaf2_iwae``), timed interleaved
+(conv28-20/b128): ``elbo``, ``iwae`` with K = 5, ``btcvae`` with each
+estimator (``btcvae_mss``, the default, and ``btcvae_mws``), the ELBO with an
+IAF posterior of 2 steps (``iaf2``, MADE hidden 200, the encoder's context
+h; ``iaf2_no_context`` without it) and IWAE through it (``iaf2_iwae``), timed interleaved
 (:func:`fastvae.bench.timing.measure` with the two-core probe, quartiles reported). Warm-up (building the
 Trainer and its first 5 steps, Numba compilation included) is excluded and
 reported.
@@ -23,8 +24,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-VARIANTS = {"elbo": ("elbo", {}), "iwae": ("iwae", {}), "btcvae": ("btcvae", {}),
-            "iaf2": ("elbo", {"posterior": "iaf", "flows": 2}), "iaf2_iwae": ("iwae", {"posterior": "iaf", "flows": 2})}
+#: name: (objective, ModelConfig fields, TrainConfig fields)
+VARIANTS = {"elbo": ("elbo", {}, {}), "iwae": ("iwae", {}, {}),
+            "btcvae_mss": ("btcvae", {}, {"tc_estimator": "mss"}), "btcvae_mws": ("btcvae", {}, {"tc_estimator": "mws"}),
+            "iaf2": ("elbo", {"posterior": "iaf", "flows": 2}, {}),
+            "iaf2_no_context": ("elbo", {"posterior": "iaf", "flows": 2, "flow_context": False}, {}),
+            "iaf2_iwae": ("iwae", {"posterior": "iaf", "flows": 2}, {})}
 
 
 def contender(arch, variant, backend):
@@ -33,12 +38,12 @@ def contender(arch, variant, backend):
     from fastvae import DataConfig, ModelConfig, RunSettings, TrainConfig, Trainer
     from fastvae.datasets.dataset import Dataset
     from fastvae.bench.timing import Contender
-    objective, extra = VARIANTS[variant]
+    objective, extra, train_extra = VARIANTS[variant]
     x = np.random.default_rng(0).random((128 * 40, 784), dtype=np.float32)
     mc = ModelConfig(input_dim=784, image_shape=(28, 28), latent_dim=20, arch=arch,
                      **({"hidden": [400]} if arch == "mlp" else {}), **extra)
     t0 = time.perf_counter()
-    t = Trainer(mc, TrainConfig(batch_size=128, objective=objective, iwae_k=5), DataConfig(),
+    t = Trainer(mc, TrainConfig(batch_size=128, objective=objective, iwae_k=5, **train_extra), DataConfig(),
                 dataset=Dataset("bench", x, None, None, None, (28, 28)), progress=False,
                 settings=RunSettings(backend=backend))
     state = {"pos": t.batches.new_epoch(), "b": 0}

@@ -1,16 +1,24 @@
-"""Where a training step's time goes, per backend primitive (ms per step).
+"""Where a training step's time goes, per backend primitive and per layer (ms per step).
 
     python bench/profile_kernels.py [--backends numpy numba] [--steps 200] [--workloads conv64-10/b64 ...]
 
 Wraps every backend primitive with a timer (synchronising after each call, so
 GPU numbers include the sync), runs training steps on each standard workload
-and writes bench/results/<device>_profile.md and .jsonl. "other" is the rest
+and writes bench/results/<name>.md and .jsonl. "other" is the rest
 of the step: Python overhead and the noise draw.
+
+Then, per layer (the layers' forward and backward timed in a second pass of
+the same steps): its algorithm (a convolution's ``im2col`` or ``direct``),
+forward and backward ms, GFLOP/s (the multiply-adds of its GEMMs or its
+convolution, x 2), the bytes its passes move at least (activations, weights,
+gradients, and a column buffer written and read where it has one), and its
+GEMM floor (those FLOPs at the measured peak GEMM rate, a 2048^3 matmul).
 """
 
 import argparse
 import collections
 import json
+import math
 import os
 import time
 
@@ -52,6 +60,71 @@ def profile(name, wl, steps):
     return row
 
 
+def layer_flops(layer, B: int) -> float:
+    """FLOPs of one forward pass of ``layer`` at batch ``B`` (2 per multiply-add;
+    the backward does twice as many: its input and weight gradients)."""
+    kind = type(layer).__name__
+    if kind in ("Dense", "MaskedDense"):
+        return 2.0 * B * layer.in_features * layer.out_features
+    if kind == "Conv2d":
+        Ho, Wo, F = layer.out_hwc
+        return 2.0 * B * Ho * Wo * F * layer.in_hwc[2] * layer.k * layer.k
+    if kind == "ConvTranspose2d":
+        H, W, C = layer.in_hwc
+        return 2.0 * B * H * W * C * layer.channels * layer.k * layer.k
+    return 0.0
+
+
+def layer_bytes(layer, st, B: int, itemsize: int) -> float:
+    """Bytes one forward and backward of ``layer`` move at least: its input,
+    output and their gradients once each, its weights and their gradient, and
+    a column buffer (written and read, forward and backward) where it uses one."""
+    n = B * (layer.in_features + layer.out_features) * 2
+    n += 2 * sum(math.prod(shape) for _, shape in getattr(layer, "param_entries", lambda: [])())
+    cols = getattr(st, "cols", None)
+    if cols is not None:
+        n += 4 * cols.size
+    return n * itemsize
+
+
+def profile_layers(name, wl, steps, peak):
+    """Per layer of the workload's model: algorithm, forward / backward ms per step, GFLOP/s, bytes, floor ms."""
+    be, model, step = training_step(name, wl)
+    if be.device == "cpu":
+        fit_backend(be, model)
+    for _ in range(5):
+        step()
+    B = wl["batch_size"]
+    fwd, bwd = collections.defaultdict(float), collections.defaultdict(float)
+    for i, layer in enumerate(model.layers):
+        for acc, meth in ((fwd, "forward"), (bwd, "backward")):
+            f = getattr(layer, meth)
+
+            def timed(*a, _f=f, _acc=acc, _i=i, **k):
+                be.synchronize()
+                t = time.perf_counter()
+                r = _f(*a, **k)
+                be.synchronize()
+                _acc[_i] += time.perf_counter() - t
+                return r
+            setattr(layer, meth, timed)
+    steps = max(3, min(steps, 50))
+    for _ in range(steps):
+        step()
+    ws = model.workspace(B)
+    rows = []
+    for i, layer in enumerate(model.layers):
+        flops = 3 * layer_flops(layer, B)
+        ms_f, ms_b = fwd[i] / steps * 1e3, bwd[i] / steps * 1e3
+        st = ws.states[i]
+        rows.append({"layer": layer.name, "label": layer.label(), "algorithm": getattr(st, "algo", "-"),
+                     "forward_ms": ms_f, "backward_ms": ms_b,
+                     "gflops_per_s": flops / ((ms_f + ms_b) * 1e6) if flops and ms_f + ms_b > 0 else None,
+                     "mbytes": layer_bytes(layer, st, B, be.dtype.itemsize) / 1e6,
+                     "floor_ms": flops / peak / 1e6 if flops else None})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", nargs="*")
@@ -62,7 +135,9 @@ def main():
     ap.add_argument("--name", default="cpu_profile")
     a = ap.parse_args()
     names = a.backends or [b["name"] for b in backends.available() if b["available"]]
-    rows = []
+    from fastvae.bench.timing import peak_gemm_gflops
+    peak = peak_gemm_gflops()
+    rows, per_layer = [], []
     for wname in a.workloads:
         wl = workload(wname)
         for n in names:
@@ -70,11 +145,17 @@ def main():
             rows.append({"workload": wname, "backend": n, "ms": r})
             print(wname, n, f"{r['total']:.3f} ms/step:",
                   ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.items(), key=lambda kv: -kv[1]) if k != "total"))
+            if n != "cupy":
+                for lr in profile_layers(n, wl, a.steps, peak):
+                    per_layer.append({"workload": wname, "backend": n, **lr})
+                    print("   ", json.dumps(per_layer[-1]))
     os.makedirs(a.out, exist_ok=True)
     env = environment()
     with open(os.path.join(a.out, a.name + ".jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "env": env}, default=str) + "\n")
+        for r in per_layer:
+            f.write(json.dumps({**r, "peak_gemm_gflops": peak}) + "\n")
     cols = PRIMS + ["other", "total"]
     with open(os.path.join(a.out, a.name + ".md"), "w") as f:
         f.write("| workload | backend | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 2) + "\n")
@@ -82,6 +163,16 @@ def main():
             f.write(f"| {r['workload']} | {r['backend']} | " + " | ".join(f"{r['ms'][c]:.3f}" for c in cols) + " |\n")
         f.write(f"\nms per training step, per primitive (timed individually, sync after each call); "
                 f"{env['processor']}, {env['cpus']} CPUs; {blas_line(env)}; {env['date']}.\n")
+        fmt = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"        # noqa: E731
+        f.write("\n| workload | backend | layer | algorithm | forward ms | backward ms | GFLOP/s | MB moved | "
+                "GEMM floor ms |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in per_layer:
+            f.write(f"| {r['workload']} | {r['backend']} | {r['layer']} {r['label']} | {r['algorithm']} | "
+                    f"{fmt(r['forward_ms'], 3)} | {fmt(r['backward_ms'], 3)} | {fmt(r['gflops_per_s'], 0)} | "
+                    f"{fmt(r['mbytes'], 1)} | {fmt(r['floor_ms'], 3)} |\n")
+        f.write(f"\nPer layer: forward and backward ms per step (timed in a second pass, sync around each), "
+                f"GFLOP/s of its forward + backward multiply-adds, the bytes its passes move at least, and those "
+                f"FLOPs at the peak GEMM rate measured here ({peak:.0f} GFLOP/s).\n")
 
 
 if __name__ == "__main__":

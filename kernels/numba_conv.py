@@ -146,3 +146,98 @@ def col2im_narrow(x, cols, B, H, W, C, k, s, p, Ho, Wo):
                     continue
                 _window(off, oh, ow, H, W, C, k, s, p)
                 _scatter_add(xb, row, off, C, kk)
+
+
+# ---- direct convolution on channels-last images: no column buffer ----------------------------------
+# Wt holds the weight as (k*k*C, F) rows, Wt[(i*k + j)*C + c, f] = W[f, c, i, j] (PyTorch's (F, C, k, k)),
+# so that the innermost loop runs over the F output channels of one pixel, contiguous in y and in Wt.
+
+@_jit
+def conv_direct(y, x, Wt, B, H, W, C, k, s, p, Ho, Wo, F):
+    """y[b, oh, ow, f] = sum_{i, j, c} x[b, oh*s - p + i, ow*s - p + j, c] W[f, c, i, j]
+    (no bias), padding read as 0; x (B, H*W*C), y (B, Ho*Wo*F). Each output
+    pixel's F sums accumulate in a local row, taps and channels in a fixed
+    order (deterministic)."""
+    acc = np.empty(F, y.dtype)
+    for b in range(B):
+        xb, yb = x[b], y[b]
+        for oh in range(Ho):
+            for ow in range(Wo):
+                acc[:] = 0
+                for i in range(k):
+                    ih = oh * s - p + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for j in range(k):
+                        iw = ow * s - p + j
+                        if iw < 0 or iw >= W:
+                            continue
+                        base, wrow = (ih * W + iw) * C, (i * k + j) * C
+                        for c in range(C):
+                            xv = xb[base + c]
+                            wr = Wt[wrow + c]
+                            for f in range(F):
+                                acc[f] += xv * wr[f]
+                o = (oh * Wo + ow) * F
+                for f in range(F):
+                    yb[o + f] = acc[f]
+
+
+@_jit
+def conv_direct_dx(dx, dy, Wd, B, H, W, C, k, s, p, Ho, Wo, F):
+    """The adjoint of :func:`conv_direct`: dx[b, ih, iw, c] = sum over the
+    output pixels and taps that read it of dy[b, oh, ow, f] W[f, c, i, j];
+    ``Wd (k*k*F, C)``, Wd[(i*k + j)*F + f, c] = W[f, c, i, j]. Overwrites dx
+    (B, H*W*C); dy (B, Ho*Wo*F). Scatter in a fixed order (deterministic):
+    each tap's C sums in a local row, then added to dx."""
+    acc = np.empty(C, dx.dtype)
+    for b in range(B):
+        dxb, dyb = dx[b], dy[b]
+        dxb[:] = 0
+        for oh in range(Ho):
+            for ow in range(Wo):
+                o = (oh * Wo + ow) * F
+                for i in range(k):
+                    ih = oh * s - p + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for j in range(k):
+                        iw = ow * s - p + j
+                        if iw < 0 or iw >= W:
+                            continue
+                        base, wrow = (ih * W + iw) * C, (i * k + j) * F
+                        acc[:] = 0
+                        for f in range(F):
+                            g = dyb[o + f]
+                            wr = Wd[wrow + f]
+                            for c in range(C):
+                                acc[c] += g * wr[c]
+                        for c in range(C):
+                            dxb[base + c] += acc[c]
+
+
+@_jit
+def conv_direct_dw(dWt, x, dy, B, H, W, C, k, s, p, Ho, Wo, F):
+    """The weight gradient of :func:`conv_direct` in Wt's layout: dWt[(i*k +
+    j)*C + c, f] = sum_{b, oh, ow} x[b, ih, iw, c] dy[b, oh, ow, f]
+    (overwritten); images, pixels, taps and channels in a fixed order."""
+    dWt[:] = 0
+    for b in range(B):
+        xb, dyb = x[b], dy[b]
+        for oh in range(Ho):
+            for ow in range(Wo):
+                o = (oh * Wo + ow) * F
+                for i in range(k):
+                    ih = oh * s - p + i
+                    if ih < 0 or ih >= H:
+                        continue
+                    for j in range(k):
+                        iw = ow * s - p + j
+                        if iw < 0 or iw >= W:
+                            continue
+                        base, wrow = (ih * W + iw) * C, (i * k + j) * C
+                        for c in range(C):
+                            xv = xb[base + c]
+                            wr = dWt[wrow + c]
+                            for f in range(F):
+                                wr[f] += xv * dyb[o + f]

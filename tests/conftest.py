@@ -10,6 +10,7 @@ os.environ.setdefault("OPENBLAS_CORETYPE", "Haswell")
 # Runs that name no backend train on the reference, as before --backend auto: the tests that
 # check what auto picks clear this (test_new_user.py); subprocesses inherit it.
 os.environ["FASTVAE_BACKEND"] = "numpy"
+os.environ.setdefault("FASTVAE_CONV", "im2col")      # one algorithm for every test but those that choose
 
 import numpy as np  # noqa: E402
 import pytest

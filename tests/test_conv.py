@@ -246,3 +246,82 @@ def test_conv_cli_trains_resumes_and_explores(tmp_path):
     p = fv("train", "--arch", "conv", "--hidden", "8", "--n-sprites", "50", "--out", tmp_path / "x",
            cwd=tmp_path, check=False)
     assert p.returncode == 2 and "--arch conv has its own stack" in p.stderr
+
+
+# ------------------------------------------------------------------ the direct convolution algorithm
+DIRECT_SHAPES = [  # (H, W, C, F, k, s, p)
+    (9, 7, 5, 6, 3, 1, 1), (8, 8, 3, 4, 4, 2, 1), (10, 6, 1, 3, 5, 2, 0), (5, 5, 4, 1, 2, 3, 2), (6, 6, 16, 16, 4, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_direct_kernels_match_the_reference(shape, dtype, rtol):
+    """The Numba direct kernels (forward, input gradient, weight gradient) against
+    the NumPy reference (im2col and one GEMM), on both halves of a two-thread split."""
+    pytest.importorskip("numba")
+    H, W, C, F, k, s, p = shape
+    Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    r = np.random.default_rng(3)
+    B = 5
+    x, dy = r.normal(size=(B, H * W * C)).astype(dtype), r.normal(size=(B, Ho * Wo * F)).astype(dtype)
+    Wt = r.normal(size=(F, C, k, k)).astype(dtype)
+    ref, nb = backends.get("numpy", dtype), backends.get("numba", dtype)
+    nb.copy_threads, nb.COPY_SPLIT_MIN = 2, 1
+    out = {}
+    for be in (ref, nb):
+        y, dx, dW = np.empty((B, Ho * Wo * F), dtype), np.empty((B, H * W * C), dtype), np.empty(Wt.shape, dtype)
+        be.conv_direct(y, x, Wt, (H, W, C), k, s, p, (Ho, Wo))
+        be.conv_direct_dx(dx, dy, Wt, (H, W, C), k, s, p, (Ho, Wo))
+        be.conv_direct_dw(dW, x, dy, (H, W, C), k, s, p, (Ho, Wo))
+        out[be.name] = (y, dx, dW)
+    for a, b in zip(out["numpy"], out["numba"]):
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * np.abs(a).max())
+
+
+def test_direct_convnets_train_as_the_reference(monkeypatch):
+    """A ConvNet (conv2d and conv_transpose2d layers) whose layers run the direct
+    algorithm on numba: the loss and every gradient as the NumPy reference's
+    (float64, 1e-12 relative), and the same bits on a second run."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("FASTVAE_CONV", "direct")
+    cfg = small_cfg()
+    r = np.random.default_rng(5)
+    x, eps = r.random((4, cfg.input_dim)), r.normal(size=(4, cfg.latent_dim))
+    ref = VAE(cfg, "numpy", seed=2)
+    la = ref.loss_and_grad(x, eps, 0.7)
+    model = VAE(cfg, "numba", seed=2)
+    ws = model.workspace(4)
+    algos = {type(layer).__name__: st.algo for layer, st in zip(model.layers, ws.states) if hasattr(st, "algo")}
+    assert algos == {"Conv2d": "direct", "ConvTranspose2d": "direct"}
+    runs = []
+    for _ in range(2):
+        lb = model.loss_and_grad(x, eps, 0.7)
+        runs.append(model.grads.copy())
+        np.testing.assert_allclose(lb, la, rtol=1e-12)
+        np.testing.assert_allclose(model.grads, ref.grads, rtol=1e-12, atol=1e-12 * np.abs(ref.grads).max())
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_the_algorithm_is_measured_once_and_cached(tmp_path, monkeypatch):
+    from fastvae.backends.cpu import conv_choice
+    monkeypatch.delenv("FASTVAE_CONV", raising=False)
+    be = backends.get("numba" if any(b["name"] == "numba" and b["available"] for b in backends.available())
+                      else "numpy", "float32")
+    calls = {"im2col": 0, "direct": 0}
+
+    def slow():
+        calls["im2col"] += 1
+        sum(range(20000))
+
+    trials = {"im2col": slow, "direct": lambda: calls.__setitem__("direct", calls["direct"] + 1)}
+    cache = str(tmp_path / "blas.json")
+    assert conv_choice.choose(be, "layer A", trials, cache=cache) == "direct"
+    assert calls["im2col"] == calls["direct"] == 10                    # 5 rounds, one untimed and one timed run each
+    assert conv_choice.choose(be, "layer A", trials, cache=cache) == "direct" and calls["direct"] == 10
+    entry = next(iter(json.loads(open(cache).read()).values()))
+    assert entry["choice"] == "direct" and entry["signature"] == "conv layer A" and set(entry["ms"]) == set(trials)
+    monkeypatch.setenv("FASTVAE_CONV", "im2col")
+    assert conv_choice.choose(be, "layer A", trials, cache=cache) == "im2col"
+    monkeypatch.setenv("FASTVAE_CONV", "fast")
+    with pytest.raises(ValueError, match="FASTVAE_CONV must be one of im2col, direct, auto, got 'fast'"):
+        conv_choice.choose(be, "layer B", trials, cache=cache)

@@ -261,7 +261,7 @@ def test_eval_names_a_flow_runs_per_dimension_kl_base(tmp_path):
 
 
 def test_a_new_flow_starts_as_the_gaussian_posterior():
-    """At initialisation (output layers zero) each step is z_t = sigmoid(1) z_{t-1}:
+    """At initialisation (output weights zero, s's bias 1) each step is z_t = sigmoid(2) z_{t-1}:
     the flow's sample and its KL terms are those of the Gaussian posterior, rescaled."""
     model = VAE(_iaf_model().config, seed=4)                         # as built, not randomized
     r = np.random.default_rng(8)
@@ -270,7 +270,7 @@ def test_a_new_flow_starts_as_the_gaussian_posterior():
     eps = r.normal(size=(3, L))
     ws = model.workspace(3)
     zT = model.sample_posterior_into(ws, head, eps).copy()
-    sig = 1.0 / (1.0 + np.exp(-1.0))
+    sig = 1.0 / (1.0 + np.exp(-2.0))
     z0 = head[:, :L] + np.exp(0.5 * head[:, L:2 * L]) * eps
     np.testing.assert_allclose(zT, sig ** 2 * z0, rtol=1e-14)
     log_q = -0.5 * (eps ** 2 + head[:, L:2 * L]).sum(1) - 2 * L * np.log(sig)    # 2 pi terms cancel with log p

@@ -137,7 +137,7 @@ from fastvae.objectives.btcvae import BetaTCVAEObjective  # noqa: E402
 
 def _paper_log_weights(estimator, B, N):
     """Chen et al. 2018, Appendix C, written out for the tests: MWS 1/(N B)
-    everywhere; MSS 1/N for the image's own posterior, (N - B + 2)/(N (B - 1))
+    everywhere; MSS 1/N for the image's own posterior, (N - B + 1)/(N (B - 1))
     for the next one (cyclically), 1/(B - 1) for the others."""
     if estimator == "mws":
         return np.full((B, B), -math.log(N * B))

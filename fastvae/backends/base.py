@@ -240,6 +240,38 @@ class Backend:
         over (i, j) in order."""
         raise NotImplementedError
 
+    # ---- direct convolution: no column buffer ----------------------------------
+    #: the convolution algorithms this backend runs: ``im2col`` (im2col / col2im
+    #: around a GEMM, every backend) and, where a kernel exists, ``direct``
+    conv_algorithms = ("im2col",)
+
+    def conv_direct(self, y, x, W, in_hwc, k, stride, padding, out_hw):  # pragma: no cover
+        """``y (B, Ho*Wo*F) = conv2d(x, W)`` without bias for ``x (B, H*W*C)``
+        channels-last and ``W (F, C, k, k)`` (PyTorch's layout): ``y[b, oh, ow,
+        f] = sum_{c, i, j} x[b, oh*s - p + i, ow*s - p + j, c] W[f, c, i, j]``,
+        the padding read as 0 (the product :meth:`im2col` and a GEMM give)."""
+        raise NotImplementedError
+
+    def conv_direct_dx(self, dx, dy, W, in_hwc, k, stride, padding, out_hw):  # pragma: no cover
+        """The adjoint of :meth:`conv_direct` (its input gradient, and a
+        transposed convolution's forward): ``dx (B, H*W*C)`` (overwritten) from
+        ``dy (B, Ho*Wo*F)``: every ``dy[b, oh, ow, f] W[f, c, i, j]`` added at
+        the pixel ``(oh*s - p + i, ow*s - p + j)`` it read, padding dropped."""
+        raise NotImplementedError
+
+    def conv_direct_dw(self, dW, x, dy, in_hwc, k, stride, padding, out_hw):  # pragma: no cover
+        """The weight gradient of :meth:`conv_direct`: ``dW[f, c, i, j] (F, C,
+        k, k)`` (overwritten) = ``sum_{b, oh, ow} x[b, oh*s - p + i, ow*s - p +
+        j, c] dy[b, oh, ow, f]``."""
+        raise NotImplementedError
+
+    def conv_algorithm(self, signature: str, trials) -> str:
+        """The convolution algorithm a layer of this ``signature`` (its
+        geometry and batch size) runs: ``im2col`` where it is the only one;
+        else the fastest of ``trials`` (algorithm -> a callable running the
+        layer's forward and backward with it), measured once and cached."""
+        return "im2col"
+
     def step_scalar(self, value):
         """A float that changes from step to step (a KL weight), as
         :meth:`array_op` functions take it: the value itself here; the cupy

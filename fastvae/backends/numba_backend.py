@@ -137,6 +137,45 @@ class NumbaBackend(TwoThreads, NumpyBackend):
         self._by_images(run, cols, x, x.shape[0])
         return cols
 
+    conv_algorithms = ("im2col", "direct")
+
+    def _weight_rows(self, name, W, order):
+        """``W (F, C, k, k)`` as contiguous rows: ``order`` (2, 3, 1, 0) gives
+        ``(k*k*C, F)`` (the forward's and dW's layout), (2, 3, 0, 1) ``(k*k*F, C)``."""
+        t = W.transpose(order)
+        out = self.scratch(name, (t.shape[0] * t.shape[1] * t.shape[2], t.shape[3]))
+        out.reshape(t.shape)[...] = t
+        return out
+
+    def conv_direct(self, y, x, W, in_hwc, k, stride, padding, out_hw):
+        F = W.shape[0]
+        Wt = self._weight_rows("direct_Wt", W, (2, 3, 1, 0))
+        self._by_images(lambda ys, xs, tid: KC.conv_direct(ys, xs, Wt, xs.shape[0], *in_hwc, k, stride, padding,
+                                                           *out_hw, F), y, x, x.shape[0])
+        return y
+
+    def conv_direct_dx(self, dx, dy, W, in_hwc, k, stride, padding, out_hw):
+        F = W.shape[0]
+        Wd = self._weight_rows("direct_Wd", W, (2, 3, 0, 1))
+        self._by_images(lambda dxs, dys, tid: KC.conv_direct_dx(dxs, dys, Wd, dys.shape[0], *in_hwc, k, stride,
+                                                                padding, *out_hw, F), dx, dy, dy.shape[0])
+        return dx
+
+    def conv_direct_dw(self, dW, x, dy, in_hwc, k, stride, padding, out_hw):
+        """Each thread's images into a partial sum of its own, added in a fixed order."""
+        F, C = dW.shape[:2]
+        parts = self.scratch("direct_dWt", (2, k * k * C, F))
+        parts[1] = 0
+        self._by_images(lambda xs, dys, tid: KC.conv_direct_dw(parts[tid], xs, dys, xs.shape[0], *in_hwc, k, stride,
+                                                               padding, *out_hw, F), x, dy, x.shape[0])
+        np.add(parts[0], parts[1], out=parts[0])
+        dW[...] = parts[0].reshape(k, k, C, F).transpose(3, 2, 0, 1)
+        return dW
+
+    def conv_algorithm(self, signature, trials):
+        from fastvae.backends.cpu import conv_choice
+        return conv_choice.choose(self, signature, trials)
+
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw):
         col2im = KC.col2im_narrow if in_hwc[2] < 8 else KC.col2im
         self._by_images(lambda xs, c, tid: col2im(xs, c, xs.shape[0], *in_hwc, k, stride, padding, *out_hw),

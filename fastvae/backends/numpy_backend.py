@@ -372,6 +372,33 @@ class NumpyBackend(Backend):
             rows[b0:b0 + n] = t6.reshape(n, Ho * Wo, k * k, C).transpose(0, 1, 3, 2)
         return cols
 
+    def _direct_cols(self, x, in_hwc, k, stride, padding, out_hw):
+        H, W, C = in_hwc
+        cols = self.scratch("direct_cols", (x.shape[0] * out_hw[0] * out_hw[1], C * k * k))
+        return NumpyBackend.im2col(self, cols, x, in_hwc, k, stride, padding, out_hw)
+
+    def conv_direct(self, y, x, W, in_hwc, k, stride, padding, out_hw):
+        """The reference: :meth:`im2col` into a buffer of its own, then one GEMM
+        (see :meth:`Backend.conv_direct`)."""
+        F = W.shape[0]
+        cols = self._direct_cols(x, in_hwc, k, stride, padding, out_hw)
+        np.matmul(cols, W.reshape(F, -1).T, out=y.reshape(-1, F))
+        return y
+
+    def conv_direct_dx(self, dx, dy, W, in_hwc, k, stride, padding, out_hw):
+        """The reference: one GEMM into a column buffer, then :meth:`col2im` (see :meth:`Backend.conv_direct_dx`)."""
+        F, C = W.shape[:2]
+        cols = self.scratch("direct_cols", (dy.shape[0] * out_hw[0] * out_hw[1], C * k * k))
+        np.matmul(dy.reshape(-1, F), W.reshape(F, -1), out=cols)
+        return NumpyBackend.col2im(self, dx, cols, in_hwc, k, stride, padding, out_hw)
+
+    def conv_direct_dw(self, dW, x, dy, in_hwc, k, stride, padding, out_hw):
+        """The reference: :meth:`im2col`, then one GEMM (see :meth:`Backend.conv_direct_dw`)."""
+        F = dW.shape[0]
+        cols = self._direct_cols(x, in_hwc, k, stride, padding, out_hw)
+        np.matmul(dy.reshape(-1, F).T, cols, out=dW.reshape(F, -1))
+        return dW
+
     def col2im(self, x, cols, in_hwc, k, stride, padding, out_hw, tid=0):
         """Array slicing (see :meth:`Backend.col2im`); ``tid`` as :meth:`im2col`'s."""
         H, W, C = in_hwc

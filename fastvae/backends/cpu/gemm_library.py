@@ -236,8 +236,10 @@ def cache_path() -> str:
     return os.path.join(cache_dir(), "blas.json")
 
 
-def _read_cache(path: str) -> dict:
-    """The cache's entries; a missing, unreadable or malformed file is an empty cache."""
+def read_entries(path: str) -> dict:
+    """Every well-formed entry of the choice cache (GEMM libraries and the
+    convolution algorithms of :mod:`fastvae.backends.cpu.conv_choice`); a
+    missing, unreadable or malformed file is an empty cache."""
     from fastvae.io.safe_files import open_regular, parse_json
     try:
         with open_regular(path, "BLAS choice cache", "") as fh:      # never blocks on a FIFO
@@ -247,7 +249,7 @@ def _read_cache(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in LIBRARIES}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in LIBRARIES + ("im2col", "direct")}
 
 
 def cache_key(names: List[str], signature: str) -> str:
@@ -268,7 +270,7 @@ def choose(backend, work: Callable[[], None], signature: str, cache: Optional[st
     names = available()
     path = cache or cache_path()
     key = cache_key(names, signature)
-    entries = _read_cache(path)
+    entries = read_entries(path)
     hit = entries.get(key)
     if hit and hit["choice"] in names:
         backend.blas = load(hit["choice"])

@@ -14,14 +14,27 @@ op``. Gradients through im2col / col2im: with ``cols = im2col(x)`` and ``pre =
 cols W^T + b``, ``dW = dpre^T cols``, ``db = sum dpre``, ``dx = col2im(dpre
 W)``; the transposed convolution swaps the roles (forward ``col2im(x W)``,
 backward ``im2col``).
+
+Algorithms: ``im2col`` (the column buffer and one GEMM per pass, every
+backend) or ``direct`` (the backend's :meth:`~fastvae.backends.base.Backend.conv_direct`
+and its adjoint and weight gradient, which read the image in place), chosen
+per layer, batch size and backend by :meth:`~fastvae.backends.base.Backend.conv_algorithm`
+when its workspace is made (on the Numba backend: measured once, cached).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from fastvae.errors import ConfigError
 from fastvae.nn.layers.base import Layer, State, uniform_init
+
+
+def np_random(shape):
+    """Uniform [0, 1) float64 host values of ``shape`` (a fixed seed): the images an algorithm trial runs on."""
+    return np.random.default_rng(0).random(shape)
 
 
 def conv_out(n: int, k: int, s: int, p: int) -> int:
@@ -55,6 +68,28 @@ class _ConvBase(Layer):
     def bind(self, layout, params, grads):
         self.W, self.dW = layout.view(params, self.name + ".W"), layout.view(grads, self.name + ".W")
         self.b, self.db = layout.view(params, self.name + ".b"), layout.view(grads, self.name + ".b")
+
+    def _algorithm(self, be, B, need_dx) -> str:
+        """This layer's algorithm at batch ``B`` on ``be``: the backend's
+        choice among its algorithms, each tried on random images through this
+        layer's own forward and backward (they write only its gradient, which
+        every step overwrites)."""
+        if len(be.conv_algorithms) < 2:
+            return "im2col"
+        H, W, C = self.in_hwc
+        sig = (f"{self.spec_type} {H}x{W}x{C} k{self.k} s{self.s} p{self.p} -> {'x'.join(map(str, self.out_hwc))} "
+               f"B{B} dx{int(need_dx)} {be.dtype}")
+        x = be.asarray(np_random((B, self.in_features)))
+        dy = be.asarray(np_random((B, self.out_features)))
+
+        def trial(algo):
+            st = self._workspace_for(be, B, need_dx, algo)
+            d = be.empty(dy.shape)
+            return lambda: (self.forward(be, st, x, None), d.__setitem__(Ellipsis, dy), self.backward(be, st, d, None))
+        return be.conv_algorithm(sig, {a: trial(a) for a in be.conv_algorithms})
+
+    def workspace(self, be, B, need_dx):
+        return self._workspace_for(be, B, need_dx, self._algorithm(be, B, need_dx))
 
     def _out_workspace(self, be, B, need_dx):
         st = State()
@@ -125,14 +160,21 @@ class Conv2d(_ConvBase):
         """Elements of the im2col buffer per image: ``Ho Wo x Cin k k``."""
         return self.out_hwc[0] * self.out_hwc[1] * self.in_hwc[2] * self.k * self.k
 
-    def workspace(self, be, B, need_dx):
+    def _workspace_for(self, be, B, need_dx, algo):
         st = self._out_workspace(be, B, need_dx)
+        st.algo = algo
         Ho, Wo, _ = self.out_hwc
-        st.cols = be.empty((B * Ho * Wo, self.in_hwc[2] * self.k * self.k))
+        st.cols = be.empty((B * Ho * Wo, self.in_hwc[2] * self.k * self.k)) if algo == "im2col" else None
         return st
 
     def forward(self, be, st, x, step):
-        """``cols = im2col(x)``; ``pre = cols W^T`` (one GEMM, already channels-last); bias + act."""
+        """``cols = im2col(x)``; ``pre = cols W^T`` (one GEMM, already channels-last); bias + act.
+        Direct: ``pre = conv_direct(x, W)``."""
+        st.x = x
+        if st.algo == "direct":
+            be.conv_direct(st.pre, x, self.W, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
+            self._bias_act(be, st)
+            return st.y
         be.im2col(st.cols, x, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
         F = self.channels
         be.gemm(st.view("pre", st.pre, -1, F), st.cols, st.view("W", self.W, F, -1), trans_b=True)
@@ -144,6 +186,11 @@ class Conv2d(_ConvBase):
         column buffer is reused for ``dcols`` once dW is done)."""
         F = self.channels
         d = self._act_backward(be, st, dy)
+        if st.algo == "direct":                     # dy now holds dpre
+            be.conv_direct_dw(self.dW, st.x, dy, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
+            if st.dx is None:
+                return None
+            return be.conv_direct_dx(st.dx, dy, self.W, self.in_hwc, self.k, self.s, self.p, self.out_hwc[:2])
         be.gemm(st.view("dW", self.dW, F, -1), d, st.cols, trans_a=True)
         if st.dx is None:
             return None
@@ -198,16 +245,22 @@ class ConvTranspose2d(_ConvBase):
         """Elements of the column buffer per image: ``H W x Cout k k``."""
         return self.in_hwc[0] * self.in_hwc[1] * self.channels * self.k * self.k
 
-    def workspace(self, be, B, need_dx):
+    def _workspace_for(self, be, B, need_dx, algo):
         st = self._out_workspace(be, B, need_dx)
+        st.algo = algo
         H, W, _ = self.in_hwc
-        st.cols = be.empty((B * H * W, self.channels * self.k * self.k))
+        st.cols = be.empty((B * H * W, self.channels * self.k * self.k)) if algo == "im2col" else None
         return st
 
     def forward(self, be, st, x, step):
-        """``cols = x W`` (one GEMM), ``pre = col2im(cols)``; bias + act."""
+        """``cols = x W`` (one GEMM), ``pre = col2im(cols)``; bias + act.
+        Direct: ``pre = conv_direct_dx(x, W)`` (the adjoint convolution's input gradient)."""
         Cin = self.in_hwc[2]
         st.x = x
+        if st.algo == "direct":
+            be.conv_direct_dx(st.pre, x, self.W, self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
+            self._bias_act(be, st)
+            return st.y
         be.gemm(st.cols, st.view("x", x, -1, Cin), st.view("W", self.W, Cin, -1))
         be.col2im(st.pre, st.cols, self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
         self._bias_act(be, st)
@@ -217,6 +270,11 @@ class ConvTranspose2d(_ConvBase):
         """``dcols = im2col(dpre)``, ``dW = x^T dcols``, ``dx = dcols W^T``."""
         Cin = self.in_hwc[2]
         d = self._act_backward(be, st, dy)
+        if st.algo == "direct":                     # dy now holds dpre, the adjoint convolution's input
+            be.conv_direct_dw(self.dW, dy, st.x, self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
+            if st.dx is None:
+                return None
+            return be.conv_direct(st.dx, dy, self.W, self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
         be.im2col(st.cols, st.view("dpre", d, dy.shape[0], -1), self.out_hwc, self.k, self.s, self.p, self.in_hwc[:2])
         be.gemm(st.view("dW", self.dW, Cin, -1), st.view("x", st.x, -1, Cin), st.cols, trans_a=True)
         if st.dx is None:

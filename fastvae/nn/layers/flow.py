@@ -14,10 +14,11 @@ keeps s "sufficiently positive", Sec. 4). Its Jacobian is triangular with
 diagonal ``sig``, so ``log q(z_t|x) = log q(z_{t-1}|x) - sum_j log sig_j``.
 Consecutive steps reverse the order (the paper reverses z).
 
-Initialisation: the MADE's output layer starts at zero (weights and
-biases), so at the first step every flow step is ``z_t = sigmoid(1)
-z_{t-1}``, a fixed elementwise scaling: the posterior starts as the
-Gaussian posterior (rescaled), and the steps depart from it as they learn.
+Initialisation: the MADE's output layer starts with zero weights, m's bias
+at 0 and s's at 1, so a new step is ``z_t = sigmoid(2) z_{t-1}`` (0.88
+z_{t-1}): the flow starts as the Gaussian posterior, rescaled, near the
+identity, with ``s + 1 = 2`` as the paper advises ("close to +1 or +2",
+Sec. 4), and departs from it as it learns.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fastvae.nn.layers.dense import MaskedDense
 
 #: added to s before the sigmoid (Kingma et al. 2016, Sec. 4)
 FORGET_BIAS = 1.0
+#: the initial bias of s: the gate starts at sigmoid(FORGET_BIAS + S_BIAS_INIT) = sigmoid(2)
+S_BIAS_INIT = 1.0
 
 
 def made_masks(L: int, H: int, reverse: bool):
@@ -64,7 +67,7 @@ class IAFStep(Layer):
     """One IAF step on ``z (B, L)``: ``{name}.hidden`` (masked dense L + C ->
     H, ``activation``; the C context inputs ``step.context`` unmasked) and
     ``{name}.out`` (masked dense H -> 2L stored as ``{name}.m`` and
-    ``{name}.s``, initialised to zero), then the gate (:meth:`Backend.iaf_gate`).
+    ``{name}.s``, weights initialised to zero), then the gate (:meth:`Backend.iaf_gate`).
     Forward adds the step's terms to the per-image KL estimate that the
     sampler started (``step.kl``); backward chains both paths, the gate's
     direct one and the one through the MADE, whose context part it adds to
@@ -98,12 +101,15 @@ class IAFStep(Layer):
             p.bind(layout, params, grads)
 
     def init_params(self, host, layout, rng, scheme):
-        """The hidden layer by ``scheme``; the output layer zero (the module docstring)."""
+        """The hidden layer by ``scheme``; the output layer's weights zero,
+        m's bias 0 and s's :data:`S_BIAS_INIT` (the module docstring)."""
         for p in self.parts:
             p.init_params(host, layout, rng, scheme)
-        for t in self.out.tensors:
+        m, s = self.out.tensors
+        for t in (m, s):
             layout.view(host, t + ".W")[...] = 0
-            layout.view(host, t + ".b")[...] = 0
+        layout.view(host, m + ".b")[...] = 0
+        layout.view(host, s + ".b")[...] = S_BIAS_INIT
 
     def workspace(self, be, B, need_dx):
         st = State()
