@@ -31,6 +31,18 @@ PRIMS = ["gemm", "im2col", "col2im", "bias_act", "act_backward", "col_sum", "rep
          "likelihood", "adam_update"]
 
 
+def _timed(be, f, acc, key):
+    """``f`` wrapped to add its synchronised seconds to ``acc[key]``."""
+    def timed(*a, **k):
+        be.synchronize()
+        t = time.perf_counter()
+        r = f(*a, **k)
+        be.synchronize()
+        acc[key] += time.perf_counter() - t
+        return r
+    return timed
+
+
 def profile(name, wl, steps):
     be, model, step = training_step(name, wl)
     if be.device == "cpu":
@@ -39,15 +51,7 @@ def profile(name, wl, steps):
         step()
     acc = collections.defaultdict(float)
     for p in PRIMS:
-        f = getattr(be, p)
-
-        def timed(*a, _f=f, _p=p, **k):
-            t = time.perf_counter()
-            r = _f(*a, **k)
-            be.synchronize()
-            acc[_p] += time.perf_counter() - t
-            return r
-        setattr(be, p, timed)
+        setattr(be, p, _timed(be, getattr(be, p), acc, p))
     steps = max(3, min(steps, int(2.0 / max(wl["batch_size"] * wl["input_dim"] * 2e-9, 1e-4))))
     t = time.perf_counter()
     for _ in range(steps):
@@ -98,16 +102,7 @@ def profile_layers(name, wl, steps, peak):
     fwd, bwd = collections.defaultdict(float), collections.defaultdict(float)
     for i, layer in enumerate(model.layers):
         for acc, meth in ((fwd, "forward"), (bwd, "backward")):
-            f = getattr(layer, meth)
-
-            def timed(*a, _f=f, _acc=acc, _i=i, **k):
-                be.synchronize()
-                t = time.perf_counter()
-                r = _f(*a, **k)
-                be.synchronize()
-                _acc[_i] += time.perf_counter() - t
-                return r
-            setattr(layer, meth, timed)
+            setattr(layer, meth, _timed(be, getattr(layer, meth), acc, i))
     steps = max(3, min(steps, 50))
     for _ in range(steps):
         step()

@@ -153,31 +153,44 @@ def col2im_narrow(x, cols, B, H, W, C, k, s, p, Ho, Wo):
 # so that the innermost loop runs over the F output channels of one pixel, contiguous in y and in Wt.
 
 @_jit
+def _taps(base, tap, oh, ow, H, W, C, k, s, p):
+    """The taps of output pixel (oh, ow) that fall inside the image, in (i, j)
+    order: ``base[t]`` the offset of the pixel read, ``tap[t] = i*k + j``;
+    returns their count."""
+    n = 0
+    for i in range(k):
+        ih = oh * s - p + i
+        if ih < 0 or ih >= H:
+            continue
+        for j in range(k):
+            iw = ow * s - p + j
+            if iw < 0 or iw >= W:
+                continue
+            base[n] = (ih * W + iw) * C
+            tap[n] = i * k + j
+            n += 1
+    return n
+
+
+@_jit
 def conv_direct(y, x, Wt, B, H, W, C, k, s, p, Ho, Wo, F):
     """y[b, oh, ow, f] = sum_{i, j, c} x[b, oh*s - p + i, ow*s - p + j, c] W[f, c, i, j]
     (no bias), padding read as 0; x (B, H*W*C), y (B, Ho*Wo*F). Each output
     pixel's F sums accumulate in a local row, taps and channels in a fixed
     order (deterministic)."""
     acc = np.empty(F, y.dtype)
+    base, tap = np.empty(k * k, np.int64), np.empty(k * k, np.int64)
     for b in range(B):
         xb, yb = x[b], y[b]
         for oh in range(Ho):
             for ow in range(Wo):
                 acc[:] = 0
-                for i in range(k):
-                    ih = oh * s - p + i
-                    if ih < 0 or ih >= H:
-                        continue
-                    for j in range(k):
-                        iw = ow * s - p + j
-                        if iw < 0 or iw >= W:
-                            continue
-                        base, wrow = (ih * W + iw) * C, (i * k + j) * C
-                        for c in range(C):
-                            xv = xb[base + c]
-                            wr = Wt[wrow + c]
-                            for f in range(F):
-                                acc[f] += xv * wr[f]
+                for t in range(_taps(base, tap, oh, ow, H, W, C, k, s, p)):
+                    for c in range(C):
+                        xv = xb[base[t] + c]
+                        wr = Wt[tap[t] * C + c]
+                        for f in range(F):
+                            acc[f] += xv * wr[f]
                 o = (oh * Wo + ow) * F
                 for f in range(F):
                     yb[o + f] = acc[f]
@@ -191,29 +204,22 @@ def conv_direct_dx(dx, dy, Wd, B, H, W, C, k, s, p, Ho, Wo, F):
     (B, H*W*C); dy (B, Ho*Wo*F). Scatter in a fixed order (deterministic):
     each tap's C sums in a local row, then added to dx."""
     acc = np.empty(C, dx.dtype)
+    base, tap = np.empty(k * k, np.int64), np.empty(k * k, np.int64)
     for b in range(B):
         dxb, dyb = dx[b], dy[b]
         dxb[:] = 0
         for oh in range(Ho):
             for ow in range(Wo):
                 o = (oh * Wo + ow) * F
-                for i in range(k):
-                    ih = oh * s - p + i
-                    if ih < 0 or ih >= H:
-                        continue
-                    for j in range(k):
-                        iw = ow * s - p + j
-                        if iw < 0 or iw >= W:
-                            continue
-                        base, wrow = (ih * W + iw) * C, (i * k + j) * F
-                        acc[:] = 0
-                        for f in range(F):
-                            g = dyb[o + f]
-                            wr = Wd[wrow + f]
-                            for c in range(C):
-                                acc[c] += g * wr[c]
+                for t in range(_taps(base, tap, oh, ow, H, W, C, k, s, p)):
+                    acc[:] = 0
+                    for f in range(F):
+                        g = dyb[o + f]
+                        wr = Wd[tap[t] * F + f]
                         for c in range(C):
-                            dxb[base + c] += acc[c]
+                            acc[c] += g * wr[c]
+                    for c in range(C):
+                        dxb[base[t] + c] += acc[c]
 
 
 @_jit
@@ -222,22 +228,15 @@ def conv_direct_dw(dWt, x, dy, B, H, W, C, k, s, p, Ho, Wo, F):
     j)*C + c, f] = sum_{b, oh, ow} x[b, ih, iw, c] dy[b, oh, ow, f]
     (overwritten); images, pixels, taps and channels in a fixed order."""
     dWt[:] = 0
+    base, tap = np.empty(k * k, np.int64), np.empty(k * k, np.int64)
     for b in range(B):
         xb, dyb = x[b], dy[b]
         for oh in range(Ho):
             for ow in range(Wo):
                 o = (oh * Wo + ow) * F
-                for i in range(k):
-                    ih = oh * s - p + i
-                    if ih < 0 or ih >= H:
-                        continue
-                    for j in range(k):
-                        iw = ow * s - p + j
-                        if iw < 0 or iw >= W:
-                            continue
-                        base, wrow = (ih * W + iw) * C, (i * k + j) * C
-                        for c in range(C):
-                            xv = xb[base + c]
-                            wr = dWt[wrow + c]
-                            for f in range(F):
-                                wr[f] += xv * dyb[o + f]
+                for t in range(_taps(base, tap, oh, ow, H, W, C, k, s, p)):
+                    for c in range(C):
+                        xv = xb[base[t] + c]
+                        wr = dWt[tap[t] * C + c]
+                        for f in range(F):
+                            wr[f] += xv * dyb[o + f]

@@ -588,3 +588,22 @@ def test_library_helpers_name_arguments_of_the_wrong_kind(trained, tmp_path):
     codes = np.repeat(np.eye(2), 10, axis=0) + np.linspace(0, 0.01, 20)[:, None]
     factors = np.repeat([0.0, 1.0], 10)[:, None]
     assert explore.mig(codes, factors)["mig"] == pytest.approx(explore.mig(codes, factors.astype(int))["mig"])
+
+
+def test_mig_points_come_from_the_generator_or_the_training_split():
+    from types import SimpleNamespace
+    from fastvae.cli import _mig_points
+    from fastvae.datasets.dataset import Dataset
+    model = SimpleNamespace(config=SimpleNamespace(image_shape=(32, 32)))
+    sprites = datasets.make_sprites(40, seed=0, size=32)
+    x, f, source = _mig_points(model, sprites, 300, 2)
+    assert x.shape == (300, 32 * 32) and f.shape == (300, 5) and source == "sprites generator, seed 1000002"
+    again = datasets.make_sprites(300, seed=10 ** 6 + 2, size=32, test_fraction=0)
+    np.testing.assert_array_equal(x, again.x_train)
+    r = np.random.default_rng(0)
+    other = Dataset("npz", r.random((50, 4)), None, r.random((10, 4)), None, (2, 2),
+                    factors_train=r.integers(0, 3, (50, 2)), factors_test=r.integers(0, 3, (10, 2)))
+    x, f, source = _mig_points(model, other, 20, 0)
+    np.testing.assert_array_equal(x, other.x_train[:20])
+    assert source == "train split" and len(f) == 20
+    assert _mig_points(model, Dataset("npz", r.random((5, 4)), None, None, None, (2, 2)), 20, 0) is None
