@@ -69,23 +69,34 @@ class _ConvBase(Layer):
         self.W, self.dW = layout.view(params, self.name + ".W"), layout.view(grads, self.name + ".W")
         self.b, self.db = layout.view(params, self.name + ".b"), layout.view(grads, self.name + ".b")
 
+    #: the batch an algorithm trial runs at, at most: the algorithms' costs grow alike with the batch
+    TRIAL_BATCH = 64
+
     def _algorithm(self, be, B, need_dx) -> str:
         """This layer's algorithm at batch ``B`` on ``be``: the backend's
-        choice among its algorithms, each tried on random images through this
-        layer's own forward and backward (they write only its gradient, which
-        every step overwrites)."""
+        choice among its algorithms (:meth:`~fastvae.backends.base.Backend.conv_algorithm`),
+        each tried, only when the choice is not cached, on random images (a
+        batch of at most :data:`TRIAL_BATCH`) through this layer's own forward
+        and backward, which write only its gradient (every step overwrites it)."""
         if len(be.conv_algorithms) < 2:
             return "im2col"
         H, W, C = self.in_hwc
+        n = min(B, self.TRIAL_BATCH)
         sig = (f"{self.spec_type} {H}x{W}x{C} k{self.k} s{self.s} p{self.p} -> {'x'.join(map(str, self.out_hwc))} "
-               f"B{B} dx{int(need_dx)} {be.dtype}")
-        x = be.asarray(np_random((B, self.in_features)))
-        dy = be.asarray(np_random((B, self.out_features)))
+               f"B{n} dx{int(need_dx)} {be.dtype}")
+        made = {}
 
         def trial(algo):
-            st = self._workspace_for(be, B, need_dx, algo)
-            d = be.empty(dy.shape)
-            return lambda: (self.forward(be, st, x, None), d.__setitem__(Ellipsis, dy), self.backward(be, st, d, None))
+            def run():
+                if algo not in made:            # the buffers of a trial, made when it first runs
+                    made[algo] = (self._workspace_for(be, n, need_dx, algo), be.empty((n, self.out_features)))
+                    made.setdefault("x", be.asarray(np_random((n, self.in_features))))
+                    made.setdefault("dy", be.asarray(np_random((n, self.out_features))))
+                st, d = made[algo]
+                self.forward(be, st, made["x"], None)
+                d[...] = made["dy"]
+                self.backward(be, st, d, None)
+            return run
         return be.conv_algorithm(sig, {a: trial(a) for a in be.conv_algorithms})
 
     def workspace(self, be, B, need_dx):
