@@ -142,12 +142,12 @@ def randomize_flows(model, seed=0, scale=0.5):
     return model
 
 
-def full_gradient_check(cfg, beta=0.7, B=4, seed=0):
-    """The whole loss of a float64 VAE built from ``cfg`` (IAF output layers
-    made non-zero: :func:`randomize_flows`): loss_and_grad's gradient against
-    central differences through the sampler (fixed eps)."""
+def full_gradient_check(cfg, beta=0.7, B=4, seed=0, backend="numpy"):
+    """The whole loss of a float64 VAE built from ``cfg`` on ``backend`` (IAF
+    output layers made non-zero: :func:`randomize_flows`): loss_and_grad's
+    gradient against central differences through the sampler (fixed eps)."""
     from fastvae import VAE
-    model = randomize_flows(VAE(cfg, "numpy", seed=seed), seed)
+    model = randomize_flows(VAE(cfg, backend, seed=seed), seed)
     r = np.random.default_rng(seed + 1)
     x = r.random((B, cfg.input_dim))
     eps = r.normal(size=(B, cfg.latent_dim))

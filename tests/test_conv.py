@@ -302,6 +302,13 @@ def test_direct_convnets_train_as_the_reference(monkeypatch):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_direct_convnet_gradient_matches_central_differences(monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setenv("FASTVAE_CONV", "direct")
+    model = full_gradient_check(small_cfg(), beta=0.8, B=3, backend="numba")
+    assert {st.algo for st in model.workspace(3).states if hasattr(st, "algo")} == {"direct"}
+
+
 def test_the_algorithm_is_measured_once_and_cached(tmp_path, monkeypatch):
     from fastvae.backends.cpu import conv_choice
     monkeypatch.delenv("FASTVAE_CONV", raising=False)
