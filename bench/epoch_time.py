@@ -1,14 +1,16 @@
-"""Epoch-level training speed on real MNIST: fastvae's CPU backends against
+"""Epoch-level training speed on real MNIST (or the built-in sprites): fastvae's CPU backends against
 the PyTorch twin, same data, same settings, same initial weights, same run.
 
     python bench/epoch_time.py [--epochs 6] [--workloads 784-400-20/b128 784-1000-2/b32]
-                               [--backends numba numpy] [--settle 1.0] [--min-clean 3]
+                               [--backends numba numpy] [--settle 1.0] [--min-clean 3] [--n-sprites 6000]
                                [--name epoch_time]
 
 Workloads: the standard MNIST MLPs, one of your own written as 784-H-...-L/bB,
-or the seed's ConvNet (conv28-L/bB, e.g. conv28-20/b128).
-Every contender trains its own model on the 24,000-image training file
-(../shared/data/mnist; skipped with a message when absent): Bernoulli
+the seed's ConvNet (conv28-L/bB, e.g. conv28-20/b128), or the Burgess et al.
+ConvNet on 64x64 sprites (conv64-L/bB, e.g. conv64-10/b64).
+Every contender trains its own model on the 24,000-image MNIST training file
+(../shared/data/mnist; skipped with a message when absent), or for conv64 on
+``--n-sprites`` built-in sprites (90 % of them for training): Bernoulli
 likelihood on continuous pixels, Adam lr 1e-3, beta 1. The epochs are
 interleaved: epoch k of each contender runs (rotated order, ``--settle``
 seconds of sleep first) before epoch k+1 of any, so the machine's slow phases
@@ -62,10 +64,9 @@ def denormals(a) -> int:
     return int(np.count_nonzero((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)))
 
 
-def ours(name, wl, ds, data_dir):
+def ours(name, wl, ds, dcfg):
     t = Trainer(workload_config(wl), TrainConfig(epochs=10 ** 6, batch_size=wl["batch_size"], lr=1e-3, seed=0),
-                DataConfig(dataset="mnist", data_dir=data_dir), dataset=ds, progress=False,
-                settings=RunSettings(backend=name))
+                dcfg, dataset=ds, progress=False, settings=RunSettings(backend=name))
 
     def epoch():
         fit_backend(t.backend, t.model)      # this backend's threads again, after the others' epochs (untimed)
@@ -127,11 +128,13 @@ def typical(secs, clean):
     return statistics.median(kept if len(kept) >= 2 else secs[1:] or secs), len(kept)
 
 
-def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
+def run(workloads, backends, epochs, settle, data, min_clean=3):
+    """``data``: input size -> ``(dataset, its DataConfig)``."""
     rows, probe = [], CoreProbe()
     for wname in workloads:
         wl = workload(wname)
-        cands = [ours(b, wl, ds, data_dir) for b in backends]
+        ds, dcfg = data[wl["input_dim"]]
+        cands = [ours(b, wl, ds, dcfg) for b in backends]
         try:
             cands += [torch_twin(adam, wl, ds) for adam in ("fused", "foreach")]
         except ImportError as exc:
@@ -140,7 +143,7 @@ def run(workloads, backends, epochs, settle, ds, data_dir, min_clean=3):
         meds = [typical(s, c) for s, c in zip(secs, clean)]
         peer = next((m for c, (m, _) in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
         for (row, _, count), s, c, (med, n_clean) in zip(cands, secs, clean, meds):
-            row.update(workload=wname, epoch_seconds=[round(x, 3) for x in s], clean=c, clean_epochs=n_clean,
+            row.update(workload=wname, data=ds.name, train_images=int(ds.x_train.shape[0]), epoch_seconds=[round(x, 3) for x in s], clean=c, clean_epochs=n_clean,
                        probe_speedups=[round(p, 2) for p in probes], first_epoch_s=s[0], median_s=med,
                        images_per_s=ds.x_train.shape[0] / med, vs_torch_fused=peer / med if peer else None,
                        adam_m_denormals=count())
@@ -160,9 +163,9 @@ def markdown(rows, env) -> str:
     probes = [p for r in rows for p in r["probe_speedups"]]
     out.append("")
     out.append(f"{env['processor']}, {env['cpus']} CPUs; {blas_line(env)}; numpy {env['numpy']}, "
-               f"numba {env.get('numba')}, torch {env.get('torch')}; {env['date']}. Real MNIST, "
-               f"{env['train_images']:,} training images, "
-               f"{env['settle_s']} s settle before each epoch. * : the all-core GEMM speedup probed before or "
+               f"numba {env.get('numba')}, torch {env.get('torch')}; {env['date']}. "
+               + "; ".join(sorted({f"{r['data']}: {r['train_images']:,} training images" for r in rows}))
+               + f"; {env['settle_s']} s settle before each epoch. * : the all-core GEMM speedup probed before or "
                f"after that epoch was under 0.9 of the run's typical best (the host held part of a core; probes "
                f"{min(probes):.2f}-{max(probes):.2f}); the median leaves those out when two or "
                "more clean epochs remain.")
@@ -178,28 +181,34 @@ def main():
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--min-clean", type=int, default=3,
                     help="epochs go on (up to 3x --epochs) until each contender has this many clean ones")
+    ap.add_argument("--n-sprites", type=int, default=6000, help="sprites drawn for the conv64 workloads")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--name", default="epoch_time")
     a = ap.parse_args()
-    if not os.path.exists(a.data_dir):
-        print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
-        return 0
-    try:                                  # the standard ones, an MLP of your own (784-H-...-L/bB), conv28-L/bB
+    try:                                  # the standard ones, an MLP of your own (784-H-...-L/bB), conv28-L/bB, conv64
         wls = {w: workload(w) for w in a.workloads}
-        bad = [w for w, wl in wls.items() if wl["input_dim"] != 784]
+        bad = [w for w, wl in wls.items() if wl["input_dim"] not in (784, 4096)]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if bad:
-        print(f"error: {bad} are not MNIST workloads (784 inputs); choose from "
-              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] == 784]} "
-              "or write your own as 784-H-...-L/bB or conv28-L/bB", file=sys.stderr)
+        print(f"error: {bad} are neither MNIST workloads (784 inputs) nor 64x64 sprites ones; choose from "
+              f"{[w for w, v in WORKLOADS.items() if v['input_dim'] in (784, 4096)]} "
+              "or write your own as 784-H-...-L/bB, conv28-L/bB or conv64-L/bB", file=sys.stderr)
         return 2
-    ds = datasets.load(DataConfig(dataset="mnist", data_dir=a.data_dir, download=False))
+    data = {}
+    if any(wl["input_dim"] == 784 for wl in wls.values()):
+        if not os.path.exists(a.data_dir):
+            print(f"skipped: MNIST not found in {a.data_dir}", file=sys.stderr)
+            return 0
+        dcfg = DataConfig(dataset="mnist", data_dir=a.data_dir, download=False)
+        data[784] = (datasets.load(dcfg), dcfg)
+    if any(wl["input_dim"] == 4096 for wl in wls.values()):
+        dcfg = DataConfig(dataset="sprites", n_sprites=a.n_sprites)
+        data[4096] = (datasets.load(dcfg), dcfg)
     env = dict(environment(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-               fastvae=fastvae.__version__, train_images=int(ds.x_train.shape[0]), epochs=a.epochs,
-               settle_s=a.settle)
-    rows = run(a.workloads, a.backends, a.epochs, a.settle, ds, a.data_dir, a.min_clean)
+               fastvae=fastvae.__version__, epochs=a.epochs, settle_s=a.settle)
+    rows = run(a.workloads, a.backends, a.epochs, a.settle, data, a.min_clean)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, a.name + ".json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=2)

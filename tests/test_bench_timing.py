@@ -163,9 +163,10 @@ def test_epoch_benchmark_on_real_mnist(tmp_path):
     assert md.count("| 784-400-20/b128 |") == len(rows)
 
 
-def test_epoch_benchmark_takes_the_mnist_workloads_the_convnet_included(tmp_path, monkeypatch, capsys):
-    """784-input workloads (the MLPs and the seed's ConvNet, conv28) reach
-    the data loading; another input size is refused with the choices."""
+def test_epoch_benchmark_takes_the_mnist_and_sprites_workloads(tmp_path, monkeypatch, capsys):
+    """784-input workloads (the MLPs and the seed's ConvNet, conv28) and the
+    Burgess net on 64x64 sprites (conv64) reach the data loading; another
+    input size is refused with the choices."""
     mod = _epoch_time()
 
     class Loaded(Exception):
@@ -174,14 +175,14 @@ def test_epoch_benchmark_takes_the_mnist_workloads_the_convnet_included(tmp_path
     def load(cfg):
         raise Loaded
     monkeypatch.setattr(mod.datasets, "load", load)
-    for w in ("conv28-20/b128", "784-400-20/b128"):
+    for w in ("conv28-20/b128", "784-400-20/b128", "conv64-10/b64"):
         monkeypatch.setattr("sys.argv", ["epoch_time", "--data-dir", str(tmp_path), "--workloads", w])
         with pytest.raises(Loaded):
             mod.main()
-    monkeypatch.setattr("sys.argv", ["epoch_time", "--data-dir", str(tmp_path), "--workloads", "conv64-10/b64"])
+    monkeypatch.setattr("sys.argv", ["epoch_time", "--data-dir", str(tmp_path), "--workloads", "3072-512-64/b256"])
     assert mod.main() == 2
     err = capsys.readouterr().err
-    assert "not MNIST workloads" in err and "conv28-20/b128" in err
+    assert "neither MNIST workloads" in err and "conv28-20/b128" in err and "conv64-L/bB" in err
 
 
 def test_rounds_run_while_a_core_was_taken_are_left_out_and_more_rounds_run():
