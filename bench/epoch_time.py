@@ -143,7 +143,8 @@ def run(workloads, backends, epochs, settle, data, min_clean=3):
         meds = [typical(s, c) for s, c in zip(secs, clean)]
         peer = next((m for c, (m, _) in zip(cands, meds) if c[0]["backend"] == "torch-fused"), None)
         for (row, _, count), s, c, (med, n_clean) in zip(cands, secs, clean, meds):
-            row.update(workload=wname, data=ds.name, train_images=int(ds.x_train.shape[0]), epoch_seconds=[round(x, 3) for x in s], clean=c, clean_epochs=n_clean,
+            row.update(workload=wname, data=ds.name, train_images=int(ds.x_train.shape[0]),
+                       epoch_seconds=[round(x, 3) for x in s], clean=c, clean_epochs=n_clean,
                        probe_speedups=[round(p, 2) for p in probes], first_epoch_s=s[0], median_s=med,
                        images_per_s=ds.x_train.shape[0] / med, vs_torch_fused=peer / med if peer else None,
                        adam_m_denormals=count())

@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: name: (objective, ModelConfig fields, TrainConfig fields)
 VARIANTS = {"elbo": ("elbo", {}, {}), "iwae": ("iwae", {}, {}),
-            "btcvae_mss": ("btcvae", {}, {"tc_estimator": "mss"}), "btcvae_mws": ("btcvae", {}, {"tc_estimator": "mws"}),
+            "btcvae_mss": ("btcvae", {}, {"tc_estimator": "mss"}),
+            "btcvae_mws": ("btcvae", {}, {"tc_estimator": "mws"}),
             "iaf2": ("elbo", {"posterior": "iaf", "flows": 2}, {}),
             "iaf2_no_context": ("elbo", {"posterior": "iaf", "flows": 2, "flow_context": False}, {}),
             "iaf2_iwae": ("iwae", {"posterior": "iaf", "flows": 2}, {})}
