@@ -143,6 +143,7 @@ class BetaTCVAEObjective:
         self.comm = comm if comm is not None and comm.size > 1 else None
         self.dwkl_warmup = float(dwkl_warmup)
         self.gamma = 1.0
+        self._logw = {}                       # batch size -> the estimator's log weights on the backend
 
     def set_time(self, epoch: float) -> None:
         """The dimension-wise KL weight ``gamma`` of the step at ``epoch``
@@ -155,12 +156,9 @@ class BetaTCVAEObjective:
     def log_weights(self, B: int):
         """:func:`log_weights` of this objective's estimator for a batch of
         ``B`` (N the training set size), on the backend (cached per B)."""
-        be = self.model.backend
-        key = ("btcvae", "logw", self.estimator, B, self.n_train)
-        cache = self.__dict__.setdefault("_logw", {})
-        if key not in cache:
-            cache[key] = be.asarray(log_weights(self.estimator, B, self.n_train))
-        return cache[key]
+        if B not in self._logw:
+            self._logw[B] = self.model.backend.asarray(log_weights(self.estimator, B, self.n_train))
+        return self._logw[B]
 
     def terms(self, mu, logvar, z, coef: float = 0.0, coef_dim: float = 0.0, dz=None, dmu=None, dlogvar=None):
         """Per-image ``(log q(z|x), log q(z), sum_d log q(z_d), log p(z))`` (B,)

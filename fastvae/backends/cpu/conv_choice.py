@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 from fastvae.backends.cpu import gemm_library
 from fastvae.backends.cpu.compare import compare
@@ -34,7 +34,8 @@ def forced(backend) -> str:
     return choice
 
 
-def choose(backend, signature: str, trials: Dict[str, Callable[[], None]], cache: str = None) -> str:
+def choose(backend, signature: str, trials: Dict[str, Callable[[], None]],
+           cache: Optional[str] = None) -> str:
     """The algorithm of ``trials`` (name -> a callable running the layer's
     forward and backward with it) that runs fastest, from the cache when it
     holds this ``signature`` on this machine, else measured (5 interleaved

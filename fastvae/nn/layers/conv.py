@@ -32,7 +32,7 @@ from fastvae.errors import ConfigError
 from fastvae.nn.layers.base import Layer, State, uniform_init
 
 
-def np_random(shape):
+def _np_random(shape):
     """Uniform [0, 1) float64 host values of ``shape`` (a fixed seed): the images an algorithm trial runs on."""
     return np.random.default_rng(0).random(shape)
 
@@ -90,8 +90,8 @@ class _ConvBase(Layer):
             def run():
                 if algo not in made:            # the buffers of a trial, made when it first runs
                     made[algo] = (self._workspace_for(be, n, need_dx, algo), be.empty((n, self.out_features)))
-                    made.setdefault("x", be.asarray(np_random((n, self.in_features))))
-                    made.setdefault("dy", be.asarray(np_random((n, self.out_features))))
+                    made.setdefault("x", be.asarray(_np_random((n, self.in_features))))
+                    made.setdefault("dy", be.asarray(_np_random((n, self.out_features))))
                 st, d = made[algo]
                 self.forward(be, st, made["x"], None)
                 d[...] = made["dy"]
